@@ -1,0 +1,230 @@
+//! Collecting configuration errors with their field path, line and fix, and
+//! the value parsers (`${VAR}`, durations, sizes) that produce them.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_saphyr::{Location, Spanned};
+
+/// One problem in the configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Field path such as `routes[1].timeouts.response` ("" for the file itself).
+    pub path: String,
+    /// Line and column, 1-based, where the parser gives them.
+    pub position: Option<(u64, u64)>,
+    pub message: String,
+    /// How to fix it.
+    pub hint: String,
+}
+
+impl ConfigError {
+    pub fn new(
+        path: impl Into<String>,
+        at: Option<&Location>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            path: path.into(),
+            position: at.map(|l| (l.line(), l.column())).filter(|(l, _)| *l > 0),
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.path.is_empty() {
+            write!(f, "{}", self.path)?;
+        } else {
+            write!(f, "config")?;
+        }
+        if let Some((line, column)) = self.position {
+            write!(f, " (line {line}, column {column})")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if !self.hint.is_empty() {
+            write!(f, "; {}", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn one(error: ConfigError) -> ConfigErrors {
+        ConfigErrors(vec![error])
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid configuration ({n} error{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for error in &self.0 {
+            writeln!(f, "  - {error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validation context: looks up `${VAR}` and collects errors.
+pub struct Check<'a> {
+    pub errors: Vec<ConfigError>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Check<'a> {
+    pub fn new(env: &'a dyn Fn(&str) -> Option<String>) -> Check<'a> {
+        Check {
+            errors: Vec::new(),
+            env,
+        }
+    }
+
+    pub fn fail(
+        &mut self,
+        path: &str,
+        at: Option<&Location>,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError::new(path, at, message, hint));
+    }
+
+    /// A string value with `${VAR}` replaced from the environment.
+    pub fn text(&mut self, path: &str, value: &Spanned<String>) -> Option<String> {
+        match expand(&value.value, self.env) {
+            Ok(text) => Some(text),
+            Err(Missing::Var(var)) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("environment variable {var} is not set"),
+                    format!("export {var}=... before starting idemgate, or write the value"),
+                );
+                None
+            }
+            Err(Missing::Brace) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    "unterminated ${...}",
+                    "write ${NAME} with a closing brace",
+                );
+                None
+            }
+        }
+    }
+
+    pub fn duration(&mut self, path: &str, value: &Spanned<String>) -> Option<Duration> {
+        let text = self.text(path, value)?;
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    "a duration of zero is not allowed",
+                    "write a positive duration such as 250ms, 3s or 24h",
+                );
+                None
+            }
+            Err(_) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("{text:?} is not a duration"),
+                    "write a number with a unit, such as 250ms, 3s or 24h",
+                );
+                None
+            }
+        }
+    }
+
+    pub fn size(&mut self, path: &str, value: &Spanned<String>) -> Option<u64> {
+        let text = self.text(path, value)?;
+        match text.trim().parse::<bytesize::ByteSize>() {
+            Ok(size) => Some(size.as_u64()),
+            Err(_) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("{text:?} is not a size"),
+                    "write a number with a unit, such as 512KiB or 1MiB",
+                );
+                None
+            }
+        }
+    }
+
+    /// One of a fixed set of words.
+    pub fn choice<T: Copy>(
+        &mut self,
+        path: &str,
+        value: &Spanned<String>,
+        options: &[(&str, T)],
+    ) -> Option<T> {
+        let text = self.text(path, value)?;
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == text) {
+            return Some(*v);
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        self.fail(
+            path,
+            Some(&value.referenced),
+            format!("{text:?} is not allowed"),
+            format!("write one of: {}", names.join(", ")),
+        );
+        None
+    }
+}
+
+enum Missing {
+    Var(String),
+    Brace,
+}
+
+/// Replaces every `${VAR}` in `text`. `$$` is not special; only `${` starts a reference.
+fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Missing> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or(Missing::Brace)?;
+        let name = &after[..end];
+        out.push_str(&env(name).ok_or_else(|| Missing::Var(name.to_owned()))?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "TOKEN").then(|| "s3cret".to_owned())
+    }
+
+    #[test]
+    fn expand_replaces_every_reference() {
+        assert!(matches!(expand("a${TOKEN}b${TOKEN}", &env), Ok(s) if s == "as3cretbs3cret"));
+        assert!(matches!(expand("no vars", &env), Ok(s) if s == "no vars"));
+        assert!(matches!(expand("${NOPE}", &env), Err(Missing::Var(v)) if v == "NOPE"));
+        assert!(matches!(expand("${TOKEN", &env), Err(Missing::Brace)));
+    }
+}

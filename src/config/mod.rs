@@ -1,0 +1,222 @@
+//! The validated configuration: everything the proxy needs, parsed and merged.
+//!
+//! `load` reads the YAML file (`file.rs`), expands `${VAR}`, merges the
+//! defaults into each route and reports every problem of the file at once
+//! (`validate.rs`). Nothing here is read again at request time.
+
+mod check;
+mod file;
+mod validate;
+mod validate_match;
+mod validate_policy;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+pub use check::{ConfigError, ConfigErrors};
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub admin: Option<Admin>,
+    pub store: StoreConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<Route>,
+    pub shutdown_grace: Duration,
+    /// Non-fatal observations (e.g. a lease shorter than the total timeout).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    pub key_prefix: String,
+    pub op_timeout: Duration,
+    pub on_unavailable: OnUnavailable,
+    /// Upper bound on records held by the memory store.
+    pub max_records: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    Memory,
+    Redis { url: String },
+    Cluster { urls: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    Reject,
+    Forward,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// The base path without a trailing slash ("" for none).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub max_in_flight: u32,
+    pub circuit_breaker: Option<Breaker>,
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breaker {
+    pub consecutive_failures: u32,
+    pub open_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub upstream: String,
+    pub timeouts: Timeouts,
+    /// `None` when the route has `idempotency: off`.
+    pub idempotency: Option<Arc<Policy>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Upper-case method names; `None` matches every method.
+    pub methods: Option<Vec<Method>>,
+    /// Lower-case host, with a port only when the operator wrote one.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    pub response: Duration,
+    pub total: Duration,
+}
+
+/// A route's idempotency settings, defaults merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub methods: Vec<Method>,
+    pub header: HeaderName,
+    pub require_key: bool,
+    pub key_max_length: usize,
+    pub ttl: Duration,
+    pub lease: Duration,
+    pub concurrent: Concurrent,
+    pub fingerprint_headers: Vec<HeaderName>,
+    pub fingerprint_query: bool,
+    pub scope_headers: Vec<HeaderName>,
+    pub store_statuses: Vec<StatusPattern>,
+    pub release_statuses: Vec<u16>,
+    pub on_unknown: OnUnknown,
+    pub max_request_body: u64,
+    pub max_response_body: u64,
+}
+
+impl Policy {
+    /// Whether a response with this status is stored and replayed.
+    pub fn stores(&self, status: u16) -> bool {
+        self.store_statuses.iter().any(|p| p.matches(status))
+            && !self.release_statuses.contains(&status)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrent {
+    Reject,
+    Wait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnknown {
+    Lock,
+    Release,
+}
+
+/// `"2xx"` (a class) or `201` (one status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusPattern {
+    Class(u16),
+    Exact(u16),
+}
+
+impl StatusPattern {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusPattern::Class(class) => status / 100 == class,
+            StatusPattern::Exact(exact) => status == exact,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(ConfigError::new(
+                "",
+                None,
+                format!("cannot read {}: {e}", path.display()),
+                "pass an existing file with --config or IDEMGATE_CONFIG",
+            ))
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Validates configuration text (the environment supplies `${VAR}`).
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        validate::validate(text, &|name| std::env::var(name).ok())
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+impl StoreConfig {
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Memory => "memory",
+            Backend::Redis { .. } => "redis",
+            Backend::Cluster { .. } => "redis-cluster",
+        }
+    }
+}

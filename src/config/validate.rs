@@ -1,0 +1,467 @@
+//! File structs → validated `Config`: `${VAR}`, units, references, defaults
+//! merged field by field, and every error of the file collected at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use serde_saphyr::Spanned;
+
+use super::check::{Check, ConfigError, ConfigErrors};
+use super::file::*;
+use super::*;
+
+const DEFAULT_RESPONSE: Duration = Duration::from_secs(10);
+const DEFAULT_TOTAL: Duration = Duration::from_secs(30);
+
+pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let file: FileConfig = serde_saphyr::from_str(text).map_err(parse_error)?;
+    let mut c = Check::new(env);
+    let config = build(&mut c, &file);
+    let mut errors = c.errors;
+    // Defaults are merged into every route, so one bad default would be
+    // reported once per route: keep the first of each.
+    let mut seen = Vec::new();
+    errors.retain(|e| {
+        let key = (e.path.clone(), e.message.clone());
+        let new = !seen.contains(&key);
+        seen.push(key);
+        new
+    });
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+/// A YAML syntax or shape error (unknown field, wrong type): the parser stops at the first.
+fn parse_error(error: serde_saphyr::Error) -> ConfigErrors {
+    let location = error.location();
+    let text = error.to_string();
+    let first = text.lines().next().unwrap_or("invalid YAML").trim();
+    // The parser's own prefix repeats the position we report separately.
+    let message = match first.strip_prefix("error: ") {
+        Some(rest) if rest.starts_with("line ") => rest.split_once(": ").map_or(rest, |(_, m)| m),
+        Some(rest) => rest,
+        None => first,
+    }
+    .to_owned();
+    let hint = if message.contains("unknown field") {
+        "remove the field or fix its spelling (SPEC.md section 2 lists every field)"
+    } else {
+        "fix the YAML at this place (see config.example.yaml)"
+    };
+    ConfigErrors::one(ConfigError::new("", location.as_ref(), message, hint))
+}
+
+fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
+    let listen = match &file.listen {
+        None => Some(Listen {
+            address: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            tls: None,
+        }),
+        Some(listen) => build_listen(c, listen),
+    };
+    let admin = file.admin.as_ref().and_then(|admin| {
+        Some(Admin {
+            listen: address(c, "admin.listen", &admin.listen)?,
+            token: match &admin.token {
+                Some(t) => Some(c.text("admin.token", t)?).filter(|t| !t.is_empty()),
+                None => None,
+            },
+        })
+    });
+    let store = build_store(c, file.store.as_ref());
+    let shutdown_grace = match &file.shutdown_grace {
+        Some(d) => c.duration("shutdown_grace", d),
+        None => Some(Duration::from_secs(30)),
+    };
+    let upstreams: Vec<_> = file
+        .upstreams
+        .iter()
+        .filter_map(|(name, u)| build_upstream(c, name, u))
+        .collect();
+    if file.routes.is_empty() {
+        c.fail(
+            "routes",
+            None,
+            "no routes are configured",
+            "add at least one route with a name, a match and an upstream",
+        );
+    }
+    let defaults = file.defaults.as_ref();
+    let mut routes = Vec::new();
+    let mut warnings = Vec::new();
+    for (i, route) in file.routes.iter().enumerate() {
+        if let Some(route) = build_route(c, i, route, defaults, &file.upstreams) {
+            if routes.iter().any(|r: &Route| r.name == route.name) {
+                c.fail(
+                    &format!("routes[{i}].name"),
+                    Some(&file.routes[i].name.referenced),
+                    format!("route name {:?} is used twice", route.name),
+                    "give every route its own name",
+                );
+            }
+            if let Some(policy) = &route.idempotency
+                && policy.lease < route.timeouts.total
+            {
+                warnings.push(format!(
+                    "routes[{i}] ({}): lease {:?} is shorter than timeouts.total {:?}; \
+                     a slow attempt may be declared unknown while the client still waits",
+                    route.name, policy.lease, route.timeouts.total
+                ));
+            }
+            routes.push(route);
+        }
+    }
+    Some(Config {
+        listen: listen?,
+        admin,
+        store: store?,
+        upstreams,
+        routes,
+        shutdown_grace: shutdown_grace?,
+        warnings,
+    })
+}
+
+fn address(c: &mut Check, path: &str, value: &Text) -> Option<SocketAddr> {
+    let text = c.text(path, value)?;
+    match text.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            c.fail(
+                path,
+                Some(&value.referenced),
+                format!("{text:?} is not an address"),
+                "write ip:port, such as 0.0.0.0:8080 or 127.0.0.1:9090",
+            );
+            None
+        }
+    }
+}
+
+fn build_listen(c: &mut Check, listen: &Spanned<ScalarOr<ListenFile>>) -> Option<Listen> {
+    match &listen.value {
+        ScalarOr::Scalar(text) => {
+            let spanned = Spanned::new(text.clone(), listen.referenced, listen.defined);
+            Some(Listen {
+                address: address(c, "listen", &spanned)?,
+                tls: None,
+            })
+        }
+        ScalarOr::Map(map) => {
+            let address = address(c, "listen.address", &map.address);
+            let tls = match &map.tls {
+                None => None,
+                Some(tls) => Some(TlsFiles {
+                    cert_file: PathBuf::from(c.text("listen.tls.cert_file", &tls.cert_file)?),
+                    key_file: PathBuf::from(c.text("listen.tls.key_file", &tls.key_file)?),
+                }),
+            };
+            Some(Listen {
+                address: address?,
+                tls,
+            })
+        }
+    }
+}
+
+fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> {
+    let Some(store) = store else {
+        return Some(StoreConfig {
+            backend: Backend::Memory,
+            key_prefix: "idemgate:".into(),
+            op_timeout: Duration::from_millis(250),
+            on_unavailable: OnUnavailable::Reject,
+            max_records: 1_000_000,
+        });
+    };
+    let kind = match &store.backend {
+        Some(b) => c.choice("store.backend", b, &[("memory", false), ("redis", true)])?,
+        None => false,
+    };
+    let backend = if !kind {
+        Backend::Memory
+    } else {
+        match (&store.url, &store.cluster) {
+            (Some(url), None) => Backend::Redis {
+                url: redis_url(c, "store.url", url)?,
+            },
+            (None, Some(urls)) if !urls.is_empty() => {
+                let mut out = Vec::new();
+                for (i, url) in urls.iter().enumerate() {
+                    out.push(redis_url(c, &format!("store.cluster[{i}]"), url));
+                }
+                Backend::Cluster {
+                    urls: out.into_iter().collect::<Option<_>>()?,
+                }
+            }
+            _ => {
+                c.fail(
+                    "store",
+                    None,
+                    "backend redis needs exactly one of url and cluster",
+                    "set store.url: redis://host:6379/0, or store.cluster: [redis://node:7000, ...]",
+                );
+                return None;
+            }
+        }
+    };
+    let key_prefix = match &store.key_prefix {
+        Some(p) => c.text("store.key_prefix", p),
+        None => Some("idemgate:".into()),
+    };
+    let op_timeout = match &store.op_timeout {
+        Some(d) => c.duration("store.op_timeout", d),
+        None => Some(Duration::from_millis(250)),
+    };
+    let on_unavailable = match &store.on_unavailable {
+        Some(v) => c.choice(
+            "store.on_unavailable",
+            v,
+            &[
+                ("reject", OnUnavailable::Reject),
+                ("forward", OnUnavailable::Forward),
+            ],
+        ),
+        None => Some(OnUnavailable::Reject),
+    };
+    Some(StoreConfig {
+        backend,
+        key_prefix: key_prefix?,
+        op_timeout: op_timeout?,
+        on_unavailable: on_unavailable?,
+        max_records: store.max_records.unwrap_or(1_000_000).max(1),
+    })
+}
+
+fn redis_url(c: &mut Check, path: &str, value: &Text) -> Option<String> {
+    let url = c.text(path, value)?;
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Some(url);
+    }
+    // Never echo the value: it may hold a password.
+    c.fail(
+        path,
+        Some(&value.referenced),
+        "not a Redis URL",
+        "write redis://[:password@]host:port/db, or rediss:// for TLS",
+    );
+    None
+}
+
+fn build_upstream(c: &mut Check, name: &str, u: &UpstreamFile) -> Option<UpstreamConfig> {
+    let path = format!("upstreams.{name}");
+    let url_path = format!("{path}.url");
+    let text = c.text(&url_path, &u.url);
+    let uri: Option<http::Uri> = text.as_ref().and_then(|t| t.parse().ok());
+    let parts = uri.and_then(|uri| {
+        let scheme = uri.scheme().cloned()?;
+        let authority = uri.authority().cloned()?;
+        let ok = (scheme == http::uri::Scheme::HTTP || scheme == http::uri::Scheme::HTTPS)
+            && uri.query().is_none();
+        ok.then(|| {
+            (
+                scheme,
+                authority,
+                uri.path().trim_end_matches('/').to_owned(),
+            )
+        })
+    });
+    if let (Some(text), None) = (&text, &parts) {
+        c.fail(
+            &url_path,
+            Some(&u.url.referenced),
+            format!("{text:?} is not an upstream URL"),
+            "write http(s)://host:port with an optional base path, such as http://127.0.0.1:9000/erp",
+        );
+    }
+    let connect_timeout = match &u.connect_timeout {
+        Some(d) => c.duration(&format!("{path}.connect_timeout"), d),
+        None => Some(Duration::from_secs(1)),
+    };
+    let max_in_flight = u.max_in_flight.unwrap_or(256);
+    if max_in_flight == 0 {
+        c.fail(
+            &format!("{path}.max_in_flight"),
+            None,
+            "max_in_flight must be at least 1",
+            "raise it, or remove it for the default of 256",
+        );
+    }
+    let default_breaker = Breaker {
+        consecutive_failures: 5,
+        open_for: Duration::from_secs(30),
+    };
+    let circuit_breaker = match &u.circuit_breaker {
+        None => Some(Some(default_breaker)),
+        Some(spanned) => match &spanned.value {
+            ScalarOr::Scalar(word) if word == "off" || word == "false" => Some(None),
+            ScalarOr::Scalar(word) => {
+                c.fail(
+                    &format!("{path}.circuit_breaker"),
+                    Some(&spanned.referenced),
+                    format!("{word:?} is not allowed"),
+                    "write off, or a mapping { consecutive_failures: 5, open_for: 30s }",
+                );
+                None
+            }
+            ScalarOr::Map(b) => {
+                let open_for = match &b.open_for {
+                    Some(d) => c.duration(&format!("{path}.circuit_breaker.open_for"), d),
+                    None => Some(default_breaker.open_for),
+                };
+                open_for.map(|open_for| {
+                    Some(Breaker {
+                        consecutive_failures: b.consecutive_failures.unwrap_or(5).max(1),
+                        open_for,
+                    })
+                })
+            }
+        },
+    };
+    let tls = u.tls.as_ref().map(|t| {
+        let mut file = |field: &str, v: &Option<Text>| {
+            v.as_ref()
+                .and_then(|v| c.text(&format!("{path}.tls.{field}"), v))
+                .map(PathBuf::from)
+        };
+        UpstreamTls {
+            ca_file: file("ca_file", &t.ca_file),
+            client_cert_file: file("client_cert_file", &t.client_cert_file),
+            client_key_file: file("client_key_file", &t.client_key_file),
+        }
+    });
+    let (scheme, authority, base_path) = parts?;
+    Some(UpstreamConfig {
+        name: name.to_owned(),
+        scheme,
+        authority,
+        base_path,
+        connect_timeout: connect_timeout?,
+        max_in_flight,
+        circuit_breaker: circuit_breaker?,
+        tls,
+    })
+}
+
+fn build_route(
+    c: &mut Check,
+    i: usize,
+    route: &RouteFile,
+    defaults: Option<&RouteSettings>,
+    upstreams: &std::collections::BTreeMap<String, UpstreamFile>,
+) -> Option<Route> {
+    let at = format!("routes[{i}]");
+    let name = c.text(&format!("{at}.name"), &route.name);
+    if let Some(name) = &name
+        && (name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)))
+    {
+        c.fail(
+            &format!("{at}.name"),
+            Some(&route.name.referenced),
+            format!("route name {name:?} is not allowed"),
+            "use letters, digits, '-', '_' and '.' (the name appears in metrics and store keys)",
+        );
+    }
+    let matcher = super::validate_match::build_match(c, &at, &route.matcher);
+    let upstream = c.text(&format!("{at}.upstream"), &route.upstream);
+    if let Some(u) = &upstream
+        && !upstreams.contains_key(u)
+    {
+        let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+        c.fail(
+            &format!("{at}.upstream"),
+            Some(&route.upstream.referenced),
+            format!("upstream {u:?} is not defined"),
+            format!(
+                "define it under upstreams, or use one of: {}",
+                if known.is_empty() {
+                    "(none defined)".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    }
+    let timeouts = timeouts(
+        c,
+        &at,
+        route.timeouts.as_ref(),
+        defaults.and_then(|d| d.timeouts.as_ref()),
+    );
+    let idempotency = super::validate_policy::build_policy(
+        c,
+        &at,
+        route.idempotency.as_ref(),
+        defaults.and_then(|d| d.idempotency.as_ref()),
+    );
+    Some(Route {
+        name: name?,
+        matcher: matcher?,
+        upstream: upstream?,
+        timeouts: timeouts?,
+        idempotency: idempotency?.map(Arc::new),
+    })
+}
+
+fn timeouts(
+    c: &mut Check,
+    at: &str,
+    route: Option<&TimeoutsFile>,
+    defaults: Option<&TimeoutsFile>,
+) -> Option<Timeouts> {
+    let mut field = |name: &str, get: fn(&TimeoutsFile) -> Option<&Text>, fallback| {
+        if let Some(v) = route.and_then(get) {
+            c.duration(&format!("{at}.timeouts.{name}"), v)
+        } else if let Some(v) = defaults.and_then(get) {
+            c.duration(&format!("defaults.timeouts.{name}"), v)
+        } else {
+            Some(fallback)
+        }
+    };
+    let response = field("response", |t| t.response.as_ref(), DEFAULT_RESPONSE);
+    let total = field("total", |t| t.total.as_ref(), DEFAULT_TOTAL);
+    Some(Timeouts {
+        response: response?,
+        total: total?,
+    })
+}
+
+pub(super) fn header_name(c: &mut Check, path: &str, value: &Text) -> Option<HeaderName> {
+    let text = c.text(path, value)?;
+    match HeaderName::from_bytes(text.trim().as_bytes()) {
+        Ok(name) => Some(name),
+        Err(_) => {
+            c.fail(
+                path,
+                Some(&value.referenced),
+                format!("{text:?} is not a header name"),
+                "write a header name such as Idempotency-Key",
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn method(c: &mut Check, path: &str, value: &Text) -> Option<Method> {
+    let text = c.text(path, value)?.to_ascii_uppercase();
+    match Method::from_bytes(text.as_bytes()) {
+        Ok(m) => Some(m),
+        Err(_) => {
+            c.fail(
+                path,
+                Some(&value.referenced),
+                format!("{text:?} is not an HTTP method"),
+                "write a method such as POST or PATCH",
+            );
+            None
+        }
+    }
+}

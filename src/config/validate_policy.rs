@@ -1,0 +1,231 @@
+//! Validation of `idempotency` blocks: a route's settings merged over the
+//! defaults field by field, then over the built-in defaults.
+
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use serde_saphyr::Spanned;
+
+use super::check::Check;
+use super::file::{IdempotencyFile, ScalarOr, Text};
+use super::validate::{header_name, method};
+use super::{Concurrent, OnUnknown, Policy, StatusPattern};
+
+type Block = Spanned<ScalarOr<IdempotencyFile>>;
+
+/// `Some(None)` is a valid `idempotency: off`; `None` means errors were recorded.
+pub(super) fn build_policy(
+    c: &mut Check,
+    at: &str,
+    route: Option<&Block>,
+    defaults: Option<&Block>,
+) -> Option<Option<Policy>> {
+    let route_map = match route {
+        Some(block) => match map_or_off(c, &format!("{at}.idempotency"), block)? {
+            None => return Some(None),
+            Some(map) => Some(map),
+        },
+        None => None,
+    };
+    let defaults_map = match defaults {
+        Some(block) => match map_or_off(c, "defaults.idempotency", block)? {
+            // Defaults off and the route silent: the route is off too.
+            None if route_map.is_none() => return Some(None),
+            other => other,
+        },
+        None => None,
+    };
+    let m = Merge {
+        route: route_map,
+        route_at: format!("{at}.idempotency"),
+        defaults: defaults_map,
+    };
+    build(c, &m).map(Some)
+}
+
+fn map_or_off<'f>(
+    c: &mut Check,
+    path: &str,
+    block: &'f Block,
+) -> Option<Option<&'f IdempotencyFile>> {
+    match &block.value {
+        ScalarOr::Map(map) => Some(Some(map)),
+        ScalarOr::Scalar(word) if word == "off" || word == "false" => Some(None),
+        ScalarOr::Scalar(word) => {
+            c.fail(
+                path,
+                Some(&block.referenced),
+                format!("{word:?} is not allowed"),
+                "write off to disable the gate, or a mapping of idempotency settings",
+            );
+            None
+        }
+    }
+}
+
+/// Where each field comes from: the route first, then the defaults.
+struct Merge<'f> {
+    route: Option<&'f IdempotencyFile>,
+    route_at: String,
+    defaults: Option<&'f IdempotencyFile>,
+}
+
+impl<'f> Merge<'f> {
+    /// The first source that sets the field, with that field's path.
+    fn get<T>(
+        &self,
+        name: &str,
+        field: impl Fn(&'f IdempotencyFile) -> Option<&'f T>,
+    ) -> Option<(&'f T, String)> {
+        if let Some(v) = self.route.and_then(&field) {
+            return Some((v, format!("{}.{name}", self.route_at)));
+        }
+        self.defaults
+            .and_then(&field)
+            .map(|v| (v, format!("defaults.idempotency.{name}")))
+    }
+}
+
+fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
+    let duration = |c: &mut Check, name, field: fn(&IdempotencyFile) -> Option<&Text>, default| {
+        m.get(name, field)
+            .map_or(Some(default), |(v, p)| c.duration(&p, v))
+    };
+    let size = |c: &mut Check, name, field: fn(&IdempotencyFile) -> Option<&Text>| {
+        m.get(name, field)
+            .map_or(Some(1024 * 1024), |(v, p)| c.size(&p, v))
+    };
+    let methods = match m.get("methods", |f| f.methods.as_ref()) {
+        None => Some(vec![Method::POST, Method::PATCH]),
+        Some((list, p)) => list_of(c, &p, list, method),
+    };
+    let header = match m.get("header", |f| f.header.as_ref()) {
+        None => Some(HeaderName::from_static("idempotency-key")),
+        Some((v, p)) => header_name(c, &p, v),
+    };
+    let key_max_length = *m
+        .get("key_max_length", |f| f.key_max_length.as_ref())
+        .map_or(&255, |(v, _)| v);
+    if key_max_length == 0 {
+        c.fail(
+            &format!("{}.key_max_length", m.route_at),
+            None,
+            "key_max_length must be at least 1",
+            "remove it for the default of 255",
+        );
+    }
+    let concurrent = m.get("concurrent", |f| f.concurrent.as_ref()).map_or(
+        Some(Concurrent::Reject),
+        |(v, p)| {
+            c.choice(
+                &p,
+                v,
+                &[("reject", Concurrent::Reject), ("wait", Concurrent::Wait)],
+            )
+        },
+    );
+    let on_unknown =
+        m.get("on_unknown", |f| f.on_unknown.as_ref())
+            .map_or(Some(OnUnknown::Lock), |(v, p)| {
+                c.choice(
+                    &p,
+                    v,
+                    &[("lock", OnUnknown::Lock), ("release", OnUnknown::Release)],
+                )
+            });
+    let fingerprint_headers = match m.get("fingerprint.headers", |f| {
+        f.fingerprint.as_ref()?.headers.as_ref()
+    }) {
+        None => Some(vec![http::header::CONTENT_TYPE]),
+        Some((list, p)) => list_of(c, &p, list, header_name),
+    };
+    let fingerprint_query = *m
+        .get("fingerprint.query", |f| {
+            f.fingerprint.as_ref()?.query.as_ref()
+        })
+        .map_or(&true, |(v, _)| v);
+    let scope_headers = match m.get("scope.headers", |f| f.scope.as_ref()?.headers.as_ref()) {
+        None => Some(vec![http::header::AUTHORIZATION]),
+        Some((list, p)) => list_of(c, &p, list, header_name),
+    };
+    let store_statuses = match m.get("store_statuses", |f| f.store_statuses.as_ref()) {
+        None => Some(vec![StatusPattern::Class(2), StatusPattern::Class(4)]),
+        Some((list, p)) => list_of(c, &p, list, status_pattern),
+    };
+    let release_statuses = match m.get("release_statuses", |f| f.release_statuses.as_ref()) {
+        None => Some(vec![408, 425, 429]),
+        Some((list, p)) => {
+            let mut ok = true;
+            for (i, s) in list.iter().enumerate() {
+                if !(100..=599).contains(&s.value) {
+                    c.fail(
+                        &format!("{p}[{i}]"),
+                        Some(&s.referenced),
+                        format!("{} is not an HTTP status", s.value),
+                        "write a status between 100 and 599",
+                    );
+                    ok = false;
+                }
+            }
+            ok.then(|| list.iter().map(|s| s.value).collect())
+        }
+    };
+    let ttl = duration(c, "ttl", |f| f.ttl.as_ref(), Duration::from_secs(24 * 3600));
+    let lease = duration(c, "lease", |f| f.lease.as_ref(), Duration::from_secs(60));
+    let max_request_body = size(c, "max_request_body", |f| f.max_request_body.as_ref());
+    let max_response_body = size(c, "max_response_body", |f| f.max_response_body.as_ref());
+    Some(Policy {
+        methods: methods?,
+        header: header?,
+        require_key: *m
+            .get("require_key", |f| f.require_key.as_ref())
+            .map_or(&true, |(v, _)| v),
+        key_max_length,
+        ttl: ttl?,
+        lease: lease?,
+        concurrent: concurrent?,
+        fingerprint_headers: fingerprint_headers?,
+        fingerprint_query,
+        scope_headers: scope_headers?,
+        store_statuses: store_statuses?,
+        release_statuses: release_statuses?,
+        on_unknown: on_unknown?,
+        max_request_body: max_request_body?,
+        max_response_body: max_response_body?,
+    })
+}
+
+fn list_of<T>(
+    c: &mut Check,
+    path: &str,
+    list: &[Text],
+    parse: fn(&mut Check, &str, &Text) -> Option<T>,
+) -> Option<Vec<T>> {
+    let parsed: Vec<Option<T>> = list
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse(c, &format!("{path}[{i}]"), v))
+        .collect();
+    parsed.into_iter().collect()
+}
+
+fn status_pattern(c: &mut Check, path: &str, value: &Text) -> Option<StatusPattern> {
+    let text = c.text(path, value)?.to_ascii_lowercase();
+    let pattern = match text.as_bytes() {
+        [d @ b'1'..=b'5', b'x', b'x'] => Some(StatusPattern::Class(u16::from(d - b'0'))),
+        _ => text
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+            .map(StatusPattern::Exact),
+    };
+    if pattern.is_none() {
+        c.fail(
+            path,
+            Some(&value.referenced),
+            format!("{text:?} is not a status or class"),
+            "write a class such as \"2xx\" or a status such as 201",
+        );
+    }
+    pattern
+}

@@ -1,0 +1,196 @@
+//! A protected request's upstream exchange. It runs as its own task so that
+//! neither a client-facing timeout nor a client disconnect cancels it: it
+//! goes on until the response is recorded or the lease ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+
+use crate::body::{self, Collected, ProxyBody};
+use crate::config::{OnUnknown, Policy, Route};
+use crate::headers::strip_hop_by_hop;
+use crate::idempotency::key::StorageKey;
+use crate::idempotency::record::StoredResponse;
+use crate::problem::{Code, Problem};
+use crate::proxy::{Ctx, send_error_problem, timeout_problem};
+use crate::store::Store;
+use crate::upstream::{SendError, Upstream};
+
+/// An attempt that owns its key (by `token`) until `lease_deadline`.
+pub struct Exchange {
+    pub store: Arc<Store>,
+    pub upstream: Arc<Upstream>,
+    pub policy: Arc<Policy>,
+    pub key: StorageKey,
+    pub token: String,
+    pub lease_deadline: Instant,
+}
+
+/// What the exchange hands back to the waiting client, if it is still there.
+struct Reply {
+    response: Response<ProxyBody>,
+    upstream_ms: u64,
+}
+
+impl Exchange {
+    /// Starts the exchange in the background and waits for its answer
+    /// within the route's client-facing timeouts.
+    pub async fn start(
+        self,
+        tasks: &TaskTracker,
+        request: Request<ProxyBody>,
+        ctx: &mut Ctx,
+        route: &Route,
+    ) -> Response<ProxyBody> {
+        let client_deadline =
+            (ctx.arrived + route.timeouts.total).min(Instant::now() + route.timeouts.response);
+        let (tx, rx) = oneshot::channel();
+        tasks.spawn(self.run(request, tx));
+        match tokio::time::timeout_at(client_deadline.into(), rx).await {
+            Ok(Ok(reply)) => {
+                ctx.upstream_ms = Some(reply.upstream_ms);
+                reply.response
+            }
+            Ok(Err(_)) => Problem::new(
+                Code::Internal,
+                "the upstream exchange ended without an answer",
+            )
+            .into_response(),
+            Err(_) => timeout_problem(),
+        }
+    }
+
+    async fn run(self, request: Request<ProxyBody>, reply: oneshot::Sender<Reply>) {
+        let sent = Instant::now();
+        let result =
+            tokio::time::timeout_at(self.lease_deadline.into(), self.upstream.send(request)).await;
+        let upstream_ms = sent.elapsed().as_millis() as u64;
+        let response = match result {
+            Ok(Ok(response)) => self.record(response).await,
+            Ok(Err(error @ SendError::Connect(_))) => {
+                // The upstream never saw the request: a retry may try again.
+                self.release().await;
+                send_error_problem(error)
+            }
+            Ok(Err(error @ SendError::Broken(_))) => {
+                self.settle_unknown("the upstream connection broke after the request was sent")
+                    .await;
+                send_error_problem(error)
+            }
+            Err(_) => {
+                self.settle_unknown("no response before the lease ended")
+                    .await;
+                timeout_problem()
+            }
+        };
+        // The client may be gone (timeout, disconnect); the record is what counts.
+        let _ = reply.send(Reply {
+            response,
+            upstream_ms,
+        });
+    }
+
+    /// Stores the response (when its status is stored) before it is sent.
+    async fn record(&self, response: Response<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let status = parts.status.as_u16();
+        if !self.policy.stores(status) {
+            self.release().await;
+            return Response::from_parts(parts, body::boxed(incoming));
+        }
+        let collected = tokio::time::timeout_at(
+            self.lease_deadline.into(),
+            body::collect_up_to(incoming, self.policy.max_response_body),
+        )
+        .await;
+        match collected {
+            Ok(Collected::Whole(bytes)) => {
+                self.complete(
+                    status,
+                    &parts.headers,
+                    Some(bytes.clone()),
+                    bytes.len() as u64,
+                )
+                .await;
+                Response::from_parts(parts, body::full(bytes))
+            }
+            Ok(Collected::Over { prefix, rest }) => {
+                let size = content_length(&parts.headers).unwrap_or(prefix.len() as u64);
+                self.complete(status, &parts.headers, None, size).await;
+                Response::from_parts(parts, body::prefixed(prefix, rest))
+            }
+            Ok(Collected::Broken) | Err(_) => {
+                self.settle_unknown("the upstream response body broke off")
+                    .await;
+                send_error_problem(SendError::Broken("response body incomplete".into()))
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        status: u16,
+        headers: &http::HeaderMap,
+        body: Option<Bytes>,
+        body_size: u64,
+    ) {
+        let stored = StoredResponse {
+            status,
+            headers: headers.clone(),
+            body,
+            body_size,
+        };
+        match self
+            .store
+            .complete(&self.key, &self.token, &stored, self.policy.ttl)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                key = %self.key.key,
+                route = %self.key.route,
+                "the attempt no longer owned its key (lease ended); response delivered but not recorded"
+            ),
+            Err(error) => tracing::error!(
+                key = %self.key.key,
+                route = %self.key.route,
+                error = %error,
+                "could not record the response; the record turns unknown when its lease ends"
+            ),
+        }
+    }
+
+    async fn release(&self) {
+        if let Err(error) = self.store.release(&self.key, &self.token).await {
+            tracing::error!(key = %self.key.key, route = %self.key.route, error = %error, "could not release the key");
+        }
+    }
+
+    /// Nobody knows whether the upstream acted: lock the key as `unknown`,
+    /// or release it, per `on_unknown`.
+    async fn settle_unknown(&self, why: &str) {
+        tracing::warn!(key = %self.key.key, route = %self.key.route, reason = why, "outcome unknown");
+        let result = match self.policy.on_unknown {
+            OnUnknown::Lock => self.store.mark_unknown(&self.key, &self.token).await,
+            OnUnknown::Release => self.store.release(&self.key, &self.token).await,
+        };
+        if let Err(error) = result {
+            tracing::error!(key = %self.key.key, route = %self.key.route, error = %error, "could not settle the unknown outcome");
+        }
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,233 @@
+//! The protected path: key, fingerprint, claim, then replay, reject or forward.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, StatusCode};
+
+use crate::body::{self, BODY_STALL, ProxyBody, ReadError};
+use crate::config::{Concurrent, OnUnavailable, Policy, Route};
+use crate::exchange::Exchange;
+use crate::headers::IDEMPOTENT_REPLAYED;
+use crate::idempotency::decision::Decision;
+use crate::idempotency::fingerprint::fingerprint;
+use crate::idempotency::key::{KeyError, StorageKey, read_key, scope_hash};
+use crate::idempotency::record::StoredResponse;
+use crate::problem::{Code, Problem};
+use crate::proxy::{Ctx, Proxy};
+use crate::store::{ClaimReply, ClaimRequest, StoreError};
+use crate::upstream::Upstream;
+
+/// The longest pause between two claim attempts of a waiting duplicate.
+const MAX_WAIT_STEP: Duration = Duration::from_millis(100);
+
+impl Proxy {
+    pub async fn protect(
+        &self,
+        route: Arc<Route>,
+        policy: Arc<Policy>,
+        upstream: Arc<Upstream>,
+        request: Request<ProxyBody>,
+        ctx: &mut Ctx,
+    ) -> Response<ProxyBody> {
+        let key = match read_key(request.headers(), &policy.header, policy.key_max_length) {
+            Ok(key) => key,
+            Err(KeyError::Missing) if !policy.require_key => {
+                return self.pass_through(&upstream, request, ctx).await;
+            }
+            Err(KeyError::Missing) => {
+                ctx.outcome = "rejected";
+                let detail = format!("send a unique {} header with this request", policy.header);
+                return Problem::new(Code::IdempotencyKeyMissing, detail).into_response();
+            }
+            Err(KeyError::Invalid(why)) => {
+                ctx.outcome = "rejected";
+                return Problem::new(Code::IdempotencyKeyInvalid, why).into_response();
+            }
+        };
+        ctx.key = Some(key.clone());
+        let (parts, body) = request.into_parts();
+        let body = match body::read_limited(body, policy.max_request_body, BODY_STALL).await {
+            Ok(body) => body,
+            Err(error) => {
+                ctx.outcome = "rejected";
+                return read_error_problem(error, policy.max_request_body);
+            }
+        };
+        let fp = fingerprint(
+            &parts.method,
+            &parts.uri,
+            policy.fingerprint_query,
+            &parts.headers,
+            &policy.fingerprint_headers,
+            &body,
+        );
+        let storage_key = StorageKey {
+            route: route.name.clone(),
+            scope: scope_hash(&parts.headers, &policy.scope_headers),
+            key,
+        };
+        let token = crate::headers::random_hex(16);
+        let claim = ClaimRequest {
+            key: &storage_key,
+            fingerprint: &fp,
+            token: &token,
+            lease: policy.lease,
+            ttl: policy.ttl,
+            on_unknown: policy.on_unknown,
+        };
+        let deadline = ctx.arrived + route.timeouts.total;
+        let reply = match self
+            .claim_or_wait(&claim, policy.concurrent, deadline)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                let request = Request::from_parts(parts, body::full(body));
+                return self.store_failed(error, &upstream, request, ctx).await;
+            }
+        };
+        let record = reply.record.as_ref();
+        match reply.decision {
+            Decision::Claim => {
+                ctx.outcome = "forwarded";
+                let request = self.upstream_request(
+                    &upstream,
+                    Request::from_parts(parts, body::full(body)),
+                    ctx,
+                    &route,
+                );
+                let exchange = Exchange {
+                    store: self.store.clone(),
+                    upstream,
+                    lease_deadline: Instant::now() + policy.lease,
+                    policy,
+                    key: storage_key,
+                    token,
+                };
+                exchange.start(&self.exchanges, request, ctx, &route).await
+            }
+            Decision::Replay => {
+                ctx.outcome = "replayed";
+                replay(
+                    record
+                        .and_then(|r| r.response.as_ref())
+                        .expect("a replayed record has a response"),
+                )
+            }
+            Decision::NotStored { status } => {
+                ctx.outcome = "conflict";
+                Problem::new(
+                    Code::ResponseNotStored,
+                    "the first response was too large to store; it is not sent again",
+                )
+                .with("original_status", status.into())
+                .into_response()
+            }
+            Decision::InProgress { lease_left_ms } => {
+                ctx.outcome = "conflict";
+                Problem::new(
+                    Code::RequestInProgress,
+                    "retry after the first attempt completes",
+                )
+                .retry_after(Duration::from_millis(lease_left_ms))
+                .into_response()
+            }
+            Decision::BecomeUnknown | Decision::Unknown => {
+                ctx.outcome = "unknown";
+                Problem::new(
+                    Code::OutcomeUnknown,
+                    "an earlier attempt may or may not have taken effect; an operator must resolve it",
+                )
+                .into_response()
+            }
+            Decision::Mismatch => {
+                ctx.outcome = "mismatch";
+                Problem::new(
+                    Code::IdempotencyKeyReused,
+                    "this key was used for a different request; use a new key",
+                )
+                .into_response()
+            }
+        }
+    }
+
+    /// One claim; under `concurrent: wait` a duplicate of an in-flight
+    /// attempt claims again (backing off) until the attempt completes, is
+    /// released (then one waiter wins the new claim), or the budget ends.
+    async fn claim_or_wait(
+        &self,
+        claim: &ClaimRequest<'_>,
+        concurrent: Concurrent,
+        deadline: Instant,
+    ) -> Result<ClaimReply, StoreError> {
+        let mut step = Duration::from_millis(5);
+        loop {
+            let reply = self.store.claim(claim).await?;
+            let waiting = matches!(reply.decision, Decision::InProgress { .. })
+                && concurrent == Concurrent::Wait;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !waiting || left.is_zero() {
+                return Ok(reply);
+            }
+            self.store.changed(step.min(left)).await;
+            step = (step * 2).min(MAX_WAIT_STEP);
+        }
+    }
+
+    /// The store failed: fail closed (503) or forward unprotected, per `on_unavailable`.
+    async fn store_failed(
+        &self,
+        error: StoreError,
+        upstream: &Upstream,
+        request: Request<ProxyBody>,
+        ctx: &mut Ctx,
+    ) -> Response<ProxyBody> {
+        tracing::error!(error = %error, "idempotency store unavailable");
+        match self.on_unavailable {
+            OnUnavailable::Reject => {
+                ctx.outcome = "error";
+                Problem::new(
+                    Code::StoreUnavailable,
+                    "the idempotency store is unavailable; nothing was forwarded",
+                )
+                .retry_after(Duration::from_secs(1))
+                .into_response()
+            }
+            OnUnavailable::Forward => {
+                tracing::warn!(
+                    key = ctx.key.as_deref(),
+                    "forwarding without idempotency protection (store.on_unavailable: forward)"
+                );
+                let response = self.pass_through(upstream, request, ctx).await;
+                ctx.outcome = "passthrough";
+                response
+            }
+        }
+    }
+}
+
+/// The stored response, byte for byte, plus `Idempotent-Replayed: true`.
+pub fn replay(stored: &StoredResponse) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(stored.body.clone().unwrap_or_default()));
+    *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    *response.headers_mut() = stored.headers.clone();
+    response
+        .headers_mut()
+        .insert(&IDEMPOTENT_REPLAYED, http::HeaderValue::from_static("true"));
+    response
+}
+
+fn read_error_problem(error: ReadError, limit: u64) -> Response<ProxyBody> {
+    match error {
+        ReadError::TooLarge => Problem::new(
+            Code::RequestTooLarge,
+            format!("protected request bodies are limited to {limit} bytes on this route"),
+        ),
+        ReadError::Stalled | ReadError::Broken => Problem::new(
+            Code::RequestTimeout,
+            "the request body did not arrive in time; nothing was claimed or forwarded",
+        ),
+    }
+    .into_response()
+}

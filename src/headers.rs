@@ -1,0 +1,191 @@
+//! Header work shared by every forwarded request: hop-by-hop removal,
+//! `X-Forwarded-*`, `Host`, `traceparent` and `X-Request-Id`.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Removes Connection (and the headers it names), Keep-Alive, Proxy-*, TE,
+/// Trailer, Transfer-Encoding and Upgrade.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+}
+
+/// What identifies one request in logs and to the upstream.
+#[derive(Debug, Clone)]
+pub struct RequestIds {
+    /// The client's `X-Request-Id`, or a new one.
+    pub request_id: HeaderValue,
+    /// 32 hex digits, from the client's `traceparent` or new.
+    pub trace_id: String,
+    /// The `traceparent` sent upstream: same trace, a new span id.
+    pub traceparent: HeaderValue,
+}
+
+impl RequestIds {
+    pub fn from_headers(headers: &HeaderMap) -> RequestIds {
+        let request_id = headers
+            .get(&X_REQUEST_ID)
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .cloned()
+            .unwrap_or_else(|| {
+                HeaderValue::from_str(&random_hex(16)).expect("hex is a valid header")
+            });
+        let (trace_id, flags) = headers
+            .get(&TRACEPARENT)
+            .and_then(|v| parse_traceparent(v.to_str().ok()?))
+            .unwrap_or_else(|| (random_hex(16), "01".to_owned()));
+        let traceparent = format!("00-{trace_id}-{}-{flags}", random_hex(8));
+        RequestIds {
+            request_id,
+            trace_id,
+            traceparent: HeaderValue::from_str(&traceparent).expect("hex is a valid header"),
+        }
+    }
+}
+
+/// W3C trace context: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
+fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then(|| (trace.to_owned(), flags.to_owned()))
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let raw: Vec<u8> = (0..bytes).map(|_| fastrand::u8(..)).collect();
+    crate::idempotency::hex(&raw)
+}
+
+/// Rewrites a client's request headers for the upstream.
+pub fn forward_headers(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    tls: bool,
+    upstream_authority: &HeaderValue,
+    ids: &RequestIds,
+    budget_ms: u64,
+    original_host: Option<HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    let client_ip = peer.ip().to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(&X_FORWARDED_FOR, value);
+    }
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    if let Some(host) = original_host {
+        headers.insert(&X_FORWARDED_HOST, host);
+    }
+    headers.insert(header::HOST, upstream_authority.clone());
+    headers.insert(&X_REQUEST_ID, ids.request_id.clone());
+    headers.insert(&TRACEPARENT, ids.traceparent.clone());
+    headers.insert(&X_REQUEST_TIMEOUT_MS, HeaderValue::from(budget_ms));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn traceparent_keeps_trace_id_and_gets_a_new_span() {
+        let mut h = HeaderMap::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert(&TRACEPARENT, HeaderValue::from_static(tp));
+        let ids = RequestIds::from_headers(&h);
+        assert_eq!(ids.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let sent = ids.traceparent.to_str().unwrap();
+        assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(sent.ends_with("-01"));
+        assert_ne!(sent, tp);
+    }
+
+    #[test]
+    fn invalid_traceparent_is_replaced() {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(&TRACEPARENT, HeaderValue::from_static(bad));
+            let ids = RequestIds::from_headers(&h);
+            assert_eq!(ids.trace_id.len(), 32);
+            assert!(!bad.contains(&ids.trace_id));
+        }
+    }
+}

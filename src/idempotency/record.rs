@@ -1,0 +1,104 @@
+//! What the store keeps per key: the attempt's state and, once completed, the response.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    InFlight,
+    Completed,
+    Unknown,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::InFlight => "in_flight",
+            State::Completed => "completed",
+            State::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<State> {
+        match text {
+            "in_flight" => Some(State::InFlight),
+            "completed" => Some(State::Completed),
+            "unknown" => Some(State::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// One key's record. Times are milliseconds since the Unix epoch on the store's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub state: State,
+    pub fingerprint: String,
+    /// The owner token of the attempt that claimed the key.
+    pub token: String,
+    pub lease_end_ms: u64,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// Set once `completed`.
+    pub response: Option<StoredResponse>,
+}
+
+/// A recorded upstream response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// The upstream's headers minus hop-by-hop ones, in arrival order.
+    pub headers: HeaderMap,
+    /// `None` when the body was over `max_response_body` (a tombstone).
+    pub body: Option<Bytes>,
+    pub body_size: u64,
+}
+
+/// Headers as `name: value\r\n` lines; names and values can hold neither CR nor LF.
+pub fn encode_headers(headers: &HeaderMap) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// The inverse of [`encode_headers`]; lines that do not parse are skipped.
+pub fn decode_headers(bytes: &[u8]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for line in bytes.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let value = line[colon + 1..]
+            .strip_prefix(b" ")
+            .unwrap_or(&line[colon + 1..]);
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_with_repeats_and_odd_bytes() {
+        let mut h = HeaderMap::new();
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.append("x-empty", HeaderValue::from_static(""));
+        h.append("x-colon", HeaderValue::from_static("a: b:c"));
+        h.append("x-latin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert_eq!(decode_headers(&encode_headers(&h)), h);
+    }
+}

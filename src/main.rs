@@ -1,0 +1,181 @@
+//! The `idemgate` binary: parse the command line, set up logging, load the
+//! configuration, then serve until a signal, check, or inspect keys.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use idemgate::cli::{Cli, Command, KeysCommand, LogFormat};
+use idemgate::config::{Config, PathMatch};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let result = match cli.command {
+        Command::Check(args) => return check(&args.config),
+        Command::Serve(args) => runtime.block_on(serve(&args.config)),
+        Command::Keys(keys) => runtime.block_on(idemgate_keys(keys)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let json = match cli.log_format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Pretty) => false,
+        None => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    let config =
+        Config::load(path).map_err(|errors| anyhow::anyhow!("{}: {errors}", path.display()))?;
+    for warning in &config.warnings {
+        tracing::warn!(warning = %warning, "configuration");
+    }
+    Ok(config)
+}
+
+async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let listener = tokio::net::TcpListener::bind(config.listen.address)
+        .await
+        .with_context(|| format!("cannot bind listen address {}", config.listen.address))?;
+    tracing::info!(address = %listener.local_addr()?, routes = config.routes.len(), "idemgate listening");
+    idemgate::run(config, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// `idemgate check`: exit 0 and the effective routes, or 1 and every error.
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{}: {errors}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "{}: valid; listen {}, store {:?}, {} upstream(s), {} route(s)",
+        path.display(),
+        config.listen.address,
+        config.store.backend_name(),
+        config.upstreams.len(),
+        config.routes.len()
+    );
+    for route in &config.routes {
+        let path = match &route.matcher.path {
+            PathMatch::Prefix(p) => format!("path_prefix {}", if p.is_empty() { "/" } else { p }),
+            PathMatch::Exact(p) => format!("path {p}"),
+        };
+        println!(
+            "route {}: {path} -> upstream {}",
+            route.name, route.upstream
+        );
+        if let Some(methods) = &route.matcher.methods {
+            println!(
+                "  methods: {}",
+                methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(host) = &route.matcher.host {
+            println!("  host: {host}");
+        }
+        println!(
+            "  timeouts: response {}, total {}",
+            humantime::format_duration(route.timeouts.response),
+            humantime::format_duration(route.timeouts.total)
+        );
+        match &route.idempotency {
+            None => println!("  idempotency: off"),
+            Some(p) => {
+                println!(
+                    "  idempotency: methods [{}], header {}, require_key {}, key_max_length {}",
+                    p.methods
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    p.header,
+                    p.require_key,
+                    p.key_max_length
+                );
+                println!(
+                    "    ttl {}, lease {}, concurrent {:?}, on_unknown {:?}",
+                    humantime::format_duration(p.ttl),
+                    humantime::format_duration(p.lease),
+                    p.concurrent,
+                    p.on_unknown
+                );
+                println!(
+                    "    fingerprint headers [{}] query {}, scope headers [{}]",
+                    join(&p.fingerprint_headers),
+                    p.fingerprint_query,
+                    join(&p.scope_headers)
+                );
+                println!(
+                    "    store_statuses {:?}, release_statuses {:?}, max_request_body {}, max_response_body {}",
+                    p.store_statuses, p.release_statuses, p.max_request_body, p.max_response_body
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn join(names: &[http::HeaderName]) -> String {
+    names
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn idemgate_keys(command: KeysCommand) -> anyhow::Result<()> {
+    idemgate::keys::run(command).await
+}

@@ -1,0 +1,231 @@
+//! `Proxy::handle`: the life of a request, top to bottom.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
+
+use crate::body::{self, ProxyBody};
+use crate::config::{Config, Route};
+use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::problem::{Code, Problem};
+use crate::route::RouteTable;
+use crate::store::Store;
+use crate::upstream::{SendError, Upstream};
+
+/// Everything a request needs, built once from the validated config.
+pub struct Proxy {
+    pub routes: RouteTable,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub store: Arc<Store>,
+    /// Background exchanges (a protected request outlives its client); shutdown waits for them.
+    pub exchanges: TaskTracker,
+    /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
+    pub tls: bool,
+    pub on_unavailable: crate::config::OnUnavailable,
+}
+
+/// One request as it travels: its arrival, ids and what the access log will say.
+pub struct Ctx {
+    pub arrived: Instant,
+    pub peer: SocketAddr,
+    pub ids: RequestIds,
+    pub route: Option<Arc<Route>>,
+    pub outcome: &'static str,
+    pub key: Option<String>,
+    pub upstream_ms: Option<u64>,
+}
+
+impl Proxy {
+    pub fn new(config: &Config, store: Arc<Store>) -> Proxy {
+        Proxy {
+            routes: RouteTable::new(&config.routes),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|u| Arc::new(Upstream::new(u)))
+                .collect(),
+            store,
+            exchanges: TaskTracker::new(),
+            tls: config.listen.tls.is_some(),
+            on_unavailable: config.store.on_unavailable,
+        }
+    }
+
+    /// match route → pass through, or protect (key, fingerprint, claim,
+    /// replay / reject / forward, record) → respond and log.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let mut ctx = Ctx {
+            arrived: Instant::now(),
+            peer,
+            ids: RequestIds::from_headers(request.headers()),
+            route: None,
+            outcome: "error",
+            key: None,
+            upstream_ms: None,
+        };
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let mut response = self.dispatch(request.map(body::boxed), &mut ctx).await;
+        response
+            .headers_mut()
+            .insert(&X_REQUEST_ID, ctx.ids.request_id.clone());
+        log_request(&ctx, &method, &path, response.status().as_u16());
+        response
+    }
+
+    async fn dispatch(&self, request: Request<ProxyBody>, ctx: &mut Ctx) -> Response<ProxyBody> {
+        let host = request_host(&request);
+        let Some(route) = self
+            .routes
+            .find(request.method(), host.as_deref(), request.uri().path())
+        else {
+            ctx.outcome = "rejected";
+            return Problem::new(Code::NoRoute, "no route matches this method, host and path")
+                .into_response();
+        };
+        ctx.route = Some(route.clone());
+        let upstream = self.upstream(&route.upstream);
+        match route
+            .idempotency
+            .clone()
+            .filter(|p| p.methods.contains(request.method()))
+        {
+            None => self.pass_through(&upstream, request, ctx).await,
+            Some(policy) => {
+                self.protect(route.clone(), policy, upstream, request, ctx)
+                    .await
+            }
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Arc<Upstream> {
+        self.upstreams
+            .iter()
+            .find(|u| u.config.name == name)
+            .cloned()
+            .expect("routes name defined upstreams (checked by config validation)")
+    }
+
+    /// Plain reverse proxying: bodies streamed both ways, no store access.
+    pub async fn pass_through(
+        &self,
+        upstream: &Upstream,
+        request: Request<ProxyBody>,
+        ctx: &mut Ctx,
+    ) -> Response<ProxyBody> {
+        ctx.outcome = "passthrough";
+        let route = ctx
+            .route
+            .clone()
+            .expect("pass_through runs on a matched route");
+        let deadline =
+            (ctx.arrived + route.timeouts.total).min(Instant::now() + route.timeouts.response);
+        let request = self.upstream_request(upstream, request, ctx, &route);
+        let sent = Instant::now();
+        let result = tokio::time::timeout_at(deadline.into(), upstream.send(request)).await;
+        ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+        match result {
+            Ok(Ok(response)) => {
+                let (mut parts, incoming) = response.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body::boxed(incoming))
+            }
+            Ok(Err(error)) => send_error_problem(error),
+            Err(_) => timeout_problem(),
+        }
+    }
+
+    /// The client's request rewritten for the upstream.
+    pub fn upstream_request(
+        &self,
+        upstream: &Upstream,
+        request: Request<ProxyBody>,
+        ctx: &Ctx,
+        route: &Route,
+    ) -> Request<ProxyBody> {
+        let (mut parts, body) = request.into_parts();
+        let original_host = request_host_value(&parts.headers, &parts.uri);
+        parts.uri = upstream.uri_for(&parts.uri);
+        parts.version = http::Version::HTTP_11;
+        let budget = route.timeouts.total.saturating_sub(ctx.arrived.elapsed());
+        headers::forward_headers(
+            &mut parts.headers,
+            ctx.peer,
+            self.tls,
+            &upstream.authority,
+            &ctx.ids,
+            budget.as_millis() as u64,
+            original_host,
+        );
+        Request::from_parts(parts, body)
+    }
+}
+
+pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
+    match error {
+        SendError::Connect(detail) => {
+            tracing::warn!(error = %detail, "upstream connect failed");
+            Problem::new(
+                Code::UpstreamUnreachable,
+                "the upstream could not be reached; nothing was sent",
+            )
+            .into_response()
+        }
+        SendError::Broken(detail) => {
+            tracing::warn!(error = %detail, "upstream connection broke");
+            Problem::new(
+                Code::UpstreamFailed,
+                "the upstream connection broke before a whole response arrived",
+            )
+            .into_response()
+        }
+    }
+}
+
+pub fn timeout_problem() -> Response<ProxyBody> {
+    Problem::new(
+        Code::UpstreamTimeout,
+        "the upstream did not answer within this route's timeouts",
+    )
+    .retry_after(std::time::Duration::from_secs(1))
+    .into_response()
+}
+
+/// The Host the client addressed: the Host header, or the URI's authority (HTTP/2).
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    request_host_value(request.headers(), request.uri())
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+}
+
+fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
+    headers.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+/// One structured line per request. Never header values or bodies.
+fn log_request(ctx: &Ctx, method: &http::Method, path: &str, status: u16) {
+    tracing::info!(
+        target: "idemgate::access",
+        route = ctx.route.as_ref().map(|r| r.name.as_str()),
+        method = %method,
+        path,
+        status,
+        outcome = ctx.outcome,
+        key = ctx.key.as_deref(),
+        upstream_ms = ctx.upstream_ms,
+        total_ms = ctx.arrived.elapsed().as_millis() as u64,
+        trace_id = %ctx.ids.trace_id,
+        request_id = ctx.ids.request_id.to_str().unwrap_or("-"),
+        "request"
+    );
+}

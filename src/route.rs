@@ -1,0 +1,128 @@
+//! The route table: first match wins, in file order.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::{PathMatch, Route, RouteMatch};
+
+/// Routes in file order.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: &[Route]) -> RouteTable {
+        RouteTable {
+            routes: routes.iter().cloned().map(Arc::new).collect(),
+        }
+    }
+
+    /// The first route matching the request. `host` is the request's Host
+    /// (or `:authority`) as sent, port included.
+    pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|route| matches(&route.matcher, method, host, path))
+    }
+}
+
+fn matches(m: &RouteMatch, method: &Method, host: Option<&str>, path: &str) -> bool {
+    let path_ok = match &m.path {
+        PathMatch::Exact(exact) => path == exact,
+        // A prefix matches on a segment boundary: /api/orders matches
+        // /api/orders and /api/orders/7, never /api/ordersX.
+        PathMatch::Prefix(prefix) => match path.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+            None => false,
+        },
+    };
+    path_ok
+        && m.methods.as_ref().is_none_or(|ms| ms.contains(method))
+        && m.host.as_ref().is_none_or(|want| host_matches(want, host))
+}
+
+/// Case-insensitive; the request's port is ignored unless the route names one.
+fn host_matches(want: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let host = host.to_ascii_lowercase();
+    if has_port(want) {
+        return host == want;
+    }
+    strip_port(&host) == want
+}
+
+fn has_port(host: &str) -> bool {
+    match host.rfind(':') {
+        // An IPv6 literal without a port ends with ']'.
+        Some(i) => !host[i..].contains(']') && (!host.starts_with('[') || host[..i].ends_with(']')),
+        None => false,
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if has_port(host) {
+        &host[..host.rfind(':').unwrap_or(host.len())]
+    } else {
+        host
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const CONFIG: &str = r#"
+upstreams:
+  erp: { url: "http://127.0.0.1:9000" }
+routes:
+  - { name: exact, match: { path: /exact }, upstream: erp }
+  - { name: hosted, match: { path_prefix: /h, host: Example.COM }, upstream: erp }
+  - { name: hosted-port, match: { path_prefix: /p, host: "example.com:8443" }, upstream: erp }
+  - { name: post-only, match: { path_prefix: /api/orders, methods: [post] }, upstream: erp }
+  - { name: orders, match: { path_prefix: /api/orders/ }, upstream: erp }
+  - { name: root, match: { path_prefix: / }, upstream: erp }
+"#;
+
+    #[test]
+    fn first_match_wins_table() {
+        let config = Config::parse(CONFIG).expect("valid");
+        let table = RouteTable::new(&config.routes);
+        let cases: &[(&str, Option<&str>, &str, &str)] = &[
+            ("GET", None, "/exact", "exact"),
+            ("GET", None, "/exact/more", "root"),
+            ("GET", None, "/exactly", "root"),
+            ("GET", Some("example.com"), "/h/x", "hosted"),
+            ("GET", Some("EXAMPLE.com:8080"), "/h", "hosted"),
+            ("GET", Some("other.com"), "/h", "root"),
+            ("GET", None, "/h", "root"),
+            ("GET", Some("example.com:8443"), "/p", "hosted-port"),
+            ("GET", Some("example.com"), "/p", "root"),
+            ("POST", None, "/api/orders", "post-only"),
+            ("POST", None, "/api/orders/7", "post-only"),
+            ("POST", None, "/api/ordersX", "root"),
+            ("GET", None, "/api/orders", "orders"),
+            ("GET", None, "/api/orders/7/lines", "orders"),
+            ("GET", None, "/api/ordersX", "root"),
+            ("GET", None, "/", "root"),
+        ];
+        for (method, host, path, want) in cases {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let got = table.find(&method, *host, path).map(|r| r.name.as_str());
+            assert_eq!(got, Some(*want), "{method} {host:?} {path}");
+        }
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let config = Config::parse(
+            "upstreams: { erp: { url: \"http://127.0.0.1:1\" } }\nroutes:\n  - { name: a, match: { path_prefix: /a }, upstream: erp }\n",
+        )
+        .expect("valid");
+        let table = RouteTable::new(&config.routes);
+        assert!(table.find(&Method::GET, None, "/b").is_none());
+        assert!(table.find(&Method::GET, None, "/ab").is_none());
+    }
+}

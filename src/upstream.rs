@@ -1,0 +1,116 @@
+//! One upstream: its pooled HTTP client, URL joining and the send step.
+
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::ProxyBody;
+use crate::config::UpstreamConfig;
+
+/// How sending a request failed, which decides what the client is told.
+#[derive(Debug)]
+pub enum SendError {
+    /// The connection was never established: the upstream saw nothing.
+    Connect(String),
+    /// The connection broke after (part of) the request may have been sent.
+    Broken(String),
+}
+
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    /// The `Host` header for the upstream.
+    pub authority: HeaderValue,
+    client: Client<HttpConnector, ProxyBody>,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build(connector);
+        Upstream {
+            authority: HeaderValue::from_str(config.authority.as_str())
+                .expect("an authority is a valid header value"),
+            config: config.clone(),
+            client,
+        }
+    }
+
+    /// The upstream URI for a client's request: base path joined, query kept.
+    pub fn uri_for(&self, original: &Uri) -> Uri {
+        let path_and_query = original.path_and_query().map_or("/", |pq| pq.as_str());
+        let joined = format!("{}{}", self.config.base_path, path_and_query);
+        Uri::builder()
+            .scheme(self.config.scheme.clone())
+            .authority(self.config.authority.clone())
+            .path_and_query(joined)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
+    /// Sends one request. The client never re-sends a request whose bytes
+    /// may have reached the upstream (hyper retries only requests that were
+    /// canceled before being written to a pooled connection).
+    pub async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
+        self.client.request(request).await.map_err(|e| {
+            let detail = error_chain(&e);
+            if e.is_connect() {
+                SendError::Connect(detail)
+            } else {
+                SendError::Broken(detail)
+            }
+        })
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn base_path_is_joined_on_a_segment() {
+        for (base, path, want) in [
+            (
+                "http://127.0.0.1:9000",
+                "/api/orders?x=1",
+                "http://127.0.0.1:9000/api/orders?x=1",
+            ),
+            ("http://127.0.0.1:9000/", "/a", "http://127.0.0.1:9000/a"),
+            (
+                "http://127.0.0.1:9000/erp",
+                "/api/orders/7",
+                "http://127.0.0.1:9000/erp/api/orders/7",
+            ),
+            (
+                "http://127.0.0.1:9000/erp/",
+                "/",
+                "http://127.0.0.1:9000/erp/",
+            ),
+        ] {
+            let yaml = format!(
+                "upstreams: {{ u: {{ url: \"{base}\" }} }}\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: u }} ]\n"
+            );
+            let config = Config::parse(&yaml).expect("valid");
+            let upstream = Upstream::new(&config.upstreams[0]);
+            assert_eq!(upstream.uri_for(&path.parse().unwrap()).to_string(), want);
+        }
+    }
+}
