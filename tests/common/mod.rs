@@ -1,0 +1,241 @@
+//! Test harness: a real upstream on port 0, a real redis-server on a free
+//! port, the real proxy in-process via `idemgate::run`, and an HTTP client.
+#![allow(dead_code)]
+
+pub mod redis_server;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub use redis_server::RedisServer;
+pub use upstream::TestUpstream;
+
+/// Which store a parametrised test runs against.
+pub enum Backend {
+    Memory,
+    Redis(RedisServer),
+}
+
+impl Backend {
+    pub fn memory() -> Backend {
+        Backend::Memory
+    }
+
+    pub async fn redis() -> Backend {
+        Backend::Redis(RedisServer::start().await)
+    }
+
+    /// The `store:` block for a config.
+    pub fn store_yaml(&self) -> String {
+        match self {
+            Backend::Memory => "store: { backend: memory }".to_owned(),
+            // A fresh prefix per test, so tests may share one REDIS_URL.
+            Backend::Redis(redis) => format!(
+                "store: {{ backend: redis, url: \"{}\", op_timeout: 500ms, key_prefix: \"t{}:\" }}",
+                redis.url(),
+                fastrand::u64(..)
+            ),
+        }
+    }
+}
+
+/// Generates `mod memory` and `mod redis`, each running every listed
+/// `async fn name(backend: Backend)` against that store.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Backend::memory()).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Backend::redis().await).await
+                }
+            )*
+        }
+    };
+}
+
+/// A running proxy; stops (gracefully) when dropped or `stop`ped.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Starts idemgate in-process on 127.0.0.1:0 with this YAML.
+    pub async fn start(yaml: &str) -> TestProxy {
+        let config = idemgate::Config::parse(yaml)
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            idemgate::run(config, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("proxy run");
+        });
+        TestProxy {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and waits for the drain to end.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("proxy task");
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A config with one upstream `up` and the given routes (YAML list items).
+pub fn config(store: &str, upstream: SocketAddr, defaults: &str, routes: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nshutdown_grace: 5s\n{store}\nupstreams:\n  up: {{ url: \"http://{upstream}\", connect_timeout: 500ms }}\ndefaults:\n{defaults}\nroutes:\n{routes}\n"
+    )
+}
+
+/// An answer, read whole.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The problem `code` of an idemgate error response.
+    pub fn code(&self) -> String {
+        assert_eq!(
+            self.headers
+                .get("content-type")
+                .map(|v| v.to_str().unwrap()),
+            Some("application/problem+json"),
+            "not a problem response: {self:?}"
+        );
+        self.json()["code"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// A tiny HTTP/1.1 client.
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for TestClient {
+    fn default() -> Self {
+        TestClient::new()
+    }
+}
+
+impl TestClient {
+    pub fn new() -> TestClient {
+        TestClient {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut request = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(body.into())).unwrap();
+        let response = self.client.request(request).await.expect("request sent");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("whole body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// POST with an idempotency key and a JSON body.
+    pub async fn post_key(&self, url: &str, key: &str, body: &str) -> Reply {
+        self.send(
+            "POST",
+            url,
+            &[
+                ("idempotency-key", key),
+                ("content-type", "application/json"),
+            ],
+            body.to_owned(),
+        )
+        .await
+    }
+}
+
+/// Polls `check` until it returns true, failing after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

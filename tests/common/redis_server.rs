@@ -1,0 +1,141 @@
+//! A private redis-server per test on a free port (or `REDIS_URL` when set).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    url: String,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server --port <free> --save '' --appendonly no`, or uses
+    /// `REDIS_URL`. Fails (never skips) when redis-server is missing.
+    pub async fn start() -> RedisServer {
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            return RedisServer {
+                port: 0,
+                url,
+                child: None,
+            };
+        }
+        Self::start_own().await
+    }
+
+    /// Always a private server (for tests that stop or pause it).
+    pub async fn start_own() -> RedisServer {
+        let port = free_port();
+        let mut server = RedisServer {
+            port,
+            url: format!("redis://127.0.0.1:{port}/0"),
+            child: None,
+        };
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}). The Redis tests need it: install it with \
+                     `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`, \
+                     or point REDIS_URL at a Redis you can flush"
+                )
+            });
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if self.ping().await {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server on port {} did not start",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return false;
+        };
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        else {
+            return false;
+        };
+        let pong: Result<Result<String, _>, _> = tokio::time::timeout(
+            Duration::from_millis(500),
+            redis::cmd("PING").query_async(&mut conn),
+        )
+        .await;
+        matches!(pong, Ok(Ok(_)))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Kills the server (SIGKILL): the store is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// A connection for direct inspection in tests.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
