@@ -95,15 +95,18 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
     let mut routes = Vec::new();
     let mut warnings = Vec::new();
     for (i, route) in file.routes.iter().enumerate() {
+        if file.routes[..i]
+            .iter()
+            .any(|r| r.name.value == route.name.value)
+        {
+            c.fail(
+                &format!("routes[{i}].name"),
+                Some(&route.name.referenced),
+                format!("route name {:?} is used twice", route.name.value),
+                "give every route its own name",
+            );
+        }
         if let Some(route) = build_route(c, i, route, defaults, &file.upstreams) {
-            if routes.iter().any(|r: &Route| r.name == route.name) {
-                c.fail(
-                    &format!("routes[{i}].name"),
-                    Some(&file.routes[i].name.referenced),
-                    format!("route name {:?} is used twice", route.name),
-                    "give every route its own name",
-                );
-            }
             if let Some(policy) = &route.idempotency
                 && policy.lease < route.timeouts.total
             {
@@ -184,20 +187,19 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         None => false,
     };
     let backend = if !kind {
-        Backend::Memory
+        Some(Backend::Memory)
     } else {
         match (&store.url, &store.cluster) {
-            (Some(url), None) => Backend::Redis {
-                url: redis_url(c, "store.url", url)?,
-            },
+            (Some(url), None) => redis_url(c, "store.url", url).map(|url| Backend::Redis { url }),
             (None, Some(urls)) if !urls.is_empty() => {
-                let mut out = Vec::new();
-                for (i, url) in urls.iter().enumerate() {
-                    out.push(redis_url(c, &format!("store.cluster[{i}]"), url));
-                }
-                Backend::Cluster {
-                    urls: out.into_iter().collect::<Option<_>>()?,
-                }
+                let urls: Vec<_> = urls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, url)| redis_url(c, &format!("store.cluster[{i}]"), url))
+                    .collect();
+                urls.into_iter()
+                    .collect::<Option<_>>()
+                    .map(|urls| Backend::Cluster { urls })
             }
             _ => {
                 c.fail(
@@ -206,7 +208,7 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
                     "backend redis needs exactly one of url and cluster",
                     "set store.url: redis://host:6379/0, or store.cluster: [redis://node:7000, ...]",
                 );
-                return None;
+                None
             }
         }
     };
@@ -230,7 +232,7 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         None => Some(OnUnavailable::Reject),
     };
     Some(StoreConfig {
-        backend,
+        backend: backend?,
         key_prefix: key_prefix?,
         op_timeout: op_timeout?,
         on_unavailable: on_unavailable?,

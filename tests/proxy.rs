@@ -1,0 +1,268 @@
+//! Plain reverse proxying end to end (SPEC.md section 3): a real upstream,
+//! the real proxy, real sockets on port 0.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestClient, TestProxy, TestUpstream, config, redis_server::free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const OFF: &str = "  idempotency: off";
+
+async fn passthrough(base_path: &str, routes: &str) -> (TestUpstream, TestProxy) {
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, routes).replace(
+        &format!("http://{}\"", upstream.addr),
+        &format!("http://{}{base_path}\"", upstream.addr),
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    (upstream, proxy)
+}
+
+const ALL: &str =
+    "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 300ms } }";
+
+#[tokio::test]
+async fn streams_a_multi_mib_body_both_ways() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let body: Vec<u8> = (0..6 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let reply = TestClient::new()
+        .send(
+            "POST",
+            &proxy.url("/echo"),
+            &[("x-test-echo", "1")],
+            Bytes::from(body.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), body.len());
+    assert!(reply.body == body, "the body came back byte for byte");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    let reply = TestClient::new()
+        .send(
+            "GET",
+            &proxy.url("/a"),
+            &[
+                ("connection", "x-secret-hop"),
+                ("x-secret-hop", "1"),
+                ("proxy-authorization", "Basic c2VjcmV0"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-test-hop", "1"),
+                ("x-kept", "yes"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let h = upstream.last_headers();
+    assert!(
+        h.get("x-secret-hop").is_none(),
+        "headers named by Connection are removed"
+    );
+    assert!(h.get("proxy-authorization").is_none());
+    assert_eq!(h.get("x-kept").unwrap(), "yes");
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    assert_eq!(
+        h.get("x-forwarded-host").unwrap(),
+        proxy.addr.to_string().as_str()
+    );
+    assert_eq!(h.get("host").unwrap(), upstream.addr.to_string().as_str());
+    // The upstream's own hop-by-hop headers do not reach the client.
+    assert!(reply.header("x-hop").is_none());
+    assert!(reply.header("keep-alive").is_none());
+    assert_eq!(reply.header("x-upstream-hit"), Some("1"));
+}
+
+#[tokio::test]
+async fn traceparent_and_request_id_are_propagated_or_generated() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    let client = TestClient::new();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = client
+        .send(
+            "GET",
+            &proxy.url("/t"),
+            &[("traceparent", tp), ("x-request-id", "req-42")],
+            Bytes::new(),
+        )
+        .await;
+    let h = upstream.last_headers();
+    let sent = h.get("traceparent").unwrap().to_str().unwrap();
+    assert!(
+        sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "same trace: {sent}"
+    );
+    assert_ne!(sent, tp, "a new span id");
+    assert_eq!(h.get("x-request-id").unwrap(), "req-42");
+    assert_eq!(reply.header("x-request-id"), Some("req-42"));
+
+    let reply = client
+        .send("GET", &proxy.url("/t"), &[], Bytes::new())
+        .await;
+    let h = upstream.last_headers();
+    let generated = h.get("traceparent").unwrap().to_str().unwrap();
+    assert_eq!(
+        generated.split('-').map(str::len).collect::<Vec<_>>(),
+        [2, 32, 16, 2]
+    );
+    let id = reply
+        .header("x-request-id")
+        .expect("a generated request id is echoed");
+    assert_eq!(h.get("x-request-id").unwrap(), id);
+}
+
+#[tokio::test]
+async fn base_path_and_query_are_joined() {
+    let (upstream, proxy) = passthrough("/base/", ALL).await;
+    TestClient::new()
+        .send("GET", &proxy.url("/api/x?q=1&r=2"), &[], Bytes::new())
+        .await;
+    assert_eq!(upstream.last_uri(), "/base/api/x?q=1&r=2");
+}
+
+#[tokio::test]
+async fn unmatched_path_is_404_no_route() {
+    let routes = "  - { name: api, match: { path_prefix: /api }, upstream: up }";
+    let (upstream, proxy) = passthrough("", routes).await;
+    let reply = TestClient::new()
+        .send("GET", &proxy.url("/apix"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (404, "no_route")
+    );
+    assert!(reply.header("x-request-id").is_some());
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn closed_port_is_502_upstream_unreachable() {
+    let closed = free_port();
+    let yaml = config(
+        "store: { backend: memory }",
+        format!("127.0.0.1:{closed}").parse().unwrap(),
+        OFF,
+        ALL,
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let reply = TestClient::new()
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (502, "upstream_unreachable")
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_upstream_timeout() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let reply = TestClient::new()
+        .send(
+            "GET",
+            &proxy.url("/slow"),
+            &[("x-test-delay-ms", "2000")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    let problem = reply.json();
+    for field in ["type", "title", "status", "detail", "code"] {
+        assert!(problem.get(field).is_some(), "problem+json has {field}");
+    }
+}
+
+#[tokio::test]
+async fn total_timeout_bounds_the_exchange() {
+    let routes = "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 10s, total: 300ms } }";
+    let (_upstream, proxy) = passthrough("", routes).await;
+    let reply = TestClient::new()
+        .send(
+            "GET",
+            &proxy.url("/slow"),
+            &[("x-test-delay-ms", "2000")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.code(), "upstream_timeout");
+}
+
+#[tokio::test]
+async fn http2_cleartext_is_served() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let request = http::Request::get(proxy.url("/h2"))
+        .body(Default::default())
+        .unwrap();
+    let response = client.request(request).await.expect("h2c request");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 201);
+}
+
+/// Sends raw bytes and returns what came back before the proxy closed or `limit` passed.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_an_answer_without_a_panic() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let garbage = raw(proxy.addr, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let answer = raw(proxy.addr, huge.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let bad_length = raw(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n",
+    )
+    .await;
+    assert!(bad_length.starts_with("HTTP/1.1 400"), "{bad_length}");
+    // Still serving.
+    let reply = TestClient::new()
+        .send("GET", &proxy.url("/ok"), &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 201);
+}
+
+#[tokio::test]
+async fn stalled_clients_do_not_hold_up_others() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-partial: ")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        TestClient::new().send("GET", &proxy.url("/fresh"), &[], Bytes::new()),
+    )
+    .await
+    .expect("a new client is answered while 100 connections stall");
+    assert_eq!(reply.status, 201);
+    drop(stalled);
+}
