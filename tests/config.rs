@@ -65,7 +65,7 @@ routes:
         ("routes[1].idempotency.max_request_body", 16),
         ("routes[1].idempotency.header", 16),
         ("routes[2].name", 17),
-        ("routes[3].name", 21),
+        ("routes[3].name", 20),
     ];
     for (path, line) in expected {
         let e = error_at(&errs, path);
