@@ -205,7 +205,7 @@ async fn sweep(inner: Weak<Inner>) {
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| millis(d))
+        .map_or(0, millis)
 }
 
 pub fn millis(d: Duration) -> u64 {

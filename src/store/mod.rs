@@ -50,7 +50,7 @@ pub struct ClaimRequest<'a> {
 
 pub enum Store {
     Memory(MemoryStore),
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 impl Store {
@@ -59,7 +59,7 @@ impl Store {
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         match &config.backend {
             Backend::Memory => Ok(Store::Memory(MemoryStore::new(config))),
-            Backend::Redis { url } => Ok(Store::Redis(RedisStore::new(url, config)?)),
+            Backend::Redis { url } => Ok(Store::Redis(Box::new(RedisStore::new(url, config)?))),
             Backend::Cluster { .. } => Err(StoreError::Backend(
                 "Redis Cluster is not supported yet; use store.url".into(),
             )),

@@ -1,7 +1,8 @@
 //! Test harness: a real upstream on port 0, a real redis-server on a free
 //! port, the real proxy in-process via `idemgate::run`, and an HTTP client.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub mod binary;
 pub mod redis_server;
 pub mod upstream;
 

@@ -1,0 +1,167 @@
+//! The binary as an operator runs it: kill -9 mid-flight, SIGTERM drains,
+//! and the access log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::Binary;
+use common::{RedisServer, TestClient, TestUpstream, eventually};
+
+fn write_config(
+    dir: &tempfile::TempDir,
+    redis: &RedisServer,
+    upstream: &TestUpstream,
+    lease: &str,
+) -> std::path::PathBuf {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nshutdown_grace: 10s\nstore: {{ backend: redis, url: \"{}\" }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, timeouts: {{ response: 5s, total: 10s }}, idempotency: {{ lease: {lease} }} }}\n",
+        redis.url(),
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_flight_then_restart_then_lease_end_is_unknown() {
+    let redis = RedisServer::start().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &redis, &upstream, "1s");
+    let mut first = Binary::serve(&path);
+    let client = TestClient::new();
+    let url = first.url("/api/o");
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let headers = [
+                ("idempotency-key", "k-kill9"),
+                ("content-type", "application/json"),
+                ("x-test-delay-ms", "3000"),
+            ];
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.send("POST", &url, &headers, "{}"),
+            )
+            .await;
+        })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "request reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    first.child.kill().unwrap(); // SIGKILL: no chance to record anything
+    first.child.wait().unwrap();
+    in_flight.abort();
+
+    let second = Binary::serve(&path);
+    let during = client
+        .post_key(&second.url("/api/o"), "k-kill9", "{}")
+        .await;
+    assert_eq!(
+        during.code(),
+        "request_in_progress",
+        "the dead attempt still holds its lease"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the lease under test
+    let after = client
+        .post_key(&second.url("/api/o"), "k-kill9", "{}")
+        .await;
+    assert_eq!(
+        (after.status.as_u16(), after.code().as_str()),
+        (409, "outcome_unknown")
+    );
+    assert_eq!(upstream.hits(), 1, "never sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_slow_requests_records_them_and_exits_0() {
+    let redis = RedisServer::start().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &redis, &upstream, "30s");
+    let mut proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let headers = [
+                ("idempotency-key", "k-term"),
+                ("x-test-delay-ms", "800"),
+                ("authorization", "Bearer planted-secret-71"),
+            ];
+            client
+                .send("POST", &url, &headers, "{\"card\":\"planted-body-secret\"}")
+                .await
+        })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "request reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    proxy.signal("TERM");
+    let reply = slow.await.unwrap();
+    assert_eq!(
+        reply.status, 201,
+        "the in-flight request finished: {reply:?}"
+    );
+    assert_eq!(proxy.wait_exit(Duration::from_secs(15)), Some(0));
+
+    // Recorded before exit: a new instance replays it.
+    let again = Binary::serve(&path);
+    let headers = [
+        ("idempotency-key", "k-term"),
+        ("authorization", "Bearer planted-secret-71"),
+    ];
+    let replay = client
+        .send(
+            "POST",
+            &again.url("/api/o"),
+            &headers,
+            "{\"card\":\"planted-body-secret\"}",
+        )
+        .await;
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "{replay:?}"
+    );
+    assert_eq!(upstream.hits(), 1);
+
+    // One JSON access line per request, with no secret in any line.
+    let log = proxy.log();
+    let access: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "idemgate::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{log:?}");
+    let line = &access[0];
+    for field in [
+        "route",
+        "method",
+        "path",
+        "status",
+        "outcome",
+        "key",
+        "upstream_ms",
+        "total_ms",
+        "trace_id",
+    ] {
+        assert!(!line[field].is_null(), "access log has {field}: {line}");
+    }
+    assert_eq!(line["outcome"], "forwarded");
+    for l in log.iter().chain(again.log().iter()) {
+        assert!(
+            !l.contains("planted-secret-71") && !l.contains("planted-body-secret"),
+            "secret in log: {l}"
+        );
+    }
+}

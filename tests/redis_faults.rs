@@ -1,0 +1,154 @@
+//! Redis-only behaviour: several proxy instances sharing one Redis, and the
+//! store failing under a running proxy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RedisServer, TestClient, TestProxy, TestUpstream, config, eventually};
+
+fn yaml(
+    redis: &RedisServer,
+    upstream: &TestUpstream,
+    store_extra: &str,
+    idempotency: &str,
+) -> String {
+    let store = format!(
+        "store: {{ backend: redis, url: \"{}\", op_timeout: 300ms, key_prefix: \"f{}:\"{store_extra} }}",
+        redis.url(),
+        fastrand::u64(..)
+    );
+    let routes = format!(
+        "  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, idempotency: {{ {idempotency} }} }}"
+    );
+    config(
+        &store,
+        upstream.addr,
+        "  timeouts: { response: 5s, total: 10s }",
+        &routes,
+    )
+}
+
+async fn duplicates_across_two_instances(idempotency: &str) -> (TestUpstream, Vec<common::Reply>) {
+    let redis = RedisServer::start().await;
+    let upstream = TestUpstream::start().await;
+    let config = yaml(&redis, &upstream, "", idempotency);
+    // Both instances must share one key prefix: reuse the same YAML.
+    let a = TestProxy::start(&config).await;
+    let b = TestProxy::start(&config).await;
+    let client = TestClient::new();
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let url = if i % 2 == 0 {
+            a.url("/api/o")
+        } else {
+            b.url("/api/o")
+        };
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let headers = [("idempotency-key", "k-multi"), ("x-test-delay-ms", "400")];
+            client.send("POST", &url, &headers, "{}").await
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    (upstream, replies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_waiting_duplicates_reach_the_upstream_once() {
+    let (upstream, replies) = duplicates_across_two_instances("concurrent: wait").await;
+    assert_eq!(upstream.hits(), 1);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 201 && r.body == replies[0].body),
+        "{replies:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_rejecting_duplicates_reach_the_upstream_once() {
+    let (upstream, replies) = duplicates_across_two_instances("concurrent: reject").await;
+    assert_eq!(upstream.hits(), 1);
+    assert!(
+        replies.iter().all(|r| r.status == 201 || r.status == 409),
+        "{replies:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_killed_mid_flight_still_answers_then_fails_closed_then_recovers() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&redis, &upstream, "", "")).await;
+    let client = TestClient::new();
+    let in_flight = {
+        let (client, url) = (client.clone(), proxy.url("/api/o"));
+        tokio::spawn(async move {
+            client
+                .send(
+                    "POST",
+                    &url,
+                    &[("idempotency-key", "k-kill"), ("x-test-delay-ms", "500")],
+                    "{}",
+                )
+                .await
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "request reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    redis.kill();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(
+        reply.status, 201,
+        "the client still gets the upstream's answer: {reply:?}"
+    );
+
+    let refused = client.post_key(&proxy.url("/api/o"), "k-new", "{}").await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.code().as_str()),
+        (503, "store_unavailable")
+    );
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "nothing forwarded while the store is down"
+    );
+
+    redis.restart().await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = client
+            .post_key(&proxy.url("/api/o"), "k-after", "{}")
+            .await
+            .status
+            .as_u16();
+        if status == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 201, "the connection recovers without a restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_forwards_unprotected_when_the_store_is_down() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&redis, &upstream, ", on_unavailable: forward", "")).await;
+    redis.kill();
+    let client = TestClient::new();
+    for _ in 0..2 {
+        let reply = client.post_key(&proxy.url("/api/o"), "k-open", "{}").await;
+        assert_eq!(reply.status, 201);
+    }
+    assert_eq!(upstream.hits(), 2, "forwarded, unprotected");
+}
