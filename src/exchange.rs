@@ -2,24 +2,28 @@
 //! neither a client-facing timeout nor a client disconnect cancels it: it
 //! goes on until the response is recorded or the lease ends.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::body::{self, Collected, ProxyBody};
 use crate::config::{OnUnknown, Policy, Route};
 use crate::headers::strip_hop_by_hop;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
+use crate::metrics::Metrics;
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
 use crate::store::Store;
-use crate::upstream::{SendError, Upstream};
+use crate::upstream::{Admission, SendError, Upstream, failed_status};
 
 /// An attempt that owns its key (by `token`) until `lease_deadline`.
 pub struct Exchange {
@@ -29,6 +33,47 @@ pub struct Exchange {
     pub key: StorageKey,
     pub token: String,
     pub lease_deadline: Instant,
+    /// Headers later than this count as a timeout for the circuit breaker.
+    pub response_timeout: Duration,
+    /// Taken (and finished) when the upstream's answer is known.
+    pub admission: Option<Admission>,
+    pub running: Arc<Running>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The keys of the exchanges running now, so that shutdown can name them.
+#[derive(Default)]
+pub struct Running {
+    next: AtomicU64,
+    keys: Mutex<HashMap<u64, String>>,
+}
+
+impl Running {
+    fn add(&self, key: &StorageKey) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let name = format!("route={} key={}", key.route, key.key);
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, name);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
 }
 
 /// What the exchange hands back to the waiting client, if it is still there.
@@ -50,7 +95,7 @@ impl Exchange {
         let client_deadline =
             (ctx.arrived + route.timeouts.total).min(Instant::now() + route.timeouts.response);
         let (tx, rx) = oneshot::channel();
-        tasks.spawn(self.run(request, tx));
+        tasks.spawn(self.run(request, tx).instrument(tracing::Span::current()));
         match tokio::time::timeout_at(client_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
                 ctx.upstream_ms = Some(reply.upstream_ms);
@@ -65,44 +110,58 @@ impl Exchange {
         }
     }
 
-    async fn run(self, request: Request<ProxyBody>, reply: oneshot::Sender<Reply>) {
+    async fn run(mut self, request: Request<ProxyBody>, reply: oneshot::Sender<Reply>) {
+        let id = self.running.add(&self.key);
         let sent = Instant::now();
         let result =
             tokio::time::timeout_at(self.lease_deadline.into(), self.upstream.send(request)).await;
-        let upstream_ms = sent.elapsed().as_millis() as u64;
-        let response = match result {
+        let elapsed = sent.elapsed();
+        let upstream_ms = elapsed.as_millis() as u64;
+        let healthy = matches!(&result, Ok(Ok(r)) if !failed_status(r.status().as_u16()))
+            && elapsed <= self.response_timeout;
+        if let Some(admission) = self.admission.take() {
+            admission.finish(healthy);
+        }
+        let (response, recorded) = match result {
             Ok(Ok(response)) => self.record(response).await,
             Ok(Err(error @ SendError::Connect(_))) => {
                 // The upstream never saw the request: a retry may try again.
                 self.release().await;
-                send_error_problem(error)
+                (send_error_problem(error), false)
             }
             Ok(Err(error @ SendError::Broken(_))) => {
                 self.settle_unknown("the upstream connection broke after the request was sent")
                     .await;
-                send_error_problem(error)
+                (send_error_problem(error), false)
             }
             Err(_) => {
                 self.settle_unknown("no response before the lease ended")
                     .await;
-                timeout_problem()
+                (timeout_problem(), false)
             }
         };
+        self.running.remove(id);
         // The client may be gone (timeout, disconnect); the record is what counts.
-        let _ = reply.send(Reply {
-            response,
-            upstream_ms,
-        });
+        let delivered = reply
+            .send(Reply {
+                response,
+                upstream_ms,
+            })
+            .is_ok();
+        if recorded && !delivered {
+            Metrics::route_counter(&self.metrics.late_completions, &self.key.route);
+        }
     }
 
-    /// Stores the response (when its status is stored) before it is sent.
-    async fn record(&self, response: Response<Incoming>) -> Response<ProxyBody> {
+    /// Stores the response (when its status is stored) before it is sent;
+    /// says whether it was recorded.
+    async fn record(&self, response: Response<Incoming>) -> (Response<ProxyBody>, bool) {
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
         if !self.policy.stores(status) {
             self.release().await;
-            return Response::from_parts(parts, body::boxed(incoming));
+            return (Response::from_parts(parts, body::boxed(incoming)), false);
         }
         let collected = tokio::time::timeout_at(
             self.lease_deadline.into(),
@@ -111,24 +170,26 @@ impl Exchange {
         .await;
         match collected {
             Ok(Collected::Whole(bytes)) => {
-                self.complete(
-                    status,
-                    &parts.headers,
-                    Some(bytes.clone()),
-                    bytes.len() as u64,
-                )
-                .await;
-                Response::from_parts(parts, body::full(bytes))
+                let size = bytes.len() as u64;
+                let recorded = self
+                    .complete(status, &parts.headers, Some(bytes.clone()), size)
+                    .await;
+                (Response::from_parts(parts, body::full(bytes)), recorded)
             }
             Ok(Collected::Over { prefix, rest }) => {
                 let size = content_length(&parts.headers).unwrap_or(prefix.len() as u64);
-                self.complete(status, &parts.headers, None, size).await;
-                Response::from_parts(parts, body::prefixed(prefix, rest))
+                let recorded = self.complete(status, &parts.headers, None, size).await;
+                (
+                    Response::from_parts(parts, body::prefixed(prefix, rest)),
+                    recorded,
+                )
             }
             Ok(Collected::Broken) | Err(_) => {
                 self.settle_unknown("the upstream response body broke off")
                     .await;
-                send_error_problem(SendError::Broken("response body incomplete".into()))
+                let problem =
+                    send_error_problem(SendError::Broken("response body incomplete".into()));
+                (problem, false)
             }
         }
     }
@@ -139,7 +200,7 @@ impl Exchange {
         headers: &http::HeaderMap,
         body: Option<Bytes>,
         body_size: u64,
-    ) {
+    ) -> bool {
         let stored = StoredResponse {
             status,
             headers: headers.clone(),
@@ -151,18 +212,24 @@ impl Exchange {
             .complete(&self.key, &self.token, &stored, self.policy.ttl)
             .await
         {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                key = %self.key.key,
-                route = %self.key.route,
-                "the attempt no longer owned its key (lease ended); response delivered but not recorded"
-            ),
-            Err(error) => tracing::error!(
-                key = %self.key.key,
-                route = %self.key.route,
-                error = %error,
-                "could not record the response; the record turns unknown when its lease ends"
-            ),
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    key = %self.key.key,
+                    route = %self.key.route,
+                    "the attempt no longer owned its key (lease ended); response delivered but not recorded"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::error!(
+                    key = %self.key.key,
+                    route = %self.key.route,
+                    error = %error,
+                    "could not record the response; the record turns unknown when its lease ends"
+                );
+                false
+            }
         }
     }
 
@@ -180,8 +247,14 @@ impl Exchange {
             OnUnknown::Lock => self.store.mark_unknown(&self.key, &self.token).await,
             OnUnknown::Release => self.store.release(&self.key, &self.token).await,
         };
-        if let Err(error) = result {
-            tracing::error!(key = %self.key.key, route = %self.key.route, error = %error, "could not settle the unknown outcome");
+        match result {
+            Ok(true) if self.policy.on_unknown == OnUnknown::Lock => {
+                Metrics::route_counter(&self.metrics.unknown_outcomes, &self.key.route);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(key = %self.key.key, route = %self.key.route, error = %error, "could not settle the unknown outcome");
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::idempotency::decision::Decision;
 use crate::idempotency::fingerprint::fingerprint;
 use crate::idempotency::key::{KeyError, StorageKey, read_key, scope_hash};
 use crate::idempotency::record::StoredResponse;
+use crate::metrics::Metrics;
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, Proxy};
 use crate::store::{ClaimReply, ClaimRequest, StoreError};
@@ -90,6 +91,18 @@ impl Proxy {
         let record = reply.record.as_ref();
         match reply.decision {
             Decision::Claim => {
+                // The guards stand between the claim and the forward: a
+                // request turned away releases its key at once.
+                let admission = match upstream.admit() {
+                    Ok(admission) => admission,
+                    Err(problem) => {
+                        ctx.outcome = "rejected";
+                        if let Err(error) = self.store.release(&storage_key, &token).await {
+                            tracing::error!(error = %error, "could not release a turned-away key");
+                        }
+                        return problem.into_response();
+                    }
+                };
                 ctx.outcome = "forwarded";
                 let request = self.upstream_request(
                     &upstream,
@@ -101,6 +114,10 @@ impl Proxy {
                     store: self.store.clone(),
                     upstream,
                     lease_deadline: Instant::now() + policy.lease,
+                    response_timeout: route.timeouts.response,
+                    admission: Some(admission),
+                    running: self.running.clone(),
+                    metrics: self.metrics.clone(),
                     policy,
                     key: storage_key,
                     token,
@@ -134,6 +151,9 @@ impl Proxy {
                 .into_response()
             }
             Decision::BecomeUnknown | Decision::Unknown => {
+                if reply.decision == Decision::BecomeUnknown {
+                    Metrics::route_counter(&self.metrics.unknown_outcomes, &route.name);
+                }
                 ctx.outcome = "unknown";
                 Problem::new(
                     Code::OutcomeUnknown,
@@ -179,7 +199,7 @@ impl Proxy {
     async fn store_failed(
         &self,
         error: StoreError,
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
     ) -> Response<ProxyBody> {
@@ -199,6 +219,9 @@ impl Proxy {
                     key = ctx.key.as_deref(),
                     "forwarding without idempotency protection (store.on_unavailable: forward)"
                 );
+                if let Some(route) = &ctx.route {
+                    Metrics::route_counter(&self.metrics.fail_open_forwards, &route.name);
+                }
                 let response = self.pass_through(upstream, request, ctx).await;
                 ctx.outcome = "passthrough";
                 response

@@ -3,20 +3,27 @@
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use crate::cli::{ConfigArg, KeyArgs, KeysCommand};
+use crate::cli::{KeyArgs, KeysCommand};
 use crate::config::{Backend, Config, OnUnknown};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State};
 use crate::store::{Store, memory::now_ms};
 
 pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
+    let config_arg = match &command {
+        KeysCommand::Get(args) | KeysCommand::Purge(args) => &args.config,
+        KeysCommand::Unknown { config, .. } => config,
+    };
+    let config = Config::load(&config_arg.config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_arg.config.display()))?;
+    if config.store.backend == Backend::Memory {
+        return via_admin(&config, command).await;
+    }
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let store = Store::open(&config.store, metrics).context("opening the store")?;
     match command {
         KeysCommand::Get(args) => {
-            let (config, store) = open(&args.config)?;
             let found = find(&config, &store, &args).await?;
-            if found.is_empty() {
-                bail!("no record for key {:?} on route {:?}", args.key, args.route);
-            }
             let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
             let out = if args.scope.is_some() {
                 list[0].clone()
@@ -26,21 +33,15 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         KeysCommand::Purge(args) => {
-            let (config, store) = open(&args.config)?;
-            let found = find(&config, &store, &args).await?;
-            if found.is_empty() {
-                bail!("no record for key {:?} on route {:?}", args.key, args.route);
-            }
-            for (key, _) in &found {
-                store.purge(key).await?;
+            for (key, _) in find(&config, &store, &args).await? {
+                store.purge(&key).await?;
                 println!(
                     "purged route={} scope={} key={}",
                     key.route, key.scope, key.key
                 );
             }
         }
-        KeysCommand::Unknown { config: arg, route } => {
-            let (config, store) = open(&arg)?;
+        KeysCommand::Unknown { route, .. } => {
             let now = now_ms();
             let mut list = Vec::new();
             for (key, record) in store.records(route.as_deref()).await? {
@@ -54,17 +55,77 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open(arg: &ConfigArg) -> anyhow::Result<(Config, Store)> {
-    let config =
-        Config::load(&arg.config).map_err(|e| anyhow::anyhow!("{}: {e}", arg.config.display()))?;
-    if config.store.backend == Backend::Memory {
+/// With `backend: memory` the records live in the serving process: ask its admin listener.
+async fn via_admin(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let Some(admin) = &config.admin else {
         bail!(
-            "store.backend is memory: the records live in the running idemgate process; \
-             inspect them through its admin listener (admin.listen) instead"
+            "store.backend is memory: the records live in the running idemgate; configure admin.listen to reach them"
+        );
+    };
+    let encode = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let scope_query = |scope: &Option<String>| {
+        scope
+            .as_ref()
+            .map_or(String::new(), |s| format!("?scope={}", encode(s)))
+    };
+    let (method, path) = match &command {
+        KeysCommand::Get(a) => (
+            "GET",
+            format!(
+                "/keys/{}/{}{}",
+                encode(&a.route),
+                encode(&a.key),
+                scope_query(&a.scope)
+            ),
+        ),
+        KeysCommand::Purge(a) => (
+            "DELETE",
+            format!(
+                "/keys/{}/{}{}",
+                encode(&a.route),
+                encode(&a.key),
+                scope_query(&a.scope)
+            ),
+        ),
+        KeysCommand::Unknown { route, .. } => (
+            "GET",
+            format!(
+                "/keys?state=unknown{}",
+                route
+                    .as_ref()
+                    .map_or(String::new(), |r| format!("&route={}", encode(r)))
+            ),
+        ),
+    };
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", admin.listen));
+    if let Some(token) = &admin.token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request.body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = client
+        .request(request)
+        .await
+        .with_context(|| format!("cannot reach the admin listener at {}", admin.listen))?;
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await?
+        .to_bytes();
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(json!(String::from_utf8_lossy(&body)));
+    if !status.is_success() {
+        bail!(
+            "admin answered {status}: {}",
+            value["detail"].as_str().unwrap_or(&value.to_string())
         );
     }
-    let store = Store::open(&config.store).context("opening the store")?;
-    Ok((config, store))
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
 }
 
 async fn find(
@@ -89,7 +150,11 @@ async fn find(
             .collect());
     }
     let all = store.records(Some(&args.route)).await?;
-    Ok(all.into_iter().filter(|(k, _)| k.key == args.key).collect())
+    let found: Vec<_> = all.into_iter().filter(|(k, _)| k.key == args.key).collect();
+    if found.is_empty() {
+        bail!("no record for key {:?} on route {:?}", args.key, args.route);
+    }
+    Ok(found)
 }
 
 /// `unknown`, or in flight past its lease on a route that locks such keys.

@@ -16,6 +16,7 @@
 //! - [`config`]: the YAML file → validated `Config`.
 //! - [`cli`]: the command line.
 
+pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod gate;
 pub mod headers;
 pub mod idempotency;
 pub mod keys;
+pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod route;

@@ -45,7 +45,8 @@ fn init_logging(cli: &Cli) {
         builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            .with_current_span(true)
+            .with_span_list(false)
             .with_ansi(false)
             .init();
     } else {
@@ -67,8 +68,12 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen.address)
         .await
         .with_context(|| format!("cannot bind listen address {}", config.listen.address))?;
-    tracing::info!(address = %listener.local_addr()?, routes = config.routes.len(), "idemgate listening");
-    idemgate::run(config, listener, shutdown_signal()).await?;
+    let listeners = idemgate::server::Listeners::with_admin(&config, listener).await?;
+    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), "idemgate listening");
+    if let Some(admin) = &listeners.admin {
+        tracing::info!(address = %admin.local_addr()?, "admin listening");
+    }
+    idemgate::server::serve(config, listeners, shutdown_signal(), Some(path.to_owned())).await?;
     tracing::info!("stopped");
     Ok(())
 }

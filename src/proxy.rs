@@ -4,28 +4,71 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::{Config, Route};
+use crate::config::{Config, ConfigErrors, OnUnavailable, Route};
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::metrics::{Metrics, UpstreamLabels};
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
-use crate::upstream::{SendError, Upstream};
+use crate::upstream::{SendError, Upstream, failed_status};
 
-/// Everything a request needs, built once from the validated config.
+/// Everything a request needs, built from the validated config.
 pub struct Proxy {
-    pub routes: RouteTable,
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// Routes and upstreams; swapped whole by a reload.
+    routing: ArcSwap<Routing>,
     pub store: Arc<Store>,
     /// Background exchanges (a protected request outlives its client); shutdown waits for them.
     pub exchanges: TaskTracker,
+    /// Keys of the running exchanges, for the shutdown log.
+    pub running: Arc<crate::exchange::Running>,
     /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
     pub tls: bool,
-    pub on_unavailable: crate::config::OnUnavailable,
+    pub on_unavailable: OnUnavailable,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The reloadable part of the configuration.
+pub struct Routing {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Routing {
+    /// Builds routing for `config`, keeping the upstreams (pools, breaker
+    /// state) of `previous` whose settings did not change.
+    fn new(config: &Config, previous: Option<&Routing>) -> Routing {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Upstream::new(u)))
+            })
+            .collect();
+        Routing {
+            config: Arc::new(config.clone()),
+            routes: RouteTable::new(&config.routes),
+            upstreams,
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Arc<Upstream> {
+        self.upstreams
+            .iter()
+            .find(|u| u.config.name == name)
+            .cloned()
+            .expect("routes name defined upstreams (checked by config validation)")
+    }
 }
 
 /// One request as it travels: its arrival, ids and what the access log will say.
@@ -40,18 +83,61 @@ pub struct Ctx {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, store: Arc<Store>) -> Proxy {
+    pub fn new(config: &Config, store: Arc<Store>, metrics: Arc<Metrics>) -> Proxy {
         Proxy {
-            routes: RouteTable::new(&config.routes),
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|u| Arc::new(Upstream::new(u)))
-                .collect(),
+            routing: ArcSwap::from_pointee(Routing::new(config, None)),
             store,
             exchanges: TaskTracker::new(),
+            running: Default::default(),
             tls: config.listen.tls.is_some(),
             on_unavailable: config.store.on_unavailable,
+            metrics,
+        }
+    }
+
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// Swaps routes and upstreams for new requests; requests in flight keep
+    /// the routing they started with. Listener and store changes need a restart.
+    pub fn reload(&self, config: &Config) {
+        let old = self.routing.load_full();
+        if config.store.backend != old.config.store.backend
+            || config.listen.address != old.config.listen.address
+        {
+            tracing::warn!("reload: listen and store settings take effect only after a restart");
+        }
+        let routing = Routing::new(config, Some(&old));
+        let kept = routing
+            .upstreams
+            .iter()
+            .filter(|u| old.upstreams.iter().any(|o| Arc::ptr_eq(o, u)))
+            .count();
+        self.routing.store(Arc::new(routing));
+        tracing::info!(
+            routes = config.routes.len(),
+            upstreams = config.upstreams.len(),
+            upstreams_kept = kept,
+            "configuration reloaded"
+        );
+    }
+
+    /// Reads, validates and applies a configuration file; an invalid one
+    /// changes nothing and its errors are logged and returned.
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<(), ConfigErrors> {
+        match Config::load(path) {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    tracing::warn!(warning = %warning, "configuration");
+                }
+                self.reload(&config);
+                Ok(())
+            }
+            Err(errors) => {
+                tracing::error!(errors = %errors, "reload rejected; the running configuration stays");
+                Err(errors)
+            }
         }
     }
 
@@ -73,26 +159,48 @@ impl Proxy {
         };
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let mut response = self.dispatch(request.map(body::boxed), &mut ctx).await;
+        // Every log line of this request (the exchange task's too) carries its trace id.
+        let span = tracing::info_span!("request", trace_id = %ctx.ids.trace_id);
+        let mut response = self
+            .dispatch(request.map(body::boxed), &mut ctx)
+            .instrument(span)
+            .await;
         response
             .headers_mut()
             .insert(&X_REQUEST_ID, ctx.ids.request_id.clone());
         log_request(&ctx, &method, &path, response.status().as_u16());
+        self.count(&ctx, &method);
         response
     }
 
+    fn count(&self, ctx: &Ctx, method: &http::Method) {
+        let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
+        self.metrics.request(route, method, ctx.outcome);
+        if let (Some(route), Some(ms)) = (&ctx.route, ctx.upstream_ms) {
+            let labels = UpstreamLabels {
+                upstream: route.upstream.clone(),
+            };
+            self.metrics
+                .upstream_latency
+                .get_or_create(&labels)
+                .observe(ms as f64 / 1000.0);
+        }
+    }
+
     async fn dispatch(&self, request: Request<ProxyBody>, ctx: &mut Ctx) -> Response<ProxyBody> {
+        let routing = self.routing();
         let host = request_host(&request);
-        let Some(route) = self
-            .routes
-            .find(request.method(), host.as_deref(), request.uri().path())
+        let Some(route) =
+            routing
+                .routes
+                .find(request.method(), host.as_deref(), request.uri().path())
         else {
             ctx.outcome = "rejected";
             return Problem::new(Code::NoRoute, "no route matches this method, host and path")
                 .into_response();
         };
         ctx.route = Some(route.clone());
-        let upstream = self.upstream(&route.upstream);
+        let upstream = routing.upstream(&route.upstream);
         match route
             .idempotency
             .clone()
@@ -106,21 +214,20 @@ impl Proxy {
         }
     }
 
-    pub fn upstream(&self, name: &str) -> Arc<Upstream> {
-        self.upstreams
-            .iter()
-            .find(|u| u.config.name == name)
-            .cloned()
-            .expect("routes name defined upstreams (checked by config validation)")
-    }
-
     /// Plain reverse proxying: bodies streamed both ways, no store access.
     pub async fn pass_through(
         &self,
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
     ) -> Response<ProxyBody> {
+        let admission = match upstream.admit() {
+            Ok(admission) => admission,
+            Err(problem) => {
+                ctx.outcome = "rejected";
+                return problem.into_response();
+            }
+        };
         ctx.outcome = "passthrough";
         let route = ctx
             .route
@@ -132,6 +239,7 @@ impl Proxy {
         let sent = Instant::now();
         let result = tokio::time::timeout_at(deadline.into(), upstream.send(request)).await;
         ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+        admission.finish(matches!(&result, Ok(Ok(r)) if !failed_status(r.status().as_u16())));
         match result {
             Ok(Ok(response)) => {
                 let (mut parts, incoming) = response.into_parts();

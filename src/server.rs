@@ -1,7 +1,9 @@
-//! The accept loop: HTTP/1.1 and HTTP/2 (cleartext) connections into `Proxy::handle`,
-//! and a graceful stop that lets in-flight exchanges finish and be recorded.
+//! The accept loops: the proxy listener (HTTP/1.1 and HTTP/2 cleartext into
+//! `Proxy::handle`) and the admin listener, reload on SIGHUP, and a graceful
+//! stop that lets in-flight exchanges finish and be recorded.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::admin::Admin;
 use crate::config::{Backend, Config};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::Store;
 
@@ -24,38 +28,77 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub enum RunError {
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot bind the admin listener {0}: {1}")]
+    AdminBind(std::net::SocketAddr, std::io::Error),
 }
 
-/// Serves `config` on `listener` until `shutdown` completes, then drains:
-/// connections and background exchanges get `shutdown_grace` to finish.
+/// The bound sockets: the proxy's, and the admin API's when configured.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `admin.listen` (when configured) next to an already bound proxy listener.
+    pub async fn with_admin(config: &Config, proxy: TcpListener) -> Result<Listeners, RunError> {
+        let admin = match &config.admin {
+            Some(admin) => Some(
+                TcpListener::bind(admin.listen)
+                    .await
+                    .map_err(|e| RunError::AdminBind(admin.listen, e))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+/// Serves `config` on `listener` (and `admin.listen`) until `shutdown`
+/// completes, then drains: connections and background exchanges get
+/// `shutdown_grace` to finish.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let listeners = Listeners::with_admin(&config, listener).await?;
+    serve(config, listeners, shutdown, None).await
+}
+
+/// [`run`] on bound listeners, plus reloads of `config_path` on SIGHUP and
+/// `POST /reload` when one is given.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    config_path: Option<PathBuf>,
 ) -> Result<(), RunError> {
     if config.store.backend == Backend::Memory {
         tracing::warn!(
             "store backend is memory: idempotency records live in this process only and do not survive a restart"
         );
     }
-    let store = Arc::new(Store::open(&config.store)?);
-    let proxy = Arc::new(Proxy::new(&config, store));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let builder = Arc::new(builder);
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(Store::open(&config.store, metrics.clone())?);
+    let proxy = Arc::new(Proxy::new(&config, store, metrics));
+    if let Some(path) = &config_path {
+        tokio::spawn(reload_on_sighup(proxy.clone(), path.clone()));
+    }
+    let admin_task = listeners.admin.map(|listener| {
+        let admin = Arc::new(Admin {
+            proxy: proxy.clone(),
+            token: config.admin.as_ref().and_then(|a| a.token.clone()),
+            config_path: config_path.clone(),
+        });
+        tokio::spawn(serve_admin(listener, admin))
+    });
+
     let graceful = GracefulShutdown::new();
+    let builder = Arc::new(connection_builder());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = listeners.proxy.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
@@ -71,8 +114,7 @@ pub async fn run(
                     let proxy = proxy.clone();
                     async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
                 });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         tracing::debug!(error = %error, "connection ended with an error");
@@ -82,8 +124,30 @@ pub async fn run(
             () = &mut shutdown => break,
         }
     }
-    drop(listener);
-    let grace = config.shutdown_grace;
+    drop(listeners.proxy);
+    drain(&proxy, graceful, config.shutdown_grace).await;
+    if let Some(task) = admin_task {
+        task.abort();
+    }
+    Ok(())
+}
+
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+}
+
+/// Waits for open connections, then for background exchanges, within `grace`.
+async fn drain(proxy: &Proxy, graceful: GracefulShutdown, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
     if tokio::time::timeout_at(deadline, graceful.shutdown())
@@ -97,10 +161,43 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!(
-            running = proxy.exchanges.len(),
-            "upstream exchanges still running at the end of shutdown_grace; their records turn unknown when their leases end"
-        );
+        for key in proxy.running.keys() {
+            tracing::warn!(
+                exchange = %key,
+                "upstream exchange still running at the end of shutdown_grace; its record turns unknown when its lease ends"
+            );
+        }
     }
-    Ok(())
+}
+
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(request).await) }
+            });
+            let _ = connection_builder()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Re-reads the configuration file on every SIGHUP.
+async fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
+        let _ = proxy.reload_from(&path);
+    }
 }

@@ -18,7 +18,7 @@ fn open(backend: &Backend) -> Store {
         backend.store_yaml()
     );
     let config = Config::parse(&yaml).expect("valid");
-    Store::open(&config.store).expect("store opens")
+    Store::open(&config.store, Default::default()).expect("store opens")
 }
 
 fn key(name: &str) -> StorageKey {

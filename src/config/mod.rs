@@ -73,7 +73,7 @@ pub enum OnUnavailable {
     Forward,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     /// `http` or `https`.
@@ -93,7 +93,7 @@ pub struct Breaker {
     pub open_for: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     pub client_cert_file: Option<PathBuf>,

@@ -122,6 +122,23 @@ impl MemoryStore {
         Ok(self.owned(key, token, |r| r.state = State::Unknown))
     }
 
+    pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> bool {
+        let mut shard = self.inner.shard(key);
+        let now = now_ms();
+        let done = match shard.get_mut(key).filter(|r| r.expires_ms > now) {
+            Some(r) => {
+                r.state = State::Completed;
+                r.response = Some(response.clone());
+                r.expires_ms = now + millis(ttl);
+                true
+            }
+            None => false,
+        };
+        drop(shard);
+        self.inner.changed.notify_waiters();
+        done
+    }
+
     pub fn get(&self, key: &StorageKey) -> Option<Record> {
         let now = now_ms();
         self.inner

@@ -2,17 +2,20 @@
 //!
 //! Two backends behind one small interface: `memory` (embedded, the
 //! default) and `redis`. Each transition (claim, complete, release, mark
-//! unknown) is one atomic step fenced by the attempt's owner token.
+//! unknown) is one atomic step fenced by the attempt's owner token. Every
+//! call is timed and its failures counted here.
 
 pub mod memory;
 mod redis;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::Decision;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, StoredResponse};
+use crate::metrics::{Metrics, OpLabels};
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
@@ -48,29 +51,59 @@ pub struct ClaimRequest<'a> {
     pub on_unknown: OnUnknown,
 }
 
-pub enum Store {
+enum Kind {
     Memory(MemoryStore),
     Redis(Box<RedisStore>),
 }
 
+pub struct Store {
+    kind: Kind,
+    metrics: Arc<Metrics>,
+}
+
 impl Store {
     /// Opens the configured store. Redis connects lazily, so the proxy starts
-    /// (and answers `store_unavailable` per policy) while Redis is down.
-    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        match &config.backend {
-            Backend::Memory => Ok(Store::Memory(MemoryStore::new(config))),
-            Backend::Redis { url } => Ok(Store::Redis(Box::new(RedisStore::new(url, config)?))),
-            Backend::Cluster { .. } => Err(StoreError::Backend(
-                "Redis Cluster is not supported yet; use store.url".into(),
-            )),
+    /// (and answers per `on_unavailable`) while Redis is down.
+    pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        let kind = match &config.backend {
+            Backend::Memory => Kind::Memory(MemoryStore::new(config)),
+            Backend::Redis { url } => Kind::Redis(Box::new(RedisStore::new(url, config)?)),
+            Backend::Cluster { .. } => {
+                return Err(StoreError::Backend(
+                    "Redis Cluster is not supported yet; use store.url".into(),
+                ));
+            }
+        };
+        Ok(Store { kind, metrics })
+    }
+
+    /// Times one operation and counts its failure.
+    async fn timed<T>(
+        &self,
+        op: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = Instant::now();
+        let result = call.await;
+        let labels = OpLabels { op: op.to_owned() };
+        self.metrics
+            .store_latency
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.store_errors.get_or_create(&labels).inc();
         }
+        result
     }
 
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
-        match self {
-            Store::Memory(s) => s.claim(req),
-            Store::Redis(s) => s.claim(req).await,
-        }
+        self.timed("claim", async {
+            match &self.kind {
+                Kind::Memory(s) => s.claim(req),
+                Kind::Redis(s) => s.claim(req).await,
+            }
+        })
+        .await
     }
 
     /// Records the response; false when the attempt no longer owns the key.
@@ -81,51 +114,73 @@ impl Store {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(s) => s.complete(key, token, response, ttl),
-            Store::Redis(s) => s.complete(key, token, response, ttl).await,
-        }
+        self.timed("complete", async {
+            match &self.kind {
+                Kind::Memory(s) => s.complete(key, token, response, ttl),
+                Kind::Redis(s) => s.complete(key, token, response, ttl).await,
+            }
+        })
+        .await
     }
 
     /// Deletes the record so that a retry makes a new attempt; fenced by the token.
     pub async fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(s) => s.release(key, token),
-            Store::Redis(s) => s.release(key, token).await,
-        }
+        self.timed("release", async {
+            match &self.kind {
+                Kind::Memory(s) => s.release(key, token),
+                Kind::Redis(s) => s.release(key, token).await,
+            }
+        })
+        .await
     }
 
     /// Turns the attempt's record `unknown`; fenced by the token.
     pub async fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(s) => s.mark_unknown(key, token),
-            Store::Redis(s) => s.mark_unknown(key, token).await,
-        }
+        self.timed("mark_unknown", async {
+            match &self.kind {
+                Kind::Memory(s) => s.mark_unknown(key, token),
+                Kind::Redis(s) => s.mark_unknown(key, token).await,
+            }
+        })
+        .await
+    }
+
+    /// An operator records a response by hand for an existing record (any
+    /// state), e.g. to resolve an unknown outcome. False when there is no record.
+    pub async fn resolve(
+        &self,
+        key: &StorageKey,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.timed("resolve", async {
+            match &self.kind {
+                Kind::Memory(s) => Ok(s.resolve(key, response, ttl)),
+                Kind::Redis(s) => s.resolve(key, response, ttl).await,
+            }
+        })
+        .await
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.get(key)),
-            Store::Redis(s) => s.get(key).await,
-        }
+        self.timed("get", async {
+            match &self.kind {
+                Kind::Memory(s) => Ok(s.get(key)),
+                Kind::Redis(s) => s.get(key).await,
+            }
+        })
+        .await
     }
 
     /// Deletes a record whatever its state (an operator's purge).
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.purge(key)),
-            Store::Redis(s) => s.purge(key).await,
-        }
-    }
-
-    /// Waits until the record may have changed, at most `at_most`. The memory
-    /// store wakes waiters on every transition; Redis is polled with backoff
-    /// by the caller, so this only sleeps.
-    pub async fn changed(&self, at_most: Duration) {
-        match self {
-            Store::Memory(s) => s.changed(at_most).await,
-            Store::Redis(_) => tokio::time::sleep(at_most).await,
-        }
+        self.timed("purge", async {
+            match &self.kind {
+                Kind::Memory(s) => Ok(s.purge(key)),
+                Kind::Redis(s) => s.purge(key).await,
+            }
+        })
+        .await
     }
 
     /// Every live record, optionally of one route (operator listings; not for the hot path).
@@ -133,21 +188,35 @@ impl Store {
         &self,
         route: Option<&str>,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let all = match self {
-            Store::Memory(s) => s.records(),
-            Store::Redis(s) => s.records(route).await?,
-        };
+        let all = self
+            .timed("list", async {
+                match &self.kind {
+                    Kind::Memory(s) => Ok(s.records()),
+                    Kind::Redis(s) => s.records(route).await,
+                }
+            })
+            .await?;
         Ok(all
             .into_iter()
             .filter(|(k, _)| route.is_none_or(|r| k.route == r))
             .collect())
     }
 
+    /// Waits until the record may have changed, at most `at_most`. The memory
+    /// store wakes waiters on every transition; Redis is polled with backoff
+    /// by the caller, so this only sleeps.
+    pub async fn changed(&self, at_most: Duration) {
+        match &self.kind {
+            Kind::Memory(s) => s.changed(at_most).await,
+            Kind::Redis(_) => tokio::time::sleep(at_most).await,
+        }
+    }
+
     /// A cheap liveness probe (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(_) => Ok(()),
-            Store::Redis(s) => s.ping().await,
+        match &self.kind {
+            Kind::Memory(_) => Ok(()),
+            Kind::Redis(s) => self.timed("ping", s.ping()).await,
         }
     }
 }

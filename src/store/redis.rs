@@ -74,6 +74,19 @@ redis.call('HSET', KEYS[1], 'state', 'unknown')
 return 1
 ";
 
+/// An operator's answer for an existing record, whatever its state.
+const RESOLVE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[1], 'headers', ARGV[2],
+  'body', ARGV[3], 'stored', '1', 'body_size', ARGV[4], 'expires', now + tonumber(ARGV[5]))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
@@ -82,6 +95,7 @@ pub struct RedisStore {
     complete: Script,
     release: Script,
     mark_unknown: Script,
+    resolve: Script,
 }
 
 impl RedisStore {
@@ -103,6 +117,7 @@ impl RedisStore {
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
             mark_unknown: Script::new(MARK_UNKNOWN),
+            resolve: Script::new(RESOLVE),
         })
     }
 
@@ -155,6 +170,23 @@ impl RedisStore {
 
     pub async fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
         self.fenced(&self.mark_unknown, key, token).await
+    }
+
+    pub async fn resolve(
+        &self,
+        key: &StorageKey,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.resolve.key(key.encode(&self.prefix));
+        call.arg(response.status)
+            .arg(encode_headers(&response.headers))
+            .arg(response.body.as_deref().unwrap_or_default())
+            .arg(response.body_size)
+            .arg(millis(ttl));
+        let done: u8 = self.bounded(call.invoke_async(&mut conn)).await?;
+        Ok(done == 1)
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {

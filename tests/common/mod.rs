@@ -77,6 +77,8 @@ macro_rules! both_stores {
 /// A running proxy; stops (gracefully) when dropped or `stop`ped.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has an `admin` block (bound on port 0).
+    pub admin: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -84,23 +86,55 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts idemgate in-process on 127.0.0.1:0 with this YAML.
     pub async fn start(yaml: &str) -> TestProxy {
+        TestProxy::start_with(yaml, None).await
+    }
+
+    /// Starts from a file, which `POST /reload` re-reads.
+    pub async fn start_file(path: &std::path::Path) -> TestProxy {
+        let yaml = std::fs::read_to_string(path).unwrap();
+        TestProxy::start_with(&yaml, Some(path.to_owned())).await
+    }
+
+    async fn start_with(yaml: &str, path: Option<std::path::PathBuf>) -> TestProxy {
         let config = idemgate::Config::parse(yaml)
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().unwrap();
+        let admin = match config.admin {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind port 0")),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
+        let listeners = idemgate::server::Listeners {
+            proxy: listener,
+            admin,
+        };
         let task = tokio::spawn(async move {
-            idemgate::run(config, listener, async {
-                let _ = rx.await;
-            })
+            idemgate::server::serve(
+                config,
+                listeners,
+                async {
+                    let _ = rx.await;
+                },
+                path,
+            )
             .await
             .expect("proxy run");
         });
         TestProxy {
             addr,
+            admin: admin_addr,
             shutdown: Some(tx),
             task: Some(task),
         }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.admin.expect("the config has an admin block")
+        )
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,13 +1,22 @@
-//! One upstream: its pooled HTTP client, URL joining and the send step.
+//! One upstream: its pooled HTTP client, URL joining, the send step, and
+//! the two guards in front of it (bulkhead and circuit breaker).
+
+pub mod breaker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
+use crate::problem::{Code, Problem};
+use breaker::{Admit, Breaker};
 
 /// How sending a request failed, which decides what the client is told.
 #[derive(Debug)]
@@ -23,6 +32,42 @@ pub struct Upstream {
     /// The `Host` header for the upstream.
     pub authority: HeaderValue,
     client: Client<HttpConnector, ProxyBody>,
+    /// `max_in_flight` permits; no queueing beyond them.
+    bulkhead: Arc<Semaphore>,
+    pub breaker: Breaker,
+}
+
+/// A request let through both guards. Report its answer with [`Admission::finish`];
+/// dropped unfinished (it never reached the upstream), it counts for nothing.
+pub struct Admission {
+    upstream: Arc<Upstream>,
+    admit: Admit,
+    _permit: OwnedSemaphorePermit,
+    finished: bool,
+}
+
+impl Admission {
+    /// Success resets the breaker; failure (connect failure, timeout,
+    /// broken connection, 502/503/504) counts towards opening it.
+    pub fn finish(mut self, success: bool) {
+        self.upstream
+            .breaker
+            .record(self.admit, success, Instant::now());
+        self.finished = true;
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.upstream.breaker.cancel(self.admit);
+        }
+    }
+}
+
+/// Whether an upstream's status counts as a failure for the breaker.
+pub fn failed_status(status: u16) -> bool {
+    matches!(status, 502..=504)
 }
 
 impl Upstream {
@@ -39,6 +84,41 @@ impl Upstream {
                 .expect("an authority is a valid header value"),
             config: config.clone(),
             client,
+            bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
+            breaker: Breaker::new(config.circuit_breaker.clone()),
+        }
+    }
+
+    /// Requests to this upstream right now.
+    pub fn in_flight(&self) -> usize {
+        self.config.max_in_flight as usize - self.bulkhead.available_permits()
+    }
+
+    /// The bulkhead, then the circuit breaker; a request turned away gets
+    /// its answer at once (no queueing).
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, Problem> {
+        let Ok(permit) = self.bulkhead.clone().try_acquire_owned() else {
+            return Err(Problem::new(
+                Code::UpstreamOverloaded,
+                format!(
+                    "{} requests are already in flight to this upstream",
+                    self.config.max_in_flight
+                ),
+            )
+            .retry_after(Duration::from_secs(1)));
+        };
+        match self.breaker.admit(Instant::now()) {
+            Admit::Reject(wait) => Err(Problem::new(
+                Code::UpstreamCircuitOpen,
+                "the upstream failed repeatedly; requests are paused until a probe succeeds",
+            )
+            .retry_after(wait)),
+            admit => Ok(Admission {
+                upstream: self.clone(),
+                admit,
+                _permit: permit,
+                finished: false,
+            }),
         }
     }
 

@@ -1,0 +1,453 @@
+//! The admin listener: health, readiness, metrics, key inspection and
+//! resolution, reload (SPEC.md sections 7 and 9). Mutating calls need the
+//! bearer token; without a configured token they are refused (403).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::body::{self, ProxyBody};
+use crate::config::Route;
+use crate::idempotency::key::StorageKey;
+use crate::idempotency::record::StoredResponse;
+use crate::keys::{is_unknown, record_json};
+use crate::metrics::UpstreamLabels;
+use crate::problem::{Code, Problem};
+use crate::proxy::Proxy;
+use crate::store::memory::now_ms;
+use crate::upstream::breaker::State as CircuitState;
+
+/// The largest body a `PUT /keys/...` may carry.
+const MAX_ADMIN_BODY: u64 = 16 * 1024 * 1024;
+
+pub struct Admin {
+    pub proxy: Arc<Proxy>,
+    /// `admin.token`, read once at startup.
+    pub token: Option<String>,
+    /// The file `POST /reload` re-reads (none when started without one).
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+impl Admin {
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+        let (parts, incoming) = request.into_parts();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
+        if mutating && let Err(denied) = self.authorize(&parts.headers) {
+            return denied;
+        }
+        let result = match (&parts.method, path.as_str()) {
+            (&Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+            (&Method::GET, "/readyz") => self.readyz().await,
+            (&Method::GET, "/metrics") => Ok(self.metrics()),
+            (&Method::POST, "/reload") => self.reload(),
+            (&Method::GET, "/keys") => self.list(&query).await,
+            (method, p) if p.starts_with("/keys/") => match key_path(p) {
+                None => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
+                Some((route, key)) => match *method {
+                    Method::GET => self.get(&route, &key, param(&query, "scope")).await,
+                    Method::DELETE => self.purge(&route, &key, param(&query, "scope")).await,
+                    Method::PUT => {
+                        self.put(&route, &key, param(&query, "scope"), incoming)
+                            .await
+                    }
+                    _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
+                },
+            },
+            _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
+        };
+        result.unwrap_or_else(Problem::into_response)
+    }
+
+    /// Bearer token, compared in constant time.
+    fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Response<ProxyBody>> {
+        let Some(token) = &self.token else {
+            let p = Problem::new(
+                Code::Forbidden,
+                "no admin.token is configured, so the admin API is read-only",
+            );
+            return Err(p.into_response());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return Ok(());
+        }
+        let mut response = Problem::new(
+            Code::Unauthorized,
+            "send Authorization: Bearer <admin.token>",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Err(response)
+    }
+
+    async fn readyz(&self) -> Result<Response<ProxyBody>, Problem> {
+        let ready = self.proxy.store.ping().await;
+        self.proxy.metrics.ready.set(i64::from(ready.is_ok()));
+        match ready {
+            Ok(()) => Ok(json_response(StatusCode::OK, &json!({ "status": "ready" }))),
+            Err(error) => {
+                tracing::warn!(error = %error, "not ready: store unreachable");
+                Err(Problem::new(
+                    Code::StoreUnavailable,
+                    "the idempotency store is unreachable",
+                ))
+            }
+        }
+    }
+
+    fn metrics(&self) -> Response<ProxyBody> {
+        let metrics = &self.proxy.metrics;
+        for upstream in &self.proxy.routing().upstreams {
+            let labels = UpstreamLabels {
+                upstream: upstream.config.name.clone(),
+            };
+            metrics
+                .in_flight
+                .get_or_create(&labels)
+                .set(upstream.in_flight() as i64);
+            let state = match upstream.breaker.state() {
+                CircuitState::Closed { .. } => 0,
+                CircuitState::Open { .. } => 1,
+                CircuitState::HalfOpen { .. } => 2,
+            };
+            metrics.circuit_state.get_or_create(&labels).set(state);
+        }
+        let mut response = text(StatusCode::OK, metrics.encode());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
+    }
+
+    fn reload(&self) -> Result<Response<ProxyBody>, Problem> {
+        let Some(path) = &self.config_path else {
+            return Err(Problem::new(
+                Code::BadRequest,
+                "this instance was not started from a configuration file",
+            ));
+        };
+        match self.proxy.reload_from(path) {
+            Ok(()) => Ok(json_response(StatusCode::OK, &json!({ "reloaded": true }))),
+            Err(errors) => {
+                let list: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                Err(Problem::new(
+                    Code::BadRequest,
+                    "the configuration is invalid; the running one stays",
+                )
+                .with("errors", json!(list)))
+            }
+        }
+    }
+
+    async fn list(&self, query: &str) -> Result<Response<ProxyBody>, Problem> {
+        let state = param(query, "state");
+        let route = param(query, "route");
+        let config = self.proxy.routing().config.clone();
+        let now = now_ms();
+        let records = self
+            .proxy
+            .store
+            .records(route.as_deref())
+            .await
+            .map_err(store_problem)?;
+        let list: Vec<_> = records
+            .iter()
+            .filter(|(k, r)| match state.as_deref() {
+                None => true,
+                Some("unknown") => is_unknown(&config, k, r, now),
+                Some(s) => r.state.as_str() == s,
+            })
+            .map(|(k, r)| record_json(k, r))
+            .collect();
+        Ok(json_response(StatusCode::OK, &json!(list)))
+    }
+
+    async fn get(
+        &self,
+        route: &str,
+        key: &str,
+        scope: Option<String>,
+    ) -> Result<Response<ProxyBody>, Problem> {
+        let found = self.find(route, key, scope.as_deref()).await?;
+        let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
+        let body = if scope.is_some() {
+            list[0].clone()
+        } else {
+            json!(list)
+        };
+        Ok(json_response(StatusCode::OK, &body))
+    }
+
+    async fn purge(
+        &self,
+        route: &str,
+        key: &str,
+        scope: Option<String>,
+    ) -> Result<Response<ProxyBody>, Problem> {
+        let found = self.find(route, key, scope.as_deref()).await?;
+        for (k, _) in &found {
+            self.proxy.store.purge(k).await.map_err(store_problem)?;
+            tracing::info!(route = %k.route, scope = %k.scope, key = %k.key, "record purged by an operator");
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "purged": found.len() }),
+        ))
+    }
+
+    async fn put(
+        &self,
+        route: &str,
+        key: &str,
+        scope: Option<String>,
+        body: Incoming,
+    ) -> Result<Response<ProxyBody>, Problem> {
+        let Some(scope) = scope else {
+            return Err(Problem::new(
+                Code::BadRequest,
+                "PUT needs ?scope=HEX (see GET /keys/{route}/{key})",
+            ));
+        };
+        let route_config = self.route(route)?;
+        let bytes = body::read_limited(body, MAX_ADMIN_BODY, body::BODY_STALL)
+            .await
+            .map_err(|_| Problem::new(Code::BadRequest, "the body could not be read"))?;
+        let response = manual_response(&bytes)?;
+        let ttl = route_config
+            .idempotency
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(86_400), |p| p.ttl);
+        let storage_key = StorageKey {
+            route: route.to_owned(),
+            scope,
+            key: key.to_owned(),
+        };
+        if !self
+            .proxy
+            .store
+            .resolve(&storage_key, &response, ttl)
+            .await
+            .map_err(store_problem)?
+        {
+            return Err(Problem::new(
+                Code::NotFound,
+                "no record for this route, scope and key",
+            ));
+        }
+        tracing::info!(
+            route,
+            key,
+            status = response.status,
+            "response recorded by an operator"
+        );
+        let record = self
+            .proxy
+            .store
+            .get(&storage_key)
+            .await
+            .map_err(store_problem)?;
+        let body = record.map_or(json!(null), |r| record_json(&storage_key, &r));
+        Ok(json_response(StatusCode::OK, &body))
+    }
+
+    fn route(&self, name: &str) -> Result<Arc<Route>, Problem> {
+        let routing = self.proxy.routing();
+        let route = routing
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == name)
+            .cloned();
+        route
+            .map(Arc::new)
+            .ok_or_else(|| Problem::new(Code::NotFound, format!("no route named {name:?}")))
+    }
+
+    async fn find(
+        &self,
+        route: &str,
+        key: &str,
+        scope: Option<&str>,
+    ) -> Result<Vec<(StorageKey, crate::idempotency::record::Record)>, Problem> {
+        self.route(route)?;
+        let found = match scope {
+            Some(scope) => {
+                let k = StorageKey {
+                    route: route.to_owned(),
+                    scope: scope.to_owned(),
+                    key: key.to_owned(),
+                };
+                self.proxy
+                    .store
+                    .get(&k)
+                    .await
+                    .map_err(store_problem)?
+                    .map(|r| (k, r))
+                    .into_iter()
+                    .collect()
+            }
+            None => {
+                let all = self
+                    .proxy
+                    .store
+                    .records(Some(route))
+                    .await
+                    .map_err(store_problem)?;
+                all.into_iter()
+                    .filter(|(k, _)| k.key == key)
+                    .collect::<Vec<_>>()
+            }
+        };
+        if found.is_empty() {
+            return Err(Problem::new(
+                Code::NotFound,
+                "no record for this route and key",
+            ));
+        }
+        Ok(found)
+    }
+}
+
+/// `{"status": 201, "headers": {"content-type": "..."}, "body": "..."}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManualResponse {
+    status: u16,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    body: String,
+}
+
+fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
+    let manual: ManualResponse = serde_json::from_slice(bytes).map_err(|e| {
+        Problem::new(
+            Code::BadRequest,
+            format!("expected {{\"status\":..,\"headers\":{{..}},\"body\":\"..\"}}: {e}"),
+        )
+    })?;
+    if !(100..=599).contains(&manual.status) {
+        return Err(Problem::new(
+            Code::BadRequest,
+            "status must be between 100 and 599",
+        ));
+    }
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &manual.headers {
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) else {
+            return Err(Problem::new(
+                Code::BadRequest,
+                format!("header {name:?} is not valid"),
+            ));
+        };
+        headers.append(name, value);
+    }
+    let body = Bytes::from(manual.body);
+    Ok(StoredResponse {
+        status: manual.status,
+        headers,
+        body_size: body.len() as u64,
+        body: Some(body),
+    })
+}
+
+fn store_problem(error: crate::store::StoreError) -> Problem {
+    tracing::error!(error = %error, "admin: store operation failed");
+    Problem::new(
+        Code::StoreUnavailable,
+        "the idempotency store is unavailable",
+    )
+}
+
+/// `/keys/{route}/{key}` with the key percent-decoded (it may contain `/`).
+fn key_path(path: &str) -> Option<(String, String)> {
+    let (route, key) = path.strip_prefix("/keys/")?.split_once('/')?;
+    let key = percent_encoding::percent_decode_str(key)
+        .decode_utf8()
+        .ok()?;
+    (!route.is_empty() && !key.is_empty()).then(|| (route.to_owned(), key.into_owned()))
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // The length is not secret; the bytes are compared without an early exit.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths_and_params() {
+        assert_eq!(
+            key_path("/keys/orders/k1"),
+            Some(("orders".into(), "k1".into()))
+        );
+        assert_eq!(
+            key_path("/keys/orders/a%2Fb%20c"),
+            Some(("orders".into(), "a/b c".into()))
+        );
+        assert_eq!(key_path("/keys/orders/"), None);
+        assert_eq!(key_path("/keys/orders"), None);
+        assert_eq!(
+            param("state=unknown&route=a%20b", "route").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(param("state=unknown", "scope"), None);
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"token", b"token"));
+        assert!(!constant_time_eq(b"token", b"tokex"));
+        assert!(!constant_time_eq(b"token", b"token2"));
+        assert!(!constant_time_eq(b"", b"token"));
+    }
+}
