@@ -39,7 +39,7 @@ impl Admin {
         let query = parts.uri.query().unwrap_or("").to_owned();
         let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
         if mutating && let Err(denied) = self.authorize(&parts.headers) {
-            return denied;
+            return denied.into_response();
         }
         let result = match (&parts.method, path.as_str()) {
             (&Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
@@ -65,13 +65,12 @@ impl Admin {
     }
 
     /// Bearer token, compared in constant time.
-    fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Response<ProxyBody>> {
+    fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Problem> {
         let Some(token) = &self.token else {
-            let p = Problem::new(
+            return Err(Problem::new(
                 Code::Forbidden,
                 "no admin.token is configured, so the admin API is read-only",
-            );
-            return Err(p.into_response());
+            ));
         };
         let given = headers
             .get(header::AUTHORIZATION)
@@ -79,17 +78,13 @@ impl Admin {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return Ok(());
+            Ok(())
+        } else {
+            Err(Problem::new(
+                Code::Unauthorized,
+                "send Authorization: Bearer <admin.token>",
+            ))
         }
-        let mut response = Problem::new(
-            Code::Unauthorized,
-            "send Authorization: Bearer <admin.token>",
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        Err(response)
     }
 
     async fn readyz(&self) -> Result<Response<ProxyBody>, Problem> {
