@@ -21,6 +21,8 @@ use crate::upstream::Upstream;
 
 /// The longest pause between two claim attempts of a waiting duplicate.
 const MAX_WAIT_STEP: Duration = Duration::from_millis(100);
+/// How often a failed claim is undone before giving up (every 500 ms).
+const RELEASE_ATTEMPTS: usize = 20;
 
 impl Proxy {
     pub async fn protect(
@@ -84,6 +86,7 @@ impl Proxy {
         {
             Ok(reply) => reply,
             Err(error) => {
+                self.release_in_background(storage_key.clone(), token.clone());
                 let request = Request::from_parts(parts, body::full(body));
                 return self.store_failed(error, &upstream, request, ctx).await;
             }
@@ -193,6 +196,22 @@ impl Proxy {
             self.store.changed(step.min(left)).await;
             step = (step * 2).min(MAX_WAIT_STEP);
         }
+    }
+
+    /// A claim that failed (e.g. timed out) may still have been applied by
+    /// the store later: undo it, fenced by our own token, so that it does
+    /// not block the client's retry until the lease ends.
+    fn release_in_background(&self, key: StorageKey, token: String) {
+        let store = self.store.clone();
+        self.exchanges.spawn(async move {
+            for _ in 0..RELEASE_ATTEMPTS {
+                if store.release(&key, &token).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tracing::warn!(key = %key.key, route = %key.route, "could not undo a failed claim; it turns unknown or expires with its lease");
+        });
     }
 
     /// The store failed: fail closed (503) or forward unprotected, per `on_unavailable`.

@@ -165,3 +165,72 @@ async fn sigterm_drains_slow_requests_records_them_and_exits_0() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_file_and_keeps_the_old_one_on_an_invalid_file() {
+    let a = TestUpstream::start().await;
+    let b = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let write = |target: &TestUpstream| {
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: main, match: {{ path_prefix: / }}, upstream: up }}\n",
+            target.addr
+        );
+        std::fs::write(&path, yaml).unwrap();
+    };
+    write(&a);
+    let proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    let slow = {
+        let (client, url) = (client.clone(), proxy.url("/slow"));
+        tokio::spawn(async move {
+            client
+                .send(
+                    "GET",
+                    &url,
+                    &[("x-test-delay-ms", "500")],
+                    bytes::Bytes::new(),
+                )
+                .await
+        })
+    };
+    eventually(Duration::from_secs(5), "slow request at a", || async {
+        a.hits() == 1
+    })
+    .await;
+    write(&b);
+    proxy.signal("HUP");
+    let b_ref = &b;
+    eventually(Duration::from_secs(5), "the reload took effect", || {
+        let (client, url) = (client.clone(), proxy.url("/x"));
+        async move {
+            client.send("GET", &url, &[], bytes::Bytes::new()).await;
+            b_ref.hits() > 0
+        }
+    })
+    .await;
+    assert_eq!(
+        slow.await.unwrap().status,
+        201,
+        "the request in flight finished on the old upstream"
+    );
+
+    std::fs::write(&path, "listen: nope\n").unwrap();
+    proxy.signal("HUP");
+    eventually(
+        Duration::from_secs(5),
+        "the rejection was logged",
+        || async { proxy.log().iter().any(|l| l.contains("reload rejected")) },
+    )
+    .await;
+    let before = b.hits();
+    assert_eq!(
+        client
+            .send("GET", &proxy.url("/y"), &[], bytes::Bytes::new())
+            .await
+            .status,
+        201
+    );
+    assert_eq!(b.hits(), before + 1, "the old configuration stays");
+}

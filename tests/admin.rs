@@ -1,0 +1,490 @@
+//! The admin listener and the operator's tools (SPEC.md sections 4.6, 7, 9):
+//! auth, readiness, metrics, the unknown-outcome workflow, the keys CLI.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Backend, RedisServer, TestClient, TestProxy, TestUpstream, config};
+
+const TOKEN: &str = "adm1n-t0ken";
+
+fn yaml(backend: &Backend, upstream: &TestUpstream, admin: &str) -> String {
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }\n  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }";
+    format!(
+        "admin: {admin}\n{}",
+        config(
+            &backend.store_yaml(),
+            upstream.addr,
+            "  timeouts: { response: 5s, total: 10s }",
+            routes
+        )
+    )
+}
+
+fn admin_with_token() -> String {
+    format!("{{ listen: 127.0.0.1:0, token: {TOKEN} }}")
+}
+
+async fn call(
+    client: &TestClient,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: &str,
+) -> common::Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    client.send(method, url, &headers, body.to_owned()).await
+}
+
+async fn auth_and_answers(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let client = TestClient::new();
+    let open = TestProxy::start(&yaml(&backend, &upstream, "{ listen: 127.0.0.1:0 }")).await;
+    assert_eq!(
+        call(&client, "GET", &open.admin_url("/healthz"), None, "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(&client, "GET", &open.admin_url("/readyz"), None, "")
+            .await
+            .status,
+        200
+    );
+    let forbidden = call(
+        &client,
+        "DELETE",
+        &open.admin_url("/keys/orders/k"),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (forbidden.status.as_u16(), forbidden.code().as_str()),
+        (403, "forbidden")
+    );
+    assert_eq!(
+        call(&client, "POST", &open.admin_url("/reload"), Some("x"), "")
+            .await
+            .status,
+        403
+    );
+
+    let guarded = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    for token in [None, Some("wrong")] {
+        let denied = call(
+            &client,
+            "DELETE",
+            &guarded.admin_url("/keys/orders/k"),
+            token,
+            "",
+        )
+        .await;
+        assert_eq!(
+            (denied.status.as_u16(), denied.code().as_str()),
+            (401, "unauthorized")
+        );
+        assert_eq!(denied.header("www-authenticate"), Some("Bearer"));
+    }
+    let missing = call(
+        &client,
+        "DELETE",
+        &guarded.admin_url("/keys/orders/k"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (missing.status.as_u16(), missing.code().as_str()),
+        (404, "not_found")
+    );
+    let missing = call(
+        &client,
+        "GET",
+        &guarded.admin_url("/keys/orders/k"),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(missing.code(), "not_found");
+    assert_eq!(
+        call(&client, "GET", &guarded.admin_url("/nope"), None, "")
+            .await
+            .code(),
+        "not_found"
+    );
+}
+
+async fn unknown_outcome_listed_purged_then_forwarded(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    let failed = client
+        .send(
+            "POST",
+            &api,
+            &[("idempotency-key", "k-u1"), ("x-test-reset", "1")],
+            "{}",
+        )
+        .await;
+    assert_eq!(failed.code(), "upstream_failed");
+    assert_eq!(
+        client
+            .send("POST", &api, &[("idempotency-key", "k-u1")], "{}")
+            .await
+            .code(),
+        "outcome_unknown"
+    );
+
+    let listed = call(
+        &client,
+        "GET",
+        &proxy.admin_url("/keys?state=unknown"),
+        None,
+        "",
+    )
+    .await
+    .json();
+    let list = listed.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{listed}");
+    assert_eq!(list[0]["key"], "k-u1");
+    assert_eq!(list[0]["route"], "orders");
+    assert_eq!(list[0]["state"], "unknown");
+    for field in [
+        "scope",
+        "fingerprint",
+        "status",
+        "headers",
+        "body_size",
+        "created_at",
+        "expires_at",
+    ] {
+        assert!(list[0].get(field).is_some(), "record has {field}");
+    }
+    let purged = call(
+        &client,
+        "DELETE",
+        &proxy.admin_url("/keys/orders/k-u1"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(purged.json()["purged"], 1);
+    let next = client
+        .send("POST", &api, &[("idempotency-key", "k-u1")], "{}")
+        .await;
+    assert_eq!(next.status, 201, "the next attempt is forwarded");
+    assert_eq!(upstream.hits(), 2);
+}
+
+async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    client
+        .send(
+            "POST",
+            &api,
+            &[("idempotency-key", "k-u2"), ("x-test-reset", "1")],
+            "{}",
+        )
+        .await;
+    let records = call(
+        &client,
+        "GET",
+        &proxy.admin_url("/keys/orders/k-u2"),
+        None,
+        "",
+    )
+    .await
+    .json();
+    let scope = records[0]["scope"].as_str().unwrap().to_owned();
+    assert_eq!(records[0]["state"], "unknown");
+    let manual = r#"{"status": 201, "headers": {"content-type": "application/json"}, "body": "{\"id\":77}"}"#;
+    let url = proxy.admin_url(&format!("/keys/orders/k-u2?scope={scope}"));
+    let put = call(&client, "PUT", &url, Some(TOKEN), manual).await;
+    assert_eq!(put.status, 200, "{put:?}");
+    assert_eq!(put.json()["state"], "completed");
+    let single = call(&client, "GET", &url, None, "").await.json();
+    assert_eq!(single["status"], 201);
+    let replay = client
+        .send("POST", &api, &[("idempotency-key", "k-u2")], "{}")
+        .await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.body, Bytes::from_static(b"{\"id\":77}"));
+    assert_eq!(replay.header("content-type"), Some("application/json"));
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1);
+    let bad = call(&client, "PUT", &url, Some(TOKEN), "{\"status\": 999}").await;
+    assert_eq!(bad.code(), "bad_request");
+}
+
+/// `name{labels} value` lines of the exposition, summed for a metric whose
+/// labels contain every `wanted` pair.
+fn sample(text: &str, name: &str, wanted: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| {
+            wanted
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn metrics_count_every_outcome(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    client.post_key(&api, "k-m1", "{}").await; // forwarded
+    client.post_key(&api, "k-m1", "{}").await; // replayed
+    client.post_key(&api, "k-m1", "{\"other\":1}").await; // mismatch
+    client.send("POST", &api, &[], "{}").await; // rejected (no key)
+    client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await; // passthrough
+    client
+        .send(
+            "POST",
+            &api,
+            &[("idempotency-key", "k-m2"), ("x-test-reset", "1")],
+            "{}",
+        )
+        .await; // forwarded, turns unknown
+    client
+        .send("POST", &api, &[("idempotency-key", "k-m2")], "{}")
+        .await; // unknown
+    let slow = {
+        let (client, api) = (client.clone(), api.clone());
+        tokio::spawn(async move {
+            client
+                .send(
+                    "POST",
+                    &api,
+                    &[
+                        ("idempotency-key", "k-m3"),
+                        ("content-type", "application/json"),
+                        ("x-test-delay-ms", "400"),
+                    ],
+                    "{}",
+                )
+                .await
+        })
+    };
+    common::eventually(Duration::from_secs(5), "k-m3 in flight", || async {
+        upstream.hits() == 4
+    })
+    .await;
+    client.post_key(&api, "k-m3", "{}").await; // conflict
+    slow.await.unwrap();
+
+    let text = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
+    let text = String::from_utf8(text.body.to_vec()).unwrap();
+    let requests = |outcome: &str| {
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", "orders"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(requests("forwarded"), 3.0, "{text}");
+    assert_eq!(requests("replayed"), 1.0);
+    assert_eq!(requests("mismatch"), 1.0);
+    assert_eq!(requests("rejected"), 1.0);
+    assert_eq!(requests("unknown"), 1.0);
+    assert_eq!(requests("conflict"), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", "plain"), ("outcome", "passthrough")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_unknown_outcomes_total",
+            &[("route", "orders")]
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &text,
+            "idemgate_upstream_latency_seconds_count",
+            &[("upstream", "up")]
+        ) >= 3.0
+    );
+    assert!(
+        sample(
+            &text,
+            "idemgate_store_latency_seconds_count",
+            &[("op", "claim")]
+        ) >= 7.0
+    );
+    assert_eq!(
+        sample(&text, "idemgate_circuit_state", &[("upstream", "up")]),
+        0.0
+    );
+    assert!(text.contains("idemgate_upstream_in_flight{upstream=\"up\"} 0"));
+    for line in text.lines() {
+        assert!(
+            !line.contains("k-m1") && !line.contains("/api/o"),
+            "no keys or paths in labels: {line}"
+        );
+    }
+}
+
+async fn keys_cli_gets_lists_and_purges(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    // The CLI reads admin.listen from the file: bind the admin listener on
+    // a port chosen here so that the file can name it.
+    let admin_port = common::redis_server::free_port();
+    let yaml = yaml(
+        &backend,
+        &upstream,
+        &format!("{{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}"),
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let config = idemgate::Config::parse(&yaml).unwrap();
+    let listeners = idemgate::server::Listeners {
+        proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: Some(
+            tokio::net::TcpListener::bind(("127.0.0.1", admin_port))
+                .await
+                .unwrap(),
+        ),
+    };
+    let addr = listeners.proxy.local_addr().unwrap();
+    let server = tokio::spawn(idemgate::server::serve(
+        config,
+        listeners,
+        std::future::pending(),
+        None,
+    ));
+    let client = TestClient::new();
+    let api = format!("http://{addr}/api/o");
+    client
+        .send(
+            "POST",
+            &api,
+            &[("idempotency-key", "k-cli"), ("x-test-reset", "1")],
+            "{}",
+        )
+        .await;
+    client.post_key(&api, "k-done", "{}").await;
+
+    let cli = |args: &[&str]| {
+        let path = path.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_idemgate"))
+                    .args(&args)
+                    .arg("--config")
+                    .arg(&path)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let unknown = cli(&["keys", "unknown"]).await;
+    assert!(
+        unknown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&unknown.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["key"], "k-cli");
+
+    let got = cli(&["keys", "get", "--route", "orders", "--key", "k-done"]).await;
+    let got: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(got[0]["state"], "completed");
+    assert_eq!(got[0]["status"], 201);
+
+    let purged = cli(&["keys", "purge", "--route", "orders", "--key", "k-cli"]).await;
+    assert!(
+        purged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&purged.stderr)
+    );
+    let none = cli(&["keys", "get", "--route", "orders", "--key", "k-cli"]).await;
+    assert_eq!(none.status.code(), Some(1));
+    assert_eq!(
+        client
+            .send("POST", &api, &[("idempotency-key", "k-cli")], "{}")
+            .await
+            .status,
+        201
+    );
+    server.abort();
+}
+
+both_stores!(
+    auth_and_answers,
+    unknown_outcome_listed_purged_then_forwarded,
+    unknown_outcome_resolved_by_put_is_replayed,
+    metrics_count_every_outcome,
+    keys_cli_gets_lists_and_purges,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let store = format!(
+        "store: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}",
+        redis.url()
+    );
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        config(&store, upstream.addr, "", routes)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let ready = || {
+        let (client, url) = (client.clone(), proxy.admin_url("/readyz"));
+        async move { client.send("GET", &url, &[], Bytes::new()).await }
+    };
+    assert_eq!(ready().await.status, 200);
+    redis.kill();
+    let down = ready().await;
+    assert_eq!(
+        (down.status.as_u16(), down.code().as_str()),
+        (503, "store_unavailable")
+    );
+    assert_eq!(
+        call(&client, "GET", &proxy.admin_url("/healthz"), None, "")
+            .await
+            .status,
+        200,
+        "still alive"
+    );
+    let metrics = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("idemgate_ready 0"));
+    redis.restart().await;
+    common::eventually(Duration::from_secs(10), "ready again", || async {
+        ready().await.status == 200
+    })
+    .await;
+}

@@ -1,0 +1,361 @@
+//! Protecting the upstream (SPEC.md section 5): bulkhead, circuit breaker,
+//! store outages, reload — with real faults.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Backend, RedisServer, TestClient, TestProxy, TestUpstream, config, eventually};
+
+fn yaml(store: &str, upstream: &TestUpstream, upstream_extra: &str) -> String {
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }\n  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }";
+    config(
+        store,
+        upstream.addr,
+        "  timeouts: { response: 5s, total: 10s }",
+        routes,
+    )
+    .replace(
+        "connect_timeout: 500ms }",
+        &format!("connect_timeout: 500ms{upstream_extra} }}"),
+    )
+}
+
+async fn concurrently(
+    n: usize,
+    f: impl Fn(usize) -> tokio::task::JoinHandle<common::Reply>,
+) -> Vec<common::Reply> {
+    let tasks: Vec<_> = (0..n).map(f).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn bulkhead_turns_away_at_once_and_frees_keys(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(
+        &backend.store_yaml(),
+        &upstream,
+        ", max_in_flight: 2",
+    ))
+    .await;
+    let client = TestClient::new();
+    let replies = concurrently(6, |i| {
+        let (client, url) = (client.clone(), proxy.url("/api/o"));
+        tokio::spawn(async move {
+            let key = format!("k-bulk-{i}");
+            let headers = [
+                ("idempotency-key", key.as_str()),
+                ("x-test-delay-ms", "500"),
+            ];
+            client.send("POST", &url, &headers, "{}").await
+        })
+    })
+    .await;
+    let turned_away: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(turned_away.len(), 4, "{replies:?}");
+    assert_eq!(upstream.hits(), 2);
+    for r in &turned_away {
+        assert_eq!(r.code(), "upstream_overloaded");
+        assert!(r.header("retry-after").is_some());
+    }
+    // Their keys were released: a retry is forwarded.
+    let rejected: Vec<usize> = replies
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == 503)
+        .map(|(i, _)| i)
+        .collect();
+    let retry = client
+        .send(
+            "POST",
+            &proxy.url("/api/o"),
+            &[("idempotency-key", &format!("k-bulk-{}", rejected[0]))],
+            "{}",
+        )
+        .await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+}
+
+async fn breaker_opens_serves_replays_probes_once_and_closes(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let extra = ", circuit_breaker: { consecutive_failures: 3, open_for: 400ms }";
+    let proxy = TestProxy::start(&yaml(&backend.store_yaml(), &upstream, extra)).await;
+    let client = TestClient::new();
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-done", "{}")
+            .await
+            .status,
+        201
+    );
+    for _ in 0..3 {
+        let r = client
+            .send(
+                "GET",
+                &proxy.url("/plain"),
+                &[("x-test-status", "503")],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, 503);
+    }
+    let hits = upstream.hits();
+    let open = client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        (open.status.as_u16(), open.code().as_str()),
+        (503, "upstream_circuit_open")
+    );
+    assert!(open.header("retry-after").is_some());
+    let turned = client.post_key(&proxy.url("/api/o"), "k-new", "{}").await;
+    assert_eq!(turned.code(), "upstream_circuit_open");
+    let replay = client.post_key(&proxy.url("/api/o"), "k-done", "{}").await;
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "replays never depend on the upstream"
+    );
+    assert_eq!(
+        upstream.hits(),
+        hits,
+        "nothing reached the upstream while open"
+    );
+
+    tokio::time::sleep(Duration::from_millis(450)).await; // open_for under test
+    let probe = {
+        let (client, url) = (client.clone(), proxy.url("/plain"));
+        tokio::spawn(async move {
+            client
+                .send("GET", &url, &[("x-test-delay-ms", "300")], Bytes::new())
+                .await
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the probe reached the upstream",
+        || async { upstream.hits() == hits + 1 },
+    )
+    .await;
+    let during = client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        during.code(),
+        "upstream_circuit_open",
+        "half-open lets exactly one probe through"
+    );
+    assert_eq!(probe.await.unwrap().status, 201);
+    // Closed again; k-new's key was released when it was turned away.
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-new", "{}")
+            .await
+            .status,
+        201
+    );
+}
+
+async fn unreachable_upstream_opens_the_breaker(backend: Backend) {
+    let closed = common::redis_server::free_port();
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let yaml = config(
+        &backend.store_yaml(),
+        format!("127.0.0.1:{closed}").parse().unwrap(),
+        "",
+        routes,
+    )
+    .replace(
+        "connect_timeout: 500ms }",
+        "connect_timeout: 500ms, circuit_breaker: { consecutive_failures: 2, open_for: 30s } }",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    for i in 0..2 {
+        let r = client
+            .post_key(&proxy.url("/api/o"), &format!("k{i}"), "{}")
+            .await;
+        assert_eq!(r.code(), "upstream_unreachable");
+    }
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k3", "{}")
+            .await
+            .code(),
+        "upstream_circuit_open"
+    );
+}
+
+both_stores!(
+    bulkhead_turns_away_at_once_and_frees_keys,
+    breaker_opens_serves_replays_probes_once_and_closes,
+    unreachable_upstream_opens_the_breaker,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_redis_answers_store_unavailable_within_op_timeout_then_recovers() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let store = format!(
+        "store: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}",
+        redis.url()
+    );
+    let proxy = TestProxy::start(&yaml(&store, &upstream, "")).await;
+    let client = TestClient::new();
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-warm", "{}")
+            .await
+            .status,
+        201
+    );
+    redis.pause();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.post_key(&proxy.url("/api/o"), "k-hang", "{}"),
+    )
+    .await
+    .expect("a hung store is bounded by op_timeout");
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (503, "store_unavailable")
+    );
+    assert_eq!(upstream.hits(), 1, "nothing forwarded");
+    redis.resume();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = client
+            .post_key(&proxy.url("/api/o"), "k-hang", "{}")
+            .await
+            .status
+            .as_u16();
+        if status == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_routes_keeps_breaker_state_and_rejects_invalid_files() {
+    let a = TestUpstream::start().await;
+    let b = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let write = |target: &TestUpstream, extra_route: &str| {
+        let yaml = format!(
+            "admin: {{ listen: 127.0.0.1:0, token: t0k }}\nupstreams:\n  flaky: {{ url: \"http://{}\", circuit_breaker: {{ consecutive_failures: 1, open_for: 1h }} }}\n  a: {{ url: \"http://{}\" }}\n  b: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: broken, match: {{ path_prefix: /broken }}, upstream: flaky }}\n  - {{ name: main, match: {{ path_prefix: /api }}, upstream: {} }}\n{extra_route}",
+            a.addr,
+            a.addr,
+            b.addr,
+            if target.addr == a.addr { "a" } else { "b" }
+        );
+        std::fs::write(&path, yaml).unwrap();
+    };
+    write(&a, "");
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    let reload = || {
+        let client = client.clone();
+        let url = proxy.admin_url("/reload");
+        async move {
+            client
+                .send(
+                    "POST",
+                    &url,
+                    &[("authorization", "Bearer t0k")],
+                    Bytes::new(),
+                )
+                .await
+        }
+    };
+    // Open the breaker of upstream flaky.
+    let r = client
+        .send(
+            "GET",
+            &proxy.url("/broken"),
+            &[("x-test-status", "502")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        client
+            .send("GET", &proxy.url("/broken"), &[], Bytes::new())
+            .await
+            .code(),
+        "upstream_circuit_open"
+    );
+
+    // A slow request on the old routing keeps going through the reload.
+    let slow = {
+        let (client, url) = (client.clone(), proxy.url("/api/slow"));
+        tokio::spawn(async move {
+            client
+                .send("GET", &url, &[("x-test-delay-ms", "400")], Bytes::new())
+                .await
+        })
+    };
+    eventually(Duration::from_secs(5), "slow request at a", || async {
+        a.hits() == 2
+    })
+    .await;
+    write(
+        &b,
+        "  - { name: extra, match: { path_prefix: /extra }, upstream: b }\n",
+    );
+    assert_eq!(reload().await.status, 200);
+    assert_eq!(
+        slow.await.unwrap().status,
+        201,
+        "in flight across the reload"
+    );
+    client
+        .send("GET", &proxy.url("/api/new"), &[], Bytes::new())
+        .await;
+    assert_eq!(b.hits(), 1, "new requests follow the new routes");
+    assert_eq!(
+        client
+            .send("GET", &proxy.url("/extra"), &[], Bytes::new())
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        client
+            .send("GET", &proxy.url("/broken"), &[], Bytes::new())
+            .await
+            .code(),
+        "upstream_circuit_open",
+        "breaker state kept for the unchanged upstream"
+    );
+
+    std::fs::write(
+        &path,
+        "routes: [ { name: x, match: { path: /x }, upstream: nowhere } ]\n",
+    )
+    .unwrap();
+    let refused = reload().await;
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.json()["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("routes[0].upstream"),
+        "{:?}",
+        refused.json()
+    );
+    assert_eq!(
+        client
+            .send("GET", &proxy.url("/extra"), &[], Bytes::new())
+            .await
+            .status,
+        201,
+        "the old config stays"
+    );
+}
