@@ -137,7 +137,7 @@ impl Admin {
         match self.proxy.reload_from(path) {
             Ok(()) => Ok(json_response(StatusCode::OK, &json!({ "reloaded": true }))),
             Err(errors) => {
-                let list: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                let list = errors;
                 Err(Problem::new(
                     Code::BadRequest,
                     "the configuration is invalid; the running one stays",

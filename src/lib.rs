@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -13,6 +13,8 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    // One crypto provider for the whole process (see ARCHITECTURE.md).
+    idemgate::tls::install_provider();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = match cli.command {
         Command::Check(args) => return check(&args.config),

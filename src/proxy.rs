@@ -11,12 +11,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
-use crate::config::{Config, ConfigErrors, OnUnavailable, Route};
+use crate::config::{Config, OnUnavailable, Route};
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
+use crate::tls::TlsError;
 use crate::upstream::{SendError, Upstream, failed_status};
 
 /// Everything a request needs, built from the validated config.
@@ -28,8 +29,9 @@ pub struct Proxy {
     pub exchanges: TaskTracker,
     /// Keys of the running exchanges, for the shutdown log.
     pub running: Arc<crate::exchange::Running>,
-    /// Whether the listener terminates TLS (for `X-Forwarded-Proto`).
-    pub tls: bool,
+    /// The listener's TLS acceptor when it terminates TLS; certificates
+    /// are re-read on reload.
+    pub tls: Option<ArcSwap<tokio_rustls::TlsAcceptor>>,
     pub on_unavailable: OnUnavailable,
     pub metrics: Arc<Metrics>,
 }
@@ -44,22 +46,22 @@ pub struct Routing {
 impl Routing {
     /// Builds routing for `config`, keeping the upstreams (pools, breaker
     /// state) of `previous` whose settings did not change.
-    fn new(config: &Config, previous: Option<&Routing>) -> Routing {
+    fn new(config: &Config, previous: Option<&Routing>) -> Result<Routing, TlsError> {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
-                previous
-                    .and_then(|p| p.upstreams.iter().find(|old| old.config == *u))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Upstream::new(u)))
-            })
-            .collect();
-        Routing {
+            .map(
+                |u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.config == *u)) {
+                    Some(kept) => Ok(kept.clone()),
+                    None => Upstream::new(u).map(Arc::new),
+                },
+            )
+            .collect::<Result<_, _>>()?;
+        Ok(Routing {
             config: Arc::new(config.clone()),
             routes: RouteTable::new(&config.routes),
             upstreams,
-        }
+        })
     }
 
     pub fn upstream(&self, name: &str) -> Arc<Upstream> {
@@ -83,32 +85,45 @@ pub struct Ctx {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, store: Arc<Store>, metrics: Arc<Metrics>) -> Proxy {
-        Proxy {
-            routing: ArcSwap::from_pointee(Routing::new(config, None)),
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Proxy, TlsError> {
+        Ok(Proxy {
+            routing: ArcSwap::from_pointee(Routing::new(config, None)?),
             store,
             exchanges: TaskTracker::new(),
             running: Default::default(),
-            tls: config.listen.tls.is_some(),
+            tls: match &config.listen.tls {
+                Some(files) => Some(ArcSwap::from_pointee(
+                    crate::tls::server_config(files)?.into(),
+                )),
+                None => None,
+            },
             on_unavailable: config.store.on_unavailable,
             metrics,
-        }
+        })
     }
 
     pub fn routing(&self) -> Arc<Routing> {
         self.routing.load_full()
     }
 
-    /// Swaps routes and upstreams for new requests; requests in flight keep
-    /// the routing they started with. Listener and store changes need a restart.
-    pub fn reload(&self, config: &Config) {
+    /// Swaps routes, upstreams and the listener's certificates for new
+    /// requests; requests in flight keep the routing they started with.
+    /// Listen address and store changes need a restart.
+    pub fn reload(&self, config: &Config) -> Result<(), TlsError> {
         let old = self.routing.load_full();
         if config.store.backend != old.config.store.backend
             || config.listen.address != old.config.listen.address
         {
             tracing::warn!("reload: listen and store settings take effect only after a restart");
         }
-        let routing = Routing::new(config, Some(&old));
+        let routing = Routing::new(config, Some(&old))?;
+        if let (Some(acceptor), Some(files)) = (&self.tls, &config.listen.tls) {
+            acceptor.store(Arc::new(crate::tls::server_config(files)?.into()));
+        }
         let kept = routing
             .upstreams
             .iter()
@@ -121,24 +136,24 @@ impl Proxy {
             upstreams_kept = kept,
             "configuration reloaded"
         );
+        Ok(())
     }
 
     /// Reads, validates and applies a configuration file; an invalid one
     /// changes nothing and its errors are logged and returned.
-    pub fn reload_from(&self, path: &std::path::Path) -> Result<(), ConfigErrors> {
-        match Config::load(path) {
-            Ok(config) => {
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<(), Vec<String>> {
+        let result = Config::load(path)
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
+            .and_then(|config| {
                 for warning in &config.warnings {
                     tracing::warn!(warning = %warning, "configuration");
                 }
-                self.reload(&config);
-                Ok(())
-            }
-            Err(errors) => {
-                tracing::error!(errors = %errors, "reload rejected; the running configuration stays");
-                Err(errors)
-            }
+                self.reload(&config).map_err(|e| vec![e.to_string()])
+            });
+        if let Err(errors) = &result {
+            tracing::error!(errors = ?errors, "reload rejected; the running configuration stays");
         }
+        result
     }
 
     /// match route → pass through, or protect (key, fingerprint, claim,
@@ -267,7 +282,7 @@ impl Proxy {
         headers::forward_headers(
             &mut parts.headers,
             ctx.peer,
-            self.tls,
+            self.tls.is_some(),
             &upstream.authority,
             &ctx.ids,
             budget.as_millis() as u64,

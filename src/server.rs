@@ -30,6 +30,8 @@ pub enum RunError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot bind the admin listener {0}: {1}")]
     AdminBind(std::net::SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The bound sockets: the proxy's, and the admin API's when configured.
@@ -80,7 +82,7 @@ pub async fn serve(
     }
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::open(&config.store, metrics.clone())?);
-    let proxy = Arc::new(Proxy::new(&config, store, metrics));
+    let proxy = Arc::new(Proxy::new(&config, store, metrics)?);
     if let Some(path) = &config_path {
         tokio::spawn(reload_on_sighup(proxy.clone(), path.clone()));
     }
@@ -110,14 +112,18 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
-                let service = service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
-                });
-                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(error = %error, "connection ended with an error");
+                    match &proxy.tls {
+                        None => serve_connection(stream, peer, proxy.clone(), &builder, watcher).await,
+                        Some(acceptor) => {
+                            let acceptor = acceptor.load_full();
+                            match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => serve_connection(tls, peer, proxy.clone(), &builder, watcher).await,
+                                Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        }
                     }
                 });
             }
@@ -130,6 +136,26 @@ pub async fn serve(
         task.abort();
     }
     Ok(())
+}
+
+/// One client connection (plain or TLS) into `Proxy::handle`, drained on shutdown.
+async fn serve_connection<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
+    });
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(error = %error, "connection ended with an error");
+    }
 }
 
 fn connection_builder() -> auto::Builder<TokioExecutor> {

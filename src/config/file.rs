@@ -59,6 +59,8 @@ pub struct StoreFile {
     pub op_timeout: Option<Text>,
     pub on_unavailable: Option<Text>,
     pub max_records: Option<u64>,
+    /// For `rediss://`: a custom CA and an optional client certificate.
+    pub tls: Option<UpstreamTlsFile>,
 }
 
 #[derive(Debug, Deserialize)]

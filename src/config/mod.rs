@@ -58,6 +58,8 @@ pub struct StoreConfig {
     pub on_unavailable: OnUnavailable,
     /// Upper bound on records held by the memory store.
     pub max_records: u64,
+    /// Custom CA / client certificate for `rediss://`.
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -20,6 +20,11 @@ pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let file: FileConfig = serde_saphyr::from_str(text).map_err(parse_error)?;
     let mut c = Check::new(env);
     let config = build(&mut c, &file);
+    if let Some(config) = &config
+        && c.errors.is_empty()
+    {
+        check_tls_files(&mut c, config);
+    }
     let mut errors = c.errors;
     // Defaults are merged into every route, so one bad default would be
     // reported once per route: keep the first of each.
@@ -180,6 +185,7 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
             op_timeout: Duration::from_millis(250),
             on_unavailable: OnUnavailable::Reject,
             max_records: 1_000_000,
+            tls: None,
         });
     };
     let kind = match &store.backend {
@@ -237,6 +243,7 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         op_timeout: op_timeout?,
         on_unavailable: on_unavailable?,
         max_records: store.max_records.unwrap_or(1_000_000).max(1),
+        tls: store.tls.as_ref().map(|t| tls_paths(c, "store", t)),
     })
 }
 
@@ -325,18 +332,7 @@ fn build_upstream(c: &mut Check, name: &str, u: &UpstreamFile) -> Option<Upstrea
             }
         },
     };
-    let tls = u.tls.as_ref().map(|t| {
-        let mut file = |field: &str, v: &Option<Text>| {
-            v.as_ref()
-                .and_then(|v| c.text(&format!("{path}.tls.{field}"), v))
-                .map(PathBuf::from)
-        };
-        UpstreamTls {
-            ca_file: file("ca_file", &t.ca_file),
-            client_cert_file: file("client_cert_file", &t.client_cert_file),
-            client_key_file: file("client_key_file", &t.client_key_file),
-        }
-    });
+    let tls = u.tls.as_ref().map(|t| tls_paths(c, &path, t));
     let (scheme, authority, base_path) = parts?;
     Some(UpstreamConfig {
         name: name.to_owned(),
@@ -348,6 +344,60 @@ fn build_upstream(c: &mut Check, name: &str, u: &UpstreamFile) -> Option<Upstrea
         circuit_breaker: circuit_breaker?,
         tls,
     })
+}
+
+fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> UpstreamTls {
+    let mut file = |field: &str, v: &Option<Text>| {
+        v.as_ref()
+            .and_then(|v| c.text(&format!("{at}.tls.{field}"), v))
+            .map(PathBuf::from)
+    };
+    let tls = UpstreamTls {
+        ca_file: file("ca_file", &t.ca_file),
+        client_cert_file: file("client_cert_file", &t.client_cert_file),
+        client_key_file: file("client_key_file", &t.client_key_file),
+    };
+    if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+        c.fail(
+            &format!("{at}.tls"),
+            None,
+            "client_cert_file and client_key_file go together",
+            "set both for mutual TLS, or neither",
+        );
+    }
+    tls
+}
+
+/// Reads and parses every TLS file the configuration names, so that
+/// `check` fails on a missing or bad PEM file without starting anything.
+fn check_tls_files(c: &mut Check, config: &Config) {
+    let hint = "point it at a readable PEM file";
+    if let Some(files) = &config.listen.tls
+        && let Err(e) = crate::tls::server_config(files)
+    {
+        c.fail("listen.tls", None, e.to_string(), hint);
+    }
+    for upstream in &config.upstreams {
+        if let Some(tls) = &upstream.tls
+            && let Err(e) = crate::tls::client_config(Some(tls))
+        {
+            c.fail(
+                &format!("upstreams.{}.tls", upstream.name),
+                None,
+                e.to_string(),
+                hint,
+            );
+        }
+    }
+    if let Some(tls) = &config.store.tls {
+        let files = [&tls.ca_file, &tls.client_cert_file].into_iter().flatten();
+        for error in files.filter_map(|f| crate::tls::load_certs(f).err()) {
+            c.fail("store.tls", None, error.to_string(), hint);
+        }
+        if let Some(Err(e)) = tls.client_key_file.as_deref().map(crate::tls::load_key) {
+            c.fail("store.tls.client_key_file", None, e.to_string(), hint);
+        }
+    }
 }
 
 fn build_route(

@@ -100,9 +100,36 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub fn new(url: &str, config: &StoreConfig) -> Result<RedisStore, StoreError> {
+        crate::tls::install_provider();
         // The error text of a bad URL may echo it, password included: keep it generic.
-        let client = redis::Client::open(url)
-            .map_err(|_| StoreError::Backend("store.url is not a valid Redis URL".into()))?;
+        let invalid = |_| StoreError::Backend("store.url is not a valid Redis URL".into());
+        let client = match &config.tls {
+            None => redis::Client::open(url).map_err(invalid)?,
+            Some(tls) => {
+                let read =
+                    |path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, StoreError> {
+                        path.as_ref()
+                            .map(|p| {
+                                std::fs::read(p).map_err(|e| {
+                                    StoreError::Backend(format!("{}: {e}", p.display()))
+                                })
+                            })
+                            .transpose()
+                    };
+                let client_tls = match (read(&tls.client_cert_file)?, read(&tls.client_key_file)?) {
+                    (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                    _ => None,
+                };
+                let certs = redis::TlsCertificates {
+                    client_tls,
+                    root_cert: read(&tls.ca_file)?,
+                };
+                redis::Client::build_with_tls(url, certs).map_err(invalid)?
+            }
+        };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.op_timeout))
             .set_response_timeout(Some(config.op_timeout))

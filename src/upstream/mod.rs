@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -31,7 +32,7 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     /// The `Host` header for the upstream.
     pub authority: HeaderValue,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     /// `max_in_flight` permits; no queueing beyond them.
     bulkhead: Arc<Semaphore>,
     pub breaker: Breaker,
@@ -71,22 +72,30 @@ pub fn failed_status(status: u16) -> bool {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Upstream {
+    /// A pooled client for `http://` or `https://` (system roots, or
+    /// `tls.ca_file`; a client certificate for mutual TLS; SNI from the URL).
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, crate::tls::TlsError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
-        connector.enforce_http(true);
+        connector.enforce_http(false);
+        let tls = crate::tls::client_config(config.tls.as_ref())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build(connector);
-        Upstream {
+        Ok(Upstream {
             authority: HeaderValue::from_str(config.authority.as_str())
                 .expect("an authority is a valid header value"),
             config: config.clone(),
             client,
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             breaker: Breaker::new(config.circuit_breaker.clone()),
-        }
+        })
     }
 
     /// Requests to this upstream right now.
@@ -140,13 +149,44 @@ impl Upstream {
     pub async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
         self.client.request(request).await.map_err(|e| {
             let detail = error_chain(&e);
-            if e.is_connect() {
+            if e.is_connect() || handshake_rejected(&e) {
                 SendError::Connect(detail)
             } else {
                 SendError::Broken(detail)
             }
         })
     }
+}
+
+/// Under TLS 1.3 a server that refuses the client's certificate says so
+/// after the client has sent its request; the server never completed the
+/// handshake, so its application never saw the request: a connect failure.
+fn handshake_rejected(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return matches!(
+                alert,
+                A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::HandshakeFailure
+                    | A::AccessDenied
+            );
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -189,7 +229,7 @@ mod tests {
                 "upstreams: {{ u: {{ url: \"{base}\" }} }}\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: u }} ]\n"
             );
             let config = Config::parse(&yaml).expect("valid");
-            let upstream = Upstream::new(&config.upstreams[0]);
+            let upstream = Upstream::new(&config.upstreams[0]).unwrap();
             assert_eq!(upstream.uri_for(&path.parse().unwrap()).to_string(), want);
         }
     }

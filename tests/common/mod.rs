@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod binary;
+pub mod certs;
 pub mod redis_server;
 pub mod upstream;
 

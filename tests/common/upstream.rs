@@ -36,6 +36,15 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start() -> TestUpstream {
+        TestUpstream::start_with(None).await
+    }
+
+    /// An HTTPS upstream with this server config.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> TestUpstream {
+        TestUpstream::start_with(Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
@@ -45,12 +54,25 @@ impl TestUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let state = state.clone();
+                let (state, tls) = (state.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| answer(state.clone(), req));
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            // A failed handshake (e.g. no client certificate) just closes.
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });

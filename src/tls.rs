@@ -1,0 +1,129 @@
+//! TLS for the listener, the upstreams and Redis: one crypto provider
+//! (ring) for the whole process, and PEM loading with errors that name the file.
+
+use std::path::Path;
+use std::sync::{Arc, Once};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::config::{TlsFiles, UpstreamTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn file_error(path: &Path, reason: impl Into<String>) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Installs ring as the process-wide default provider (the redis crate
+/// builds its own rustls configs from it). Safe to call many times.
+pub fn install_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Every certificate of a PEM file (a chain: leaf first).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no CERTIFICATE block found"));
+    }
+    Ok(certs)
+}
+
+/// The first private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| file_error(path, format!("no usable private key: {e}")))
+}
+
+/// The listener's config: certificate chain and key, ALPN h2 and http/1.1.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    install_provider();
+    let certs = load_certs(&files.cert_file)?;
+    let key = load_key(&files.key_file)?;
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            file_error(
+                &files.key_file,
+                format!("does not match the certificate: {e}"),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An upstream client config: the system roots, or `ca_file` instead;
+/// a client certificate for mutual TLS when given.
+pub fn client_config(tls: Option<&UpstreamTls>) -> Result<ClientConfig, TlsError> {
+    install_provider();
+    let mut roots = RootCertStore::empty();
+    match tls.and_then(|t| t.ca_file.as_deref()) {
+        Some(ca) => {
+            for cert in load_certs(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| file_error(ca, format!("not a usable CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let client_auth = tls.and_then(|t| {
+        Some((
+            t.client_cert_file.as_deref()?,
+            t.client_key_file.as_deref()?,
+        ))
+    });
+    // hyper-rustls sets ALPN itself (http/1.1 for upstreams).
+    let config = match client_auth {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| file_error(key, format!("does not match the client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("idemgate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not pem at all").unwrap();
+        let err = load_certs(&junk).unwrap_err().to_string();
+        assert!(err.contains("junk.pem"), "{err}");
+        let err = load_key(&dir.join("missing.key")).unwrap_err().to_string();
+        assert!(
+            err.contains("missing.key") && err.contains("cannot read"),
+            "{err}"
+        );
+    }
+}

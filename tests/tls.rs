@@ -1,0 +1,266 @@
+//! TLS everywhere (SPEC.md section 7): an HTTPS listener (h1 and h2 by
+//! ALPN), HTTPS upstreams with a custom CA and client certificates, and the
+//! gate over `rediss://`. Certificates are made per test with rcgen.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::certs::Pki;
+use common::{TestClient, TestProxy, TestUpstream};
+use http_body_util::{BodyExt, Full};
+
+fn upstream_yaml(store: &str, url: &str, tls: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\n{store}\nupstreams:\n  up: {{ url: \"{url}\", connect_timeout: 1s{tls} }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n"
+    )
+}
+
+/// An HTTPS client trusting the test CA, offering h2 or http/1.1 by ALPN.
+async fn https_get(pki: &Pki, h2: bool, url: &str) -> (http::Version, http::StatusCode) {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(pki.client_config())
+        .https_only();
+    let connector = if h2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let response = client
+        .request(http::Request::get(url).body(Full::default()).unwrap())
+        .await
+        .expect("https request");
+    let version = response.version();
+    let status = response.status();
+    response.into_body().collect().await.unwrap();
+    (version, status)
+}
+
+#[tokio::test]
+async fn https_listener_serves_http1_and_h2_by_alpn() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        upstream.addr
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let url = format!("https://localhost:{}/x", proxy.addr.port());
+    assert_eq!(
+        https_get(&pki, true, &url).await,
+        (http::Version::HTTP_2, http::StatusCode::CREATED)
+    );
+    assert_eq!(
+        https_get(&pki, false, &url).await,
+        (http::Version::HTTP_11, http::StatusCode::CREATED)
+    );
+    assert_eq!(
+        upstream.last_headers().get("x-forwarded-proto").unwrap(),
+        "https"
+    );
+}
+
+#[tokio::test]
+async fn https_upstream_with_custom_ca() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start_tls(pki.server_config(false)).await;
+    let tls = format!(", tls: {{ ca_file: \"{}\" }}", pki.ca.display());
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let proxy = TestProxy::start(&upstream_yaml("", &url, &tls)).await;
+    let client = TestClient::new();
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-tls", "{}")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-tls", "{}")
+            .await
+            .header("idempotent-replayed"),
+        Some("true")
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn mtls_upstream_rejects_a_missing_client_certificate_and_accepts_the_right_one() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start_tls(pki.server_config(true)).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let client = TestClient::new();
+
+    let without = format!(", tls: {{ ca_file: \"{}\" }}", pki.ca.display());
+    let proxy = TestProxy::start(&upstream_yaml("", &url, &without)).await;
+    for _ in 0..2 {
+        // A refused handshake is a connect failure: the key is released, never unknown.
+        let refused = client.post_key(&proxy.url("/api/o"), "k-mtls", "{}").await;
+        assert_eq!(
+            (refused.status.as_u16(), refused.code().as_str()),
+            (502, "upstream_unreachable")
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+    proxy.stop().await;
+
+    let with = format!(
+        ", tls: {{ ca_file: \"{}\", client_cert_file: \"{}\", client_key_file: \"{}\" }}",
+        pki.ca.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let proxy = TestProxy::start(&upstream_yaml("", &url, &with)).await;
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-mtls", "{}")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn wrong_ca_is_502_upstream_unreachable_and_releases_the_key() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start_tls(pki.server_config(false)).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let tls = format!(", tls: {{ ca_file: \"{}\" }}", pki.other_ca.display());
+    let proxy = TestProxy::start(&upstream_yaml("", &url, &tls)).await;
+    let client = TestClient::new();
+    for _ in 0..2 {
+        // The second attempt is not told request_in_progress or outcome_unknown: the key was released.
+        let reply = client.post_key(&proxy.url("/api/o"), "k-ca", "{}").await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code().as_str()),
+            (502, "upstream_unreachable")
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+}
+
+/// redis-server with TLS only, on a free port.
+struct TlsRedis(Child, u16);
+
+impl TlsRedis {
+    fn start(pki: &Pki) -> TlsRedis {
+        let port = common::redis_server::free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--tls-cert-file", pki.server_cert.to_str().unwrap()])
+            .args(["--tls-key-file", pki.server_key.to_str().unwrap()])
+            .args(["--tls-ca-cert-file", pki.ca.to_str().unwrap()])
+            .args(["--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install -y redis-server) is needed for this test");
+        TlsRedis(child, port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_works_over_rediss() {
+    let pki = Pki::new();
+    let redis = TlsRedis::start(&pki);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", redis.1)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "TLS redis-server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let upstream = TestUpstream::start().await;
+    let store = format!(
+        "store: {{ backend: redis, url: \"rediss://localhost:{}/0\", op_timeout: 2s, tls: {{ ca_file: \"{}\" }} }}",
+        redis.1,
+        pki.ca.display()
+    );
+    let proxy = TestProxy::start(&upstream_yaml(
+        &store,
+        &format!("http://{}", upstream.addr),
+        "",
+    ))
+    .await;
+    let client = TestClient::new();
+    let first = client
+        .post_key(&proxy.url("/api/o"), "k-rediss", "{}")
+        .await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let second = client
+        .post_key(&proxy.url("/api/o"), "k-rediss", "{}")
+        .await;
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[test]
+fn check_names_bad_pem_files() {
+    let pki = Pki::new();
+    let junk = pki.dir.path().join("junk.pem");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let cases = [
+        format!(
+            "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\n",
+            junk.display(),
+            pki.server_key.display()
+        ),
+        format!(
+            "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\n",
+            pki.server_cert.display(),
+            pki.dir.path().join("absent.key").display()
+        ),
+    ];
+    for (case, name) in cases.iter().zip(["junk.pem", "absent.key"]) {
+        let path = pki.dir.path().join("c.yaml");
+        let yaml = format!(
+            "{case}upstreams: {{ up: {{ url: \"https://localhost:1\", tls: {{ ca_file: \"{}\" }} }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n",
+            junk.display()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(name), "names {name}: {err}");
+        assert!(
+            err.contains("upstreams.up.tls") && err.contains("junk.pem"),
+            "{err}"
+        );
+    }
+}
