@@ -17,6 +17,13 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub route: String,
+    /// `2xx` .. `5xx`.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
 }
@@ -39,6 +46,7 @@ fn latency() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    pub responses: Family<ResponseLabels, Counter>,
     pub upstream_latency: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
     pub store_latency: Family<OpLabels, Histogram, fn() -> Histogram>,
     pub store_errors: Family<OpLabels, Counter>,
@@ -60,6 +68,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("idemgate");
         let requests = Family::default();
+        let responses = Family::default();
         let upstream_latency = Family::new_with_constructor(latency as fn() -> Histogram);
         let store_latency = Family::new_with_constructor(latency as fn() -> Histogram);
         let store_errors = Family::default();
@@ -73,6 +82,11 @@ impl Metrics {
             "requests",
             "Requests by route, method and outcome",
             requests.clone(),
+        );
+        registry.register(
+            "responses",
+            "Responses to clients by route and status class (2xx..5xx), replays included",
+            responses.clone(),
         );
         registry.register(
             "upstream_latency_seconds",
@@ -122,6 +136,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            responses,
             upstream_latency,
             store_latency,
             store_errors,
@@ -140,6 +155,22 @@ impl Metrics {
                 route: route.to_owned(),
                 method: method_label(method).to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn response(&self, route: &str, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.responses
+            .get_or_create(&ResponseLabels {
+                route: route.to_owned(),
+                class: class.to_owned(),
             })
             .inc();
     }

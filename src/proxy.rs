@@ -184,13 +184,14 @@ impl Proxy {
             .headers_mut()
             .insert(&X_REQUEST_ID, ctx.ids.request_id.clone());
         log_request(&ctx, &method, &path, response.status().as_u16());
-        self.count(&ctx, &method);
+        self.count(&ctx, &method, response.status().as_u16());
         response
     }
 
-    fn count(&self, ctx: &Ctx, method: &http::Method) {
+    fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
         self.metrics.request(route, method, ctx.outcome);
+        self.metrics.response(route, status);
         if let (Some(route), Some(ms)) = (&ctx.route, ctx.upstream_ms) {
             let labels = UpstreamLabels {
                 upstream: route.upstream.clone(),

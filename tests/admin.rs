@@ -322,6 +322,20 @@ async fn metrics_count_every_outcome(backend: Backend) {
         ),
         1.0
     );
+    let responses = |class: &str| {
+        sample(
+            &text,
+            "idemgate_responses_total",
+            &[("route", "orders"), ("class", class)],
+        )
+    };
+    assert_eq!(responses("5xx"), 1.0, "the 502");
+    assert_eq!(
+        responses("4xx"),
+        4.0,
+        "422, 400, 409 unknown, 409 in progress"
+    );
+    assert_eq!(responses("2xx"), 3.0, "two first answers and one replay");
     assert!(
         sample(
             &text,
