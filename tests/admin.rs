@@ -502,3 +502,38 @@ async fn readiness_follows_redis() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn late_completions_are_counted() {
+    let upstream = TestUpstream::start().await;
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up, timeouts: { response: 150ms } }";
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        config("store: { backend: memory }", upstream.addr, "", routes)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let headers = [("idempotency-key", "k-late"), ("x-test-delay-ms", "500")];
+    let first = client
+        .send("POST", &proxy.url("/api/o"), &headers, "{}")
+        .await;
+    assert_eq!(first.code(), "upstream_timeout");
+    let metrics_url = proxy.admin_url("/metrics");
+    common::eventually(
+        Duration::from_secs(5),
+        "the late completion is counted",
+        || {
+            let (client, url) = (client.clone(), metrics_url.clone());
+            async move {
+                let text = client.send("GET", &url, &[], Bytes::new()).await;
+                let text = String::from_utf8_lossy(&text.body).into_owned();
+                sample(
+                    &text,
+                    "idemgate_late_completions_total",
+                    &[("route", "orders")],
+                ) == 1.0
+            }
+        },
+    )
+    .await;
+}

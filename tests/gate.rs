@@ -537,3 +537,38 @@ both_stores!(
     scopes_keep_callers_apart,
     forwarded_request_carries_key_budget_and_forwarding_headers,
 );
+
+/// Raw request bytes to the proxy; returns the first bytes of its answer (within 15 s).
+async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut out)).await;
+    let n = read.expect("an answer").unwrap();
+    String::from_utf8_lossy(&out[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn declared_content_length_over_the_limit_is_413_before_reading() {
+    let s = Setup::new(Backend::memory(), "max_request_body: 1KiB", "").await;
+    // The body is never sent: the answer must not wait for it.
+    let head = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-cl\r\ncontent-length: 1000000\r\n\r\n";
+    let answer = raw_exchange(s.proxy.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("request_too_large"));
+    assert_eq!(s.upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_stalled_protected_body_is_408_and_nothing_is_claimed() {
+    let s = Setup::new(Backend::memory(), "", "").await;
+    let head = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-stall\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":";
+    // The body stalls for the spec's 10 s.
+    let answer = raw_exchange(s.proxy.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"));
+    assert_eq!(s.upstream.hits(), 0);
+    // Nothing was claimed: the same key goes through.
+    assert_eq!(s.post("k-stall", "{\"a\":1234}", &[]).await.status, 201);
+}

@@ -264,3 +264,46 @@ fn check_names_bad_pem_files() {
         );
     }
 }
+
+#[tokio::test]
+async fn listener_certificates_are_re_read_on_reload() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    let install = |pki: &Pki| {
+        std::fs::copy(&pki.server_cert, &cert).unwrap();
+        std::fs::copy(&pki.server_key, &key).unwrap();
+    };
+    install(&old);
+    let path = dir.path().join("idemgate.yaml");
+    let yaml = format!(
+        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nadmin: {{ listen: 127.0.0.1:0, token: t }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
+        cert.display(),
+        key.display(),
+        upstream.addr
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = TestProxy::start_file(&path).await;
+    let url = format!("https://localhost:{}/x", proxy.addr.port());
+    assert_eq!(
+        https_get(&old, false, &url).await.1,
+        http::StatusCode::CREATED
+    );
+    install(&new);
+    let reload = TestClient::new()
+        .send(
+            "POST",
+            &proxy.admin_url("/reload"),
+            &[("authorization", "Bearer t")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reload.status, 200);
+    assert_eq!(
+        https_get(&new, false, &url).await.1,
+        http::StatusCode::CREATED,
+        "the new certificate is served"
+    );
+}
