@@ -67,11 +67,8 @@ impl Store {
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
         let kind = match &config.backend {
             Backend::Memory => Kind::Memory(MemoryStore::new(config)),
-            Backend::Redis { url } => Kind::Redis(Box::new(RedisStore::new(url, config)?)),
-            Backend::Cluster { .. } => {
-                return Err(StoreError::Backend(
-                    "Redis Cluster is not supported yet; use store.url".into(),
-                ));
+            Backend::Redis { .. } | Backend::Cluster { .. } => {
+                Kind::Redis(Box::new(RedisStore::new(config)?))
             }
         };
         Ok(Store { kind, metrics })

@@ -1,15 +1,18 @@
 //! The Redis store: one Lua script per transition, times from Redis `TIME`,
 //! records expiring by Redis TTL, every call bounded by `op_timeout`.
+//! Standalone Redis or Redis Cluster (`link.rs`): a record is one hash
+//! whose key carries a hash tag, so every script touches one slot.
+
+mod link;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::memory::millis;
 use super::{ClaimReply, ClaimRequest, StoreError};
-use crate::config::{OnUnknown, StoreConfig};
+use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::decide;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, decode_headers, encode_headers};
@@ -88,7 +91,7 @@ return 1
 ";
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: link::Link,
     prefix: String,
     op_timeout: Duration,
     claim: Script,
@@ -99,45 +102,26 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    pub fn new(url: &str, config: &StoreConfig) -> Result<RedisStore, StoreError> {
+    pub fn new(config: &StoreConfig) -> Result<RedisStore, StoreError> {
         crate::tls::install_provider();
-        // The error text of a bad URL may echo it, password included: keep it generic.
-        let invalid = |_| StoreError::Backend("store.url is not a valid Redis URL".into());
-        let client = match &config.tls {
-            None => redis::Client::open(url).map_err(invalid)?,
-            Some(tls) => {
-                let read =
-                    |path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, StoreError> {
-                        path.as_ref()
-                            .map(|p| {
-                                std::fs::read(p).map_err(|e| {
-                                    StoreError::Backend(format!("{}: {e}", p.display()))
-                                })
-                            })
-                            .transpose()
-                    };
-                let client_tls = match (read(&tls.client_cert_file)?, read(&tls.client_key_file)?) {
-                    (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }),
-                    _ => None,
+        let certs = tls_certificates(config)?;
+        let link = match &config.backend {
+            Backend::Redis { url } => {
+                // The error text of a bad URL may echo it, password included: keep it generic.
+                let invalid = |_| StoreError::Backend("store.url is not a valid Redis URL".into());
+                let client = match certs {
+                    None => redis::Client::open(url.as_str()).map_err(invalid)?,
+                    Some(certs) => {
+                        redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)?
+                    }
                 };
-                let certs = redis::TlsCertificates {
-                    client_tls,
-                    root_cert: read(&tls.ca_file)?,
-                };
-                redis::Client::build_with_tls(url, certs).map_err(invalid)?
+                link::Link::single(client, config.op_timeout)?
             }
+            Backend::Cluster { urls } => link::Link::cluster(urls, certs, config.op_timeout)?,
+            Backend::Memory => return Err(StoreError::Backend("not a Redis backend".into())),
         };
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.op_timeout))
-            .set_response_timeout(Some(config.op_timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
         Ok(RedisStore {
-            conn,
+            link,
             prefix: config.key_prefix.clone(),
             op_timeout: config.op_timeout,
             claim: Script::new(CLAIM),
@@ -148,8 +132,13 @@ impl RedisStore {
         })
     }
 
+    /// The connection for one call, bounded by `op_timeout` like the call itself.
+    async fn conn(&self) -> Result<link::Handle, StoreError> {
+        self.bounded(self.link.handle()).await
+    }
+
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut call = self.claim.key(req.key.encode(&self.prefix));
         call.arg(req.fingerprint)
             .arg(req.token)
@@ -178,7 +167,7 @@ impl RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut call = self.complete.key(key.encode(&self.prefix));
         call.arg(token)
             .arg(response.status)
@@ -205,7 +194,7 @@ impl RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut call = self.resolve.key(key.encode(&self.prefix));
         call.arg(response.status)
             .arg(encode_headers(&response.headers))
@@ -217,46 +206,38 @@ impl RedisStore {
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let fields: Vec<Vec<u8>> = self.bounded(conn.hgetall(key.encode(&self.prefix))).await?;
         parse_record(&fields)
     }
 
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let removed: u64 = self.bounded(conn.del(key.encode(&self.prefix))).await?;
         Ok(removed > 0)
     }
 
-    /// SCANs the record keys (of one route) and reads each one.
+    /// SCANs the record keys (of one route) on every master and reads each one.
     pub async fn records(
         &self,
         route: Option<&str>,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let pattern = format!(
             "{}{{{}:*",
             glob_escape(&self.prefix),
             route.map_or("*".to_owned(), glob_escape)
         );
-        let mut cursor = 0u64;
         let mut names = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(500)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            names.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
+        for node in self.bounded(conn.scan_targets()).await? {
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch) = self.bounded(conn.scan(&node, cursor, &pattern)).await?;
+                names.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
         let mut out = Vec::new();
@@ -272,7 +253,7 @@ impl RedisStore {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: String = self
             .bounded(redis::cmd("PING").query_async(&mut conn))
             .await?;
@@ -285,7 +266,7 @@ impl RedisStore {
         key: &StorageKey,
         token: &str,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut call = script.key(key.encode(&self.prefix));
         call.arg(token);
         let done: u8 = self.bounded(call.invoke_async(&mut conn)).await?;
@@ -302,6 +283,31 @@ impl RedisStore {
             Err(_) => Err(StoreError::Timeout),
         }
     }
+}
+
+/// `store.tls` as the redis crate wants it (PEM bytes), if set.
+fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let read = |path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, StoreError> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| StoreError::Backend(format!("{}: {e}", p.display())))
+            })
+            .transpose()
+    };
+    let client_tls = match (read(&tls.client_cert_file)?, read(&tls.client_key_file)?) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert: read(&tls.ca_file)?,
+    }))
 }
 
 fn glob_escape(text: &str) -> String {

@@ -1,0 +1,181 @@
+//! The connection to Redis: one standalone server (a reconnecting
+//! `ConnectionManager`) or a Redis Cluster (`ClusterConnection`, made on
+//! first use and kept), behind one `ConnectionLike` handle.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
+use tokio::sync::OnceCell;
+
+use crate::store::StoreError;
+
+pub enum Link {
+    Single(ConnectionManager),
+    Cluster {
+        client: ClusterClient,
+        conn: OnceCell<ClusterConnection>,
+    },
+}
+
+/// A cheap clone of the connection for one call.
+#[derive(Clone)]
+pub enum Handle {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Link {
+    /// Connects lazily: the proxy starts (and answers per `on_unavailable`)
+    /// while Redis is down.
+    pub fn single(client: redis::Client, op_timeout: Duration) -> Result<Link, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(op_timeout))
+            .set_response_timeout(Some(op_timeout))
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_lazy_with_config(client, config)
+            .map(Link::Single)
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    pub fn cluster(
+        urls: &[String],
+        tls: Option<TlsCertificates>,
+        op_timeout: Duration,
+    ) -> Result<Link, StoreError> {
+        let mut builder = ClusterClient::builder(urls.to_vec())
+            .connection_timeout(op_timeout)
+            .response_timeout(op_timeout);
+        if let Some(certs) = tls {
+            builder = builder.certs(certs);
+        }
+        // The error text of a bad URL may echo it, password included: keep it generic.
+        let client = builder
+            .build()
+            .map_err(|_| StoreError::Backend("store.cluster holds an invalid Redis URL".into()))?;
+        Ok(Link::Cluster {
+            client,
+            conn: OnceCell::new(),
+        })
+    }
+
+    /// The connection for one call (the cluster's is made on first use).
+    pub async fn handle(&self) -> redis::RedisResult<Handle> {
+        match self {
+            Link::Single(conn) => Ok(Handle::Single(conn.clone())),
+            Link::Cluster { client, conn } => {
+                let conn = conn
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                Ok(Handle::Cluster(conn.clone()))
+            }
+        }
+    }
+}
+
+impl Handle {
+    /// The `host:port` of every master to SCAN (one address for a standalone server).
+    pub async fn scan_targets(&mut self) -> redis::RedisResult<Vec<Option<(String, u16)>>> {
+        match self {
+            Handle::Single(_) => Ok(vec![None]),
+            Handle::Cluster(conn) => {
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+                Ok(masters(&nodes).into_iter().map(Some).collect())
+            }
+        }
+    }
+
+    /// One SCAN step on one node.
+    pub async fn scan(
+        &mut self,
+        node: &Option<(String, u16)>,
+        cursor: u64,
+        pattern: &str,
+    ) -> redis::RedisResult<(u64, Vec<String>)> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500);
+        match (self, node) {
+            (Handle::Cluster(conn), Some((host, port))) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let value = conn.route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+            (handle, _) => cmd.query_async(handle).await,
+        }
+    }
+}
+
+/// Masters from `CLUSTER NODES` lines: `<id> <ip:port@cport> <flags> ...`.
+fn masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            let (host, port) = address.split('@').next()?.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+impl ConnectionLike for Handle {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Handle::Single(c) => c.req_packed_command(cmd),
+            Handle::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Handle::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Handle::Single(c) => c.get_db(),
+            Handle::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masters_are_read_from_cluster_nodes() {
+        let nodes = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                     b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
+                     c3 127.0.0.1:7003@17003 slave a1 0 0 1 connected\n\
+                     d4 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected\n";
+        assert_eq!(
+            masters(nodes),
+            vec![
+                ("127.0.0.1".to_owned(), 7000),
+                ("127.0.0.1".to_owned(), 7001)
+            ]
+        );
+    }
+}

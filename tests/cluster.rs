@@ -1,0 +1,89 @@
+//! The gate on a real three-master Redis Cluster: scripts routed by the
+//! record's hash tag, duplicates reaching the upstream once, and listings
+//! that SCAN every master.
+
+mod common;
+
+use bytes::Bytes;
+use common::redis_server::RedisCluster;
+use common::{TestClient, TestProxy, TestUpstream, config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_works_on_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let upstream = TestUpstream::start().await;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 1s }}",
+        urls.join(", ")
+    );
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { concurrent: wait } }";
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        config(&store, upstream.addr, "", routes)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+
+    // Keys that hash to different slots, hence different masters.
+    for i in 0..20 {
+        let key = format!("k-{i}");
+        assert_eq!(
+            client
+                .post_key(&proxy.url("/api/o"), &key, "{}")
+                .await
+                .status,
+            201
+        );
+        let replay = client.post_key(&proxy.url("/api/o"), &key, "{}").await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    }
+    assert_eq!(upstream.hits(), 20);
+
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let (client, url) = (client.clone(), proxy.url("/api/o"));
+        tasks.push(tokio::spawn(async move {
+            let headers = [("idempotency-key", "k-dup"), ("x-test-delay-ms", "300")];
+            client.send("POST", &url, &headers, "{}").await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 201);
+    }
+    assert_eq!(upstream.hits(), 21, "30 duplicates, one execution");
+
+    let failed = client
+        .send(
+            "POST",
+            &proxy.url("/api/o"),
+            &[("idempotency-key", "k-lost"), ("x-test-reset", "1")],
+            "{}",
+        )
+        .await;
+    assert_eq!(failed.code(), "upstream_failed");
+    let unknown = client
+        .send(
+            "GET",
+            &proxy.admin_url("/keys?state=unknown"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .json();
+    assert_eq!(unknown.as_array().unwrap().len(), 1, "{unknown}");
+    let all = client
+        .send(
+            "GET",
+            &proxy.admin_url("/keys?route=orders"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .json();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        22,
+        "SCAN covers every master"
+    );
+}
