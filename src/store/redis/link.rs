@@ -15,10 +15,14 @@ use crate::store::StoreError;
 
 pub enum Link {
     Single(ConnectionManager),
-    Cluster {
-        client: ClusterClient,
-        conn: OnceCell<ClusterConnection>,
-    },
+    Cluster(Box<ClusterLink>),
+}
+
+pub struct ClusterLink {
+    client: ClusterClient,
+    /// Made on first use; the cluster connection then follows slot moves
+    /// and reconnects by itself.
+    conn: OnceCell<ClusterConnection>,
 }
 
 /// A cheap clone of the connection for one call.
@@ -56,19 +60,20 @@ impl Link {
         let client = builder
             .build()
             .map_err(|_| StoreError::Backend("store.cluster holds an invalid Redis URL".into()))?;
-        Ok(Link::Cluster {
+        Ok(Link::Cluster(Box::new(ClusterLink {
             client,
             conn: OnceCell::new(),
-        })
+        })))
     }
 
     /// The connection for one call (the cluster's is made on first use).
     pub async fn handle(&self) -> redis::RedisResult<Handle> {
         match self {
             Link::Single(conn) => Ok(Handle::Single(conn.clone())),
-            Link::Cluster { client, conn } => {
-                let conn = conn
-                    .get_or_try_init(|| client.get_async_connection())
+            Link::Cluster(cluster) => {
+                let conn = cluster
+                    .conn
+                    .get_or_try_init(|| cluster.client.get_async_connection())
                     .await?;
                 Ok(Handle::Cluster(conn.clone()))
             }
