@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestClient, TestProxy, TestUpstream, config, eventually};
+use common::{Backend, TestClient, TestProxy, TestUpstream, config, eventually, resend_until};
 
 /// A proxy with one protected route `/api` (settings in `idempotency`,
 /// YAML flow mapping entries) in front of a fresh upstream.
@@ -264,14 +264,13 @@ async fn late_completion_after_504_is_replayed(backend: Backend) {
         s.upstream.answered() == 1
     })
     .await;
-    let mut retry = s.post("k-late", "{}", &[]).await;
-    for _ in 0..50 {
-        if retry.status != 409 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = s.post("k-late", "{}", &[]).await;
-    }
+    // Until the record lands, a retry is told request_in_progress.
+    let retry = resend_until(
+        Duration::from_secs(5),
+        || s.post("k-late", "{}", &[]),
+        |r| r.status != 409,
+    )
+    .await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(s.upstream.hits(), 1);
@@ -294,14 +293,13 @@ async fn client_disconnect_still_recorded(backend: Backend) {
         s.upstream.answered() == 1
     })
     .await;
-    let mut retry = s.post("k-gone", "{}", &[]).await;
-    for _ in 0..50 {
-        if retry.status != 409 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = s.post("k-gone", "{}", &[]).await;
-    }
+    // Until the record lands, a retry is told request_in_progress.
+    let retry = resend_until(
+        Duration::from_secs(5),
+        || s.post("k-gone", "{}", &[]),
+        |r| r.status != 409,
+    )
+    .await;
     assert_eq!(retry.status, 201);
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(s.upstream.hits(), 1);

@@ -124,19 +124,17 @@ async fn store_killed_mid_flight_still_answers_then_fails_closed_then_recovers()
     );
 
     redis.restart().await;
-    let mut status = 0;
-    for _ in 0..100 {
-        status = client
-            .post_key(&proxy.url("/api/o"), "k-after", "{}")
-            .await
-            .status
-            .as_u16();
-        if status == 201 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 201, "the connection recovers without a restart");
+    let url = proxy.url("/api/o");
+    let reply = common::resend_until(
+        Duration::from_secs(5),
+        || client.post_key(&url, "k-after", "{}"),
+        |r| r.status == 201,
+    )
+    .await;
+    assert_eq!(
+        reply.status, 201,
+        "the connection recovers without a restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ mod file;
 mod validate;
 mod validate_match;
 mod validate_policy;
+mod validate_upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

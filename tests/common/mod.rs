@@ -257,6 +257,27 @@ impl TestClient {
     }
 }
 
+/// Sends with `send` until `done` holds for the reply (every 20 ms, at most
+/// `limit`); returns the last reply for the caller's assertions.
+pub async fn resend_until<F, Fut>(
+    limit: Duration,
+    mut send: F,
+    done: impl Fn(&Reply) -> bool,
+) -> Reply
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Reply>,
+{
+    let start = Instant::now();
+    loop {
+        let reply = send().await;
+        if done(&reply) || start.elapsed() >= limit {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `check` until it returns true, failing after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where

@@ -4,25 +4,18 @@
 
 use std::sync::Arc;
 
+mod keys;
+
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::body::{self, ProxyBody};
-use crate::config::Route;
-use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::StoredResponse;
-use crate::keys::{is_unknown, record_json};
 use crate::metrics::UpstreamLabels;
 use crate::problem::{Code, Problem};
 use crate::proxy::Proxy;
-use crate::store::memory::now_ms;
 use crate::upstream::breaker::State as CircuitState;
-
-/// The largest body a `PUT /keys/...` may carry.
-const MAX_ADMIN_BODY: u64 = 16 * 1024 * 1024;
 
 pub struct Admin {
     pub proxy: Arc<Proxy>,
@@ -146,228 +139,6 @@ impl Admin {
             }
         }
     }
-
-    async fn list(&self, query: &str) -> Result<Response<ProxyBody>, Problem> {
-        let state = param(query, "state");
-        let route = param(query, "route");
-        let config = self.proxy.routing().config.clone();
-        let now = now_ms();
-        let records = self
-            .proxy
-            .store
-            .records(route.as_deref())
-            .await
-            .map_err(store_problem)?;
-        let list: Vec<_> = records
-            .iter()
-            .filter(|(k, r)| match state.as_deref() {
-                None => true,
-                Some("unknown") => is_unknown(&config, k, r, now),
-                Some(s) => r.state.as_str() == s,
-            })
-            .map(|(k, r)| record_json(k, r))
-            .collect();
-        Ok(json_response(StatusCode::OK, &json!(list)))
-    }
-
-    async fn get(
-        &self,
-        route: &str,
-        key: &str,
-        scope: Option<String>,
-    ) -> Result<Response<ProxyBody>, Problem> {
-        let found = self.find(route, key, scope.as_deref()).await?;
-        let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
-        let body = if scope.is_some() {
-            list[0].clone()
-        } else {
-            json!(list)
-        };
-        Ok(json_response(StatusCode::OK, &body))
-    }
-
-    async fn purge(
-        &self,
-        route: &str,
-        key: &str,
-        scope: Option<String>,
-    ) -> Result<Response<ProxyBody>, Problem> {
-        let found = self.find(route, key, scope.as_deref()).await?;
-        for (k, _) in &found {
-            self.proxy.store.purge(k).await.map_err(store_problem)?;
-            tracing::info!(route = %k.route, scope = %k.scope, key = %k.key, "record purged by an operator");
-        }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({ "purged": found.len() }),
-        ))
-    }
-
-    async fn put(
-        &self,
-        route: &str,
-        key: &str,
-        scope: Option<String>,
-        body: Incoming,
-    ) -> Result<Response<ProxyBody>, Problem> {
-        let Some(scope) = scope else {
-            return Err(Problem::new(
-                Code::BadRequest,
-                "PUT needs ?scope=HEX (see GET /keys/{route}/{key})",
-            ));
-        };
-        let route_config = self.route(route)?;
-        let bytes = body::read_limited(body, MAX_ADMIN_BODY, body::BODY_STALL)
-            .await
-            .map_err(|_| Problem::new(Code::BadRequest, "the body could not be read"))?;
-        let response = manual_response(&bytes)?;
-        let ttl = route_config
-            .idempotency
-            .as_ref()
-            .map_or(std::time::Duration::from_secs(86_400), |p| p.ttl);
-        let storage_key = StorageKey {
-            route: route.to_owned(),
-            scope,
-            key: key.to_owned(),
-        };
-        if !self
-            .proxy
-            .store
-            .resolve(&storage_key, &response, ttl)
-            .await
-            .map_err(store_problem)?
-        {
-            return Err(Problem::new(
-                Code::NotFound,
-                "no record for this route, scope and key",
-            ));
-        }
-        tracing::info!(
-            route,
-            key,
-            status = response.status,
-            "response recorded by an operator"
-        );
-        let record = self
-            .proxy
-            .store
-            .get(&storage_key)
-            .await
-            .map_err(store_problem)?;
-        let body = record.map_or(json!(null), |r| record_json(&storage_key, &r));
-        Ok(json_response(StatusCode::OK, &body))
-    }
-
-    fn route(&self, name: &str) -> Result<Arc<Route>, Problem> {
-        let routing = self.proxy.routing();
-        let route = routing
-            .config
-            .routes
-            .iter()
-            .find(|r| r.name == name)
-            .cloned();
-        route
-            .map(Arc::new)
-            .ok_or_else(|| Problem::new(Code::NotFound, format!("no route named {name:?}")))
-    }
-
-    async fn find(
-        &self,
-        route: &str,
-        key: &str,
-        scope: Option<&str>,
-    ) -> Result<Vec<(StorageKey, crate::idempotency::record::Record)>, Problem> {
-        self.route(route)?;
-        let found = match scope {
-            Some(scope) => {
-                let k = StorageKey {
-                    route: route.to_owned(),
-                    scope: scope.to_owned(),
-                    key: key.to_owned(),
-                };
-                self.proxy
-                    .store
-                    .get(&k)
-                    .await
-                    .map_err(store_problem)?
-                    .map(|r| (k, r))
-                    .into_iter()
-                    .collect()
-            }
-            None => {
-                let all = self
-                    .proxy
-                    .store
-                    .records(Some(route))
-                    .await
-                    .map_err(store_problem)?;
-                all.into_iter()
-                    .filter(|(k, _)| k.key == key)
-                    .collect::<Vec<_>>()
-            }
-        };
-        if found.is_empty() {
-            return Err(Problem::new(
-                Code::NotFound,
-                "no record for this route and key",
-            ));
-        }
-        Ok(found)
-    }
-}
-
-/// `{"status": 201, "headers": {"content-type": "..."}, "body": "..."}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ManualResponse {
-    status: u16,
-    #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    body: String,
-}
-
-fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
-    let manual: ManualResponse = serde_json::from_slice(bytes).map_err(|e| {
-        Problem::new(
-            Code::BadRequest,
-            format!("expected {{\"status\":..,\"headers\":{{..}},\"body\":\"..\"}}: {e}"),
-        )
-    })?;
-    if !(100..=599).contains(&manual.status) {
-        return Err(Problem::new(
-            Code::BadRequest,
-            "status must be between 100 and 599",
-        ));
-    }
-    let mut headers = http::HeaderMap::new();
-    for (name, value) in &manual.headers {
-        let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) else {
-            return Err(Problem::new(
-                Code::BadRequest,
-                format!("header {name:?} is not valid"),
-            ));
-        };
-        headers.append(name, value);
-    }
-    let body = Bytes::from(manual.body);
-    Ok(StoredResponse {
-        status: manual.status,
-        headers,
-        body_size: body.len() as u64,
-        body: Some(body),
-    })
-}
-
-fn store_problem(error: crate::store::StoreError) -> Problem {
-    tracing::error!(error = %error, "admin: store operation failed");
-    Problem::new(
-        Code::StoreUnavailable,
-        "the idempotency store is unavailable",
-    )
 }
 
 /// `/keys/{route}/{key}` with the key percent-decoded (it may contain `/`).
@@ -405,7 +176,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     response
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+pub(super) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(body::full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -1,0 +1,151 @@
+//! Validation of `upstreams` entries and of every TLS file the
+//! configuration names (read and parsed, so `check` catches bad PEM files).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::check::Check;
+use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
+use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
+
+pub(super) fn build_upstream(
+    c: &mut Check,
+    name: &str,
+    u: &UpstreamFile,
+) -> Option<UpstreamConfig> {
+    let path = format!("upstreams.{name}");
+    let url_path = format!("{path}.url");
+    let text = c.text(&url_path, &u.url);
+    let uri: Option<http::Uri> = text.as_ref().and_then(|t| t.parse().ok());
+    let parts = uri.and_then(|uri| {
+        let scheme = uri.scheme().cloned()?;
+        let authority = uri.authority().cloned()?;
+        let ok = (scheme == http::uri::Scheme::HTTP || scheme == http::uri::Scheme::HTTPS)
+            && uri.query().is_none();
+        ok.then(|| {
+            (
+                scheme,
+                authority,
+                uri.path().trim_end_matches('/').to_owned(),
+            )
+        })
+    });
+    if let (Some(text), None) = (&text, &parts) {
+        c.fail(
+            &url_path,
+            Some(&u.url.referenced),
+            format!("{text:?} is not an upstream URL"),
+            "write http(s)://host:port with an optional base path, such as http://127.0.0.1:9000/erp",
+        );
+    }
+    let connect_timeout = match &u.connect_timeout {
+        Some(d) => c.duration(&format!("{path}.connect_timeout"), d),
+        None => Some(Duration::from_secs(1)),
+    };
+    let max_in_flight = u.max_in_flight.unwrap_or(256);
+    if max_in_flight == 0 {
+        c.fail(
+            &format!("{path}.max_in_flight"),
+            None,
+            "max_in_flight must be at least 1",
+            "raise it, or remove it for the default of 256",
+        );
+    }
+    let default_breaker = Breaker {
+        consecutive_failures: 5,
+        open_for: Duration::from_secs(30),
+    };
+    let circuit_breaker = match &u.circuit_breaker {
+        None => Some(Some(default_breaker)),
+        Some(spanned) => match &spanned.value {
+            ScalarOr::Scalar(word) if word == "off" || word == "false" => Some(None),
+            ScalarOr::Scalar(word) => {
+                c.fail(
+                    &format!("{path}.circuit_breaker"),
+                    Some(&spanned.referenced),
+                    format!("{word:?} is not allowed"),
+                    "write off, or a mapping { consecutive_failures: 5, open_for: 30s }",
+                );
+                None
+            }
+            ScalarOr::Map(b) => {
+                let open_for = match &b.open_for {
+                    Some(d) => c.duration(&format!("{path}.circuit_breaker.open_for"), d),
+                    None => Some(default_breaker.open_for),
+                };
+                open_for.map(|open_for| {
+                    Some(Breaker {
+                        consecutive_failures: b.consecutive_failures.unwrap_or(5).max(1),
+                        open_for,
+                    })
+                })
+            }
+        },
+    };
+    let tls = u.tls.as_ref().map(|t| tls_paths(c, &path, t));
+    let (scheme, authority, base_path) = parts?;
+    Some(UpstreamConfig {
+        name: name.to_owned(),
+        scheme,
+        authority,
+        base_path,
+        connect_timeout: connect_timeout?,
+        max_in_flight,
+        circuit_breaker: circuit_breaker?,
+        tls,
+    })
+}
+
+pub(super) fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> UpstreamTls {
+    let mut file = |field: &str, v: &Option<Text>| {
+        v.as_ref()
+            .and_then(|v| c.text(&format!("{at}.tls.{field}"), v))
+            .map(PathBuf::from)
+    };
+    let tls = UpstreamTls {
+        ca_file: file("ca_file", &t.ca_file),
+        client_cert_file: file("client_cert_file", &t.client_cert_file),
+        client_key_file: file("client_key_file", &t.client_key_file),
+    };
+    if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+        c.fail(
+            &format!("{at}.tls"),
+            None,
+            "client_cert_file and client_key_file go together",
+            "set both for mutual TLS, or neither",
+        );
+    }
+    tls
+}
+
+/// Reads and parses every TLS file the configuration names, so that
+/// `check` fails on a missing or bad PEM file without starting anything.
+pub(super) fn check_tls_files(c: &mut Check, config: &Config) {
+    let hint = "point it at a readable PEM file";
+    if let Some(files) = &config.listen.tls
+        && let Err(e) = crate::tls::server_config(files)
+    {
+        c.fail("listen.tls", None, e.to_string(), hint);
+    }
+    for upstream in &config.upstreams {
+        if let Some(tls) = &upstream.tls
+            && let Err(e) = crate::tls::client_config(Some(tls))
+        {
+            c.fail(
+                &format!("upstreams.{}.tls", upstream.name),
+                None,
+                e.to_string(),
+                hint,
+            );
+        }
+    }
+    if let Some(tls) = &config.store.tls {
+        let files = [&tls.ca_file, &tls.client_cert_file].into_iter().flatten();
+        for error in files.filter_map(|f| crate::tls::load_certs(f).err()) {
+            c.fail("store.tls", None, error.to_string(), hint);
+        }
+        if let Some(Err(e)) = tls.client_key_file.as_deref().map(crate::tls::load_key) {
+            c.fail("store.tls.client_key_file", None, e.to_string(), hint);
+        }
+    }
+}
