@@ -73,5 +73,8 @@ pub enum KeysCommand {
         /// Only this route.
         #[arg(long)]
         route: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }

@@ -16,47 +16,86 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     };
     let config = Config::load(&config_arg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config_arg.config.display()))?;
-    if config.store.backend == Backend::Memory {
-        return via_admin(&config, command).await;
-    }
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    let store = Store::open(&config.store, metrics).context("opening the store")?;
+    let value = if config.store.backend == Backend::Memory {
+        via_admin(&config, &command).await?
+    } else {
+        direct(&config, &command).await?
+    };
     match command {
-        KeysCommand::Get(args) => {
-            let found = find(&config, &store, &args).await?;
-            let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
-            let out = if args.scope.is_some() {
-                list[0].clone()
-            } else {
-                json!(list)
-            };
-            println!("{}", serde_json::to_string_pretty(&out)?);
-        }
-        KeysCommand::Purge(args) => {
-            for (key, _) in find(&config, &store, &args).await? {
-                store.purge(&key).await?;
-                println!(
-                    "purged route={} scope={} key={}",
-                    key.route, key.scope, key.key
-                );
-            }
-        }
-        KeysCommand::Unknown { route, .. } => {
-            let now = now_ms();
-            let mut list = Vec::new();
-            for (key, record) in store.records(route.as_deref()).await? {
-                if is_unknown(&config, &key, &record, now) {
-                    list.push(record_json(&key, &record));
-                }
-            }
-            println!("{}", serde_json::to_string_pretty(&json!(list))?);
-        }
+        KeysCommand::Unknown { json: false, .. } => print_table(&value),
+        KeysCommand::Purge(_) => println!("purged {} record(s)", value["purged"]),
+        _ => println!("{}", serde_json::to_string_pretty(&value)?),
     }
     Ok(())
 }
 
+/// Redis: the store itself.
+async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_json::Value> {
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let store = Store::open(&config.store, metrics).context("opening the store")?;
+    Ok(match command {
+        KeysCommand::Get(args) => {
+            let found = find(config, &store, args).await?;
+            let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
+            if args.scope.is_some() {
+                list[0].clone()
+            } else {
+                json!(list)
+            }
+        }
+        KeysCommand::Purge(args) => {
+            let found = find(config, &store, args).await?;
+            for (key, _) in &found {
+                store.purge(key).await?;
+            }
+            json!({ "purged": found.len() })
+        }
+        KeysCommand::Unknown { route, .. } => {
+            let now = now_ms();
+            let records = store.records(route.as_deref()).await?;
+            let unknown = records
+                .iter()
+                .filter(|(k, r)| is_unknown(config, k, r, now));
+            json!(unknown.map(|(k, r)| record_json(k, r)).collect::<Vec<_>>())
+        }
+    })
+}
+
+/// One line per unknown outcome, for a human.
+fn print_table(list: &serde_json::Value) {
+    let rows = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    if rows.is_empty() {
+        println!("no unknown outcomes");
+        return;
+    }
+    println!(
+        "{:<16} {:<40} {:<10} {:<24} scope",
+        "route", "key", "state", "created_at"
+    );
+    for r in rows {
+        let created = r["created_at"]
+            .as_u64()
+            .map(|ms| {
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                )
+                .to_string()
+            })
+            .unwrap_or_default();
+        let text = |f: &str| r[f].as_str().unwrap_or("").to_owned();
+        println!(
+            "{:<16} {:<40} {:<10} {:<24} {}",
+            text("route"),
+            text("key"),
+            text("state"),
+            created,
+            text("scope")
+        );
+    }
+}
+
 /// With `backend: memory` the records live in the serving process: ask its admin listener.
-async fn via_admin(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_json::Value> {
     let Some(admin) = &config.admin else {
         bail!(
             "store.backend is memory: the records live in the running idemgate; configure admin.listen to reach them"
@@ -70,7 +109,7 @@ async fn via_admin(config: &Config, command: KeysCommand) -> anyhow::Result<()> 
             .as_ref()
             .map_or(String::new(), |s| format!("?scope={}", encode(s)))
     };
-    let (method, path) = match &command {
+    let (method, path) = match command {
         KeysCommand::Get(a) => (
             "GET",
             format!(
@@ -124,8 +163,7 @@ async fn via_admin(config: &Config, command: KeysCommand) -> anyhow::Result<()> 
             value["detail"].as_str().unwrap_or(&value.to_string())
         );
     }
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(())
+    Ok(value)
 }
 
 async fn find(

@@ -166,8 +166,15 @@ fn check(path: &std::path::Path) -> ExitCode {
                     join(&p.scope_headers)
                 );
                 println!(
-                    "    store_statuses {:?}, release_statuses {:?}, max_request_body {}, max_response_body {}",
-                    p.store_statuses, p.release_statuses, p.max_request_body, p.max_response_body
+                    "    store_statuses [{}], release_statuses {:?}, max_request_body {}, max_response_body {}",
+                    p.store_statuses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    p.release_statuses,
+                    bytesize::ByteSize(p.max_request_body).display().iec(),
+                    bytesize::ByteSize(p.max_response_body).display().iec()
                 );
             }
         }

@@ -420,7 +420,13 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
             .unwrap()
         }
     };
-    let unknown = cli(&["keys", "unknown"]).await;
+    let table = cli(&["keys", "unknown"]).await;
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.starts_with("route") && table.contains("k-cli") && !table.contains("k-done"),
+        "{table}"
+    );
+    let unknown = cli(&["keys", "unknown", "--json"]).await;
     assert!(
         unknown.status.success(),
         "{}",
@@ -436,6 +442,10 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     assert_eq!(got[0]["status"], 201);
 
     let purged = cli(&["keys", "purge", "--route", "orders", "--key", "k-cli"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&purged.stdout).trim(),
+        "purged 1 record(s)"
+    );
     assert!(
         purged.status.success(),
         "{}",

@@ -234,3 +234,44 @@ async fn sighup_reloads_a_valid_file_and_keeps_the_old_one_on_an_invalid_file() 
     );
     assert_eq!(b.hits(), before + 1, "the old configuration stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_log_line_of_a_request_carries_its_trace_id() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = Binary::serve(&path);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
+    let headers = [
+        ("idempotency-key", "k-trace"),
+        ("traceparent", traceparent.as_str()),
+        ("x-test-reset", "1"),
+    ];
+    let reply = TestClient::new()
+        .send("POST", &proxy.url("/api/o"), &headers, "{}")
+        .await;
+    assert_eq!(reply.code(), "upstream_failed");
+    eventually(Duration::from_secs(5), "the access line", || async {
+        proxy.log().iter().any(|l| l.contains("idemgate::access"))
+    })
+    .await;
+    let lines: Vec<String> = proxy
+        .log()
+        .into_iter()
+        // Everything but the startup lines belongs to the one request.
+        .filter(|l| !l.contains("listening") && !l.contains("store backend is memory"))
+        .collect();
+    assert!(
+        lines.len() >= 3,
+        "access line, connection broke, outcome unknown: {lines:#?}"
+    );
+    for line in &lines {
+        assert!(line.contains(trace), "no trace id in: {line}");
+    }
+}

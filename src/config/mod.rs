@@ -181,6 +181,15 @@ pub enum StatusPattern {
     Exact(u16),
 }
 
+impl std::fmt::Display for StatusPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusPattern::Class(class) => write!(f, "{class}xx"),
+            StatusPattern::Exact(status) => write!(f, "{status}"),
+        }
+    }
+}
+
 impl StatusPattern {
     pub fn matches(self, status: u16) -> bool {
         match self {
