@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use idemgate::cli::{Cli, Command, KeysCommand, LogFormat};
-use idemgate::config::{Config, PathMatch};
+use idemgate::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -103,91 +103,10 @@ fn check(path: &std::path::Path) -> ExitCode {
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
-    println!(
-        "{}: valid; listen {}, store {:?}, {} upstream(s), {} route(s)",
-        path.display(),
-        config.listen.address,
-        config.store.backend_name(),
-        config.upstreams.len(),
-        config.routes.len()
-    );
-    for route in &config.routes {
-        let path = match &route.matcher.path {
-            PathMatch::Prefix(p) => format!("path_prefix {}", if p.is_empty() { "/" } else { p }),
-            PathMatch::Exact(p) => format!("path {p}"),
-        };
-        println!(
-            "route {}: {path} -> upstream {}",
-            route.name, route.upstream
-        );
-        if let Some(methods) = &route.matcher.methods {
-            println!(
-                "  methods: {}",
-                methods
-                    .iter()
-                    .map(|m| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        if let Some(host) = &route.matcher.host {
-            println!("  host: {host}");
-        }
-        println!(
-            "  timeouts: response {}, total {}",
-            humantime::format_duration(route.timeouts.response),
-            humantime::format_duration(route.timeouts.total)
-        );
-        match &route.idempotency {
-            None => println!("  idempotency: off"),
-            Some(p) => {
-                println!(
-                    "  idempotency: methods [{}], header {}, require_key {}, key_max_length {}",
-                    p.methods
-                        .iter()
-                        .map(|m| m.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    p.header,
-                    p.require_key,
-                    p.key_max_length
-                );
-                println!(
-                    "    ttl {}, lease {}, concurrent {:?}, on_unknown {:?}",
-                    humantime::format_duration(p.ttl),
-                    humantime::format_duration(p.lease),
-                    p.concurrent,
-                    p.on_unknown
-                );
-                println!(
-                    "    fingerprint headers [{}] query {}, scope headers [{}]",
-                    join(&p.fingerprint_headers),
-                    p.fingerprint_query,
-                    join(&p.scope_headers)
-                );
-                println!(
-                    "    store_statuses [{}], release_statuses {:?}, max_request_body {}, max_response_body {}",
-                    p.store_statuses
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    p.release_statuses,
-                    bytesize::ByteSize(p.max_request_body).display().iec(),
-                    bytesize::ByteSize(p.max_response_body).display().iec()
-                );
-            }
-        }
-    }
+    // Written whole and without a panic when stdout is closed early (`check | head`).
+    let text = format!("{}: valid; {}", path.display(), config.describe());
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     ExitCode::SUCCESS
-}
-
-fn join(names: &[http::HeaderName]) -> String {
-    names
-        .iter()
-        .map(|n| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 async fn idemgate_keys(command: KeysCommand) -> anyhow::Result<()> {

@@ -23,6 +23,8 @@ use crate::store::Store;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// ...and stay within this size.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How often the store is pinged for the `idemgate_ready` gauge.
+const READINESS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -86,6 +88,7 @@ pub async fn serve(
     if let Some(path) = &config_path {
         tokio::spawn(reload_on_sighup(proxy.clone(), path.clone()));
     }
+    let readiness = tokio::spawn(watch_readiness(proxy.clone()));
     let admin_task = listeners.admin.map(|listener| {
         let admin = Arc::new(Admin {
             proxy: proxy.clone(),
@@ -132,6 +135,7 @@ pub async fn serve(
     }
     drop(listeners.proxy);
     drain(&proxy, graceful, config.shutdown_grace).await;
+    readiness.abort();
     if let Some(task) = admin_task {
         task.abort();
     }
@@ -212,6 +216,16 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Keeps `idemgate_ready` current whether or not anything calls `/readyz`.
+async fn watch_readiness(proxy: Arc<Proxy>) {
+    let mut tick = tokio::time::interval(READINESS_EVERY);
+    loop {
+        tick.tick().await;
+        let ready = proxy.store.ping().await.is_ok();
+        proxy.metrics.ready.set(i64::from(ready));
     }
 }
 

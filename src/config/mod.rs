@@ -5,6 +5,7 @@
 //! (`validate.rs`). Nothing here is read again at request time.
 
 mod check;
+mod describe;
 mod file;
 mod validate;
 mod validate_match;

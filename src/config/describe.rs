@@ -1,0 +1,116 @@
+//! The effective configuration in words: what `idemgate check` prints.
+
+use std::fmt::Write;
+
+use http::HeaderName;
+
+use super::{Config, PathMatch};
+
+/// `writeln!` into a String, which cannot fail.
+macro_rules! line {
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+impl Config {
+    /// Every route with its defaults merged, one block per route.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        line!(
+            out,
+            "listen {}, store {:?}, {} upstream(s), {} route(s)",
+            self.listen.address,
+            self.store.backend_name(),
+            self.upstreams.len(),
+            self.routes.len()
+        );
+        for route in &self.routes {
+            let path = match &route.matcher.path {
+                PathMatch::Prefix(p) => {
+                    format!("path_prefix {}", if p.is_empty() { "/" } else { p })
+                }
+                PathMatch::Exact(p) => format!("path {p}"),
+            };
+            line!(
+                out,
+                "route {}: {path} -> upstream {}",
+                route.name,
+                route.upstream
+            );
+            if let Some(methods) = &route.matcher.methods {
+                line!(
+                    out,
+                    "  methods: {}",
+                    methods
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if let Some(host) = &route.matcher.host {
+                line!(out, "  host: {host}");
+            }
+            line!(
+                out,
+                "  timeouts: response {}, total {}",
+                humantime::format_duration(route.timeouts.response),
+                humantime::format_duration(route.timeouts.total)
+            );
+            match &route.idempotency {
+                None => line!(out, "  idempotency: off"),
+                Some(p) => {
+                    line!(
+                        out,
+                        "  idempotency: methods [{}], header {}, require_key {}, key_max_length {}",
+                        p.methods
+                            .iter()
+                            .map(|m| m.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        p.header,
+                        p.require_key,
+                        p.key_max_length
+                    );
+                    line!(
+                        out,
+                        "    ttl {}, lease {}, concurrent {:?}, on_unknown {:?}",
+                        humantime::format_duration(p.ttl),
+                        humantime::format_duration(p.lease),
+                        p.concurrent,
+                        p.on_unknown
+                    );
+                    line!(
+                        out,
+                        "    fingerprint headers [{}] query {}, scope headers [{}]",
+                        join(&p.fingerprint_headers),
+                        p.fingerprint_query,
+                        join(&p.scope_headers)
+                    );
+                    line!(
+                        out,
+                        "    store_statuses [{}], release_statuses {:?}, max_request_body {}, max_response_body {}",
+                        p.store_statuses
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        p.release_statuses,
+                        bytesize::ByteSize(p.max_request_body).display().iec(),
+                        bytesize::ByteSize(p.max_response_body).display().iec()
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+fn join(names: &[HeaderName]) -> String {
+    names
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
