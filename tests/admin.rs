@@ -504,8 +504,17 @@ async fn readiness_follows_redis() {
         200,
         "still alive"
     );
+    let refused = client.post_key(&proxy.url("/api/o"), "k-down", "{}").await;
+    assert_eq!(refused.code(), "store_unavailable");
     let metrics = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
-    assert!(String::from_utf8_lossy(&metrics.body).contains("idemgate_ready 0"));
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("idemgate_ready 0"));
+    assert_eq!(
+        sample(&text, "idemgate_requests_total", &[("outcome", "error")]),
+        1.0,
+        "{text}"
+    );
+    assert!(sample(&text, "idemgate_store_errors_total", &[("op", "claim")]) >= 1.0);
     redis.restart().await;
     common::eventually(Duration::from_secs(10), "ready again", || async {
         ready().await.status == 200
