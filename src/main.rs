@@ -71,10 +71,10 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind listen address {}", config.listen.address))?;
     let listeners = idemgate::server::Listeners::with_admin(&config, listener).await?;
-    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), "idemgate listening");
     if let Some(admin) = &listeners.admin {
         tracing::info!(address = %admin.local_addr()?, "admin listening");
     }
+    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), "idemgate listening");
     idemgate::server::serve(config, listeners, shutdown_signal(), Some(path.to_owned())).await?;
     tracing::info!("stopped");
     Ok(())

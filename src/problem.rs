@@ -25,6 +25,7 @@ pub enum Code {
     UpstreamOverloaded,
     UpstreamCircuitOpen,
     StoreUnavailable,
+    ShuttingDown,
     Unauthorized,
     Forbidden,
     NotFound,
@@ -34,7 +35,7 @@ pub enum Code {
 
 impl Code {
     /// All codes, for documentation and tests.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 21] = [
         Code::NoRoute,
         Code::IdempotencyKeyMissing,
         Code::IdempotencyKeyInvalid,
@@ -50,6 +51,7 @@ impl Code {
         Code::UpstreamOverloaded,
         Code::UpstreamCircuitOpen,
         Code::StoreUnavailable,
+        Code::ShuttingDown,
         Code::Unauthorized,
         Code::Forbidden,
         Code::NotFound,
@@ -135,6 +137,7 @@ impl Code {
                 503,
                 "The idempotency store is unavailable",
             ),
+            Code::ShuttingDown => ("shutting_down", 503, "idemgate is shutting down"),
             Code::Unauthorized => ("unauthorized", 401, "A valid bearer token is required"),
             Code::Forbidden => ("forbidden", 403, "This operation is disabled"),
             Code::NotFound => ("not_found", 404, "Not found"),

@@ -33,6 +33,8 @@ pub struct Proxy {
     /// are re-read on reload.
     pub tls: Option<ArcSwap<tokio_rustls::TlsAcceptor>>,
     pub on_unavailable: OnUnavailable,
+    /// Set when shutdown begins: `/readyz` then says so, new connections are refused.
+    pub draining: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -102,6 +104,7 @@ impl Proxy {
                 None => None,
             },
             on_unavailable: config.store.on_unavailable,
+            draining: Default::default(),
             metrics,
         })
     }

@@ -134,6 +134,9 @@ pub async fn serve(
         }
     }
     drop(listeners.proxy);
+    proxy
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     drain(&proxy, graceful, config.shutdown_grace).await;
     readiness.abort();
     if let Some(task) = admin_task {

@@ -15,7 +15,7 @@ fn write_config(
     lease: &str,
 ) -> std::path::PathBuf {
     let yaml = format!(
-        "listen: 127.0.0.1:0\nshutdown_grace: 10s\nstore: {{ backend: redis, url: \"{}\" }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, timeouts: {{ response: 5s, total: 10s }}, idempotency: {{ lease: {lease} }} }}\n",
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\nshutdown_grace: 10s\nstore: {{ backend: redis, url: \"{}\" }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, timeouts: {{ response: 5s, total: 10s }}, idempotency: {{ lease: {lease} }} }}\n",
         redis.url(),
         upstream.addr
     );
@@ -107,6 +107,18 @@ async fn sigterm_drains_slow_requests_records_them_and_exits_0() {
     )
     .await;
     proxy.signal("TERM");
+    let readyz = format!("http://{}/readyz", proxy.admin.expect("admin listener"));
+    let draining = common::resend_until(
+        Duration::from_secs(5),
+        || client.send("GET", &readyz, &[], bytes::Bytes::new()),
+        |r| r.status == 503,
+    )
+    .await;
+    assert_eq!(
+        draining.code(),
+        "shutting_down",
+        "load balancers are told while in-flight requests drain"
+    );
     let reply = slow.await.unwrap();
     assert_eq!(
         reply.status, 201,

@@ -81,6 +81,16 @@ impl Admin {
     }
 
     async fn readyz(&self) -> Result<Response<ProxyBody>, Problem> {
+        if self
+            .proxy
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Problem::new(
+                Code::ShuttingDown,
+                "draining in-flight requests; send new ones elsewhere",
+            ));
+        }
         let ready = self.proxy.store.ping().await;
         self.proxy.metrics.ready.set(i64::from(ready.is_ok()));
         match ready {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct Binary {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The admin listener's address, when the config has one.
+    pub admin: Option<SocketAddr>,
     pub lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -51,7 +53,16 @@ impl Binary {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        Binary { child, addr, lines }
+        let admin = lines.lock().unwrap().iter().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "admin listening").then(|| v["address"].as_str()?.parse().ok())?
+        });
+        Binary {
+            child,
+            addr,
+            admin,
+            lines,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
