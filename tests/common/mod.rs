@@ -60,7 +60,7 @@ macro_rules! both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::common::Backend::memory()).await
+                    super::$name($crate::common::Backend::memory()).await
                 }
             )*
         }
@@ -68,7 +68,7 @@ macro_rules! both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::common::Backend::redis().await).await
+                    super::$name($crate::common::Backend::redis().await).await
                 }
             )*
         }

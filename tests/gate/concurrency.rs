@@ -1,0 +1,102 @@
+//! Concurrent duplicates: reject and wait, and waiters claiming afresh after a release.
+
+use std::time::Duration;
+
+use crate::common::{Backend, eventually};
+use crate::{Setup, both_stores};
+
+async fn thirty_concurrent_duplicates_reject(backend: Backend) {
+    let s = Setup::new(backend, "concurrent: reject", "").await;
+    let replies = burst(&s, 30, "k-burst", &[("x-test-delay-ms", "400")]).await;
+    assert_eq!(s.upstream.hits(), 1, "the upstream acted once");
+    let created = replies.iter().filter(|r| r.status == 201).count();
+    let in_progress: Vec<_> = replies.iter().filter(|r| r.status == 409).collect();
+    assert!(created >= 1);
+    assert_eq!(created + in_progress.len(), 30, "{replies:?}");
+    for r in in_progress {
+        assert_eq!(r.code(), "request_in_progress");
+        assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    }
+}
+
+async fn thirty_concurrent_duplicates_wait(backend: Backend) {
+    let s = Setup::new(backend, "concurrent: wait", "").await;
+    let replies = burst(&s, 30, "k-wait", &[("x-test-delay-ms", "400")]).await;
+    assert_eq!(s.upstream.hits(), 1);
+    let body = &replies[0].body;
+    for r in &replies {
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(&r.body, body, "everyone gets the same response");
+    }
+}
+
+async fn waiters_claim_afresh_when_the_attempt_is_released(backend: Backend) {
+    let s = Setup::new(backend, "concurrent: wait", "").await;
+    let first = {
+        let (client, url) = (s.client.clone(), s.url());
+        tokio::spawn(async move {
+            let headers = [
+                ("idempotency-key", "k-rel"),
+                ("content-type", "application/json"),
+                ("x-test-delay-ms", "400"),
+                ("x-test-status", "503"),
+            ];
+            client.send("POST", &url, &headers, "{}").await
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "first attempt in flight",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let waiters = burst(&s, 5, "k-rel", &[]).await;
+    assert_eq!(
+        first.await.unwrap().status,
+        503,
+        "the 503 is passed on and releases the key"
+    );
+    assert_eq!(
+        s.upstream.hits(),
+        2,
+        "exactly one waiter made the new attempt"
+    );
+    for r in &waiters {
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+}
+
+async fn burst(
+    s: &Setup,
+    n: usize,
+    key: &str,
+    extra: &[(&str, &str)],
+) -> Vec<crate::common::Reply> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (client, url, key) = (s.client.clone(), s.url(), key.to_owned());
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut headers = vec![
+                ("idempotency-key", key.as_str()),
+                ("content-type", "application/json"),
+            ];
+            headers.extend(extra.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+            client.send("POST", &url, &headers, "{}").await
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    replies
+}
+
+both_stores!(
+    thirty_concurrent_duplicates_reject,
+    thirty_concurrent_duplicates_wait,
+    waiters_claim_afresh_when_the_attempt_is_released,
+);

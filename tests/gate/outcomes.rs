@@ -1,0 +1,162 @@
+//! Timeouts, disconnects, leases and broken connections: recorded, unknown or released.
+
+use std::time::Duration;
+
+use crate::common::{Backend, TestClient, TestProxy, config, eventually, resend_until};
+use crate::{Setup, both_stores};
+
+async fn late_completion_after_504_is_replayed(backend: Backend) {
+    let s = Setup::new(backend, "", "response: 200ms").await;
+    let first = s.post("k-late", "{}", &[("x-test-delay-ms", "700")]).await;
+    assert_eq!(
+        (first.status.as_u16(), first.code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(first.header("retry-after").is_some());
+    eventually(Duration::from_secs(5), "the exchange finished", || async {
+        s.upstream.answered() == 1
+    })
+    .await;
+    // Until the record lands, a retry is told request_in_progress.
+    let retry = resend_until(
+        Duration::from_secs(5),
+        || s.post("k-late", "{}", &[]),
+        |r| r.status != 409,
+    )
+    .await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+async fn client_disconnect_still_recorded(backend: Backend) {
+    use tokio::io::AsyncWriteExt;
+    let s = Setup::new(backend, "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let request = "POST /api/orders?x=1 HTTP/1.1\r\nhost: x\r\nidempotency-key: k-gone\r\ncontent-type: application/json\r\nx-test-delay-ms: 300\r\ncontent-length: 2\r\n\r\n{}";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "request reached the upstream",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    drop(stream);
+    eventually(Duration::from_secs(5), "the upstream answered", || async {
+        s.upstream.answered() == 1
+    })
+    .await;
+    // Until the record lands, a retry is told request_in_progress.
+    let retry = resend_until(
+        Duration::from_secs(5),
+        || s.post("k-gone", "{}", &[]),
+        |r| r.status != 409,
+    )
+    .await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+async fn lease_end_locks_as_unknown(backend: Backend) {
+    let s = Setup::new(backend, "lease: 300ms, on_unknown: lock", "response: 100ms").await;
+    let first = s
+        .post("k-lease", "{}", &[("x-test-delay-ms", "1500")])
+        .await;
+    assert_eq!(first.code(), "upstream_timeout");
+    assert_eq!(
+        s.post("k-lease", "{}", &[]).await.code(),
+        "request_in_progress"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await; // the lease under test
+    let reply = s.post("k-lease", "{}", &[]).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (409, "outcome_unknown")
+    );
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+async fn lease_end_releases_under_release(backend: Backend) {
+    let s = Setup::new(
+        backend,
+        "lease: 300ms, on_unknown: release",
+        "response: 100ms",
+    )
+    .await;
+    assert_eq!(
+        s.post("k-lr", "{}", &[("x-test-delay-ms", "1200")])
+            .await
+            .code(),
+        "upstream_timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await; // the lease under test
+    let second = s.post("k-lr", "{}", &[]).await;
+    assert_eq!(
+        second.status, 201,
+        "a new attempt after the lease: {second:?}"
+    );
+    assert_eq!(second.header("x-upstream-hit"), Some("2"));
+    // The first attempt was abandoned at its lease end; the record is the new owner's.
+    let third = s.post("k-lr", "{}", &[]).await;
+    assert_eq!(third.header("idempotent-replayed"), Some("true"));
+    assert_eq!(third.header("x-upstream-hit"), Some("2"));
+}
+
+async fn reset_after_send_is_unknown(backend: Backend) {
+    let s = Setup::new(backend, "on_unknown: lock", "").await;
+    let first = s.post("k-reset", "{}", &[("x-test-reset", "1")]).await;
+    assert_eq!(
+        (first.status.as_u16(), first.code().as_str()),
+        (502, "upstream_failed")
+    );
+    assert_eq!(s.post("k-reset", "{}", &[]).await.code(), "outcome_unknown");
+    let mid = s
+        .post("k-mid", "{}", &[("x-test-reset-mid-body", "1")])
+        .await;
+    assert_eq!(mid.code(), "upstream_failed");
+    assert_eq!(s.post("k-mid", "{}", &[]).await.code(), "outcome_unknown");
+    assert_eq!(s.upstream.hits(), 2);
+}
+
+async fn reset_after_send_releases_under_release(backend: Backend) {
+    let s = Setup::new(backend, "on_unknown: release", "").await;
+    assert_eq!(
+        s.post("k-rr", "{}", &[("x-test-reset", "1")]).await.code(),
+        "upstream_failed"
+    );
+    assert_eq!(s.post("k-rr", "{}", &[]).await.status, 201);
+    assert_eq!(s.upstream.hits(), 2);
+}
+
+async fn unreachable_upstream_releases_the_key(backend: Backend) {
+    let closed = crate::common::redis_server::free_port();
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let yaml = config(
+        &backend.store_yaml(),
+        format!("127.0.0.1:{closed}").parse().unwrap(),
+        "  timeouts: { response: 5s, total: 10s }",
+        routes,
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    for _ in 0..2 {
+        let reply = client
+            .post_key(&proxy.url("/api/x"), "k-unreach", "{}")
+            .await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code().as_str()),
+            (502, "upstream_unreachable")
+        );
+    }
+}
+
+both_stores!(
+    late_completion_after_504_is_replayed,
+    client_disconnect_still_recorded,
+    lease_end_locks_as_unknown,
+    lease_end_releases_under_release,
+    reset_after_send_is_unknown,
+    reset_after_send_releases_under_release,
+    unreachable_upstream_releases_the_key,
+);
