@@ -203,7 +203,7 @@ impl Exchange {
     ) -> bool {
         let stored = StoredResponse {
             status,
-            headers: headers.clone(),
+            headers: owned_headers(headers),
             body,
             body_size,
         };
@@ -257,6 +257,19 @@ impl Exchange {
             }
         }
     }
+}
+
+/// A deep copy: hyper's header values are slices of the connection's read
+/// buffer, and a stored clone would keep that whole buffer alive for the
+/// record's `ttl` (kilobytes per record in the memory store).
+fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut owned = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let value = http::HeaderValue::from_bytes(value.as_bytes())
+            .expect("a valid header value stays valid");
+        owned.append(name.clone(), value);
+    }
+    owned
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
