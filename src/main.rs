@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    let _logs = init_logging(&cli);
     // One crypto provider for the whole process (see ARCHITECTURE.md).
     idemgate::tls::install_provider();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -30,7 +30,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(cli: &Cli) {
+/// Logs go to stdout through a background writer, so that a slow reader
+/// (a pipe, journald) never stalls request handling; the returned guard
+/// flushes what is queued when `main` ends.
+fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = match &cli.log_level {
         Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -40,9 +43,10 @@ fn init_logging(cli: &Cli) {
         Some(LogFormat::Pretty) => false,
         None => !std::io::stdout().is_terminal(),
     };
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     if json {
         builder
             .json()
@@ -54,6 +58,7 @@ fn init_logging(cli: &Cli) {
     } else {
         builder.init();
     }
+    guard
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
