@@ -70,7 +70,7 @@ impl Proxy {
             scope: scope_hash(&parts.headers, &policy.scope_headers),
             key,
         };
-        let token = crate::headers::random_hex(16);
+        let token = crate::headers::random_id();
         let claim = ClaimRequest {
             key: &storage_key,
             fingerprint: &fp,

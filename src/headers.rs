@@ -16,6 +16,20 @@ pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent
 /// Removes Connection (and the headers it names), Keep-Alive, Proxy-*, TE,
 /// Trailer, Transfer-Encoding and Upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One walk over the names; almost every request has nothing to remove.
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            matches!(
+                name.as_str(),
+                "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+            ) || name.as_str().starts_with("proxy-")
+        })
+        .cloned()
+        .collect();
+    if hop.is_empty() {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -23,25 +37,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxy {
+    for name in hop.into_iter().chain(named) {
         headers.remove(name);
     }
 }
@@ -63,18 +59,17 @@ impl RequestIds {
             .get(&X_REQUEST_ID)
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .cloned()
-            .unwrap_or_else(|| {
-                HeaderValue::from_str(&random_hex(16)).expect("hex is a valid header")
-            });
+            .unwrap_or_else(|| header_value(random_id()));
         let (trace_id, flags) = headers
             .get(&TRACEPARENT)
             .and_then(|v| parse_traceparent(v.to_str().ok()?))
-            .unwrap_or_else(|| (random_hex(16), "01".to_owned()));
-        let traceparent = format!("00-{trace_id}-{}-{flags}", random_hex(8));
+            .unwrap_or_else(|| (random_id(), "01".to_owned()));
+        let span_id = fastrand::u64(..);
+        let traceparent = header_value(format!("00-{trace_id}-{span_id:016x}-{flags}"));
         RequestIds {
             request_id,
             trace_id,
-            traceparent: HeaderValue::from_str(&traceparent).expect("hex is a valid header"),
+            traceparent,
         }
     }
 }
@@ -99,9 +94,15 @@ fn parse_traceparent(value: &str) -> Option<(String, String)> {
     valid.then(|| (trace.to_owned(), flags.to_owned()))
 }
 
-pub fn random_hex(bytes: usize) -> String {
-    let raw: Vec<u8> = (0..bytes).map(|_| fastrand::u8(..)).collect();
-    crate::idempotency::hex(&raw)
+/// 32 random hex digits (128 bits), e.g. a trace id, a request id or an owner token.
+pub fn random_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// A header value made from a `String` without copying it again.
+fn header_value(text: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .expect("hex and dashes are a valid header value")
 }
 
 /// Rewrites a client's request headers for the upstream.

@@ -12,15 +12,15 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: String,
-    pub method: String,
-    pub outcome: String,
+    pub method: &'static str,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub route: String,
     /// `2xx` .. `5xx`.
-    pub class: String,
+    pub class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,7 +35,7 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
-    pub op: String,
+    pub op: &'static str,
 }
 
 fn latency() -> Histogram {
@@ -149,12 +149,12 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, route: &str, method: &http::Method, outcome: &str) {
+    pub fn request(&self, route: &str, method: &http::Method, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),
-                method: method_label(method).to_owned(),
-                outcome: outcome.to_owned(),
+                method: method_label(method),
+                outcome,
             })
             .inc();
     }
@@ -170,7 +170,7 @@ impl Metrics {
         self.responses
             .get_or_create(&ResponseLabels {
                 route: route.to_owned(),
-                class: class.to_owned(),
+                class,
             })
             .inc();
     }

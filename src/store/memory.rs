@@ -201,21 +201,24 @@ impl Inner {
     }
 }
 
-/// Drops expired records, one shard at a time, until the store is gone.
+/// Drops expired records until the store is gone: one shard per tick, so
+/// that a pass over a large store never stalls the worker it runs on (each
+/// shard is visited once per `SWEEP_EVERY`).
 async fn sweep(inner: Weak<Inner>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
-    loop {
+    let mut tick = tokio::time::interval(SWEEP_EVERY / SHARDS as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for index in (0..SHARDS).cycle() {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let now = now_ms();
-        for shard in &inner.shards {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let before = shard.len();
-            shard.retain(|_, r| r.expires_ms > now);
-            inner
-                .len
-                .fetch_sub((before - shard.len()) as u64, Ordering::Relaxed);
-        }
+        let mut shard = inner.shards[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = shard.len();
+        shard.retain(|_, r| r.expires_ms > now);
+        inner
+            .len
+            .fetch_sub((before - shard.len()) as u64, Ordering::Relaxed);
     }
 }
 

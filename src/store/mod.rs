@@ -77,12 +77,12 @@ impl Store {
     /// Times one operation and counts its failure.
     async fn timed<T>(
         &self,
-        op: &str,
+        op: &'static str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let start = Instant::now();
         let result = call.await;
-        let labels = OpLabels { op: op.to_owned() };
+        let labels = OpLabels { op };
         self.metrics
             .store_latency
             .get_or_create(&labels)

@@ -133,14 +133,25 @@ impl Upstream {
 
     /// The upstream URI for a client's request: base path joined, query kept.
     pub fn uri_for(&self, original: &Uri) -> Uri {
-        let path_and_query = original.path_and_query().map_or("/", |pq| pq.as_str());
-        let joined = format!("{}{}", self.config.base_path, path_and_query);
-        Uri::builder()
-            .scheme(self.config.scheme.clone())
-            .authority(self.config.authority.clone())
-            .path_and_query(joined)
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("/"))
+        let path_and_query = match original.path_and_query() {
+            // Without a base path the client's path and query are reused as they are.
+            Some(pq) if self.config.base_path.is_empty() => pq.clone(),
+            pq => {
+                let joined = format!(
+                    "{}{}",
+                    self.config.base_path,
+                    pq.map_or("/", |pq| pq.as_str())
+                );
+                joined
+                    .parse()
+                    .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.config.scheme.clone());
+        parts.authority = Some(self.config.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
     }
 
     /// Sends one request. The client never re-sends a request whose bytes
