@@ -174,21 +174,9 @@ async fn find(
     if !config.routes.iter().any(|r| r.name == args.route) {
         bail!("route {:?} is not in the configuration", args.route);
     }
-    if let Some(scope) = &args.scope {
-        let key = StorageKey {
-            route: args.route.clone(),
-            scope: scope.clone(),
-            key: args.key.clone(),
-        };
-        return Ok(store
-            .get(&key)
-            .await?
-            .map(|r| (key, r))
-            .into_iter()
-            .collect());
-    }
-    let all = store.records(Some(&args.route)).await?;
-    let found: Vec<_> = all.into_iter().filter(|(k, _)| k.key == args.key).collect();
+    let found = store
+        .find(&args.route, &args.key, args.scope.as_deref())
+        .await?;
     if found.is_empty() {
         bail!("no record for key {:?} on route {:?}", args.key, args.route);
     }

@@ -153,34 +153,12 @@ impl Admin {
         scope: Option<&str>,
     ) -> Result<Vec<(StorageKey, Record)>, Problem> {
         self.route(route)?;
-        let found = match scope {
-            Some(scope) => {
-                let k = StorageKey {
-                    route: route.to_owned(),
-                    scope: scope.to_owned(),
-                    key: key.to_owned(),
-                };
-                self.proxy
-                    .store
-                    .get(&k)
-                    .await
-                    .map_err(store_problem)?
-                    .map(|r| (k, r))
-                    .into_iter()
-                    .collect()
-            }
-            None => {
-                let all = self
-                    .proxy
-                    .store
-                    .records(Some(route))
-                    .await
-                    .map_err(store_problem)?;
-                all.into_iter()
-                    .filter(|(k, _)| k.key == key)
-                    .collect::<Vec<_>>()
-            }
-        };
+        let found = self
+            .proxy
+            .store
+            .find(route, key, scope)
+            .await
+            .map_err(store_problem)?;
         if found.is_empty() {
             return Err(Problem::new(
                 Code::NotFound,

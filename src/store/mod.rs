@@ -199,6 +199,25 @@ impl Store {
             .collect())
     }
 
+    /// The records of one client key: in one scope, or in every scope of the route.
+    pub async fn find(
+        &self,
+        route: &str,
+        key: &str,
+        scope: Option<&str>,
+    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
+        if let Some(scope) = scope {
+            let k = StorageKey {
+                route: route.to_owned(),
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+            };
+            return Ok(self.get(&k).await?.map(|r| (k, r)).into_iter().collect());
+        }
+        let all = self.records(Some(route)).await?;
+        Ok(all.into_iter().filter(|(k, _)| k.key == key).collect())
+    }
+
     /// Waits until the record may have changed, at most `at_most`. The memory
     /// store wakes waiters on every transition; Redis is polled with backoff
     /// by the caller, so this only sleeps.
