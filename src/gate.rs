@@ -127,14 +127,21 @@ impl Proxy {
                 };
                 exchange.start(&self.exchanges, request, ctx, &route).await
             }
-            Decision::Replay => {
-                ctx.outcome = "replayed";
-                replay(
-                    record
-                        .and_then(|r| r.response.as_ref())
-                        .expect("a replayed record has a response"),
-                )
-            }
+            Decision::Replay => match record.and_then(|r| r.response.as_ref()) {
+                Some(stored) => {
+                    ctx.outcome = "replayed";
+                    replay(stored)
+                }
+                // Only a record damaged in the store gets here: never panic on it.
+                None => {
+                    tracing::error!(key = %storage_key.key, "completed record without a response in the store");
+                    Problem::new(
+                        Code::Internal,
+                        "the stored record of this key is damaged; an operator must purge it",
+                    )
+                    .into_response()
+                }
+            },
             Decision::NotStored { status } => {
                 ctx.outcome = "conflict";
                 Problem::new(

@@ -150,3 +150,61 @@ async fn fail_open_forwards_unprotected_when_the_store_is_down() {
     }
     assert_eq!(upstream.hits(), 2, "forwarded, unprotected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_is_a_500_not_a_panic() {
+    use idemgate::idempotency::fingerprint::fingerprint;
+    use idemgate::idempotency::key::{StorageKey, scope_hash};
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(&redis, &upstream, "", "");
+    let prefix = yaml
+        .split("key_prefix: \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let proxy = TestProxy::start(&yaml).await;
+    // A completed record with no response fields, as a broken writer might leave it.
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    let fp = fingerprint(
+        &http::Method::POST,
+        &"/api/o".parse().unwrap(),
+        true,
+        &headers,
+        &[http::header::CONTENT_TYPE],
+        b"{}",
+    );
+    let key = StorageKey {
+        route: "orders".into(),
+        scope: scope_hash(&headers, &[http::header::AUTHORIZATION]),
+        key: "k-damaged".into(),
+    };
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(key.encode(&prefix))
+        .arg(&["state", "completed", "fp", fp.as_str(), "token", "t"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let client = TestClient::new();
+    let reply = client
+        .post_key(&proxy.url("/api/o"), "k-damaged", "{}")
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (500, "internal_error")
+    );
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-fine", "{}")
+            .await
+            .status,
+        201,
+        "still serving"
+    );
+    assert_eq!(upstream.hits(), 1);
+}
