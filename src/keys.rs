@@ -109,25 +109,17 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
             .as_ref()
             .map_or(String::new(), |s| format!("?scope={}", encode(s)))
     };
+    let record_path = |a: &KeyArgs| {
+        format!(
+            "/keys/{}/{}{}",
+            encode(&a.route),
+            encode(&a.key),
+            scope_query(&a.scope)
+        )
+    };
     let (method, path) = match command {
-        KeysCommand::Get(a) => (
-            "GET",
-            format!(
-                "/keys/{}/{}{}",
-                encode(&a.route),
-                encode(&a.key),
-                scope_query(&a.scope)
-            ),
-        ),
-        KeysCommand::Purge(a) => (
-            "DELETE",
-            format!(
-                "/keys/{}/{}{}",
-                encode(&a.route),
-                encode(&a.key),
-                scope_query(&a.scope)
-            ),
-        ),
+        KeysCommand::Get(a) => ("GET", record_path(a)),
+        KeysCommand::Purge(a) => ("DELETE", record_path(a)),
         KeysCommand::Unknown { route, .. } => (
             "GET",
             format!(

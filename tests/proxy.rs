@@ -161,17 +161,18 @@ async fn closed_port_is_502_upstream_unreachable() {
     );
 }
 
+/// A GET that the upstream answers after 2 s.
+async fn get_slow(proxy: &TestProxy) -> common::Reply {
+    let headers = [("x-test-delay-ms", "2000")];
+    TestClient::new()
+        .send("GET", &proxy.url("/slow"), &headers, Bytes::new())
+        .await
+}
+
 #[tokio::test]
 async fn slow_upstream_is_504_upstream_timeout() {
     let (_upstream, proxy) = passthrough("", ALL).await;
-    let reply = TestClient::new()
-        .send(
-            "GET",
-            &proxy.url("/slow"),
-            &[("x-test-delay-ms", "2000")],
-            Bytes::new(),
-        )
-        .await;
+    let reply = get_slow(&proxy).await;
     assert_eq!(
         (reply.status.as_u16(), reply.code().as_str()),
         (504, "upstream_timeout")
@@ -187,14 +188,7 @@ async fn slow_upstream_is_504_upstream_timeout() {
 async fn total_timeout_bounds_the_exchange() {
     let routes = "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 10s, total: 300ms } }";
     let (_upstream, proxy) = passthrough("", routes).await;
-    let reply = TestClient::new()
-        .send(
-            "GET",
-            &proxy.url("/slow"),
-            &[("x-test-delay-ms", "2000")],
-            Bytes::new(),
-        )
-        .await;
+    let reply = get_slow(&proxy).await;
     assert_eq!(reply.code(), "upstream_timeout");
 }
 
