@@ -208,11 +208,11 @@ impl Proxy {
 
     async fn dispatch(&self, request: Request<ProxyBody>, ctx: &mut Ctx) -> Response<ProxyBody> {
         let routing = self.routing();
-        let host = request_host(&request);
-        let Some(route) =
-            routing
-                .routes
-                .find(request.method(), host.as_deref(), request.uri().path())
+        let host = request_host_value(request.headers(), request.uri());
+        let host = host.as_ref().and_then(|v| v.to_str().ok());
+        let Some(route) = routing
+            .routes
+            .find(request.method(), host, request.uri().path())
         else {
             ctx.outcome = "rejected";
             return Problem::new(Code::NoRoute, "no route matches this method, host and path")
@@ -327,11 +327,6 @@ pub fn timeout_problem() -> Response<ProxyBody> {
 }
 
 /// The Host the client addressed: the Host header, or the URI's authority (HTTP/2).
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    request_host_value(request.headers(), request.uri())
-        .and_then(|v| v.to_str().ok().map(str::to_owned))
-}
-
 fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
     headers.get(header::HOST).cloned().or_else(|| {
         uri.authority()

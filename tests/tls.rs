@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -154,27 +154,21 @@ struct TlsRedis(Child, u16);
 impl TlsRedis {
     fn start(pki: &Pki) -> TlsRedis {
         let port = common::redis_server::free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--tls-cert-file", pki.server_cert.to_str().unwrap()])
-            .args(["--tls-key-file", pki.server_key.to_str().unwrap()])
-            .args(["--tls-ca-cert-file", pki.ca.to_str().unwrap()])
-            .args(["--tls-auth-clients", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install -y redis-server) is needed for this test");
+        let port_text = port.to_string();
+        let child = common::redis_server::spawn_redis(&[
+            "--port",
+            "0",
+            "--tls-port",
+            &port_text,
+            "--tls-cert-file",
+            pki.server_cert.to_str().unwrap(),
+            "--tls-key-file",
+            pki.server_key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            pki.ca.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ]);
         TlsRedis(child, port)
     }
 }

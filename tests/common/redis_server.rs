@@ -37,27 +37,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}). The Redis tests need it: install it with \
-                     `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`, \
-                     or point REDIS_URL at a Redis you can flush"
-                )
-            });
+        let child = spawn_redis(&["--port", &self.port.to_string()]);
         self.child = Some(child);
     }
 
@@ -153,6 +133,24 @@ impl Drop for RedisServer {
     }
 }
 
+/// `redis-server --bind 127.0.0.1 --save '' --appendonly no` plus `args`,
+/// quiet; fails with a how-to when redis-server is missing (never skips).
+pub fn spawn_redis(args: &[&str]) -> Child {
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start redis-server ({e}). The Redis tests need it: install it with \
+                 `apt-get install -y redis-server` (Debian/Ubuntu) or `brew install redis`, \
+                 or point REDIS_URL at a Redis you can flush"
+            )
+        })
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -176,15 +174,17 @@ impl RedisCluster {
             let port = free_port();
             let node_dir = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .arg("--dir")
-                .arg(&node_dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is needed for the cluster tests (apt-get install -y redis-server)");
+            let port_text = port.to_string();
+            let child = spawn_redis(&[
+                "--port",
+                &port_text,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--dir",
+                node_dir.to_str().unwrap(),
+            ]);
             let node = RedisServer {
                 port,
                 url: format!("redis://127.0.0.1:{port}"),

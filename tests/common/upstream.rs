@@ -89,24 +89,18 @@ impl TestUpstream {
 
     /// Headers of the last request that reached the upstream.
     pub fn last_headers(&self) -> HeaderMap {
-        self.seen
-            .heads
-            .lock()
-            .unwrap()
-            .last()
-            .expect("a request reached the upstream")
-            .1
-            .clone()
+        self.last().1
     }
 
     pub fn last_uri(&self) -> String {
-        self.seen
-            .heads
-            .lock()
-            .unwrap()
+        self.last().0
+    }
+
+    fn last(&self) -> (String, HeaderMap) {
+        let heads = self.seen.heads.lock().unwrap();
+        heads
             .last()
             .expect("a request reached the upstream")
-            .0
             .clone()
     }
 }
