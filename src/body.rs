@@ -3,6 +3,8 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 
+use crate::upstream::UpstreamBody;
+
 /// Errors of any body source (client, upstream) share one boxed type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -77,12 +79,12 @@ pub enum Collected {
     /// Over the limit: what was read, and the rest still to stream.
     Over {
         prefix: Bytes,
-        rest: hyper::body::Incoming,
+        rest: UpstreamBody,
     },
     Broken,
 }
 
-pub async fn collect_up_to(mut body: hyper::body::Incoming, limit: u64) -> Collected {
+pub async fn collect_up_to(mut body: UpstreamBody, limit: u64) -> Collected {
     let mut buf = bytes::BytesMut::new();
     loop {
         match body.frame().await {
@@ -104,7 +106,7 @@ pub async fn collect_up_to(mut body: hyper::body::Incoming, limit: u64) -> Colle
 }
 
 /// `prefix` followed by the rest of a body.
-pub fn prefixed(prefix: Bytes, rest: hyper::body::Incoming) -> ProxyBody {
+pub fn prefixed(prefix: Bytes, rest: UpstreamBody) -> ProxyBody {
     Prefixed {
         prefix: Some(prefix),
         rest,
@@ -114,7 +116,7 @@ pub fn prefixed(prefix: Bytes, rest: hyper::body::Incoming) -> ProxyBody {
 
 struct Prefixed {
     prefix: Option<Bytes>,
-    rest: hyper::body::Incoming,
+    rest: UpstreamBody,
 }
 
 impl hyper::body::Body for Prefixed {

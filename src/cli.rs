@@ -37,12 +37,22 @@ pub struct ConfigArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (and its admin listener).
-    Serve(ConfigArg),
+    Serve(ServeArgs),
     /// Validate the configuration and print the effective routes.
     Check(ConfigArg),
     /// Inspect and resolve stored idempotency records.
     #[command(subcommand)]
     Keys(KeysCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Worker threads; defaults to the CPUs this process may use (affinity
+    /// mask, cgroup quota). With one, a single-threaded scheduler runs everything.
+    #[arg(long, env = "IDEMGATE_WORKERS")]
+    pub workers: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Debug, Args)]

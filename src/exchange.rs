@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -23,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
 use crate::store::Store;
-use crate::upstream::{Admission, SendError, Upstream, failed_status};
+use crate::upstream::{Admission, SendError, Upstream, UpstreamBody, failed_status};
 
 /// An attempt that owns its key (by `token`) until `lease_deadline`.
 pub struct Exchange {
@@ -155,7 +154,7 @@ impl Exchange {
 
     /// Stores the response (when its status is stored) before it is sent;
     /// says whether it was recorded.
-    async fn record(&self, response: Response<Incoming>) -> (Response<ProxyBody>, bool) {
+    async fn record(&self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();

@@ -15,10 +15,19 @@ fn main() -> ExitCode {
     let _logs = init_logging(&cli);
     // One crypto provider for the whole process (see ARCHITECTURE.md).
     idemgate::tls::install_provider();
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let workers = match &cli.command {
+        Command::Serve(args) => args.workers,
+        _ => None,
+    }
+    .or_else(|| std::thread::available_parallelism().ok())
+    .map_or(1, std::num::NonZeroUsize::get);
+    let runtime = runtime(workers);
     let result = match cli.command {
         Command::Check(args) => return check(&args.config),
-        Command::Serve(args) => runtime.block_on(serve(&args.config)),
+        Command::Serve(args) => {
+            tracing::info!(workers, "runtime started");
+            runtime.block_on(serve(&args.config.config))
+        }
         Command::Keys(keys) => runtime.block_on(idemgate_keys(keys)),
     };
     match result {
@@ -28,6 +37,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// On one CPU a single-threaded scheduler (no work-stealing bookkeeping, no
+/// cross-thread wake-ups); otherwise a worker thread per CPU.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build().expect("a tokio runtime")
 }
 
 /// Logs go to stdout through a background writer, so that a slow reader

@@ -226,9 +226,10 @@ impl Proxy {
             .filter(|p| p.methods.contains(request.method()))
         {
             None => self.pass_through(&upstream, request, ctx).await,
+            // Boxed: the gate's future is large, and pass-through requests
+            // would otherwise carry (and copy) its size too.
             Some(policy) => {
-                self.protect(route.clone(), policy, upstream, request, ctx)
-                    .await
+                Box::pin(self.protect(route.clone(), policy, upstream, request, ctx)).await
             }
         }
     }

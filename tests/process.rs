@@ -24,6 +24,17 @@ fn write_config(
     path
 }
 
+/// The memory store, route `orders` on `/api`.
+fn write_memory_config(dir: &tempfile::TempDir, upstream: &TestUpstream) -> std::path::PathBuf {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_flight_then_restart_then_lease_end_is_unknown() {
     let redis = RedisServer::start().await;
@@ -251,12 +262,7 @@ async fn sighup_reloads_a_valid_file_and_keeps_the_old_one_on_an_invalid_file() 
 async fn every_log_line_of_a_request_carries_its_trace_id() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idemgate.yaml");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
-        upstream.addr
-    );
-    std::fs::write(&path, yaml).unwrap();
+    let path = write_memory_config(&dir, &upstream);
     let proxy = Binary::serve(&path);
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
@@ -286,4 +292,48 @@ async fn every_log_line_of_a_request_carries_its_trace_id() {
     for line in &lines {
         assert!(line.contains(trace), "no trace id in: {line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_flag_and_env_size_the_runtime_and_one_worker_serves() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config(&dir, &upstream);
+    let client = TestClient::new();
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let runs: [(&[&str], Env, u64); 2] = [
+        (&["--workers", "3"], &[], 3),
+        (&[], &[("IDEMGATE_WORKERS", "1")], 1),
+    ];
+    for (args, env, want) in runs {
+        let mut proxy = Binary::serve_with(&path, args, env);
+        let workers = proxy.log().iter().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "runtime started").then(|| v["workers"].as_u64())?
+        });
+        assert_eq!(workers, Some(want));
+        for i in 0..10 {
+            let key = format!("k-workers-{want}-{i}");
+            let headers = [("idempotency-key", key.as_str())];
+            for _ in 0..2 {
+                let reply = client
+                    .send("POST", &proxy.url("/api/o"), &headers, "{}")
+                    .await;
+                assert_eq!(reply.status, 201, "{:?}", reply.body);
+            }
+        }
+        proxy.signal("TERM");
+        assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+    assert_eq!(
+        upstream.hits(),
+        20,
+        "every key forwarded once, its duplicate replayed"
+    );
+    let zero = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(["serve", "--workers", "0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(zero.status.code(), Some(2), "--workers 0 is a usage error");
 }

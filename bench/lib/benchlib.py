@@ -684,6 +684,26 @@ def report(argv):
     print("\n".join(md))
 
 
+def ab_summary(argv):
+    """Medians per target of bench/ab's runs, and ratios to the first target per round."""
+    raw, names = argv[0], argv[1:]
+    with open(raw) as f:
+        rows = [json.loads(line) for line in f]
+    by = {(r["target"], r["rep"]): r for r in rows}
+    rounds = sorted({r["rep"] for r in rows})
+    base = names[0]
+    print(f"\n{'target':<12} {'req/s':>9} {'cpu-s/1k':>9} {'user µs':>8} {'sys µs':>7} {'spread':>7} "
+          f"{'req/s vs ' + base:>14} {'cpu vs ' + base:>12}")
+    for name in names:
+        runs = [by[(name, r)] for r in rounds if (name, r) in by]
+        rps = [r["rps"] for r in runs]
+        ratio_rps = [by[(name, r)]["rps"] / by[(base, r)]["rps"] for r in rounds]
+        ratio_cpu = [by[(name, r)]["cpu_s_per_1k"] / by[(base, r)]["cpu_s_per_1k"] for r in rounds]
+        print(f"{name:<12} {med(rps):>9.0f} {med([r['cpu_s_per_1k'] for r in runs]):>9.4f} "
+              f"{med([r['user_us_per_req'] for r in runs]):>8.2f} {med([r['sys_us_per_req'] for r in runs]):>7.2f} "
+              f"{spread(rps):>7.0%} {med(ratio_rps):>13.2f}x {med(ratio_cpu):>11.2f}x")
+
+
 def main():
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
@@ -704,6 +724,8 @@ def main():
         mem_record(args)
     elif cmd == "s4-record":
         s4_record(args)
+    elif cmd == "ab-summary":
+        ab_summary(args)
     elif cmd == "report":
         report(args)
     else:

@@ -3,7 +3,9 @@
 //! Two backends behind one small interface: `memory` (embedded, the
 //! default) and `redis`. Each transition (claim, complete, release, mark
 //! unknown) is one atomic step fenced by the attempt's owner token. Every
-//! call is timed and its failures counted here.
+//! call is timed and its failures counted here. Redis calls are boxed: their
+//! futures are large, and every future that awaits a store call would carry
+//! (and copy) their size even on the memory store.
 
 pub mod memory;
 mod redis;
@@ -97,7 +99,7 @@ impl Store {
         self.timed("claim", async {
             match &self.kind {
                 Kind::Memory(s) => s.claim(req),
-                Kind::Redis(s) => s.claim(req).await,
+                Kind::Redis(s) => Box::pin(s.claim(req)).await,
             }
         })
         .await
@@ -114,7 +116,7 @@ impl Store {
         self.timed("complete", async {
             match &self.kind {
                 Kind::Memory(s) => s.complete(key, token, response, ttl),
-                Kind::Redis(s) => s.complete(key, token, response, ttl).await,
+                Kind::Redis(s) => Box::pin(s.complete(key, token, response, ttl)).await,
             }
         })
         .await
@@ -125,7 +127,7 @@ impl Store {
         self.timed("release", async {
             match &self.kind {
                 Kind::Memory(s) => s.release(key, token),
-                Kind::Redis(s) => s.release(key, token).await,
+                Kind::Redis(s) => Box::pin(s.release(key, token)).await,
             }
         })
         .await
@@ -136,7 +138,7 @@ impl Store {
         self.timed("mark_unknown", async {
             match &self.kind {
                 Kind::Memory(s) => s.mark_unknown(key, token),
-                Kind::Redis(s) => s.mark_unknown(key, token).await,
+                Kind::Redis(s) => Box::pin(s.mark_unknown(key, token)).await,
             }
         })
         .await
@@ -153,7 +155,7 @@ impl Store {
         self.timed("resolve", async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.resolve(key, response, ttl)),
-                Kind::Redis(s) => s.resolve(key, response, ttl).await,
+                Kind::Redis(s) => Box::pin(s.resolve(key, response, ttl)).await,
             }
         })
         .await
@@ -163,7 +165,7 @@ impl Store {
         self.timed("get", async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.get(key)),
-                Kind::Redis(s) => s.get(key).await,
+                Kind::Redis(s) => Box::pin(s.get(key)).await,
             }
         })
         .await
@@ -174,7 +176,7 @@ impl Store {
         self.timed("purge", async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.purge(key)),
-                Kind::Redis(s) => s.purge(key).await,
+                Kind::Redis(s) => Box::pin(s.purge(key)).await,
             }
         })
         .await
@@ -189,7 +191,7 @@ impl Store {
             .timed("list", async {
                 match &self.kind {
                     Kind::Memory(s) => Ok(s.records()),
-                    Kind::Redis(s) => s.records(route).await,
+                    Kind::Redis(s) => Box::pin(s.records(route)).await,
                 }
             })
             .await?;

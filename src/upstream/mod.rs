@@ -1,23 +1,22 @@
-//! One upstream: its pooled HTTP client, URL joining, the send step, and
+//! One upstream: its connection pool, URL joining, the send step, and
 //! the two guards in front of it (bulkhead and circuit breaker).
 
 pub mod breaker;
+mod pool;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
 use crate::problem::{Code, Problem};
 use breaker::{Admit, Breaker};
+use pool::Pool;
+pub use pool::UpstreamBody;
 
 /// How sending a request failed, which decides what the client is told.
 #[derive(Debug)]
@@ -32,7 +31,7 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     /// The `Host` header for the upstream.
     pub authority: HeaderValue,
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    pool: Arc<Pool>,
     /// `max_in_flight` permits; no queueing beyond them.
     bulkhead: Arc<Semaphore>,
     pub breaker: Breaker,
@@ -72,8 +71,8 @@ pub fn failed_status(status: u16) -> bool {
 }
 
 impl Upstream {
-    /// A pooled client for `http://` or `https://` (system roots, or
-    /// `tls.ca_file`; a client certificate for mutual TLS; SNI from the URL).
+    /// Pooled HTTP/1.1 connections over `http://` or `https://` (system roots,
+    /// or `tls.ca_file`; a client certificate for mutual TLS; SNI from the URL).
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, crate::tls::TlsError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -85,14 +84,17 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .build(connector);
+        let target = Uri::builder()
+            .scheme(config.scheme.clone())
+            .authority(config.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a scheme and an authority make a URI");
         Ok(Upstream {
             authority: HeaderValue::from_str(config.authority.as_str())
                 .expect("an authority is a valid header value"),
             config: config.clone(),
-            client,
+            pool: Pool::new(connector, target),
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             breaker: Breaker::new(config.circuit_breaker.clone()),
         })
@@ -131,7 +133,8 @@ impl Upstream {
         }
     }
 
-    /// The upstream URI for a client's request: base path joined, query kept.
+    /// The upstream's request target (origin form) for a client's request:
+    /// base path joined, query kept.
     pub fn uri_for(&self, original: &Uri) -> Uri {
         let path_and_query = match original.path_and_query() {
             // Without a base path the client's path and query are reused as they are.
@@ -147,25 +150,17 @@ impl Upstream {
                     .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
             }
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.config.scheme.clone());
-        parts.authority = Some(self.config.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+        Uri::from(path_and_query)
     }
 
-    /// Sends one request. The client never re-sends a request whose bytes
-    /// may have reached the upstream (hyper retries only requests that were
-    /// canceled before being written to a pooled connection).
-    pub async fn send(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, SendError> {
-        self.client.request(request).await.map_err(|e| {
-            let detail = error_chain(&e);
-            if e.is_connect() || handshake_rejected(&e) {
-                SendError::Connect(detail)
-            } else {
-                SendError::Broken(detail)
-            }
-        })
+    /// Sends one request (origin-form URI, Host set). A request whose bytes
+    /// may have reached the upstream is never sent again; only one that
+    /// hyper handed back unwritten goes out on another connection.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        self.pool.send(request).await
     }
 }
 
@@ -222,19 +217,15 @@ mod tests {
             (
                 "http://127.0.0.1:9000",
                 "/api/orders?x=1",
-                "http://127.0.0.1:9000/api/orders?x=1",
+                "/api/orders?x=1",
             ),
-            ("http://127.0.0.1:9000/", "/a", "http://127.0.0.1:9000/a"),
+            ("http://127.0.0.1:9000/", "/a", "/a"),
             (
                 "http://127.0.0.1:9000/erp",
                 "/api/orders/7",
-                "http://127.0.0.1:9000/erp/api/orders/7",
+                "/erp/api/orders/7",
             ),
-            (
-                "http://127.0.0.1:9000/erp/",
-                "/",
-                "http://127.0.0.1:9000/erp/",
-            ),
+            ("http://127.0.0.1:9000/erp/", "/", "/erp/"),
         ] {
             let yaml = format!(
                 "upstreams: {{ u: {{ url: \"{base}\" }} }}\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: u }} ]\n"

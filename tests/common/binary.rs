@@ -17,9 +17,20 @@ pub struct Binary {
 impl Binary {
     /// Runs `idemgate serve --config <path>` and waits (bounded) for its listening line.
     pub fn serve(config_path: &std::path::Path) -> Binary {
+        Binary::serve_with(config_path, &[], &[])
+    }
+
+    /// `serve` with more arguments and environment variables.
+    pub fn serve_with(
+        config_path: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
             .args(["serve", "--log-format", "json", "--config"])
             .arg(config_path)
+            .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

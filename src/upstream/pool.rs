@@ -1,0 +1,261 @@
+//! Keep-alive HTTP/1.1 connections to one upstream, driven by the task that
+//! uses them: a request and its response body poll the connection
+//! themselves, so there is no connection task and no channel hop per request.
+
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use super::{SendError, error_chain, handshake_rejected};
+use crate::body::ProxyBody;
+
+/// How long an unused connection is kept open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle connections are checked for expiry and for a close by the upstream.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// One connection: the handle that sends requests and the state machine
+/// that does its I/O whenever it is polled. Kept boxed: it is a few KB (TLS
+/// state, buffers) and moves between the pool, a request and its body.
+struct Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    driver: http1::Connection<Io, ProxyBody>,
+}
+
+impl Conn {
+    /// Moves the connection's I/O along; false once the connection has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        Pin::new(&mut self.driver).poll(cx).is_pending()
+    }
+
+    /// Whether the connection is open and idle, ready for a request.
+    fn ready(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx) && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+}
+
+struct Idle {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/` of the upstream, what the connector dials.
+    target: Uri,
+    /// Most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    reaping: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Arc<Pool> {
+        Arc::new(Pool {
+            connector,
+            target,
+            idle: Mutex::new(Vec::new()),
+            reaping: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends `request` (origin-form URI, Host set) on an idle connection or
+    /// a new one. A request goes out again only when hyper hands it back
+    /// unsent, which happens when a pooled connection turned out to be closed.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        loop {
+            let (mut conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
+                // Boxed: connecting is rare, and its future is large.
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            let mut response = pin!(conn.sender.try_send_request(request));
+            let mut open = true;
+            let result = poll_fn(|cx| {
+                if open {
+                    open = conn.drive(cx);
+                }
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match result {
+                Ok(response) => {
+                    let checkout = open.then(|| Checkout {
+                        conn,
+                        pool: Arc::downgrade(self),
+                    });
+                    return Ok(response.map(|body| UpstreamBody {
+                        body,
+                        conn: checkout,
+                    }));
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    Some(_) => return Err(SendError::Connect(error_chain(&error.into_error()))),
+                    None => {
+                        let error = error.into_error();
+                        let detail = error_chain(&error);
+                        return Err(if handshake_rejected(&error) {
+                            SendError::Connect(detail)
+                        } else {
+                            SendError::Broken(detail)
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<Box<Conn>> {
+        loop {
+            let Idle { mut conn, since } = self.idle.lock().expect("pool lock").pop()?;
+            if since.elapsed() < IDLE_TIMEOUT && conn.ready() {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<Conn>, SendError> {
+        let mut connector = self.connector.clone();
+        let connect = |e: &(dyn std::error::Error + 'static)| SendError::Connect(error_chain(e));
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| connect(&*e))?;
+        let io = connector
+            .call(self.target.clone())
+            .await
+            .map_err(|e| connect(&*e))?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| connect(&e))?;
+        Ok(Box::new(Conn { sender, driver }))
+    }
+
+    fn put(self: &Arc<Self>, conn: Box<Conn>) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let since = Instant::now();
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .push(Idle { conn, since });
+        self.start_reaper();
+    }
+
+    /// A task that closes expired idle connections and drops those the
+    /// upstream closed, until the pool is gone (after a reload).
+    fn start_reaper(self: &Arc<Self>) {
+        if self.reaping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let mut cx = Context::from_waker(Waker::noop());
+                pool.idle.lock().expect("pool lock").retain_mut(|idle| {
+                    idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.drive(&mut cx)
+                });
+            }
+        });
+    }
+
+    /// Idle connections right now.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
+    }
+}
+
+/// A connection lent to one exchange, on its way back to the pool.
+struct Checkout {
+    conn: Box<Conn>,
+    pool: Weak<Pool>,
+}
+
+/// An upstream response body. Polling it also drives its connection, which
+/// goes back to the pool once the body has been read to its end; a body
+/// dropped before its end closes the connection.
+pub struct UpstreamBody {
+    body: Incoming,
+    conn: Option<Checkout>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(Checkout { conn, pool }) = self.conn.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            pool.put(conn);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(checkout) = &mut this.conn
+            && !checkout.conn.drive(cx)
+        {
+            this.conn = None;
+        }
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Err(_)) => this.conn = None,
+            _ if frame.is_none() || this.body.is_end_stream() => this.release(),
+            _ => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    /// Servers stop polling a body whose size says it is complete.
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

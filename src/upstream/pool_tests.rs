@@ -1,0 +1,161 @@
+//! The pool against a raw TCP upstream: reuse, a half-read body, and
+//! connections the upstream closed while they sat idle.
+
+use std::sync::atomic::AtomicUsize;
+
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::*;
+
+struct TestUpstream {
+    uri: Uri,
+    accepted: Arc<AtomicUsize>,
+    /// Tells the upstream to close its idle connection (with `close_when_idle`).
+    close: Arc<tokio::sync::Notify>,
+    /// One message per connection the upstream closed.
+    closed: mpsc::UnboundedReceiver<()>,
+}
+
+impl TestUpstream {
+    /// Closes the idle connection on the upstream's side and waits until it has.
+    async fn close_idle_connection(&mut self) {
+        self.close.notify_one();
+        self.closed.recv().await.unwrap();
+    }
+}
+
+/// An upstream answering each request with a body of `size` bytes; with
+/// `close_when_idle`, it closes a connection after its first answer when told
+/// to (without saying so in the response, as after a keep-alive timeout).
+async fn upstream(size: usize, close_when_idle: bool) -> TestUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}/", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (closed_tx, closed) = mpsc::unbounded_channel();
+    let close = Arc::new(tokio::sync::Notify::new());
+    let close_signal = close.clone();
+    let mut reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").into_bytes();
+    reply.resize(reply.len() + size, b'x');
+    let reply = Bytes::from(reply);
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let (reply, closed_tx, close) =
+                (reply.clone(), closed_tx.clone(), close_signal.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0; 4096];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 || socket.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    if close_when_idle {
+                        close.notified().await;
+                        drop(socket);
+                        let _ = closed_tx.send(());
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    TestUpstream {
+        uri,
+        accepted,
+        close,
+        closed,
+    }
+}
+
+fn pool(target: &Uri) -> Arc<Pool> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::tls::client_config(None).unwrap())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Pool::new(connector, target.clone())
+}
+
+fn get(target: &Uri) -> Request<ProxyBody> {
+    Request::get("/")
+        .header(http::header::HOST, target.authority().unwrap().as_str())
+        .body(crate::body::empty())
+        .unwrap()
+}
+
+async fn read_all(pool: &Arc<Pool>, target: &Uri) -> usize {
+    let response = pool.send(get(target)).await.unwrap();
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .len()
+}
+
+#[tokio::test]
+async fn a_connection_read_to_its_end_is_reused() {
+    let upstream = upstream(2, false).await;
+    let pool = pool(&upstream.uri);
+    for _ in 0..5 {
+        assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    }
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.idle_count(), 1);
+}
+
+#[tokio::test]
+async fn a_body_dropped_before_its_end_closes_its_connection() {
+    let upstream = upstream(1 << 20, false).await;
+    let pool = pool(&upstream.uri);
+    let mut body = pool.send(get(&upstream.uri)).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.len() < 1 << 20, "the body arrives in several frames");
+    drop(body);
+    assert_eq!(
+        pool.idle_count(),
+        0,
+        "a half-read connection is not lent again"
+    );
+    assert_eq!(read_all(&pool, &upstream.uri).await, 1 << 20);
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.idle_count(), 1);
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+    let mut upstream = upstream(2, true).await;
+    let pool = pool(&upstream.uri);
+    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    assert_eq!(pool.idle_count(), 1);
+    upstream.close_idle_connection().await;
+    // The stale connection is found closed at checkout; the request goes out on a new one.
+    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn the_reaper_drops_connections_the_upstream_closed() {
+    let mut upstream = upstream(2, true).await;
+    let pool = pool(&upstream.uri);
+    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    assert_eq!(pool.idle_count(), 1);
+    upstream.close_idle_connection().await;
+    let deadline = Instant::now() + REAP_EVERY * 3;
+    while pool.idle_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reaper never dropped the closed connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
