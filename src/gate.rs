@@ -66,7 +66,7 @@ impl Proxy {
             &body,
         );
         let storage_key = StorageKey {
-            route: route.name.clone(),
+            route: route.name.to_string(),
             scope: scope_hash(&parts.headers, &policy.scope_headers),
             key,
         };

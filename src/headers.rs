@@ -47,35 +47,60 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct RequestIds {
     /// The client's `X-Request-Id`, or a new one.
     pub request_id: HeaderValue,
-    /// 32 hex digits, from the client's `traceparent` or new.
-    pub trace_id: String,
-    /// The `traceparent` sent upstream: same trace, a new span id.
+    /// The `traceparent` sent upstream: the client's trace (or a new one), a
+    /// new span id.
     pub traceparent: HeaderValue,
 }
 
 impl RequestIds {
+    /// Built on the stack: one allocation per new id, no formatting.
     pub fn from_headers(headers: &HeaderMap) -> RequestIds {
         let request_id = headers
             .get(&X_REQUEST_ID)
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .cloned()
-            .unwrap_or_else(|| header_value(random_id()));
+            .unwrap_or_else(|| {
+                let mut id = [0; 32];
+                hex_into(fastrand::u128(..), &mut id);
+                HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+            });
         let (trace_id, flags) = headers
             .get(&TRACEPARENT)
             .and_then(|v| parse_traceparent(v.to_str().ok()?))
-            .unwrap_or_else(|| (random_id(), "01".to_owned()));
-        let span_id = fastrand::u64(..);
-        let traceparent = header_value(format!("00-{trace_id}-{span_id:016x}-{flags}"));
+            .unwrap_or_else(|| {
+                let mut trace_id = [0; 32];
+                hex_into(fastrand::u128(..), &mut trace_id);
+                (trace_id, *b"01")
+            });
+        // 00-<trace id>-<span id>-<flags>
+        let mut traceparent = *b"00-################################-################-##";
+        traceparent[3..35].copy_from_slice(&trace_id);
+        hex_into(u128::from(fastrand::u64(..)), &mut traceparent[36..52]);
+        traceparent[53..].copy_from_slice(&flags);
         RequestIds {
             request_id,
-            trace_id,
-            traceparent,
+            traceparent: HeaderValue::from_bytes(&traceparent)
+                .expect("hex is a valid header value"),
         }
+    }
+
+    /// 32 hex digits, from the client's `traceparent` or new.
+    pub fn trace_id(&self) -> &str {
+        let traceparent = self.traceparent.as_bytes();
+        std::str::from_utf8(&traceparent[3..35]).expect("built from hex")
+    }
+}
+
+/// Writes the low `out.len()` hex digits of `value` into `out`.
+fn hex_into(mut value: u128, out: &mut [u8]) {
+    for digit in out.iter_mut().rev() {
+        *digit = b"0123456789abcdef"[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 
 /// W3C trace context: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
+fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
     let mut parts = value.trim().split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -91,24 +116,40 @@ fn parse_traceparent(value: &str) -> Option<(String, String)> {
         && hex(parent, 16)
         && parent.bytes().any(|b| b != b'0')
         && hex(flags, 2);
-    valid.then(|| (trace.to_owned(), flags.to_owned()))
+    valid.then(|| {
+        let trace: [u8; 32] = trace.as_bytes().try_into().expect("checked length");
+        let flags: [u8; 2] = flags.as_bytes().try_into().expect("checked length");
+        (trace, flags)
+    })
 }
 
-/// 32 random hex digits (128 bits), e.g. a trace id, a request id or an owner token.
+/// 32 random hex digits (128 bits), e.g. an owner token.
 pub fn random_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    let mut id = [0; 32];
+    hex_into(fastrand::u128(..), &mut id);
+    String::from_utf8(id.to_vec()).expect("hex is UTF-8")
 }
 
-/// A header value made from a `String` without copying it again.
-fn header_value(text: String) -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
-        .expect("hex and dashes are a valid header value")
+/// The client end of a connection, as the proxy forwards it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's IP for `X-Forwarded-For`, made once per connection.
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip =
+            HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a valid header value");
+        Peer { addr, ip }
+    }
 }
 
 /// Rewrites a client's request headers for the upstream.
 pub fn forward_headers(
     headers: &mut HeaderMap,
-    peer: SocketAddr,
+    peer: &Peer,
     tls: bool,
     upstream_authority: &HeaderValue,
     ids: &RequestIds,
@@ -116,12 +157,11 @@ pub fn forward_headers(
     original_host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(headers);
-    let client_ip = peer.ip().to_string();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip,
+        Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", peer.addr.ip())).ok(),
+        None => Some(peer.ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(&X_FORWARDED_FOR, value);
     }
     headers.insert(
@@ -168,7 +208,7 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert(&TRACEPARENT, HeaderValue::from_static(tp));
         let ids = RequestIds::from_headers(&h);
-        assert_eq!(ids.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ids.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let sent = ids.traceparent.to_str().unwrap();
         assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(sent.ends_with("-01"));
@@ -185,8 +225,14 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(&TRACEPARENT, HeaderValue::from_static(bad));
             let ids = RequestIds::from_headers(&h);
-            assert_eq!(ids.trace_id.len(), 32);
-            assert!(!bad.contains(&ids.trace_id));
+            let trace_id = ids.trace_id();
+            assert_eq!(trace_id.len(), 32);
+            assert!(
+                trace_id
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+            assert!(!bad.contains(trace_id));
         }
     }
 }

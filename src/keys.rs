@@ -163,7 +163,7 @@ async fn find(
     store: &Store,
     args: &KeyArgs,
 ) -> anyhow::Result<Vec<(StorageKey, Record)>> {
-    if !config.routes.iter().any(|r| r.name == args.route) {
+    if !config.routes.iter().any(|r| *r.name == *args.route) {
         bail!("route {:?} is not in the configuration", args.route);
     }
     let found = store
@@ -183,7 +183,7 @@ pub fn is_unknown(config: &Config, key: &StorageKey, record: &Record, now: u64) 
             let locks = config
                 .routes
                 .iter()
-                .find(|r| r.name == key.route)
+                .find(|r| *r.name == *key.route)
                 .and_then(|r| r.idempotency.as_ref())
                 .is_none_or(|p| p.on_unknown == OnUnknown::Lock);
             locks && record.lease_end_ms <= now

@@ -24,10 +24,7 @@ fn main() -> ExitCode {
     let runtime = runtime(workers);
     let result = match cli.command {
         Command::Check(args) => return check(&args.config),
-        Command::Serve(args) => {
-            tracing::info!(workers, "runtime started");
-            runtime.block_on(serve(&args.config.config))
-        }
+        Command::Serve(args) => runtime.block_on(serve(&args.config.config)),
         Command::Keys(keys) => runtime.block_on(idemgate_keys(keys)),
     };
     match result {
@@ -102,7 +99,8 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     if let Some(admin) = &listeners.admin {
         tracing::info!(address = %admin.local_addr()?, "admin listening");
     }
-    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), "idemgate listening");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), workers, "idemgate listening");
     idemgate::server::serve(config, listeners, shutdown_signal(), Some(path.to_owned())).await?;
     tracing::info!("stopped");
     Ok(())

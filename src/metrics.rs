@@ -2,6 +2,8 @@
 //! registry). Labels are route, upstream, method and store operation names
 //! only, never paths or keys, so cardinality stays bounded.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,26 +13,26 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
+    pub route: Arc<str>,
     pub method: &'static str,
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
-    pub route: String,
+    pub route: Arc<str>,
     /// `2xx` .. `5xx`.
     pub class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    pub upstream: String,
+    pub upstream: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,17 +151,18 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, route: &str, method: &http::Method, outcome: &'static str) {
+    /// Counts a request (`route` is empty when no route matched).
+    pub fn request(&self, route: &Arc<str>, method: &http::Method, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
+                route: route.clone(),
                 method: method_label(method),
                 outcome,
             })
             .inc();
     }
 
-    pub fn response(&self, route: &str, status: u16) {
+    pub fn response(&self, route: &Arc<str>, status: u16) {
         let class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -169,7 +172,7 @@ impl Metrics {
         };
         self.responses
             .get_or_create(&ResponseLabels {
-                route: route.to_owned(),
+                route: route.clone(),
                 class,
             })
             .inc();
@@ -178,7 +181,7 @@ impl Metrics {
     pub fn route_counter(family: &Family<RouteLabels, Counter>, route: &str) {
         family
             .get_or_create(&RouteLabels {
-                route: route.to_owned(),
+                route: route.into(),
             })
             .inc();
     }

@@ -1,6 +1,5 @@
 //! `Proxy::handle`: the life of a request, top to bottom.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +11,7 @@ use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, OnUnavailable, Route};
-use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::headers::{self, Peer, RequestIds, X_REQUEST_ID};
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
@@ -78,7 +77,7 @@ impl Routing {
 /// One request as it travels: its arrival, ids and what the access log will say.
 pub struct Ctx {
     pub arrived: Instant,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     pub ids: RequestIds,
     pub route: Option<Arc<Route>>,
     pub outcome: &'static str,
@@ -164,7 +163,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> Response<ProxyBody> {
         let mut ctx = Ctx {
             arrived: Instant::now(),
@@ -176,9 +175,10 @@ impl Proxy {
             upstream_ms: None,
         };
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        let path = tracing::enabled!(target: "idemgate::access", tracing::Level::INFO)
+            .then(|| request.uri().path().to_owned());
         // Every log line of this request (the exchange task's too) carries its trace id.
-        let span = tracing::info_span!("request", trace_id = %ctx.ids.trace_id);
+        let span = tracing::info_span!("request", trace_id = ctx.ids.trace_id());
         let mut response = self
             .dispatch(request.map(body::boxed), &mut ctx)
             .instrument(span)
@@ -186,13 +186,16 @@ impl Proxy {
         response
             .headers_mut()
             .insert(&X_REQUEST_ID, ctx.ids.request_id.clone());
-        log_request(&ctx, &method, &path, response.status().as_u16());
+        if let Some(path) = path {
+            log_request(&ctx, &method, &path, response.status().as_u16());
+        }
         self.count(&ctx, &method, response.status().as_u16());
         response
     }
 
     fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
-        let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
+        static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
+        let route = ctx.route.as_ref().map_or(&*NO_ROUTE, |r| &r.name);
         self.metrics.request(route, method, ctx.outcome);
         self.metrics.response(route, status);
         if let (Some(route), Some(ms)) = (&ctx.route, ctx.upstream_ms) {
@@ -286,7 +289,7 @@ impl Proxy {
         let budget = route.timeouts.total.saturating_sub(ctx.arrived.elapsed());
         headers::forward_headers(
             &mut parts.headers,
-            ctx.peer,
+            &ctx.peer,
             self.tls.is_some(),
             &upstream.authority,
             &ctx.ids,
@@ -339,7 +342,7 @@ fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<Head
 fn log_request(ctx: &Ctx, method: &http::Method, path: &str, status: u16) {
     tracing::info!(
         target: "idemgate::access",
-        route = ctx.route.as_ref().map(|r| r.name.as_str()),
+        route = ctx.route.as_ref().map(|r| &*r.name),
         method = %method,
         path,
         status,
@@ -347,7 +350,7 @@ fn log_request(ctx: &Ctx, method: &http::Method, path: &str, status: u16) {
         key = ctx.key.as_deref(),
         upstream_ms = ctx.upstream_ms,
         total_ms = ctx.arrived.elapsed().as_millis() as u64,
-        trace_id = %ctx.ids.trace_id,
+        trace_id = ctx.ids.trace_id(),
         request_id = ctx.ids.request_id.to_str().unwrap_or("-"),
         "request"
     );

@@ -110,7 +110,7 @@ routes:
         ];
         for (method, host, path, want) in cases {
             let method = Method::from_bytes(method.as_bytes()).unwrap();
-            let got = table.find(&method, *host, path).map(|r| r.name.as_str());
+            let got = table.find(&method, *host, path).map(|r| &*r.name);
             assert_eq!(got, Some(*want), "{method} {host:?} {path}");
         }
     }

@@ -155,8 +155,10 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = crate::headers::Peer::new(peer);
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
+        let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
     });
     let connection = builder.serve_connection(TokioIo::new(stream), service);

@@ -309,7 +309,7 @@ async fn workers_flag_and_env_size_the_runtime_and_one_worker_serves() {
         let mut proxy = Binary::serve_with(&path, args, env);
         let workers = proxy.log().iter().find_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            (v["message"] == "runtime started").then(|| v["workers"].as_u64())?
+            (v["message"] == "idemgate listening").then(|| v["workers"].as_u64())?
         });
         assert_eq!(workers, Some(want));
         for i in 0..10 {

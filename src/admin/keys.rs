@@ -139,7 +139,7 @@ impl Admin {
             .config
             .routes
             .iter()
-            .find(|r| r.name == name)
+            .find(|r| &*r.name == name)
             .cloned();
         route
             .map(Arc::new)

@@ -109,7 +109,7 @@ impl Admin {
         let metrics = &self.proxy.metrics;
         for upstream in &self.proxy.routing().upstreams {
             let labels = UpstreamLabels {
-                upstream: upstream.config.name.clone(),
+                upstream: upstream.config.name.as_str().into(),
             };
             metrics
                 .in_flight

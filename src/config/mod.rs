@@ -106,9 +106,9 @@ pub struct UpstreamTls {
 
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
     pub matcher: RouteMatch,
-    pub upstream: String,
+    pub upstream: Arc<str>,
     pub timeouts: Timeouts,
     /// `None` when the route has `idempotency: off`.
     pub idempotency: Option<Arc<Policy>>,

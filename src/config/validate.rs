@@ -320,9 +320,9 @@ fn build_route(
         defaults.and_then(|d| d.idempotency.as_ref()),
     );
     Some(Route {
-        name: name?,
+        name: name?.into(),
         matcher: matcher?,
-        upstream: upstream?,
+        upstream: upstream?.into(),
         timeouts: timeouts?,
         idempotency: idempotency?.map(Arc::new),
     })
