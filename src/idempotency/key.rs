@@ -94,7 +94,17 @@ impl StorageKey {
     /// name) stays in one Redis Cluster slot. A `}` inside the client's key
     /// only shortens the tag, deterministically.
     pub fn encode(&self, prefix: &str) -> String {
-        format!("{prefix}{{{}:{}:{}}}", self.route, self.scope, self.key)
+        let parts = [
+            prefix,
+            "{",
+            &self.route,
+            ":",
+            &self.scope,
+            ":",
+            &self.key,
+            "}",
+        ];
+        parts.concat()
     }
 
     /// The inverse of [`StorageKey::encode`].

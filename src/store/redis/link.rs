@@ -36,9 +36,11 @@ impl Link {
     /// Connects lazily: the proxy starts (and answers per `on_unavailable`)
     /// while Redis is down.
     pub fn single(client: redis::Client, op_timeout: Duration) -> Result<Link, StoreError> {
+        // No response timeout here: every call is already bounded by
+        // `op_timeout` in the store (one timer per call, not two).
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(op_timeout))
-            .set_response_timeout(Some(op_timeout))
+            .set_response_timeout(None)
             .set_max_delay(Duration::from_secs(2));
         ConnectionManager::new_lazy_with_config(client, config)
             .map(Link::Single)
@@ -64,6 +66,15 @@ impl Link {
             client,
             conn: OnceCell::new(),
         })))
+    }
+
+    /// The connection for one call when it needs no waiting (always for a
+    /// standalone server; for a cluster once its connection is made).
+    pub fn ready_handle(&self) -> Option<Handle> {
+        match self {
+            Link::Single(conn) => Some(Handle::Single(conn.clone())),
+            Link::Cluster(cluster) => cluster.conn.get().cloned().map(Handle::Cluster),
+        }
     }
 
     /// The connection for one call (the cluster's is made on first use).

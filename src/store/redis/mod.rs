@@ -28,7 +28,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rec = redis.call('HGETALL', KEYS[1])
 local claimed = 0
 local function claim()
-  redis.call('DEL', KEYS[1])
+  if #rec > 0 then redis.call('DEL', KEYS[1]) end
   redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', ARGV[2],
     'lease_end', now + tonumber(ARGV[3]), 'created', now, 'expires', now + tonumber(ARGV[4]))
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -46,36 +46,49 @@ end
 return {now, claimed, rec}
 ";
 
-/// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
-const COMPLETE: &str = r"
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then
+/// The start of every fenced script: return 0 unless the attempt owned by
+/// ARGV[1] still holds the key, in flight.
+macro_rules! owner_guard {
+    () => {
+        r"
+local owner = redis.call('HMGET', KEYS[1], 'token', 'state')
+if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
   return 0
 end
+"
+    };
+}
+
+/// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
+const COMPLETE: &str = concat!(
+    owner_guard!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
   'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6], 'expires', now + tonumber(ARGV[7]))
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return 1
-";
+"
+);
 
 /// Deletes the attempt owned by ARGV[1].
-const RELEASE: &str = r"
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then
-  return 0
-end
+const RELEASE: &str = concat!(
+    owner_guard!(),
+    r"
 redis.call('DEL', KEYS[1])
 return 1
-";
+"
+);
 
 /// Turns the attempt owned by ARGV[1] `unknown`.
-const MARK_UNKNOWN: &str = r"
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'in_flight' then
-  return 0
-end
+const MARK_UNKNOWN: &str = concat!(
+    owner_guard!(),
+    r"
 redis.call('HSET', KEYS[1], 'state', 'unknown')
 return 1
-";
+"
+);
 
 /// An operator's answer for an existing record, whatever its state.
 const RESOLVE: &str = r"
@@ -132,9 +145,13 @@ impl RedisStore {
         })
     }
 
-    /// The connection for one call, bounded by `op_timeout` like the call itself.
+    /// The connection for one call; making it (a cluster's first call) is
+    /// bounded by `op_timeout` like the call itself.
     async fn conn(&self) -> Result<link::Handle, StoreError> {
-        self.bounded(self.link.handle()).await
+        match self.link.ready_handle() {
+            Some(handle) => Ok(handle),
+            None => self.bounded(self.link.handle()).await,
+        }
     }
 
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
