@@ -131,13 +131,19 @@ async fn a_body_dropped_before_its_end_closes_its_connection() {
     assert_eq!(pool.idle_count(), 1);
 }
 
-#[tokio::test]
-async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+/// One request answered, its connection idle in the pool, then closed by the upstream.
+async fn a_pool_whose_idle_connection_was_closed() -> (TestUpstream, Arc<Pool>) {
     let mut upstream = upstream(2, true).await;
     let pool = pool(&upstream.uri);
     assert_eq!(read_all(&pool, &upstream.uri).await, 2);
     assert_eq!(pool.idle_count(), 1);
     upstream.close_idle_connection().await;
+    (upstream, pool)
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+    let (upstream, pool) = a_pool_whose_idle_connection_was_closed().await;
     // The stale connection is found closed at checkout; the request goes out on a new one.
     assert_eq!(read_all(&pool, &upstream.uri).await, 2);
     assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
@@ -145,11 +151,7 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
 
 #[tokio::test]
 async fn the_reaper_drops_connections_the_upstream_closed() {
-    let mut upstream = upstream(2, true).await;
-    let pool = pool(&upstream.uri);
-    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
-    assert_eq!(pool.idle_count(), 1);
-    upstream.close_idle_connection().await;
+    let (_upstream, pool) = a_pool_whose_idle_connection_was_closed().await;
     let deadline = Instant::now() + REAP_EVERY * 3;
     while pool.idle_count() > 0 {
         assert!(
