@@ -157,6 +157,8 @@ pub fn forward_headers(
     original_host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(headers);
+    // Room for the (up to) seven headers below: one growth of the map at most.
+    headers.reserve(7);
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", peer.addr.ip())).ok(),
         None => Some(peer.ip.clone()),
