@@ -4,6 +4,7 @@
 //! whose key carries a hash tag, so every script touches one slot.
 
 mod link;
+mod scripts;
 
 use std::time::Duration;
 
@@ -16,92 +17,7 @@ use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::decide;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, decode_headers, encode_headers};
-
-/// Claims a key, or reports the record that holds it. Mirrors the writing
-/// rows of `idempotency::decision::decide`: a missing key is claimed; an
-/// in-flight attempt with the same fingerprint whose lease ended is claimed
-/// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`.
-/// Returns {now_ms, claimed, previous record as HGETALL pairs}.
-const CLAIM: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rec = redis.call('HGETALL', KEYS[1])
-local claimed = 0
-local function claim()
-  if #rec > 0 then redis.call('DEL', KEYS[1]) end
-  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', ARGV[2],
-    'lease_end', now + tonumber(ARGV[3]), 'created', now, 'expires', now + tonumber(ARGV[4]))
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  claimed = 1
-end
-if #rec == 0 then
-  claim()
-else
-  local f = {}
-  for i = 1, #rec, 2 do f[rec[i]] = rec[i + 1] end
-  if f.fp == ARGV[1] and f.state == 'in_flight' and tonumber(f.lease_end) <= now then
-    if ARGV[5] == '1' then claim() else redis.call('HSET', KEYS[1], 'state', 'unknown') end
-  end
-end
-return {now, claimed, rec}
-";
-
-/// The start of every fenced script: return 0 unless the attempt owned by
-/// ARGV[1] still holds the key, in flight.
-macro_rules! owner_guard {
-    () => {
-        r"
-local owner = redis.call('HMGET', KEYS[1], 'token', 'state')
-if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
-  return 0
-end
-"
-    };
-}
-
-/// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
-const COMPLETE: &str = concat!(
-    owner_guard!(),
-    r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
-  'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6], 'expires', now + tonumber(ARGV[7]))
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return 1
-"
-);
-
-/// Deletes the attempt owned by ARGV[1].
-const RELEASE: &str = concat!(
-    owner_guard!(),
-    r"
-redis.call('DEL', KEYS[1])
-return 1
-"
-);
-
-/// Turns the attempt owned by ARGV[1] `unknown`.
-const MARK_UNKNOWN: &str = concat!(
-    owner_guard!(),
-    r"
-redis.call('HSET', KEYS[1], 'state', 'unknown')
-return 1
-"
-);
-
-/// An operator's answer for an existing record, whatever its state.
-const RESOLVE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[1], 'headers', ARGV[2],
-  'body', ARGV[3], 'stored', '1', 'body_size', ARGV[4], 'expires', now + tonumber(ARGV[5]))
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
-";
+use scripts::{CLAIM, COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE};
 
 pub struct RedisStore {
     link: link::Link,
@@ -166,9 +82,9 @@ impl RedisStore {
             } else {
                 "0"
             });
-        let (now_ms, _claimed, fields): (u64, u8, Vec<Vec<u8>>) =
+        let (now_ms, _claimed, values): (u64, u8, Vec<Option<Vec<u8>>>) =
             self.bounded(call.invoke_async(&mut conn)).await?;
-        let record = parse_record(&fields)?;
+        let record = parse_record(values)?;
         let decision = decide(record.as_ref(), req.fingerprint, now_ms, req.on_unknown);
         Ok(ClaimReply {
             decision,
@@ -224,8 +140,15 @@ impl RedisStore {
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
         let mut conn = self.conn().await?;
-        let fields: Vec<Vec<u8>> = self.bounded(conn.hgetall(key.encode(&self.prefix))).await?;
-        parse_record(&fields)
+        let values: Vec<Option<Vec<u8>>> = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(key.encode(&self.prefix))
+                    .arg(&RECORD_FIELDS[..])
+                    .query_async(&mut conn),
+            )
+            .await?;
+        parse_record(values)
     }
 
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
@@ -339,38 +262,44 @@ fn glob_escape(text: &str) -> String {
 }
 
 /// HGETALL pairs → record; an empty list is no record.
-fn parse_record(fields: &[Vec<u8>]) -> Result<Option<Record>, StoreError> {
-    if fields.is_empty() {
+/// A record from the values of [`RECORD_FIELDS`] (none when it has no state
+/// field, i.e. the key does not exist).
+fn parse_record(mut values: Vec<Option<Vec<u8>>>) -> Result<Option<Record>, StoreError> {
+    if values.first().is_none_or(Option::is_none) {
         return Ok(None);
     }
-    let get = |name: &str| -> Option<&[u8]> {
-        fields
-            .chunks(2)
-            .find(|pair| pair[0] == name.as_bytes())
-            .and_then(|pair| pair.get(1))
-            .map(Vec::as_slice)
+    values.resize(RECORD_FIELDS.len(), None);
+    let mut take = |name: &str| {
+        let i = RECORD_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .expect("a record field");
+        values[i].take()
     };
-    let text = |name: &str| get(name).and_then(|v| std::str::from_utf8(v).ok());
-    let number = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let state = text("state")
+    let text = |value: Option<Vec<u8>>| value.and_then(|v| String::from_utf8(v).ok());
+    let number =
+        |value: Option<Vec<u8>>| text(value).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let state = text(take("state"))
+        .as_deref()
         .and_then(State::parse)
         .ok_or_else(|| StoreError::Backend("record without a valid state".into()))?;
-    let response = text("status")
+    let (headers, body, stored) = (take("headers"), take("body"), take("stored"));
+    let body_size = number(take("body_size"));
+    let response = text(take("status"))
         .and_then(|s| s.parse::<u16>().ok())
         .map(|status| StoredResponse {
             status,
-            headers: decode_headers(get("headers").unwrap_or_default()),
-            body: (text("stored") == Some("1"))
-                .then(|| Bytes::copy_from_slice(get("body").unwrap_or_default())),
-            body_size: number("body_size"),
+            headers: decode_headers(headers.as_deref().unwrap_or_default()),
+            body: (stored.as_deref() == Some(b"1")).then(|| Bytes::from(body.unwrap_or_default())),
+            body_size,
         });
     Ok(Some(Record {
         state,
-        fingerprint: text("fp").unwrap_or_default().to_owned(),
-        token: text("token").unwrap_or_default().to_owned(),
-        lease_end_ms: number("lease_end"),
-        created_ms: number("created"),
-        expires_ms: number("expires"),
+        fingerprint: text(take("fp")).unwrap_or_default(),
+        token: text(take("token")).unwrap_or_default(),
+        lease_end_ms: number(take("lease_end")),
+        created_ms: number(take("created")),
+        expires_ms: number(take("expires")),
         response,
     }))
 }

@@ -1,0 +1,125 @@
+//! The Lua scripts of the Redis store: one per transition, each an atomic
+//! step on one record hash, fenced by the attempt's owner token.
+
+/// The fields of a record hash as the scripts list them (`HMGET` order);
+/// [`RECORD_FIELDS`] is the same list for Rust.
+macro_rules! record_fields {
+    () => {
+        "'state', 'fp', 'token', 'lease_end', 'created', 'expires', 'status', 'headers', 'body', 'stored', 'body_size'"
+    };
+}
+
+/// The fields read back from a record hash, in the order `parse_record` expects.
+pub const RECORD_FIELDS: [&str; 11] = [
+    "state",
+    "fp",
+    "token",
+    "lease_end",
+    "created",
+    "expires",
+    "status",
+    "headers",
+    "body",
+    "stored",
+    "body_size",
+];
+
+/// Claims a key, or reports the record that holds it. Mirrors the writing
+/// rows of `idempotency::decision::decide`: a missing key is claimed; an
+/// in-flight attempt with the same fingerprint whose lease ended is claimed
+/// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`.
+/// Returns {now_ms, claimed, previous record}: the values of
+/// [`RECORD_FIELDS`] in order, or an empty list when there was none.
+pub const CLAIM: &str = concat!(
+    r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rec = redis.call('HMGET', KEYS[1], ",
+    record_fields!(),
+    r")
+if not rec[1] then rec = {} end
+local claimed = 0
+local function claim()
+  if #rec > 0 then redis.call('DEL', KEYS[1]) end
+  redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', ARGV[2],
+    'lease_end', now + tonumber(ARGV[3]), 'created', now, 'expires', now + tonumber(ARGV[4]))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  claimed = 1
+end
+if #rec == 0 then
+  claim()
+elseif rec[2] == ARGV[1] and rec[1] == 'in_flight' and tonumber(rec[4]) <= now then
+  if ARGV[5] == '1' then claim() else redis.call('HSET', KEYS[1], 'state', 'unknown') end
+end
+return {now, claimed, rec}
+"
+);
+
+/// The start of every fenced script: return 0 unless the attempt owned by
+/// ARGV[1] still holds the key, in flight.
+macro_rules! owner_guard {
+    () => {
+        r"
+local owner = redis.call('HMGET', KEYS[1], 'token', 'state')
+if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
+  return 0
+end
+"
+    };
+}
+
+/// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
+pub const COMPLETE: &str = concat!(
+    owner_guard!(),
+    r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
+  'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6], 'expires', now + tonumber(ARGV[7]))
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return 1
+"
+);
+
+/// Deletes the attempt owned by ARGV[1].
+pub const RELEASE: &str = concat!(
+    owner_guard!(),
+    r"
+redis.call('DEL', KEYS[1])
+return 1
+"
+);
+
+/// Turns the attempt owned by ARGV[1] `unknown`.
+pub const MARK_UNKNOWN: &str = concat!(
+    owner_guard!(),
+    r"
+redis.call('HSET', KEYS[1], 'state', 'unknown')
+return 1
+"
+);
+
+/// An operator's answer for an existing record, whatever its state.
+pub const RESOLVE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[1], 'headers', ARGV[2],
+  'body', ARGV[3], 'stored', '1', 'body_size', ARGV[4], 'expires', now + tonumber(ARGV[5]))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_scripts_and_parse_record_list_the_same_fields() {
+        let lua: Vec<&str> = record_fields!()
+            .split(',')
+            .map(|f| f.trim().trim_matches('\''))
+            .collect();
+        assert_eq!(lua, super::RECORD_FIELDS);
+    }
+}
