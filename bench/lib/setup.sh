@@ -24,6 +24,26 @@ install_missing() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
+# check_status WANT URL [curl args...] — dies unless URL answers WANT.
+check_status() {
+  local want=$1 url=$2; shift 2
+  local got; got=$(curl -s -o /dev/null -w '%{http_code}' "$@" "$url")
+  [ "$got" = "$want" ] || die "$url answered $got, expected $want"
+}
+
+# The POST body of S2 and S3 (the wrk scripts send the same one).
+BENCH_BODY='{"sku":"A-1","qty":2,"note":"idemgate benchmark"}'
+
+# prime_replays URL PREFIX — completes PREFIX-1 .. PREFIX-16, the keys
+# lib/post_replay.lua sends with BENCH_KEY_PREFIX=PREFIX (S3).
+prime_replays() {
+  local i
+  for i in $(seq 16); do
+    check_status 201 "$1" -X POST -H 'Content-Type: application/json' \
+      -H "Idempotency-Key: $2-$i" -d "$BENCH_BODY"
+  done
+}
+
 # build: release idemgate and bench_upstream; sets IDEMGATE and UPSTREAM_BIN.
 build() {
   log "building idemgate and bench_upstream (release)"
