@@ -60,18 +60,12 @@ impl RequestIds {
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .cloned()
             .unwrap_or_else(|| {
-                let mut id = [0; 32];
-                hex_into(fastrand::u128(..), &mut id);
-                HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+                HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")
             });
         let (trace_id, flags) = headers
             .get(&TRACEPARENT)
             .and_then(|v| parse_traceparent(v.to_str().ok()?))
-            .unwrap_or_else(|| {
-                let mut trace_id = [0; 32];
-                hex_into(fastrand::u128(..), &mut trace_id);
-                (trace_id, *b"01")
-            });
+            .unwrap_or_else(|| (random_hex(), *b"01"));
         // 00-<trace id>-<span id>-<flags>
         let mut traceparent = *b"00-################################-################-##";
         traceparent[3..35].copy_from_slice(&trace_id);
@@ -123,17 +117,21 @@ fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
     })
 }
 
-/// 32 random hex digits (128 bits), e.g. an owner token.
-pub fn random_id() -> String {
+/// 32 random hex digits (128 bits), on the stack.
+fn random_hex() -> [u8; 32] {
     let mut id = [0; 32];
     hex_into(fastrand::u128(..), &mut id);
-    String::from_utf8(id.to_vec()).expect("hex is UTF-8")
+    id
+}
+
+/// 32 random hex digits (128 bits), e.g. an owner token.
+pub fn random_id() -> String {
+    String::from_utf8(random_hex().to_vec()).expect("hex is UTF-8")
 }
 
 /// The client end of a connection, as the proxy forwards it.
 #[derive(Clone, Debug)]
 pub struct Peer {
-    pub addr: SocketAddr,
     /// The client's IP for `X-Forwarded-For`, made once per connection.
     pub ip: HeaderValue,
 }
@@ -142,7 +140,7 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Peer {
         let ip =
             HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a valid header value");
-        Peer { addr, ip }
+        Peer { ip }
     }
 }
 
@@ -160,7 +158,10 @@ pub fn forward_headers(
     // Room for the (up to) seven headers below: one growth of the map at most.
     headers.reserve(7);
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", peer.addr.ip())).ok(),
+        Some(previous) => {
+            let ip = peer.ip.to_str().expect("built from an IP");
+            HeaderValue::from_str(&format!("{previous}, {ip}")).ok()
+        }
         None => Some(peer.ip.clone()),
     };
     if let Some(value) = forwarded_for {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
@@ -74,16 +73,7 @@ impl Upstream {
     /// Pooled HTTP/1.1 connections over `http://` or `https://` (system roots,
     /// or `tls.ca_file`; a client certificate for mutual TLS; SNI from the URL).
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, crate::tls::TlsError> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(false);
         let tls = crate::tls::client_config(config.tls.as_ref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
         let target = Uri::builder()
             .scheme(config.scheme.clone())
             .authority(config.authority.clone())
@@ -94,7 +84,7 @@ impl Upstream {
             authority: HeaderValue::from_str(config.authority.as_str())
                 .expect("an authority is a valid header value"),
             config: config.clone(),
-            pool: Pool::new(connector, target),
+            pool: Pool::new(target, config.connect_timeout, tls),
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             breaker: Breaker::new(config.circuit_breaker.clone()),
         })
@@ -161,6 +151,23 @@ impl Upstream {
         request: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         self.pool.send(request).await
+    }
+}
+
+impl SendError {
+    /// A failure before anything was written.
+    fn connect(error: &(dyn std::error::Error + 'static)) -> SendError {
+        SendError::Connect(error_chain(error))
+    }
+
+    /// A failure once the request may have been written: broken, unless the
+    /// upstream refused the TLS handshake (its application saw nothing).
+    fn after_send(error: &(dyn std::error::Error + 'static)) -> SendError {
+        if handshake_rejected(error) {
+            SendError::connect(error)
+        } else {
+            SendError::Broken(error_chain(error))
+        }
     }
 }
 

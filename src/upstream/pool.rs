@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::{SendError, error_chain, handshake_rejected};
+use super::SendError;
 use crate::body::ProxyBody;
 
 /// How long an unused connection is kept open.
@@ -65,7 +65,18 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Arc<Pool> {
+    /// Connections to `target` (`scheme://authority/`): TCP with a connect
+    /// timeout, then TLS with `tls` for `https://` (HTTP/1.1 by ALPN).
+    pub fn new(target: Uri, connect_timeout: Duration, tls: rustls::ClientConfig) -> Arc<Pool> {
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(connect_timeout));
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
         Arc::new(Pool {
             connector,
             target,
@@ -109,16 +120,8 @@ impl Pool {
                 }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    Some(_) => return Err(SendError::Connect(error_chain(&error.into_error()))),
-                    None => {
-                        let error = error.into_error();
-                        let detail = error_chain(&error);
-                        return Err(if handshake_rejected(&error) {
-                            SendError::Connect(detail)
-                        } else {
-                            SendError::Broken(detail)
-                        });
-                    }
+                    Some(_) => return Err(SendError::connect(&error.into_error())),
+                    None => return Err(SendError::after_send(&error.into_error())),
                 },
             }
         }
@@ -136,18 +139,17 @@ impl Pool {
 
     async fn connect(&self) -> Result<Box<Conn>, SendError> {
         let mut connector = self.connector.clone();
-        let connect = |e: &(dyn std::error::Error + 'static)| SendError::Connect(error_chain(e));
         poll_fn(|cx| connector.poll_ready(cx))
             .await
-            .map_err(|e| connect(&*e))?;
+            .map_err(|e| SendError::connect(&*e))?;
         let io = connector
             .call(self.target.clone())
             .await
-            .map_err(|e| connect(&*e))?;
+            .map_err(|e| SendError::connect(&*e))?;
         let (sender, driver) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(|e| SendError::connect(&e))?;
         Ok(Box::new(Conn { sender, driver }))
     }
 

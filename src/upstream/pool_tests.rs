@@ -74,14 +74,8 @@ async fn upstream(size: usize, close_when_idle: bool) -> TestUpstream {
 }
 
 fn pool(target: &Uri) -> Arc<Pool> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(crate::tls::client_config(None).unwrap())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Pool::new(connector, target.clone())
+    let tls = crate::tls::client_config(None).unwrap();
+    Pool::new(target.clone(), Duration::from_secs(1), tls)
 }
 
 fn get(target: &Uri) -> Request<ProxyBody> {

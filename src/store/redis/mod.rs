@@ -17,7 +17,7 @@ use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::decide;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, decode_headers, encode_headers};
-use scripts::{CLAIM, COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE};
+use scripts::{COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE};
 
 pub struct RedisStore {
     link: link::Link,
@@ -53,7 +53,7 @@ impl RedisStore {
             link,
             prefix: config.key_prefix.clone(),
             op_timeout: config.op_timeout,
-            claim: Script::new(CLAIM),
+            claim: Script::new(&scripts::claim()),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
             mark_unknown: Script::new(MARK_UNKNOWN),
