@@ -169,8 +169,141 @@ async fn mismatch_and_in_progress(backend: Backend) {
     assert_eq!(records[0].1.response.as_ref().unwrap().body_size, 5_000_000);
 }
 
+/// A run of replays tips the Redis store into reading records before
+/// claiming (`claim_mix.rs`); every answer must stay what the claim script
+/// would have given, including for keys that need a write or Redis time.
+async fn a_run_of_replays_keeps_every_answer_right(backend: Backend) {
+    let store = open(&backend);
+    let ttl = Duration::from_secs(60);
+    let done = key("done");
+    store
+        .claim(&claim(&done, "A", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .complete(&done, "A", &response(201), ttl)
+            .await
+            .unwrap()
+    );
+    for _ in 0..20 {
+        let reply = store
+            .claim(&claim(&done, "R", 10_000, OnUnknown::Lock))
+            .await
+            .unwrap();
+        assert_eq!(reply.decision, Decision::Replay);
+        let stored = reply.record.unwrap().response.unwrap();
+        assert_eq!((stored.status, stored.body.unwrap()), (201, "201".into()));
+    }
+    let mut other = claim(&done, "M", 10_000, OnUnknown::Lock);
+    other.fingerprint = "other";
+    assert_eq!(
+        store.claim(&other).await.unwrap().decision,
+        Decision::Mismatch
+    );
+    // A new key is still claimed (written): a second attempt finds it in flight.
+    let fresh = key("fresh");
+    let first = store
+        .claim(&claim(&fresh, "N", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert_eq!(first.decision, Decision::Claim);
+    match store
+        .claim(&claim(&fresh, "N2", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap()
+        .decision
+    {
+        Decision::InProgress { lease_left_ms } => assert!(lease_left_ms > 9_000),
+        d => panic!("{d:?}"),
+    }
+    // A lease that ended is judged on the store's clock: unknown, once.
+    let lapsed = key("lapsed");
+    store
+        .claim(&claim(&lapsed, "L", 100, OnUnknown::Lock))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await; // the lease under test
+    let decisions = [
+        store
+            .claim(&claim(&lapsed, "L2", 100, OnUnknown::Lock))
+            .await,
+        store
+            .claim(&claim(&lapsed, "L3", 100, OnUnknown::Lock))
+            .await,
+    ]
+    .map(|r| r.unwrap().decision);
+    assert_eq!(decisions, [Decision::BecomeUnknown, Decision::Unknown]);
+    let (_, record) = store
+        .records(Some("r"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == lapsed)
+        .unwrap();
+    assert_eq!(record.state, State::Unknown);
+}
+
 both_stores!(
     taken_over_attempt_never_overwrites_the_new_owner,
     lease_end_under_lock_turns_unknown_once,
     mismatch_and_in_progress,
+    a_run_of_replays_keeps_every_answer_right,
 );
+
+/// `EVALSHA` calls so far on this server (`INFO commandstats`).
+async fn script_calls(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn replays_in_a_row_are_read_without_the_claim_script() {
+    let server = common::RedisServer::start_own().await;
+    let mut conn = server.connection().await;
+    let backend = Backend::Redis(server);
+    let store = open(&backend);
+    let k = key("replayed");
+    let ttl = Duration::from_secs(60);
+    store
+        .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert!(store.complete(&k, "A", &response(200), ttl).await.unwrap());
+    let before = script_calls(&mut conn).await;
+    for _ in 0..50 {
+        let reply = store
+            .claim(&claim(&k, "R", 10_000, OnUnknown::Lock))
+            .await
+            .unwrap();
+        assert_eq!(reply.decision, Decision::Replay);
+    }
+    let scripts = script_calls(&mut conn).await - before;
+    // The key's own claim left the score one below zero: two replays tip it.
+    assert!(
+        scripts <= 2,
+        "50 replays ran the claim script {scripts} times; after two they should be plain reads"
+    );
+    // New keys bring the script back first after a bounded number of reads.
+    let before = script_calls(&mut conn).await;
+    for i in 0..40 {
+        let k = key(&format!("new-{i}"));
+        let reply = store
+            .claim(&claim(&k, "N", 10_000, OnUnknown::Lock))
+            .await
+            .unwrap();
+        assert_eq!(reply.decision, Decision::Claim);
+    }
+    assert_eq!(
+        script_calls(&mut conn).await - before,
+        40,
+        "one script per new key"
+    );
+}

@@ -85,7 +85,6 @@ impl MemoryStore {
         Ok(ClaimReply {
             decision,
             record: existing,
-            now_ms,
         })
     }
 

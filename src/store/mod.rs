@@ -38,8 +38,6 @@ pub struct ClaimReply {
     pub decision: Decision,
     /// The record as it was before the claim (none for a new key).
     pub record: Option<Record>,
-    /// The store's clock at the claim, in ms since the epoch.
-    pub now_ms: u64,
 }
 
 /// The arguments of a claim.
