@@ -82,7 +82,7 @@ struct Reply {
 }
 
 impl Exchange {
-    /// Starts the exchange in the background and waits for its answer
+    /// Starts the exchange in the background (now) and waits for its answer
     /// within the route's client-facing timeouts.
     pub async fn start(
         self,
@@ -90,9 +90,10 @@ impl Exchange {
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
         route: &Route,
+        now: Instant,
     ) -> Response<ProxyBody> {
         let client_deadline =
-            (ctx.arrived + route.timeouts.total).min(Instant::now() + route.timeouts.response);
+            (ctx.arrived + route.timeouts.total).min(now + route.timeouts.response);
         let (tx, rx) = oneshot::channel();
         tasks.spawn(self.run(request, tx).instrument(tracing::Span::current()));
         match tokio::time::timeout_at(client_deadline.into(), rx).await {

@@ -107,16 +107,18 @@ impl Proxy {
                     }
                 };
                 ctx.outcome = "forwarded";
+                let now = Instant::now();
                 let request = self.upstream_request(
                     &upstream,
                     Request::from_parts(parts, body::full(body)),
                     ctx,
                     &route,
+                    now,
                 );
                 let exchange = Exchange {
                     store: self.store.clone(),
                     upstream,
-                    lease_deadline: Instant::now() + policy.lease,
+                    lease_deadline: now + policy.lease,
                     response_timeout: route.timeouts.response,
                     admission: Some(admission),
                     running: self.running.clone(),
@@ -125,7 +127,9 @@ impl Proxy {
                     key: storage_key,
                     token,
                 };
-                exchange.start(&self.exchanges, request, ctx, &route).await
+                exchange
+                    .start(&self.exchanges, request, ctx, &route, now)
+                    .await
             }
             Decision::Replay => match record.and_then(|r| r.response.as_ref()) {
                 Some(stored) => {

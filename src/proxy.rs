@@ -256,10 +256,9 @@ impl Proxy {
             .route
             .clone()
             .expect("pass_through runs on a matched route");
-        let deadline =
-            (ctx.arrived + route.timeouts.total).min(Instant::now() + route.timeouts.response);
-        let request = self.upstream_request(upstream, request, ctx, &route);
         let sent = Instant::now();
+        let deadline = (ctx.arrived + route.timeouts.total).min(sent + route.timeouts.response);
+        let request = self.upstream_request(upstream, request, ctx, &route, sent);
         let result = tokio::time::timeout_at(deadline.into(), upstream.send(request)).await;
         ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
         admission.finish(matches!(&result, Ok(Ok(r)) if !failed_status(r.status().as_u16())));
@@ -274,19 +273,21 @@ impl Proxy {
         }
     }
 
-    /// The client's request rewritten for the upstream.
+    /// The client's request rewritten for the upstream, to be sent at `now`
+    /// (its `X-Request-Timeout-Ms` is what is left of `total` then).
     pub fn upstream_request(
         &self,
         upstream: &Upstream,
         request: Request<ProxyBody>,
         ctx: &Ctx,
         route: &Route,
+        now: Instant,
     ) -> Request<ProxyBody> {
         let (mut parts, body) = request.into_parts();
         let original_host = request_host_value(&parts.headers, &parts.uri);
         parts.uri = upstream.uri_for(&parts.uri);
         parts.version = http::Version::HTTP_11;
-        let budget = route.timeouts.total.saturating_sub(ctx.arrived.elapsed());
+        let budget = route.timeouts.total.saturating_sub(now - ctx.arrived);
         headers::forward_headers(
             &mut parts.headers,
             &ctx.peer,

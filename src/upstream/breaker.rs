@@ -47,24 +47,33 @@ impl Breaker {
         *self.lock()
     }
 
-    pub fn admit(&self, now: Instant) -> Admit {
+    /// Whether a request may go to the upstream. The clock is read only
+    /// while the breaker is open: a closed breaker costs no clock read.
+    pub fn admit(&self, now: impl FnOnce() -> Instant) -> Admit {
         if self.config.is_none() {
             return Admit::Pass;
         }
         let mut state = self.lock();
         match *state {
             State::Closed { .. } => Admit::Pass,
-            State::Open { until } if now < until => Admit::Reject(until - now),
-            State::Open { .. } | State::HalfOpen { probe_out: false } => {
+            State::HalfOpen { probe_out: true } => Admit::Reject(Duration::from_secs(1)),
+            State::Open { until } => match until.checked_duration_since(now()) {
+                Some(wait) if !wait.is_zero() => Admit::Reject(wait),
+                _ => {
+                    *state = State::HalfOpen { probe_out: true };
+                    Admit::Probe
+                }
+            },
+            State::HalfOpen { probe_out: false } => {
                 *state = State::HalfOpen { probe_out: true };
                 Admit::Probe
             }
-            State::HalfOpen { probe_out: true } => Admit::Reject(Duration::from_secs(1)),
         }
     }
 
     /// The answer of an admitted request: success closes, failure counts.
-    pub fn record(&self, admit: Admit, success: bool, now: Instant) {
+    /// The clock is read only when a failure opens the breaker.
+    pub fn record(&self, admit: Admit, success: bool, now: impl FnOnce() -> Instant) {
         let Some(config) = &self.config else { return };
         let mut state = self.lock();
         *state = match (*state, success) {
@@ -76,7 +85,7 @@ impl Breaker {
             }
             (State::HalfOpen { .. }, false) if admit != Admit::Probe => *state,
             (_, false) => State::Open {
-                until: now + config.open_for,
+                until: now() + config.open_for,
             },
         };
     }
@@ -108,45 +117,45 @@ mod tests {
         }));
         let t0 = Instant::now();
         for _ in 0..2 {
-            assert_eq!(b.admit(t0), Admit::Pass);
-            b.record(Admit::Pass, false, t0);
+            assert_eq!(b.admit(|| t0), Admit::Pass);
+            b.record(Admit::Pass, false, || t0);
         }
         // A success resets the count.
-        b.record(Admit::Pass, true, t0);
+        b.record(Admit::Pass, true, || t0);
         for _ in 0..3 {
-            b.record(Admit::Pass, false, t0);
+            b.record(Admit::Pass, false, || t0);
         }
-        assert!(matches!(b.admit(t0), Admit::Reject(d) if d == Duration::from_secs(10)));
+        assert!(matches!(b.admit(|| t0), Admit::Reject(d) if d == Duration::from_secs(10)));
         let later = t0 + Duration::from_secs(11);
-        assert_eq!(b.admit(later), Admit::Probe);
+        assert_eq!(b.admit(|| later), Admit::Probe);
         assert!(
-            matches!(b.admit(later), Admit::Reject(_)),
+            matches!(b.admit(|| later), Admit::Reject(_)),
             "exactly one probe"
         );
-        b.record(Admit::Probe, false, later);
+        b.record(Admit::Probe, false, || later);
         assert!(
-            matches!(b.admit(later), Admit::Reject(_)),
+            matches!(b.admit(|| later), Admit::Reject(_)),
             "a failed probe opens it again"
         );
         let much_later = later + Duration::from_secs(11);
-        assert_eq!(b.admit(much_later), Admit::Probe);
+        assert_eq!(b.admit(|| much_later), Admit::Probe);
         b.cancel(Admit::Probe);
         assert_eq!(
-            b.admit(much_later),
+            b.admit(|| much_later),
             Admit::Probe,
             "a cancelled probe lets the next one through"
         );
-        b.record(Admit::Probe, true, much_later);
+        b.record(Admit::Probe, true, || much_later);
         assert_eq!(b.state(), State::Closed { failures: 0 });
-        assert_eq!(b.admit(much_later), Admit::Pass);
+        assert_eq!(b.admit(|| much_later), Admit::Pass);
     }
 
     #[test]
     fn off_never_rejects() {
         let b = Breaker::new(None);
         for _ in 0..100 {
-            b.record(Admit::Pass, false, Instant::now());
+            b.record(Admit::Pass, false, Instant::now);
         }
-        assert_eq!(b.admit(Instant::now()), Admit::Pass);
+        assert_eq!(b.admit(Instant::now), Admit::Pass);
     }
 }

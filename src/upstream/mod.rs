@@ -51,7 +51,7 @@ impl Admission {
     pub fn finish(mut self, success: bool) {
         self.upstream
             .breaker
-            .record(self.admit, success, Instant::now());
+            .record(self.admit, success, Instant::now);
         self.finished = true;
     }
 }
@@ -108,7 +108,7 @@ impl Upstream {
             )
             .retry_after(Duration::from_secs(1)));
         };
-        match self.breaker.admit(Instant::now()) {
+        match self.breaker.admit(Instant::now) {
             Admit::Reject(wait) => Err(Problem::new(
                 Code::UpstreamCircuitOpen,
                 "the upstream failed repeatedly; requests are paused until a probe succeeds",
