@@ -307,3 +307,29 @@ async fn replays_in_a_row_are_read_without_the_claim_script() {
         "one script per new key"
     );
 }
+
+#[tokio::test]
+async fn scripts_flushed_from_redis_are_loaded_again() {
+    let server = common::RedisServer::start_own().await;
+    let mut conn = server.connection().await;
+    let backend = Backend::Redis(server);
+    let store = open(&backend);
+    let k = key("flushed");
+    let ttl = Duration::from_secs(60);
+    store
+        .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    // As after a failover to a replica that never ran them: NOSCRIPT, then a load.
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.complete(&k, "A", &response(201), ttl).await.unwrap());
+    let reply = store
+        .claim(&claim(&k, "B", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert_eq!(reply.decision, Decision::Replay);
+}

@@ -10,7 +10,7 @@ mod scripts;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind};
 
 use super::memory::millis;
 use super::{ClaimReply, ClaimRequest, StoreError};
@@ -102,8 +102,7 @@ impl RedisStore {
     }
 
     async fn claim_script(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut call = self.claim.key(req.key.encode(&self.prefix));
+        let mut call = self.script_call(&self.claim, req.key);
         call.arg(req.fingerprint)
             .arg(req.token)
             .arg(millis(req.lease))
@@ -114,7 +113,7 @@ impl RedisStore {
                 "0"
             });
         let (now_ms, _claimed, values): (u64, u8, Vec<Option<Vec<u8>>>) =
-            self.bounded(call.invoke_async(&mut conn)).await?;
+            self.run(&self.claim, &call).await?;
         let record = parse_record(values)?;
         let decision = decide(record.as_ref(), req.fingerprint, now_ms, req.on_unknown);
         Ok(ClaimReply { decision, record })
@@ -127,8 +126,7 @@ impl RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut call = self.complete.key(key.encode(&self.prefix));
+        let mut call = self.script_call(&self.complete, key);
         call.arg(token)
             .arg(response.status)
             .arg(encode_headers(&response.headers))
@@ -136,7 +134,7 @@ impl RedisStore {
             .arg(if response.body.is_some() { "1" } else { "0" })
             .arg(response.body_size)
             .arg(millis(ttl));
-        let done: u8 = self.bounded(call.invoke_async(&mut conn)).await?;
+        let done: u8 = self.run(&self.complete, &call).await?;
         Ok(done == 1)
     }
 
@@ -154,14 +152,13 @@ impl RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut call = self.resolve.key(key.encode(&self.prefix));
+        let mut call = self.script_call(&self.resolve, key);
         call.arg(response.status)
             .arg(encode_headers(&response.headers))
             .arg(response.body.as_deref().unwrap_or_default())
             .arg(response.body_size)
             .arg(millis(ttl));
-        let done: u8 = self.bounded(call.invoke_async(&mut conn)).await?;
+        let done: u8 = self.run(&self.resolve, &call).await?;
         Ok(done == 1)
     }
 
@@ -233,11 +230,37 @@ impl RedisStore {
         key: &StorageKey,
         token: &str,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut call = script.key(key.encode(&self.prefix));
+        let mut call = self.script_call(script, key);
         call.arg(token);
-        let done: u8 = self.bounded(call.invoke_async(&mut conn)).await?;
+        let done: u8 = self.run(script, &call).await?;
         Ok(done == 1)
+    }
+
+    /// `EVALSHA <script> 1 <key>`, for the caller to add the arguments to:
+    /// one buffer for the whole command (`Script::key(..).arg(..)` keeps a
+    /// vector per argument and copies them again into the command).
+    fn script_call(&self, script: &Script, key: &StorageKey) -> Cmd {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(script.get_hash())
+            .arg(1)
+            .arg(key.encode(&self.prefix));
+        call
+    }
+
+    /// Runs a [`script_call`](Self::script_call), loading the script first
+    /// when Redis does not know it yet (a new or restarted server).
+    async fn run<T: FromRedisValue>(&self, script: &Script, call: &Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        self.bounded(async {
+            match call.query_async(&mut conn).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    script.load_async(&mut conn).await?;
+                    call.query_async(&mut conn).await
+                }
+                result => result,
+            }
+        })
+        .await
     }
 
     async fn bounded<T>(
