@@ -161,15 +161,9 @@ async fn breaker_opens_serves_replays_probes_once_and_closes(backend: Backend) {
 }
 
 async fn unreachable_upstream_opens_the_breaker(backend: Backend) {
-    let closed = common::redis_server::free_port();
+    let closed = common::ClosedPort::new();
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
-    let yaml = config(
-        &backend.store_yaml(),
-        format!("127.0.0.1:{closed}").parse().unwrap(),
-        "",
-        routes,
-    )
-    .replace(
+    let yaml = config(&backend.store_yaml(), closed.addr(), "", routes).replace(
         "connect_timeout: 500ms }",
         "connect_timeout: 500ms, circuit_breaker: { consecutive_failures: 2, open_for: 30s } }",
     );

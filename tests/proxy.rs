@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestClient, TestProxy, TestUpstream, config, redis_server::free_port};
+use common::{ClosedPort, TestClient, TestProxy, TestUpstream, config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OFF: &str = "  idempotency: off";
@@ -144,13 +144,8 @@ async fn unmatched_path_is_404_no_route() {
 
 #[tokio::test]
 async fn closed_port_is_502_upstream_unreachable() {
-    let closed = free_port();
-    let yaml = config(
-        "store: { backend: memory }",
-        format!("127.0.0.1:{closed}").parse().unwrap(),
-        OFF,
-        ALL,
-    );
+    let closed = ClosedPort::new();
+    let yaml = config("store: { backend: memory }", closed.addr(), OFF, ALL);
     let proxy = TestProxy::start(&yaml).await;
     let reply = TestClient::new()
         .send("GET", &proxy.url("/x"), &[], Bytes::new())

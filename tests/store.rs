@@ -174,18 +174,8 @@ async fn mismatch_and_in_progress(backend: Backend) {
 /// would have given, including for keys that need a write or Redis time.
 async fn a_run_of_replays_keeps_every_answer_right(backend: Backend) {
     let store = open(&backend);
-    let ttl = Duration::from_secs(60);
     let done = key("done");
-    store
-        .claim(&claim(&done, "A", 10_000, OnUnknown::Lock))
-        .await
-        .unwrap();
-    assert!(
-        store
-            .complete(&done, "A", &response(201), ttl)
-            .await
-            .unwrap()
-    );
+    complete_new(&store, &done, 201).await;
     for _ in 0..20 {
         let reply = store
             .claim(&claim(&done, "R", 10_000, OnUnknown::Lock))
@@ -251,6 +241,33 @@ both_stores!(
     a_run_of_replays_keeps_every_answer_right,
 );
 
+/// A store on a private redis-server (so that `INFO` and `SCRIPT FLUSH` see
+/// this test alone) and a connection to inspect it; the backend keeps the
+/// server running.
+async fn own_redis() -> (Backend, Store, ::redis::aio::MultiplexedConnection) {
+    let server = common::RedisServer::start_own().await;
+    let conn = server.connection().await;
+    let backend = Backend::Redis(server);
+    let store = open(&backend);
+    (backend, store, conn)
+}
+
+/// Claims `k` as a new key and completes it with `status`.
+async fn complete_new(store: &Store, k: &StorageKey, status: u16) {
+    let reply = store
+        .claim(&claim(k, "first", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert_eq!(reply.decision, Decision::Claim);
+    let ttl = Duration::from_secs(60);
+    assert!(
+        store
+            .complete(k, "first", &response(status), ttl)
+            .await
+            .unwrap()
+    );
+}
+
 /// `EVALSHA` calls so far on this server (`INFO commandstats`).
 async fn script_calls(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
     let info: String = ::redis::cmd("INFO")
@@ -266,17 +283,9 @@ async fn script_calls(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
 
 #[tokio::test]
 async fn replays_in_a_row_are_read_without_the_claim_script() {
-    let server = common::RedisServer::start_own().await;
-    let mut conn = server.connection().await;
-    let backend = Backend::Redis(server);
-    let store = open(&backend);
+    let (_server, store, mut conn) = own_redis().await;
     let k = key("replayed");
-    let ttl = Duration::from_secs(60);
-    store
-        .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
-        .await
-        .unwrap();
-    assert!(store.complete(&k, "A", &response(200), ttl).await.unwrap());
+    complete_new(&store, &k, 200).await;
     let before = script_calls(&mut conn).await;
     for _ in 0..50 {
         let reply = store
@@ -310,23 +319,16 @@ async fn replays_in_a_row_are_read_without_the_claim_script() {
 
 #[tokio::test]
 async fn scripts_flushed_from_redis_are_loaded_again() {
-    let server = common::RedisServer::start_own().await;
-    let mut conn = server.connection().await;
-    let backend = Backend::Redis(server);
-    let store = open(&backend);
-    let k = key("flushed");
-    let ttl = Duration::from_secs(60);
-    store
-        .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
-        .await
-        .unwrap();
+    let (_server, store, mut conn) = own_redis().await;
+    complete_new(&store, &key("before"), 201).await;
     // As after a failover to a replica that never ran them: NOSCRIPT, then a load.
     let _: () = ::redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(store.complete(&k, "A", &response(201), ttl).await.unwrap());
+    let k = key("after");
+    complete_new(&store, &k, 202).await;
     let reply = store
         .claim(&claim(&k, "B", 10_000, OnUnknown::Lock))
         .await

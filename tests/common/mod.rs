@@ -22,6 +22,26 @@ use tokio::sync::oneshot;
 pub use redis_server::RedisServer;
 pub use upstream::TestUpstream;
 
+/// A local address that refuses connections for as long as this lives: the
+/// port is bound, so no test running alongside can take it, but nothing
+/// listens on it. (A port bound and released at once can be handed to the
+/// next test's upstream, which then answers in its place.)
+pub struct ClosedPort(tokio::net::TcpSocket);
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("an address"))
+            .expect("bind a local port");
+        ClosedPort(socket)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.0.local_addr().expect("a bound socket has an address")
+    }
+}
+
 /// Which store a parametrised test runs against.
 pub enum Backend {
     Memory,

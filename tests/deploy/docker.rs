@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::{TestProxy, TestUpstream};
-use crate::{admin_config, closed_addr, content_lines, read, root};
+use crate::{admin_config, content_lines, read, root};
 
 /// The Dockerfile as (INSTRUCTION, arguments), continuations joined, comments dropped.
 fn dockerfile() -> Vec<(String, String)> {
@@ -236,8 +236,9 @@ async fn healthcheck_script_probes_the_admin_listener() {
     }
     let missing = probe(admin.clone(), "/nope").await;
     assert!(!missing.status.success(), "a 404 is not healthy");
+    let closed = crate::common::ClosedPort::new();
     assert!(
-        !probe(closed_addr().to_string(), "/healthz")
+        !probe(closed.addr().to_string(), "/healthz")
             .await
             .status
             .success(),

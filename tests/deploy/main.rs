@@ -180,12 +180,6 @@ fn assert_success(out: &Output, what: &str) {
     assert!(out.status.success(), "{what}:\n{}", said(out));
 }
 
-/// An address on which nothing listens (bound, then released).
-fn closed_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 /// An in-process test config with an admin listener on port 0, one upstream `up`
 /// at `upstream`, the given store block and routes.
 fn admin_config(store: &str, upstream: SocketAddr, routes: &str) -> String {

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::common::{self, Reply, TestClient, TestProxy, TestUpstream};
 use crate::promql::{grouping_labels, references, split_matchers, template_labels};
-use crate::{admin_config, closed_addr, deploy_files_under, ext, json_file, read, yaml_docs};
+use crate::{admin_config, deploy_files_under, ext, json_file, read, yaml_docs};
 
 /// The outcomes of `idemgate_requests_total` (SPEC.md section 7).
 const OUTCOMES: [&str; 8] = [
@@ -134,9 +134,10 @@ async fn exposition_of_every_family() -> Exposition {
     exposition.scrape(&client, &metrics_url).await;
     memory.stop().await;
 
-    let closed = closed_addr();
+    let closed = crate::common::ClosedPort::new();
     let store = format!(
-        "store: {{ backend: redis, url: \"redis://{closed}/0\", op_timeout: 200ms, on_unavailable: forward }}"
+        "store: {{ backend: redis, url: \"redis://{}/0\", op_timeout: 200ms, on_unavailable: forward }}",
+        closed.addr()
     );
     let fail_open = TestProxy::start(&admin_config(&store, upstream.addr, routes)).await;
     let forwarded = client.post_key(&fail_open.url("/api/o"), "k-4", "{}").await;

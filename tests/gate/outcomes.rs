@@ -130,11 +130,11 @@ async fn reset_after_send_releases_under_release(backend: Backend) {
 }
 
 async fn unreachable_upstream_releases_the_key(backend: Backend) {
-    let closed = crate::common::redis_server::free_port();
+    let closed = crate::common::ClosedPort::new();
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
     let yaml = config(
         &backend.store_yaml(),
-        format!("127.0.0.1:{closed}").parse().unwrap(),
+        closed.addr(),
         "  timeouts: { response: 5s, total: 10s }",
         routes,
     );
