@@ -23,17 +23,24 @@ impl RedisServer {
         Self::start_own().await
     }
 
-    /// Always a private server (for tests that stop or pause it).
+    /// Always a private server (for tests that stop or pause it). A port
+    /// taken by another test's server in the meantime makes this one exit,
+    /// and it starts again on another port: a test never shares a server it
+    /// believes its own.
     pub async fn start_own() -> RedisServer {
-        let port = free_port();
-        let mut server = RedisServer {
-            port,
-            url: format!("redis://127.0.0.1:{port}/0"),
-            child: None,
-        };
-        server.spawn();
-        server.wait_ready().await;
-        server
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = RedisServer {
+                port,
+                url: format!("redis://127.0.0.1:{port}/0"),
+                child: None,
+            };
+            server.spawn();
+            if server.wait_ready().await {
+                return server;
+            }
+        }
+        panic!("redis-server found its port taken five times in a row");
     }
 
     fn spawn(&mut self) {
@@ -41,11 +48,18 @@ impl RedisServer {
         self.child = Some(child);
     }
 
-    async fn wait_ready(&self) {
+    /// Waits until our own child answers on the port (true), or exits (false:
+    /// the port was taken).
+    async fn wait_ready(&mut self) -> bool {
         let start = Instant::now();
+        let pid = self.child.as_ref().expect("a spawned redis-server").id();
         loop {
-            if self.ping().await {
-                return;
+            let child = self.child.as_mut().expect("a spawned redis-server");
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            if self.server_pid().await == Some(pid) {
+                return true;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(10),
@@ -54,6 +68,28 @@ impl RedisServer {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The `process_id` of the server answering on the port, if one does.
+    async fn server_pid(&self) -> Option<u32> {
+        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let connect = client.get_multiplexed_async_connection();
+        let mut conn = tokio::time::timeout(Duration::from_millis(500), connect)
+            .await
+            .ok()?
+            .ok()?;
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let info = tokio::time::timeout(
+            Duration::from_millis(500),
+            info.query_async::<String>(&mut conn),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
     }
 
     pub async fn ping(&self) -> bool {
@@ -92,7 +128,11 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn();
-        self.wait_ready().await;
+        assert!(
+            self.wait_ready().await,
+            "port {} was taken while redis-server was down",
+            self.port
+        );
     }
 
     /// SIGSTOP: the server hangs (connections stay open, nothing answers).
@@ -185,12 +225,15 @@ impl RedisCluster {
                 "--dir",
                 node_dir.to_str().unwrap(),
             ]);
-            let node = RedisServer {
+            let mut node = RedisServer {
                 port,
                 url: format!("redis://127.0.0.1:{port}"),
                 child: Some(child),
             };
-            node.wait_ready().await;
+            assert!(
+                node.wait_ready().await,
+                "cluster node port {port} was taken"
+            );
             nodes.push(node);
         }
         let addresses: Vec<String> = nodes
