@@ -95,7 +95,9 @@ impl Exchange {
         let client_deadline =
             (ctx.arrived + route.timeouts.total).min(now + route.timeouts.response);
         let (tx, rx) = oneshot::channel();
-        tasks.spawn(self.run(request, tx).instrument(tracing::Span::current()));
+        // Boxed: the exchange's future is a few KB, and spawning copies what
+        // it is given several times over (into the task, into its cell).
+        tasks.spawn(Box::pin(self.run(request, tx)).instrument(tracing::Span::current()));
         match tokio::time::timeout_at(client_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
                 ctx.upstream_ms = Some(reply.upstream_ms);

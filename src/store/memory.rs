@@ -1,11 +1,16 @@
 //! The embedded store: sharded maps in this process. Nothing survives a restart.
+//!
+//! Each operation hashes its key once (SipHash, randomly keyed): the hash
+//! picks the shard and finds the record in the shard's table
+//! (`hashbrown::HashTable`, which takes the hash instead of rehashing).
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use tokio::sync::Notify;
 
 use super::{ClaimReply, ClaimRequest, StoreError};
@@ -22,8 +27,10 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
+type Shard = HashTable<(StorageKey, Record)>;
+
 struct Inner {
-    shards: Vec<Mutex<HashMap<StorageKey, Record>>>,
+    shards: Vec<Mutex<Shard>>,
     hasher: RandomState,
     /// Records held, for the `max_records` bound.
     len: AtomicU64,
@@ -35,7 +42,7 @@ struct Inner {
 impl MemoryStore {
     pub fn new(config: &StoreConfig) -> MemoryStore {
         let inner = Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             hasher: RandomState::new(),
             len: AtomicU64::new(0),
             max_records: config.max_records,
@@ -49,11 +56,14 @@ impl MemoryStore {
 
     pub fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
         let now_ms = now_ms();
-        let mut shard = self.inner.shard(req.key);
-        let existing = shard
-            .get(req.key)
-            .filter(|r| r.expires_ms > now_ms)
-            .cloned();
+        let (hash, mut shard) = self.inner.shard(req.key);
+        let entry = shard.entry(hash, is(req.key), |(k, _)| self.inner.hasher.hash_one(k));
+        let existing = match &entry {
+            Entry::Occupied(found) => Some(&found.get().1),
+            Entry::Vacant(_) => None,
+        }
+        .filter(|r| r.expires_ms > now_ms)
+        .cloned();
         let decision = decide(existing.as_ref(), req.fingerprint, now_ms, req.on_unknown);
         match decision {
             Decision::Claim => {
@@ -71,13 +81,17 @@ impl MemoryStore {
                     expires_ms: now_ms + millis(req.ttl),
                     response: None,
                 };
-                if shard.insert(req.key.clone(), record).is_none() {
-                    self.inner.len.fetch_add(1, Ordering::Relaxed);
+                match entry {
+                    Entry::Occupied(mut found) => found.get_mut().1 = record,
+                    Entry::Vacant(slot) => {
+                        slot.insert((req.key.clone(), record));
+                        self.inner.len.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             Decision::BecomeUnknown => {
-                if let Some(r) = shard.get_mut(req.key) {
-                    r.state = State::Unknown;
+                if let Entry::Occupied(mut found) = entry {
+                    found.get_mut().1.state = State::Unknown;
                 }
             }
             _ => {}
@@ -104,14 +118,15 @@ impl MemoryStore {
     }
 
     pub fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        let mut shard = self.inner.shard(key);
-        let owned = shard
-            .get(key)
-            .is_some_and(|r| r.state == State::InFlight && r.token == token);
-        if owned {
-            shard.remove(key);
-            self.inner.len.fetch_sub(1, Ordering::Relaxed);
-        }
+        let (hash, mut shard) = self.inner.shard(key);
+        let owned = match shard.find_entry(hash, is(key)) {
+            Ok(found) if found.get().1.state == State::InFlight && found.get().1.token == token => {
+                found.remove();
+                self.inner.len.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        };
         drop(shard);
         self.inner.changed.notify_waiters();
         Ok(owned)
@@ -122,9 +137,10 @@ impl MemoryStore {
     }
 
     pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> bool {
-        let mut shard = self.inner.shard(key);
+        let (hash, mut shard) = self.inner.shard(key);
         let now = now_ms();
-        let done = match shard.get_mut(key).filter(|r| r.expires_ms > now) {
+        let found = shard.find_mut(hash, is(key)).map(|(_, r)| r);
+        let done = match found.filter(|r| r.expires_ms > now) {
             Some(r) => {
                 r.state = State::Completed;
                 r.response = Some(response.clone());
@@ -140,15 +156,21 @@ impl MemoryStore {
 
     pub fn get(&self, key: &StorageKey) -> Option<Record> {
         let now = now_ms();
-        self.inner
-            .shard(key)
-            .get(key)
+        let (hash, shard) = self.inner.shard(key);
+        shard
+            .find(hash, is(key))
+            .map(|(_, r)| r)
             .filter(|r| r.expires_ms > now)
             .cloned()
     }
 
     pub fn purge(&self, key: &StorageKey) -> bool {
-        let removed = self.inner.shard(key).remove(key).is_some();
+        let (hash, mut shard) = self.inner.shard(key);
+        let removed = shard
+            .find_entry(hash, is(key))
+            .map(|found| found.remove())
+            .is_ok();
+        drop(shard);
         if removed {
             self.inner.len.fetch_sub(1, Ordering::Relaxed);
             self.inner.changed.notify_waiters();
@@ -162,12 +184,7 @@ impl MemoryStore {
         let mut out = Vec::new();
         for shard in &self.inner.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(
-                shard
-                    .iter()
-                    .filter(|(_, r)| r.expires_ms > now)
-                    .map(|(k, r)| (k.clone(), r.clone())),
-            );
+            out.extend(shard.iter().filter(|(_, r)| r.expires_ms > now).cloned());
         }
         out
     }
@@ -178,8 +195,8 @@ impl MemoryStore {
 
     /// Applies `change` when `token` still owns the in-flight attempt.
     fn owned(&self, key: &StorageKey, token: &str, change: impl FnOnce(&mut Record)) -> bool {
-        let mut shard = self.inner.shard(key);
-        let done = match shard.get_mut(key) {
+        let (hash, mut shard) = self.inner.shard(key);
+        let done = match shard.find_mut(hash, is(key)).map(|(_, r)| r) {
             Some(r) if r.state == State::InFlight && r.token == token => {
                 change(r);
                 true
@@ -193,11 +210,23 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, Record>> {
-        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
+    /// The key's hash and its shard, locked. The shard is picked by bits
+    /// 32..38 of the hash, which the table itself uses neither for its bucket
+    /// index (low bits) nor for its tags (top 7 bits).
+    fn shard(&self, key: &StorageKey) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let index = ((hash >> 32) as usize) % SHARDS;
         // A panic while holding a shard lock leaves plain data behind: keep using it.
-        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+        (
+            hash,
+            self.shards[index].lock().unwrap_or_else(|e| e.into_inner()),
+        )
     }
+}
+
+/// Finds `key`'s entry in a shard.
+fn is(key: &StorageKey) -> impl Fn(&(StorageKey, Record)) -> bool + '_ {
+    move |(k, _)| k == key
 }
 
 /// Drops expired records until the store is gone: one shard per tick, so
@@ -214,7 +243,7 @@ async fn sweep(inner: Weak<Inner>) {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let before = shard.len();
-        shard.retain(|_, r| r.expires_ms > now);
+        shard.retain(|(_, r)| r.expires_ms > now);
         inner
             .len
             .fetch_sub((before - shard.len()) as u64, Ordering::Relaxed);
@@ -229,4 +258,79 @@ pub fn now_ms() -> u64 {
 
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backend, OnUnavailable, OnUnknown};
+
+    fn store(max_records: u64) -> MemoryStore {
+        MemoryStore::new(&StoreConfig {
+            backend: Backend::Memory,
+            key_prefix: String::new(),
+            op_timeout: Duration::from_secs(1),
+            on_unavailable: OnUnavailable::Reject,
+            max_records,
+            tls: None,
+        })
+    }
+
+    fn key(i: usize) -> StorageKey {
+        StorageKey {
+            route: "r".into(),
+            scope: "s".into(),
+            key: format!("k{i}"),
+        }
+    }
+
+    fn claim(store: &MemoryStore, key: &StorageKey) -> Decision {
+        let req = ClaimRequest {
+            key,
+            fingerprint: "fp",
+            token: "t",
+            lease: Duration::from_secs(10),
+            ttl: Duration::from_secs(60),
+            on_unknown: OnUnknown::Lock,
+        };
+        store.claim(&req).unwrap().decision
+    }
+
+    /// The hash picks the shard and finds the entry in the shard's table:
+    /// both must agree through the tables' growth, removals and counts.
+    #[test]
+    fn thousands_of_keys_stay_findable_as_the_tables_grow() {
+        let store = store(1_000_000);
+        let n = 20_000;
+        let response = StoredResponse {
+            status: 201,
+            headers: Default::default(),
+            body: Some("ok".into()),
+            body_size: 2,
+        };
+        for i in 0..n {
+            assert_eq!(claim(&store, &key(i)), Decision::Claim);
+        }
+        for i in 0..n {
+            let ttl = Duration::from_secs(60);
+            if i % 2 == 0 {
+                assert!(store.release(&key(i), "t").unwrap());
+            } else {
+                assert!(store.complete(&key(i), "t", &response, ttl).unwrap());
+            }
+        }
+        assert_eq!(store.inner.len.load(Ordering::Relaxed), n as u64 / 2);
+        assert_eq!(store.records().len(), n / 2);
+        for i in 0..n {
+            let want = if i % 2 == 0 {
+                Decision::Claim
+            } else {
+                Decision::Replay
+            };
+            assert_eq!(claim(&store, &key(i)), want, "key {i}");
+        }
+        assert!(store.purge(&key(1)));
+        assert!(store.get(&key(1)).is_none());
+        assert_eq!(store.inner.len.load(Ordering::Relaxed), n as u64 - 1);
+    }
 }
