@@ -211,7 +211,7 @@ impl Exchange {
         };
         match self
             .store
-            .complete(&self.key, &self.token, &stored, self.policy.ttl)
+            .complete(&self.key, &self.token, stored, self.policy.ttl)
             .await
         {
             Ok(true) => true,

@@ -91,7 +91,7 @@ impl Proxy {
                 return self.store_failed(error, &upstream, request, ctx).await;
             }
         };
-        let record = reply.record.as_ref();
+        let record = reply.record;
         match reply.decision {
             Decision::Claim => {
                 // The guards stand between the claim and the forward: a
@@ -131,7 +131,7 @@ impl Proxy {
                     .start(&self.exchanges, request, ctx, &route, now)
                     .await
             }
-            Decision::Replay => match record.and_then(|r| r.response.as_ref()) {
+            Decision::Replay => match record.and_then(|r| r.response) {
                 Some(stored) => {
                     ctx.outcome = "replayed";
                     replay(stored)
@@ -260,11 +260,12 @@ impl Proxy {
     }
 }
 
-/// The stored response, byte for byte, plus `Idempotent-Replayed: true`.
-pub fn replay(stored: &StoredResponse) -> Response<ProxyBody> {
-    let mut response = Response::new(body::full(stored.body.clone().unwrap_or_default()));
+/// The stored response, byte for byte, plus `Idempotent-Replayed: true`;
+/// moved into the reply (the claim handed the gate its own copy).
+pub fn replay(stored: StoredResponse) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(stored.body.unwrap_or_default()));
     *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-    *response.headers_mut() = stored.headers.clone();
+    *response.headers_mut() = stored.headers;
     response
         .headers_mut()
         .insert(&IDEMPOTENT_REPLAYED, http::HeaderValue::from_static("true"));

@@ -76,12 +76,12 @@ async fn taken_over_attempt_never_overwrites_the_new_owner(backend: Backend) {
     );
     let ttl = Duration::from_secs(60);
     assert!(
-        !store.complete(&k, "A", &response(201), ttl).await.unwrap(),
+        !store.complete(&k, "A", response(201), ttl).await.unwrap(),
         "A lost the key"
     );
     assert!(!store.release(&k, "A").await.unwrap());
     assert!(!store.mark_unknown(&k, "A").await.unwrap());
-    assert!(store.complete(&k, "B", &response(202), ttl).await.unwrap());
+    assert!(store.complete(&k, "B", response(202), ttl).await.unwrap());
     let record = store.get(&k).await.unwrap().expect("record");
     assert_eq!(record.state, State::Completed);
     assert_eq!(record.token, "B");
@@ -109,7 +109,7 @@ async fn lease_end_under_lock_turns_unknown_once(backend: Backend) {
     assert_eq!(again.decision, Decision::Unknown);
     assert!(
         !store
-            .complete(&k, "A", &response(201), Duration::from_secs(60))
+            .complete(&k, "A", response(201), Duration::from_secs(60))
             .await
             .unwrap()
     );
@@ -153,7 +153,7 @@ async fn mismatch_and_in_progress(backend: Backend) {
     big.body_size = 5_000_000;
     assert!(
         store
-            .complete(&k, "A", &big, Duration::from_secs(60))
+            .complete(&k, "A", big, Duration::from_secs(60))
             .await
             .unwrap()
     );
@@ -262,7 +262,7 @@ async fn complete_new(store: &Store, k: &StorageKey, status: u16) {
     let ttl = Duration::from_secs(60);
     assert!(
         store
-            .complete(k, "first", &response(status), ttl)
+            .complete(k, "first", response(status), ttl)
             .await
             .unwrap()
     );

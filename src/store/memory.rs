@@ -106,12 +106,12 @@ impl MemoryStore {
         &self,
         key: &StorageKey,
         token: &str,
-        response: &StoredResponse,
+        response: StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let done = self.owned(key, token, |r| {
             r.state = State::Completed;
-            r.response = Some(response.clone());
+            r.response = Some(response);
             r.expires_ms = now_ms() + millis(ttl);
         });
         Ok(done)
@@ -316,7 +316,7 @@ mod tests {
             if i % 2 == 0 {
                 assert!(store.release(&key(i), "t").unwrap());
             } else {
-                assert!(store.complete(&key(i), "t", &response, ttl).unwrap());
+                assert!(store.complete(&key(i), "t", response.clone(), ttl).unwrap());
             }
         }
         assert_eq!(store.inner.len.load(Ordering::Relaxed), n as u64 / 2);

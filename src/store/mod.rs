@@ -104,17 +104,18 @@ impl Store {
     }
 
     /// Records the response; false when the attempt no longer owns the key.
+    /// Takes the response: the memory store keeps it as it is (no copy).
     pub async fn complete(
         &self,
         key: &StorageKey,
         token: &str,
-        response: &StoredResponse,
+        response: StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.timed("complete", async {
             match &self.kind {
                 Kind::Memory(s) => s.complete(key, token, response, ttl),
-                Kind::Redis(s) => Box::pin(s.complete(key, token, response, ttl)).await,
+                Kind::Redis(s) => Box::pin(s.complete(key, token, &response, ttl)).await,
             }
         })
         .await
