@@ -367,9 +367,10 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idemgate.yaml");
-    // The CLI reads admin.listen from the file: bind the admin listener on
-    // a port chosen here so that the file can name it.
-    let admin_port = common::redis_server::free_port();
+    // The CLI reads admin.listen from the file: bind the admin listener
+    // first, then name its port in the file.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_port = admin.local_addr().unwrap().port();
     let yaml = yaml(
         &backend,
         &upstream,
@@ -379,11 +380,7 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     let config = idemgate::Config::parse(&yaml).unwrap();
     let listeners = idemgate::server::Listeners {
         proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: Some(
-            tokio::net::TcpListener::bind(("127.0.0.1", admin_port))
-                .await
-                .unwrap(),
-        ),
+        admin: Some(admin),
     };
     let addr = listeners.proxy.local_addr().unwrap();
     let server = tokio::spawn(idemgate::server::serve(

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use bytes::Bytes;
 use common::certs::Pki;
@@ -148,54 +147,51 @@ async fn wrong_ca_is_502_upstream_unreachable_and_releases_the_key() {
     assert_eq!(upstream.hits(), 0);
 }
 
-/// redis-server with TLS only, on a free port.
-struct TlsRedis(Child, u16);
-
-impl TlsRedis {
-    fn start(pki: &Pki) -> TlsRedis {
-        let port = common::redis_server::free_port();
-        let port_text = port.to_string();
-        let child = common::redis_server::spawn_redis(&[
-            "--port",
-            "0",
-            "--tls-port",
-            &port_text,
-            "--tls-cert-file",
-            pki.server_cert.to_str().unwrap(),
-            "--tls-key-file",
-            pki.server_key.to_str().unwrap(),
-            "--tls-ca-cert-file",
-            pki.ca.to_str().unwrap(),
-            "--tls-auth-clients",
-            "no",
-        ]);
-        TlsRedis(child, port)
-    }
+/// A private redis-server with a TLS port of its own (and a plain one, by
+/// which the test knows the server is its own and up).
+struct TlsRedis {
+    _server: common::RedisServer,
+    tls_port: u16,
 }
 
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl TlsRedis {
+    async fn start(pki: &Pki) -> TlsRedis {
+        let tls_port = std::sync::Mutex::new(0);
+        let server = common::RedisServer::start_own_with(|| {
+            let port = common::redis_server::free_port();
+            *tls_port.lock().unwrap() = port;
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                pki.server_cert.to_str().unwrap(),
+                "--tls-key-file",
+                pki.server_key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                pki.ca.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+        .await;
+        let tls_port = *tls_port.lock().unwrap();
+        TlsRedis {
+            _server: server,
+            tls_port,
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_works_over_rediss() {
     let pki = Pki::new();
-    let redis = TlsRedis::start(&pki);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", redis.1)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "TLS redis-server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let redis = TlsRedis::start(&pki).await;
     let upstream = TestUpstream::start().await;
     let store = format!(
         "store: {{ backend: redis, url: \"rediss://localhost:{}/0\", op_timeout: 2s, tls: {{ ca_file: \"{}\" }} }}",
-        redis.1,
+        redis.tls_port,
         pki.ca.display()
     );
     let proxy = TestProxy::start(&upstream_yaml(

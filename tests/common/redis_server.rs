@@ -7,6 +7,8 @@ pub struct RedisServer {
     pub port: u16,
     url: String,
     child: Option<Child>,
+    /// Arguments after `--port` (kept for a restart).
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -18,6 +20,7 @@ impl RedisServer {
                 port: 0,
                 url,
                 child: None,
+                args: Vec::new(),
             };
         }
         Self::start_own().await
@@ -28,24 +31,33 @@ impl RedisServer {
     /// and it starts again on another port: a test never shares a server it
     /// believes its own.
     pub async fn start_own() -> RedisServer {
+        Self::start_own_with(Vec::new).await
+    }
+
+    /// [`start_own`](Self::start_own) with more arguments, made afresh for
+    /// every attempt (e.g. a TLS port of its own, which may be taken too).
+    pub async fn start_own_with(args: impl Fn() -> Vec<String>) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let mut server = RedisServer {
                 port,
                 url: format!("redis://127.0.0.1:{port}/0"),
                 child: None,
+                args: args(),
             };
             server.spawn();
             if server.wait_ready().await {
                 return server;
             }
         }
-        panic!("redis-server found its port taken five times in a row");
+        panic!("redis-server found its ports taken five times in a row");
     }
 
     fn spawn(&mut self) {
-        let child = spawn_redis(&["--port", &self.port.to_string()]);
-        self.child = Some(child);
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port];
+        args.extend(self.args.iter().map(String::as_str));
+        self.child = Some(spawn_redis(&args));
     }
 
     /// Waits until our own child answers on the port (true), or exits (false:
@@ -211,29 +223,23 @@ impl RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for i in 0..3 {
-            let port = free_port();
             let node_dir = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let port_text = port.to_string();
-            let child = spawn_redis(&[
-                "--port",
-                &port_text,
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--dir",
-                node_dir.to_str().unwrap(),
-            ]);
-            let mut node = RedisServer {
-                port,
-                url: format!("redis://127.0.0.1:{port}"),
-                child: Some(child),
-            };
-            assert!(
-                node.wait_ready().await,
-                "cluster node port {port} was taken"
-            );
+            let node_dir = node_dir.to_str().unwrap().to_owned();
+            let node = RedisServer::start_own_with(|| {
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain([node_dir.clone()])
+                .collect()
+            })
+            .await;
             nodes.push(node);
         }
         let addresses: Vec<String> = nodes
