@@ -2,7 +2,7 @@
 //! registry). Labels are route, upstream, method and store operation names
 //! only, never paths or keys, so cardinality stays bounded.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -151,31 +151,36 @@ impl Metrics {
         }
     }
 
-    /// Counts a request (`route` is empty when no route matched).
-    pub fn request(&self, route: &Arc<str>, method: &http::Method, outcome: &'static str) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                method: method_label(method),
-                outcome,
+    /// Counts a request that matched no route (route label empty); routed
+    /// requests are counted through their [`RouteMetrics`].
+    pub fn unrouted(&self, method: &http::Method, outcome: &'static str, status: u16) {
+        static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
+        self.request(&NO_ROUTE, method_label(method), outcome);
+        self.responses
+            .get_or_create(&ResponseLabels {
+                route: NO_ROUTE.clone(),
+                class: CLASSES[class_index(status)],
             })
             .inc();
     }
 
-    pub fn response(&self, route: &Arc<str>, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.responses
-            .get_or_create(&ResponseLabels {
+    fn request(&self, route: &Arc<str>, method: &'static str, outcome: &'static str) {
+        self.request_counter(route, method, outcome).inc();
+    }
+
+    fn request_counter(
+        &self,
+        route: &Arc<str>,
+        method: &'static str,
+        outcome: &'static str,
+    ) -> Counter {
+        self.requests
+            .get_or_create(&RequestLabels {
                 route: route.clone(),
-                class,
+                method,
+                outcome,
             })
-            .inc();
+            .clone()
     }
 
     pub fn route_counter(family: &Family<RouteLabels, Counter>, route: &str) {
@@ -192,6 +197,107 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+/// The request outcomes of SPEC.md section 7, in the order of
+/// [`RouteMetrics`]' handles.
+const OUTCOMES: [&str; 8] = [
+    "forwarded",
+    "replayed",
+    "conflict",
+    "mismatch",
+    "rejected",
+    "unknown",
+    "passthrough",
+    "error",
+];
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One route's series, each looked up in its family once (on first use,
+/// so that no zero series appear) and then counted directly: a family
+/// lookup hashes the labels under a lock, three times per request.
+pub struct RouteMetrics {
+    route: Arc<str>,
+    upstream: Arc<str>,
+    metrics: Arc<Metrics>,
+    requests: [[OnceLock<Counter>; OUTCOMES.len()]; METHODS.len()],
+    responses: [OnceLock<Counter>; CLASSES.len()],
+    upstream_latency: OnceLock<Histogram>,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Arc<Metrics>, route: Arc<str>, upstream: Arc<str>) -> RouteMetrics {
+        RouteMetrics {
+            route,
+            upstream,
+            metrics: metrics.clone(),
+            requests: Default::default(),
+            responses: Default::default(),
+            upstream_latency: OnceLock::new(),
+        }
+    }
+
+    /// Counts a request, its response's status class and, when it went
+    /// upstream, the upstream's latency.
+    pub fn count(
+        &self,
+        method: &http::Method,
+        outcome: &'static str,
+        status: u16,
+        upstream_ms: Option<u64>,
+    ) {
+        let method = method_label(method);
+        match OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(o) => {
+                let m = METHODS
+                    .iter()
+                    .position(|l| *l == method)
+                    .unwrap_or(METHODS.len() - 1);
+                self.requests[m][o]
+                    .get_or_init(|| self.metrics.request_counter(&self.route, method, outcome))
+                    .inc();
+            }
+            None => self.metrics.request(&self.route, method, outcome),
+        };
+        let class = class_index(status);
+        self.responses[class]
+            .get_or_init(|| {
+                self.metrics
+                    .responses
+                    .get_or_create(&ResponseLabels {
+                        route: self.route.clone(),
+                        class: CLASSES[class],
+                    })
+                    .clone()
+            })
+            .inc();
+        if let Some(ms) = upstream_ms {
+            self.upstream_latency
+                .get_or_init(|| {
+                    self.metrics
+                        .upstream_latency
+                        .get_or_create(&UpstreamLabels {
+                            upstream: self.upstream.clone(),
+                        })
+                        .clone()
+                })
+                .observe(ms as f64 / 1000.0);
+        }
+    }
+}
+
+/// `1xx` .. `5xx` as an index into [`CLASSES`].
+fn class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, OnUnavailable, Route};
 use crate::headers::{self, Peer, RequestIds, X_REQUEST_ID};
-use crate::metrics::{Metrics, UpstreamLabels};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
@@ -41,13 +41,19 @@ pub struct Proxy {
 pub struct Routing {
     pub config: Arc<Config>,
     pub routes: RouteTable,
+    /// Each route's metric series, in the routes' order.
+    pub route_metrics: Vec<Arc<RouteMetrics>>,
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
 impl Routing {
     /// Builds routing for `config`, keeping the upstreams (pools, breaker
     /// state) of `previous` whose settings did not change.
-    fn new(config: &Config, previous: Option<&Routing>) -> Result<Routing, TlsError> {
+    fn new(
+        config: &Config,
+        previous: Option<&Routing>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Routing, TlsError> {
         let upstreams = config
             .upstreams
             .iter()
@@ -61,6 +67,17 @@ impl Routing {
         Ok(Routing {
             config: Arc::new(config.clone()),
             routes: RouteTable::new(&config.routes),
+            route_metrics: config
+                .routes
+                .iter()
+                .map(|r| {
+                    Arc::new(RouteMetrics::new(
+                        metrics,
+                        r.name.clone(),
+                        r.upstream.clone(),
+                    ))
+                })
+                .collect(),
             upstreams,
         })
     }
@@ -80,6 +97,8 @@ pub struct Ctx {
     pub peer: Peer,
     pub ids: RequestIds,
     pub route: Option<Arc<Route>>,
+    /// The matched route's metric series.
+    pub metrics: Option<Arc<RouteMetrics>>,
     pub outcome: &'static str,
     pub key: Option<String>,
     pub upstream_ms: Option<u64>,
@@ -92,7 +111,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, TlsError> {
         Ok(Proxy {
-            routing: ArcSwap::from_pointee(Routing::new(config, None)?),
+            routing: ArcSwap::from_pointee(Routing::new(config, None, &metrics)?),
             store,
             exchanges: TaskTracker::new(),
             running: Default::default(),
@@ -122,7 +141,7 @@ impl Proxy {
         {
             tracing::warn!("reload: listen and store settings take effect only after a restart");
         }
-        let routing = Routing::new(config, Some(&old))?;
+        let routing = Routing::new(config, Some(&old), &self.metrics)?;
         if let (Some(acceptor), Some(files)) = (&self.tls, &config.listen.tls) {
             acceptor.store(Arc::new(crate::tls::server_config(files)?.into()));
         }
@@ -170,6 +189,7 @@ impl Proxy {
             peer,
             ids: RequestIds::from_headers(request.headers()),
             route: None,
+            metrics: None,
             outcome: "error",
             key: None,
             upstream_ms: None,
@@ -194,18 +214,9 @@ impl Proxy {
     }
 
     fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
-        static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
-        let route = ctx.route.as_ref().map_or(&*NO_ROUTE, |r| &r.name);
-        self.metrics.request(route, method, ctx.outcome);
-        self.metrics.response(route, status);
-        if let (Some(route), Some(ms)) = (&ctx.route, ctx.upstream_ms) {
-            let labels = UpstreamLabels {
-                upstream: route.upstream.clone(),
-            };
-            self.metrics
-                .upstream_latency
-                .get_or_create(&labels)
-                .observe(ms as f64 / 1000.0);
+        match &ctx.metrics {
+            Some(route) => route.count(method, ctx.outcome, status, ctx.upstream_ms),
+            None => self.metrics.unrouted(method, ctx.outcome, status),
         }
     }
 
@@ -213,15 +224,17 @@ impl Proxy {
         let routing = self.routing();
         let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());
-        let Some(route) = routing
+        let Some(index) = routing
             .routes
-            .find(request.method(), host, request.uri().path())
+            .find_index(request.method(), host, request.uri().path())
         else {
             ctx.outcome = "rejected";
             return Problem::new(Code::NoRoute, "no route matches this method, host and path")
                 .into_response();
         };
+        let route = routing.routes.get(index);
         ctx.route = Some(route.clone());
+        ctx.metrics = Some(routing.route_metrics[index].clone());
         let upstream = routing.upstream(&route.upstream);
         match route
             .idempotency

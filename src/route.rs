@@ -22,9 +22,19 @@ impl RouteTable {
     /// The first route matching the request. `host` is the request's Host
     /// (or `:authority`) as sent, port included.
     pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.find_index(method, host, path).map(|i| &self.routes[i])
+    }
+
+    /// [`find`](Self::find) as the route's index in file order.
+    pub fn find_index(&self, method: &Method, host: Option<&str>, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .find(|route| matches(&route.matcher, method, host, path))
+            .position(|route| matches(&route.matcher, method, host, path))
+    }
+
+    /// The route at `index` in file order.
+    pub fn get(&self, index: usize) -> &Arc<Route> {
+        &self.routes[index]
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Backend, RedisServer, TestClient, TestProxy, TestUpstream, config};
+use common::{Backend, RedisServer, TestClient, TestProxy, TestUpstream, config, sample};
 
 const TOKEN: &str = "adm1n-t0ken";
 
@@ -226,24 +226,6 @@ async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
     assert_eq!(bad.code(), "bad_request");
 }
 
-/// `name{labels} value` lines of the exposition, summed for a metric whose
-/// labels contain every `wanted` pair.
-fn sample(text: &str, name: &str, wanted: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l.as_bytes().get(name.len()) == Some(&b'{')
-                    || l.as_bytes().get(name.len()) == Some(&b' '))
-        })
-        .filter(|l| {
-            wanted
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn metrics_count_every_outcome(backend: Backend) {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
@@ -290,6 +272,9 @@ async fn metrics_count_every_outcome(backend: Backend) {
     .await;
     client.post_key(&api, "k-m3", "{}").await; // conflict
     slow.await.unwrap();
+    client
+        .send("GET", &proxy.url("/nowhere"), &[], Bytes::new())
+        .await; // no route: rejected, under the empty route label
 
     let text = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
     let text = String::from_utf8(text.body.to_vec()).unwrap();
@@ -311,6 +296,23 @@ async fn metrics_count_every_outcome(backend: Backend) {
             &text,
             "idemgate_requests_total",
             &[("route", "plain"), ("outcome", "passthrough")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", ""), ("outcome", "rejected")]
+        ),
+        1.0,
+        "the unrouted request"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_responses_total",
+            &[("route", ""), ("class", "4xx")]
         ),
         1.0
     );

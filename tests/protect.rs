@@ -323,6 +323,22 @@ async fn reload_swaps_routes_keeps_breaker_state_and_rejects_invalid_files() {
         "upstream_circuit_open",
         "breaker state kept for the unchanged upstream"
     );
+    // Each routing resolves its own metric handles: the series go on
+    // counting across the reload.
+    let metrics = client
+        .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
+        .await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let requests = |route: &str, outcome: &str| {
+        common::sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", route), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(requests("main", "passthrough"), 2.0, "one on each side");
+    assert_eq!(requests("broken", "rejected"), 2.0, "one on each side");
+    assert_eq!(requests("extra", "passthrough"), 1.0);
 
     std::fs::write(
         &path,

@@ -22,6 +22,24 @@ use tokio::sync::oneshot;
 pub use redis_server::RedisServer;
 pub use upstream::TestUpstream;
 
+/// `name{labels} value` lines of the exposition, summed for a metric whose
+/// labels contain every `wanted` pair.
+pub fn sample(text: &str, name: &str, wanted: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| {
+            wanted
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A local address that refuses connections for as long as this lives: the
 /// port is bound, so no test running alongside can take it, but nothing
 /// listens on it. (A port bound and released at once can be handed to the
