@@ -212,6 +212,7 @@ const OUTCOMES: [&str; 8] = [
     "passthrough",
     "error",
 ];
+/// Method labels, in [`method_index`] order; anything else is "other".
 const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
 ];
@@ -250,19 +251,17 @@ impl RouteMetrics {
         status: u16,
         upstream_ms: Option<u64>,
     ) {
-        let method = method_label(method);
-        match OUTCOMES.iter().position(|o| *o == outcome) {
-            Some(o) => {
-                let m = METHODS
-                    .iter()
-                    .position(|l| *l == method)
-                    .unwrap_or(METHODS.len() - 1);
-                self.requests[m][o]
-                    .get_or_init(|| self.metrics.request_counter(&self.route, method, outcome))
-                    .inc();
-            }
-            None => self.metrics.request(&self.route, method, outcome),
+        let m = method_index(method);
+        let counter = match OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(o) => self.requests[m][o].get_or_init(|| {
+                self.metrics
+                    .request_counter(&self.route, METHODS[m], outcome)
+            }),
+            None => &self
+                .metrics
+                .request_counter(&self.route, METHODS[m], outcome),
         };
+        counter.inc();
         let class = class_index(status);
         self.responses[class]
             .get_or_init(|| {
@@ -303,15 +302,20 @@ fn class_index(status: u16) -> usize {
 
 /// Known methods by name; anything else is "other" (bounded cardinality).
 fn method_label(method: &http::Method) -> &'static str {
+    METHODS[method_index(method)]
+}
+
+/// The method's index into [`METHODS`].
+fn method_index(method: &http::Method) -> usize {
     use http::Method;
     match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::PATCH => 3,
+        Method::DELETE => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
     }
 }

@@ -54,17 +54,16 @@ impl Breaker {
             return Admit::Pass;
         }
         let mut state = self.lock();
+        if let State::Open { until } = *state {
+            let now = now();
+            if now < until {
+                return Admit::Reject(until - now);
+            }
+        }
         match *state {
             State::Closed { .. } => Admit::Pass,
             State::HalfOpen { probe_out: true } => Admit::Reject(Duration::from_secs(1)),
-            State::Open { until } => match until.checked_duration_since(now()) {
-                Some(wait) if !wait.is_zero() => Admit::Reject(wait),
-                _ => {
-                    *state = State::HalfOpen { probe_out: true };
-                    Admit::Probe
-                }
-            },
-            State::HalfOpen { probe_out: false } => {
+            State::Open { .. } | State::HalfOpen { probe_out: false } => {
                 *state = State::HalfOpen { probe_out: true };
                 Admit::Probe
             }

@@ -82,7 +82,7 @@ impl RedisStore {
         let read_first = self.mix.read_first();
         if read_first {
             let record = self.get(req.key).await?;
-            let settled = record.as_ref().is_some_and(|r| settled(r, req.fingerprint));
+            let settled = settled(record.as_ref(), req.fingerprint);
             self.mix.saw(settled);
             if settled {
                 // No write follows from a settled record, so the time does not matter.
@@ -92,11 +92,8 @@ impl RedisStore {
         }
         let reply = self.claim_script(req).await?;
         if !read_first {
-            let settled = reply
-                .record
-                .as_ref()
-                .is_some_and(|r| settled(r, req.fingerprint));
-            self.mix.saw(settled);
+            self.mix
+                .saw(settled(reply.record.as_ref(), req.fingerprint));
         }
         Ok(reply)
     }
@@ -303,8 +300,8 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
 /// Whether a claim can be answered from this record alone, whatever the
 /// time: it is completed or unknown, or it belongs to another request.
 /// (An in-flight record's lease is judged by the script, on Redis time.)
-fn settled(record: &Record, fingerprint: &str) -> bool {
-    record.state != State::InFlight || record.fingerprint != fingerprint
+fn settled(record: Option<&Record>, fingerprint: &str) -> bool {
+    record.is_some_and(|r| r.state != State::InFlight || r.fingerprint != fingerprint)
 }
 
 fn glob_escape(text: &str) -> String {
@@ -318,7 +315,6 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// HGETALL pairs → record; an empty list is no record.
 /// A record from the values of [`RECORD_FIELDS`] (none when it has no state
 /// field, i.e. the key does not exist).
 fn parse_record(mut values: Vec<Option<Vec<u8>>>) -> Result<Option<Record>, StoreError> {
