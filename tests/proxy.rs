@@ -22,7 +22,7 @@ async fn passthrough(base_path: &str, routes: &str) -> (TestUpstream, TestProxy)
 }
 
 const ALL: &str =
-    "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 300ms } }";
+    "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 1s } }";
 
 #[tokio::test]
 async fn streams_a_multi_mib_body_both_ways() {
