@@ -12,12 +12,19 @@ use idemgate::idempotency::key::StorageKey;
 use idemgate::idempotency::record::{State, StoredResponse};
 use idemgate::store::{ClaimRequest, Store};
 
-fn open(backend: &Backend) -> Store {
+fn config(backend: &Backend) -> Config {
     let yaml = format!(
         "{}\nupstreams: {{ up: {{ url: \"http://127.0.0.1:1\" }} }}\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: up }} ]\n",
         backend.store_yaml()
     );
-    let config = Config::parse(&yaml).expect("valid");
+    Config::parse(&yaml).expect("valid")
+}
+
+fn open(backend: &Backend) -> Store {
+    open_config(&config(backend))
+}
+
+fn open_config(config: &Config) -> Store {
     Store::open(&config.store, Default::default()).expect("store opens")
 }
 
@@ -334,4 +341,37 @@ async fn scripts_flushed_from_redis_are_loaded_again() {
         .await
         .unwrap();
     assert_eq!(reply.decision, Decision::Replay);
+}
+
+#[tokio::test]
+async fn a_hash_without_a_state_at_the_key_is_claimed_afresh() {
+    let server = common::RedisServer::start_own().await;
+    let mut conn = server.connection().await;
+    let backend = Backend::Redis(server); // keeps the server running
+    let config = config(&backend);
+    let store = open_config(&config);
+    let k = key("stray");
+    let name = k.encode(&config.store.key_prefix);
+    let _: () = ::redis::cmd("HSET")
+        .arg(&name)
+        .arg("left")
+        .arg("over")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reply = store
+        .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert_eq!(reply.decision, Decision::Claim);
+    assert!(reply.record.is_none(), "{:?}", reply.record);
+    let record = store.get(&k).await.unwrap().expect("claimed");
+    assert_eq!((record.state, record.token.as_str()), (State::InFlight, "A"));
+    let stray: Option<String> = ::redis::cmd("HGET")
+        .arg(&name)
+        .arg("left")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stray, None, "the stray field went with the old hash");
 }

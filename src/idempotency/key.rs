@@ -94,7 +94,13 @@ impl StorageKey {
     /// name) stays in one Redis Cluster slot. A `}` inside the client's key
     /// only shortens the tag, deterministically.
     pub fn encode(&self, prefix: &str) -> String {
-        let parts = [
+        self.encoded_parts(prefix).concat()
+    }
+
+    /// The pieces of [`StorageKey::encode`], for writing them straight
+    /// into a buffer.
+    pub fn encoded_parts<'a>(&'a self, prefix: &'a str) -> [&'a str; 8] {
+        [
             prefix,
             "{",
             &self.route,
@@ -103,8 +109,7 @@ impl StorageKey {
             ":",
             &self.key,
             "}",
-        ];
-        parts.concat()
+        ]
     }
 
     /// The inverse of [`StorageKey::encode`].

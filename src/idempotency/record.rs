@@ -56,7 +56,11 @@ pub struct StoredResponse {
 
 /// Headers as `name: value\r\n` lines; names and values can hold neither CR nor LF.
 pub fn encode_headers(headers: &HeaderMap) -> Vec<u8> {
-    let mut out = Vec::new();
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(size);
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");

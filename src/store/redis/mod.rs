@@ -7,10 +7,13 @@ mod claim_mix;
 mod link;
 mod scripts;
 
+use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind};
+use redis::{
+    AsyncCommands, Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs,
+};
 
 use super::memory::millis;
 use super::{ClaimReply, ClaimRequest, StoreError};
@@ -99,7 +102,12 @@ impl RedisStore {
     }
 
     async fn claim_script(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
-        let mut call = self.script_call(&self.claim, req.key);
+        let mut call = self.script_call(
+            &self.claim,
+            req.key,
+            5,
+            req.fingerprint.len() + req.token.len() + 2 * 20 + 1,
+        );
         call.arg(req.fingerprint)
             .arg(req.token)
             .arg(millis(req.lease))
@@ -123,11 +131,18 @@ impl RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut call = self.script_call(&self.complete, key);
+        let headers = encode_headers(&response.headers);
+        let body = response.body.as_deref().unwrap_or_default();
+        let mut call = self.script_call(
+            &self.complete,
+            key,
+            7,
+            token.len() + 3 + headers.len() + body.len() + 1 + 2 * 20,
+        );
         call.arg(token)
             .arg(response.status)
-            .arg(encode_headers(&response.headers))
-            .arg(response.body.as_deref().unwrap_or_default())
+            .arg(headers)
+            .arg(body)
             .arg(if response.body.is_some() { "1" } else { "0" })
             .arg(response.body_size)
             .arg(millis(ttl));
@@ -149,10 +164,17 @@ impl RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut call = self.script_call(&self.resolve, key);
+        let headers = encode_headers(&response.headers);
+        let body = response.body.as_deref().unwrap_or_default();
+        let mut call = self.script_call(
+            &self.resolve,
+            key,
+            5,
+            3 + headers.len() + body.len() + 2 * 20,
+        );
         call.arg(response.status)
-            .arg(encode_headers(&response.headers))
-            .arg(response.body.as_deref().unwrap_or_default())
+            .arg(headers)
+            .arg(body)
             .arg(response.body_size)
             .arg(millis(ttl));
         let done: u8 = self.run(&self.resolve, &call).await?;
@@ -227,20 +249,21 @@ impl RedisStore {
         key: &StorageKey,
         token: &str,
     ) -> Result<bool, StoreError> {
-        let mut call = self.script_call(script, key);
+        let mut call = self.script_call(script, key, 1, token.len());
         call.arg(token);
         let done: u8 = self.run(script, &call).await?;
         Ok(done == 1)
     }
 
-    /// `EVALSHA <script> 1 <key>`, for the caller to add the arguments to:
-    /// one buffer for the whole command (`Script::key(..).arg(..)` keeps a
-    /// vector per argument and copies them again into the command).
-    fn script_call(&self, script: &Script, key: &StorageKey) -> Cmd {
-        let mut call = redis::cmd("EVALSHA");
-        call.arg(script.get_hash())
-            .arg(1)
-            .arg(key.encode(&self.prefix));
+    /// `EVALSHA <script> 1 <key>`, for the caller to add `args` arguments of
+    /// about `bytes` bytes to: one buffer for the whole command, sized once
+    /// (`Script::key(..).arg(..)` keeps a vector per argument, and a growing
+    /// `Cmd` reallocates its buffers a dozen times per request).
+    fn script_call(&self, script: &Script, key: &StorageKey, args: usize, bytes: usize) -> Cmd {
+        let key = EncodedKey(key.encoded_parts(&self.prefix));
+        let hash = script.get_hash();
+        let mut call = Cmd::with_capacity(4 + args, 7 + hash.len() + 1 + key.len() + bytes);
+        call.arg("EVALSHA").arg(hash).arg(1).arg(key);
         call
     }
 
@@ -295,6 +318,26 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
         client_tls,
         root_cert: read(&tls.ca_file)?,
     }))
+}
+
+/// A record's Redis key, written into a command piece by piece (no
+/// intermediate `String`).
+struct EncodedKey<'a>([&'a str; 8]);
+
+impl EncodedKey<'_> {
+    fn len(&self) -> usize {
+        self.0.iter().map(|part| part.len()).sum()
+    }
+}
+
+impl ToRedisArgs for EncodedKey<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        for part in self.0 {
+            arg.write_all(part.as_bytes())
+                .expect("writing to a command buffer cannot fail");
+        }
+    }
 }
 
 /// Whether a claim can be answered from this record alone, whatever the
