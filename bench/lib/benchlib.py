@@ -165,6 +165,7 @@ def record(argv):
         after = json.load(f)
     proxy_pids = o.get("proxy_pids", "").split()
     aux_pids = o.get("aux_pids", "").split()
+    store_pids = o.get("store_pids", "").split()
     wall = after["time"] - before["time"]
     duration = wrk["duration_us"] / 1e6
     requests = wrk["requests"]
@@ -172,6 +173,7 @@ def record(argv):
     proxy_user = cpu_delta(before, after, proxy_pids, ("user_s",))
     aux_sleeps = cpu_delta(before, after, aux_pids, ("vcsw",))
     aux_cpu = cpu_delta(before, after, aux_pids)
+    store_cpu = cpu_delta(before, after, store_pids)
     rss = sum((after["procs"].get(p) or {}).get("rss_kb", 0) for p in proxy_pids)
     errors = sum(wrk["errors"].values())
     row = {
@@ -192,6 +194,9 @@ def record(argv):
         "user_us_per_req": round(proxy_user / requests * 1e6, 2) if requests else None,
         "sys_us_per_req": round((proxy_cpu - proxy_user) / requests * 1e6, 2) if requests else None,
         "aux_cpu_s": round(aux_cpu, 3),
+        "aux_us_per_req": round(aux_cpu / requests * 1e6, 2) if requests else None,
+        # redis-server's CPU (part of aux) per request, in the Redis runs
+        "store_us_per_req": round(store_cpu / requests * 1e6, 2) if requests and store_pids else None,
         # how often the upstream (and redis) went to sleep and had to be woken
         "aux_sleeps_per_req": round(aux_sleeps / requests, 3) if requests else None,
         "proxy_rss_kb_after": rss,
@@ -316,8 +321,9 @@ def report(argv):
         md.append(f"Build: {meta['label']}\n")
     md.append(
         f"Proxy (idemgate or nginx) pinned to core {meta['proxy_cpu']}; wrk, the upstream "
-        f"(`bench_upstream`, one thread), redis-server and the helper scripts pinned to core "
-        f"{meta['load_cpu']}. wrk: 1 thread, {meta['connections']} connections, "
+        f"(`bench_upstream`, one thread) and the helper scripts pinned to core "
+        f"{meta['load_cpu']}; redis-server to core {meta.get('store_cpu', meta['load_cpu'])}. "
+        f"wrk: 1 thread, {meta['connections']} connections, "
         f"{meta['duration']} s per run after a {meta['warmup']} s warm-up of every target; "
         f"{meta['reps']} interleaved repetitions, median reported; spread = (max − min) / median "
         f"across repetitions. Ratios are computed per repetition (runs seconds apart) and "
@@ -369,6 +375,55 @@ def report(argv):
     for e in summary["throughput"]:
         md.append(
             f"| {e['scenario']} {e['target']} | " + " | ".join(fmt(x) for x in e["rps_reps"]) + " |"
+        )
+    md.append("")
+
+    # ---- what one request costs each core, and the proxy core's capacity
+    md.append("## CPU per request on each core, and the proxy core's capacity\n")
+    md.append(
+        "CPU time per request of the proxy (core "
+        f"{meta['proxy_cpu']}) and of the processes on the load side (the upstream, and "
+        "redis-server in the Redis runs; wrk is not counted), from /proc/PID/stat around each "
+        "run. When the load core is the bottleneck (proxy core below ~95% busy) req/s "
+        "measures the load side; the proxy core's capacity, 1 / (proxy CPU per request), is "
+        "what one proxy core could serve, and its ratio to nginx's (nginx S1 CPU per "
+        "request / this scenario's, per repetition) is what the throughput ratio would be "
+        "if the load side kept up. It is conservative: CPU per request falls as a core gets "
+        "busier (more requests per wake-up).\n"
+    )
+    md.append(
+        "| scenario | proxy µs/req | proxy core busy | load core busy | upstream (+ redis) µs/req | "
+        "of which redis-server | proxy core capacity (req/s) | vs nginx S1 (CPU ratio) |"
+    )
+    md.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for scenario, target, label in throughput:
+        rs = runs(scenario, target)
+        if not rs or target == "direct":
+            continue
+        ratios = [
+            nginx_cpu[r["rep"]] / r["cpu_s_per_1k"]
+            for r in rs
+            if nginx_cpu.get(r["rep"]) and r["cpu_s_per_1k"]
+        ]
+        cpu_us = med([r["cpu_s_per_1k"] * 1000 for r in rs if r["cpu_s_per_1k"]])
+        load_busy = med([
+            r["cores"][str(meta["load_cpu"])]["busy"] for r in rs if str(meta["load_cpu"]) in r["cores"]
+        ])
+        entry = next(e for e in summary["throughput"] if e["scenario"] == scenario and e["target"] == target)
+        entry.update({
+            "proxy_us_per_req_median": cpu_us,
+            "load_busy_median": load_busy,
+            "aux_us_per_req_median": med([r.get("aux_us_per_req") for r in rs]),
+            "store_us_per_req_median": med([r.get("store_us_per_req") for r in rs]),
+            "capacity_rps": round(1e6 / cpu_us) if cpu_us else None,
+            "capacity_vs_nginx_s1_median": med(ratios),
+            "capacity_vs_nginx_s1_reps": [round(x, 3) for x in ratios],
+        })
+        md.append(
+            f"| {scenario} {target} | {fmt(cpu_us, 1)} | {fmt(entry['proxy_busy_median'] * 100, 0, '%')} | "
+            f"{fmt(load_busy * 100 if load_busy is not None else None, 0, '%')} | "
+            f"{fmt(entry['aux_us_per_req_median'], 1)} | {fmt(entry['store_us_per_req_median'], 1)} | "
+            f"{fmt(entry['capacity_rps'])} | {fmt(entry['capacity_vs_nginx_s1_median'], 2, '×')} |"
         )
     md.append("")
 
@@ -614,6 +669,12 @@ def report(argv):
                 (f"{scenario} Redis req/s vs nginx S1", goal, e["ratio_vs_nginx_s1_median"],
                  (lambda b: lambda x: x >= b)(bound), "×", 2)
             )
+            if e.get("proxy_busy_median") is not None and e["proxy_busy_median"] < 0.95:
+                targets.append(
+                    (f"… its proxy core's capacity vs nginx S1's (the load core was the limit: "
+                     f"proxy core {e['proxy_busy_median']:.0%} busy)", f"(the same bound: {goal})",
+                     e.get("capacity_vs_nginx_s1_median"), None, "×", 2)
+                )
     for store in ("idemgate-mem", "idemgate-redis"):
         for mode in ("wait", "reject"):
             rs = [r for r in s4 if r["target"] == store and r["mode"] == mode]
