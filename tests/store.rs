@@ -366,7 +366,10 @@ async fn a_hash_without_a_state_at_the_key_is_claimed_afresh() {
     assert_eq!(reply.decision, Decision::Claim);
     assert!(reply.record.is_none(), "{:?}", reply.record);
     let record = store.get(&k).await.unwrap().expect("claimed");
-    assert_eq!((record.state, record.token.as_str()), (State::InFlight, "A"));
+    assert_eq!(
+        (record.state, record.token.as_str()),
+        (State::InFlight, "A")
+    );
     let stray: Option<String> = ::redis::cmd("HGET")
         .arg(&name)
         .arg("left")
