@@ -82,7 +82,7 @@ async fn bulkhead_turns_away_at_once_and_frees_keys(backend: Backend) {
 
 async fn breaker_opens_serves_replays_probes_once_and_closes(backend: Backend) {
     let upstream = TestUpstream::start().await;
-    let extra = ", circuit_breaker: { consecutive_failures: 3, open_for: 400ms }";
+    let extra = ", circuit_breaker: { consecutive_failures: 3, open_for: 1s }";
     let proxy = TestProxy::start(&yaml(&backend.store_yaml(), &upstream, extra)).await;
     let client = TestClient::new();
     assert_eq!(
@@ -126,12 +126,12 @@ async fn breaker_opens_serves_replays_probes_once_and_closes(backend: Backend) {
         "nothing reached the upstream while open"
     );
 
-    tokio::time::sleep(Duration::from_millis(450)).await; // open_for under test
+    tokio::time::sleep(Duration::from_millis(1100)).await; // open_for under test
     let probe = {
         let (client, url) = (client.clone(), proxy.url("/plain"));
         tokio::spawn(async move {
             client
-                .send("GET", &url, &[("x-test-delay-ms", "300")], Bytes::new())
+                .send("GET", &url, &[("x-test-delay-ms", "1000")], Bytes::new())
                 .await
         })
     };

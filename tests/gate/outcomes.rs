@@ -59,16 +59,16 @@ async fn client_disconnect_still_recorded(backend: Backend) {
 }
 
 async fn lease_end_locks_as_unknown(backend: Backend) {
-    let s = Setup::new(backend, "lease: 300ms, on_unknown: lock", "response: 100ms").await;
+    let s = Setup::new(backend, "lease: 1s, on_unknown: lock", "response: 100ms").await;
     let first = s
-        .post("k-lease", "{}", &[("x-test-delay-ms", "1500")])
+        .post("k-lease", "{}", &[("x-test-delay-ms", "3000")])
         .await;
     assert_eq!(first.code(), "upstream_timeout");
     assert_eq!(
         s.post("k-lease", "{}", &[]).await.code(),
         "request_in_progress"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await; // the lease under test
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the lease under test
     let reply = s.post("k-lease", "{}", &[]).await;
     assert_eq!(
         (reply.status.as_u16(), reply.code().as_str()),
@@ -78,19 +78,14 @@ async fn lease_end_locks_as_unknown(backend: Backend) {
 }
 
 async fn lease_end_releases_under_release(backend: Backend) {
-    let s = Setup::new(
-        backend,
-        "lease: 300ms, on_unknown: release",
-        "response: 100ms",
-    )
-    .await;
+    let s = Setup::new(backend, "lease: 1s, on_unknown: release", "response: 100ms").await;
     assert_eq!(
-        s.post("k-lr", "{}", &[("x-test-delay-ms", "1200")])
+        s.post("k-lr", "{}", &[("x-test-delay-ms", "3000")])
             .await
             .code(),
         "upstream_timeout"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await; // the lease under test
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the lease under test
     let second = s.post("k-lr", "{}", &[]).await;
     assert_eq!(
         second.status, 201,
