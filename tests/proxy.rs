@@ -235,6 +235,51 @@ async fn malformed_requests_get_an_answer_without_a_panic() {
     assert_eq!(reply.status, 201);
 }
 
+/// Reads until the proxy closes the connection (or 20 s pass); returns what
+/// came and how long the proxy kept the connection.
+async fn until_closed(mut stream: tokio::net::TcpStream) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .ok();
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let mut partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    partial
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-partial: ")
+        .await
+        .unwrap();
+    // A keep-alive connection that was answered once, then sends nothing.
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 201");
+    let ((head, head_kept), (_, idle_kept)) =
+        tokio::join!(until_closed(partial), until_closed(idle));
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 408"),
+        "a slow head is closed, at most with a 408: {head}"
+    );
+    for kept in [head_kept, idle_kept] {
+        assert!(
+            kept >= Duration::from_secs(9),
+            "closed after {kept:?}, before the 10 s"
+        );
+    }
+}
+
 #[tokio::test]
 async fn stalled_clients_do_not_hold_up_others() {
     let (_upstream, proxy) = passthrough("", ALL).await;
