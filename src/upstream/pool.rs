@@ -147,6 +147,8 @@ impl Pool {
             .await
             .map_err(|e| SendError::connect(&*e))?;
         let (sender, driver) = http1::Builder::new()
+            // One buffer, one `write` (see `server::connection_builder`).
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| SendError::connect(&e))?;
