@@ -3,13 +3,17 @@
 //! Each operation hashes its key once (SipHash, randomly keyed): the hash
 //! picks the shard and finds the record in the shard's table
 //! (`hashbrown::HashTable`, which takes the hash instead of rehashing).
+//! Each shard also keeps its expiries in a heap, so the sweep visits what
+//! has expired, not every record (`shard.rs`).
 
+mod shard;
+
+use std::cmp::Reverse;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 use tokio::sync::Notify;
 
@@ -18,6 +22,7 @@ use crate::config::StoreConfig;
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse};
+use shard::{Shard, sweep};
 
 /// Enough shards that two cores never queue on one lock.
 const SHARDS: usize = 64;
@@ -26,8 +31,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
-
-type Shard = HashTable<(StorageKey, Record)>;
 
 struct Inner {
     shards: Vec<Mutex<Shard>>,
@@ -42,7 +45,7 @@ struct Inner {
 impl MemoryStore {
     pub fn new(config: &StoreConfig) -> MemoryStore {
         let inner = Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             len: AtomicU64::new(0),
             max_records: config.max_records,
@@ -56,8 +59,11 @@ impl MemoryStore {
 
     pub fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
         let now_ms = now_ms();
-        let (hash, mut shard) = self.inner.shard(req.key);
-        let entry = shard.entry(hash, is(req.key), |(k, _)| self.inner.hasher.hash_one(k));
+        let (hash, mut guard) = self.inner.shard(req.key);
+        let shard = &mut *guard;
+        let entry = shard
+            .table
+            .entry(hash, is(req.key), |(k, _)| self.inner.hasher.hash_one(k));
         let existing = match &entry {
             Entry::Occupied(found) => Some(&found.get().1),
             Entry::Vacant(_) => None,
@@ -81,6 +87,7 @@ impl MemoryStore {
                     expires_ms: now_ms + millis(req.ttl),
                     response: None,
                 };
+                shard.expiry.push(Reverse((record.expires_ms, hash)));
                 match entry {
                     Entry::Occupied(mut found) => found.get_mut().1 = record,
                     Entry::Vacant(slot) => {
@@ -119,7 +126,7 @@ impl MemoryStore {
 
     pub fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
         let (hash, mut shard) = self.inner.shard(key);
-        let owned = match shard.find_entry(hash, is(key)) {
+        let owned = match shard.table.find_entry(hash, is(key)) {
             Ok(found) if found.get().1.state == State::InFlight && found.get().1.token == token => {
                 found.remove();
                 self.inner.len.fetch_sub(1, Ordering::Relaxed);
@@ -137,19 +144,21 @@ impl MemoryStore {
     }
 
     pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> bool {
-        let (hash, mut shard) = self.inner.shard(key);
+        let (hash, mut guard) = self.inner.shard(key);
+        let shard = &mut *guard;
         let now = now_ms();
-        let found = shard.find_mut(hash, is(key)).map(|(_, r)| r);
+        let found = shard.table.find_mut(hash, is(key)).map(|(_, r)| r);
         let done = match found.filter(|r| r.expires_ms > now) {
             Some(r) => {
                 r.state = State::Completed;
                 r.response = Some(response.clone());
                 r.expires_ms = now + millis(ttl);
+                shard.expiry.push(Reverse((r.expires_ms, hash)));
                 true
             }
             None => false,
         };
-        drop(shard);
+        drop(guard);
         self.inner.changed.notify_waiters();
         done
     }
@@ -158,6 +167,7 @@ impl MemoryStore {
         let now = now_ms();
         let (hash, shard) = self.inner.shard(key);
         shard
+            .table
             .find(hash, is(key))
             .map(|(_, r)| r)
             .filter(|r| r.expires_ms > now)
@@ -167,6 +177,7 @@ impl MemoryStore {
     pub fn purge(&self, key: &StorageKey) -> bool {
         let (hash, mut shard) = self.inner.shard(key);
         let removed = shard
+            .table
             .find_entry(hash, is(key))
             .map(|found| found.remove())
             .is_ok();
@@ -184,7 +195,13 @@ impl MemoryStore {
         let mut out = Vec::new();
         for shard in &self.inner.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(shard.iter().filter(|(_, r)| r.expires_ms > now).cloned());
+            out.extend(
+                shard
+                    .table
+                    .iter()
+                    .filter(|(_, r)| r.expires_ms > now)
+                    .cloned(),
+            );
         }
         out
     }
@@ -195,15 +212,20 @@ impl MemoryStore {
 
     /// Applies `change` when `token` still owns the in-flight attempt.
     fn owned(&self, key: &StorageKey, token: &str, change: impl FnOnce(&mut Record)) -> bool {
-        let (hash, mut shard) = self.inner.shard(key);
-        let done = match shard.find_mut(hash, is(key)).map(|(_, r)| r) {
+        let (hash, mut guard) = self.inner.shard(key);
+        let shard = &mut *guard;
+        let done = match shard.table.find_mut(hash, is(key)).map(|(_, r)| r) {
             Some(r) if r.state == State::InFlight && r.token == token => {
+                let expires = r.expires_ms;
                 change(r);
+                if r.expires_ms != expires {
+                    shard.expiry.push(Reverse((r.expires_ms, hash)));
+                }
                 true
             }
             _ => false,
         };
-        drop(shard);
+        drop(guard);
         self.inner.changed.notify_waiters();
         done
     }
@@ -227,27 +249,6 @@ impl Inner {
 /// Finds `key`'s entry in a shard.
 fn is(key: &StorageKey) -> impl Fn(&(StorageKey, Record)) -> bool + '_ {
     move |(k, _)| k == key
-}
-
-/// Drops expired records until the store is gone: one shard per tick, so
-/// that a pass over a large store never stalls the worker it runs on (each
-/// shard is visited once per `SWEEP_EVERY`).
-async fn sweep(inner: Weak<Inner>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY / SHARDS as u32);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for index in (0..SHARDS).cycle() {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let now = now_ms();
-        let mut shard = inner.shards[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let before = shard.len();
-        shard.retain(|(_, r)| r.expires_ms > now);
-        inner
-            .len
-            .fetch_sub((before - shard.len()) as u64, Ordering::Relaxed);
-    }
 }
 
 pub fn now_ms() -> u64 {
@@ -285,15 +286,91 @@ mod tests {
     }
 
     fn claim(store: &MemoryStore, key: &StorageKey) -> Decision {
+        claim_for(store, key, Duration::from_secs(60))
+    }
+
+    fn claim_for(store: &MemoryStore, key: &StorageKey, ttl: Duration) -> Decision {
         let req = ClaimRequest {
             key,
             fingerprint: "fp",
             token: "t",
             lease: Duration::from_secs(10),
-            ttl: Duration::from_secs(60),
+            ttl,
             on_unknown: OnUnknown::Lock,
         };
         store.claim(&req).unwrap().decision
+    }
+
+    /// Sweeps every shard as at `now`, as the sweep task does one per tick.
+    fn sweep_all(store: &MemoryStore, now: u64) -> usize {
+        let inner = &store.inner;
+        let removed: usize = inner
+            .shards
+            .iter()
+            .map(|shard| shard.lock().unwrap().sweep(now, &inner.hasher))
+            .sum();
+        inner.len.fetch_sub(removed as u64, Ordering::Relaxed);
+        removed
+    }
+
+    fn heap_entries(store: &MemoryStore) -> usize {
+        let shards = &store.inner.shards;
+        shards.iter().map(|s| s.lock().unwrap().expiry.len()).sum()
+    }
+
+    /// Records of a short ttl expire while records of a long ttl, written
+    /// before them into the same shards, stay; a completion's later expiry
+    /// keeps its record past the claim's.
+    #[test]
+    fn the_sweep_removes_what_expired_whatever_the_order_of_ttls() {
+        let store = store(1_000_000);
+        let (short, long) = (Duration::from_secs(5), Duration::from_secs(3600));
+        for i in 0..500 {
+            assert_eq!(claim_for(&store, &key(i), long), Decision::Claim);
+        }
+        for i in 500..1000 {
+            assert_eq!(claim_for(&store, &key(i), short), Decision::Claim);
+        }
+        let response = StoredResponse {
+            status: 201,
+            headers: Default::default(),
+            body: None,
+            body_size: 0,
+        };
+        // Completed with the long ttl: its claim's short expiry no longer holds.
+        assert!(store.complete(&key(999), "t", response, long).unwrap());
+        let in_a_minute = now_ms() + 60_000;
+        assert_eq!(sweep_all(&store, in_a_minute), 499);
+        assert_eq!(store.inner.len.load(Ordering::Relaxed), 501);
+        assert!(store.get(&key(0)).is_some());
+        assert!(store.get(&key(999)).is_some());
+        let left: usize = (500..999)
+            .filter(|&i| {
+                let (hash, shard) = store.inner.shard(&key(i));
+                shard.table.find(hash, is(&key(i))).is_some()
+            })
+            .count();
+        assert_eq!(left, 0, "short-ttl records left in the tables");
+        assert_eq!(sweep_all(&store, now_ms() + 7_200_000), 501);
+        assert_eq!(store.inner.len.load(Ordering::Relaxed), 0);
+    }
+
+    /// Keys claimed and released leave heap entries behind; the sweep
+    /// keeps them within twice the records (plus a little per shard).
+    #[test]
+    fn released_keys_do_not_grow_the_expiry_heaps_without_bound() {
+        let store = store(1_000_000);
+        for i in 0..50_000 {
+            assert_eq!(claim(&store, &key(i)), Decision::Claim);
+            assert!(store.release(&key(i), "t").unwrap());
+        }
+        assert_eq!(heap_entries(&store), 50_000);
+        assert_eq!(sweep_all(&store, now_ms()), 0);
+        assert!(
+            heap_entries(&store) <= 1024 * SHARDS,
+            "{} entries for no records",
+            heap_entries(&store)
+        );
     }
 
     /// The hash picks the shard and finds the entry in the shard's table:

@@ -1,0 +1,70 @@
+//! A shard of the memory store: its records, the heap of their expiries,
+//! and the task that sweeps expired records away.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+
+use hashbrown::HashTable;
+
+use super::{Inner, SHARDS, SWEEP_EVERY, now_ms};
+use crate::idempotency::key::StorageKey;
+use crate::idempotency::record::Record;
+
+/// One shard: its records, and when they expire.
+#[derive(Default)]
+pub(super) struct Shard {
+    pub(super) table: HashTable<(StorageKey, Record)>,
+    /// `(expires_ms, hash)` of every expiry written, soonest first. An entry
+    /// whose record is gone, or now expires later, is dropped when it comes
+    /// up (the later expiry has an entry of its own).
+    pub(super) expiry: BinaryHeap<Reverse<(u64, u64)>>,
+}
+
+impl Shard {
+    /// Removes the records expired at `now`, returning how many.
+    pub(super) fn sweep(&mut self, now: u64, hasher: &RandomState) -> usize {
+        let mut removed = 0;
+        while let Some(&Reverse((at, hash))) = self.expiry.peek() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop();
+            let expired =
+                |(k, r): &(StorageKey, Record)| r.expires_ms <= now && hasher.hash_one(k) == hash;
+            while let Ok(found) = self.table.find_entry(hash, expired) {
+                found.remove();
+                removed += 1;
+            }
+        }
+        // Released keys and moved expiries leave entries behind until their
+        // time comes: past twice the records, rebuild from the records.
+        if self.expiry.len() > 2 * self.table.len() + 1024 {
+            self.expiry = self
+                .table
+                .iter()
+                .map(|(k, r)| Reverse((r.expires_ms, hasher.hash_one(k))))
+                .collect();
+        }
+        removed
+    }
+}
+/// Drops expired records until the store is gone: one shard per tick, each
+/// shard once per `SWEEP_EVERY`; a visit pops the shard's expiry heap up
+/// to now, so it costs what expired, not what the shard holds.
+pub(super) async fn sweep(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY / SHARDS as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for index in (0..SHARDS).cycle() {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = now_ms();
+        let removed = inner.shards[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sweep(now, &inner.hasher);
+        inner.len.fetch_sub(removed as u64, Ordering::Relaxed);
+    }
+}
