@@ -8,7 +8,6 @@
 
 mod shard;
 
-use std::cmp::Reverse;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,7 +86,7 @@ impl MemoryStore {
                     expires_ms: now_ms + millis(req.ttl),
                     response: None,
                 };
-                shard.expiry.push(Reverse((record.expires_ms, hash)));
+                shard.expiry.note(hash, record.expires_ms);
                 match entry {
                     Entry::Occupied(mut found) => found.get_mut().1 = record,
                     Entry::Vacant(slot) => {
@@ -153,7 +152,7 @@ impl MemoryStore {
                 r.state = State::Completed;
                 r.response = Some(response.clone());
                 r.expires_ms = now + millis(ttl);
-                shard.expiry.push(Reverse((r.expires_ms, hash)));
+                shard.expiry.note(hash, r.expires_ms);
                 true
             }
             None => false,
@@ -219,7 +218,7 @@ impl MemoryStore {
                 let expires = r.expires_ms;
                 change(r);
                 if r.expires_ms != expires {
-                    shard.expiry.push(Reverse((r.expires_ms, hash)));
+                    shard.expiry.note(hash, r.expires_ms);
                 }
                 true
             }
@@ -303,14 +302,7 @@ mod tests {
 
     /// Sweeps every shard as at `now`, as the sweep task does one per tick.
     fn sweep_all(store: &MemoryStore, now: u64) -> usize {
-        let inner = &store.inner;
-        let removed: usize = inner
-            .shards
-            .iter()
-            .map(|shard| shard.lock().unwrap().sweep(now, &inner.hasher))
-            .sum();
-        inner.len.fetch_sub(removed as u64, Ordering::Relaxed);
-        removed
+        (0..SHARDS).map(|i| store.inner.sweep_shard(i, now)).sum()
     }
 
     fn heap_entries(store: &MemoryStore) -> usize {

@@ -20,18 +20,34 @@ pub(super) struct Shard {
     /// `(expires_ms, hash)` of every expiry written, soonest first. An entry
     /// whose record is gone, or now expires later, is dropped when it comes
     /// up (the later expiry has an entry of its own).
-    pub(super) expiry: BinaryHeap<Reverse<(u64, u64)>>,
+    pub(super) expiry: Expiries,
+}
+
+/// A shard's expiries: `(expires_ms, hash)`, soonest first.
+#[derive(Default)]
+pub(super) struct Expiries(BinaryHeap<Reverse<(u64, u64)>>);
+
+impl Expiries {
+    /// Notes that the record at `hash` now expires at `at`: every write of an
+    /// expiry goes through here, so the sweep finds it.
+    pub(super) fn note(&mut self, hash: u64, at: u64) {
+        self.0.push(Reverse((at, hash)));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl Shard {
     /// Removes the records expired at `now`, returning how many.
     pub(super) fn sweep(&mut self, now: u64, hasher: &RandomState) -> usize {
         let mut removed = 0;
-        while let Some(&Reverse((at, hash))) = self.expiry.peek() {
+        while let Some(&Reverse((at, hash))) = self.expiry.0.peek() {
             if at > now {
                 break;
             }
-            self.expiry.pop();
+            self.expiry.0.pop();
             let expired =
                 |(k, r): &(StorageKey, Record)| r.expires_ms <= now && hasher.hash_one(k) == hash;
             while let Ok(found) = self.table.find_entry(hash, expired) {
@@ -42,7 +58,7 @@ impl Shard {
         // Released keys and moved expiries leave entries behind until their
         // time comes: past twice the records, rebuild from the records.
         if self.expiry.len() > 2 * self.table.len() + 1024 {
-            self.expiry = self
+            self.expiry.0 = self
                 .table
                 .iter()
                 .map(|(k, r)| Reverse((r.expires_ms, hasher.hash_one(k))))
@@ -51,6 +67,19 @@ impl Shard {
         removed
     }
 }
+
+impl Inner {
+    /// Sweeps shard `index` as at `now`, keeping the record count right.
+    pub(super) fn sweep_shard(&self, index: usize, now: u64) -> usize {
+        let removed = self.shards[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sweep(now, &self.hasher);
+        self.len.fetch_sub(removed as u64, Ordering::Relaxed);
+        removed
+    }
+}
+
 /// Drops expired records until the store is gone: one shard per tick, each
 /// shard once per `SWEEP_EVERY`; a visit pops the shard's expiry heap up
 /// to now, so it costs what expired, not what the shard holds.
@@ -60,11 +89,6 @@ pub(super) async fn sweep(inner: Weak<Inner>) {
     for index in (0..SHARDS).cycle() {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let now = now_ms();
-        let removed = inner.shards[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sweep(now, &inner.hasher);
-        inner.len.fetch_sub(removed as u64, Ordering::Relaxed);
+        inner.sweep_shard(index, now_ms());
     }
 }
