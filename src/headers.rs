@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::idempotency::hex_into;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -48,9 +50,13 @@ pub struct RequestIds {
     /// The client's `X-Request-Id`, or a new one.
     pub request_id: HeaderValue,
     /// The `traceparent` sent upstream: the client's trace (or a new one), a
-    /// new span id.
-    pub traceparent: HeaderValue,
+    /// new span id. Kept as bytes: its one header value is made when it is
+    /// sent (a cloned new value would cost a second allocation).
+    pub traceparent: [u8; TRACEPARENT_LEN],
 }
+
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+const TRACEPARENT_LEN: usize = 55;
 
 impl RequestIds {
     /// Built on the stack: one allocation per new id, no formatting.
@@ -69,27 +75,21 @@ impl RequestIds {
         // 00-<trace id>-<span id>-<flags>
         let mut traceparent = *b"00-################################-################-##";
         traceparent[3..35].copy_from_slice(&trace_id);
-        hex_into(u128::from(fastrand::u64(..)), &mut traceparent[36..52]);
+        hex_into(&fastrand::u64(..).to_ne_bytes(), &mut traceparent[36..52]);
         traceparent[53..].copy_from_slice(&flags);
         RequestIds {
             request_id,
-            traceparent: HeaderValue::from_bytes(&traceparent)
-                .expect("hex is a valid header value"),
+            traceparent,
         }
     }
 
     /// 32 hex digits, from the client's `traceparent` or new.
     pub fn trace_id(&self) -> &str {
-        let traceparent = self.traceparent.as_bytes();
-        std::str::from_utf8(&traceparent[3..35]).expect("built from hex")
+        std::str::from_utf8(&self.traceparent[3..35]).expect("built from hex")
     }
-}
 
-/// Writes the low `out.len()` hex digits of `value` into `out`.
-fn hex_into(mut value: u128, out: &mut [u8]) {
-    for digit in out.iter_mut().rev() {
-        *digit = b"0123456789abcdef"[(value & 0xf) as usize];
-        value >>= 4;
+    fn traceparent_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.traceparent).expect("hex is a valid header value")
     }
 }
 
@@ -120,7 +120,7 @@ fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
 /// 32 random hex digits (128 bits), on the stack.
 fn random_hex() -> [u8; 32] {
     let mut id = [0; 32];
-    hex_into(fastrand::u128(..), &mut id);
+    hex_into(&fastrand::u128(..).to_ne_bytes(), &mut id);
     id
 }
 
@@ -176,8 +176,15 @@ pub fn forward_headers(
     }
     headers.insert(header::HOST, upstream_authority.clone());
     headers.insert(&X_REQUEST_ID, ids.request_id.clone());
-    headers.insert(&TRACEPARENT, ids.traceparent.clone());
-    headers.insert(&X_REQUEST_TIMEOUT_MS, HeaderValue::from(budget_ms));
+    headers.insert(&TRACEPARENT, ids.traceparent_value());
+    headers.insert(&X_REQUEST_TIMEOUT_MS, number_value(budget_ms));
+}
+
+/// A number as a header value, in one exact-size allocation
+/// (`HeaderValue::from(u64)` takes two).
+fn number_value(n: u64) -> HeaderValue {
+    HeaderValue::from_bytes(itoa::Buffer::new().format(n).as_bytes())
+        .expect("digits are a valid header value")
 }
 
 #[cfg(test)]
@@ -212,7 +219,8 @@ mod tests {
         h.insert(&TRACEPARENT, HeaderValue::from_static(tp));
         let ids = RequestIds::from_headers(&h);
         assert_eq!(ids.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        let sent = ids.traceparent.to_str().unwrap();
+        let sent = ids.traceparent_value();
+        let sent = sent.to_str().unwrap();
         assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(sent.ends_with("-01"));
         assert_ne!(sent, tp);
