@@ -5,9 +5,17 @@ use sha2::{Digest, Sha256};
 
 use super::hex;
 
+/// Marks a length field as a header's value count (see [`fingerprint`]).
+const COUNT_MARK: u64 = 1 << 63;
+
 /// Hex SHA-256 over method, path, query (optional), the configured headers
-/// and the body. Every part is length-prefixed so that no two different
-/// requests can produce the same byte stream.
+/// and the body. Every part is length-prefixed, and a configured header
+/// that a request sends other than exactly once is preceded by its count, so
+/// that no two different requests can produce the same byte stream.
+///
+/// The count is a part of its own whose length field has the top bit set
+/// (no real part is that long): a header sent once hashes exactly as it did
+/// before the count existed, so records made by earlier versions still match.
 pub fn fingerprint(
     method: &Method,
     uri: &Uri,
@@ -17,26 +25,36 @@ pub fn fingerprint(
     body: &[u8],
 ) -> String {
     let mut hasher = Sha256::new();
-    let mut part = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    };
-    part(method.as_str().as_bytes());
-    part(uri.path().as_bytes());
-    part(if include_query {
-        uri.query().unwrap_or("").as_bytes()
-    } else {
-        b""
-    });
+    part_of(&mut hasher, method.as_str().as_bytes());
+    part_of(&mut hasher, uri.path().as_bytes());
+    part_of(
+        &mut hasher,
+        if include_query {
+            uri.query().unwrap_or("").as_bytes()
+        } else {
+            b""
+        },
+    );
     for name in names {
-        part(name.as_str().as_bytes());
-        for value in headers.get_all(name) {
-            part(value.as_bytes());
+        part_of(&mut hasher, name.as_str().as_bytes());
+        let values = headers.get_all(name);
+        let count = values.iter().count() as u64;
+        if count != 1 {
+            hasher.update((COUNT_MARK | count).to_be_bytes());
+        }
+        for value in values {
+            part_of(&mut hasher, value.as_bytes());
         }
     }
-    part(body);
+    part_of(&mut hasher, body);
     let digest: [u8; 32] = hasher.finalize().into();
     hex(&digest)
+}
+
+/// One length-prefixed part.
+fn part_of(hasher: &mut Sha256, bytes: &[u8]) {
+    hasher.update((bytes.len() as u64).to_be_bytes());
+    hasher.update(bytes);
 }
 
 #[cfg(test)]
@@ -55,6 +73,45 @@ mod tests {
             &[http::header::CONTENT_TYPE],
             body,
         )
+    }
+
+    fn fp_headers(lines: &[(&'static str, &'static str)]) -> String {
+        let mut headers = HeaderMap::new();
+        for (name, value) in lines {
+            headers.append(*name, value.parse().unwrap());
+        }
+        let names = [HeaderName::from_static("a"), HeaderName::from_static("b")];
+        fingerprint(
+            &Method::POST,
+            &"/".parse().unwrap(),
+            false,
+            &headers,
+            &names,
+            b"",
+        )
+    }
+
+    #[test]
+    fn a_value_moved_from_one_configured_header_to_the_next_differs() {
+        // With headers [a, b], "a: b" and no b hashed as no a and "b: b"
+        // did: the value of a looked like the name of b.
+        assert_ne!(fp_headers(&[("a", "b")]), fp_headers(&[("b", "b")]));
+        assert_ne!(
+            fp_headers(&[("a", "x"), ("a", "y")]),
+            fp_headers(&[("a", "x"), ("b", "y")])
+        );
+        assert_ne!(fp_headers(&[]), fp_headers(&[("a", "")]));
+    }
+
+    #[test]
+    fn a_header_sent_once_hashes_as_before_counts_existed() {
+        // Records stored by earlier versions must still match their retries.
+        let mut hasher = Sha256::new();
+        for part in [&b"POST"[..], b"/", b"", b"a", b"1", b"b", b"2", b""] {
+            part_of(&mut hasher, part);
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        assert_eq!(fp_headers(&[("a", "1"), ("b", "2")]), hex(&digest));
     }
 
     #[test]
