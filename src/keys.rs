@@ -192,6 +192,24 @@ pub fn is_unknown(config: &Config, key: &StorageKey, record: &Record, now: u64) 
     }
 }
 
+/// Response headers as a JSON object: a header sent once is a string, one
+/// sent several times (`Set-Cookie`) an array of its values in order.
+pub fn headers_json(headers: &http::HeaderMap) -> serde_json::Value {
+    let text = |v: &http::HeaderValue| json!(String::from_utf8_lossy(v.as_bytes()));
+    let object: serde_json::Map<_, _> = headers
+        .keys()
+        .map(|name| {
+            let values: Vec<_> = headers.get_all(name).iter().map(text).collect();
+            let value = match <[_; 1]>::try_from(values) {
+                Ok([one]) => one,
+                Err(many) => json!(many),
+            };
+            (name.as_str().to_owned(), value)
+        })
+        .collect();
+    serde_json::Value::Object(object)
+}
+
 /// A record as the admin API and the CLI show it (SPEC.md section 9).
 pub fn record_json(key: &StorageKey, record: &Record) -> serde_json::Value {
     let response = record.response.as_ref();
@@ -202,9 +220,7 @@ pub fn record_json(key: &StorageKey, record: &Record) -> serde_json::Value {
         "state": record.state.as_str(),
         "fingerprint": record.fingerprint,
         "status": response.map(|r| r.status),
-        "headers": response.map(|r| r.headers.iter()
-            .map(|(n, v)| (n.as_str().to_owned(), json!(String::from_utf8_lossy(v.as_bytes()))))
-            .collect::<serde_json::Map<_, _>>()),
+        "headers": response.map(|r| headers_json(&r.headers)),
         "body_size": response.map(|r| r.body_size),
         "body_stored": response.map(|r| r.body.is_some()),
         "created_at": record.created_ms,

@@ -75,7 +75,24 @@ async fn auth_and_answers(backend: Backend) {
         403
     );
 
+    // Load balancers probe with HEAD.
+    for probe in ["/healthz", "/readyz"] {
+        let head = call(&client, "HEAD", &open.admin_url(probe), None, "").await;
+        assert_eq!(head.status, 200, "HEAD {probe}");
+    }
+
     let guarded = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    // The auth scheme is case-insensitive: "bearer <token>" is let in.
+    let lower = format!("bearer {TOKEN}");
+    let past_auth = client
+        .send(
+            "DELETE",
+            &guarded.admin_url("/keys/orders/k"),
+            &[("authorization", lower.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(past_auth.code(), "not_found", "{past_auth:?}");
     for token in [None, Some("wrong")] {
         let denied = call(
             &client,
@@ -207,13 +224,20 @@ async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
     .json();
     let scope = records[0]["scope"].as_str().unwrap().to_owned();
     assert_eq!(records[0]["state"], "unknown");
-    let manual = r#"{"status": 201, "headers": {"content-type": "application/json"}, "body": "{\"id\":77}"}"#;
+    // A header given as a list is recorded once per value, in order.
+    let manual = r#"{"status": 201, "headers": {"content-type": "application/json", "set-cookie": ["x=1", "y=2"]}, "body": "{\"id\":77}"}"#;
     let url = proxy.admin_url(&format!("/keys/orders/k-u2?scope={scope}"));
     let put = call(&client, "PUT", &url, Some(TOKEN), manual).await;
     assert_eq!(put.status, 200, "{put:?}");
     assert_eq!(put.json()["state"], "completed");
     let single = call(&client, "GET", &url, None, "").await.json();
     assert_eq!(single["status"], 201);
+    // Repeated headers are shown as a list, not collapsed to one value.
+    assert_eq!(
+        single["headers"]["set-cookie"],
+        serde_json::json!(["x=1", "y=2"])
+    );
+    assert_eq!(single["headers"]["content-type"], "application/json");
     let replay = client
         .send("POST", &api, &[("idempotency-key", "k-u2")], "{}")
         .await;
@@ -221,6 +245,8 @@ async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
     assert_eq!(replay.body, Bytes::from_static(b"{\"id\":77}"));
     assert_eq!(replay.header("content-type"), Some("application/json"));
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    let cookies: Vec<_> = replay.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["x=1", "y=2"]);
     assert_eq!(upstream.hits(), 1);
     let bad = call(&client, "PUT", &url, Some(TOKEN), "{\"status\": 999}").await;
     assert_eq!(bad.code(), "bad_request");

@@ -174,10 +174,28 @@ impl Admin {
 #[serde(deny_unknown_fields)]
 struct ManualResponse {
     status: u16,
+    /// A header's value, or its values in order (`Set-Cookie`), as
+    /// [`crate::keys::headers_json`] shows them.
     #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
+    headers: std::collections::BTreeMap<String, OneOrMany>,
     #[serde(default)]
     body: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn values(&self) -> &[String] {
+        match self {
+            OneOrMany::One(one) => std::slice::from_ref(one),
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
@@ -194,17 +212,19 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
         ));
     }
     let mut headers = http::HeaderMap::new();
-    for (name, value) in &manual.headers {
-        let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) else {
-            return Err(Problem::new(
-                Code::BadRequest,
-                format!("header {name:?} is not valid"),
-            ));
-        };
-        headers.append(name, value);
+    for (name, values) in &manual.headers {
+        for value in values.values() {
+            let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) else {
+                return Err(Problem::new(
+                    Code::BadRequest,
+                    format!("header {name:?} is not valid"),
+                ));
+            };
+            headers.append(name, value);
+        }
     }
     let body = Bytes::from(manual.body);
     Ok(StoredResponse {

@@ -35,8 +35,9 @@ impl Admin {
             return denied.into_response();
         }
         let result = match (&parts.method, path.as_str()) {
-            (&Method::GET, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
-            (&Method::GET, "/readyz") => self.readyz().await,
+            // HEAD too: load balancers probe with it (hyper drops the body).
+            (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => Ok(self.metrics()),
             (&Method::POST, "/reload") => self.reload(),
             (&Method::GET, "/keys") => self.list(&query).await,
@@ -65,11 +66,13 @@ impl Admin {
                 "no admin.token is configured, so the admin API is read-only",
             ));
         };
+        // The scheme is case-insensitive (RFC 9110 11.1): "bearer x" counts.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         if constant_time_eq(given.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
