@@ -147,6 +147,82 @@ async fn wrong_ca_is_502_upstream_unreachable_and_releases_the_key() {
     assert_eq!(upstream.hits(), 0);
 }
 
+/// A TCP listener that accepts and then says nothing, holding every
+/// connection open: to a TLS client, a handshake that never completes.
+struct SilentListener {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentListener {
+    async fn start() -> SilentListener {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        SilentListener {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Regression: `connect_timeout` bounded only the TCP connect, so an https
+/// upstream that accepted TCP and stalled the handshake gave `504` and left
+/// the key `unknown`, although the upstream never saw the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshake_is_a_connect_failure_within_connect_timeout() {
+    let pki = Pki::new();
+    let silent = SilentListener::start().await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"https://localhost:{}\", connect_timeout: 300ms, circuit_breaker: off, tls: {{ ca_file: \"{}\" }} }}\ndefaults:\n  timeouts: {{ response: 3s, total: 4s }}\n  idempotency: {{ lease: 4s, on_unknown: lock }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        silent.addr.port(),
+        pki.ca.display()
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    for attempt in 1..=2 {
+        let started = std::time::Instant::now();
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.post_key(&proxy.url("/api/o"), "k-stall", "{}"),
+        )
+        .await
+        .expect("an answer");
+        // The second attempt is forwarded again: the key was released, not left unknown.
+        assert_eq!(
+            (reply.status.as_u16(), reply.code().as_str()),
+            (502, "upstream_unreachable"),
+            "attempt {attempt}: {reply:?}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1500),
+            "attempt {attempt} took {:?}, past connect_timeout",
+            started.elapsed()
+        );
+        assert_eq!(silent.accepted(), attempt, "a new connection per attempt");
+    }
+}
+
 /// A private redis-server with a TLS port of its own (and a plain one, by
 /// which the test knows the server is its own and up).
 struct TlsRedis {

@@ -59,14 +59,16 @@ pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/` of the upstream, what the connector dials.
     target: Uri,
+    /// Bounds TCP connect and TLS handshake together (SPEC.md 4.4, 9).
+    connect_timeout: Duration,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
     reaping: AtomicBool,
 }
 
 impl Pool {
-    /// Connections to `target` (`scheme://authority/`): TCP with a connect
-    /// timeout, then TLS with `tls` for `https://` (HTTP/1.1 by ALPN).
+    /// Connections to `target` (`scheme://authority/`): TCP, then TLS with
+    /// `tls` for `https://` (HTTP/1.1 by ALPN), both within `connect_timeout`.
     pub fn new(target: Uri, connect_timeout: Duration, tls: rustls::ClientConfig) -> Arc<Pool> {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(connect_timeout));
@@ -80,6 +82,7 @@ impl Pool {
         Arc::new(Pool {
             connector,
             target,
+            connect_timeout,
             idle: Mutex::new(Vec::new()),
             reaping: AtomicBool::new(false),
         })
@@ -137,7 +140,23 @@ impl Pool {
         }
     }
 
+    /// A new connection within `connect_timeout`, TLS handshake included:
+    /// an upstream that accepts TCP and then stalls the handshake has seen
+    /// no request, so running out of time is a connect failure (never a
+    /// response timeout, which would make the key `unknown`). The TCP
+    /// connector keeps its own timeout too: it splits the time between the
+    /// addresses of a name, so one dead address does not use it all.
     async fn connect(&self) -> Result<Box<Conn>, SendError> {
+        match tokio::time::timeout(self.connect_timeout, self.establish()).await {
+            Ok(result) => result,
+            Err(_) => Err(SendError::Connect(format!(
+                "no connection within connect_timeout ({:?})",
+                self.connect_timeout
+            ))),
+        }
+    }
+
+    async fn establish(&self) -> Result<Box<Conn>, SendError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
