@@ -157,16 +157,8 @@ pub fn forward_headers(
     strip_hop_by_hop(headers);
     // Room for the (up to) seven headers below: one growth of the map at most.
     headers.reserve(7);
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => {
-            let ip = peer.ip.to_str().expect("built from an IP");
-            HeaderValue::from_str(&format!("{previous}, {ip}")).ok()
-        }
-        None => Some(peer.ip.clone()),
-    };
-    if let Some(value) = forwarded_for {
-        headers.insert(&X_FORWARDED_FOR, value);
-    }
+    let forwarded_for = forwarded_for(headers, peer);
+    headers.insert(&X_FORWARDED_FOR, forwarded_for);
     headers.insert(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
@@ -178,6 +170,21 @@ pub fn forward_headers(
     headers.insert(&X_REQUEST_ID, ids.request_id.clone());
     headers.insert(&TRACEPARENT, ids.traceparent_value());
     headers.insert(&X_REQUEST_TIMEOUT_MS, number_value(budget_ms));
+}
+
+/// The client's `X-Forwarded-For` chain, every line of it in order, with the
+/// peer's IP appended; the bytes are kept as sent.
+fn forwarded_for(headers: &HeaderMap, peer: &Peer) -> HeaderValue {
+    let mut previous = headers.get_all(&X_FORWARDED_FOR).iter();
+    let Some(first) = previous.next() else {
+        return peer.ip.clone();
+    };
+    let mut chain = first.as_bytes().to_vec();
+    for value in previous.chain([&peer.ip]) {
+        chain.extend_from_slice(b", ");
+        chain.extend_from_slice(value.as_bytes());
+    }
+    HeaderValue::from_bytes(&chain).expect("header values joined by \", \" are a header value")
 }
 
 /// A number as a header value, in one exact-size allocation
@@ -210,6 +217,25 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_bytes_and_all() {
+        let peer = Peer::new("10.0.0.9:5000".parse().unwrap());
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_for(&h, &peer), "10.0.0.9");
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2"),
+        );
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"3.3.3.3 \xe9").unwrap(),
+        );
+        assert_eq!(
+            forwarded_for(&h, &peer).as_bytes(),
+            b"1.1.1.1, 2.2.2.2, 3.3.3.3 \xe9, 10.0.0.9"
+        );
     }
 
     #[test]
