@@ -80,17 +80,25 @@ impl Proxy {
             on_unknown: policy.on_unknown,
         };
         let deadline = ctx.arrived + route.timeouts.total;
+        // Armed before the claim: if the client goes away while the claim
+        // (or the release of a turned-away claim) is awaited, hyper drops
+        // this future, and the guard undoes whatever claim the store made.
+        let mut undo = ClaimGuard::arm(self, &storage_key, &token);
         let reply = match self
             .claim_or_wait(&claim, policy.concurrent, deadline)
             .await
         {
             Ok(reply) => reply,
             Err(error) => {
-                self.release_in_background(storage_key.clone(), token.clone());
+                undo.release_now();
                 let request = Request::from_parts(parts, body::full(body));
                 return self.store_failed(error, &upstream, request, ctx).await;
             }
         };
+        if reply.decision != Decision::Claim {
+            // Nothing of ours is in the store.
+            undo.disarm();
+        }
         let record = reply.record;
         match reply.decision {
             Decision::Claim => {
@@ -100,12 +108,21 @@ impl Proxy {
                     Ok(admission) => admission,
                     Err(problem) => {
                         ctx.outcome = "rejected";
-                        if let Err(error) = self.store.release(&storage_key, &token).await {
-                            tracing::error!(error = %error, "could not release a turned-away key");
+                        match self.store.release(&storage_key, &token).await {
+                            Ok(_) => undo.disarm(),
+                            // The guard goes on trying in the background.
+                            Err(error) => {
+                                tracing::error!(error = %error, "could not release a turned-away key");
+                            }
                         }
                         return problem.into_response();
                     }
                 };
+                // From here the exchange task owns the key (and completes,
+                // releases or settles it): `start` spawns it on its first
+                // poll, which comes without a yield in between.
+                undo.disarm();
+                drop(undo);
                 ctx.outcome = "forwarded";
                 let now = Instant::now();
                 let request = self.upstream_request(
@@ -256,6 +273,52 @@ impl Proxy {
                 ctx.outcome = "passthrough";
                 response
             }
+        }
+    }
+}
+
+/// Undoes this attempt's claim unless disarmed: the key and owner token of
+/// an attempt whose claim's fate is not settled yet. Dropped armed (the
+/// client went away while the claim or a release was awaited, or the claim
+/// failed), it releases the key in the background, fenced by the token: a
+/// no-op when the claim never landed or the key has another owner.
+struct ClaimGuard<'a> {
+    proxy: &'a Proxy,
+    key: &'a StorageKey,
+    token: &'a str,
+    armed: bool,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn arm(proxy: &'a Proxy, key: &'a StorageKey, token: &'a str) -> ClaimGuard<'a> {
+        ClaimGuard {
+            proxy,
+            key,
+            token,
+            armed: true,
+        }
+    }
+
+    /// The key is settled (released, or owned by the exchange task), or was never ours.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Undoes the claim now, in the background.
+    fn release_now(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            self.proxy
+                .release_in_background(self.key.clone(), self.token.to_owned());
+        }
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        // A drop while the runtime shuts down has nowhere to spawn; the
+        // claim then turns unknown or expires with its lease.
+        if self.armed && tokio::runtime::Handle::try_current().is_ok() {
+            self.release_now();
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, OnUnavailable, Route};
 use crate::headers::{self, Peer, RequestIds, X_REQUEST_ID};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::path;
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
@@ -184,7 +185,7 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Response<ProxyBody> {
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             arrived: Instant::now(),
             peer,
             ids: RequestIds::from_headers(request.headers()),
@@ -194,22 +195,27 @@ impl Proxy {
             key: None,
             upstream_ms: None,
         };
-        let method = request.method().clone();
         let path = tracing::enabled!(target: "idemgate::access", tracing::Level::INFO)
             .then(|| request.uri().path().to_owned());
+        // Logs and counts the request once, even when the client goes away
+        // and hyper drops this future before it answers.
+        let mut access = Access {
+            proxy: &self,
+            method: request.method().clone(),
+            path,
+            ctx,
+            done: false,
+        };
         // Every log line of this request (the exchange task's too) carries its trace id.
-        let span = tracing::info_span!("request", trace_id = ctx.ids.trace_id());
+        let span = tracing::info_span!("request", trace_id = access.ctx.ids.trace_id());
         let mut response = self
-            .dispatch(request.map(body::boxed), &mut ctx)
+            .dispatch(request.map(body::boxed), &mut access.ctx)
             .instrument(span)
             .await;
         response
             .headers_mut()
-            .insert(&X_REQUEST_ID, ctx.ids.request_id.clone());
-        if let Some(path) = path {
-            log_request(&ctx, &method, &path, response.status().as_u16());
-        }
-        self.count(&ctx, &method, response.status().as_u16());
+            .insert(&X_REQUEST_ID, access.ctx.ids.request_id.clone());
+        access.finish(response.status().as_u16());
         response
     }
 
@@ -220,7 +226,16 @@ impl Proxy {
         }
     }
 
-    async fn dispatch(&self, request: Request<ProxyBody>, ctx: &mut Ctx) -> Response<ProxyBody> {
+    async fn dispatch(
+        &self,
+        mut request: Request<ProxyBody>,
+        ctx: &mut Ctx,
+    ) -> Response<ProxyBody> {
+        // Matched and forwarded in its normal form: `/a/../orders` must not
+        // miss the `/orders` route that the upstream will take it for.
+        if let Some(uri) = path::normalized(request.uri()) {
+            *request.uri_mut() = uri;
+        }
         let routing = self.routing();
         let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());
@@ -350,6 +365,41 @@ fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<Head
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
+}
+
+/// The access log line and the request metrics of one request, written
+/// exactly once: by [`Access::finish`] with the answer's status, or, when the
+/// client went away first (hyper drops the request's future), on drop with
+/// status [`CLIENT_CLOSED`] and the outcome as far as it got.
+struct Access<'a> {
+    proxy: &'a Proxy,
+    method: http::Method,
+    /// `None` when access logging is off.
+    path: Option<String>,
+    ctx: Ctx,
+    done: bool,
+}
+
+/// The status logged and counted for a request whose client went away
+/// before its answer (nginx's "client closed request"); never sent.
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Access<'_> {
+    fn finish(&mut self, status: u16) {
+        self.done = true;
+        if let Some(path) = &self.path {
+            log_request(&self.ctx, &self.method, path, status);
+        }
+        self.proxy.count(&self.ctx, &self.method, status);
+    }
+}
+
+impl Drop for Access<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(CLIENT_CLOSED);
+        }
+    }
 }
 
 /// One structured line per request. Never header values or bodies.

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod concurrency;
+mod disconnects;
 mod keys;
 mod outcomes;
 mod recording;
@@ -22,16 +23,15 @@ struct Setup {
 
 impl Setup {
     async fn new(backend: Backend, idempotency: &str, timeouts: &str) -> Setup {
+        let store = backend.store_yaml();
+        Setup::with_store(backend, &store, idempotency, timeouts).await
+    }
+
+    /// `new` with its own top-level `store:` block (and any other top-level
+    /// lines, e.g. `admin:`).
+    async fn with_store(backend: Backend, store: &str, idempotency: &str, timeouts: &str) -> Setup {
         let upstream = TestUpstream::start().await;
-        let routes = format!(
-            "  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, timeouts: {{ {timeouts} }}, idempotency: {{ {idempotency} }} }}"
-        );
-        let yaml = config(
-            &backend.store_yaml(),
-            upstream.addr,
-            "  timeouts: { response: 5s, total: 10s }\n  idempotency: { lease: 5s, ttl: 1h }",
-            &routes,
-        );
+        let yaml = yaml(store, &upstream, idempotency, timeouts);
         let proxy = TestProxy::start(&yaml).await;
         Setup {
             upstream,
@@ -39,6 +39,15 @@ impl Setup {
             client: TestClient::new(),
             _backend: backend,
         }
+    }
+
+    /// The proxy's metrics (the store block must add an `admin:` listener).
+    async fn metrics(&self) -> String {
+        let reply = self
+            .client
+            .send("GET", &self.proxy.admin_url("/metrics"), &[], "")
+            .await;
+        String::from_utf8(reply.body.to_vec()).unwrap()
     }
 
     fn url(&self) -> String {
@@ -55,4 +64,17 @@ impl Setup {
             .send("POST", &self.url(), &headers, body.to_owned())
             .await
     }
+}
+
+/// The configuration `Setup` runs: one protected route `/api` to `upstream`.
+fn yaml(store: &str, upstream: &TestUpstream, idempotency: &str, timeouts: &str) -> String {
+    let routes = format!(
+        "  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, timeouts: {{ {timeouts} }}, idempotency: {{ {idempotency} }} }}"
+    );
+    config(
+        store,
+        upstream.addr,
+        "  timeouts: { response: 5s, total: 10s }\n  idempotency: { lease: 5s, ttl: 1h }",
+        &routes,
+    )
 }

@@ -1,0 +1,129 @@
+//! Clients that go away before their answer: hyper drops the request's
+//! future, and nothing the request held may be left behind.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::common::binary::Binary;
+use crate::common::{Backend, RedisServer, TestClient, TestUpstream, eventually, resend_until};
+use crate::{Setup, both_stores};
+
+/// A protected POST with `key` written raw, so that the test can drop the
+/// connection whenever it likes.
+async fn raw_post(addr: std::net::SocketAddr, key: &str, extra: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /api/orders?x=1 HTTP/1.1\r\nhost: x\r\nidempotency-key: {key}\r\ncontent-type: application/json\r\n{extra}content-length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+fn requests(metrics: &str, outcome: &str) -> f64 {
+    crate::common::sample(
+        metrics,
+        "idemgate_requests_total",
+        &[("route", "orders"), ("outcome", outcome)],
+    )
+}
+
+/// Regression: a client that went away while its claim was on its way to
+/// Redis left the key `in_flight` with no exchange behind it, so its retry
+/// got `request_in_progress` and then, at the lease's end, `outcome_unknown`
+/// although nothing had been forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_during_the_claim_leaves_no_ownerless_claim() {
+    let backend = Backend::Redis(RedisServer::start_own().await);
+    // A long op_timeout: the client must be gone while the claim still waits.
+    let store = backend
+        .store_yaml()
+        .replace("op_timeout: 500ms", "op_timeout: 10s")
+        + "\nadmin: { listen: 127.0.0.1:0 }";
+    let s = Setup::with_store(backend, &store, "lease: 1s, on_unknown: lock", "").await;
+    // Connected, with the scripts loaded, before Redis stops answering.
+    assert_eq!(s.post("k-warm", "{}", &[]).await.status, 201);
+    let Backend::Redis(redis) = &s._backend else {
+        unreachable!("a Redis backend")
+    };
+    redis.pause();
+    let stream = raw_post(s.proxy.addr, "k-gone-claim", "").await;
+    // The request is read and its claim written to the paused server
+    // within this; nothing can be observed while Redis is stopped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    // The dropped request is counted (with whatever outcome it had: none yet).
+    eventually(Duration::from_secs(5), "the dropped request", || async {
+        requests(&s.metrics().await, "error") == 1.0
+    })
+    .await;
+    // Redis now runs the claim, then (with the fix) its undoing release.
+    redis.resume();
+    let retry = resend_until(
+        Duration::from_secs(5),
+        || s.post("k-gone-claim", "{}", &[]),
+        |r| r.status != 409,
+    )
+    .await;
+    assert_eq!(retry.status, 201, "the retry is forwarded: {retry:?}");
+    assert!(retry.header("idempotent-replayed").is_none());
+    assert_eq!(s.upstream.hits(), 2, "k-warm and the retry");
+}
+
+/// Regression: a request whose client disconnected while its exchange ran
+/// had no access log line and was not counted (SPEC 7: one line per request).
+async fn client_gone_mid_exchange_is_logged_and_counted_once(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, crate::yaml(&store, &upstream, "", "")).unwrap();
+    let proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    let metrics_url = format!("http://{}/metrics", proxy.admin.expect("an admin listener"));
+    let metrics = || async {
+        let reply = client.send("GET", &metrics_url, &[], "").await;
+        String::from_utf8(reply.body.to_vec()).unwrap()
+    };
+    let access = || -> Vec<serde_json::Value> {
+        proxy
+            .log()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "idemgate::access")
+            .collect()
+    };
+
+    let stream = raw_post(proxy.addr, "k-gone-log", "x-test-delay-ms: 400\r\n").await;
+    eventually(Duration::from_secs(5), "the request upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    drop(stream);
+    eventually(Duration::from_secs(5), "the late completion", || async {
+        crate::common::sample(&metrics().await, "idemgate_late_completions_total", &[]) == 1.0
+    })
+    .await;
+    eventually(Duration::from_secs(5), "an access line", || async {
+        !access().is_empty()
+    })
+    .await;
+    let lines = access();
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    assert_eq!(lines[0]["status"], 499, "{}", lines[0]);
+    assert_eq!(lines[0]["outcome"], "forwarded");
+    assert_eq!(lines[0]["key"], "k-gone-log");
+    let text = metrics().await;
+    assert_eq!(requests(&text, "forwarded"), 1.0, "counted once: {text}");
+    assert_eq!(
+        crate::common::sample(
+            &text,
+            "idemgate_responses_total",
+            &[("route", "orders"), ("class", "4xx")]
+        ),
+        1.0
+    );
+}
+
+both_stores!(client_gone_mid_exchange_is_logged_and_counted_once);
