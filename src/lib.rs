@@ -4,6 +4,7 @@
 //!
 //! - [`server`]: `run(config, listener, shutdown)`, the accept loop and graceful stop.
 //! - [`proxy`]: `Proxy::handle`, the life of a request, and plain pass-through.
+//! - [`path`]: request paths made normal before routing (no route side-stepped).
 //! - [`route`]: the route table (first match wins).
 //! - [`gate`]: the protected path: key, fingerprint, claim, replay / reject / forward.
 //! - [`idempotency`]: the pure parts: key, fingerprint, record, decision table.
@@ -26,6 +27,7 @@ pub mod headers;
 pub mod idempotency;
 pub mod keys;
 pub mod metrics;
+pub mod path;
 pub mod problem;
 pub mod proxy;
 pub mod route;

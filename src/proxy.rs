@@ -13,6 +13,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, OnUnavailable, Route};
 use crate::headers::{self, Peer, RequestIds, X_REQUEST_ID};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::path;
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
@@ -225,7 +226,16 @@ impl Proxy {
         }
     }
 
-    async fn dispatch(&self, request: Request<ProxyBody>, ctx: &mut Ctx) -> Response<ProxyBody> {
+    async fn dispatch(
+        &self,
+        mut request: Request<ProxyBody>,
+        ctx: &mut Ctx,
+    ) -> Response<ProxyBody> {
+        // Matched and forwarded in its normal form: `/a/../orders` must not
+        // miss the `/orders` route that the upstream will take it for.
+        if let Some(uri) = path::normalized(request.uri()) {
+            *request.uri_mut() = uri;
+        }
         let routing = self.routing();
         let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());

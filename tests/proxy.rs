@@ -143,6 +143,26 @@ async fn unmatched_path_is_404_no_route() {
 }
 
 #[tokio::test]
+async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
+    // Matched as sent, these missed the /api/orders route (and with it a
+    // protected route's gate), though the upstream reads them as /api/orders.
+    let routes = "  - { name: orders, match: { path: /api/orders }, upstream: up }";
+    let (upstream, proxy) = passthrough("", routes).await;
+    for (sent, forwarded) in [
+        ("/api/reports/../orders", "/api/orders"),
+        ("/api/./orders?x=1", "/api/orders?x=1"),
+        ("/api/%6Frders", "/api/orders"),
+        ("//api//orders", "/api/orders"),
+    ] {
+        let reply = TestClient::new()
+            .send("GET", &proxy.url(sent), &[], Bytes::new())
+            .await;
+        assert_eq!(reply.status, 201, "{sent}: {reply:?}");
+        assert_eq!(upstream.last_uri(), forwarded, "{sent}");
+    }
+}
+
+#[tokio::test]
 async fn closed_port_is_502_upstream_unreachable() {
     let closed = ClosedPort::new();
     let yaml = config("store: { backend: memory }", closed.addr(), OFF, ALL);
