@@ -15,7 +15,7 @@ pub struct Cli {
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log level or filter (e.g. info, debug, idemgate=debug); RUST_LOG also works.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = log_filter)]
     pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
@@ -87,4 +87,48 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A `--log-level` that means what it says. `tracing`'s own parser drops a
+/// directive it cannot read and takes a lone unknown word (`debg`) for a
+/// target name, which would silence every log line; here both are usage
+/// errors. A target is written with its level (`idemgate=debug`).
+fn log_filter(text: &str) -> Result<String, String> {
+    let how = "write a level (trace, debug, info, warn, error, off) or \
+               comma-separated target=level directives, such as info,idemgate=debug";
+    for directive in text.split(',').map(str::trim) {
+        let bare_word = !directive.contains(['=', '[', '{']);
+        if directive.is_empty()
+            || (bare_word && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()))
+        {
+            return Err(format!("{directive:?} is not a log level; {how}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| format!("{e}; {how}"))?;
+    Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_levels_and_directives_are_accepted_and_typos_are_not() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,idemgate=debug",
+            "idemgate::access=info",
+            "off",
+        ] {
+            assert!(log_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["debg", "", "info,", "idemgate=loud", "verbose"] {
+            assert!(log_filter(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -55,6 +55,7 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 /// flushes what is queued when `main` ends.
 fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = match &cli.log_level {
+        // Checked when the command line is parsed (`cli::log_filter`).
         Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };

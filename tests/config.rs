@@ -245,3 +245,229 @@ fn config_path_comes_from_the_environment() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One upstream and one route on `BASE`, with `route` appended to the route.
+fn with_route(head: &str, route: &str) -> String {
+    format!("{head}{BASE}routes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp{route} }}\n")
+}
+
+#[test]
+fn huge_durations_are_refused_instead_of_panicking_on_every_request() {
+    let yaml = "shutdown_grace: 2d\nstore: { op_timeout: 25h }\nupstreams:\n  erp: { url: \"http://127.0.0.1:9000\", connect_timeout: 500000000y, circuit_breaker: { open_for: 1000y } }\nroutes:\n  - { name: a, match: { path: /a }, upstream: erp, timeouts: { response: 2d, total: 500000000y }, idempotency: { ttl: 366d, lease: 25h } }\n";
+    let errs = errors(yaml);
+    for (path, line) in [
+        ("shutdown_grace", 1),
+        ("store.op_timeout", 2),
+        ("upstreams.erp.connect_timeout", 4),
+        ("upstreams.erp.circuit_breaker.open_for", 4),
+        ("routes[0].timeouts.response", 6),
+        ("routes[0].timeouts.total", 6),
+        ("routes[0].idempotency.ttl", 6),
+        ("routes[0].idempotency.lease", 6),
+    ] {
+        let e = error_at(&errs, path);
+        assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");
+        assert!(e.message.contains("longer than the maximum"), "{e}");
+    }
+    // The bounds themselves are allowed.
+    let config = Config::parse(&with_route(
+        "shutdown_grace: 1day\n",
+        ", timeouts: { response: 24h, total: 24h }, idempotency: { ttl: 365d, lease: 24h }",
+    ))
+    .expect("valid");
+    assert_eq!(config.routes[0].timeouts.total, Duration::from_secs(86400));
+}
+
+#[test]
+fn a_ttl_shorter_than_the_lease_is_an_error_at_the_field_the_route_sets() {
+    let errs = errors(&with_route("", ", idempotency: { ttl: 30s }"));
+    let e = error_at(&errs, "routes[0].idempotency.ttl");
+    assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+    assert!(
+        e.message.contains("ttl 30s is shorter than lease 1m"),
+        "{e}"
+    );
+    assert!(e.hint.contains("at least as long as lease"), "{e}");
+
+    // ttl from the defaults, a longer lease from the route: the route's lease is named.
+    let yaml = format!(
+        "defaults: {{ idempotency: {{ ttl: 2m }} }}\n{}",
+        with_route("", ", idempotency: { lease: 5m }")
+    );
+    error_at(&errors(&yaml), "routes[0].idempotency.lease");
+
+    // Equal is fine, and so is a route that is off.
+    Config::parse(&with_route("", ", idempotency: { ttl: 1m, lease: 1m }")).expect("valid");
+    Config::parse(&with_route(
+        "defaults: { idempotency: { ttl: 1s } }\n",
+        ", idempotency: off",
+    ))
+    .expect("valid");
+}
+
+#[test]
+fn a_redis_address_without_backend_redis_is_an_error_not_the_memory_store() {
+    let errs = errors(&with_route("store:\n  url: redis://127.0.0.1:6379/0\n", ""));
+    let e = error_at(&errs, "store.url");
+    assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+    assert!(e.hint.contains("add backend: redis"), "{e}");
+
+    let errs = errors(&with_route(
+        "store:\n  backend: memory\n  cluster: [redis://10.0.0.1:7000]\n",
+        "",
+    ));
+    assert_eq!(
+        error_at(&errs, "store.cluster").position.map(|p| p.0),
+        Some(3)
+    );
+    Config::parse(&with_route("store: { backend: memory }\n", "")).expect("valid");
+}
+
+#[test]
+fn check_refuses_the_redis_urls_that_serve_refuses_without_echoing_the_password() {
+    for url in [
+        "redis://:hunter2@127.0.0.1:notaport/0",
+        "redis://:hunter2@127.0.0.1:6379/notadb",
+    ] {
+        let errs = errors(&with_route(
+            &format!("store: {{ backend: redis, url: \"{url}\" }}\n"),
+            "",
+        ));
+        let e = error_at(&errs, "store.url");
+        assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+    let errs = errors(&with_route(
+        "store: { backend: redis, cluster: [\"redis://:hunter2@10.0.0.1:7000\", \"redis://:hunter2@10.0.0.2:x\"] }\n",
+        "",
+    ));
+    let e = error_at(&errs, "store.cluster[1]");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    Config::parse(&with_route(
+        "store: { backend: redis, url: \"rediss://:p%40ss@127.0.0.1:6380/2\" }\n",
+        "",
+    ))
+    .expect("valid");
+}
+
+#[test]
+fn upstream_urls_with_user_and_password_are_refused_without_echoing_them() {
+    let errs = errors(
+        "upstreams:\n  erp: { url: \"http://admin:hunter2@127.0.0.1:9000\" }\nroutes: [ { name: a, match: { path: /a }, upstream: erp } ]\n",
+    );
+    let e = error_at(&errs, "upstreams.erp.url");
+    assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+    assert!(e.message.contains("user:password@"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn error_messages_never_show_the_value_of_an_env_var() {
+    // SAFETY: this test binary sets only variables of its own, unique names.
+    unsafe { std::env::set_var("IDEMGATE_TEST_SECRET_5120", "planted secret 5120") };
+    let v = "${IDEMGATE_TEST_SECRET_5120}";
+    let yaml = format!(
+        "listen: \"{v}\"\nadmin: {{ listen: \"{v}\" }}\nshutdown_grace: \"{v}\"\nstore: {{ op_timeout: \"{v}\", on_unavailable: \"{v}\" }}\nupstreams:\n  erp: {{ url: \"http://{v}\" }}\ndefaults:\n  idempotency: {{ header: \"{v} x\", store_statuses: [\"{v}\"], max_request_body: \"{v}\", methods: [\"{v} x\"] }}\nroutes:\n  - {{ name: \"{v} x\", match: {{ path: \"{v}\" }}, upstream: \"{v}\" }}\n"
+    );
+    let errs = errors(&yaml);
+    for path in [
+        "listen",
+        "admin.listen",
+        "shutdown_grace",
+        "store.op_timeout",
+        "store.on_unavailable",
+        "upstreams.erp.url",
+        "defaults.idempotency.header",
+        "defaults.idempotency.store_statuses[0]",
+        "defaults.idempotency.max_request_body",
+        "defaults.idempotency.methods[0]",
+        "routes[0].name",
+        "routes[0].match.path",
+        "routes[0].upstream",
+    ] {
+        error_at(&errs, path);
+    }
+    for e in &errs {
+        assert!(!e.to_string().contains("planted"), "{e}");
+    }
+    assert!(
+        errs.iter()
+            .any(|e| e.message.contains("IDEMGATE_TEST_SECRET_5120")),
+        "the raw field text is shown instead: {errs:#?}"
+    );
+}
+
+#[test]
+fn zero_consecutive_failures_and_zero_max_records_are_errors_not_raised_to_one() {
+    let errs = errors(
+        "store:\n  max_records: 0\nupstreams:\n  erp: { url: \"http://127.0.0.1:9000\", max_in_flight: 0, circuit_breaker: { consecutive_failures: 0 } }\ndefaults:\n  idempotency: { key_max_length: 0 }\nroutes: [ { name: a, match: { path: /a }, upstream: erp } ]\n",
+    );
+    for (path, line) in [
+        ("store.max_records", 2),
+        ("upstreams.erp.max_in_flight", 4),
+        ("upstreams.erp.circuit_breaker.consecutive_failures", 4),
+        ("defaults.idempotency.key_max_length", 6),
+    ] {
+        let e = error_at(&errs, path);
+        assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");
+        assert!(e.message.contains("at least 1"), "{e}");
+    }
+}
+
+#[test]
+fn the_built_in_defaults_of_a_minimal_config() {
+    use idemgate::config::{Backend, OnUnavailable};
+    use std::net::SocketAddr;
+
+    let config = Config::parse(&with_route("", "")).expect("valid");
+    assert_eq!(
+        config.listen.address,
+        SocketAddr::from(([0, 0, 0, 0], 8080))
+    );
+    assert!(config.listen.tls.is_none());
+    assert!(config.admin.is_none());
+    assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    let store = &config.store;
+    assert_eq!(store.backend, Backend::Memory);
+    assert_eq!(store.key_prefix, "idemgate:");
+    assert_eq!(store.op_timeout, Duration::from_millis(250));
+    assert_eq!(store.on_unavailable, OnUnavailable::Reject);
+    assert_eq!(store.max_records, 1_000_000);
+    assert!(store.tls.is_none());
+
+    let up = &config.upstreams[0];
+    assert_eq!(up.connect_timeout, Duration::from_secs(1));
+    assert_eq!(up.max_in_flight, 256);
+    let breaker = up.circuit_breaker.as_ref().expect("on by default");
+    assert_eq!(breaker.consecutive_failures, 5);
+    assert_eq!(breaker.open_for, Duration::from_secs(30));
+    assert!(up.tls.is_none());
+    assert_eq!(up.base_path, "");
+
+    let route = &config.routes[0];
+    assert_eq!(route.timeouts.response, Duration::from_secs(10));
+    assert_eq!(route.timeouts.total, Duration::from_secs(30));
+    assert!(route.matcher.methods.is_none());
+    assert!(route.matcher.host.is_none());
+    let p = route.idempotency.as_ref().expect("on by default");
+    assert_eq!(p.methods, vec![http::Method::POST, http::Method::PATCH]);
+    assert_eq!(p.header.as_str(), "idempotency-key");
+    assert!(p.require_key);
+    assert_eq!(p.key_max_length, 255);
+    assert_eq!(p.ttl, Duration::from_secs(24 * 3600));
+    assert_eq!(p.lease, Duration::from_secs(60));
+    assert_eq!(p.concurrent, Concurrent::Reject);
+    assert_eq!(p.fingerprint_headers, vec![http::header::CONTENT_TYPE]);
+    assert!(p.fingerprint_query);
+    assert_eq!(p.scope_headers, vec![http::header::AUTHORIZATION]);
+    assert_eq!(
+        p.store_statuses,
+        vec![StatusPattern::Class(2), StatusPattern::Class(4)]
+    );
+    assert_eq!(p.release_statuses, vec![408, 425, 429]);
+    assert_eq!(p.on_unknown, OnUnknown::Lock);
+    assert_eq!(p.max_request_body, 1024 * 1024);
+    assert_eq!(p.max_response_body, 1024 * 1024);
+}

@@ -337,3 +337,38 @@ async fn workers_flag_and_env_size_the_runtime_and_one_worker_serves() {
         .unwrap();
     assert_eq!(zero.status.code(), Some(2), "--workers 0 is a usage error");
 }
+
+#[test]
+fn a_mistyped_log_level_is_a_usage_error_not_silence() {
+    let run = |level: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args([
+                "--log-level",
+                level,
+                "check",
+                "--config",
+                "config.example.yaml",
+            ])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    for bad in ["debg", "idemgate=loud", "info,"] {
+        let out = run(bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("--log-level") && err.contains("write a level (trace, debug"),
+            "{bad}: {err}"
+        );
+    }
+    for good in ["debug", "warn,idemgate=debug"] {
+        let out = run(good);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{good}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -6,6 +6,16 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
+/// The longest timeout, lease, `open_for`, `op_timeout` or `shutdown_grace`:
+/// each is a wait on one request, attempt or shutdown, and a day is past
+/// any that an operator needs while far from where `Instant` arithmetic
+/// overflows.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest `ttl`: a replay window of a year is past any retry policy,
+/// and its milliseconds are far inside what Redis `PEXPIRE` accepts.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// One problem in the configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
@@ -128,11 +138,18 @@ impl<'a> Check<'a> {
         }
     }
 
-    pub fn duration(&mut self, path: &str, value: &Spanned<String>) -> Option<Duration> {
+    /// A positive duration no longer than `max`: past a bound no operator
+    /// needs, `Instant + duration` overflows (a panic per request) and Redis
+    /// refuses the expiry.
+    pub fn duration(
+        &mut self,
+        path: &str,
+        value: &Spanned<String>,
+        max: Duration,
+    ) -> Option<Duration> {
         let text = self.text(path, value)?;
         match humantime::parse_duration(text.trim()) {
-            Ok(d) if !d.is_zero() => Some(d),
-            Ok(_) => {
+            Ok(d) if d.is_zero() => {
                 self.fail(
                     path,
                     Some(&value.referenced),
@@ -141,11 +158,22 @@ impl<'a> Check<'a> {
                 );
                 None
             }
+            Ok(d) if d > max => {
+                let max = humantime::format_duration(max);
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("{} is longer than the maximum of {max}", quote(value)),
+                    format!("write a duration of at most {max}"),
+                );
+                None
+            }
+            Ok(d) => Some(d),
             Err(_) => {
                 self.fail(
                     path,
                     Some(&value.referenced),
-                    format!("{text:?} is not a duration"),
+                    format!("{} is not a duration", quote(value)),
                     "write a number with a unit, such as 250ms, 3s or 24h",
                 );
                 None
@@ -161,7 +189,7 @@ impl<'a> Check<'a> {
                 self.fail(
                     path,
                     Some(&value.referenced),
-                    format!("{text:?} is not a size"),
+                    format!("{} is not a size", quote(value)),
                     "write a number with a unit, such as 512KiB or 1MiB",
                 );
                 None
@@ -184,10 +212,21 @@ impl<'a> Check<'a> {
         self.fail(
             path,
             Some(&value.referenced),
-            format!("{text:?} is not allowed"),
+            format!("{} is not allowed", quote(value)),
             format!("write one of: {}", names.join(", ")),
         );
         None
+    }
+}
+
+/// A value as the file spells it, for an error message. Never the value
+/// after `${VAR}` expansion: a variable may hold a secret (a password in a
+/// URL, a token), and these messages reach logs and the reload answer.
+pub fn quote(value: &Spanned<String>) -> String {
+    if value.value.contains("${") {
+        format!("{:?} (with its ${{...}} expanded)", value.value)
+    } else {
+        format!("{:?}", value.value)
     }
 }
 

@@ -58,7 +58,7 @@ pub struct StoreFile {
     pub key_prefix: Option<Text>,
     pub op_timeout: Option<Text>,
     pub on_unavailable: Option<Text>,
-    pub max_records: Option<u64>,
+    pub max_records: Option<Spanned<u64>>,
     /// For `rediss://`: a custom CA and an optional client certificate.
     pub tls: Option<UpstreamTlsFile>,
 }
@@ -68,7 +68,7 @@ pub struct StoreFile {
 pub struct UpstreamFile {
     pub url: Text,
     pub connect_timeout: Option<Text>,
-    pub max_in_flight: Option<u32>,
+    pub max_in_flight: Option<Spanned<u32>>,
     pub circuit_breaker: Option<Spanned<ScalarOr<BreakerFile>>>,
     pub tls: Option<UpstreamTlsFile>,
 }
@@ -76,7 +76,7 @@ pub struct UpstreamFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerFile {
-    pub consecutive_failures: Option<u32>,
+    pub consecutive_failures: Option<Spanned<u32>>,
     pub open_for: Option<Text>,
 }
 
@@ -129,7 +129,7 @@ pub struct IdempotencyFile {
     pub methods: Option<Vec<Text>>,
     pub header: Option<Text>,
     pub require_key: Option<bool>,
-    pub key_max_length: Option<usize>,
+    pub key_max_length: Option<Spanned<usize>>,
     pub ttl: Option<Text>,
     pub lease: Option<Text>,
     pub concurrent: Option<Text>,

@@ -7,6 +7,7 @@
 mod check;
 mod describe;
 mod file;
+mod restart;
 mod validate;
 mod validate_match;
 mod validate_policy;

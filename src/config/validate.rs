@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use serde_saphyr::Spanned;
 
-use super::check::{Check, ConfigError, ConfigErrors};
+use super::check::{Check, ConfigError, ConfigErrors, MAX_WAIT, quote};
 use super::file::*;
 use super::*;
 
@@ -80,7 +80,7 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
     });
     let store = build_store(c, file.store.as_ref());
     let shutdown_grace = match &file.shutdown_grace {
-        Some(d) => c.duration("shutdown_grace", d),
+        Some(d) => c.duration("shutdown_grace", d, MAX_WAIT),
         None => Some(Duration::from_secs(30)),
     };
     let upstreams: Vec<_> = file
@@ -143,7 +143,7 @@ fn address(c: &mut Check, path: &str, value: &Text) -> Option<SocketAddr> {
             c.fail(
                 path,
                 Some(&value.referenced),
-                format!("{text:?} is not an address"),
+                format!("{} is not an address", quote(value)),
                 "write ip:port, such as 0.0.0.0:8080 or 127.0.0.1:9090",
             );
             None
@@ -193,7 +193,35 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         None => false,
     };
     let backend = if !kind {
-        Some(Backend::Memory)
+        // A Redis address with the memory store is a forgotten `backend:`
+        // line: running without the shared store would let duplicates that
+        // reach different instances through.
+        let url = store
+            .url
+            .as_ref()
+            .map(|u| ("store.url", Some(&u.referenced)));
+        let cluster = store
+            .cluster
+            .as_ref()
+            .map(|urls| ("store.cluster", urls.first().map(|u| &u.referenced)));
+        if let Some((field, at)) = url.or(cluster) {
+            let (message, hint) = match &store.backend {
+                None => (
+                    format!(
+                        "{field} is set but store.backend is not, so the memory store would run"
+                    ),
+                    "add backend: redis to the store block (or remove the Redis address for the memory store)",
+                ),
+                Some(_) => (
+                    format!("backend memory does not use {field}"),
+                    "write backend: redis to use Redis, or remove the Redis address",
+                ),
+            };
+            c.fail(field, at, message, hint);
+            None
+        } else {
+            Some(Backend::Memory)
+        }
     } else {
         match (&store.url, &store.cluster) {
             (Some(url), None) => redis_url(c, "store.url", url).map(|url| Backend::Redis { url }),
@@ -203,8 +231,8 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
                     .enumerate()
                     .map(|(i, url)| redis_url(c, &format!("store.cluster[{i}]"), url))
                     .collect();
-                urls.into_iter()
-                    .collect::<Option<_>>()
+                let urls: Option<Vec<String>> = urls.into_iter().collect();
+                urls.and_then(|urls| cluster_urls(c, store, urls))
                     .map(|urls| Backend::Cluster { urls })
             }
             _ => {
@@ -223,7 +251,7 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         None => Some("idemgate:".into()),
     };
     let op_timeout = match &store.op_timeout {
-        Some(d) => c.duration("store.op_timeout", d),
+        Some(d) => c.duration("store.op_timeout", d, MAX_WAIT),
         None => Some(Duration::from_millis(250)),
     };
     let on_unavailable = match &store.on_unavailable {
@@ -237,12 +265,25 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         ),
         None => Some(OnUnavailable::Reject),
     };
+    let max_records = match &store.max_records {
+        None => Some(1_000_000),
+        Some(n) if n.value == 0 => {
+            c.fail(
+                "store.max_records",
+                Some(&n.referenced),
+                "max_records must be at least 1",
+                "raise it, or remove it for the default of 1000000",
+            );
+            None
+        }
+        Some(n) => Some(n.value),
+    };
     Some(StoreConfig {
         backend: backend?,
         key_prefix: key_prefix?,
         op_timeout: op_timeout?,
         on_unavailable: on_unavailable?,
-        max_records: store.max_records.unwrap_or(1_000_000).max(1),
+        max_records: max_records?,
         tls: store
             .tls
             .as_ref()
@@ -250,17 +291,46 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
     })
 }
 
+/// A Redis URL as the store will parse it when it starts (`redis::Client::open`),
+/// so that `check` fails on every URL that `serve` would refuse.
 fn redis_url(c: &mut Check, path: &str, value: &Text) -> Option<String> {
     let url = c.text(path, value)?;
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    if scheme_ok && redis::Client::open(url.as_str()).is_ok() {
         return Some(url);
     }
-    // Never echo the value: it may hold a password.
+    // Never echo the value, nor the parser's words about it: either may
+    // hold the password.
     c.fail(
         path,
         Some(&value.referenced),
-        "not a Redis URL",
-        "write redis://[:password@]host:port/db, or rediss:// for TLS",
+        if scheme_ok {
+            "not a valid Redis URL"
+        } else {
+            "not a Redis URL (the scheme must be redis:// or rediss://)"
+        },
+        "write redis://[user:password@]host:port/db with a numeric port and db, \
+         or rediss:// for TLS; percent-encode special characters in the password",
+    );
+    None
+}
+
+/// The cluster's URLs as a whole, as the cluster client checks them when it
+/// is built (without connecting).
+fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<Vec<String>> {
+    if redis::cluster::ClusterClient::new(urls.clone()).is_ok() {
+        return Some(urls);
+    }
+    let at = store
+        .cluster
+        .as_ref()
+        .and_then(|u| u.first())
+        .map(|u| &u.referenced);
+    c.fail(
+        "store.cluster",
+        at,
+        "these URLs do not make one Redis Cluster",
+        "give every node the same scheme (all redis:// or all rediss://) and the same credentials",
     );
     None
 }
@@ -283,7 +353,7 @@ fn build_route(
         c.fail(
             &format!("{at}.name"),
             Some(&route.name.referenced),
-            format!("route name {name:?} is not allowed"),
+            format!("route name {} is not allowed", quote(&route.name)),
             "use letters, digits, '-', '_' and '.' (the name appears in metrics and store keys)",
         );
     }
@@ -296,7 +366,7 @@ fn build_route(
         c.fail(
             &format!("{at}.upstream"),
             Some(&route.upstream.referenced),
-            format!("upstream {u:?} is not defined"),
+            format!("upstream {} is not defined", quote(&route.upstream)),
             format!(
                 "define it under upstreams, or use one of: {}",
                 if known.is_empty() {
@@ -336,9 +406,9 @@ fn timeouts(
 ) -> Option<Timeouts> {
     let mut field = |name: &str, get: fn(&TimeoutsFile) -> Option<&Text>, fallback| {
         if let Some(v) = route.and_then(get) {
-            c.duration(&format!("{at}.timeouts.{name}"), v)
+            c.duration(&format!("{at}.timeouts.{name}"), v, MAX_WAIT)
         } else if let Some(v) = defaults.and_then(get) {
-            c.duration(&format!("defaults.timeouts.{name}"), v)
+            c.duration(&format!("defaults.timeouts.{name}"), v, MAX_WAIT)
         } else {
             Some(fallback)
         }
@@ -359,7 +429,7 @@ pub(super) fn header_name(c: &mut Check, path: &str, value: &Text) -> Option<Hea
             c.fail(
                 path,
                 Some(&value.referenced),
-                format!("{text:?} is not a header name"),
+                format!("{} is not a header name", quote(value)),
                 "write a header name such as Idempotency-Key",
             );
             None
@@ -375,7 +445,7 @@ pub(super) fn method(c: &mut Check, path: &str, value: &Text) -> Option<Method> 
             c.fail(
                 path,
                 Some(&value.referenced),
-                format!("{text:?} is not an HTTP method"),
+                format!("{} is not an HTTP method", quote(value)),
                 "write a method such as POST or PATCH",
             );
             None

@@ -1,6 +1,6 @@
 //! Validation of a route's `match` block.
 
-use super::check::Check;
+use super::check::{Check, quote};
 use super::file::MatchFile;
 use super::validate::method;
 use super::{PathMatch, RouteMatch};
@@ -14,7 +14,7 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
                 c.fail(
                     &field,
                     Some(&prefix.referenced),
-                    format!("{text:?} does not start with /"),
+                    format!("{} does not start with /", quote(prefix)),
                     "write an absolute path such as /api/orders",
                 );
                 return None;
@@ -30,7 +30,7 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
                 c.fail(
                     &field,
                     Some(&exact.referenced),
-                    format!("{text:?} does not start with /"),
+                    format!("{} does not start with /", quote(exact)),
                     "write an absolute path such as /api/orders",
                 );
                 return None;

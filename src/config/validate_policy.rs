@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use serde_saphyr::Spanned;
 
-use super::check::Check;
+use super::check::{Check, MAX_TTL, MAX_WAIT, quote};
 use super::file::{IdempotencyFile, ScalarOr, Text};
 use super::validate::{header_name, method};
 use super::{Concurrent, OnUnknown, Policy, StatusPattern};
@@ -87,10 +87,11 @@ impl<'f> Merge<'f> {
 }
 
 fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
-    let duration = |c: &mut Check, name, field: fn(&IdempotencyFile) -> Option<&Text>, default| {
-        m.get(name, field)
-            .map_or(Some(default), |(v, p)| c.duration(&p, v))
-    };
+    let duration =
+        |c: &mut Check, name, field: fn(&IdempotencyFile) -> Option<&Text>, default, max| {
+            m.get(name, field)
+                .map_or(Some(default), |(v, p)| c.duration(&p, v, max))
+        };
     let size = |c: &mut Check, name, field: fn(&IdempotencyFile) -> Option<&Text>| {
         m.get(name, field)
             .map_or(Some(1024 * 1024), |(v, p)| c.size(&p, v))
@@ -103,17 +104,20 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         None => Some(HeaderName::from_static("idempotency-key")),
         Some((v, p)) => header_name(c, &p, v),
     };
-    let key_max_length = *m
-        .get("key_max_length", |f| f.key_max_length.as_ref())
-        .map_or(&255, |(v, _)| v);
-    if key_max_length == 0 {
-        c.fail(
-            &format!("{}.key_max_length", m.route_at),
-            None,
-            "key_max_length must be at least 1",
-            "remove it for the default of 255",
-        );
-    }
+    let key_max_length = match m.get("key_max_length", |f| f.key_max_length.as_ref()) {
+        None => 255,
+        Some((v, p)) => {
+            if v.value == 0 {
+                c.fail(
+                    &p,
+                    Some(&v.referenced),
+                    "key_max_length must be at least 1",
+                    "raise it, or remove it for the default of 255",
+                );
+            }
+            v.value
+        }
+    };
     let concurrent = m.get("concurrent", |f| f.concurrent.as_ref()).map_or(
         Some(Concurrent::Reject),
         |(v, p)| {
@@ -170,8 +174,40 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
             ok.then(|| list.iter().map(|s| s.value).collect())
         }
     };
-    let ttl = duration(c, "ttl", |f| f.ttl.as_ref(), Duration::from_secs(24 * 3600));
-    let lease = duration(c, "lease", |f| f.lease.as_ref(), Duration::from_secs(60));
+    let ttl_field: fn(&IdempotencyFile) -> Option<&Text> = |f| f.ttl.as_ref();
+    let lease_field: fn(&IdempotencyFile) -> Option<&Text> = |f| f.lease.as_ref();
+    let ttl = duration(c, "ttl", ttl_field, Duration::from_secs(24 * 3600), MAX_TTL);
+    let lease = duration(c, "lease", lease_field, Duration::from_secs(60), MAX_WAIT);
+    if let (Some(ttl), Some(lease)) = (ttl, lease)
+        && ttl < lease
+    {
+        // The claim gives the in-flight record the ttl as its expiry, so it
+        // would vanish while its attempt still runs and a duplicate would
+        // be forwarded. Point at the field this route sets, if it sets one.
+        let (ttl_at, lease_at) = (m.get("ttl", ttl_field), m.get("lease", lease_field));
+        let route_sets = |at: &Option<(&Text, String)>| {
+            at.as_ref()
+                .is_some_and(|(_, p)| !p.starts_with("defaults."))
+        };
+        let (value, path) = if route_sets(&lease_at) && !route_sets(&ttl_at) {
+            lease_at
+        } else {
+            ttl_at.or(lease_at)
+        }
+        .expect("ttl < lease: one of them is set, as the defaults are not");
+        c.fail(
+            &path,
+            Some(&value.referenced),
+            format!(
+                "ttl {} is shorter than lease {}: the in-flight record would expire \
+                 while its attempt runs, and a duplicate would be forwarded",
+                humantime::format_duration(ttl),
+                humantime::format_duration(lease)
+            ),
+            "make ttl at least as long as lease (ttl is how long a result is replayed, \
+             lease how long an attempt owns the key)",
+        );
+    }
     let max_request_body = size(c, "max_request_body", |f| f.max_request_body.as_ref());
     let max_response_body = size(c, "max_response_body", |f| f.max_response_body.as_ref());
     Some(Policy {
@@ -223,7 +259,7 @@ fn status_pattern(c: &mut Check, path: &str, value: &Text) -> Option<StatusPatte
         c.fail(
             path,
             Some(&value.referenced),
-            format!("{text:?} is not a status or class"),
+            format!("{} is not a status or class", quote(value)),
             "write a class such as \"2xx\" or a status such as 201",
         );
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::check::Check;
+use super::check::{Check, MAX_WAIT, quote};
 use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
 use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
 
@@ -17,7 +17,13 @@ pub(super) fn build_upstream(
     let url_path = format!("{path}.url");
     let text = c.text(&url_path, &u.url);
     let uri: Option<http::Uri> = text.as_ref().and_then(|t| t.parse().ok());
-    let parts = uri.and_then(|uri| {
+    // `user:password@` would go out verbatim in every request's Host header
+    // (and credentials for the upstream belong in a header the client sends).
+    let userinfo = uri
+        .as_ref()
+        .and_then(|uri| uri.authority())
+        .is_some_and(|a| a.as_str().contains('@'));
+    let parts = uri.filter(|_| !userinfo).and_then(|uri| {
         let scheme = uri.scheme().cloned()?;
         let authority = uri.authority().cloned()?;
         let ok = (scheme == http::uri::Scheme::HTTP || scheme == http::uri::Scheme::HTTPS)
@@ -30,27 +36,40 @@ pub(super) fn build_upstream(
             )
         })
     });
-    if let (Some(text), None) = (&text, &parts) {
+    if userinfo {
+        // Never echo the value: the part before @ is a password.
         c.fail(
             &url_path,
             Some(&u.url.referenced),
-            format!("{text:?} is not an upstream URL"),
+            "an upstream URL must not carry user:password@",
+            "remove the user:password@ part; clients send their own Authorization, which is forwarded",
+        );
+    } else if text.is_some() && parts.is_none() {
+        c.fail(
+            &url_path,
+            Some(&u.url.referenced),
+            format!("{} is not an upstream URL", quote(&u.url)),
             "write http(s)://host:port with an optional base path, such as http://127.0.0.1:9000/erp",
         );
     }
     let connect_timeout = match &u.connect_timeout {
-        Some(d) => c.duration(&format!("{path}.connect_timeout"), d),
+        Some(d) => c.duration(&format!("{path}.connect_timeout"), d, MAX_WAIT),
         None => Some(Duration::from_secs(1)),
     };
-    let max_in_flight = u.max_in_flight.unwrap_or(256);
-    if max_in_flight == 0 {
-        c.fail(
-            &format!("{path}.max_in_flight"),
-            None,
-            "max_in_flight must be at least 1",
-            "raise it, or remove it for the default of 256",
-        );
-    }
+    let max_in_flight = match &u.max_in_flight {
+        None => 256,
+        Some(n) => {
+            if n.value == 0 {
+                c.fail(
+                    &format!("{path}.max_in_flight"),
+                    Some(&n.referenced),
+                    "max_in_flight must be at least 1",
+                    "raise it, or remove it for the default of 256",
+                );
+            }
+            n.value
+        }
+    };
     let default_breaker = Breaker {
         consecutive_failures: 5,
         open_for: Duration::from_secs(30),
@@ -70,15 +89,31 @@ pub(super) fn build_upstream(
             }
             ScalarOr::Map(b) => {
                 let open_for = match &b.open_for {
-                    Some(d) => c.duration(&format!("{path}.circuit_breaker.open_for"), d),
+                    Some(d) => c.duration(&format!("{path}.circuit_breaker.open_for"), d, MAX_WAIT),
                     None => Some(default_breaker.open_for),
                 };
-                open_for.map(|open_for| {
-                    Some(Breaker {
-                        consecutive_failures: b.consecutive_failures.unwrap_or(5).max(1),
-                        open_for,
+                let consecutive_failures = match &b.consecutive_failures {
+                    None => Some(default_breaker.consecutive_failures),
+                    Some(n) if n.value == 0 => {
+                        c.fail(
+                            &format!("{path}.circuit_breaker.consecutive_failures"),
+                            Some(&n.referenced),
+                            "consecutive_failures must be at least 1",
+                            "raise it, remove it for the default of 5, \
+                             or write circuit_breaker: off to disable the breaker",
+                        );
+                        None
+                    }
+                    Some(n) => Some(n.value),
+                };
+                consecutive_failures
+                    .zip(open_for)
+                    .map(|(consecutive_failures, open_for)| {
+                        Some(Breaker {
+                            consecutive_failures,
+                            open_for,
+                        })
                     })
-                })
             }
         },
     };

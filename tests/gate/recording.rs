@@ -51,7 +51,8 @@ async fn oversized_response_is_streamed_and_tombstoned(backend: Backend) {
 }
 
 async fn ttl_expiry_allows_a_new_attempt(backend: Backend) {
-    let s = Setup::new(backend, "ttl: 300ms", "").await;
+    // A ttl below the lease is refused (the claim would expire mid-attempt).
+    let s = Setup::new(backend, "ttl: 300ms, lease: 300ms", "").await;
     assert_eq!(s.post("k-ttl", "{}", &[]).await.status, 201);
     assert_eq!(
         s.post("k-ttl", "{}", &[])

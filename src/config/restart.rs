@@ -1,0 +1,110 @@
+//! Which settings a reload cannot apply: the ones the running process read
+//! once at startup (listeners, the store, the admin token, the shutdown grace).
+
+use super::Config;
+
+impl Config {
+    /// The fields that differ between the running configuration (`self`)
+    /// and a reloaded one `new` and take effect only after a restart. Names
+    /// only, never values: `admin.token` and `store.url` hold secrets.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let (old_store, new_store) = (&self.store, &new.store);
+        let changed = [
+            ("listen.address", self.listen.address != new.listen.address),
+            (
+                "listen.tls (on or off)",
+                self.listen.tls.is_some() != new.listen.tls.is_some(),
+            ),
+            (
+                "admin (on or off)",
+                self.admin.is_some() != new.admin.is_some(),
+            ),
+            (
+                "admin.listen",
+                matches!((&self.admin, &new.admin), (Some(a), Some(b)) if a.listen != b.listen),
+            ),
+            (
+                "admin.token",
+                self.admin.as_ref().and_then(|a| a.token.as_ref())
+                    != new.admin.as_ref().and_then(|a| a.token.as_ref()),
+            ),
+            ("store.backend", old_store.backend != new_store.backend),
+            (
+                "store.key_prefix",
+                old_store.key_prefix != new_store.key_prefix,
+            ),
+            (
+                "store.op_timeout",
+                old_store.op_timeout != new_store.op_timeout,
+            ),
+            (
+                "store.on_unavailable",
+                old_store.on_unavailable != new_store.on_unavailable,
+            ),
+            (
+                "store.max_records",
+                old_store.max_records != new_store.max_records,
+            ),
+            ("store.tls", old_store.tls != new_store.tls),
+            ("shutdown_grace", self.shutdown_grace != new.shutdown_grace),
+        ];
+        changed
+            .into_iter()
+            .filter_map(|(name, differs)| differs.then_some(name))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "upstreams: { erp: { url: \"http://127.0.0.1:9000\" } }\nroutes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+
+    fn config(extra: &str) -> Config {
+        let env = |name: &str| (name == "RESTART_TEST_TOKEN").then(|| "s3cret".to_owned());
+        super::super::validate::validate(&format!("{extra}{BASE}"), &env).expect("valid")
+    }
+
+    #[test]
+    fn routes_and_upstreams_reload_without_a_restart() {
+        let old = config("");
+        let new = config("defaults: { timeouts: { response: 1s } }\n");
+        assert_eq!(old.restart_needed(&new), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn every_setting_read_at_startup_is_named_and_no_value_is() {
+        let old = config(
+            "listen: 127.0.0.1:8080\nadmin: { listen: 127.0.0.1:9090 }\nstore: { backend: memory }\n",
+        );
+        let new = config(
+            "listen: 127.0.0.1:8081\nadmin: { listen: 127.0.0.1:9091, token: \"${RESTART_TEST_TOKEN}\" }\nshutdown_grace: 5s\nstore: { backend: redis, url: \"redis://:pw@127.0.0.1:6379/0\", key_prefix: \"x:\", op_timeout: 1s, on_unavailable: forward, max_records: 10 }\n",
+        );
+        let names = old.restart_needed(&new);
+        assert_eq!(
+            names,
+            vec![
+                "listen.address",
+                "admin.listen",
+                "admin.token",
+                "store.backend",
+                "store.key_prefix",
+                "store.op_timeout",
+                "store.on_unavailable",
+                "store.max_records",
+                "shutdown_grace",
+            ]
+        );
+        let turned_off = config("");
+        assert_eq!(
+            new.restart_needed(&turned_off)[..2],
+            ["listen.address", "admin (on or off)"]
+        );
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("s3cret") || n.contains("pw"))
+        );
+    }
+}
