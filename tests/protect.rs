@@ -364,3 +364,106 @@ async fn reload_swaps_routes_keeps_breaker_state_and_rejects_invalid_files() {
         "the old config stays"
     );
 }
+
+/// A config whose one route `plain` passes through to `upstream`, with this
+/// breaker and this response timeout.
+fn pass_through_yaml(upstream: &TestUpstream, breaker: &str, response: &str) -> String {
+    config(
+        "store: { backend: memory }",
+        upstream.addr,
+        &format!("  timeouts: {{ response: {response}, total: 10s }}"),
+        "  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }",
+    )
+    .replace(
+        "connect_timeout: 500ms }",
+        &format!("connect_timeout: 500ms, circuit_breaker: {breaker} }}"),
+    )
+}
+
+async fn get(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> common::Reply {
+    client.send("GET", url, headers, Bytes::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeouts_open_the_breaker_of_a_pass_through_route() {
+    let upstream = TestUpstream::start().await;
+    let breaker = "{ consecutive_failures: 2, open_for: 30s }";
+    let proxy = TestProxy::start(&pass_through_yaml(&upstream, breaker, "100ms")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/plain");
+    for _ in 0..2 {
+        let slow = get(&client, &url, &[("x-test-delay-ms", "300")]).await;
+        assert_eq!(
+            (slow.status.as_u16(), slow.code().as_str()),
+            (504, "upstream_timeout")
+        );
+    }
+    let open = get(&client, &url, &[]).await;
+    assert_eq!(
+        (open.status.as_u16(), open.code().as_str()),
+        (503, "upstream_circuit_open")
+    );
+    assert!(open.header("retry-after").is_some(), "{open:?}");
+    assert_eq!(
+        upstream.hits(),
+        2,
+        "nothing reached the upstream while open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_502_503_504_count_as_failures_and_any_other_answer_resets_the_count() {
+    let upstream = TestUpstream::start().await;
+    let breaker = "{ consecutive_failures: 3, open_for: 30s }";
+    let proxy = TestProxy::start(&pass_through_yaml(&upstream, breaker, "5s")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/plain");
+    // Two failures, a reset by 500, two failures, a reset by 404, then three in a row.
+    let statuses = [
+        "502", "503", "500", "504", "502", "404", "503", "504", "502",
+    ];
+    for (i, status) in statuses.iter().enumerate() {
+        let reply = get(&client, &url, &[("x-test-status", status)]).await;
+        assert_eq!(reply.status.as_str(), *status);
+        assert_eq!(upstream.hits(), i + 1, "request {i} reached the upstream");
+    }
+    let open = get(&client, &url, &[]).await;
+    assert_eq!(open.code(), "upstream_circuit_open");
+    assert_eq!(upstream.hits(), statuses.len());
+}
+
+/// Regression: a success of a request admitted before the breaker opened,
+/// arriving while it was open, closed it without a probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_success_does_not_close_an_open_breaker() {
+    let upstream = TestUpstream::start().await;
+    let breaker = "{ consecutive_failures: 1, open_for: 30s }";
+    let proxy = TestProxy::start(&pass_through_yaml(&upstream, breaker, "5s")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/plain");
+    let slow = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { get(&client, &url, &[("x-test-delay-ms", "400")]).await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the slow request reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    assert_eq!(
+        get(&client, &url, &[("x-test-status", "503")]).await.status,
+        503
+    );
+    assert_eq!(
+        get(&client, &url, &[]).await.code(),
+        "upstream_circuit_open"
+    );
+    assert_eq!(slow.await.unwrap().status, 201, "admitted before it opened");
+    assert_eq!(
+        get(&client, &url, &[]).await.code(),
+        "upstream_circuit_open",
+        "only a probe after open_for closes it"
+    );
+    assert_eq!(upstream.hits(), 2);
+}
