@@ -208,3 +208,64 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
     );
     assert_eq!(upstream.hits(), 1);
 }
+
+/// Regression: a claim that read the record first bounded the read and the
+/// claim script by `op_timeout` each, so one claim could take twice as long.
+/// Here Redis holds every command for 400 ms (`CLIENT PAUSE ALL`), then holds
+/// writes (`CLIENT PAUSE WRITE`): the read answers at 400 ms and the script
+/// hangs. The whole claim must still end at `op_timeout` (500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_reads_first_is_bounded_by_one_op_timeout() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(&redis, &upstream, "", "").replace("op_timeout: 300ms", "op_timeout: 500ms");
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    // Replays make most claims settled ones, and the store then reads first.
+    assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
+    for _ in 0..3 {
+        let replay = client.post_key(&url, "k-warm", "{}").await;
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    }
+
+    let mut admin = redis.connection().await;
+    let _: String = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(400)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Queued behind the first pause, so it starts when that one ends.
+    let writes_paused = {
+        let mut admin = admin.clone();
+        tokio::spawn(async move {
+            let _: redis::RedisResult<String> = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(5000)
+                .arg("WRITE")
+                .query_async(&mut admin)
+                .await;
+        })
+    };
+    let started = std::time::Instant::now();
+    let reply = client.post_key(&url, "k-slow", "{}").await;
+    let took = started.elapsed();
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (503, "store_unavailable")
+    );
+    assert!(
+        took < Duration::from_millis(750),
+        "the claim took {took:?}, past one op_timeout (500ms)"
+    );
+    writes_paused.await.unwrap();
+    let _: String = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(client.post_key(&url, "k-after", "{}").await.status, 201);
+    assert_eq!(upstream.hits(), 2, "nothing forwarded while the store hung");
+}

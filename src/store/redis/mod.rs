@@ -1,5 +1,6 @@
 //! The Redis store: one Lua script per transition, times from Redis `TIME`,
-//! records expiring by Redis TTL, every call bounded by `op_timeout`.
+//! records expiring by Redis TTL, every operation bounded by `op_timeout`
+//! (one deadline for all of an operation's round trips).
 //! Standalone Redis or Redis Cluster (`link.rs`): a record is one hash
 //! whose key carries a hash tag, so every script touches one slot.
 
@@ -9,6 +10,8 @@ mod scripts;
 
 use std::io::Write;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use redis::{
@@ -70,22 +73,29 @@ impl RedisStore {
         })
     }
 
-    /// The connection for one call; making it (a cluster's first call) is
-    /// bounded by `op_timeout` like the call itself.
-    async fn conn(&self) -> Result<link::Handle, StoreError> {
+    /// When an operation starting now must have ended.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.op_timeout
+    }
+
+    /// The connection for one call; making it (a cluster's first call)
+    /// counts against the operation's deadline like the call itself.
+    async fn conn(&self, deadline: Instant) -> Result<link::Handle, StoreError> {
         match self.link.ready_handle() {
             Some(handle) => Ok(handle),
-            None => self.bounded(self.link.handle()).await,
+            None => self.bounded(deadline, self.link.handle()).await,
         }
     }
 
     /// Claims a key, or reports the record that holds it. While most claims
     /// find a settled record (see [`ClaimMix`]), a plain `HMGET` goes first
-    /// and answers them without the script.
+    /// and answers them without the script. Read and script together are
+    /// one operation: they share one `op_timeout`.
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
+        let deadline = self.deadline();
         let read_first = self.mix.read_first();
         if read_first {
-            let record = self.get(req.key).await?;
+            let record = self.read(req.key, deadline).await?;
             let settled = settled(record.as_ref(), req.fingerprint);
             self.mix.saw(settled);
             if settled {
@@ -94,7 +104,7 @@ impl RedisStore {
                 return Ok(ClaimReply { decision, record });
             }
         }
-        let reply = self.claim_script(req).await?;
+        let reply = self.claim_script(req, deadline).await?;
         if !read_first {
             self.mix
                 .saw(settled(reply.record.as_ref(), req.fingerprint));
@@ -102,7 +112,11 @@ impl RedisStore {
         Ok(reply)
     }
 
-    async fn claim_script(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
+    async fn claim_script(
+        &self,
+        req: &ClaimRequest<'_>,
+        deadline: Instant,
+    ) -> Result<ClaimReply, StoreError> {
         let mut call = self.script_call(
             &self.claim,
             req.key,
@@ -118,7 +132,7 @@ impl RedisStore {
             } else {
                 "0"
             });
-        let (now_ms, values) = match self.run(&self.claim, &call).await? {
+        let (now_ms, values) = match self.run(&self.claim, &call, deadline).await? {
             // A key that held nothing, claimed: the script's short way.
             Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), Vec::new()),
             reply => {
@@ -155,7 +169,7 @@ impl RedisStore {
             .arg(if response.body.is_some() { "1" } else { "0" })
             .arg(response.body_size)
             .arg(millis(ttl));
-        let done: u8 = self.run(&self.complete, &call).await?;
+        let done: u8 = self.run(&self.complete, &call, self.deadline()).await?;
         Ok(done == 1)
     }
 
@@ -186,14 +200,23 @@ impl RedisStore {
             .arg(body)
             .arg(response.body_size)
             .arg(millis(ttl));
-        let done: u8 = self.run(&self.resolve, &call).await?;
+        let done: u8 = self.run(&self.resolve, &call, self.deadline()).await?;
         Ok(done == 1)
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        let mut conn = self.conn().await?;
+        self.read(key, self.deadline()).await
+    }
+
+    async fn read(
+        &self,
+        key: &StorageKey,
+        deadline: Instant,
+    ) -> Result<Option<Record>, StoreError> {
+        let mut conn = self.conn(deadline).await?;
         let values: Vec<Option<Vec<u8>>> = self
             .bounded(
+                deadline,
                 redis::cmd("HMGET")
                     .arg(key.encode(&self.prefix))
                     .arg(&RECORD_FIELDS[..])
@@ -204,27 +227,34 @@ impl RedisStore {
     }
 
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        let removed: u64 = self.bounded(conn.del(key.encode(&self.prefix))).await?;
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let removed: u64 = self
+            .bounded(deadline, conn.del(key.encode(&self.prefix)))
+            .await?;
         Ok(removed > 0)
     }
 
-    /// SCANs the record keys (of one route) on every master and reads each one.
+    /// SCANs the record keys (of one route) on every master and reads each
+    /// one. A listing takes as many round trips as there are records, so
+    /// each of them gets `op_timeout` of its own.
     pub async fn records(
         &self,
         route: Option<&str>,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn(self.deadline()).await?;
         let pattern = format!(
             "{}{{{}:*",
             glob_escape(&self.prefix),
             route.map_or("*".to_owned(), glob_escape)
         );
         let mut names = Vec::new();
-        for node in self.bounded(conn.scan_targets()).await? {
+        for node in self.bounded(self.deadline(), conn.scan_targets()).await? {
             let mut cursor = 0u64;
             loop {
-                let (next, batch) = self.bounded(conn.scan(&node, cursor, &pattern)).await?;
+                let (next, batch) = self
+                    .bounded(self.deadline(), conn.scan(&node, cursor, &pattern))
+                    .await?;
                 names.extend(batch);
                 cursor = next;
                 if cursor == 0 {
@@ -245,9 +275,10 @@ impl RedisStore {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
         let _: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
             .await?;
         Ok(())
     }
@@ -260,7 +291,7 @@ impl RedisStore {
     ) -> Result<bool, StoreError> {
         let mut call = self.script_call(script, key, 1, token.len());
         call.arg(token);
-        let done: u8 = self.run(script, &call).await?;
+        let done: u8 = self.run(script, &call, self.deadline()).await?;
         Ok(done == 1)
     }
 
@@ -278,9 +309,14 @@ impl RedisStore {
 
     /// Runs a [`script_call`](Self::script_call), loading the script first
     /// when Redis does not know it yet (a new or restarted server).
-    async fn run<T: FromRedisValue>(&self, script: &Script, call: &Cmd) -> Result<T, StoreError> {
-        let mut conn = self.conn().await?;
-        self.bounded(async {
+    async fn run<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        call: &Cmd,
+        deadline: Instant,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn(deadline).await?;
+        self.bounded(deadline, async {
             match call.query_async(&mut conn).await {
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                     script.load_async(&mut conn).await?;
@@ -292,11 +328,13 @@ impl RedisStore {
         .await
     }
 
+    /// One round trip of an operation, cut short at the operation's deadline.
     async fn bounded<T>(
         &self,
+        deadline: Instant,
         op: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.op_timeout, op).await {
+        match tokio::time::timeout_at(deadline, op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StoreError::Backend(e.to_string())),
             Err(_) => Err(StoreError::Timeout),
