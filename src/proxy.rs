@@ -137,10 +137,11 @@ impl Proxy {
     /// Listen address and store changes need a restart.
     pub fn reload(&self, config: &Config) -> Result<(), TlsError> {
         let old = self.routing.load_full();
-        if config.store.backend != old.config.store.backend
-            || config.listen.address != old.config.listen.address
-        {
-            tracing::warn!("reload: listen and store settings take effect only after a restart");
+        for field in old.config.restart_needed(config) {
+            tracing::warn!(
+                field,
+                "reload: this setting takes effect only after a restart"
+            );
         }
         let routing = Routing::new(config, Some(&old), &self.metrics)?;
         if let (Some(acceptor), Some(files)) = (&self.tls, &config.listen.tls) {

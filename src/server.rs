@@ -92,7 +92,6 @@ pub async fn serve(
     let admin_task = listeners.admin.map(|listener| {
         let admin = Arc::new(Admin {
             proxy: proxy.clone(),
-            token: config.admin.as_ref().and_then(|a| a.token.clone()),
             config_path: config_path.clone(),
         });
         tokio::spawn(serve_admin(listener, admin))

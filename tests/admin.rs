@@ -488,6 +488,38 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     server.abort();
 }
 
+#[tokio::test]
+async fn a_reload_rotates_the_admin_token() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let write = |token: &str| {
+        let admin = format!("{{ listen: 127.0.0.1:0, token: {token} }}");
+        std::fs::write(&path, yaml(&Backend::memory(), &upstream, &admin)).unwrap();
+    };
+    write("old-t0ken");
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    let purge = |token: &'static str| {
+        let (client, url) = (client.clone(), proxy.admin_url("/keys/orders/k"));
+        async move { call(&client, "DELETE", &url, Some(token), "").await }
+    };
+    assert_eq!(purge("old-t0ken").await.code(), "not_found");
+    write("new-t0ken");
+    let reload = call(
+        &client,
+        "POST",
+        &proxy.admin_url("/reload"),
+        Some("old-t0ken"),
+        "",
+    )
+    .await;
+    assert_eq!(reload.status, 200, "{reload:?}");
+    // The token was read once at startup: the old one stayed valid.
+    assert_eq!(purge("old-t0ken").await.code(), "unauthorized");
+    assert_eq!(purge("new-t0ken").await.code(), "not_found");
+}
+
 both_stores!(
     auth_and_answers,
     unknown_outcome_listed_purged_then_forwarded,

@@ -174,6 +174,18 @@ async fn closed_port_is_502_upstream_unreachable() {
         (reply.status.as_u16(), reply.code().as_str()),
         (502, "upstream_unreachable")
     );
+    // SPEC 6: a problem body has type, title, status (the HTTP one), detail
+    // and code, and no upstream internals: not its address, not the OS error.
+    let body = reply.json();
+    for field in ["type", "title", "detail", "code"] {
+        assert!(body[field].is_string(), "{field} in {body}");
+    }
+    assert_eq!(body["status"], 502);
+    let text = String::from_utf8_lossy(&reply.body).to_lowercase();
+    let port = closed.addr().port().to_string();
+    for leak in [port.as_str(), "127.0.0.1", "refused", "os error"] {
+        assert!(!text.contains(leak), "{leak:?} leaked into {text}");
+    }
 }
 
 /// A GET that the upstream answers after 2 s.

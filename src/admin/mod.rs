@@ -19,8 +19,6 @@ use crate::upstream::breaker::State as CircuitState;
 
 pub struct Admin {
     pub proxy: Arc<Proxy>,
-    /// `admin.token`, read once at startup.
-    pub token: Option<String>,
     /// The file `POST /reload` re-reads (none when started without one).
     pub config_path: Option<std::path::PathBuf>,
 }
@@ -60,7 +58,9 @@ impl Admin {
 
     /// Bearer token, compared in constant time.
     fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Problem> {
-        let Some(token) = &self.token else {
+        // The running configuration's: a reload rotates the token.
+        let routing = self.proxy.routing();
+        let Some(token) = routing.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
             return Err(Problem::new(
                 Code::Forbidden,
                 "no admin.token is configured, so the admin API is read-only",

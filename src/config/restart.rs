@@ -1,5 +1,6 @@
 //! Which settings a reload cannot apply: the ones the running process read
-//! once at startup (listeners, the store, the admin token, the shutdown grace).
+//! once at startup (listeners, the store, the shutdown grace). The admin
+//! token is not one of them: it is read from the running configuration.
 
 use super::Config;
 
@@ -22,11 +23,6 @@ impl Config {
             (
                 "admin.listen",
                 matches!((&self.admin, &new.admin), (Some(a), Some(b)) if a.listen != b.listen),
-            ),
-            (
-                "admin.token",
-                self.admin.as_ref().and_then(|a| a.token.as_ref())
-                    != new.admin.as_ref().and_then(|a| a.token.as_ref()),
             ),
             ("store.backend", old_store.backend != new_store.backend),
             (
@@ -87,7 +83,6 @@ mod tests {
             vec![
                 "listen.address",
                 "admin.listen",
-                "admin.token",
                 "store.backend",
                 "store.key_prefix",
                 "store.op_timeout",
