@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -32,9 +32,8 @@ pub struct Exchange {
     pub key: StorageKey,
     pub token: String,
     pub lease_deadline: Instant,
-    /// Headers later than this count as a timeout for the circuit breaker.
-    pub response_timeout: Duration,
-    /// Taken (and finished) when the upstream's answer is known.
+    /// Finished (and its bulkhead permit freed) when the upstream's answer
+    /// is known; a response timeout reports its failure earlier.
     pub admission: Option<Admission>,
     pub running: Arc<Running>,
     pub metrics: Arc<Metrics>,
@@ -78,12 +77,15 @@ impl Running {
 /// What the exchange hands back to the waiting client, if it is still there.
 struct Reply {
     response: Response<ProxyBody>,
-    upstream_ms: u64,
+    /// `None` when no response came in time.
+    upstream_ms: Option<u64>,
 }
 
 impl Exchange {
     /// Starts the exchange in the background (now) and waits for its answer
-    /// within the route's client-facing timeouts.
+    /// within the route's client-facing timeouts: `total` here, `response`
+    /// in the exchange, which tells the breaker of a response timeout
+    /// before it answers the client's 504.
     pub async fn start(
         self,
         tasks: &TaskTracker,
@@ -92,15 +94,17 @@ impl Exchange {
         route: &Route,
         now: Instant,
     ) -> Response<ProxyBody> {
-        let client_deadline =
-            (ctx.arrived + route.timeouts.total).min(now + route.timeouts.response);
+        let response_deadline = now + route.timeouts.response;
         let (tx, rx) = oneshot::channel();
         // Boxed: the exchange's future is a few KB, and spawning copies what
         // it is given several times over (into the task, into its cell).
-        tasks.spawn(Box::pin(self.run(request, tx)).instrument(tracing::Span::current()));
-        match tokio::time::timeout_at(client_deadline.into(), rx).await {
+        tasks.spawn(
+            Box::pin(self.run(request, tx, response_deadline)).instrument(tracing::Span::current()),
+        );
+        let total_deadline = ctx.arrived + route.timeouts.total;
+        match tokio::time::timeout_at(total_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
-                ctx.upstream_ms = Some(reply.upstream_ms);
+                ctx.upstream_ms = reply.upstream_ms;
                 reply.response
             }
             Ok(Err(_)) => Problem::new(
@@ -112,31 +116,61 @@ impl Exchange {
         }
     }
 
-    async fn run(mut self, request: Request<ProxyBody>, reply: oneshot::Sender<Reply>) {
+    async fn run(
+        mut self,
+        request: Request<ProxyBody>,
+        reply: oneshot::Sender<Reply>,
+        response_deadline: Instant,
+    ) {
         let id = self.running.add(&self.key);
+        let mut reply = Some(reply);
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout_at(self.lease_deadline.into(), self.upstream.send(request)).await;
-        let elapsed = sent.elapsed();
-        let upstream_ms = elapsed.as_millis() as u64;
-        let healthy = matches!(&result, Ok(Ok(r)) if !failed_status(r.status().as_u16()))
-            && elapsed <= self.response_timeout;
-        if let Some(admission) = self.admission.take() {
-            admission.finish(healthy);
-        }
+        let result = {
+            let send = self.upstream.send(request);
+            tokio::pin!(send);
+            match tokio::time::timeout_at(
+                response_deadline.min(self.lease_deadline).into(),
+                &mut send,
+            )
+            .await
+            {
+                Err(_) if response_deadline < self.lease_deadline => {
+                    // The response timeout: a failure for the breaker now,
+                    // while it can still act on it (and before the client
+                    // hears of it), then the client's 504. The exchange goes
+                    // on waiting, holding its bulkhead permit, and records
+                    // what comes.
+                    if let Some(admission) = self.admission.as_mut() {
+                        admission.fail_now();
+                    }
+                    if let Some(reply) = reply.take() {
+                        let _ = reply.send(Reply {
+                            response: timeout_problem(),
+                            upstream_ms: None,
+                        });
+                    }
+                    tokio::time::timeout_at(self.lease_deadline.into(), send).await
+                }
+                result => result,
+            }
+        };
+        let upstream_ms = sent.elapsed().as_millis() as u64;
         let (response, recorded) = match result {
             Ok(Ok(response)) => self.record(response).await,
             Ok(Err(error @ SendError::Connect(_))) => {
+                self.finish_admission(false);
                 // The upstream never saw the request: a retry may try again.
                 self.release().await;
                 (send_error_problem(error), false)
             }
             Ok(Err(error @ SendError::Broken(_))) => {
+                self.finish_admission(false);
                 self.settle_unknown("the upstream connection broke after the request was sent")
                     .await;
                 (send_error_problem(error), false)
             }
             Err(_) => {
+                self.finish_admission(false);
                 self.settle_unknown("no response before the lease ended")
                     .await;
                 (timeout_problem(), false)
@@ -144,24 +178,37 @@ impl Exchange {
         };
         self.running.remove(id);
         // The client may be gone (timeout, disconnect); the record is what counts.
-        let delivered = reply
-            .send(Reply {
-                response,
-                upstream_ms,
-            })
-            .is_ok();
+        let delivered = reply.is_some_and(|reply| {
+            reply
+                .send(Reply {
+                    response,
+                    upstream_ms: Some(upstream_ms),
+                })
+                .is_ok()
+        });
         if recorded && !delivered {
             Metrics::route_counter(&self.metrics.late_completions, &self.key.route);
         }
     }
 
+    /// Tells the breaker how the upstream did (once: a response timeout
+    /// already told it) and frees the bulkhead permit.
+    fn finish_admission(&mut self, success: bool) {
+        if let Some(admission) = self.admission.take() {
+            admission.finish(success);
+        }
+    }
+
     /// Stores the response (when its status is stored) before it is sent;
-    /// says whether it was recorded.
-    async fn record(&self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
+    /// says whether it was recorded. The breaker hears of a stored status
+    /// once its body is whole: a connection that breaks in the body is a
+    /// failure. A body streamed to the client is judged by its head.
+    async fn record(&mut self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
         if !self.policy.stores(status) {
+            self.finish_admission(!failed_status(status));
             self.release().await;
             return (Response::from_parts(parts, body::boxed(incoming)), false);
         }
@@ -170,6 +217,8 @@ impl Exchange {
             body::collect_up_to(incoming, self.policy.max_response_body),
         )
         .await;
+        let whole = matches!(collected, Ok(Collected::Whole(_) | Collected::Over { .. }));
+        self.finish_admission(whole && !failed_status(status));
         match collected {
             Ok(Collected::Whole(bytes)) => {
                 let size = bytes.len() as u64;

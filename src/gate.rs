@@ -136,7 +136,6 @@ impl Proxy {
                     store: self.store.clone(),
                     upstream,
                     lease_deadline: now + policy.lease,
-                    response_timeout: route.timeouts.response,
                     admission: Some(admission),
                     running: self.running.clone(),
                     metrics: self.metrics.clone(),
@@ -266,11 +265,13 @@ impl Proxy {
                     key = ctx.key.as_deref(),
                     "forwarding without idempotency protection (store.on_unavailable: forward)"
                 );
-                if let Some(route) = &ctx.route {
+                // Its outcome is pass_through's: `passthrough`, or `rejected`
+                // when the bulkhead or the breaker turns it away (then it
+                // was not forwarded, and not counted as such).
+                let response = self.pass_through(upstream, request, ctx).await;
+                if let Some(route) = ctx.route.as_ref().filter(|_| ctx.outcome == "passthrough") {
                     Metrics::route_counter(&self.metrics.fail_open_forwards, &route.name);
                 }
-                let response = self.pass_through(upstream, request, ctx).await;
-                ctx.outcome = "passthrough";
                 response
             }
         }

@@ -49,10 +49,24 @@ impl Admission {
     /// Success resets the breaker; failure (connect failure, timeout,
     /// broken connection, 502/503/504) counts towards opening it.
     pub fn finish(mut self, success: bool) {
-        self.upstream
-            .breaker
-            .record(self.admit, success, Instant::now);
-        self.finished = true;
+        self.report(success);
+    }
+
+    /// Reports a failure now (the response timeout passed) while the
+    /// request goes on holding its bulkhead permit; its later `finish`
+    /// reports nothing more.
+    pub fn fail_now(&mut self) {
+        self.report(false);
+    }
+
+    /// The breaker hears of each admission once.
+    fn report(&mut self, success: bool) {
+        if !self.finished {
+            self.upstream
+                .breaker
+                .record(self.admit, success, Instant::now);
+            self.finished = true;
+        }
     }
 }
 

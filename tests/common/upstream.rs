@@ -1,5 +1,6 @@
 //! A real HTTP upstream on port 0 whose behaviour each request picks with
-//! `x-test-*` headers: delay, status, body size, echo, reset.
+//! `x-test-*` headers: delay, status, body size, echo, reset (before the
+//! answer, or in its body).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -130,6 +131,8 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
     let body_bytes: Option<usize> = header(&req, "x-test-body-bytes").and_then(|v| v.parse().ok());
     let reset = header(&req, "x-test-reset").is_some();
     let reset_mid_body = header(&req, "x-test-reset-mid-body").is_some();
+    let break_body_after: Option<u64> =
+        header(&req, "x-test-break-body-after-ms").and_then(|v| v.parse().ok());
     let echo = header(&req, "x-test-echo").is_some();
     let hop = header(&req, "x-test-hop").is_some();
     if echo {
@@ -161,7 +164,19 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
             .header("x-hop", "1")
             .header("keep-alive", "timeout=5");
     }
-    let body: Body = if reset_mid_body {
+    let body: Body = if let Some(ms) = break_body_after {
+        // The head and a first chunk go out (and arrive) before the
+        // connection breaks off in the middle of the (chunked) body.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"partial"))))
+                .await;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let _ = tx.send(Err(std::io::Error::other("broken by test"))).await;
+        });
+        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
+    } else if reset_mid_body {
         let chunks: Vec<Result<Frame<Bytes>, Infallible>> =
             vec![Ok(Frame::data(Bytes::from_static(b"partial")))];
         let stream = futures_lite_stream(chunks);

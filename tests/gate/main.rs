@@ -8,6 +8,7 @@ mod concurrency;
 mod disconnects;
 mod keys;
 mod outcomes;
+mod protection;
 mod recording;
 
 use common::{Backend, TestClient, TestProxy, TestUpstream, config};
@@ -24,14 +25,27 @@ struct Setup {
 impl Setup {
     async fn new(backend: Backend, idempotency: &str, timeouts: &str) -> Setup {
         let store = backend.store_yaml();
-        Setup::with_store(backend, &store, idempotency, timeouts).await
+        Setup::with_store(backend, &store, "", idempotency, timeouts).await
     }
 
     /// `new` with its own top-level `store:` block (and any other top-level
-    /// lines, e.g. `admin:`).
-    async fn with_store(backend: Backend, store: &str, idempotency: &str, timeouts: &str) -> Setup {
+    /// lines, e.g. `admin:`), and more settings of the upstream (flow
+    /// mapping entries, e.g. `max_in_flight: 1`).
+    async fn with_store(
+        backend: Backend,
+        store: &str,
+        upstream_settings: &str,
+        idempotency: &str,
+        timeouts: &str,
+    ) -> Setup {
         let upstream = TestUpstream::start().await;
-        let yaml = yaml(store, &upstream, idempotency, timeouts);
+        let mut yaml = yaml(store, &upstream, idempotency, timeouts);
+        if !upstream_settings.is_empty() {
+            yaml = yaml.replace(
+                "connect_timeout: 500ms }",
+                &format!("connect_timeout: 500ms, {upstream_settings} }}"),
+            );
+        }
         let proxy = TestProxy::start(&yaml).await;
         Setup {
             upstream,
