@@ -7,26 +7,23 @@
 mod claim_mix;
 mod link;
 mod scripts;
+mod wire;
 
-use std::io::Write;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
-use redis::{
-    AsyncCommands, Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind,
-    ToRedisArgs, Value,
-};
+use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
 
 use super::memory::millis;
 use super::{ClaimReply, ClaimRequest, StoreError};
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::decide;
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::{Record, State, StoredResponse, decode_headers, encode_headers};
+use crate::idempotency::record::{Record, State, StoredResponse, encode_headers};
 use claim_mix::ClaimMix;
 use scripts::{COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE};
+use wire::{EncodedKey, glob_escape, parse_record};
 
 pub struct RedisStore {
     link: link::Link,
@@ -367,82 +364,9 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
     }))
 }
 
-/// A record's Redis key, written into a command piece by piece (no
-/// intermediate `String`).
-struct EncodedKey<'a>([&'a str; 8]);
-
-impl EncodedKey<'_> {
-    fn len(&self) -> usize {
-        self.0.iter().map(|part| part.len()).sum()
-    }
-}
-
-impl ToRedisArgs for EncodedKey<'_> {
-    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        let mut arg = out.writer_for_next_arg();
-        for part in self.0 {
-            arg.write_all(part.as_bytes())
-                .expect("writing to a command buffer cannot fail");
-        }
-    }
-}
-
 /// Whether a claim can be answered from this record alone, whatever the
 /// time: it is completed or unknown, or it belongs to another request.
 /// (An in-flight record's lease is judged by the script, on Redis time.)
 fn settled(record: Option<&Record>, fingerprint: &str) -> bool {
     record.is_some_and(|r| r.state != State::InFlight || r.fingerprint != fingerprint)
-}
-
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for ch in text.chars() {
-        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-/// A record from the values of [`RECORD_FIELDS`] (none when it has no state
-/// field, i.e. the key does not exist).
-fn parse_record(mut values: Vec<Option<Vec<u8>>>) -> Result<Option<Record>, StoreError> {
-    if values.first().is_none_or(Option::is_none) {
-        return Ok(None);
-    }
-    values.resize(RECORD_FIELDS.len(), None);
-    let mut take = |name: &str| {
-        let i = RECORD_FIELDS
-            .iter()
-            .position(|f| *f == name)
-            .expect("a record field");
-        values[i].take()
-    };
-    let text = |value: Option<Vec<u8>>| value.and_then(|v| String::from_utf8(v).ok());
-    let number =
-        |value: Option<Vec<u8>>| text(value).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let state = text(take("state"))
-        .as_deref()
-        .and_then(State::parse)
-        .ok_or_else(|| StoreError::Backend("record without a valid state".into()))?;
-    let (headers, body, stored) = (take("headers"), take("body"), take("stored"));
-    let body_size = number(take("body_size"));
-    let response = text(take("status"))
-        .and_then(|s| s.parse::<u16>().ok())
-        .map(|status| StoredResponse {
-            status,
-            headers: decode_headers(headers.as_deref().unwrap_or_default()),
-            body: (stored.as_deref() == Some(b"1")).then(|| Bytes::from(body.unwrap_or_default())),
-            body_size,
-        });
-    Ok(Some(Record {
-        state,
-        fingerprint: text(take("fp")).unwrap_or_default(),
-        token: text(take("token")).unwrap_or_default(),
-        lease_end_ms: number(take("lease_end")),
-        created_ms: number(take("created")),
-        expires_ms: number(take("expires")),
-        response,
-    }))
 }
