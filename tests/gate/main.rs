@@ -2,10 +2,12 @@
 //! store and a real redis-server alike: one module per concern, each suite
 //! run on both backends by `both_stores!`.
 
+mod budget;
 #[path = "../common/mod.rs"]
 mod common;
 mod concurrency;
 mod disconnects;
+mod headers;
 mod keys;
 mod outcomes;
 mod protection;

@@ -1,0 +1,149 @@
+//! The client's budget (`timeouts.total`) across store waits and the
+//! exchange, what the upstream is told of it, and `Retry-After`.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{Backend, eventually};
+use crate::{Setup, both_stores};
+
+/// A duplicate of `key` sent in the background while the caller goes on.
+fn spawn_post(
+    s: &Setup,
+    key: &str,
+    extra: &[(&str, &str)],
+) -> tokio::task::JoinHandle<crate::common::Reply> {
+    let (client, url, key) = (s.client.clone(), s.url(), key.to_owned());
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    tokio::spawn(async move {
+        let mut headers = vec![
+            ("idempotency-key", key.as_str()),
+            ("content-type", "application/json"),
+        ];
+        headers.extend(extra.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+        client.send("POST", &url, &headers, "{}").await
+    })
+}
+
+fn budget_sent(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get("x-request-timeout-ms")
+        .expect("the budget is sent upstream")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `total` ends a protected exchange as the client sees it, even with a
+/// longer `response`.
+async fn total_bounds_a_protected_exchange(backend: Backend) {
+    let s = Setup::new(backend, "", "response: 5s, total: 300ms").await;
+    let started = Instant::now();
+    let reply = s
+        .post("k-total", "{}", &[("x-test-delay-ms", "1500")])
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(reply.header("retry-after").is_some());
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
+        "answered after {took:?}"
+    );
+}
+
+/// A duplicate that waits (`concurrent: wait`) no longer than its own
+/// budget, then gets `request_in_progress` as under `reject`.
+async fn waiting_out_of_total_is_request_in_progress(backend: Backend) {
+    let s = Setup::new(backend, "concurrent: wait", "response: 5s, total: 500ms").await;
+    let first = spawn_post(&s, "k-wait-out", &[("x-test-delay-ms", "2000")]);
+    eventually(
+        Duration::from_secs(5),
+        "the first attempt upstream",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let started = Instant::now();
+    let waiter = s.post("k-wait-out", "{}", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (waiter.status.as_u16(), waiter.code().as_str()),
+        (409, "request_in_progress"),
+        "{waiter:?}"
+    );
+    let retry_after: u64 = waiter.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry_after), "{retry_after}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "waited {took:?}"
+    );
+    assert_eq!(first.await.unwrap().code(), "upstream_timeout");
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+/// `X-Request-Timeout-Ms` is what is left of `total` when the request is
+/// sent: a waiter that claims afresh after waiting sends less.
+async fn request_timeout_header_is_the_budget_left(backend: Backend) {
+    let s = Setup::new(backend, "concurrent: wait", "response: 5s, total: 10s").await;
+    let first = spawn_post(
+        &s,
+        "k-budget",
+        &[("x-test-delay-ms", "500"), ("x-test-status", "503")],
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the first attempt upstream",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let first_budget = budget_sent(&s.upstream.last_headers());
+    assert!(
+        (9_500..=10_000).contains(&first_budget),
+        "the first attempt sent {first_budget}"
+    );
+    // Waits for the first attempt (about 500 ms), then claims afresh.
+    let waiter = s.post("k-budget", "{}", &[]).await;
+    assert_eq!(waiter.status, 201, "{waiter:?}");
+    assert_eq!(first.await.unwrap().status, 503);
+    assert_eq!(s.upstream.hits(), 2);
+    let waiter_budget = budget_sent(&s.upstream.last_headers());
+    assert!(
+        waiter_budget <= 10_000 - 400,
+        "the waiter sent {waiter_budget} after waiting"
+    );
+}
+
+/// `Retry-After` on `request_in_progress` is the time left of the lease
+/// (5 s here), not a constant.
+async fn retry_after_is_the_lease_left(backend: Backend) {
+    let s = Setup::new(backend, "lease: 5s", "").await;
+    let first = spawn_post(&s, "k-ra", &[("x-test-delay-ms", "2500")]);
+    eventually(
+        Duration::from_secs(5),
+        "the first attempt upstream",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let retry_after = |r: &crate::common::Reply| -> u64 {
+        assert_eq!(r.code(), "request_in_progress");
+        r.header("retry-after").unwrap().parse().unwrap()
+    };
+    let early = retry_after(&s.post("k-ra", "{}", &[]).await);
+    assert!((4..=5).contains(&early), "early: {early}");
+    tokio::time::sleep(Duration::from_millis(1200)).await; // lease time passing, under test
+    let later = retry_after(&s.post("k-ra", "{}", &[]).await);
+    assert!((3..=4).contains(&later) && later < early, "later: {later}");
+    assert_eq!(first.await.unwrap().status, 201);
+}
+
+both_stores!(
+    total_bounds_a_protected_exchange,
+    waiting_out_of_total_is_request_in_progress,
+    request_timeout_header_is_the_budget_left,
+    retry_after_is_the_lease_left,
+);
