@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, TestClient, TestProxy, TestUpstream, config, eventually};
+use bytes::Bytes;
+use common::{RedisServer, TestClient, TestProxy, TestUpstream, config, eventually, sample};
 
 fn yaml(
     redis: &RedisServer,
@@ -268,4 +269,199 @@ async fn a_claim_that_reads_first_is_bounded_by_one_op_timeout() {
         .unwrap();
     assert_eq!(client.post_key(&url, "k-after", "{}").await.status, 201);
     assert_eq!(upstream.hits(), 2, "nothing forwarded while the store hung");
+}
+
+/// A proxy with an admin listener, a pass-through route (`/plain`,
+/// `idempotency: off`) and a route protecting POST only (`/api`).
+fn passthrough_yaml(redis: &RedisServer, upstream: &TestUpstream) -> String {
+    let store = format!(
+        "store: {{ backend: redis, url: \"{}\", op_timeout: 300ms, key_prefix: \"p{}:\" }}",
+        redis.url(),
+        fastrand::u64(..)
+    );
+    let routes = "  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }\n  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { methods: [POST] } }";
+    format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        config(
+            &store,
+            upstream.addr,
+            "  timeouts: { response: 5s, total: 10s }",
+            routes
+        )
+    )
+}
+
+async fn metrics_text(client: &TestClient, proxy: &TestProxy) -> String {
+    let reply = client
+        .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
+        .await;
+    String::from_utf8(reply.body.to_vec()).unwrap()
+}
+
+/// Store operations other than the readiness ping, counted by the latency histogram.
+fn store_ops(text: &str) -> Vec<(&'static str, f64)> {
+    [
+        "claim",
+        "complete",
+        "release",
+        "mark_unknown",
+        "resolve",
+        "get",
+        "purge",
+        "list",
+    ]
+    .into_iter()
+    .map(|op| {
+        (
+            op,
+            sample(text, "idemgate_store_latency_seconds_count", &[("op", op)]),
+        )
+    })
+    .collect()
+}
+
+/// SPEC 3: a request on an `idempotency: off` route, or with a method the
+/// route does not protect, is proxied with no store access: it is answered
+/// while Redis hangs, and no store operation is timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passed_through_requests_never_touch_the_store() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&passthrough_yaml(&redis, &upstream)).await;
+    let client = TestClient::new();
+    // One protected request first, so that the claim series exists.
+    let first = client.post_key(&proxy.url("/api/o"), "k-warm", "{}").await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let before = metrics_text(&client, &proxy).await;
+    assert_eq!(
+        sample(
+            &before,
+            "idemgate_store_latency_seconds_count",
+            &[("op", "claim")]
+        ),
+        1.0,
+        "{before}"
+    );
+
+    redis.pause();
+    let plain = client
+        .send(
+            "GET",
+            &proxy.url("/plain/r"),
+            &[("idempotency-key", "k-plain")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        (plain.status.as_u16(), plain.header("x-upstream-hit")),
+        (201, Some("2")),
+        "idempotency: off is answered by the upstream: {plain:?}"
+    );
+    let put = client
+        .send(
+            "PUT",
+            &proxy.url("/api/o"),
+            &[
+                ("idempotency-key", "k-put"),
+                ("content-type", "application/json"),
+            ],
+            "{}",
+        )
+        .await;
+    assert_eq!(
+        (put.status.as_u16(), put.header("x-upstream-hit")),
+        (201, Some("3")),
+        "a method outside idempotency.methods is answered by the upstream: {put:?}"
+    );
+    assert_eq!(put.json()["method"], "PUT");
+    let after = metrics_text(&client, &proxy).await;
+    assert_eq!(store_ops(&after), store_ops(&before), "{after}");
+    for route in ["plain", "orders"] {
+        assert_eq!(
+            sample(
+                &after,
+                "idemgate_requests_total",
+                &[("route", route), ("outcome", "passthrough")]
+            ),
+            1.0,
+            "{route}: {after}"
+        );
+    }
+
+    // The store really is out of reach: a protected request is refused.
+    let refused = client.post_key(&proxy.url("/api/o"), "k-post", "{}").await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.code().as_str()),
+        (503, "store_unavailable")
+    );
+    assert_eq!(upstream.hits(), 3);
+    redis.resume();
+}
+
+/// Checks a `store_unavailable` problem: `status` in the body is the HTTP
+/// status, and nothing of the Redis connection (address, port, error) shows.
+fn assert_store_problem(reply: &common::Reply, redis: &RedisServer, what: &str) {
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (503, "store_unavailable"),
+        "{what}: {reply:?}"
+    );
+    let body = reply.json();
+    assert_eq!(body["status"], 503, "{what}: {body}");
+    for field in ["type", "title", "detail"] {
+        assert!(body[field].is_string(), "{what}: {field} in {body}");
+    }
+    let text = String::from_utf8_lossy(&reply.body).to_lowercase();
+    let port = redis.port.to_string();
+    for leak in [
+        port.as_str(),
+        "127.0.0.1",
+        "redis",
+        "refused",
+        "timed out",
+        "os error",
+        "io error",
+    ] {
+        assert!(!text.contains(leak), "{what}: {leak:?} leaked into {text}");
+    }
+}
+
+/// SPEC 6: a `store_unavailable` problem, from the proxy or the admin API,
+/// whether Redis hangs (op_timeout) or is gone (connection refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_unavailable_problems_name_no_redis_internals() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&passthrough_yaml(&redis, &upstream)).await;
+    let client = TestClient::new();
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-up", "{}")
+            .await
+            .status,
+        201
+    );
+
+    redis.pause();
+    let hung = client.post_key(&proxy.url("/api/o"), "k-hung", "{}").await;
+    assert_store_problem(&hung, &redis, "claim while Redis hangs");
+    redis.resume();
+
+    redis.kill();
+    let gone = client.post_key(&proxy.url("/api/o"), "k-gone", "{}").await;
+    assert_store_problem(&gone, &redis, "claim while Redis is gone");
+    let ready = client
+        .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
+        .await;
+    assert_store_problem(&ready, &redis, "/readyz");
+    let record = client
+        .send(
+            "GET",
+            &proxy.admin_url("/keys/orders/k-up"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_store_problem(&record, &redis, "GET /keys");
+    assert_eq!(upstream.hits(), 1);
 }
