@@ -471,3 +471,179 @@ fn the_built_in_defaults_of_a_minimal_config() {
     assert_eq!(p.max_request_body, 1024 * 1024);
     assert_eq!(p.max_response_body, 1024 * 1024);
 }
+
+/// `idemgate check` run in `dir` with no `--config`, `IDEMGATE_CONFIG` as given.
+fn check_in(dir: &std::path::Path, env_config: Option<&std::path::Path>) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idemgate"));
+    command
+        .arg("check")
+        .current_dir(dir)
+        .env_remove("IDEMGATE_CONFIG");
+    if let Some(path) = env_config {
+        command.env("IDEMGATE_CONFIG", path);
+    }
+    command.output().expect("run idemgate")
+}
+
+#[test]
+fn config_defaults_to_idemgate_yaml_and_idemgate_config_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("idemgate.yaml"),
+        with_route("", "").replace("name: a,", "name: from-default-file,"),
+    )
+    .unwrap();
+    let other = dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        with_route("", "").replace("name: a,", "name: from-env-file,"),
+    )
+    .unwrap();
+
+    let default = check_in(dir.path(), None);
+    let out = String::from_utf8_lossy(&default.stdout);
+    assert_eq!(
+        default.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&default.stderr)
+    );
+    assert!(out.starts_with("idemgate.yaml: valid"), "{out}");
+    assert!(out.contains("route from-default-file:"), "{out}");
+
+    let from_env = check_in(dir.path(), Some(&other));
+    let out = String::from_utf8_lossy(&from_env.stdout);
+    assert_eq!(
+        from_env.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&from_env.stderr)
+    );
+    assert!(
+        out.starts_with(&format!("{}: valid", other.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains("route from-env-file:") && !out.contains("from-default-file"),
+        "{out}"
+    );
+
+    // Neither the flag, the variable nor idemgate.yaml: the default path is named.
+    let empty = tempfile::tempdir().unwrap();
+    let none = check_in(empty.path(), None);
+    assert_eq!(none.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(err.starts_with("idemgate.yaml: "), "{err}");
+}
+
+#[test]
+fn check_prints_warnings_on_stderr_and_the_routes_with_defaults_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let warned = dir.path().join("warned.yaml");
+    std::fs::write(
+        &warned,
+        with_route(
+            "",
+            ", timeouts: { total: 2m }, idempotency: { lease: 30s, ttl: 1h }",
+        ),
+    )
+    .unwrap();
+    let out = idemgate(&["check", "--config", warned.to_str().unwrap()]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning is not an error: {stderr}"
+    );
+    assert!(
+        stderr.starts_with("warning: routes[0] (a): lease 30s is shorter than timeouts.total 120s"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("warning"),
+        "warnings go to stderr: {stdout}"
+    );
+    assert!(
+        stdout.contains("timeouts: response 10s, total 2m") && stdout.contains("ttl 1h, lease 30s"),
+        "{stdout}"
+    );
+
+    // A route that sets one field of a block keeps the others from the
+    // defaults block, and those not there from the built-in defaults.
+    let merged = dir.path().join("merged.yaml");
+    std::fs::write(
+        &merged,
+        format!(
+            "defaults:\n  timeouts: {{ total: 45s }}\n  idempotency: {{ ttl: 2h, concurrent: wait }}\n{BASE}routes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, timeouts: {{ response: 1s }}, idempotency: {{ lease: 50s }} }}\n  - {{ name: b, match: {{ path: /b }}, upstream: erp, timeouts: {{ response: 2s }} }}\n"
+        ),
+    )
+    .unwrap();
+    let out = idemgate(&["check", "--config", merged.to_str().unwrap()]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.is_empty(),
+        "no warning for a lease >= total: {stderr}"
+    );
+    let route = |name: &str| -> String {
+        let start = stdout
+            .find(&format!("route {name}:"))
+            .unwrap_or_else(|| panic!("route {name} in: {stdout}"));
+        let rest = &stdout[start..];
+        let end = rest[1..].find("\nroute ").map_or(rest.len(), |i| i + 1);
+        rest[..end].to_owned()
+    };
+    let a = route("a");
+    assert!(a.contains("timeouts: response 1s, total 45s"), "{a}");
+    assert!(
+        a.contains("ttl 2h, lease 50s, concurrent Wait, on_unknown Lock"),
+        "{a}"
+    );
+    assert!(a.contains("header idempotency-key"), "{a}");
+    let b = route("b");
+    assert!(b.contains("timeouts: response 2s, total 45s"), "{b}");
+    assert!(b.contains("ttl 2h, lease 1m, concurrent Wait"), "{b}");
+}
+
+#[test]
+fn unknown_fields_inside_shorthand_mappings_are_errors_with_a_line() {
+    let cases = [
+        (
+            with_route("", ",\n      idempotency: { concurent: wait } "),
+            "concurent",
+            5,
+        ),
+        (
+            format!(
+                "defaults:\n  idempotency: {{ concurent: wait }}\n{}",
+                with_route("", "")
+            ),
+            "concurent",
+            2,
+        ),
+        (
+            "upstreams:\n  erp:\n    url: \"http://127.0.0.1:9000\"\n    circuit_breaker: { open: 1s }\nroutes: [ { name: a, match: { path: /a }, upstream: erp } ]\n".to_owned(),
+            "open",
+            4,
+        ),
+        (
+            format!("listen: {{ adress: 127.0.0.1:8080 }}\n{}", with_route("", "")),
+            "adress",
+            1,
+        ),
+    ];
+    for (yaml, field, line) in cases {
+        let errs = errors(&yaml);
+        let e = errs
+            .iter()
+            .find(|e| e.message.contains(&format!("unknown field `{field}`")))
+            .unwrap_or_else(|| panic!("no unknown-field error for {field}: {errs:#?}\n{yaml}"));
+        assert_eq!(e.position.map(|p| p.0), Some(line), "{e}\n{yaml}");
+    }
+}
