@@ -41,7 +41,7 @@ async fn client_gone_during_the_claim_leaves_no_ownerless_claim() {
         .store_yaml()
         .replace("op_timeout: 500ms", "op_timeout: 10s")
         + "\nadmin: { listen: 127.0.0.1:0 }";
-    let s = Setup::with_store(backend, &store, "lease: 1s, on_unknown: lock", "").await;
+    let s = Setup::with_store(backend, &store, "", "lease: 1s, on_unknown: lock", "").await;
     // Connected, with the scripts loaded, before Redis stops answering.
     assert_eq!(s.post("k-warm", "{}", &[]).await.status, 201);
     let Backend::Redis(redis) = &s._backend else {
