@@ -312,6 +312,52 @@ async fn metrics_count_every_outcome(backend: Backend) {
         )
     };
     assert_eq!(requests("forwarded"), 3.0, "{text}");
+    // Every request to the route was a POST; the others were GETs.
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[
+                ("route", "orders"),
+                ("method", "POST"),
+                ("outcome", "forwarded")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", "orders"), ("method", "POST")]
+        ),
+        8.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[
+                ("route", "plain"),
+                ("method", "GET"),
+                ("outcome", "passthrough")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", ""), ("method", "GET"), ("outcome", "rejected")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "idemgate_requests_total", &[("method", "GET")]),
+        2.0
+    );
     assert_eq!(requests("replayed"), 1.0);
     assert_eq!(requests("mismatch"), 1.0);
     assert_eq!(requests("rejected"), 1.0);
@@ -391,34 +437,77 @@ async fn metrics_count_every_outcome(backend: Backend) {
     }
 }
 
+/// A proxy whose admin listener is on a port named in its config file, as
+/// the `keys` CLI reads it from there.
+struct CliServer {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    /// The proxy's base URL.
+    base: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl CliServer {
+    async fn start(backend: &Backend, upstream: &TestUpstream) -> CliServer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idemgate.yaml");
+        // The CLI reads admin.listen from the file: bind the admin listener
+        // first, then name its port in the file.
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_port = admin.local_addr().unwrap().port();
+        let yaml = yaml(
+            backend,
+            upstream,
+            &format!("{{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}"),
+        );
+        std::fs::write(&path, &yaml).unwrap();
+        let config = idemgate::Config::parse(&yaml).unwrap();
+        let listeners = idemgate::server::Listeners {
+            proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: Some(admin),
+        };
+        let addr = listeners.proxy.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let served =
+                idemgate::server::serve(config, listeners, std::future::pending(), None).await;
+            served.expect("proxy run");
+        });
+        CliServer {
+            _dir: dir,
+            path,
+            base: format!("http://{addr}"),
+            server,
+        }
+    }
+
+    /// Runs `idemgate <args> --config <the file>`.
+    async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let path = self.path.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_idemgate"))
+                .args(&args)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for CliServer {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
 async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idemgate.yaml");
-    // The CLI reads admin.listen from the file: bind the admin listener
-    // first, then name its port in the file.
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_port = admin.local_addr().unwrap().port();
-    let yaml = yaml(
-        &backend,
-        &upstream,
-        &format!("{{ listen: 127.0.0.1:{admin_port}, token: {TOKEN} }}"),
-    );
-    std::fs::write(&path, &yaml).unwrap();
-    let config = idemgate::Config::parse(&yaml).unwrap();
-    let listeners = idemgate::server::Listeners {
-        proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: Some(admin),
-    };
-    let addr = listeners.proxy.local_addr().unwrap();
-    let server = tokio::spawn(idemgate::server::serve(
-        config,
-        listeners,
-        std::future::pending(),
-        None,
-    ));
+    let server = CliServer::start(&backend, &upstream).await;
     let client = TestClient::new();
-    let api = format!("http://{addr}/api/o");
+    let api = format!("{}/api/o", server.base);
     client
         .send(
             "POST",
@@ -429,29 +518,13 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
         .await;
     client.post_key(&api, "k-done", "{}").await;
 
-    let cli = |args: &[&str]| {
-        let path = path.clone();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                Command::new(env!("CARGO_BIN_EXE_idemgate"))
-                    .args(&args)
-                    .arg("--config")
-                    .arg(&path)
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        }
-    };
-    let table = cli(&["keys", "unknown"]).await;
+    let table = server.cli(&["keys", "unknown"]).await;
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(
         table.starts_with("route") && table.contains("k-cli") && !table.contains("k-done"),
         "{table}"
     );
-    let unknown = cli(&["keys", "unknown", "--json"]).await;
+    let unknown = server.cli(&["keys", "unknown", "--json"]).await;
     assert!(
         unknown.status.success(),
         "{}",
@@ -461,12 +534,16 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["key"], "k-cli");
 
-    let got = cli(&["keys", "get", "--route", "orders", "--key", "k-done"]).await;
+    let got = server
+        .cli(&["keys", "get", "--route", "orders", "--key", "k-done"])
+        .await;
     let got: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(got[0]["state"], "completed");
     assert_eq!(got[0]["status"], 201);
 
-    let purged = cli(&["keys", "purge", "--route", "orders", "--key", "k-cli"]).await;
+    let purged = server
+        .cli(&["keys", "purge", "--route", "orders", "--key", "k-cli"])
+        .await;
     assert_eq!(
         String::from_utf8_lossy(&purged.stdout).trim(),
         "purged 1 record(s)"
@@ -476,7 +553,9 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
         "{}",
         String::from_utf8_lossy(&purged.stderr)
     );
-    let none = cli(&["keys", "get", "--route", "orders", "--key", "k-cli"]).await;
+    let none = server
+        .cli(&["keys", "get", "--route", "orders", "--key", "k-cli"])
+        .await;
     assert_eq!(none.status.code(), Some(1));
     assert_eq!(
         client
@@ -485,7 +564,216 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
             .status,
         201
     );
-    server.abort();
+}
+
+/// The scope of a caller who sends this `Authorization` (the routes' default scope header).
+fn scope_of(authorization: &str) -> String {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("authorization", authorization.parse().unwrap());
+    idemgate::idempotency::key::scope_hash(&headers, &[http::header::AUTHORIZATION])
+}
+
+/// SPEC 1, 9: with `--scope`, `keys get` prints that scope's record as one
+/// JSON object, and `keys purge` deletes that record only.
+async fn keys_cli_scope_picks_one_record(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let server = CliServer::start(&backend, &upstream).await;
+    let client = TestClient::new();
+    let api = format!("{}/api/o", server.base);
+    let post = |who: &'static str| {
+        let (client, api) = (client.clone(), api.clone());
+        async move {
+            client
+                .send(
+                    "POST",
+                    &api,
+                    &[("idempotency-key", "k-s"), ("authorization", who)],
+                    "{}",
+                )
+                .await
+        }
+    };
+    assert_eq!(post("Bearer alice").await.status, 201);
+    assert_eq!(post("Bearer bob").await.status, 201);
+    let (alice, bob) = (scope_of("Bearer alice"), scope_of("Bearer bob"));
+
+    let get = ["keys", "get", "--route", "orders", "--key", "k-s"];
+    let both = server.cli(&get).await;
+    let both: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    let mut scopes: Vec<_> = both
+        .as_array()
+        .expect("without --scope, a list")
+        .iter()
+        .map(|r| r["scope"].as_str().unwrap().to_owned())
+        .collect();
+    scopes.sort();
+    let mut expected = vec![alice.clone(), bob.clone()];
+    expected.sort();
+    assert_eq!(scopes, expected);
+
+    let one = server.cli(&[&get[..], &["--scope", &alice]].concat()).await;
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert!(one.is_object(), "one record, not a list: {one}");
+    assert_eq!(one["scope"], alice.as_str());
+    assert_eq!(one["key"], "k-s");
+    assert_eq!(one["state"], "completed");
+    assert_eq!(one["status"], 201);
+
+    let purge = ["keys", "purge", "--route", "orders", "--key", "k-s"];
+    let purged = server
+        .cli(&[&purge[..], &["--scope", &alice]].concat())
+        .await;
+    assert!(
+        purged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&purged.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&purged.stdout).trim(),
+        "purged 1 record(s)"
+    );
+    let left = server.cli(&get).await;
+    let left: serde_json::Value = serde_json::from_slice(&left.stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["scope"], bob.as_str());
+    let gone = server.cli(&[&get[..], &["--scope", &alice]].concat()).await;
+    assert_eq!(gone.status.code(), Some(1));
+
+    // Alice's next attempt is forwarded; Bob's is still replayed.
+    assert_eq!(
+        post("Bearer alice").await.header("x-upstream-hit"),
+        Some("3")
+    );
+    let replay = post("Bearer bob").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.header("x-upstream-hit"), Some("2"));
+    assert_eq!(upstream.hits(), 3);
+}
+
+/// SPEC 9: recording a response by hand needs the scope; without
+/// `?scope=` the call is refused and the unknown record stays as it was.
+#[tokio::test]
+async fn a_put_without_scope_is_bad_request() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let failed = client
+        .send(
+            "POST",
+            &proxy.url("/api/o"),
+            &[("idempotency-key", "k-p"), ("x-test-reset", "1")],
+            "{}",
+        )
+        .await;
+    assert_eq!(failed.code(), "upstream_failed");
+    let manual = r#"{"status": 201, "headers": {}, "body": "done"}"#;
+    let url = proxy.admin_url("/keys/orders/k-p");
+    let put = call(&client, "PUT", &url, Some(TOKEN), manual).await;
+    assert_eq!(
+        (put.status.as_u16(), put.code().as_str()),
+        (400, "bad_request"),
+        "{put:?}"
+    );
+    assert_eq!(put.json()["status"], 400);
+    let records = call(&client, "GET", &url, None, "").await.json();
+    assert_eq!(records.as_array().unwrap().len(), 1, "{records}");
+    assert_eq!(records[0]["state"], "unknown");
+}
+
+/// SPEC 9: `POST /reload` with a wrong token is 401 with
+/// `WWW-Authenticate: Bearer`, and the file is not re-read.
+#[tokio::test]
+async fn reload_with_a_wrong_token_is_401_and_reloads_nothing() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let original = yaml(&Backend::memory(), &upstream, &admin_with_token());
+    std::fs::write(&path, &original).unwrap();
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    // The file now has one more route.
+    let extra =
+        "\n  - { name: extra, match: { path_prefix: /extra }, upstream: up, idempotency: off }\n";
+    std::fs::write(&path, format!("{}{extra}", original.trim_end())).unwrap();
+    let extra_status = || {
+        let (client, url) = (client.clone(), proxy.url("/extra"));
+        async move { client.send("GET", &url, &[], Bytes::new()).await.status }
+    };
+
+    let reload = proxy.admin_url("/reload");
+    let denied = call(&client, "POST", &reload, Some("wrong"), "").await;
+    assert_eq!(
+        (denied.status.as_u16(), denied.code().as_str()),
+        (401, "unauthorized")
+    );
+    assert_eq!(denied.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(extra_status().await, 404, "not reloaded");
+
+    let done = call(&client, "POST", &reload, Some(TOKEN), "").await;
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(extra_status().await, 201, "reloaded with the right token");
+}
+
+/// SPEC 7: requests are counted by route, method and outcome; methods a
+/// route does not protect pass through and are counted under their own name.
+async fn requests_are_counted_by_method(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    client.post_key(&api, "k-a", "{}").await; // POST forwarded
+    client.post_key(&api, "k-a", "{}").await; // POST replayed
+    client
+        .send("PATCH", &api, &[("idempotency-key", "k-b")], "{}")
+        .await; // PATCH forwarded
+    client.send("GET", &api, &[], Bytes::new()).await; // GET passthrough
+    client.send("DELETE", &api, &[], Bytes::new()).await; // DELETE passthrough
+    client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await; // GET passthrough
+    client
+        .send("PURGE", &proxy.url("/plain"), &[], Bytes::new())
+        .await; // other passthrough
+    assert_eq!(upstream.hits(), 6);
+
+    let text = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
+    let text = String::from_utf8(text.body.to_vec()).unwrap();
+    let count = |route: &str, method: &str, outcome: &str| {
+        sample(
+            &text,
+            "idemgate_requests_total",
+            &[("route", route), ("method", method), ("outcome", outcome)],
+        )
+    };
+    let expected = [
+        ("orders", "POST", "forwarded", 1.0),
+        ("orders", "POST", "replayed", 1.0),
+        ("orders", "PATCH", "forwarded", 1.0),
+        ("orders", "GET", "passthrough", 1.0),
+        ("orders", "DELETE", "passthrough", 1.0),
+        ("plain", "GET", "passthrough", 1.0),
+        ("plain", "other", "passthrough", 1.0),
+    ];
+    for (route, method, outcome, value) in expected {
+        assert_eq!(
+            count(route, method, outcome),
+            value,
+            "{route} {method} {outcome}: {text}"
+        );
+    }
+    // Nothing else: the counts above are all there is.
+    assert_eq!(sample(&text, "idemgate_requests_total", &[]), 7.0, "{text}");
+    for method in ["PUT", "HEAD", "OPTIONS"] {
+        assert_eq!(
+            sample(&text, "idemgate_requests_total", &[("method", method)]),
+            0.0
+        );
+    }
 }
 
 #[tokio::test]
@@ -526,6 +814,8 @@ both_stores!(
     unknown_outcome_resolved_by_put_is_replayed,
     metrics_count_every_outcome,
     keys_cli_gets_lists_and_purges,
+    keys_cli_scope_picks_one_record,
+    requests_are_counted_by_method,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
