@@ -332,3 +332,203 @@ async fn stalled_clients_do_not_hold_up_others() {
     assert_eq!(reply.status, 201);
     drop(stalled);
 }
+
+type ChunkSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::io::Error>>;
+type ChunkBody = http_body_util::StreamBody<
+    tokio_stream::wrappers::ReceiverStream<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+>;
+
+/// A body whose chunks the test sends when it chooses.
+fn chunk_channel() -> (ChunkSender, ChunkBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    (
+        tx,
+        http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+}
+
+/// An upstream on port 0 that reports every request body chunk as it
+/// arrives and, when a body of its own is handed to it, answers with that
+/// (else, after the request body ends, with the number of bytes received).
+struct ScriptedUpstream {
+    addr: std::net::SocketAddr,
+    received: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedUpstream {
+    async fn start(answer: Option<ChunkBody>) -> ScriptedUpstream {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (report, received) = tokio::sync::mpsc::unbounded_channel();
+        let answer = std::sync::Arc::new(std::sync::Mutex::new(answer));
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (report, answer) = (report.clone(), answer.clone());
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        let (report, answer) = (report.clone(), answer.clone());
+                        async move {
+                            let given = answer.lock().unwrap().take();
+                            let body = match given {
+                                Some(body) => body.boxed(),
+                                None => {
+                                    let mut incoming = request.into_body();
+                                    let mut total = 0;
+                                    while let Some(frame) = incoming.frame().await {
+                                        let frame = frame.map_err(std::io::Error::other)?;
+                                        if let Ok(data) = frame.into_data() {
+                                            total += data.len();
+                                            let _ = report.send(data);
+                                        }
+                                    }
+                                    http_body_util::Full::new(Bytes::from(total.to_string()))
+                                        .map_err(|never| match never {})
+                                        .boxed()
+                                }
+                            };
+                            Ok::<_, std::io::Error>(http::Response::new(body))
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        ScriptedUpstream {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    /// Waits (at most 5 s) until `want` bytes of request body have arrived.
+    async fn receive(&mut self, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < want {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), self.received.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the upstream had {:?} after 5 s",
+                        String::from_utf8_lossy(&got)
+                    )
+                })
+                .expect("the upstream is running");
+            got.extend_from_slice(&chunk);
+        }
+        got
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn streaming_client()
+-> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChunkBody>
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// SPEC 3: a passed-through request body is streamed, not buffered: the
+/// upstream sees its first chunk while the client still holds back the last.
+#[tokio::test]
+async fn pass_through_streams_the_request_body_as_it_arrives() {
+    use http_body_util::BodyExt;
+    let mut upstream = ScriptedUpstream::start(None).await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    let (chunks, body) = chunk_channel();
+    let request = http::Request::post(proxy.url("/upload"))
+        .body(body)
+        .unwrap();
+    let exchange = tokio::spawn(streaming_client().request(request));
+
+    let first = Bytes::from_static(b"first-part;");
+    chunks
+        .send(Ok(hyper::body::Frame::data(first.clone())))
+        .await
+        .unwrap();
+    assert_eq!(
+        upstream.receive(first.len()).await,
+        first,
+        "the first chunk reached the upstream before the body ended"
+    );
+    assert!(!exchange.is_finished(), "the upstream has not answered yet");
+
+    let last = Bytes::from_static(b"last-part");
+    chunks
+        .send(Ok(hyper::body::Frame::data(last.clone())))
+        .await
+        .unwrap();
+    drop(chunks);
+    assert_eq!(upstream.receive(last.len()).await, last);
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("a response");
+    assert_eq!(response.status(), 200);
+    let answer = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(answer, (first.len() + last.len()).to_string());
+}
+
+/// SPEC 3: a passed-through response body is streamed, not buffered: the
+/// client reads its first chunk while the upstream still holds back the last.
+#[tokio::test]
+async fn pass_through_streams_the_response_body_as_it_arrives() {
+    use http_body_util::BodyExt;
+    let (chunks, body) = chunk_channel();
+    let upstream = ScriptedUpstream::start(Some(body)).await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    let request = http::Request::get(proxy.url("/download"))
+        .body(chunk_channel().1)
+        .unwrap();
+    let first = Bytes::from_static(b"first-chunk;");
+    chunks
+        .send(Ok(hyper::body::Frame::data(first.clone())))
+        .await
+        .unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(5), streaming_client().request(request))
+            .await
+            .expect("the head arrives before the body ends")
+            .expect("a response");
+    assert_eq!(response.status(), 200);
+    let mut incoming = response.into_body();
+    let mut got = Vec::new();
+    while got.len() < first.len() {
+        let frame = tokio::time::timeout(Duration::from_secs(5), incoming.frame())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the client had {:?} after 5 s, while the upstream holds back the last chunk",
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .expect("the body goes on")
+            .unwrap();
+        got.extend_from_slice(&frame.into_data().unwrap_or_default());
+    }
+    assert_eq!(got, first);
+
+    let last = Bytes::from_static(b"last-chunk");
+    chunks
+        .send(Ok(hyper::body::Frame::data(last.clone())))
+        .await
+        .unwrap();
+    drop(chunks);
+    let rest = tokio::time::timeout(Duration::from_secs(5), incoming.collect())
+        .await
+        .expect("the body ends")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, last);
+}
