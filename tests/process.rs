@@ -1,12 +1,14 @@
-//! The binary as an operator runs it: kill -9 mid-flight, SIGTERM drains,
+//! The binary as an operator runs it: kill -9 mid-flight, SIGTERM and SIGINT
+//! drain, startup failures, log flags, secrets kept out of the log,
 //! and the access log.
 
 mod common;
 
 use std::time::Duration;
 
-use common::binary::Binary;
+use common::binary::{Binary, Process};
 use common::{RedisServer, TestClient, TestUpstream, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn write_config(
     dir: &tempfile::TempDir,
@@ -369,6 +371,364 @@ fn a_mistyped_log_level_is_a_usage_error_not_silence() {
             Some(0),
             "{good}: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The memory store, route `orders` on `/api`, listening on `listen`.
+fn write_memory_config_at(
+    dir: &tempfile::TempDir,
+    upstream: &TestUpstream,
+    listen: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let yaml = format!(
+        "listen: {listen}\n{extra}upstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn is_json_object(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_defaults_to_json_when_stdout_is_piped_and_pretty_is_not_json() {
+    let upstream = TestUpstream::start().await;
+    let client = TestClient::new();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", common::redis_server::free_port());
+    let path = write_memory_config_at(&dir, &upstream, &addr, "");
+    let config = path.to_str().unwrap();
+    let limit = Duration::from_secs(20);
+    // One request served, so the signal handlers are in place (see
+    // `sigterm_right_after_the_listening_line_still_drains_and_exits_0`).
+    let serve_one = || async {
+        let reply = client
+            .send("GET", &format!("http://{addr}/api/x"), &[], "")
+            .await;
+        assert_eq!(reply.status, 201, "{reply:?}");
+    };
+
+    let default = Process::start(&["serve", "--config", config], &[]);
+    default.wait_for_line(limit, |l| l.contains("idemgate listening"));
+    serve_one().await;
+    let (stdout, _) = default.stop();
+    assert!(stdout.len() >= 3, "{stdout:?}");
+    for line in &stdout {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+
+    let pretty = Process::start(
+        &["serve", "--log-format", "pretty", "--config", config],
+        &[],
+    );
+    pretty.wait_for_line(limit, |l| l.contains("idemgate listening"));
+    serve_one().await;
+    let (stdout, _) = pretty.stop();
+    assert!(stdout.len() >= 3, "{stdout:?}");
+    for line in &stdout {
+        assert!(
+            !is_json_object(line),
+            "JSON under --log-format pretty: {line}"
+        );
+    }
+    assert!(
+        stdout
+            .iter()
+            .any(|l| l.contains("INFO") && l.contains("stopped")),
+        "{stdout:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_warn_leaves_out_the_access_line_that_info_writes() {
+    let upstream = TestUpstream::start().await;
+    let client = TestClient::new();
+    for (level, want_access) in [("warn", false), ("info", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", common::redis_server::free_port());
+        let path = write_memory_config_at(&dir, &upstream, &addr, "");
+        // The flag wins over RUST_LOG.
+        let proxy = Process::start(
+            &[
+                "serve",
+                "--log-level",
+                level,
+                "--config",
+                path.to_str().unwrap(),
+            ],
+            &[("RUST_LOG", "debug")],
+        );
+        // A warning, so written at both levels, and after the bind.
+        proxy.wait_for_line(Duration::from_secs(20), |l| {
+            l.contains("store backend is memory")
+        });
+        let key = format!("k-level-{level}");
+        let reply = client
+            .send(
+                "POST",
+                &format!("http://{addr}/api/o"),
+                &[("idempotency-key", key.as_str())],
+                "{}",
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{reply:?}");
+        let (stdout, _) = proxy.stop();
+        let access = stdout.iter().any(|l| l.contains("idemgate::access"));
+        assert_eq!(access, want_access, "--log-level {level}: {stdout:#?}");
+        let listening = stdout.iter().any(|l| l.contains("idemgate listening"));
+        assert_eq!(listening, want_access, "--log-level {level}: {stdout:#?}");
+        assert!(
+            !stdout.iter().any(|l| l.contains("\"level\":\"DEBUG\"")),
+            "--log-level {level} lets RUST_LOG=debug through: {stdout:#?}"
+        );
+    }
+}
+
+#[test]
+fn serve_exits_1_naming_an_invalid_config_or_an_address_in_use() {
+    let upstream_addr = "127.0.0.1:9";
+    let dir = tempfile::tempdir().unwrap();
+    let run = |yaml: &str| {
+        let path = dir.path().join("idemgate.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut proxy = Process::start(&["serve", "--config", path.to_str().unwrap()], &[]);
+        let code = proxy.wait_exit(Duration::from_secs(10));
+        // The reader threads end at EOF, shortly after the exit.
+        let start = std::time::Instant::now();
+        while std::sync::Arc::strong_count(&proxy.stderr) > 1 {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stderr = proxy.stderr.lock().unwrap().join("\n");
+        (code, stderr, path)
+    };
+    let rest = format!(
+        "upstreams:\n  up: {{ url: \"http://{upstream_addr}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n"
+    );
+
+    let (code, stderr, path) = run(&format!("listen: nope\n{rest}"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("error: {}: ", path.display()))
+            && stderr.contains("listen (line 1, column 9)"),
+        "{stderr}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, stderr, _) = run(&format!("listen: 127.0.0.1:{port}\n{rest}"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind listen address 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+
+    let (code, stderr, _) = run(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:{port} }}\n{rest}"
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind the admin listener 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_store_warns_at_startup_that_records_do_not_survive_a_restart() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config(&dir, &upstream);
+    let proxy = Binary::serve(&path);
+    let warned = |log: &[String]| {
+        log.iter().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["level"] == "WARN"
+                    && v["message"].as_str().is_some_and(|m| {
+                        m.contains("store backend is memory")
+                            && m.contains("do not survive a restart")
+                    })
+            })
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the memory-store warning",
+        || async { warned(&proxy.log()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", "shutdown_grace: 1s\n");
+    let mut proxy = Binary::serve(&path);
+    let addr = proxy.addr;
+    // A request the upstream answers only after the grace period.
+    let mut in_flight = tokio::net::TcpStream::connect(addr).await.unwrap();
+    in_flight
+        .write_all(
+            b"POST /api/o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-int\r\nx-test-delay-ms: 5000\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "request reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+
+    let signalled = std::time::Instant::now();
+    proxy.signal("INT");
+    eventually(Duration::from_secs(2), "the drain began", || async {
+        proxy.log().iter().any(|l| l.contains("shutting down"))
+    })
+    .await;
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "still draining within the grace period"
+    );
+    // No new connection is served while the old one drains.
+    if let Ok(mut late) = tokio::net::TcpStream::connect(addr).await {
+        late.write_all(b"GET /api/x HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap_or_default();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), late.read_to_end(&mut answer)).await;
+        assert!(
+            !answer.starts_with(b"HTTP/"),
+            "a connection made after SIGINT was answered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
+    assert_eq!(proxy.wait_exit(Duration::from_secs(4)), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "exited {took:?} after SIGINT with shutdown_grace 1s"
+    );
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), in_flight.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 2"),
+        "the upstream had not answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    let log = proxy.log();
+    assert!(
+        log.iter().any(|l| l.contains("SIGINT received")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("connections still open at the end of shutdown_grace")),
+        "{log:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_authorization_and_scope_header_values_never_reach_the_logs() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, idempotency: {{ scope: {{ headers: [x-tenant] }}, fingerprint: {{ headers: [content-type, x-tenant] }} }} }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve_with(&path, &["--log-level", "debug"], &[]);
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let headers = |key: &'static str| {
+        [
+            ("idempotency-key", key),
+            ("content-type", "application/json"),
+            ("cookie", "session=planted-cookie-123"),
+            ("x-tenant", "planted-tenant-456"),
+            ("authorization", "Bearer planted-auth-789"),
+        ]
+    };
+    let body = "{\"card\":\"planted-body-321\"}";
+    let first = client.send("POST", &url, &headers("k-secret"), body).await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let replay = client.send("POST", &url, &headers("k-secret"), body).await;
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "{replay:?}"
+    );
+    let mismatch = client.send("POST", &url, &headers("k-secret"), "{}").await;
+    assert_eq!(mismatch.status, 422, "{mismatch:?}");
+    let broken = client
+        .send(
+            "POST",
+            &url,
+            &[&headers("k-secret-reset")[..], &[("x-test-reset", "1")]].concat(),
+            body,
+        )
+        .await;
+    assert!(broken.status.is_server_error(), "{broken:?}");
+    let missing_key = client
+        .send("POST", &url, &headers("k-unused")[1..], body)
+        .await;
+    assert_eq!(missing_key.status, 400, "{missing_key:?}");
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = {
+        // The reader threads end at EOF, shortly after the exit.
+        let start = std::time::Instant::now();
+        while std::sync::Arc::strong_count(&proxy.lines) > 1 {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        proxy.log()
+    };
+    let access = log
+        .iter()
+        .filter(|l| l.contains("idemgate::access"))
+        .count();
+    assert_eq!(access, 5, "one access line per request: {log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("\"level\":\"DEBUG\"")),
+        "debug lines are written: {log:#?}"
+    );
+    for line in &log {
+        for secret in [
+            "planted-cookie-123",
+            "planted-tenant-456",
+            "planted-auth-789",
+            "planted-body-321",
+        ] {
+            assert!(!line.contains(secret), "{secret} in the log: {line}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the SIGTERM/SIGINT handlers are installed only when server::serve's loop first polls the shutdown future, after 'idemgate listening' is logged and the port is bound; a signal in that window kills the process by the default action: no drain, no exit 0"]
+async fn sigterm_right_after_the_listening_line_still_drains_and_exits_0() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config(&dir, &upstream);
+    for _ in 0..5 {
+        let mut proxy = Binary::serve(&path);
+        proxy.signal("TERM");
+        assert_eq!(
+            proxy.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "killed by the signal's default action: {:#?}",
+            proxy.log()
         );
     }
 }

@@ -114,3 +114,106 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// The binary started with exactly the given arguments (no `--log-format`
+/// added, no readiness awaited), stdout and stderr captured line by line.
+pub struct Process {
+    pub child: Child,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start idemgate");
+        let capture = |pipe: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let stdout = capture(Box::new(child.stdout.take().unwrap()));
+        let stderr = capture(Box::new(child.stderr.take().unwrap()));
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits (bounded) for a stdout line that satisfies `wanted` and returns it.
+    pub fn wait_for_line(&self, limit: Duration, wanted: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.stdout.lock().unwrap().iter().find(|l| wanted(l)) {
+                return line.clone();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no such line within {limit:?}: {:?} {:?}",
+                self.stdout.lock().unwrap(),
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "idemgate did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops with SIGTERM (once the proxy has served a request: the signal
+    /// handlers are installed only then) and returns every line of stdout and of stderr
+    /// (the logs are flushed on exit; the pipes are read to their end).
+    pub fn stop(mut self) -> (Vec<String>, Vec<String>) {
+        self.signal("TERM");
+        assert_eq!(self.wait_exit(Duration::from_secs(10)), Some(0));
+        // The readers end at EOF, shortly after the exit.
+        let start = Instant::now();
+        while Arc::strong_count(&self.stdout) > 1 || Arc::strong_count(&self.stderr) > 1 {
+            assert!(start.elapsed() < Duration::from_secs(5), "pipes not closed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (
+            self.stdout.lock().unwrap().clone(),
+            self.stderr.lock().unwrap().clone(),
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
