@@ -92,6 +92,9 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM between binding and serving must drain and
+    // exit 0, not kill the process by the signal's default action.
+    let shutdown = shutdown_signal()?;
     let config = load(path)?;
     let listener = tokio::net::TcpListener::bind(config.listen.address)
         .await
@@ -102,20 +105,22 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     }
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), workers, "idemgate listening");
-    idemgate::server::serve(config, listeners, shutdown_signal(), Some(path.to_owned())).await?;
+    idemgate::server::serve(config, listeners, shutdown, Some(path.to_owned())).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT, with both handlers installed before this returns.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 /// `idemgate check`: exit 0 and the effective routes, or 1 and every error.

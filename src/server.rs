@@ -86,7 +86,15 @@ pub async fn serve(
     let store = Arc::new(Store::open(&config.store, metrics.clone())?);
     let proxy = Arc::new(Proxy::new(&config, store, metrics)?);
     if let Some(path) = &config_path {
-        tokio::spawn(reload_on_sighup(proxy.clone(), path.clone()));
+        // Installed here, not in the task: SIGHUP's default action ends the process.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hup) => {
+                tokio::spawn(reload_on_sighup(hup, proxy.clone(), path.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot listen for SIGHUP; reload is unavailable");
+            }
+        }
     }
     let readiness = tokio::spawn(watch_readiness(proxy.clone()));
     let admin_task = listeners.admin.map(|listener| {
@@ -238,12 +246,7 @@ async fn watch_readiness(proxy: Arc<Proxy>) {
 }
 
 /// Re-reads the configuration file on every SIGHUP.
-async fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload is unavailable");
-        return;
-    };
+async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, proxy: Arc<Proxy>, path: PathBuf) {
     while hup.recv().await.is_some() {
         tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
         let _ = proxy.reload_from(&path);
