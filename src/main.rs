@@ -95,6 +95,10 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM between binding and serving must drain and
     // exit 0, not kill the process by the signal's default action.
     let shutdown = shutdown_signal()?;
+    // SIGHUP's too (its default action also ends the process); one that
+    // comes before the reload task listens finds the file just loaded.
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing a SIGHUP handler")?;
     let config = load(path)?;
     let listener = tokio::net::TcpListener::bind(config.listen.address)
         .await
