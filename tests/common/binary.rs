@@ -81,26 +81,12 @@ impl Binary {
     }
 
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(&self.child, name);
     }
 
     /// Waits (bounded) for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                start.elapsed() < limit,
-                "idemgate did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut self.child, limit)
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -170,30 +156,15 @@ impl Process {
     }
 
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(&self.child, name);
     }
 
     /// Waits (bounded) for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                start.elapsed() < limit,
-                "idemgate did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut self.child, limit)
     }
 
-    /// Stops with SIGTERM (once the proxy has served a request: the signal
-    /// handlers are installed only then) and returns every line of stdout and of stderr
+    /// Stops with SIGTERM and returns every line of stdout and of stderr
     /// (the logs are flushed on exit; the pipes are read to their end).
     pub fn stop(mut self) -> (Vec<String>, Vec<String>) {
         self.signal("TERM");
@@ -215,5 +186,29 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Sends signal `name` (`TERM`, `HUP`, ...) to `child`.
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for `child` to exit and returns its exit code.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "idemgate did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
