@@ -52,13 +52,15 @@ pub fn normalized(uri: &Uri) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Whether the path has an escape, a `.`/`..` segment or an empty segment.
+/// Whether the path may have an escape, a `.`/`..` segment or an empty
+/// segment: a `%`, or a `/` followed by `/` or `.` (`/.well-known` too, which
+/// then turns out normal). One pass over the bytes.
 fn needs_work(path: &str) -> bool {
-    path.contains('%')
-        || path.contains("//")
-        || path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+    let bytes = path.as_bytes();
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'%' || (b == b'/' && matches!(bytes.get(i + 1), Some(b'/' | b'.'))))
 }
 
 /// `%XX` of A–Z, a–z, 0–9, `-`, `.`, `_`, `~` decoded; every other byte kept.
@@ -104,6 +106,8 @@ mod tests {
             ("//api//orders", Some("/api/orders")),
             ("/../../api/orders", Some("/api/orders")),
             ("/api/orders/", None),
+            ("/.well-known/x", None),
+            ("/a.b/c.", None),
             ("/api/orders/.", Some("/api/orders/")),
             ("/api/orders/x/..", Some("/api/orders/")),
             ("/..", Some("/")),
