@@ -47,11 +47,24 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
     pub token: Option<String>,
 }
+
+/// Shown without the token: a `{config:?}` must not put a secret in a log.
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// What a secret is shown as in `Debug` output.
+const REDACTED: &str = "<redacted>";
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -65,11 +78,25 @@ pub struct StoreConfig {
     pub tls: Option<UpstreamTls>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum Backend {
     Memory,
     Redis { url: String },
     Cluster { urls: Vec<String> },
+}
+
+/// Shown without the URLs, which may carry a password.
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Memory => f.write_str("Memory"),
+            Backend::Redis { .. } => f.debug_struct("Redis").field("url", &REDACTED).finish(),
+            Backend::Cluster { urls } => f
+                .debug_struct("Cluster")
+                .field("urls", &vec![REDACTED; urls.len()])
+                .finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,5 +259,28 @@ impl StoreConfig {
             Backend::Redis { .. } => "redis",
             Backend::Cluster { .. } => "redis-cluster",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_admin_token_and_no_redis_url() {
+        let config = validate::validate(
+            "admin: { listen: 127.0.0.1:9090, token: adm1n-s3cret }\nstore: { backend: redis, url: \"redis://:pa55word@10.0.0.7:6379/0\" }\nupstreams: { erp: { url: \"http://127.0.0.1:9000\" } }\nroutes:\n  - { name: a, match: { path_prefix: / }, upstream: erp }\n",
+            &|_| None,
+        )
+        .expect("valid");
+        let shown = format!("{config:?}");
+        for secret in ["adm1n-s3cret", "pa55word", "10.0.0.7"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("<redacted>"));
+        let cluster = Backend::Cluster {
+            urls: vec!["redis://:pw@a:7000".into()],
+        };
+        assert_eq!(format!("{cluster:?}"), "Cluster { urls: [\"<redacted>\"] }");
     }
 }
