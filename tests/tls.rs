@@ -373,3 +373,19 @@ async fn listener_certificates_are_re_read_on_reload() {
         "the new certificate is served"
     );
 }
+
+#[test]
+fn store_tls_with_the_memory_backend_is_a_warning_not_silence() {
+    let pki = Pki::new();
+    let store = format!(
+        "store: {{ backend: memory, tls: {{ ca_file: \"{}\" }} }}",
+        pki.ca.display()
+    );
+    let config =
+        idemgate::Config::parse(&upstream_yaml(&store, "http://127.0.0.1:9", "")).expect("valid");
+    assert!(
+        config.warnings.iter().any(|w| w.contains("store.tls")),
+        "{:?}",
+        config.warnings
+    );
+}

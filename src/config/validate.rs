@@ -124,10 +124,17 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
             routes.push(route);
         }
     }
+    let store = store?;
+    if store.backend == Backend::Memory && store.tls.is_some() {
+        warnings.push(
+            "store.tls is set but the backend is memory: it is ignored (it applies to rediss:// URLs)"
+                .to_owned(),
+        );
+    }
     Some(Config {
         listen: listen?,
         admin,
-        store: store?,
+        store,
         upstreams,
         routes,
         shutdown_grace: shutdown_grace?,
