@@ -95,7 +95,7 @@ const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 /// directive it cannot read and takes a lone unknown word (`debg`) for a
 /// target name, which would silence every log line; here both are usage
 /// errors. A target is written with its level (`idemgate=debug`).
-fn log_filter(text: &str) -> Result<String, String> {
+pub fn log_filter(text: &str) -> Result<String, String> {
     let how = "write a level (trace, debug, info, warn, error, off) or \
                comma-separated target=level directives, such as info,idemgate=debug";
     for directive in text.split(',').map(str::trim) {

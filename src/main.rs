@@ -54,11 +54,20 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 /// (a pipe, journald) never stalls request handling; the returned guard
 /// flushes what is queued when `main` ends.
 fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = match &cli.log_level {
-        // Checked when the command line is parsed (`cli::log_filter`).
-        Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    // `--log-level` was checked when the command line was parsed; RUST_LOG
+    // gets the same check, and a bad one is said, not silently replaced.
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (level, bad_rust_log) = match (&cli.log_level, rust_log) {
+        (Some(level), _) => (level.clone(), None),
+        (None, None) => ("info".to_owned(), None),
+        (None, Some(env)) => match idemgate::cli::log_filter(&env) {
+            Ok(level) => (level, None),
+            Err(error) => ("info".to_owned(), Some(error)),
+        },
     };
+    let filter = EnvFilter::new(level);
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Pretty) => false,
@@ -78,6 +87,9 @@ fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
             .init();
     } else {
         builder.init();
+    }
+    if let Some(error) = bad_rust_log {
+        tracing::warn!(error = %error, "RUST_LOG is not a valid filter; logging at info");
     }
     guard
 }

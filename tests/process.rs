@@ -341,6 +341,27 @@ async fn workers_flag_and_env_size_the_runtime_and_one_worker_serves() {
 }
 
 #[test]
+fn a_bad_rust_log_is_said_in_a_warning_and_info_is_kept() {
+    // It was replaced by info without a word, and a lone typo ("debg") was
+    // taken for a target name: every line silenced.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(["check", "--config", "config.example.yaml"])
+        .env("RUST_LOG", "debg")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let warning = stdout
+        .lines()
+        .find(|l| l.contains("RUST_LOG is not a valid filter"))
+        .unwrap_or_else(|| panic!("no warning in {stdout}"));
+    assert!(
+        warning.contains("\"WARN\"") && warning.contains("debg"),
+        "{warning}"
+    );
+}
+
+#[test]
 fn a_mistyped_log_level_is_a_usage_error_not_silence() {
     let run = |level: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
