@@ -465,3 +465,41 @@ async fn store_unavailable_problems_name_no_redis_internals() {
     assert_store_problem(&record, &redis, "GET /keys");
     assert_eq!(upstream.hits(), 1);
 }
+
+/// SPEC 4.5: a completion the store cannot take still answers the client
+/// with the upstream's response, and the failure is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_the_store_cannot_take_still_answers_and_is_counted() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(&redis, &upstream, "", "")
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let in_flight = {
+        let (client, url) = (client.clone(), proxy.url("/api/o"));
+        tokio::spawn(async move {
+            let headers = [("idempotency-key", "k-hung"), ("x-test-delay-ms", "500")];
+            client.send("POST", &url, &headers, "{}").await
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "request reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    // Redis hangs from before the upstream answers until after op_timeout.
+    redis.pause();
+    let reply = in_flight.await.unwrap();
+    redis.resume();
+    assert_eq!(reply.status, 201, "the client gets the upstream's answer");
+    let errors = sample(
+        &metrics_text(&client, &proxy).await,
+        "idemgate_store_errors_total",
+        &[("op", "complete")],
+    );
+    assert_eq!(errors, 1.0, "the failed completion is counted");
+}
