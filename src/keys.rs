@@ -7,7 +7,7 @@ use crate::cli::{KeyArgs, KeysCommand};
 use crate::config::{Backend, Config, OnUnknown};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State};
-use crate::store::{Store, memory::now_ms};
+use crate::store::Store;
 
 pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     let config_arg = match &command {
@@ -51,7 +51,7 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
             json!({ "purged": found.len() })
         }
         KeysCommand::Unknown { route, .. } => {
-            let now = now_ms();
+            let now = store.now_ms().await?;
             let records = store.records(route.as_deref()).await?;
             let unknown = records
                 .iter()

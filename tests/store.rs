@@ -241,7 +241,29 @@ async fn a_run_of_replays_keeps_every_answer_right(backend: Backend) {
     assert_eq!(record.state, State::Unknown);
 }
 
+/// The clock `keys unknown` and `GET /keys?state=unknown` judge lease ends
+/// by: Redis `TIME` (what leases are taken from), the process's own for the
+/// memory store. (They were judged by the caller's clock.)
+async fn the_store_clock_reads_in_milliseconds(backend: Backend) {
+    let store = open(&backend);
+    let local = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let before = local();
+    let now = store.now_ms().await.expect("the store's clock");
+    let after = local();
+    // One machine, one clock: within the call, give or take a millisecond.
+    assert!(
+        before.saturating_sub(1) <= now && now <= after + 1,
+        "{before} {now} {after}"
+    );
+}
+
 both_stores!(
+    the_store_clock_reads_in_milliseconds,
     taken_over_attempt_never_overwrites_the_new_owner,
     lease_end_under_lock_turns_unknown_once,
     mismatch_and_in_progress,

@@ -16,7 +16,6 @@ use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, StoredResponse};
 use crate::keys::{is_unknown, record_json};
 use crate::problem::{Code, Problem};
-use crate::store::memory::now_ms;
 
 /// The largest body a `PUT /keys/...` may carry.
 const MAX_ADMIN_BODY: u64 = 16 * 1024 * 1024;
@@ -26,7 +25,7 @@ impl Admin {
         let state = param(query, "state");
         let route = param(query, "route");
         let config = self.proxy.routing().config.clone();
-        let now = now_ms();
+        let now = self.proxy.store.now_ms().await.map_err(store_problem)?;
         let records = self
             .proxy
             .store

@@ -229,6 +229,15 @@ impl Store {
         }
     }
 
+    /// The store's clock in milliseconds since the epoch (Redis `TIME`):
+    /// what lease ends are compared with, whichever instance asks.
+    pub async fn now_ms(&self) -> Result<u64, StoreError> {
+        match &self.kind {
+            Kind::Memory(_) => Ok(memory::now_ms()),
+            Kind::Redis(s) => s.now_ms().await,
+        }
+    }
+
     /// A cheap liveness probe (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.kind {

@@ -280,6 +280,17 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Redis's clock (`TIME`) in milliseconds since the epoch: the clock
+    /// leases are taken from and judged by.
+    pub async fn now_ms(&self) -> Result<u64, StoreError> {
+        let deadline = self.deadline();
+        let mut conn = self.conn(deadline).await?;
+        let (secs, micros): (u64, u64) = self
+            .bounded(deadline, redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     async fn fenced(
         &self,
         script: &Script,
