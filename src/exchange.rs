@@ -199,26 +199,38 @@ impl Exchange {
         }
     }
 
+    /// As [`Self::finish_admission`] for a body streamed to the client:
+    /// judged by its head, and a failure if it breaks off later.
+    fn finish_streamed(&mut self, body: &mut UpstreamBody, success: bool) {
+        if let Some(admission) = self.admission.take() {
+            body.tell_breaker(admission.finish_streamed(success));
+        }
+    }
+
     /// Stores the response (when its status is stored) before it is sent;
     /// says whether it was recorded. The breaker hears of a stored status
     /// once its body is whole: a connection that breaks in the body is a
-    /// failure. A body streamed to the client is judged by its head.
+    /// failure. A body streamed to the client is judged by its head, and
+    /// by its break if it breaks off.
     async fn record(&mut self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
-        let (mut parts, incoming) = response.into_parts();
+        let (mut parts, mut incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
         if !self.policy.stores(status) {
-            self.finish_admission(!failed_status(status));
+            self.finish_streamed(&mut incoming, !failed_status(status));
             self.release().await;
             return (Response::from_parts(parts, body::boxed(incoming)), false);
         }
-        let collected = tokio::time::timeout_at(
+        let mut collected = tokio::time::timeout_at(
             self.lease_deadline.into(),
             body::collect_up_to(incoming, self.policy.max_response_body),
         )
         .await;
-        let whole = matches!(collected, Ok(Collected::Whole(_) | Collected::Over { .. }));
-        self.finish_admission(whole && !failed_status(status));
+        match &mut collected {
+            Ok(Collected::Whole(_)) => self.finish_admission(!failed_status(status)),
+            Ok(Collected::Over { rest, .. }) => self.finish_streamed(rest, !failed_status(status)),
+            Ok(Collected::Broken) | Err(_) => self.finish_admission(false),
+        }
         match collected {
             Ok(Collected::Whole(bytes)) => {
                 let size = bytes.len() as u64;

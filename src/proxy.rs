@@ -290,15 +290,22 @@ impl Proxy {
         let request = self.upstream_request(upstream, request, ctx, &route, sent);
         let result = tokio::time::timeout_at(deadline.into(), upstream.send(request)).await;
         ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
-        admission.finish(matches!(&result, Ok(Ok(r)) if !failed_status(r.status().as_u16())));
         match result {
             Ok(Ok(response)) => {
-                let (mut parts, incoming) = response.into_parts();
+                let (mut parts, mut incoming) = response.into_parts();
+                incoming
+                    .tell_breaker(admission.finish_streamed(!failed_status(parts.status.as_u16())));
                 headers::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body::boxed(incoming))
             }
-            Ok(Err(error)) => send_error_problem(error),
-            Err(_) => timeout_problem(),
+            Ok(Err(error)) => {
+                admission.finish(false);
+                send_error_problem(error)
+            }
+            Err(_) => {
+                admission.finish(false);
+                timeout_problem()
+            }
         }
     }
 

@@ -411,6 +411,42 @@ async fn response_timeouts_open_the_breaker_of_a_pass_through_route() {
     );
 }
 
+/// Regression: a streamed body that broke off counted as a success (the
+/// breaker heard only the head), though SPEC 9 counts "connections broken
+/// before a whole response" as failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_body_that_breaks_off_is_a_breaker_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::start().await;
+    let breaker = "{ consecutive_failures: 2, open_for: 30s }";
+    let proxy = TestProxy::start(&pass_through_yaml(&upstream, breaker, "5s")).await;
+    for _ in 0..2 {
+        // Raw: the client sees a head, part of a body, then a close.
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET /plain HTTP/1.1\r\nhost: x\r\nx-test-break-body-after-ms: 100\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
+        assert!(read.is_ok(), "the proxy closed the broken response");
+        assert!(
+            seen.starts_with(b"HTTP/1.1 201"),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    let client = TestClient::new();
+    let open = get(&client, &proxy.url("/plain"), &[]).await;
+    assert_eq!(
+        (open.status.as_u16(), open.code().as_str()),
+        (503, "upstream_circuit_open"),
+        "two broken bodies opened the breaker"
+    );
+    assert_eq!(upstream.hits(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_502_503_504_count_as_failures_and_any_other_answer_resets_the_count() {
     let upstream = TestUpstream::start().await;

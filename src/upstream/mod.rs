@@ -59,6 +59,23 @@ impl Admission {
         self.report(false);
     }
 
+    /// Finishes on a response's head whose body is then streamed to the
+    /// client: the bulkhead permit is freed now. A failed head is reported
+    /// now; a healthy one hands back the [`BodyVerdict`] to put on the body,
+    /// which reports when the body ends whole, or breaks off.
+    pub fn finish_streamed(mut self, success: bool) -> Option<BodyVerdict> {
+        if self.finished || !success {
+            self.report(false);
+            return None;
+        }
+        self.finished = true;
+        Some(BodyVerdict {
+            upstream: self.upstream.clone(),
+            admit: self.admit,
+            told: false,
+        })
+    }
+
     /// The breaker hears of each admission once.
     fn report(&mut self, success: bool) {
         if !self.finished {
@@ -66,6 +83,34 @@ impl Admission {
                 .breaker
                 .record(self.admit, success, Instant::now);
             self.finished = true;
+        }
+    }
+}
+
+/// The breaker's verdict on a streamed response whose head was healthy,
+/// given when its body ends: whole is a success, broken off a failure
+/// ("connections broken before a whole response", SPEC 9). A body dropped
+/// unfinished (the client went away) says nothing, as a request that never
+/// reached the upstream. Carried by the [`UpstreamBody`].
+pub struct BodyVerdict {
+    upstream: Arc<Upstream>,
+    admit: Admit,
+    told: bool,
+}
+
+impl BodyVerdict {
+    pub fn tell(mut self, whole: bool) {
+        self.told = true;
+        self.upstream
+            .breaker
+            .record(self.admit, whole, Instant::now);
+    }
+}
+
+impl Drop for BodyVerdict {
+    fn drop(&mut self) {
+        if !self.told {
+            self.upstream.breaker.cancel(self.admit);
         }
     }
 }

@@ -119,6 +119,7 @@ impl Pool {
                     return Ok(response.map(|body| UpstreamBody {
                         body,
                         conn: checkout,
+                        verdict: None,
                     }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -226,9 +227,16 @@ struct Checkout {
 pub struct UpstreamBody {
     body: Incoming,
     conn: Option<Checkout>,
+    /// The breaker's verdict, told at the body's end (streamed bodies only).
+    verdict: Option<super::BodyVerdict>,
 }
 
 impl UpstreamBody {
+    /// Has this body tell the breaker how it ended (see [`super::BodyVerdict`]).
+    pub fn tell_breaker(&mut self, verdict: Option<super::BodyVerdict>) {
+        self.verdict = verdict;
+    }
+
     fn release(&mut self) {
         if let Some(Checkout { conn, pool }) = self.conn.take()
             && let Some(pool) = pool.upgrade()
@@ -254,8 +262,18 @@ impl Body for UpstreamBody {
         }
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
         match &frame {
-            Some(Err(_)) => this.conn = None,
-            _ if frame.is_none() || this.body.is_end_stream() => this.release(),
+            Some(Err(_)) => {
+                this.conn = None;
+                if let Some(verdict) = this.verdict.take() {
+                    verdict.tell(false);
+                }
+            }
+            _ if frame.is_none() || this.body.is_end_stream() => {
+                this.release();
+                if let Some(verdict) = this.verdict.take() {
+                    verdict.tell(true);
+                }
+            }
             _ => {}
         }
         Poll::Ready(frame)
