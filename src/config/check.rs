@@ -219,6 +219,37 @@ impl<'a> Check<'a> {
     }
 }
 
+impl Check<'_> {
+    /// A count of at least 1 (a limit or a threshold), or `default` when the
+    /// file leaves it out. Zero is an error, not silently raised to 1;
+    /// `more` adds to the fix (another way to get what zero might mean).
+    pub fn count<T>(
+        &mut self,
+        path: &str,
+        value: Option<&Spanned<T>>,
+        default: T,
+        more: &str,
+    ) -> Option<T>
+    where
+        T: Copy + Default + PartialEq + std::fmt::Display,
+    {
+        let Some(value) = value else {
+            return Some(default);
+        };
+        if value.value != T::default() {
+            return Some(value.value);
+        }
+        let name = path.rsplit('.').next().unwrap_or(path);
+        self.fail(
+            path,
+            Some(&value.referenced),
+            format!("{name} must be at least 1"),
+            format!("raise it, or remove it for the default of {default}{more}"),
+        );
+        None
+    }
+}
+
 /// A value as the file spells it, for an error message. Never the value
 /// after `${VAR}` expansion: a variable may hold a secret (a password in a
 /// URL, a token), and these messages reach logs and the reload answer.

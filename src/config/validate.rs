@@ -272,19 +272,12 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
         ),
         None => Some(OnUnavailable::Reject),
     };
-    let max_records = match &store.max_records {
-        None => Some(1_000_000),
-        Some(n) if n.value == 0 => {
-            c.fail(
-                "store.max_records",
-                Some(&n.referenced),
-                "max_records must be at least 1",
-                "raise it, or remove it for the default of 1000000",
-            );
-            None
-        }
-        Some(n) => Some(n.value),
-    };
+    let max_records = c.count(
+        "store.max_records",
+        store.max_records.as_ref(),
+        1_000_000,
+        "",
+    );
     Some(StoreConfig {
         backend: backend?,
         key_prefix: key_prefix?,

@@ -105,18 +105,8 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         Some((v, p)) => header_name(c, &p, v),
     };
     let key_max_length = match m.get("key_max_length", |f| f.key_max_length.as_ref()) {
-        None => 255,
-        Some((v, p)) => {
-            if v.value == 0 {
-                c.fail(
-                    &p,
-                    Some(&v.referenced),
-                    "key_max_length must be at least 1",
-                    "raise it, or remove it for the default of 255",
-                );
-            }
-            v.value
-        }
+        None => Some(255),
+        Some((v, p)) => c.count(&p, Some(v), 255, ""),
     };
     let concurrent = m.get("concurrent", |f| f.concurrent.as_ref()).map_or(
         Some(Concurrent::Reject),
@@ -216,7 +206,7 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         require_key: *m
             .get("require_key", |f| f.require_key.as_ref())
             .map_or(&true, |(v, _)| v),
-        key_max_length,
+        key_max_length: key_max_length?,
         ttl: ttl?,
         lease: lease?,
         concurrent: concurrent?,

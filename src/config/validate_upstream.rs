@@ -56,20 +56,12 @@ pub(super) fn build_upstream(
         Some(d) => c.duration(&format!("{path}.connect_timeout"), d, MAX_WAIT),
         None => Some(Duration::from_secs(1)),
     };
-    let max_in_flight = match &u.max_in_flight {
-        None => 256,
-        Some(n) => {
-            if n.value == 0 {
-                c.fail(
-                    &format!("{path}.max_in_flight"),
-                    Some(&n.referenced),
-                    "max_in_flight must be at least 1",
-                    "raise it, or remove it for the default of 256",
-                );
-            }
-            n.value
-        }
-    };
+    let max_in_flight = c.count(
+        &format!("{path}.max_in_flight"),
+        u.max_in_flight.as_ref(),
+        256,
+        "",
+    );
     let default_breaker = Breaker {
         consecutive_failures: 5,
         open_for: Duration::from_secs(30),
@@ -92,20 +84,12 @@ pub(super) fn build_upstream(
                     Some(d) => c.duration(&format!("{path}.circuit_breaker.open_for"), d, MAX_WAIT),
                     None => Some(default_breaker.open_for),
                 };
-                let consecutive_failures = match &b.consecutive_failures {
-                    None => Some(default_breaker.consecutive_failures),
-                    Some(n) if n.value == 0 => {
-                        c.fail(
-                            &format!("{path}.circuit_breaker.consecutive_failures"),
-                            Some(&n.referenced),
-                            "consecutive_failures must be at least 1",
-                            "raise it, remove it for the default of 5, \
-                             or write circuit_breaker: off to disable the breaker",
-                        );
-                        None
-                    }
-                    Some(n) => Some(n.value),
-                };
+                let consecutive_failures = c.count(
+                    &format!("{path}.circuit_breaker.consecutive_failures"),
+                    b.consecutive_failures.as_ref(),
+                    default_breaker.consecutive_failures,
+                    ", or write circuit_breaker: off to disable the breaker",
+                );
                 consecutive_failures
                     .zip(open_for)
                     .map(|(consecutive_failures, open_for)| {
@@ -125,7 +109,7 @@ pub(super) fn build_upstream(
         authority,
         base_path,
         connect_timeout: connect_timeout?,
-        max_in_flight,
+        max_in_flight: max_in_flight?,
         circuit_breaker: circuit_breaker?,
         tls,
     })
