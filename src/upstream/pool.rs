@@ -261,20 +261,21 @@ impl Body for UpstreamBody {
             this.conn = None;
         }
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &frame {
+        let whole = match &frame {
             Some(Err(_)) => {
                 this.conn = None;
-                if let Some(verdict) = this.verdict.take() {
-                    verdict.tell(false);
-                }
+                Some(false)
             }
             _ if frame.is_none() || this.body.is_end_stream() => {
                 this.release();
-                if let Some(verdict) = this.verdict.take() {
-                    verdict.tell(true);
-                }
+                Some(true)
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(whole) = whole
+            && let Some(verdict) = this.verdict.take()
+        {
+            verdict.tell(whole);
         }
         Poll::Ready(frame)
     }
