@@ -62,10 +62,11 @@ impl Admission {
     /// Finishes on a response's head whose body is then streamed to the
     /// client: the bulkhead permit is freed now. A failed head is reported
     /// now; a healthy one hands back the [`BodyVerdict`] to put on the body,
-    /// which reports when the body ends whole, or breaks off.
+    /// which reports when the body ends whole, or breaks off (none with
+    /// the breaker off: nothing to tell, no upstream handle to keep).
     pub fn finish_streamed(mut self, success: bool) -> Option<BodyVerdict> {
-        if self.finished || !success {
-            self.report(false);
+        if self.finished || !success || !self.upstream.breaker.counts() {
+            self.report(success);
             return None;
         }
         self.finished = true;
