@@ -9,6 +9,7 @@ mod concurrency;
 mod disconnects;
 mod headers;
 mod keys;
+mod odd_requests;
 mod outcomes;
 mod protection;
 mod recording;
