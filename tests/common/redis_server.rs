@@ -157,6 +157,25 @@ impl RedisServer {
         self.signal("CONT");
     }
 
+    /// Bytes that reached the server's connections and that it has not read
+    /// (the kernel's receive queues, from `/proc/net/tcp`): while it is
+    /// paused, proof that a command was sent to it.
+    pub fn unread_bytes(&self) -> u64 {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let port = format!(":{:04X}", self.port);
+        tcp.lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local address, state 01 (established), tx_queue:rx_queue
+                let local = fields.get(1)?;
+                (local.ends_with(&port) && fields.get(3) == Some(&"01")).then_some(())?;
+                let rx = fields.get(4)?.split_once(':')?.1;
+                u64::from_str_radix(rx, 16).ok()
+            })
+            .sum()
+    }
+
     fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("a private redis-server").id();
         let status = Command::new("kill")

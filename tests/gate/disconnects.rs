@@ -49,9 +49,13 @@ async fn client_gone_during_the_claim_leaves_no_ownerless_claim() {
     };
     redis.pause();
     let stream = raw_post(s.proxy.addr, "k-gone-claim", "").await;
-    // The request is read and its claim written to the paused server
-    // within this; nothing can be observed while Redis is stopped.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The claim is on its way once it waits, unread, in the paused server's socket.
+    eventually(
+        Duration::from_secs(5),
+        "the claim sent to Redis",
+        || async { redis.unread_bytes() > 0 },
+    )
+    .await;
     drop(stream);
     // The dropped request is counted (with whatever outcome it had: none yet).
     eventually(Duration::from_secs(5), "the dropped request", || async {
