@@ -2,7 +2,8 @@
 //!
 //! Each operation hashes its key once (SipHash, randomly keyed): the hash
 //! picks the shard and finds the record in the shard's table
-//! (`hashbrown::HashTable`, which takes the hash instead of rehashing).
+//! (`hashbrown::HashTable`, which takes the hash instead of rehashing; each
+//! record is boxed with its hash beside it, so a table grows without a stall).
 //! Each shard also keeps its expiries in a heap, so the sweep visits what
 //! has expired, not every record (`shard.rs`).
 
@@ -21,7 +22,7 @@ use crate::config::StoreConfig;
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse};
-use shard::{Shard, sweep};
+use shard::{Shard, Slot, sweep};
 
 /// Enough shards that two cores never queue on one lock.
 const SHARDS: usize = 64;
@@ -60,11 +61,9 @@ impl MemoryStore {
         let now_ms = now_ms();
         let (hash, mut guard) = self.inner.shard(req.key);
         let shard = &mut *guard;
-        let entry = shard
-            .table
-            .entry(hash, is(req.key), |(k, _)| self.inner.hasher.hash_one(k));
+        let entry = shard.table.entry(hash, is(hash, req.key), |slot| slot.hash);
         let existing = match &entry {
-            Entry::Occupied(found) => Some(&found.get().1),
+            Entry::Occupied(found) => Some(found.get().record()),
             Entry::Vacant(_) => None,
         }
         .filter(|r| r.expires_ms > now_ms)
@@ -88,16 +87,19 @@ impl MemoryStore {
                 };
                 shard.expiry.note(hash, record.expires_ms);
                 match entry {
-                    Entry::Occupied(mut found) => found.get_mut().1 = record,
-                    Entry::Vacant(slot) => {
-                        slot.insert((req.key.clone(), record));
+                    Entry::Occupied(mut found) => *found.get_mut().record_mut() = record,
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(Slot {
+                            hash,
+                            entry: Box::new((req.key.clone(), record)),
+                        });
                         self.inner.len.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             Decision::BecomeUnknown => {
                 if let Entry::Occupied(mut found) = entry {
-                    found.get_mut().1.state = State::Unknown;
+                    found.get_mut().record_mut().state = State::Unknown;
                 }
             }
             _ => {}
@@ -125,8 +127,11 @@ impl MemoryStore {
 
     pub fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
         let (hash, mut shard) = self.inner.shard(key);
-        let owned = match shard.table.find_entry(hash, is(key)) {
-            Ok(found) if found.get().1.state == State::InFlight && found.get().1.token == token => {
+        let owned = match shard.table.find_entry(hash, is(hash, key)) {
+            Ok(found)
+                if found.get().record().state == State::InFlight
+                    && found.get().record().token == token =>
+            {
                 found.remove();
                 self.inner.len.fetch_sub(1, Ordering::Relaxed);
                 true
@@ -146,7 +151,10 @@ impl MemoryStore {
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
         let now = now_ms();
-        let found = shard.table.find_mut(hash, is(key)).map(|(_, r)| r);
+        let found = shard
+            .table
+            .find_mut(hash, is(hash, key))
+            .map(Slot::record_mut);
         let done = match found.filter(|r| r.expires_ms > now) {
             Some(r) => {
                 r.state = State::Completed;
@@ -167,8 +175,8 @@ impl MemoryStore {
         let (hash, shard) = self.inner.shard(key);
         shard
             .table
-            .find(hash, is(key))
-            .map(|(_, r)| r)
+            .find(hash, is(hash, key))
+            .map(Slot::record)
             .filter(|r| r.expires_ms > now)
             .cloned()
     }
@@ -177,7 +185,7 @@ impl MemoryStore {
         let (hash, mut shard) = self.inner.shard(key);
         let removed = shard
             .table
-            .find_entry(hash, is(key))
+            .find_entry(hash, is(hash, key))
             .map(|found| found.remove())
             .is_ok();
         drop(shard);
@@ -198,8 +206,8 @@ impl MemoryStore {
                 shard
                     .table
                     .iter()
-                    .filter(|(_, r)| r.expires_ms > now)
-                    .cloned(),
+                    .filter(|slot| slot.record().expires_ms > now)
+                    .map(|slot| (*slot.entry).clone()),
             );
         }
         out
@@ -213,7 +221,11 @@ impl MemoryStore {
     fn owned(&self, key: &StorageKey, token: &str, change: impl FnOnce(&mut Record)) -> bool {
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
-        let done = match shard.table.find_mut(hash, is(key)).map(|(_, r)| r) {
+        let done = match shard
+            .table
+            .find_mut(hash, is(hash, key))
+            .map(Slot::record_mut)
+        {
             Some(r) if r.state == State::InFlight && r.token == token => {
                 let expires = r.expires_ms;
                 change(r);
@@ -245,9 +257,9 @@ impl Inner {
     }
 }
 
-/// Finds `key`'s entry in a shard.
-fn is(key: &StorageKey) -> impl Fn(&(StorageKey, Record)) -> bool + '_ {
-    move |(k, _)| k == key
+/// Finds `key` (whose hash is `hash`) in a shard.
+fn is(hash: u64, key: &StorageKey) -> impl Fn(&Slot) -> bool + '_ {
+    move |slot| slot.hash == hash && slot.entry.0 == *key
 }
 
 pub fn now_ms() -> u64 {
@@ -339,12 +351,29 @@ mod tests {
         let left: usize = (500..999)
             .filter(|&i| {
                 let (hash, shard) = store.inner.shard(&key(i));
-                shard.table.find(hash, is(&key(i))).is_some()
+                shard.table.find(hash, is(hash, &key(i))).is_some()
             })
             .count();
         assert_eq!(left, 0, "short-ttl records left in the tables");
         assert_eq!(sweep_all(&store, now_ms() + 7_200_000), 501);
         assert_eq!(store.inner.len.load(Ordering::Relaxed), 0);
+    }
+
+    /// Regression: records were held inline in the shard tables (about 300
+    /// bytes each) and rehashed whenever a table grew, so each doubling
+    /// stalled the worker for up to milliseconds (p99 of paced S2 runs). A
+    /// slot is the hash and a pointer; a growing table never calls a hasher.
+    #[test]
+    fn growing_a_shard_moves_slots_of_a_hash_and_a_pointer() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+        let store = store(1_000_000);
+        for i in 0..20_000 {
+            assert_eq!(claim(&store, &key(i)), Decision::Claim);
+        }
+        // Every record is found again by its stored hash after the growth.
+        for i in (0..20_000).step_by(97) {
+            assert!(store.get(&key(i)).is_some(), "key {i}");
+        }
     }
 
     /// Keys claimed and released leave heap entries behind; the sweep
