@@ -52,11 +52,15 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
         }
         KeysCommand::Unknown { route, .. } => {
             let now = store.now_ms().await?;
-            let records = store.records(route.as_deref()).await?;
-            let unknown = records
-                .iter()
-                .filter(|(k, r)| is_unknown(config, k, r, now));
-            json!(unknown.map(|(k, r)| record_json(k, r)).collect::<Vec<_>>())
+            let unknown = store
+                .records(route.as_deref(), None, |k, r| is_unknown(config, k, r, now))
+                .await?;
+            json!(
+                unknown
+                    .iter()
+                    .map(|(k, r)| record_json(k, r))
+                    .collect::<Vec<_>>()
+            )
         }
     })
 }

@@ -170,7 +170,7 @@ async fn mismatch_and_in_progress(backend: Backend) {
         .unwrap()
         .decision;
     assert_eq!(d, Decision::NotStored { status: 201 });
-    let records = store.records(Some("r")).await.unwrap();
+    let records = store.records(Some("r"), None, |_, _| true).await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].0, k);
     assert_eq!(records[0].1.response.as_ref().unwrap().body_size, 5_000_000);
@@ -232,7 +232,7 @@ async fn a_run_of_replays_keeps_every_answer_right(backend: Backend) {
     .map(|r| r.unwrap().decision);
     assert_eq!(decisions, [Decision::BecomeUnknown, Decision::Unknown]);
     let (_, record) = store
-        .records(Some("r"))
+        .records(Some("r"), None, |_, _| true)
         .await
         .unwrap()
         .into_iter()
@@ -262,7 +262,57 @@ async fn the_store_clock_reads_in_milliseconds(backend: Backend) {
     );
 }
 
+fn key_in(route: &str, scope: &str, name: &str) -> StorageKey {
+    StorageKey {
+        route: route.into(),
+        scope: scope.into(),
+        key: name.into(),
+    }
+}
+
+/// Listings take what they ask for: one route, one client key (in every
+/// scope, and not the keys that merely contain it), one state.
+async fn listings_select_by_route_key_and_state(backend: Backend) {
+    let store = open(&backend);
+    let done = [
+        key_in("r", "s1", "a"),
+        key_in("r", "s2", "a"),
+        key_in("r", "s1", "x:a"),
+        key_in("r", "s1", "a:b"),
+        key_in("r2", "s1", "a"),
+    ];
+    for k in &done {
+        complete_new(&store, k, 201).await;
+    }
+    let running = key_in("r", "s1", "running");
+    let reply = store
+        .claim(&claim(&running, "t", 10_000, OnUnknown::Lock))
+        .await;
+    assert_eq!(reply.unwrap().decision, Decision::Claim);
+
+    let mut found: Vec<StorageKey> = store
+        .find("r", "a", None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    found.sort_by(|x, y| x.scope.cmp(&y.scope));
+    assert_eq!(found, [done[0].clone(), done[1].clone()]);
+
+    let completed = store
+        .records(Some("r"), None, |_, r| r.state == State::Completed)
+        .await
+        .unwrap();
+    assert_eq!(completed.len(), 4, "{completed:?}");
+    let every_a = store.records(None, Some("a"), |_, _| true).await.unwrap();
+    assert_eq!(every_a.len(), 3, "{every_a:?}");
+    let all = store.records(None, None, |_, _| true).await.unwrap();
+    assert_eq!(all.len(), 6);
+}
+
 both_stores!(
+    listings_select_by_route_key_and_state,
     the_store_clock_reads_in_milliseconds,
     taken_over_attempt_never_overwrites_the_new_owner,
     lease_end_under_lock_turns_unknown_once,
@@ -297,17 +347,73 @@ async fn complete_new(store: &Store, k: &StorageKey, status: u16) {
     );
 }
 
-/// `EVALSHA` calls so far on this server (`INFO commandstats`).
+/// `EVALSHA` calls so far on this server.
 async fn script_calls(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    command_calls(conn, "evalsha").await
+}
+
+/// Calls of `command` (lower case) so far on this server (`INFO commandstats`).
+async fn command_calls(conn: &mut ::redis::aio::MultiplexedConnection, command: &str) -> u64 {
     let info: String = ::redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
         .await
         .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Socket reads Redis has done so far (`INFO stats`): about one per round trip.
+async fn redis_reads(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("stats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_reads_processed:"))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Regression: a listing (`keys unknown`, `GET /keys`) read every record in
+/// a round trip of its own, a million of them for a million records; a
+/// standalone server is now read in pipelines.
+#[tokio::test]
+async fn a_listing_reads_records_in_batches() {
+    let (_server, store, mut conn) = own_redis().await;
+    for i in 0..1_200 {
+        complete_new(&store, &key_in("r", "s1", &format!("k{i}")), 201).await;
+    }
+    let before = redis_reads(&mut conn).await;
+    let all = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    assert_eq!(all.len(), 1_200);
+    let reads = redis_reads(&mut conn).await - before;
+    assert!(
+        reads < 100,
+        "{reads} socket reads for a listing of 1,200 records"
+    );
+}
+
+/// Regression: looking one key up without a scope (`GET /keys/{route}/{key}`,
+/// `idemgate keys get`) SCANned the whole route and read every record of it,
+/// one round trip each; the SCAN now asks for the key, so only its records
+/// are read.
+#[tokio::test]
+async fn finding_one_key_reads_only_its_records() {
+    let (_server, store, mut conn) = own_redis().await;
+    for i in 0..40 {
+        complete_new(&store, &key_in("r", "s1", &format!("other-{i}")), 201).await;
+    }
+    complete_new(&store, &key_in("r", "s1", "wanted"), 201).await;
+    complete_new(&store, &key_in("r", "s2", "wanted"), 201).await;
+    let before = command_calls(&mut conn, "hmget").await;
+    let found = store.find("r", "wanted", None).await.unwrap();
+    assert_eq!(found.len(), 2);
+    let reads = command_calls(&mut conn, "hmget").await - before;
+    assert_eq!(reads, 2, "records read to find one key");
 }
 
 #[tokio::test]

@@ -29,18 +29,14 @@ impl Admin {
         let records = self
             .proxy
             .store
-            .records(route.as_deref())
-            .await
-            .map_err(store_problem)?;
-        let list: Vec<_> = records
-            .iter()
-            .filter(|(k, r)| match state.as_deref() {
+            .records(route.as_deref(), None, |k, r| match state.as_deref() {
                 None => true,
                 Some("unknown") => is_unknown(&config, k, r, now),
                 Some(s) => r.state.as_str() == s,
             })
-            .map(|(k, r)| record_json(k, r))
-            .collect();
+            .await
+            .map_err(store_problem)?;
+        let list: Vec<_> = records.iter().map(|(k, r)| record_json(k, r)).collect();
         Ok(json_response(StatusCode::OK, &json!(list)))
     }
 

@@ -181,23 +181,30 @@ impl Store {
         .await
     }
 
-    /// Every live record, optionally of one route (operator listings; not for the hot path).
+    /// Live records for operator listings (not for the hot path): of one
+    /// route and one client key when given, and those `keep` accepts. The
+    /// memory store tests a record before copying it and Redis SCANs for the
+    /// route and key only, so looking one key up, or listing the few unknown
+    /// outcomes, copies neither the whole store nor every record's body.
     pub async fn records(
         &self,
         route: Option<&str>,
+        key: Option<&str>,
+        keep: impl Fn(&StorageKey, &Record) -> bool,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let all = self
-            .timed("list", async {
-                match &self.kind {
-                    Kind::Memory(s) => Ok(s.records()),
-                    Kind::Redis(s) => Box::pin(s.records(route)).await,
+        let wanted = |k: &StorageKey, r: &Record| {
+            route.is_none_or(|x| k.route == x) && key.is_none_or(|x| k.key == x) && keep(k, r)
+        };
+        self.timed("list", async {
+            match &self.kind {
+                Kind::Memory(s) => Ok(s.records(wanted)),
+                Kind::Redis(s) => {
+                    let read = Box::pin(s.records(route, key)).await?;
+                    Ok(read.into_iter().filter(|(k, r)| wanted(k, r)).collect())
                 }
-            })
-            .await?;
-        Ok(all
-            .into_iter()
-            .filter(|(k, _)| route.is_none_or(|r| k.route == r))
-            .collect())
+            }
+        })
+        .await
     }
 
     /// The records of one client key: in one scope, or in every scope of the route.
@@ -215,8 +222,7 @@ impl Store {
             };
             return Ok(self.get(&k).await?.map(|r| (k, r)).into_iter().collect());
         }
-        let all = self.records(Some(route)).await?;
-        Ok(all.into_iter().filter(|(k, _)| k.key == key).collect())
+        self.records(Some(route), Some(key), |_, _| true).await
     }
 
     /// Waits until the record may have changed, at most `at_most`. The memory

@@ -25,6 +25,10 @@ use claim_mix::ClaimMix;
 use scripts::{COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE};
 use wire::{EncodedKey, glob_escape, parse_record};
 
+/// Records read per round trip in a listing (standalone Redis): a listing
+/// of a million records takes two thousand round trips, not a million.
+const READ_BATCH: usize = 500;
+
 pub struct RedisStore {
     link: link::Link,
     prefix: String,
@@ -232,18 +236,23 @@ impl RedisStore {
         Ok(removed > 0)
     }
 
-    /// SCANs the record keys (of one route) on every master and reads each
-    /// one. A listing takes as many round trips as there are records, so
-    /// each of them gets `op_timeout` of its own.
+    /// SCANs the record keys (of one route, of one client key) on every
+    /// master and reads them: from a standalone server in pipelines of
+    /// `READ_BATCH`, from a cluster one by one; each SCAN step and each read
+    /// gets `op_timeout` of its own. The pattern may match a little more
+    /// than asked (a `*` spans `:` in a key); the caller filters what comes
+    /// back.
     pub async fn records(
         &self,
         route: Option<&str>,
+        key: Option<&str>,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
         let mut conn = self.conn(self.deadline()).await?;
         let pattern = format!(
-            "{}{{{}:*",
+            "{}{{{}:{}",
             glob_escape(&self.prefix),
-            route.map_or("*".to_owned(), glob_escape)
+            route.map_or("*".to_owned(), glob_escape),
+            key.map_or("*".to_owned(), |k| format!("*:{}}}", glob_escape(k)))
         );
         let mut names = Vec::new();
         for node in self.bounded(self.deadline(), conn.scan_targets()).await? {
@@ -259,13 +268,34 @@ impl RedisStore {
                 }
             }
         }
+        let keys: Vec<StorageKey> = names
+            .iter()
+            .filter_map(|name| StorageKey::decode(&self.prefix, name))
+            .collect();
         let mut out = Vec::new();
-        for name in names {
-            let Some(key) = StorageKey::decode(&self.prefix, &name) else {
-                continue;
-            };
-            if let Some(record) = self.get(&key).await? {
-                out.push((key, record));
+        if let link::Handle::Cluster(_) = conn {
+            // The keys of one node's SCAN span many slots: read them one by one.
+            for key in keys {
+                if let Some(record) = self.get(&key).await? {
+                    out.push((key, record));
+                }
+            }
+            return Ok(out);
+        }
+        for batch in keys.chunks(READ_BATCH) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.cmd("HMGET")
+                    .arg(EncodedKey(key.encoded_parts(&self.prefix)))
+                    .arg(&RECORD_FIELDS[..]);
+            }
+            let rows: Vec<Vec<Option<Vec<u8>>>> = self
+                .bounded(self.deadline(), pipe.query_async(&mut conn))
+                .await?;
+            for (key, values) in batch.iter().zip(rows) {
+                if let Some(record) = parse_record(values)? {
+                    out.push((key.clone(), record));
+                }
             }
         }
         Ok(out)
