@@ -112,6 +112,7 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing a SIGHUP handler")?;
     let config = load(path)?;
+    let open_files = raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen.address)
         .await
         .with_context(|| format!("cannot bind listen address {}", config.listen.address))?;
@@ -120,10 +121,34 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(address = %admin.local_addr()?, "admin listening");
     }
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), workers, "idemgate listening");
+    tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), workers, open_files, "idemgate listening");
     idemgate::server::serve(config, listeners, shutdown, Some(path.to_owned())).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one, as nginx's
+/// `worker_rlimit_nofile` or Go's runtime do: a client connection holds a
+/// descriptor and most hold an upstream one too, and programs started from
+/// a shell get 1,024, which caps the proxy at about 500 clients. Returns the
+/// limit now in force; warns when it stays low.
+fn raise_open_file_limit() -> u64 {
+    const LOW: u64 = 4096;
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(error = %error, "could not raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
+        }
+    };
+    if limit < LOW {
+        tracing::warn!(
+            open_files = limit,
+            "the open-file limit allows about {} client connections; raise the hard limit (systemd LimitNOFILE, ulimit -Hn)",
+            limit / 2
+        );
+    }
+    limit
 }
 
 /// SIGTERM or SIGINT, with both handlers installed before this returns.

@@ -285,7 +285,11 @@ async fn every_log_line_of_a_request_carries_its_trace_id() {
         .log()
         .into_iter()
         // Everything but the startup lines belongs to the one request.
-        .filter(|l| !l.contains("listening") && !l.contains("store backend is memory"))
+        .filter(|l| {
+            !l.contains("listening")
+                && !l.contains("store backend is memory")
+                && !l.contains("open-file limit")
+        })
         .collect();
     assert!(
         lines.len() >= 3,
@@ -294,6 +298,36 @@ async fn every_log_line_of_a_request_carries_its_trace_id() {
     for line in &lines {
         assert!(line.contains(trace), "no trace id in: {line}");
     }
+}
+
+/// Programs started from a shell get a soft open-file limit of 1,024, which
+/// caps a proxy at about 500 clients: `serve` raises it to the hard limit
+/// and says what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_raises_the_open_file_limit_to_the_hard_one() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config(&dir, &upstream);
+    let proxy = Binary::serve_wrapped(&path, &["prlimit", "--nofile=256:"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(
+        open_files[0], open_files[1],
+        "soft limit raised to the hard one: {limits}"
+    );
+    assert_ne!(open_files[0], "256");
+    let said = proxy.log().into_iter().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(&l).ok()?;
+        (v["message"] == "idemgate listening").then(|| v["open_files"].to_string())
+    });
+    assert_eq!(said.as_deref(), Some(open_files[0]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,11 +26,27 @@ impl Binary {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idemgate"));
+        command.envs(env.iter().copied());
+        Binary::spawn(command, config_path, args)
+    }
+
+    /// `serve` run by `wrapper` (a program and its arguments that ends by
+    /// executing the binary, e.g. `prlimit --nofile=256:`).
+    pub fn serve_wrapped(config_path: &std::path::Path, wrapper: &[&str]) -> Binary {
+        let mut command = Command::new(wrapper[0]);
+        command
+            .args(&wrapper[1..])
+            .arg(env!("CARGO_BIN_EXE_idemgate"));
+        Binary::spawn(command, config_path, &[])
+    }
+
+    /// Starts `command` with `serve --config <path>` and `args`.
+    fn spawn(mut command: Command, config_path: &std::path::Path, args: &[&str]) -> Binary {
+        let mut child = command
             .args(["serve", "--log-format", "json", "--config"])
             .arg(config_path)
             .args(args)
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
