@@ -220,7 +220,7 @@ impl Proxy {
             if !waiting || left.is_zero() {
                 return Ok(reply);
             }
-            self.store.changed(step.min(left)).await;
+            self.store.changed(claim.key, step.min(left)).await;
             step = (step * 2).min(MAX_WAIT_STEP);
         }
     }

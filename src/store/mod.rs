@@ -225,12 +225,12 @@ impl Store {
         self.records(Some(route), Some(key), |_, _| true).await
     }
 
-    /// Waits until the record may have changed, at most `at_most`. The memory
-    /// store wakes waiters on every transition; Redis is polled with backoff
-    /// by the caller, so this only sleeps.
-    pub async fn changed(&self, at_most: Duration) {
+    /// Waits until `key`'s record may have changed, at most `at_most`. The
+    /// memory store wakes the waiters of a key's shard on its transitions;
+    /// Redis is polled with backoff by the caller, so this only sleeps.
+    pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
         match &self.kind {
-            Kind::Memory(s) => s.changed(at_most).await,
+            Kind::Memory(s) => s.changed(key, at_most).await,
             Kind::Redis(_) => tokio::time::sleep(at_most).await,
         }
     }

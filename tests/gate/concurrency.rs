@@ -100,3 +100,62 @@ both_stores!(
     thirty_concurrent_duplicates_wait,
     waiters_claim_afresh_when_the_attempt_is_released,
 );
+
+/// Claims the proxy has made so far (its store metrics).
+async fn claims(s: &Setup) -> f64 {
+    crate::common::sample(
+        &s.metrics().await,
+        "idemgate_store_latency_seconds_count",
+        &[("op", "claim")],
+    )
+}
+
+/// Regression: each transition in the memory store woke every waiter of
+/// `concurrent: wait`, whatever its key, and each claimed again: with many
+/// waiters, a claim per waiter per transition. A waiter now wakes for its
+/// own key's shard (one in 64) and its backoff steps only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_not_woken_by_other_keys() {
+    let backend = Backend::memory();
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let s = Setup::with_store(backend, &store, "", "concurrent: wait", "").await;
+    // The attempt the waiter waits for (3 s at the upstream), and the waiter.
+    let slow = || {
+        let (client, url) = (s.client.clone(), s.url());
+        tokio::spawn(async move {
+            let headers = [
+                ("idempotency-key", "k-slow"),
+                ("content-type", "application/json"),
+                ("x-test-delay-ms", "3000"),
+            ];
+            client.send("POST", &url, &headers, "{}").await
+        })
+    };
+    let first = slow();
+    eventually(
+        Duration::from_secs(5),
+        "first attempt in flight",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let waiter = slow();
+    eventually(
+        Duration::from_secs(5),
+        "the waiter's first claim",
+        || async { claims(&s).await >= 2.0 },
+    )
+    .await;
+    let before = claims(&s).await;
+    let others = 100;
+    for i in 0..others {
+        assert_eq!(s.post(&format!("k-other-{i}"), "{}", &[]).await.status, 201);
+    }
+    let waiter_claims = claims(&s).await - before - f64::from(others);
+    assert!(
+        waiter_claims < 40.0,
+        "the waiter claimed {waiter_claims} times during {others} other keys' transitions"
+    );
+    assert!(!waiter.is_finished(), "still waiting for k-slow");
+    waiter.abort();
+    first.abort();
+}

@@ -38,8 +38,10 @@ struct Inner {
     /// Records held, for the `max_records` bound.
     len: AtomicU64,
     max_records: u64,
-    /// Woken on every transition, for `concurrent: wait`.
-    changed: Notify,
+    /// Per shard, woken on every transition of one of its keys, for
+    /// `concurrent: wait`: a waiter wakes for its own key's shard only, not
+    /// for every transition in the store.
+    changed: Vec<Notify>,
 }
 
 impl MemoryStore {
@@ -49,7 +51,7 @@ impl MemoryStore {
             hasher: RandomState::new(),
             len: AtomicU64::new(0),
             max_records: config.max_records,
-            changed: Notify::new(),
+            changed: (0..SHARDS).map(|_| Notify::new()).collect(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&inner)));
@@ -139,7 +141,7 @@ impl MemoryStore {
             _ => false,
         };
         drop(shard);
-        self.inner.changed.notify_waiters();
+        self.inner.notify(hash);
         Ok(owned)
     }
 
@@ -166,7 +168,7 @@ impl MemoryStore {
             None => false,
         };
         drop(guard);
-        self.inner.changed.notify_waiters();
+        self.inner.notify(hash);
         done
     }
 
@@ -191,7 +193,7 @@ impl MemoryStore {
         drop(shard);
         if removed {
             self.inner.len.fetch_sub(1, Ordering::Relaxed);
-            self.inner.changed.notify_waiters();
+            self.inner.notify(hash);
         }
         removed
     }
@@ -220,8 +222,10 @@ impl MemoryStore {
         out
     }
 
-    pub async fn changed(&self, at_most: Duration) {
-        let _ = tokio::time::timeout(at_most, self.inner.changed.notified()).await;
+    /// Waits until `key`'s record may have changed, at most `at_most`.
+    pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
+        let slot = &self.inner.changed[shard_index(self.inner.hasher.hash_one(key))];
+        let _ = tokio::time::timeout(at_most, slot.notified()).await;
     }
 
     /// Applies `change` when `token` still owns the in-flight attempt.
@@ -244,24 +248,34 @@ impl MemoryStore {
             _ => false,
         };
         drop(guard);
-        self.inner.changed.notify_waiters();
+        self.inner.notify(hash);
         done
     }
 }
 
 impl Inner {
-    /// The key's hash and its shard, locked. The shard is picked by bits
-    /// 32..38 of the hash, which the table itself uses neither for its bucket
-    /// index (low bits) nor for its tags (top 7 bits).
+    /// Wakes the waiters of the shard of the key hashed to `hash`.
+    fn notify(&self, hash: u64) {
+        self.changed[shard_index(hash)].notify_waiters();
+    }
+
+    /// The key's hash and its shard, locked.
     fn shard(&self, key: &StorageKey) -> (u64, MutexGuard<'_, Shard>) {
         let hash = self.hasher.hash_one(key);
-        let index = ((hash >> 32) as usize) % SHARDS;
+        let index = shard_index(hash);
         // A panic while holding a shard lock leaves plain data behind: keep using it.
         (
             hash,
             self.shards[index].lock().unwrap_or_else(|e| e.into_inner()),
         )
     }
+}
+
+/// The shard of the key hashed to `hash`: bits 32..38, which the table
+/// itself uses neither for its bucket index (low bits) nor for its tags
+/// (top 7 bits).
+fn shard_index(hash: u64) -> usize {
+    ((hash >> 32) as usize) % SHARDS
 }
 
 /// Finds `key` (whose hash is `hash`) in a shard.
