@@ -311,7 +311,26 @@ async fn listings_select_by_route_key_and_state(backend: Backend) {
     assert_eq!(all.len(), 6);
 }
 
+/// A listed record's `expires_at` is its completion plus `ttl` (Redis: the
+/// key's TTL on the store's clock; no field repeats it), and a lookup says
+/// the same.
+async fn listed_records_expire_ttl_after_completion(backend: Backend) {
+    let store = open(&backend);
+    let k = key_in("r", "s1", "expiring");
+    complete_new(&store, &k, 201).await; // ttl 60 s
+    let now = store.now_ms().await.unwrap();
+    let listed = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    let looked_up = store.get(&k).await.unwrap().expect("the record");
+    for expires in [listed[0].1.expires_ms, looked_up.expires_ms] {
+        assert!(
+            now + 59_000 <= expires && expires <= now + 60_000,
+            "expires {expires}, now {now}"
+        );
+    }
+}
+
 both_stores!(
+    listed_records_expire_ttl_after_completion,
     listings_select_by_route_key_and_state,
     the_store_clock_reads_in_milliseconds,
     taken_over_attempt_never_overwrites_the_new_owner,

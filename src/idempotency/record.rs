@@ -38,6 +38,8 @@ pub struct Record {
     pub token: String,
     pub lease_end_ms: u64,
     pub created_ms: u64,
+    /// When the record goes. Redis keeps it as the key's TTL: read for
+    /// listings and lookups (`Store::get`, `Store::records`), 0 in claims.
     pub expires_ms: u64,
     /// Set once `completed`.
     pub response: Option<StoredResponse>,

@@ -206,7 +206,49 @@ impl RedisStore {
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        self.read(key, self.deadline()).await
+        let now = self.now_ms().await?;
+        let conn = self.conn(self.deadline()).await?;
+        let mut read = self
+            .read_listed(conn, now, std::slice::from_ref(key))
+            .await?;
+        Ok(read.pop().map(|(_, record)| record))
+    }
+
+    /// The records at `keys` that exist, with their expiry (`now`, the
+    /// store's clock, plus the key's TTL), read in one pipeline: `HMGET` and
+    /// `PTTL` per key. All keys of one call on one node (one key for a cluster).
+    async fn read_listed(
+        &self,
+        mut conn: link::Handle,
+        now: u64,
+        keys: &[StorageKey],
+    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            let name = EncodedKey(key.encoded_parts(&self.prefix));
+            pipe.cmd("HMGET").arg(&name).arg(&RECORD_FIELDS[..]);
+            pipe.cmd("PTTL").arg(&name);
+        }
+        let rows: Vec<Value> = self
+            .bounded(self.deadline(), pipe.query_async(&mut conn))
+            .await?;
+        let mut out = Vec::new();
+        for (key, pair) in keys.iter().zip(rows.chunks(2)) {
+            let [fields, ttl] = pair else { break };
+            let values: Vec<Option<Vec<u8>>> = FromRedisValue::from_redis_value(fields.clone())
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let Some(mut record) = parse_record(values)? else {
+                continue;
+            };
+            // -1: no expiry (not written by idemgate); -2: gone since the HMGET.
+            record.expires_ms = match ttl {
+                Value::Int(ms) if *ms >= 0 => now.saturating_add(ms.unsigned_abs()),
+                Value::Int(-2) => continue,
+                _ => u64::MAX,
+            };
+            out.push((key.clone(), record));
+        }
+        Ok(out)
     }
 
     async fn read(
@@ -272,31 +314,15 @@ impl RedisStore {
             .iter()
             .filter_map(|name| StorageKey::decode(&self.prefix, name))
             .collect();
+        let now = self.now_ms().await?;
+        // The keys of one node's SCAN span many slots: a cluster's are read one by one.
+        let batch = match conn {
+            link::Handle::Single(_) => READ_BATCH,
+            link::Handle::Cluster(_) => 1,
+        };
         let mut out = Vec::new();
-        if let link::Handle::Cluster(_) = conn {
-            // The keys of one node's SCAN span many slots: read them one by one.
-            for key in keys {
-                if let Some(record) = self.get(&key).await? {
-                    out.push((key, record));
-                }
-            }
-            return Ok(out);
-        }
-        for batch in keys.chunks(READ_BATCH) {
-            let mut pipe = redis::pipe();
-            for key in batch {
-                pipe.cmd("HMGET")
-                    .arg(EncodedKey(key.encoded_parts(&self.prefix)))
-                    .arg(&RECORD_FIELDS[..]);
-            }
-            let rows: Vec<Vec<Option<Vec<u8>>>> = self
-                .bounded(self.deadline(), pipe.query_async(&mut conn))
-                .await?;
-            for (key, values) in batch.iter().zip(rows) {
-                if let Some(record) = parse_record(values)? {
-                    out.push((key.clone(), record));
-                }
-            }
+        for keys in keys.chunks(batch) {
+            out.extend(self.read_listed(conn.clone(), now, keys).await?);
         }
         Ok(out)
     }

@@ -3,14 +3,16 @@
 
 /// The fields read back from a record hash (`HMGET`), in the order
 /// `parse_record` and the claim script (`rec[1]` state, `rec[2]` fp,
-/// `rec[4]` lease_end) expect.
-pub const RECORD_FIELDS: [&str; 11] = [
+/// `rec[4]` lease_end) expect. A record's expiry is its key's TTL: no field
+/// repeats it (writing one cost each script a `TIME` and a formatted
+/// number: claim 7.8 -> 7.1 us, completion 8.5 -> 6.7 us of Redis time).
+/// Records written by earlier versions keep an `expires` field, unread.
+pub const RECORD_FIELDS: [&str; 10] = [
     "state",
     "fp",
     "token",
     "lease_end",
     "created",
-    "expires",
     "status",
     "headers",
     "body",
@@ -50,8 +52,7 @@ macro_rules! write_claim {
     () => {
         r"
 redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', ARGV[2],
-  'lease_end', string.format('%d', now + tonumber(ARGV[3])), 'created', string.format('%d', now),
-  'expires', string.format('%d', now + tonumber(ARGV[4])))
+  'lease_end', string.format('%d', now + tonumber(ARGV[3])), 'created', string.format('%d', now))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 "
     };
@@ -104,10 +105,9 @@ end
 /// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
 pub const COMPLETE: &str = concat!(
     owner_guard!(),
-    redis_now!(),
     r"
 redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
-  'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6], 'expires', string.format('%d', now + tonumber(ARGV[7])))
+  'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return 1
 "
@@ -132,17 +132,12 @@ return 1
 );
 
 /// An operator's answer for an existing record, whatever its state.
-pub const RESOLVE: &str = concat!(
-    r"
+pub const RESOLVE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-",
-    redis_now!(),
-    r"
 redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[1], 'headers', ARGV[2],
-  'body', ARGV[3], 'stored', '1', 'body_size', ARGV[4], 'expires', string.format('%d', now + tonumber(ARGV[5])))
+  'body', ARGV[3], 'stored', '1', 'body_size', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
-"
-);
+";

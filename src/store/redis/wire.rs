@@ -79,7 +79,8 @@ pub(super) fn parse_record(mut values: Vec<Option<Vec<u8>>>) -> Result<Option<Re
         token: text(take("token")).unwrap_or_default(),
         lease_end_ms: number(take("lease_end")),
         created_ms: number(take("created")),
-        expires_ms: number(take("expires")),
+        // The key's TTL, which listings read (`RedisStore::read_listed`).
+        expires_ms: 0,
         response,
     }))
 }
