@@ -233,16 +233,19 @@ impl RedisStore {
             .bounded(self.deadline(), pipe.query_async(&mut conn))
             .await?;
         let mut out = Vec::new();
-        for (key, pair) in keys.iter().zip(rows.chunks(2)) {
-            let [fields, ttl] = pair else { break };
-            let values: Vec<Option<Vec<u8>>> = FromRedisValue::from_redis_value(fields.clone())
+        let mut rows = rows.into_iter();
+        for key in keys {
+            let (Some(fields), Some(ttl)) = (rows.next(), rows.next()) else {
+                break;
+            };
+            let values: Vec<Option<Vec<u8>>> = FromRedisValue::from_redis_value(fields)
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
             let Some(mut record) = parse_record(values)? else {
                 continue;
             };
             // -1: no expiry (not written by idemgate); -2: gone since the HMGET.
             record.expires_ms = match ttl {
-                Value::Int(ms) if *ms >= 0 => now.saturating_add(ms.unsigned_abs()),
+                Value::Int(ms) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
                 Value::Int(-2) => continue,
                 _ => u64::MAX,
             };
