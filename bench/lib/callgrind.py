@@ -4,7 +4,7 @@
     callgrind.py DUMP REQUESTS [TOP]
 
 Prints one JSON line, {"instructions": ..., "sha256_portable": ...,
-"allocations": ...} per request (instructions executed in user space but
+"allocations": ..., and with a cache simulation "ll_data_misses": ...} per request (instructions executed in user space but
 SHA-256's; SHA-256's, which valgrind runs without SHA-NI; calls into the
 C allocator: malloc, calloc and the aligned ones), then
 the TOP functions by self instructions per request. Callgrind counts
@@ -23,10 +23,13 @@ ALLOCATORS = ("malloc", "calloc", "posix_memalign", "aligned_alloc")
 
 
 def parse(path):
+    """Self instructions and, with a cache simulation, self last-level data
+    misses (reads + writes) per function; calls per callee."""
     names, self_cost = {}, collections.Counter()
-    calls = collections.Counter()
+    misses, calls = collections.Counter(), collections.Counter()
     fn = cfn = None
     pending = None
+    ll = None  # columns of DLmr and DLmw, when the dump has them
 
     def name(token):
         m = re.match(r"\((\d+)\)(?: (.*))?", token)
@@ -37,7 +40,11 @@ def parse(path):
     with open(path) as f:
         for line in f:
             line = line.rstrip("\n")
-            if line.startswith("fn="):
+            if line.startswith("events:"):
+                events = line.split()[1:]
+                if "DLmr" in events:
+                    ll = (events.index("DLmr") + 1, events.index("DLmw") + 1)
+            elif line.startswith("fn="):
                 fn = name(line[3:])
             elif line.startswith("cfn="):
                 cfn = name(line[4:])
@@ -52,27 +59,37 @@ def parse(path):
                     pending = None
                 else:
                     self_cost[fn] += int(parts[1])
-    return names, self_cost, calls
+                    if ll:
+                        # Trailing zero columns are left out of a cost line.
+                        column = lambda i: int(parts[i]) if i < len(parts) else 0  # noqa: E731
+                        misses[fn] += column(ll[0]) + column(ll[1])
+    return names, self_cost, calls, misses
 
 
 def main():
     path, requests = sys.argv[1], int(sys.argv[2])
     top = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    names, self_cost, calls = parse(path)
+    names, self_cost, calls, misses = parse(path)
     total = sum(self_cost.values())
     # Counted at the C allocator: with LTO `__rust_alloc` is inlined away.
     allocs = sum(n for f, n in calls.items() if names.get(f) in ALLOCATORS)
     # Under valgrind, sha2 finds no SHA-NI and runs its portable code, which
     # costs far more instructions than on the real CPU: reported apart.
     sha = sum(c for f, c in self_cost.items() if "sha2::" in names.get(f, ""))
-    print(json.dumps({
+    summary = {
         "requests": requests,
         "instructions": round((total - sha) / requests),
         "sha256_portable": round(sha / requests),
         "allocations": round(allocs / requests, 1),
-    }))
-    for f, cost in self_cost.most_common(top):
-        print(f"{cost / requests:8.0f} {100 * cost / total:5.1f}%  {names.get(f, f)[:140]}")
+    }
+    if misses:
+        summary["ll_data_misses"] = round(sum(misses.values()) / requests, 1)
+    print(json.dumps(summary))
+    # With a cache simulation the costliest functions are those that miss most.
+    ranked = misses if misses else self_cost
+    whole = sum(ranked.values()) or 1
+    for f, cost in ranked.most_common(top):
+        print(f"{cost / requests:8.1f} {100 * cost / whole:5.1f}%  {names.get(f, f)[:140]}")
 
 
 if __name__ == "__main__":
