@@ -9,6 +9,7 @@
 
 pub mod memory;
 mod redis;
+mod waiters;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,7 @@ enum Kind {
 pub struct Store {
     kind: Kind,
     metrics: Arc<Metrics>,
+    waiters: waiters::Waiters,
 }
 
 impl Store {
@@ -71,7 +73,11 @@ impl Store {
                 Kind::Redis(Box::new(RedisStore::new(config)?))
             }
         };
-        Ok(Store { kind, metrics })
+        Ok(Store {
+            kind,
+            metrics,
+            waiters: waiters::Waiters::new(),
+        })
     }
 
     /// Times one operation and counts its failure.
@@ -93,6 +99,18 @@ impl Store {
         result
     }
 
+    /// Times a transition of `key` and wakes the waiters of its slot.
+    async fn transition<T>(
+        &self,
+        op: &'static str,
+        key: &StorageKey,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let done = self.timed(op, call).await;
+        self.waiters.wake(key);
+        done
+    }
+
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
         self.timed("claim", async {
             match &self.kind {
@@ -112,7 +130,7 @@ impl Store {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.timed("complete", async {
+        self.transition("complete", key, async {
             match &self.kind {
                 Kind::Memory(s) => s.complete(key, token, response, ttl),
                 Kind::Redis(s) => Box::pin(s.complete(key, token, &response, ttl)).await,
@@ -123,7 +141,7 @@ impl Store {
 
     /// Deletes the record so that a retry makes a new attempt; fenced by the token.
     pub async fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.timed("release", async {
+        self.transition("release", key, async {
             match &self.kind {
                 Kind::Memory(s) => s.release(key, token),
                 Kind::Redis(s) => Box::pin(s.release(key, token)).await,
@@ -134,7 +152,7 @@ impl Store {
 
     /// Turns the attempt's record `unknown`; fenced by the token.
     pub async fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.timed("mark_unknown", async {
+        self.transition("mark_unknown", key, async {
             match &self.kind {
                 Kind::Memory(s) => s.mark_unknown(key, token),
                 Kind::Redis(s) => Box::pin(s.mark_unknown(key, token)).await,
@@ -151,7 +169,7 @@ impl Store {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.timed("resolve", async {
+        self.transition("resolve", key, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.resolve(key, response, ttl)),
                 Kind::Redis(s) => Box::pin(s.resolve(key, response, ttl)).await,
@@ -172,7 +190,7 @@ impl Store {
 
     /// Deletes a record whatever its state (an operator's purge).
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.timed("purge", async {
+        self.transition("purge", key, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.purge(key)),
                 Kind::Redis(s) => Box::pin(s.purge(key)).await,
@@ -225,14 +243,11 @@ impl Store {
         self.records(Some(route), Some(key), |_, _| true).await
     }
 
-    /// Waits until `key`'s record may have changed, at most `at_most`. The
-    /// memory store wakes the waiters of a key's shard on its transitions;
-    /// Redis is polled with backoff by the caller, so this only sleeps.
+    /// Waits until `key`'s record may have changed, at most `at_most`:
+    /// woken by this process's transitions on keys of its slot (1 in 64);
+    /// the caller's next claim, after `at_most`, sees other instances' (Redis).
     pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
-        match &self.kind {
-            Kind::Memory(s) => s.changed(key, at_most).await,
-            Kind::Redis(_) => tokio::time::sleep(at_most).await,
-        }
+        self.waiters.changed(key, at_most).await;
     }
 
     /// The store's clock in milliseconds since the epoch (Redis `TIME`):

@@ -96,6 +96,7 @@ async fn burst(
 }
 
 both_stores!(
+    a_waiter_is_not_woken_by_other_keys,
     thirty_concurrent_duplicates_reject,
     thirty_concurrent_duplicates_wait,
     waiters_claim_afresh_when_the_attempt_is_released,
@@ -113,10 +114,9 @@ async fn claims(s: &Setup) -> f64 {
 /// Regression: each transition in the memory store woke every waiter of
 /// `concurrent: wait`, whatever its key, and each claimed again: with many
 /// waiters, a claim per waiter per transition. A waiter now wakes for its
-/// own key's shard (one in 64) and its backoff steps (at most 100 ms) only.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiter_is_not_woken_by_other_keys() {
-    let backend = Backend::memory();
+/// own key's slot (one in 64) and its backoff steps (at most 100 ms) only;
+/// on Redis too, where this process's transitions now wake its waiters.
+async fn a_waiter_is_not_woken_by_other_keys(backend: Backend) {
     let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
     // Nothing ends while the test runs, however slow the machine.
     let s = Setup::with_store(

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_table::Entry;
-use tokio::sync::Notify;
 
 use super::{ClaimReply, ClaimRequest, StoreError};
 use crate::config::StoreConfig;
@@ -38,10 +37,6 @@ struct Inner {
     /// Records held, for the `max_records` bound.
     len: AtomicU64,
     max_records: u64,
-    /// Per shard, woken on every transition of one of its keys, for
-    /// `concurrent: wait`: a waiter wakes for its own key's shard only, not
-    /// for every transition in the store.
-    changed: Vec<Notify>,
 }
 
 impl MemoryStore {
@@ -51,7 +46,6 @@ impl MemoryStore {
             hasher: RandomState::new(),
             len: AtomicU64::new(0),
             max_records: config.max_records,
-            changed: (0..SHARDS).map(|_| Notify::new()).collect(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweep(Arc::downgrade(&inner)));
@@ -140,8 +134,6 @@ impl MemoryStore {
             }
             _ => false,
         };
-        drop(shard);
-        self.inner.notify(hash);
         Ok(owned)
     }
 
@@ -157,7 +149,7 @@ impl MemoryStore {
             .table
             .find_mut(hash, is(hash, key))
             .map(Slot::record_mut);
-        let done = match found.filter(|r| r.expires_ms > now) {
+        match found.filter(|r| r.expires_ms > now) {
             Some(r) => {
                 r.state = State::Completed;
                 r.response = Some(response.clone());
@@ -166,10 +158,7 @@ impl MemoryStore {
                 true
             }
             None => false,
-        };
-        drop(guard);
-        self.inner.notify(hash);
-        done
+        }
     }
 
     pub fn get(&self, key: &StorageKey) -> Option<Record> {
@@ -190,10 +179,8 @@ impl MemoryStore {
             .find_entry(hash, is(hash, key))
             .map(|found| found.remove())
             .is_ok();
-        drop(shard);
         if removed {
             self.inner.len.fetch_sub(1, Ordering::Relaxed);
-            self.inner.notify(hash);
         }
         removed
     }
@@ -222,17 +209,11 @@ impl MemoryStore {
         out
     }
 
-    /// Waits until `key`'s record may have changed, at most `at_most`.
-    pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
-        let slot = &self.inner.changed[shard_index(self.inner.hasher.hash_one(key))];
-        let _ = tokio::time::timeout(at_most, slot.notified()).await;
-    }
-
     /// Applies `change` when `token` still owns the in-flight attempt.
     fn owned(&self, key: &StorageKey, token: &str, change: impl FnOnce(&mut Record)) -> bool {
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
-        let done = match shard
+        match shard
             .table
             .find_mut(hash, is(hash, key))
             .map(Slot::record_mut)
@@ -246,19 +227,11 @@ impl MemoryStore {
                 true
             }
             _ => false,
-        };
-        drop(guard);
-        self.inner.notify(hash);
-        done
+        }
     }
 }
 
 impl Inner {
-    /// Wakes the waiters of the shard of the key hashed to `hash`.
-    fn notify(&self, hash: u64) {
-        self.changed[shard_index(hash)].notify_waiters();
-    }
-
     /// The key's hash and its shard, locked.
     fn shard(&self, key: &StorageKey) -> (u64, MutexGuard<'_, Shard>) {
         let hash = self.hasher.hash_one(key);
