@@ -75,7 +75,7 @@ mod tests {
     }
 
     /// A waiter wakes on its own key's transition and not on one of a key
-    /// in another slot; with nobody waiting, nothing is counted.
+    /// in another slot; it is counted only while it waits.
     #[tokio::test]
     async fn a_transition_wakes_the_waiters_of_its_slot() {
         let waiters = Waiters::new();
@@ -86,23 +86,23 @@ mod tests {
             .expect("a key in another slot");
         let mut wait = pin!(waiters.changed(&mine, Duration::from_secs(3600)));
         // Polled once: registered and counted.
-        assert!(futures_poll_once(wait.as_mut()).await.is_none());
+        assert!(poll_once(wait.as_mut()).await.is_none());
         assert_eq!(waiters.waiting.load(Ordering::Acquire), 1);
         waiters.wake(&other);
         assert!(
-            futures_poll_once(wait.as_mut()).await.is_none(),
+            poll_once(wait.as_mut()).await.is_none(),
             "woken by another slot"
         );
         waiters.wake(&mine);
         assert!(
-            futures_poll_once(wait.as_mut()).await.is_some(),
+            poll_once(wait.as_mut()).await.is_some(),
             "not woken by its key"
         );
         assert_eq!(waiters.waiting.load(Ordering::Acquire), 0);
     }
 
     /// Polls `future` once: its output if it is ready.
-    async fn futures_poll_once<F: Future + Unpin>(mut future: F) -> Option<F::Output> {
+    async fn poll_once<F: Future + Unpin>(mut future: F) -> Option<F::Output> {
         std::future::poll_fn(|cx| {
             std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
                 std::task::Poll::Ready(out) => Some(out),

@@ -99,16 +99,16 @@ impl Breaker {
         }
     }
 
-    /// The answer of an admitted request. While closed, success resets the
-    /// count and failure adds to it; while half-open, the probe's answer
-    /// closes or reopens the breaker. Answers of requests admitted in an
-    /// earlier state count for nothing. The clock is read only when a
-    /// failure opens the breaker.
     /// Whether answers count at all (`circuit_breaker: off` makes them not).
     pub fn counts(&self) -> bool {
         self.config.is_some()
     }
 
+    /// The answer of an admitted request. While closed, success resets the
+    /// count and failure adds to it; while half-open, the probe's answer
+    /// closes or reopens the breaker. Answers of requests admitted in an
+    /// earlier state count for nothing. The clock is read only when a
+    /// failure opens the breaker.
     pub fn record(&self, admit: Admit, success: bool, now: impl FnOnce() -> Instant) {
         let Some(config) = &self.config else { return };
         let (Admit::Pass { epoch } | Admit::Probe { epoch }) = admit else {
