@@ -29,9 +29,13 @@ fn open_config(config: &Config) -> Store {
 }
 
 fn key(name: &str) -> StorageKey {
+    key_in("r", "s", name)
+}
+
+fn key_in(route: &str, scope: &str, name: &str) -> StorageKey {
     StorageKey {
-        route: "r".into(),
-        scope: "s".into(),
+        route: route.into(),
+        scope: scope.into(),
         key: name.into(),
     }
 }
@@ -260,14 +264,6 @@ async fn the_store_clock_reads_in_milliseconds(backend: Backend) {
         before.saturating_sub(1) <= now && now <= after + 1,
         "{before} {now} {after}"
     );
-}
-
-fn key_in(route: &str, scope: &str, name: &str) -> StorageKey {
-    StorageKey {
-        route: route.into(),
-        scope: scope.into(),
-        key: name.into(),
-    }
 }
 
 /// Listings take what they ask for: one route, one client key (in every
