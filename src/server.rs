@@ -10,11 +10,12 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
+use crate::drain::Drain;
+use crate::head_timer::HeadTimer;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::Store;
@@ -105,7 +106,7 @@ pub async fn serve(
         tokio::spawn(serve_admin(listener, admin))
     });
 
-    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Drain::default());
     let builder = Arc::new(connection_builder());
     tokio::pin!(shutdown);
     loop {
@@ -122,14 +123,14 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
-                tokio::spawn(async move {
+                let (builder, drain) = (builder.clone(), connections.clone());
+                connections.spawn(async move {
                     match &proxy.tls {
-                        None => serve_connection(stream, peer, proxy.clone(), &builder, watcher).await,
+                        None => serve_connection(stream, peer, proxy.clone(), &builder, &drain).await,
                         Some(acceptor) => {
                             let acceptor = acceptor.load_full();
                             match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => serve_connection(tls, peer, proxy.clone(), &builder, watcher).await,
+                                Ok(Ok(tls)) => serve_connection(tls, peer, proxy.clone(), &builder, &drain).await,
                                 Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -144,7 +145,7 @@ pub async fn serve(
     proxy
         .draining
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    drain(&proxy, graceful, config.shutdown_grace).await;
+    drain(&proxy, &connections, config.shutdown_grace).await;
     readiness.abort();
     if let Some(task) = admin_task {
         task.abort();
@@ -158,7 +159,7 @@ async fn serve_connection<S>(
     peer: std::net::SocketAddr,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: &Drain,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -168,8 +169,11 @@ async fn serve_connection<S>(
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
     });
+    // Each connection its own header-read timer (see `head_timer`).
+    let mut builder = builder.clone();
+    builder.http1().timer(HeadTimer::default());
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(error) = watcher.watch(connection.into_owned()).await {
+    if let Err(error) = drain.watch(connection.into_owned()).await {
         tracing::debug!(error = %error, "connection ended with an error");
     }
 }
@@ -193,10 +197,10 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
 }
 
 /// Waits for open connections, then for background exchanges, within `grace`.
-async fn drain(proxy: &Proxy, graceful: GracefulShutdown, grace: Duration) {
+async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
+    if tokio::time::timeout_at(deadline, connections.stop())
         .await
         .is_err()
     {

@@ -754,7 +754,7 @@ def ab_summary(argv):
     rounds = sorted({r["rep"] for r in rows})
     base = names[0]
     print(f"\n{'target':<12} {'req/s':>9} {'cpu-s/1k':>9} {'user µs':>8} {'sys µs':>7} {'spread':>7} "
-          f"{'req/s vs ' + base:>14} {'cpu vs ' + base:>12}")
+          f"{'req/s vs ' + base:>14} {'cpu vs ' + base:>12} {'p50 ms':>7} {'p99 ms':>7}")
     for name in names:
         runs = [by[(name, r)] for r in rounds if (name, r) in by]
         rps = [r["rps"] for r in runs]
@@ -762,7 +762,9 @@ def ab_summary(argv):
         ratio_cpu = [by[(name, r)]["cpu_s_per_1k"] / by[(base, r)]["cpu_s_per_1k"] for r in rounds]
         print(f"{name:<12} {med(rps):>9.0f} {med([r['cpu_s_per_1k'] for r in runs]):>9.4f} "
               f"{med([r['user_us_per_req'] for r in runs]):>8.2f} {med([r['sys_us_per_req'] for r in runs]):>7.2f} "
-              f"{spread(rps):>7.0%} {med(ratio_rps):>13.2f}x {med(ratio_cpu):>11.2f}x")
+              f"{spread(rps):>7.0%} {med(ratio_rps):>13.2f}x {med(ratio_cpu):>11.2f}x "
+              f"{med([r['latency_us']['p50'] / 1000 for r in runs]):>7.3f} "
+              f"{med([r['latency_us']['p99'] / 1000 for r in runs]):>7.3f}")
 
 
 def main():

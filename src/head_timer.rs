@@ -1,0 +1,140 @@
+//! The header-read timer of one HTTP/1 client connection: a single tokio
+//! timer per connection whose deadline moves, not one per request.
+//!
+//! hyper starts a timer each time it waits for a request head (the 10 s
+//! the spec gives a head, which also closes idle keep-alive connections)
+//! and drops it once the head is in. With hyper-util's `TokioTimer` that is,
+//! for every request, an allocation and a timer registered in and removed
+//! from tokio's timer wheel (S1: 5% of the instructions per request). Here
+//! every sleep hyper asks for moves the connection's one tokio `Sleep`:
+//! moving a registered timer to a later deadline is an atomic store in
+//! tokio (the wheel catches up when the old deadline comes), and a dropped
+//! sleep leaves the timer as it is. At worst the connection's task is woken
+//! once, for nothing, when an old deadline passes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// hyper's timer for one connection (give each connection its own).
+#[derive(Clone)]
+pub struct HeadTimer {
+    shared: Arc<Mutex<Shared>>,
+}
+
+struct Shared {
+    /// Not in the timer wheel until first polled.
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The waker `sleep` was last polled with: tokio keeps it until `sleep`
+    /// fires, so polling again with the same task's waker is not needed.
+    waker: Option<Waker>,
+}
+
+impl Default for HeadTimer {
+    /// Needs a tokio runtime, as any tokio timer.
+    fn default() -> HeadTimer {
+        let shared = Shared {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            waker: None,
+        };
+        HeadTimer {
+            shared: Arc::new(Mutex::new(shared)),
+        }
+    }
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep {
+            timer: self.clone(),
+            deadline,
+        })
+    }
+
+    /// tokio's clock (which tests can pause), as hyper-util's `TokioTimer`.
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: Instant) {
+        match sleep.as_mut().downcast_mut_pin::<HeadSleep>() {
+            Some(sleep) => sleep.get_mut().deadline = new_deadline,
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+}
+
+/// One sleep hyper asked for: the connection's timer, set to this deadline
+/// when polled.
+struct HeadSleep {
+    timer: HeadTimer,
+    deadline: Instant,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let mut shared = self.timer.shared.lock().expect("head timer lock");
+        let Shared { sleep, waker } = &mut *shared;
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        let armed = !sleep.is_elapsed() && waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if armed {
+            return Poll::Pending;
+        }
+        let poll = sleep.as_mut().poll(cx);
+        *waker = poll.is_pending().then(|| cx.waker().clone());
+        poll
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Timer;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// The connection's one timer serves sleep after sleep: a sleep never
+    /// fires before its own deadline (an earlier sleep's deadline, left on
+    /// the timer, does not cut it short), and `reset` moves a live sleep.
+    /// Lower bounds only: a slow machine can only make the sleeps longer.
+    #[tokio::test]
+    async fn each_sleep_fires_at_its_own_deadline_on_the_one_timer() {
+        let timer = HeadTimer::default();
+        // A head that arrived: its sleep polled once, then dropped.
+        let mut first = timer.sleep(300 * MS);
+        let noop = &mut Context::from_waker(std::task::Waker::noop());
+        assert!(first.as_mut().poll(noop).is_pending());
+        drop(first);
+        tokio::time::sleep(150 * MS).await;
+        // The next head is awaited later: its time counts from now.
+        let second = std::time::Instant::now();
+        timer.sleep(300 * MS).await;
+        assert!(second.elapsed() >= 300 * MS, "{:?}", second.elapsed());
+        // After a sleep fired, the next one waits its whole time again.
+        let third = std::time::Instant::now();
+        timer.sleep(200 * MS).await;
+        assert!(third.elapsed() >= 200 * MS, "{:?}", third.elapsed());
+        // reset moves a live sleep's deadline, later or earlier.
+        let moved_at = std::time::Instant::now();
+        let mut moved = timer.sleep(60_000 * MS);
+        assert!(moved.as_mut().poll(noop).is_pending());
+        timer.reset(&mut moved, timer.now() + 100 * MS);
+        tokio::time::timeout(Duration::from_secs(10), moved)
+            .await
+            .expect("a sleep moved earlier fires at its new deadline");
+        assert!(moved_at.elapsed() >= 100 * MS);
+    }
+}
