@@ -27,8 +27,8 @@ pub struct HeadTimer {
 struct Shared {
     /// Not in the timer wheel until first polled.
     sleep: Pin<Box<tokio::time::Sleep>>,
-    /// The waker `sleep` was last polled with: tokio keeps it until `sleep`
-    /// fires, so polling again with the same task's waker is not needed.
+    /// The waker `sleep` was last polled with, while tokio holds it: until
+    /// `sleep` fires, polling again with the same task's waker is not needed.
     waker: Option<Waker>,
 }
 
@@ -84,11 +84,15 @@ impl Future for HeadSleep {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let mut shared = self.timer.shared.lock().expect("head timer lock");
         let Shared { sleep, waker } = &mut *shared;
+        if sleep.is_elapsed() {
+            // Firing took the waker (perhaps for an old deadline, with no
+            // sleep waiting): the next poll must give tokio one again.
+            *waker = None;
+        }
         if sleep.deadline() != deadline {
             sleep.as_mut().reset(deadline);
         }
-        let armed = !sleep.is_elapsed() && waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if armed {
+        if waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             return Poll::Pending;
         }
         let poll = sleep.as_mut().poll(cx);
@@ -105,6 +109,31 @@ mod tests {
     use hyper::rt::Timer;
 
     const MS: Duration = Duration::from_millis(1);
+
+    /// Regression: once the connection's tokio timer had fired for an old,
+    /// dropped sleep (a request that took longer than the head timeout),
+    /// the next sleep counted on tokio still holding the task's waker,
+    /// which firing had taken: the sleep never woke its task, and an idle
+    /// connection was never closed.
+    #[tokio::test]
+    async fn a_sleep_fires_after_an_old_deadline_fired_while_no_sleep_was_waiting() {
+        let timer = HeadTimer::default();
+        let mut old = timer.sleep(50 * MS);
+        std::future::poll_fn(|cx| {
+            assert!(old.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        drop(old);
+        tokio::time::sleep(150 * MS).await;
+        // Biased: when the bound's wake-up comes first, the bound wins, even
+        // though the new sleep's deadline has passed by then too.
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_secs(5)) => panic!("the new sleep never woke its task"),
+            () = timer.sleep(100 * MS) => {}
+        }
+    }
 
     /// The connection's one timer serves sleep after sleep: a sleep never
     /// fires before its own deadline (an earlier sleep's deadline, left on
