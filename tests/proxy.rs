@@ -312,6 +312,27 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
     }
 }
 
+/// Regression: a request slower than the 10 s head timeout left the
+/// connection's timer fired, and the next wait for a head was never woken:
+/// the connection stayed open however long it idled.
+#[tokio::test]
+async fn a_connection_idle_after_a_request_slower_than_10_s_is_still_closed_after_10_s() {
+    let routes = "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 20s, total: 30s } }";
+    let (_upstream, proxy) = passthrough("", routes).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    conn.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nx-test-delay-ms: 10500\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    conn.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 201");
+    let (_, kept) = until_closed(conn).await;
+    assert!(
+        kept >= Duration::from_secs(9) && kept < Duration::from_secs(20),
+        "an idle connection is closed after 10 s, this one after {kept:?}"
+    );
+}
+
 #[tokio::test]
 async fn stalled_clients_do_not_hold_up_others() {
     let (_upstream, proxy) = passthrough("", ALL).await;
