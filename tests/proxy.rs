@@ -234,6 +234,38 @@ async fn http2_cleartext_is_served() {
     assert_eq!(response.status(), 201);
 }
 
+/// HTTP/2 streams wait for their answers side by side, each within its own
+/// timeouts: the fast streams that come and go on the connection do not
+/// move the slow one's deadline (with one timer per connection, as the
+/// head timer is, the slow one would get its 201 after 2.5 s).
+#[tokio::test]
+async fn http2_streams_each_time_out_on_their_own() {
+    let (_upstream, proxy) = passthrough("", ALL).await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let get = |path: &str, delay_ms: &str| {
+        http::Request::get(proxy.url(path))
+            .header("x-test-delay-ms", delay_ms)
+            .body(Default::default())
+            .unwrap()
+    };
+    let slow = tokio::spawn(client.request(get("/slow", "2500")));
+    // Later streams on the same connection, answered at once, while it waits.
+    while !slow.is_finished() {
+        let fast = client
+            .request(get("/fast", "0"))
+            .await
+            .expect("h2c request");
+        assert_eq!(fast.version(), http::Version::HTTP_2);
+        assert_eq!(fast.status(), 201);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let slow = slow.await.unwrap().expect("h2c request");
+    assert_eq!(slow.status(), 504, "the slow stream timed out after 1 s");
+}
+
 /// Sends raw bytes and returns what came back before the proxy closed or `limit` passed.
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
