@@ -89,7 +89,7 @@ impl RedisStore {
     }
 
     /// Claims a key, or reports the record that holds it. While most claims
-    /// find a settled record (see [`ClaimMix`]), a plain `HMGET` goes first
+    /// find a settled record (see `claim_mix::ClaimMix`), a plain `HMGET` goes first
     /// and answers them without the script. Read and script together are
     /// one operation: they share one `op_timeout`.
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
