@@ -219,13 +219,20 @@ async fn total_timeout_bounds_the_exchange() {
     assert_eq!(reply.code(), "upstream_timeout");
 }
 
+/// A client that speaks HTTP/2 without TLS (prior knowledge), one connection.
+fn h2c_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 #[tokio::test]
 async fn http2_cleartext_is_served() {
     let (_upstream, proxy) = passthrough("", ALL).await;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let client = h2c_client();
     let request = http::Request::get(proxy.url("/h2"))
         .body(Default::default())
         .unwrap();
@@ -241,10 +248,7 @@ async fn http2_cleartext_is_served() {
 #[tokio::test]
 async fn http2_streams_each_time_out_on_their_own() {
     let (_upstream, proxy) = passthrough("", ALL).await;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let client = h2c_client();
     let get = |path: &str, delay_ms: &str| {
         http::Request::get(proxy.url(path))
             .header("x-test-delay-ms", delay_ms)
@@ -314,6 +318,16 @@ async fn until_closed(mut stream: tokio::net::TcpStream) -> (String, Duration) {
     )
 }
 
+/// A connection that sent `request` and got its answer's status line (201).
+async fn answered_once(addr: std::net::SocketAddr, request: &[u8]) -> tokio::net::TcpStream {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let mut first = [0u8; 12];
+    conn.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 201");
+    conn
+}
+
 #[tokio::test]
 async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() {
     let (_upstream, proxy) = passthrough("", ALL).await;
@@ -323,13 +337,7 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
         .await
         .unwrap();
     // A keep-alive connection that was answered once, then sends nothing.
-    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    idle.write_all(b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = [0u8; 12];
-    idle.read_exact(&mut first).await.unwrap();
-    assert_eq!(&first, b"HTTP/1.1 201");
+    let idle = answered_once(proxy.addr, b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n").await;
     let ((head, head_kept), (_, idle_kept)) =
         tokio::join!(until_closed(partial), until_closed(idle));
     assert!(
@@ -351,13 +359,8 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
 async fn a_connection_idle_after_a_request_slower_than_10_s_is_still_closed_after_10_s() {
     let routes = "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 20s, total: 30s } }";
     let (_upstream, proxy) = passthrough("", routes).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    conn.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nx-test-delay-ms: 10500\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = [0u8; 12];
-    conn.read_exact(&mut first).await.unwrap();
-    assert_eq!(&first, b"HTTP/1.1 201");
+    let request = b"GET /slow HTTP/1.1\r\nhost: x\r\nx-test-delay-ms: 10500\r\n\r\n";
+    let conn = answered_once(proxy.addr, request).await;
     let (_, kept) = until_closed(conn).await;
     assert!(
         kept >= Duration::from_secs(9) && kept < Duration::from_secs(20),
