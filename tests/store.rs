@@ -435,7 +435,21 @@ async fn finding_one_key_reads_only_its_records() {
 async fn replays_in_a_row_are_read_without_the_claim_script() {
     let (_server, store, mut conn) = own_redis().await;
     let k = key("replayed");
-    complete_new(&store, &k, 200).await;
+    // Repeated and custom headers, and a body: the plain read returns them whole.
+    let mut stored = response(200);
+    stored.headers.append("set-cookie", "a=1".parse().unwrap());
+    stored.headers.append("set-cookie", "b=2".parse().unwrap());
+    stored.headers.append("x-order", "o-17".parse().unwrap());
+    store
+        .claim(&claim(&k, "R", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .complete(&k, "R", stored.clone(), Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
     let before = script_calls(&mut conn).await;
     for _ in 0..50 {
         let reply = store
@@ -443,6 +457,8 @@ async fn replays_in_a_row_are_read_without_the_claim_script() {
             .await
             .unwrap();
         assert_eq!(reply.decision, Decision::Replay);
+        let record = reply.record.expect("the completed record");
+        assert_eq!(record.response.as_ref(), Some(&stored));
     }
     let scripts = script_calls(&mut conn).await - before;
     // The key's own claim left the score one below zero: two replays tip it.

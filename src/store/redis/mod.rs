@@ -22,7 +22,7 @@ use crate::idempotency::decision::decide;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, encode_headers};
 use claim_mix::ClaimMix;
-use scripts::{COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE};
+use scripts::{COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE, SETTLED_FIELDS};
 use wire::{EncodedKey, glob_escape, parse_record};
 
 /// Records read per round trip in a listing (standalone Redis): a listing
@@ -96,7 +96,7 @@ impl RedisStore {
         let deadline = self.deadline();
         let read_first = self.mix.read_first();
         if read_first {
-            let record = self.read(req.key, deadline).await?;
+            let record = self.read_settled(req.key, deadline).await?;
             let settled = settled(record.as_ref(), req.fingerprint);
             self.mix.saw(settled);
             if settled {
@@ -254,7 +254,8 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn read(
+    /// A claim's plain read: the fields that answer a settled record.
+    async fn read_settled(
         &self,
         key: &StorageKey,
         deadline: Instant,
@@ -265,7 +266,7 @@ impl RedisStore {
                 deadline,
                 redis::cmd("HMGET")
                     .arg(key.encode(&self.prefix))
-                    .arg(&RECORD_FIELDS[..])
+                    .arg(&RECORD_FIELDS[..SETTLED_FIELDS])
                     .query_async(&mut conn),
             )
             .await?;

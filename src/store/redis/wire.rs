@@ -42,43 +42,57 @@ pub(super) fn glob_escape(text: &str) -> String {
     out
 }
 
-/// A record from the values of [`RECORD_FIELDS`] (none when it has no state
-/// field, i.e. the key does not exist).
+/// A record from the values of [`RECORD_FIELDS`], in that order; missing
+/// trailing values (a read of the first `SETTLED_FIELDS`) count as absent.
+/// None when it has no state field, i.e. the key does not exist.
 pub(super) fn parse_record(mut values: Vec<Option<Vec<u8>>>) -> Result<Option<Record>, StoreError> {
     if values.first().is_none_or(Option::is_none) {
         return Ok(None);
     }
     values.resize(RECORD_FIELDS.len(), None);
-    let mut take = |name: &str| {
-        let i = RECORD_FIELDS
-            .iter()
-            .position(|f| *f == name)
-            .expect("a record field");
-        values[i].take()
+    let Ok(
+        [
+            state,
+            fp,
+            status,
+            headers,
+            body,
+            stored,
+            body_size,
+            lease_end,
+            token,
+            created,
+        ],
+    ) = <[Option<Vec<u8>>; RECORD_FIELDS.len()]>::try_from(values)
+    else {
+        unreachable!("resized to RECORD_FIELDS.len()")
     };
     let text = |value: Option<Vec<u8>>| value.and_then(|v| String::from_utf8(v).ok());
-    let number =
-        |value: Option<Vec<u8>>| text(value).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let state = text(take("state"))
+    let number = |value: Option<Vec<u8>>| {
+        value
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let state = state
         .as_deref()
+        .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(State::parse)
         .ok_or_else(|| StoreError::Backend("record without a valid state".into()))?;
-    let (headers, body, stored) = (take("headers"), take("body"), take("stored"));
-    let body_size = number(take("body_size"));
-    let response = text(take("status"))
-        .and_then(|s| s.parse::<u16>().ok())
+    let response = status
+        .as_deref()
+        .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
         .map(|status| StoredResponse {
             status,
-            headers: decode_headers(headers.as_deref().unwrap_or_default()),
+            headers: decode_headers(headers.map(Bytes::from).unwrap_or_default()),
             body: (stored.as_deref() == Some(b"1")).then(|| Bytes::from(body.unwrap_or_default())),
-            body_size,
+            body_size: number(body_size),
         });
     Ok(Some(Record {
         state,
-        fingerprint: text(take("fp")).unwrap_or_default(),
-        token: text(take("token")).unwrap_or_default(),
-        lease_end_ms: number(take("lease_end")),
-        created_ms: number(take("created")),
+        fingerprint: text(fp).unwrap_or_default(),
+        token: text(token).unwrap_or_default(),
+        lease_end_ms: number(lease_end),
+        created_ms: number(created),
         // The key's TTL, which listings read (`RedisStore::read_listed`).
         expires_ms: 0,
         response,
