@@ -383,14 +383,68 @@ async fn command_calls(conn: &mut ::redis::aio::MultiplexedConnection, command: 
 
 /// Socket reads Redis has done so far (`INFO stats`): about one per round trip.
 async fn redis_reads(conn: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    redis_stat(conn, "total_reads_processed").await
+}
+
+/// A counter of this server's `INFO stats`.
+async fn redis_stat(conn: &mut ::redis::aio::MultiplexedConnection, name: &str) -> u64 {
     let info: String = ::redis::cmd("INFO")
         .arg("stats")
         .query_async(conn)
         .await
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("total_reads_processed:"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Regression: listing the unknown outcomes (`keys unknown`,
+/// `GET /keys?state=unknown`) read every record whole, bodies included,
+/// and held them all before picking the few unknown ones; now a record's
+/// response is read only once the listing keeps it.
+#[tokio::test]
+async fn listing_unknown_outcomes_reads_no_other_records_bodies() {
+    let (_server, store, mut conn) = own_redis().await;
+    let body = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    for i in 0..32 {
+        let k = key_in("r", "s1", &format!("done-{i}"));
+        store
+            .claim(&claim(&k, "first", 10_000, OnUnknown::Lock))
+            .await
+            .unwrap();
+        let mut stored = response(200);
+        stored.body = Some(body.clone());
+        stored.body_size = body.len() as u64;
+        let ttl = Duration::from_secs(60);
+        assert!(store.complete(&k, "first", stored, ttl).await.unwrap());
+    }
+    let lost = key_in("r", "s1", "lost");
+    store
+        .claim(&claim(&lost, "first", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert!(store.mark_unknown(&lost, "first").await.unwrap());
+
+    let before = redis_stat(&mut conn, "total_net_output_bytes").await;
+    let unknown = store
+        .records(Some("r"), None, |_, r| r.state == State::Unknown)
+        .await
+        .unwrap();
+    let sent = redis_stat(&mut conn, "total_net_output_bytes").await - before;
+    let keys: Vec<&str> = unknown.iter().map(|(k, _)| k.key.as_str()).collect();
+    assert_eq!(keys, ["lost"]);
+    assert!(
+        sent < 64 * 1024,
+        "Redis sent {sent} bytes to list one unknown record among 2 MiB of completed bodies"
+    );
+    // Without a filter every record comes back whole.
+    let all = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    assert_eq!(all.len(), 33);
+    assert!(
+        all.iter()
+            .filter_map(|(_, r)| r.response.as_ref())
+            .all(|resp| resp.body.as_ref() == Some(&body))
+    );
 }
 
 /// Regression: a listing (`keys unknown`, `GET /keys`) read every record in

@@ -7,6 +7,10 @@
 //! futures are large, and every future that awaits a store call would carry
 //! (and copy) their size even on the memory store.
 
+/// A listing's filter (`Store::records`), judging a record by its key,
+/// state and lease, not by its response.
+pub type Keep<'a> = dyn Fn(&StorageKey, &Record) -> bool + Sync + 'a;
+
 pub mod memory;
 mod redis;
 mod waiters;
@@ -201,25 +205,36 @@ impl Store {
 
     /// Live records for operator listings (not for the hot path): of one
     /// route and one client key when given, and those `keep` accepts. The
-    /// memory store tests a record before copying it and Redis SCANs for the
-    /// route and key only, so looking one key up, or listing the few unknown
-    /// outcomes, copies neither the whole store nor every record's body.
+    /// memory store tests a record before copying it; Redis SCANs for the
+    /// route and key only and reads a record's response only once `keep`
+    /// has accepted it without (`keep` must judge by state, lease and key,
+    /// not by the response). So listing the few unknown outcomes copies
+    /// neither the whole store nor every record's body.
     pub async fn records(
         &self,
         route: Option<&str>,
         key: Option<&str>,
-        keep: impl Fn(&StorageKey, &Record) -> bool,
+        keep: impl Fn(&StorageKey, &Record) -> bool + Sync,
+    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
+        self.list(route, key, Some(&keep)).await
+    }
+
+    /// [`Self::records`]; `None` keeps every record (read whole at once).
+    async fn list(
+        &self,
+        route: Option<&str>,
+        key: Option<&str>,
+        keep: Option<&Keep<'_>>,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
         let wanted = |k: &StorageKey, r: &Record| {
-            route.is_none_or(|x| k.route == x) && key.is_none_or(|x| k.key == x) && keep(k, r)
+            route.is_none_or(|x| k.route == x)
+                && key.is_none_or(|x| k.key == x)
+                && keep.is_none_or(|keep| keep(k, r))
         };
         self.timed("list", async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.records(wanted)),
-                Kind::Redis(s) => {
-                    let read = Box::pin(s.records(route, key)).await?;
-                    Ok(read.into_iter().filter(|(k, r)| wanted(k, r)).collect())
-                }
+                Kind::Redis(s) => Box::pin(s.records(route, key, &wanted, keep.is_some())).await,
             }
         })
         .await
@@ -240,7 +255,7 @@ impl Store {
             };
             return Ok(self.get(&k).await?.map(|r| (k, r)).into_iter().collect());
         }
-        self.records(Some(route), Some(key), |_, _| true).await
+        self.list(Some(route), Some(key), None).await
     }
 
     /// Waits until `key`'s record may have changed, at most `at_most`:

@@ -22,7 +22,9 @@ use crate::idempotency::decision::decide;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, encode_headers};
 use claim_mix::ClaimMix;
-use scripts::{COMPLETE, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE, SETTLED_FIELDS};
+use scripts::{
+    COMPLETE, HEAD_FIELDS, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE, SETTLED_FIELDS,
+};
 use wire::{EncodedKey, glob_escape, parse_record};
 
 /// Records read per round trip in a listing (standalone Redis): a listing
@@ -283,15 +285,21 @@ impl RedisStore {
     }
 
     /// SCANs the record keys (of one route, of one client key) on every
-    /// master and reads them: from a standalone server in pipelines of
-    /// `READ_BATCH`, from a cluster one by one; each SCAN step and each read
-    /// gets `op_timeout` of its own. The pattern may match a little more
-    /// than asked (a `*` spans `:` in a key); the caller filters what comes
-    /// back.
+    /// master and reads those `keep` accepts: from a standalone server in
+    /// pipelines of `READ_BATCH`, from a cluster one by one; each SCAN step
+    /// and each read gets `op_timeout` of its own. The pattern may match a
+    /// little more than asked (a `*` spans `:` in a key): `keep` checks the
+    /// route and key too. With `heads_first` each batch is read twice:
+    /// first without the responses (`HEAD_FIELDS`) for `keep` to judge,
+    /// then whole for the records it kept, judged again (a record may move
+    /// on in between). So listing the few unknown outcomes among a million
+    /// completed records neither transfers nor holds their bodies.
     pub async fn records(
         &self,
         route: Option<&str>,
         key: Option<&str>,
+        keep: &super::Keep<'_>,
+        heads_first: bool,
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
         let mut conn = self.conn(self.deadline()).await?;
         let pattern = format!(
@@ -326,9 +334,53 @@ impl RedisStore {
         };
         let mut out = Vec::new();
         for keys in keys.chunks(batch) {
-            out.extend(self.read_listed(conn.clone(), now, keys).await?);
+            let kept: Vec<StorageKey>;
+            let keys = if heads_first {
+                let heads = self.read_heads(conn.clone(), keys).await?;
+                kept = keys
+                    .iter()
+                    .zip(heads)
+                    .filter(|(key, head)| head.as_ref().is_some_and(|head| keep(key, head)))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                &kept[..]
+            } else {
+                keys
+            };
+            if keys.is_empty() {
+                continue;
+            }
+            let read = self.read_listed(conn.clone(), now, keys).await?;
+            out.extend(read.into_iter().filter(|(key, record)| keep(key, record)));
         }
         Ok(out)
+    }
+
+    /// The records at `keys` without their responses (and without expiry),
+    /// one pipeline of `HMGET`s; `None` where a key holds no record.
+    async fn read_heads(
+        &self,
+        mut conn: link::Handle,
+        keys: &[StorageKey],
+    ) -> Result<Vec<Option<Record>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            let name = EncodedKey(key.encoded_parts(&self.prefix));
+            pipe.cmd("HMGET").arg(&name).arg(&HEAD_FIELDS[..]);
+        }
+        let rows: Vec<Vec<Option<Vec<u8>>>> = self
+            .bounded(self.deadline(), pipe.query_async(&mut conn))
+            .await?;
+        rows.into_iter()
+            .map(|head| {
+                let mut values = vec![None; RECORD_FIELDS.len()];
+                for (name, value) in HEAD_FIELDS.iter().zip(head) {
+                    let at = RECORD_FIELDS.iter().position(|f| f == name);
+                    values[at.expect("head fields are record fields")] = value;
+                }
+                parse_record(values)
+            })
+            .collect()
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

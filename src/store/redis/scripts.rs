@@ -22,6 +22,9 @@ pub const RECORD_FIELDS: [&str; 10] = [
     "created",
 ];
 
+/// The fields of a record that listings filter on: all but the response.
+pub const HEAD_FIELDS: [&str; 5] = ["state", "fp", "lease_end", "token", "created"];
+
 /// How many of [`RECORD_FIELDS`] answer a claim that finds a settled record:
 /// an in-flight attempt's lease, owner and age are not among them.
 pub const SETTLED_FIELDS: usize = 7;
