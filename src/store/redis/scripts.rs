@@ -171,18 +171,11 @@ mod tests {
         assert!(script.contains("if not rec[1] then"));
         assert!(script.contains("tonumber(rec[8]) <= now"));
         assert_eq!(RECORD_FIELDS[7], "lease_end");
-        // A plain read of the settled fields holds everything `decide` and a replay read.
+        // A plain read of the settled fields leaves out only what no answer
+        // to a settled record reads: the lease, the owner and the age.
         assert_eq!(
-            RECORD_FIELDS[..SETTLED_FIELDS],
-            [
-                "state",
-                "fp",
-                "status",
-                "headers",
-                "body",
-                "stored",
-                "body_size"
-            ]
+            RECORD_FIELDS[SETTLED_FIELDS..],
+            ["lease_end", "token", "created"]
         );
     }
 }
