@@ -2,8 +2,6 @@
 //! neither a client-facing timeout nor a client disconnect cancels it: it
 //! goes on until the response is recorded or the lease ends.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -29,7 +27,7 @@ pub struct Exchange {
     pub store: Arc<Store>,
     pub upstream: Arc<Upstream>,
     pub policy: Arc<Policy>,
-    pub key: StorageKey,
+    pub key: Arc<StorageKey>,
     pub token: String,
     pub lease_deadline: Instant,
     /// Finished (and its bulkhead permit freed) when the upstream's answer
@@ -40,36 +38,50 @@ pub struct Exchange {
 }
 
 /// The keys of the exchanges running now, so that shutdown can name them.
+/// A slot per running exchange, reused once it ends: per request a lock, a
+/// reference count and no formatting (names are made only for shutdown's
+/// log; a formatted name and a hash map entry cost about 1.6k instructions
+/// per protected request).
 #[derive(Default)]
 pub struct Running {
-    next: AtomicU64,
-    keys: Mutex<HashMap<u64, String>>,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    keys: Vec<Option<Arc<StorageKey>>>,
+    free: Vec<usize>,
 }
 
 impl Running {
-    fn add(&self, key: &StorageKey) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("route={} key={}", key.route, key.key);
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, name);
-        id
+    fn add(&self, key: &Arc<StorageKey>) -> usize {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let key = Some(key.clone());
+        match slots.free.pop() {
+            Some(slot) => {
+                slots.keys[slot] = key;
+                slot
+            }
+            None => {
+                slots.keys.push(key);
+                slots.keys.len() - 1
+            }
+        }
     }
 
-    fn remove(&self, id: u64) {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+    fn remove(&self, slot: usize) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.keys[slot] = None;
+        slots.free.push(slot);
     }
 
     pub fn keys(&self) -> Vec<String> {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .keys
+            .iter()
+            .flatten()
+            .map(|key| format!("route={} key={}", key.route, key.key))
             .collect()
     }
 }
@@ -342,4 +354,34 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> Arc<StorageKey> {
+        Arc::new(StorageKey {
+            route: "r".into(),
+            scope: "s".into(),
+            key: name.into(),
+        })
+    }
+
+    #[test]
+    fn running_exchanges_are_named_until_they_end_and_their_slots_reused() {
+        let running = Running::default();
+        let a = running.add(&key("a"));
+        let b = running.add(&key("b"));
+        running.remove(a);
+        assert_eq!(running.keys(), ["route=r key=b"]);
+        let c = running.add(&key("c"));
+        assert_eq!(c, a, "an ended exchange's slot is reused");
+        let mut names = running.keys();
+        names.sort();
+        assert_eq!(names, ["route=r key=b", "route=r key=c"]);
+        running.remove(b);
+        running.remove(c);
+        assert!(running.keys().is_empty());
+    }
 }

@@ -140,7 +140,7 @@ impl Proxy {
                     running: self.running.clone(),
                     metrics: self.metrics.clone(),
                     policy,
-                    key: storage_key,
+                    key: Arc::new(storage_key),
                     token,
                 };
                 exchange

@@ -689,6 +689,12 @@ async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
             .any(|l| l.contains("connections still open at the end of shutdown_grace")),
         "{log:#?}"
     );
+    // The exchange still waiting on the upstream is named, key and all.
+    assert!(
+        log.iter()
+            .any(|l| l.contains("upstream exchange still running") && l.contains("key=k-int")),
+        "{log:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
