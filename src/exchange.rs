@@ -246,14 +246,16 @@ impl Exchange {
         match collected {
             Ok(Collected::Whole(bytes)) => {
                 let size = bytes.len() as u64;
-                let recorded = self
-                    .complete(status, &parts.headers, Some(bytes.clone()), size)
+                let (recorded, headers) = self
+                    .complete(status, parts.headers, Some(bytes.clone()), size)
                     .await;
+                parts.headers = headers;
                 (Response::from_parts(parts, body::full(bytes)), recorded)
             }
             Ok(Collected::Over { prefix, rest }) => {
                 let size = content_length(&parts.headers).unwrap_or(prefix.len() as u64);
-                let recorded = self.complete(status, &parts.headers, None, size).await;
+                let (recorded, headers) = self.complete(status, parts.headers, None, size).await;
+                parts.headers = headers;
                 (
                     Response::from_parts(parts, body::prefixed(prefix, rest)),
                     recorded,
@@ -269,22 +271,23 @@ impl Exchange {
         }
     }
 
+    /// Records the response; gives its headers back for the client's answer.
     async fn complete(
         &self,
         status: u16,
-        headers: &http::HeaderMap,
+        headers: http::HeaderMap,
         body: Option<Bytes>,
         body_size: u64,
-    ) -> bool {
+    ) -> (bool, http::HeaderMap) {
         let stored = StoredResponse {
             status,
-            headers: owned_headers(headers),
+            headers,
             body,
             body_size,
         };
-        match self
+        let recorded = match self
             .store
-            .complete(&self.key, &self.token, stored, self.policy.ttl)
+            .complete(&self.key, &self.token, &stored, self.policy.ttl)
             .await
         {
             Ok(true) => true,
@@ -305,7 +308,8 @@ impl Exchange {
                 );
                 false
             }
-        }
+        };
+        (recorded, stored.headers)
     }
 
     async fn release(&self) {
@@ -332,19 +336,6 @@ impl Exchange {
             }
         }
     }
-}
-
-/// A deep copy: hyper's header values are slices of the connection's read
-/// buffer, and a stored clone would keep that whole buffer alive for the
-/// record's `ttl` (kilobytes per record in the memory store).
-fn owned_headers(headers: &http::HeaderMap) -> http::HeaderMap {
-    let mut owned = http::HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let value = http::HeaderValue::from_bytes(value.as_bytes())
-            .expect("a valid header value stays valid");
-        owned.append(name.clone(), value);
-    }
-    owned
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -87,12 +87,12 @@ async fn taken_over_attempt_never_overwrites_the_new_owner(backend: Backend) {
     );
     let ttl = Duration::from_secs(60);
     assert!(
-        !store.complete(&k, "A", response(201), ttl).await.unwrap(),
+        !store.complete(&k, "A", &response(201), ttl).await.unwrap(),
         "A lost the key"
     );
     assert!(!store.release(&k, "A").await.unwrap());
     assert!(!store.mark_unknown(&k, "A").await.unwrap());
-    assert!(store.complete(&k, "B", response(202), ttl).await.unwrap());
+    assert!(store.complete(&k, "B", &response(202), ttl).await.unwrap());
     let record = store.get(&k).await.unwrap().expect("record");
     assert_eq!(record.state, State::Completed);
     assert_eq!(record.token, "B");
@@ -120,7 +120,7 @@ async fn lease_end_under_lock_turns_unknown_once(backend: Backend) {
     assert_eq!(again.decision, Decision::Unknown);
     assert!(
         !store
-            .complete(&k, "A", response(201), Duration::from_secs(60))
+            .complete(&k, "A", &response(201), Duration::from_secs(60))
             .await
             .unwrap()
     );
@@ -164,7 +164,7 @@ async fn mismatch_and_in_progress(backend: Backend) {
     big.body_size = 5_000_000;
     assert!(
         store
-            .complete(&k, "A", big, Duration::from_secs(60))
+            .complete(&k, "A", &big, Duration::from_secs(60))
             .await
             .unwrap()
     );
@@ -356,7 +356,7 @@ async fn complete_new(store: &Store, k: &StorageKey, status: u16) {
     let ttl = Duration::from_secs(60);
     assert!(
         store
-            .complete(k, "first", response(status), ttl)
+            .complete(k, "first", &response(status), ttl)
             .await
             .unwrap()
     );
@@ -416,7 +416,7 @@ async fn listing_unknown_outcomes_reads_no_other_records_bodies() {
         stored.body = Some(body.clone());
         stored.body_size = body.len() as u64;
         let ttl = Duration::from_secs(60);
-        assert!(store.complete(&k, "first", stored, ttl).await.unwrap());
+        assert!(store.complete(&k, "first", &stored, ttl).await.unwrap());
     }
     let lost = key_in("r", "s1", "lost");
     store
@@ -500,7 +500,7 @@ async fn replays_in_a_row_are_read_without_the_claim_script() {
         .unwrap();
     assert!(
         store
-            .complete(&k, "R", stored.clone(), Duration::from_secs(60))
+            .complete(&k, "R", &stored, Duration::from_secs(60))
             .await
             .unwrap()
     );

@@ -56,6 +56,27 @@ pub struct StoredResponse {
     pub body_size: u64,
 }
 
+impl StoredResponse {
+    /// A copy that owns its header bytes. hyper's header values are slices
+    /// of the connection's read buffer: a record that kept them would keep
+    /// that whole buffer alive for its `ttl` (kilobytes per record in the
+    /// memory store). The body is shared, not copied.
+    pub fn detached(&self) -> StoredResponse {
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            let value = HeaderValue::from_bytes(value.as_bytes())
+                .expect("a valid header value stays valid");
+            headers.append(name.clone(), value);
+        }
+        StoredResponse {
+            status: self.status,
+            headers,
+            body: self.body.clone(),
+            body_size: self.body_size,
+        }
+    }
+}
+
 /// Headers as `name: value\r\n` lines; names and values can hold neither CR nor LF.
 pub fn encode_headers(headers: &HeaderMap) -> Vec<u8> {
     let size = headers
@@ -110,5 +131,35 @@ mod tests {
         h.append("x-colon", HeaderValue::from_static("a: b:c"));
         h.append("x-latin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
         assert_eq!(decode_headers(encode_headers(&h).into()), h);
+    }
+
+    #[test]
+    fn a_detached_response_keeps_no_slice_of_the_buffer_it_was_read_from() {
+        // As hyper hands them over: every value a slice of one read buffer.
+        let buffer = Bytes::from_static(b"application/json;set-cookie-value").slice(..);
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "content-type",
+            HeaderValue::from_maybe_shared(buffer.slice(..16)).unwrap(),
+        );
+        headers.append(
+            "set-cookie",
+            HeaderValue::from_maybe_shared(buffer.slice(17..)).unwrap(),
+        );
+        let read = StoredResponse {
+            status: 201,
+            headers,
+            body: Some(Bytes::from_static(b"{}")),
+            body_size: 2,
+        };
+        let kept = read.detached();
+        assert_eq!(kept, read);
+        let within = buffer.as_ptr_range();
+        for value in kept.headers.values() {
+            assert!(
+                !within.contains(&value.as_bytes().as_ptr()),
+                "{value:?} still points into the read buffer"
+            );
+        }
     }
 }

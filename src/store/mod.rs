@@ -126,18 +126,20 @@ impl Store {
     }
 
     /// Records the response; false when the attempt no longer owns the key.
-    /// Takes the response: the memory store keeps it as it is (no copy).
+    /// Its header values may be slices of hyper's read buffers: the memory
+    /// store keeps a copy that owns its bytes ([`StoredResponse::detached`]),
+    /// Redis encodes them as they are.
     pub async fn complete(
         &self,
         key: &StorageKey,
         token: &str,
-        response: StoredResponse,
+        response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.transition("complete", key, async {
             match &self.kind {
-                Kind::Memory(s) => s.complete(key, token, response, ttl),
-                Kind::Redis(s) => Box::pin(s.complete(key, token, &response, ttl)).await,
+                Kind::Memory(s) => s.complete(key, token, response.detached(), ttl),
+                Kind::Redis(s) => Box::pin(s.complete(key, token, response, ttl)).await,
             }
         })
         .await
