@@ -7,10 +7,6 @@
 //! futures are large, and every future that awaits a store call would carry
 //! (and copy) their size even on the memory store.
 
-/// A listing's filter (`Store::records`), judging a record by its key,
-/// state and lease, not by its response.
-pub type Keep<'a> = dyn Fn(&StorageKey, &Record) -> bool + Sync + 'a;
-
 pub mod memory;
 mod redis;
 mod waiters;
@@ -26,6 +22,10 @@ use crate::metrics::{Metrics, OpLabels};
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+
+/// A listing's filter (`Store::records`), judging a record by its key,
+/// state and lease, not by its response.
+pub type Keep<'a> = dyn Fn(&StorageKey, &Record) -> bool + Sync + 'a;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
