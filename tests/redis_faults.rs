@@ -503,3 +503,39 @@ async fn a_completion_the_store_cannot_take_still_answers_and_is_counted() {
     );
     assert_eq!(errors, 1.0, "the failed completion is counted");
 }
+
+/// README "Sizing Redis": a Redis at `maxmemory` with `noeviction` refuses
+/// writes. New keys then fail closed (`store_unavailable`, nothing sent to
+/// the upstream, no Redis wording in the answer), while retries of keys it
+/// already holds are still replayed (a claim that finds a completed record
+/// writes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_fails_new_keys_closed_and_still_replays_what_it_holds() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&redis, &upstream, "", "")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let first = client.post_key(&url, "k-held", "{}").await;
+    assert_eq!(first.status, 201);
+
+    let mut admin = redis.connection().await;
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let _: String = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let refused = client.post_key(&url, "k-new", "{}").await;
+    assert_store_problem(&refused, &redis, "a new key while Redis is full");
+    assert_eq!(upstream.hits(), 1, "nothing forwarded for the refused key");
+
+    let retry = client.post_key(&url, "k-held", "{}").await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(upstream.hits(), 1);
+}
