@@ -371,12 +371,16 @@ impl RedisStore {
         let rows: Vec<Vec<Option<Vec<u8>>>> = self
             .bounded(self.deadline(), pipe.query_async(&mut conn))
             .await?;
+        // Where each head field sits among the record's fields.
+        let at = HEAD_FIELDS.map(|name| {
+            let at = RECORD_FIELDS.iter().position(|f| *f == name);
+            at.expect("head fields are record fields")
+        });
         rows.into_iter()
             .map(|head| {
                 let mut values = vec![None; RECORD_FIELDS.len()];
-                for (name, value) in HEAD_FIELDS.iter().zip(head) {
-                    let at = RECORD_FIELDS.iter().position(|f| f == name);
-                    values[at.expect("head fields are record fields")] = value;
+                for (&at, value) in at.iter().zip(head) {
+                    values[at] = value;
                 }
                 parse_record(values)
             })
