@@ -11,13 +11,15 @@ pub mod memory;
 mod redis;
 mod waiters;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::Decision;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, StoredResponse};
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::metrics::{Metrics, OpLabels};
 
 pub use memory::MemoryStore;
@@ -64,7 +66,52 @@ enum Kind {
 pub struct Store {
     kind: Kind,
     metrics: Arc<Metrics>,
+    /// Each operation's latency series, looked up in its family on first
+    /// use (a lookup hashes the labels under a lock: twice per new key).
+    latency: [OnceLock<Histogram>; Op::ALL.len()],
     waiters: waiters::Waiters,
+}
+
+/// A store operation, as the metrics name it (`op` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Claim,
+    Complete,
+    Release,
+    MarkUnknown,
+    Resolve,
+    Get,
+    Purge,
+    List,
+    Ping,
+}
+
+impl Op {
+    const ALL: [Op; 9] = [
+        Op::Claim,
+        Op::Complete,
+        Op::Release,
+        Op::MarkUnknown,
+        Op::Resolve,
+        Op::Get,
+        Op::Purge,
+        Op::List,
+        Op::Ping,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Claim => "claim",
+            Op::Complete => "complete",
+            Op::Release => "release",
+            Op::MarkUnknown => "mark_unknown",
+            Op::Resolve => "resolve",
+            Op::Get => "get",
+            Op::Purge => "purge",
+            Op::List => "list",
+            Op::Ping => "ping",
+        }
+    }
 }
 
 impl Store {
@@ -80,6 +127,7 @@ impl Store {
         Ok(Store {
             kind,
             metrics,
+            latency: Default::default(),
             waiters: waiters::Waiters::new(),
         })
     }
@@ -87,18 +135,17 @@ impl Store {
     /// Times one operation and counts its failure.
     async fn timed<T>(
         &self,
-        op: &'static str,
+        op: Op,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let start = Instant::now();
         let result = call.await;
-        let labels = OpLabels { op };
-        self.metrics
-            .store_latency
-            .get_or_create(&labels)
+        let labels = || OpLabels { op: op.name() };
+        self.latency[op as usize]
+            .get_or_init(|| self.metrics.store_latency.get_or_create(&labels()).clone())
             .observe(start.elapsed().as_secs_f64());
         if result.is_err() {
-            self.metrics.store_errors.get_or_create(&labels).inc();
+            self.metrics.store_errors.get_or_create(&labels()).inc();
         }
         result
     }
@@ -106,7 +153,7 @@ impl Store {
     /// Times a transition of `key` and wakes the waiters of its slot.
     async fn transition<T>(
         &self,
-        op: &'static str,
+        op: Op,
         key: &StorageKey,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
@@ -116,7 +163,7 @@ impl Store {
     }
 
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
-        self.timed("claim", async {
+        self.timed(Op::Claim, async {
             match &self.kind {
                 Kind::Memory(s) => s.claim(req),
                 Kind::Redis(s) => Box::pin(s.claim(req)).await,
@@ -136,7 +183,7 @@ impl Store {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.transition("complete", key, async {
+        self.transition(Op::Complete, key, async {
             match &self.kind {
                 Kind::Memory(s) => s.complete(key, token, response.detached(), ttl),
                 Kind::Redis(s) => Box::pin(s.complete(key, token, response, ttl)).await,
@@ -147,7 +194,7 @@ impl Store {
 
     /// Deletes the record so that a retry makes a new attempt; fenced by the token.
     pub async fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.transition("release", key, async {
+        self.transition(Op::Release, key, async {
             match &self.kind {
                 Kind::Memory(s) => s.release(key, token),
                 Kind::Redis(s) => Box::pin(s.release(key, token)).await,
@@ -158,7 +205,7 @@ impl Store {
 
     /// Turns the attempt's record `unknown`; fenced by the token.
     pub async fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.transition("mark_unknown", key, async {
+        self.transition(Op::MarkUnknown, key, async {
             match &self.kind {
                 Kind::Memory(s) => s.mark_unknown(key, token),
                 Kind::Redis(s) => Box::pin(s.mark_unknown(key, token)).await,
@@ -175,7 +222,7 @@ impl Store {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.transition("resolve", key, async {
+        self.transition(Op::Resolve, key, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.resolve(key, response, ttl)),
                 Kind::Redis(s) => Box::pin(s.resolve(key, response, ttl)).await,
@@ -185,7 +232,7 @@ impl Store {
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        self.timed("get", async {
+        self.timed(Op::Get, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.get(key)),
                 Kind::Redis(s) => Box::pin(s.get(key)).await,
@@ -196,7 +243,7 @@ impl Store {
 
     /// Deletes a record whatever its state (an operator's purge).
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.transition("purge", key, async {
+        self.transition(Op::Purge, key, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.purge(key)),
                 Kind::Redis(s) => Box::pin(s.purge(key)).await,
@@ -233,7 +280,7 @@ impl Store {
                 && key.is_none_or(|x| k.key == x)
                 && keep.is_none_or(|keep| keep(k, r))
         };
-        self.timed("list", async {
+        self.timed(Op::List, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.records(wanted)),
                 Kind::Redis(s) => Box::pin(s.records(route, key, &wanted, keep.is_some())).await,
@@ -280,7 +327,23 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.kind {
             Kind::Memory(_) => Ok(()),
-            Kind::Redis(s) => self.timed("ping", s.ping()).await,
+            Kind::Redis(s) => self.timed(Op::Ping, s.ping()).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Op;
+
+    #[test]
+    fn each_operation_has_its_own_series_slot_and_label() {
+        for (i, op) in Op::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i, "{op:?} indexes the latency series");
+        }
+        let mut names: Vec<_> = Op::ALL.iter().map(|op| op.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Op::ALL.len(), "labels are distinct");
     }
 }
