@@ -6,7 +6,7 @@
 Prints one JSON line, {"instructions": ..., "sha256_portable": ...,
 "allocations": ..., and with a cache simulation "ll_data_misses": ...} per request (instructions executed in user space but
 SHA-256's; SHA-256's, which valgrind runs without SHA-NI; calls into the
-C allocator: malloc, calloc and the aligned ones), then
+C allocator: malloc, calloc and the aligned ones, or mimalloc's), then
 the TOP functions by self instructions per request. Callgrind counts
 instructions, not time, so the figures repeat to within about 1% from run
 to run, where req/s on a shared machine moves by 20%; they leave out the
@@ -19,7 +19,12 @@ import re
 import sys
 
 
-ALLOCATORS = ("malloc", "calloc", "posix_memalign", "aligned_alloc")
+# glibc's entry points, and mimalloc's for Rust's global allocator (which
+# calls the aligned ones for every allocation; they do not call each other).
+ALLOCATORS = (
+    "malloc", "calloc", "posix_memalign", "aligned_alloc",
+    "mi_malloc_aligned", "mi_zalloc_aligned",
+)
 
 
 def parse(path):
