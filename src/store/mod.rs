@@ -14,12 +14,12 @@ mod waiters;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::Decision;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, StoredResponse};
-use prometheus_client::metrics::histogram::Histogram;
-
 use crate::metrics::{Metrics, OpLabels};
 
 pub use memory::MemoryStore;
