@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/lib/callgrind.py: per-request figures from a callgrind dump.
 
-    callgrind.py DUMP REQUESTS [TOP]
+    callgrind.py DUMP REQUESTS [TOP [WIDTH]]
 
 Prints one JSON line, {"instructions": ..., "sha256_portable": ...,
 "allocations": ..., and with a cache simulation "ll_data_misses": ...} per request (instructions executed in user space but
@@ -74,13 +74,16 @@ def parse(path):
 def main():
     path, requests = sys.argv[1], int(sys.argv[2])
     top = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    width = int(sys.argv[4]) if len(sys.argv) > 4 else 140
     names, self_cost, calls, misses = parse(path)
     total = sum(self_cost.values())
     # Counted at the C allocator: with LTO `__rust_alloc` is inlined away.
-    allocs = sum(n for f, n in calls.items() if names.get(f) in ALLOCATORS)
+    # With --separate-callers a name carries its callers ("f'caller'...").
+    bare = {f: n.split("'")[0] for f, n in names.items()}
+    allocs = sum(n for f, n in calls.items() if bare.get(f) in ALLOCATORS)
     # Under valgrind, sha2 finds no SHA-NI and runs its portable code, which
     # costs far more instructions than on the real CPU: reported apart.
-    sha = sum(c for f, c in self_cost.items() if "sha2::" in names.get(f, ""))
+    sha = sum(c for f, c in self_cost.items() if "sha2::" in bare.get(f, ""))
     summary = {
         "requests": requests,
         "instructions": round((total - sha) / requests),
@@ -94,7 +97,7 @@ def main():
     ranked = misses if misses else self_cost
     whole = sum(ranked.values()) or 1
     for f, cost in ranked.most_common(top):
-        print(f"{cost / requests:8.1f} {100 * cost / whole:5.1f}%  {names.get(f, f)[:140]}")
+        print(f"{cost / requests:8.1f} {100 * cost / whole:5.1f}%  {names.get(f, f)[:width]}")
 
 
 if __name__ == "__main__":
