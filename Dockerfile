@@ -21,7 +21,8 @@ ARG DEBIAN_RELEASE=trixie
 
 # ---- dependencies: only Cargo.toml and Cargo.lock, dummy sources ----------
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS deps
-# rust:*-slim ships gcc and libc6-dev, which ring (rustls) needs.
+# rust:*-slim ships gcc and libc6-dev, which ring (rustls) and mimalloc (the
+# allocator) need.
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0
 WORKDIR /build
