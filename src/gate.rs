@@ -78,6 +78,7 @@ impl Proxy {
             lease: policy.lease,
             ttl: policy.ttl,
             on_unknown: policy.on_unknown,
+            waits: policy.concurrent == Concurrent::Wait,
         };
         let deadline = ctx.arrived + route.timeouts.total;
         // Armed before the claim: if the client goes away while the claim

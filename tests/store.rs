@@ -53,6 +53,7 @@ fn claim<'a>(
         lease: Duration::from_millis(lease_ms),
         ttl: Duration::from_secs(60),
         on_unknown,
+        waits: false,
     }
 }
 
@@ -576,4 +577,76 @@ async fn a_hash_without_a_state_at_the_key_is_claimed_afresh() {
         .await
         .unwrap();
     assert_eq!(stray, None, "the stray field went with the old hash");
+}
+
+/// How one instance ends its attempt in [`a_waiter_wakes_when_another_instance_ends_the_attempt`].
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Complete,
+    Release,
+    Unknown,
+}
+
+/// Two instances on one Redis. A claim that waits (`concurrent: wait`) on
+/// the other instance's attempt is woken when that attempt ends, by
+/// completion, release or `unknown`, long before its own wait would end;
+/// an attempt nobody waited on publishes nothing.
+#[tokio::test]
+async fn a_waiter_wakes_when_another_instance_ends_the_attempt() {
+    let server = common::RedisServer::start_own().await;
+    let mut conn = server.connection().await;
+    let backend = Backend::Redis(server);
+    // One configuration (one key prefix), two instances.
+    let config = config(&backend);
+    let (a, b) = (open_config(&config), open_config(&config));
+    let channel = format!("{}events", config.store.key_prefix);
+    // Both instances listen before anything is published (bounded poll).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, listeners): (String, u64) = ::redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if listeners == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{listeners} listeners"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    complete_new(&a, &key("nobody-waits"), 201).await;
+    assert_eq!(command_calls(&mut conn, "publish").await, 0);
+
+    for end in [End::Complete, End::Release, End::Unknown] {
+        let k = key(&format!("{end:?}"));
+        let first = a.claim(&claim(&k, "A", 60_000, OnUnknown::Lock)).await;
+        assert_eq!(first.unwrap().decision, Decision::Claim);
+        let mut waiting = claim(&k, "B", 60_000, OnUnknown::Lock);
+        waiting.waits = true;
+        let second = b.claim(&waiting).await.unwrap().decision;
+        assert!(matches!(second, Decision::InProgress { .. }), "{second:?}");
+        // B waits up to a minute; only A's transition, heard through Redis,
+        // can end the wait sooner (B's own store makes none).
+        let mut woken = std::pin::pin!(b.changed(&k, Duration::from_secs(60)));
+        let started =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(woken.as_mut().poll(cx).is_pending()));
+        assert!(started.await, "{end:?}: B is waiting");
+        let ended = match end {
+            End::Complete => {
+                let stored = response(201);
+                a.complete(&k, "A", &stored, Duration::from_secs(60)).await
+            }
+            End::Release => a.release(&k, "A").await,
+            End::Unknown => a.mark_unknown(&k, "A").await,
+        };
+        assert!(ended.unwrap(), "{end:?}: A still owned the attempt");
+        tokio::time::timeout(Duration::from_secs(20), woken)
+            .await
+            .unwrap_or_else(|_| panic!("{end:?}: B was not woken by A's transition"));
+    }
+    assert_eq!(command_calls(&mut conn, "publish").await, 3);
 }

@@ -56,6 +56,10 @@ pub struct ClaimRequest<'a> {
     pub lease: Duration,
     pub ttl: Duration,
     pub on_unknown: OnUnknown,
+    /// Whether the caller waits when the key is in flight (`concurrent:
+    /// wait`): on Redis the record is then marked, so that the attempt that
+    /// ends it tells the other instances (`redis/events.rs`).
+    pub waits: bool,
 }
 
 enum Kind {
@@ -69,7 +73,7 @@ pub struct Store {
     /// Each operation's latency series, looked up in its family on first
     /// use (a lookup hashes the labels under a lock: twice per new key).
     latency: [OnceLock<Histogram>; Op::ALL.len()],
-    waiters: waiters::Waiters,
+    waiters: Arc<waiters::Waiters>,
 }
 
 /// A store operation, as the metrics name it (`op` label).
@@ -117,18 +121,21 @@ impl Op {
 impl Store {
     /// Opens the configured store. Redis connects lazily, so the proxy starts
     /// (and answers per `on_unavailable`) while Redis is down.
+    /// On a standalone Redis (inside a Tokio runtime) it also listens for
+    /// other instances' transitions on keys that someone waits on.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        let waiters = Arc::new(waiters::Waiters::new());
         let kind = match &config.backend {
             Backend::Memory => Kind::Memory(MemoryStore::new(config)),
             Backend::Redis { .. } | Backend::Cluster { .. } => {
-                Kind::Redis(Box::new(RedisStore::new(config)?))
+                Kind::Redis(Box::new(RedisStore::new(config, &waiters)?))
             }
         };
         Ok(Store {
             kind,
             metrics,
             latency: Default::default(),
-            waiters: waiters::Waiters::new(),
+            waiters,
         })
     }
 
@@ -308,8 +315,10 @@ impl Store {
     }
 
     /// Waits until `key`'s record may have changed, at most `at_most`:
-    /// woken by this process's transitions on keys of its slot (1 in 64);
-    /// the caller's next claim, after `at_most`, sees other instances' (Redis).
+    /// woken by this process's transitions on keys of its slot (1 in 64)
+    /// and, on a standalone Redis, by other instances' ending of an attempt
+    /// that a waiting claim marked; otherwise the caller's next claim, after
+    /// `at_most`, sees them.
     pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
         self.waiters.changed(key, at_most).await;
     }

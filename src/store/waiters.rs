@@ -1,7 +1,7 @@
-//! Local wake-ups for `concurrent: wait`: a waiting duplicate sleeps until
-//! this process makes a transition on a key of its slot, or until its
-//! backoff step ends (which is how it sees other instances' transitions on
-//! Redis). One mechanism for both stores.
+//! Wake-ups for `concurrent: wait`: a waiting duplicate sleeps until this
+//! process makes a transition on a key of its slot, another instance's
+//! transition is heard (`redis/events.rs`, standalone Redis), or its
+//! backoff step ends. One mechanism for both stores.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};

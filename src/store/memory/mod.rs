@@ -302,6 +302,7 @@ mod tests {
             lease: Duration::from_secs(10),
             ttl,
             on_unknown: OnUnknown::Lock,
+            waits: false,
         };
         store.claim(&req).unwrap().decision
     }

@@ -5,17 +5,21 @@
 //! whose key carries a hash tag, so every script touches one slot.
 
 mod claim_mix;
+mod events;
 mod link;
 mod scripts;
 mod wire;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
 
 use super::memory::millis;
+use super::waiters::Waiters;
 use super::{ClaimReply, ClaimRequest, StoreError};
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::decide;
@@ -42,12 +46,28 @@ pub struct RedisStore {
     resolve: Script,
     /// Whether claims read the record before running the claim script.
     mix: ClaimMix,
+    /// Where the fenced scripts tell other instances' waiters (`events.rs`).
+    events: String,
+    /// The task hearing other instances' transitions (standalone Redis).
+    listener: Option<AbortHandle>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
+    }
 }
 
 impl RedisStore {
-    pub fn new(config: &StoreConfig) -> Result<RedisStore, StoreError> {
+    pub(super) fn new(
+        config: &StoreConfig,
+        waiters: &Arc<Waiters>,
+    ) -> Result<RedisStore, StoreError> {
         crate::tls::install_provider();
         let certs = tls_certificates(config)?;
+        let mut listener = None;
         let link = match &config.backend {
             Backend::Redis { url } => {
                 // The error text of a bad URL may echo it, password included: keep it generic.
@@ -58,6 +78,12 @@ impl RedisStore {
                         redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)?
                     }
                 };
+                listener = events::listen(
+                    client.clone(),
+                    config.key_prefix.clone(),
+                    config.op_timeout.max(Duration::from_secs(1)),
+                    waiters.clone(),
+                );
                 link::Link::single(client, config.op_timeout)?
             }
             Backend::Cluster { urls } => link::Link::cluster(urls, certs, config.op_timeout)?,
@@ -73,6 +99,8 @@ impl RedisStore {
             mark_unknown: Script::new(MARK_UNKNOWN),
             resolve: Script::new(RESOLVE),
             mix: ClaimMix::default(),
+            events: events::channel(&config.key_prefix),
+            listener,
         })
     }
 
@@ -123,8 +151,8 @@ impl RedisStore {
         let mut call = self.script_call(
             &self.claim,
             req.key,
-            5,
-            req.fingerprint.len() + req.token.len() + 2 * 20 + 1,
+            6,
+            req.fingerprint.len() + req.token.len() + 2 * 20 + 2,
         );
         call.arg(req.fingerprint)
             .arg(req.token)
@@ -134,7 +162,8 @@ impl RedisStore {
                 "1"
             } else {
                 "0"
-            });
+            })
+            .arg(if req.waits { "1" } else { "0" });
         let (now_ms, values) = match self.run(&self.claim, &call, deadline).await? {
             // A key that held nothing, claimed: the script's short way.
             Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), Vec::new()),
@@ -162,8 +191,8 @@ impl RedisStore {
         let mut call = self.script_call(
             &self.complete,
             key,
-            7,
-            token.len() + 3 + headers.len() + body.len() + 1 + 2 * 20,
+            8,
+            token.len() + 3 + headers.len() + body.len() + 1 + 2 * 20 + self.events.len(),
         );
         call.arg(token)
             .arg(response.status)
@@ -171,7 +200,8 @@ impl RedisStore {
             .arg(body)
             .arg(if response.body.is_some() { "1" } else { "0" })
             .arg(response.body_size)
-            .arg(millis(ttl));
+            .arg(millis(ttl))
+            .arg(&self.events);
         let done: u8 = self.run(&self.complete, &call, self.deadline()).await?;
         Ok(done == 1)
     }
@@ -413,8 +443,8 @@ impl RedisStore {
         key: &StorageKey,
         token: &str,
     ) -> Result<bool, StoreError> {
-        let mut call = self.script_call(script, key, 1, token.len());
-        call.arg(token);
+        let mut call = self.script_call(script, key, 2, token.len() + self.events.len());
+        call.arg(token).arg(&self.events);
         let done: u8 = self.run(script, &call, self.deadline()).await?;
         Ok(done == 1)
     }

@@ -33,7 +33,9 @@ pub const SETTLED_FIELDS: usize = 7;
 /// rows of `idempotency::decision::decide`: a missing key is claimed; an
 /// in-flight attempt with the same fingerprint whose lease ended is claimed
 /// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`.
-/// Returns `now_ms` alone when it claimed a key that held nothing (the
+/// An in-flight attempt that this caller will wait for (ARGV[6] == '1',
+/// `concurrent: wait`) is marked `waited`, so that whoever ends it
+/// publishes the fact ([`tell_waiters!`]). Returns `now_ms` alone when it claimed a key that held nothing (the
 /// common case, taken the short way: no record read, no table built or
 /// parsed, no closures made; about a fifth less Redis CPU per new key),
 /// else {now_ms, claimed, previous record}: the values of [`RECORD_FIELDS`]
@@ -101,6 +103,8 @@ if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and tonumber(rec[LEASE
     return {now, 1, rec}
   end
   redis.call('HSET', KEYS[1], 'state', 'unknown')
+elseif ARGV[6] == '1' and rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' then
+  redis.call('HSET', KEYS[1], 'waited', '1')
 end
 return {now, 0, rec}
 "
@@ -111,7 +115,7 @@ return {now, 0, rec}
 macro_rules! owner_guard {
     () => {
         r"
-local owner = redis.call('HMGET', KEYS[1], 'token', 'state')
+local owner = redis.call('HMGET', KEYS[1], 'token', 'state', 'waited')
 if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
   return 0
 end
@@ -119,13 +123,33 @@ end
     };
 }
 
+/// After a fenced script's write: when a waiting claim marked the record,
+/// publish its key name on the channel named by the last argument, for the
+/// other instances' waiters. Unmarked records (the common case) publish
+/// nothing. `pcall`: a Redis user not allowed to publish still completes
+/// (its waiters then see the change at their next claim).
+macro_rules! tell_waiters {
+    () => {
+        r"
+if owner[3] then
+  redis.pcall('PUBLISH', ARGV[#ARGV], KEYS[1])
+end
+"
+    };
+}
+
 /// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
+/// The last argument (ARGV[8]) names the waiters' channel, as for every
+/// fenced script.
 pub const COMPLETE: &str = concat!(
     owner_guard!(),
     r"
 redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
   'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
+",
+    tell_waiters!(),
+    r"
 return 1
 "
 );
@@ -135,6 +159,9 @@ pub const RELEASE: &str = concat!(
     owner_guard!(),
     r"
 redis.call('DEL', KEYS[1])
+",
+    tell_waiters!(),
+    r"
 return 1
 "
 );
@@ -144,6 +171,9 @@ pub const MARK_UNKNOWN: &str = concat!(
     owner_guard!(),
     r"
 redis.call('HSET', KEYS[1], 'state', 'unknown')
+",
+    tell_waiters!(),
+    r"
 return 1
 "
 );

@@ -1,0 +1,76 @@
+//! Other instances' transitions, heard through Redis pub/sub. A claim that
+//! will wait marks the in-flight record (`waited`); the fenced script that
+//! ends that attempt, on whichever instance, publishes the record's key
+//! name on `<key_prefix>events`; each instance subscribes once and wakes its
+//! own waiters of that key. Unmarked records publish nothing, so the common
+//! path costs Redis nothing more. Messages are a shortcut, not a contract:
+//! a waiter missing one (a reconnect, a message before it began waiting)
+//! still sees the change at its next claim.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use tokio::task::AbortHandle;
+
+use crate::idempotency::key::StorageKey;
+use crate::store::waiters::Waiters;
+
+/// Pause before subscribing again after the connection failed or ended.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+
+/// The channel the fenced scripts publish on.
+pub(super) fn channel(prefix: &str) -> String {
+    format!("{prefix}events")
+}
+
+/// Listens on `prefix`'s channel in a task of the current Tokio runtime
+/// (none outside one: then waiters see other instances by polling) until
+/// aborted. `connect_timeout` bounds each attempt to connect.
+pub(super) fn listen(
+    client: redis::Client,
+    prefix: String,
+    connect_timeout: Duration,
+    waiters: Arc<Waiters>,
+) -> Option<AbortHandle> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let task = runtime.spawn(async move {
+        let channel = channel(&prefix);
+        let mut said = false;
+        loop {
+            let subscribed = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let subscribed = tokio::time::timeout(connect_timeout, subscribed).await;
+            if let Ok(Ok(pubsub)) = subscribed {
+                said = false;
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = poll_fn(|cx| Pin::new(&mut messages).poll_next(cx)).await
+                {
+                    let name = String::from_utf8_lossy(message.get_payload_bytes());
+                    if let Some(key) = StorageKey::decode(&prefix, &name) {
+                        waiters.wake(&key);
+                    }
+                }
+            } else if !said {
+                // Once per outage: waiters fall back to their backoff steps.
+                said = true;
+                let error = match subscribed {
+                    Ok(Err(e)) => format!("{:?}", e.kind()),
+                    _ => "timed out".into(),
+                };
+                tracing::warn!(
+                    error,
+                    channel,
+                    "not hearing other instances' transitions; waiters poll"
+                );
+            }
+            tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+        }
+    });
+    Some(task.abort_handle())
+}
