@@ -85,6 +85,7 @@ pub async fn serve(
     }
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::open(&config.store, metrics.clone())?);
+    store.hear_other_instances();
     let proxy = Arc::new(Proxy::new(&config, store, metrics)?);
     if let Some(path) = &config_path {
         // Installed here, not in the task: SIGHUP's default action ends the process.

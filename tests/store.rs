@@ -599,6 +599,8 @@ async fn a_waiter_wakes_when_another_instance_ends_the_attempt() {
     // One configuration (one key prefix), two instances.
     let config = config(&backend);
     let (a, b) = (open_config(&config), open_config(&config));
+    a.hear_other_instances();
+    b.hear_other_instances();
     let channel = format!("{}events", config.store.key_prefix);
     // Both instances listen before anything is published (bounded poll).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -121,22 +121,28 @@ impl Op {
 impl Store {
     /// Opens the configured store. Redis connects lazily, so the proxy starts
     /// (and answers per `on_unavailable`) while Redis is down.
-    /// On a standalone Redis (inside a Tokio runtime) it also listens for
-    /// other instances' transitions on keys that someone waits on.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
-        let waiters = Arc::new(waiters::Waiters::new());
         let kind = match &config.backend {
             Backend::Memory => Kind::Memory(MemoryStore::new(config)),
             Backend::Redis { .. } | Backend::Cluster { .. } => {
-                Kind::Redis(Box::new(RedisStore::new(config, &waiters)?))
+                Kind::Redis(Box::new(RedisStore::new(config)?))
             }
         };
         Ok(Store {
             kind,
             metrics,
             latency: Default::default(),
-            waiters,
+            waiters: Arc::new(waiters::Waiters::new()),
         })
+    }
+
+    /// For a serving instance (not the `keys` command): on a standalone
+    /// Redis, hear other instances end attempts that this one's waiters wait
+    /// on, from a task of the current Tokio runtime. Idempotent.
+    pub fn hear_other_instances(&self) {
+        if let Kind::Redis(s) = &self.kind {
+            s.listen(&self.waiters);
+        }
     }
 
     /// Times one operation and counts its failure.

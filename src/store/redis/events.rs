@@ -27,16 +27,14 @@ pub(super) fn channel(prefix: &str) -> String {
 }
 
 /// Listens on `prefix`'s channel in a task of the current Tokio runtime
-/// (none outside one: then waiters see other instances by polling) until
-/// aborted. `connect_timeout` bounds each attempt to connect.
+/// until aborted. `connect_timeout` bounds each attempt to connect.
 pub(super) fn listen(
     client: redis::Client,
     prefix: String,
     connect_timeout: Duration,
     waiters: Arc<Waiters>,
-) -> Option<AbortHandle> {
-    let runtime = tokio::runtime::Handle::try_current().ok()?;
-    let task = runtime.spawn(async move {
+) -> AbortHandle {
+    let task = tokio::spawn(async move {
         let channel = channel(&prefix);
         let mut said = false;
         loop {
@@ -72,5 +70,5 @@ pub(super) fn listen(
             tokio::time::sleep(RESUBSCRIBE_AFTER).await;
         }
     });
-    Some(task.abort_handle())
+    task.abort_handle()
 }

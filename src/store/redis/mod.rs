@@ -10,7 +10,7 @@ mod link;
 mod scripts;
 mod wire;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
@@ -48,26 +48,25 @@ pub struct RedisStore {
     mix: ClaimMix,
     /// Where the fenced scripts tell other instances' waiters (`events.rs`).
     events: String,
-    /// The task hearing other instances' transitions (standalone Redis).
-    listener: Option<AbortHandle>,
+    /// A standalone server's client, for [`Self::listen`]'s subscription.
+    client: Option<redis::Client>,
+    /// The task hearing other instances' transitions, once started.
+    listener: OnceLock<AbortHandle>,
 }
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
-        if let Some(listener) = &self.listener {
+        if let Some(listener) = self.listener.get() {
             listener.abort();
         }
     }
 }
 
 impl RedisStore {
-    pub(super) fn new(
-        config: &StoreConfig,
-        waiters: &Arc<Waiters>,
-    ) -> Result<RedisStore, StoreError> {
+    pub fn new(config: &StoreConfig) -> Result<RedisStore, StoreError> {
         crate::tls::install_provider();
         let certs = tls_certificates(config)?;
-        let mut listener = None;
+        let mut standalone = None;
         let link = match &config.backend {
             Backend::Redis { url } => {
                 // The error text of a bad URL may echo it, password included: keep it generic.
@@ -78,12 +77,7 @@ impl RedisStore {
                         redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)?
                     }
                 };
-                listener = events::listen(
-                    client.clone(),
-                    config.key_prefix.clone(),
-                    config.op_timeout.max(Duration::from_secs(1)),
-                    waiters.clone(),
-                );
+                standalone = Some(client.clone());
                 link::Link::single(client, config.op_timeout)?
             }
             Backend::Cluster { urls } => link::Link::cluster(urls, certs, config.op_timeout)?,
@@ -100,8 +94,23 @@ impl RedisStore {
             resolve: Script::new(RESOLVE),
             mix: ClaimMix::default(),
             events: events::channel(&config.key_prefix),
-            listener,
+            client: standalone,
+            listener: OnceLock::new(),
         })
+    }
+
+    /// Starts hearing other instances' transitions for `waiters` (once; a
+    /// standalone server only, inside a Tokio runtime): see `events.rs`.
+    pub(super) fn listen(&self, waiters: &Arc<Waiters>) {
+        let Some(client) = &self.client else { return };
+        self.listener.get_or_init(|| {
+            events::listen(
+                client.clone(),
+                self.prefix.clone(),
+                self.op_timeout.max(Duration::from_secs(1)),
+                waiters.clone(),
+            )
+        });
     }
 
     /// When an operation starting now must have ended.
