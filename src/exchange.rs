@@ -323,7 +323,11 @@ impl Exchange {
     async fn settle_unknown(&self, why: &str) {
         tracing::warn!(key = %self.key.key, route = %self.key.route, reason = why, "outcome unknown");
         let result = match self.policy.on_unknown {
-            OnUnknown::Lock => self.store.mark_unknown(&self.key, &self.token).await,
+            OnUnknown::Lock => {
+                self.store
+                    .mark_unknown(&self.key, &self.token, self.policy.ttl)
+                    .await
+            }
             OnUnknown::Release => self.store.release(&self.key, &self.token).await,
         };
         match result {

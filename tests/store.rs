@@ -92,7 +92,7 @@ async fn taken_over_attempt_never_overwrites_the_new_owner(backend: Backend) {
         "A lost the key"
     );
     assert!(!store.release(&k, "A").await.unwrap());
-    assert!(!store.mark_unknown(&k, "A").await.unwrap());
+    assert!(!store.mark_unknown(&k, "A", ttl).await.unwrap());
     assert!(store.complete(&k, "B", &response(202), ttl).await.unwrap());
     let record = store.get(&k).await.unwrap().expect("record");
     assert_eq!(record.state, State::Completed);
@@ -326,7 +326,101 @@ async fn listed_records_expire_ttl_after_completion(backend: Backend) {
     }
 }
 
+/// Whether `expires` is `ms` from `now` (the store's clock), give or take
+/// the test's own round trips.
+fn expires_in(expires: u64, now: u64, ms: u64) -> bool {
+    now + ms - 1_000 <= expires && expires <= now + ms + 1_000
+}
+
+/// An unknown outcome lasts the ttl from when it became unknown, whatever
+/// the lease: the in-flight record outlives its lease by the ttl, and turning
+/// unknown (by the exchange, or by a claim after the lease) renews its expiry.
+/// Regression: the claim gave the in-flight record the ttl as its expiry and
+/// nothing renewed it, so with `ttl` equal to `lease` the record vanished
+/// when the lease ended and a retry was forwarded again.
+async fn an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown(backend: Backend) {
+    let store = open(&backend);
+    let lease = Duration::from_secs(600);
+    let ttl = Duration::from_secs(60);
+    let k = key("unknown-ttl");
+    let req = ClaimRequest {
+        lease,
+        ttl,
+        ..claim(&k, "A", 0, OnUnknown::Lock)
+    };
+    store.claim(&req).await.unwrap();
+    let now = store.now_ms().await.unwrap();
+    let in_flight = store.get(&k).await.unwrap().expect("the in-flight record");
+    assert!(
+        expires_in(in_flight.expires_ms, now, 660_000),
+        "in flight: expires {} for now {now}",
+        in_flight.expires_ms
+    );
+    assert!(store.mark_unknown(&k, "A", ttl).await.unwrap());
+    let unknown = store.get(&k).await.unwrap().expect("the unknown record");
+    assert_eq!(unknown.state, State::Unknown);
+    assert!(
+        expires_in(unknown.expires_ms, now, 60_000),
+        "marked unknown: expires {} for now {now}",
+        unknown.expires_ms
+    );
+
+    // Turned unknown by a claim after the lease: the ttl from then.
+    let k = key("unknown-ttl-claim");
+    store
+        .claim(&claim(&k, "A", 50, OnUnknown::Lock))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // the lease under test
+    let req = ClaimRequest {
+        ttl: Duration::from_secs(30),
+        ..claim(&k, "B", 50, OnUnknown::Lock)
+    };
+    assert_eq!(
+        store.claim(&req).await.unwrap().decision,
+        Decision::BecomeUnknown
+    );
+    let now = store.now_ms().await.unwrap();
+    let unknown = store.get(&k).await.unwrap().expect("the unknown record");
+    assert!(
+        expires_in(unknown.expires_ms, now, 30_000),
+        "turned unknown by a claim: expires {} for now {now}",
+        unknown.expires_ms
+    );
+}
+
+/// An expired record is gone for its attempt too: it can no longer complete,
+/// release or mark it. Regression: the memory store applied transitions
+/// to records that had expired but were not swept yet (Redis had dropped them).
+async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
+    let store = open(&backend);
+    let k = key("expired-attempt");
+    let ends = [("complete", 0), ("release", 1), ("mark_unknown", 2)];
+    for (end, which) in ends {
+        let req = ClaimRequest {
+            ttl: Duration::from_millis(20),
+            ..claim(&k, "A", 10, OnUnknown::Lock)
+        };
+        assert_eq!(
+            store.claim(&req).await.unwrap().decision,
+            Decision::Claim,
+            "{end}"
+        );
+        tokio::time::sleep(Duration::from_millis(80)).await; // the expiry under test
+        let ttl = Duration::from_secs(60);
+        let settled = match which {
+            0 => store.complete(&k, "A", &response(201), ttl).await,
+            1 => store.release(&k, "A").await,
+            _ => store.mark_unknown(&k, "A", ttl).await,
+        };
+        assert!(!settled.unwrap(), "{end} settled an expired record");
+        assert!(store.get(&k).await.unwrap().is_none(), "{end}");
+    }
+}
+
 both_stores!(
+    an_expired_attempt_can_no_longer_settle_its_record,
+    an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown,
     listed_records_expire_ttl_after_completion,
     listings_select_by_route_key_and_state,
     the_store_clock_reads_in_milliseconds,
@@ -418,7 +512,8 @@ async fn listing_unknown_outcomes_reads_no_other_records_bodies() {
         .claim(&claim(&lost, "first", 10_000, OnUnknown::Lock))
         .await
         .unwrap();
-    assert!(store.mark_unknown(&lost, "first").await.unwrap());
+    let ttl = Duration::from_secs(60);
+    assert!(store.mark_unknown(&lost, "first", ttl).await.unwrap());
 
     let before = redis_stat(&mut conn, "total_net_output_bytes").await;
     let unknown = store
@@ -643,7 +738,7 @@ async fn a_waiter_wakes_when_another_instance_ends_the_attempt() {
                 a.complete(&k, "A", &stored, Duration::from_secs(60)).await
             }
             End::Release => a.release(&k, "A").await,
-            End::Unknown => a.mark_unknown(&k, "A").await,
+            End::Unknown => a.mark_unknown(&k, "A", Duration::from_secs(60)).await,
         };
         assert!(ended.unwrap(), "{end:?}: A still owned the attempt");
         tokio::time::timeout(Duration::from_secs(20), woken)

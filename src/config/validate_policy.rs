@@ -164,40 +164,22 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
             ok.then(|| list.iter().map(|s| s.value).collect())
         }
     };
-    let ttl_field: fn(&IdempotencyFile) -> Option<&Text> = |f| f.ttl.as_ref();
-    let lease_field: fn(&IdempotencyFile) -> Option<&Text> = |f| f.lease.as_ref();
-    let ttl = duration(c, "ttl", ttl_field, Duration::from_secs(24 * 3600), MAX_TTL);
-    let lease = duration(c, "lease", lease_field, Duration::from_secs(60), MAX_WAIT);
-    if let (Some(ttl), Some(lease)) = (ttl, lease)
-        && ttl < lease
-    {
-        // The claim gives the in-flight record the ttl as its expiry, so it
-        // would vanish while its attempt still runs and a duplicate would
-        // be forwarded. Point at the field this route sets, if it sets one.
-        let (ttl_at, lease_at) = (m.get("ttl", ttl_field), m.get("lease", lease_field));
-        let route_sets = |at: &Option<(&Text, String)>| {
-            at.as_ref()
-                .is_some_and(|(_, p)| !p.starts_with("defaults."))
-        };
-        let (value, path) = if route_sets(&lease_at) && !route_sets(&ttl_at) {
-            lease_at
-        } else {
-            ttl_at.or(lease_at)
-        }
-        .expect("ttl < lease: one of them is set, as the defaults are not");
-        c.fail(
-            &path,
-            Some(&value.referenced),
-            format!(
-                "ttl {} is shorter than lease {}: the in-flight record would expire \
-                 while its attempt runs, and a duplicate would be forwarded",
-                humantime::format_duration(ttl),
-                humantime::format_duration(lease)
-            ),
-            "make ttl at least as long as lease (ttl is how long a result is replayed, \
-             lease how long an attempt owns the key)",
-        );
-    }
+    // Any ttl goes with any lease: an in-flight record outlives its lease
+    // by the ttl (`store`), so it cannot expire while its attempt runs.
+    let ttl = duration(
+        c,
+        "ttl",
+        |f| f.ttl.as_ref(),
+        Duration::from_secs(24 * 3600),
+        MAX_TTL,
+    );
+    let lease = duration(
+        c,
+        "lease",
+        |f| f.lease.as_ref(),
+        Duration::from_secs(60),
+        MAX_WAIT,
+    );
     let max_request_body = size(c, "max_request_body", |f| f.max_request_body.as_ref());
     let max_response_body = size(c, "max_response_body", |f| f.max_response_body.as_ref());
     Some(Policy {

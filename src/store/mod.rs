@@ -216,12 +216,17 @@ impl Store {
         .await
     }
 
-    /// Turns the attempt's record `unknown`; fenced by the token.
-    pub async fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
+    /// Turns the attempt's record `unknown` for `ttl` from now; fenced by the token.
+    pub async fn mark_unknown(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         self.transition(Op::MarkUnknown, key, async {
             match &self.kind {
-                Kind::Memory(s) => s.mark_unknown(key, token),
-                Kind::Redis(s) => Box::pin(s.mark_unknown(key, token)).await,
+                Kind::Memory(s) => s.mark_unknown(key, token, ttl),
+                Kind::Redis(s) => Box::pin(s.mark_unknown(key, token, ttl)).await,
             }
         })
         .await

@@ -77,6 +77,38 @@ async fn lease_end_locks_as_unknown(backend: Backend) {
     assert_eq!(s.upstream.hits(), 1);
 }
 
+/// Regression: the in-flight record expired `ttl` after its claim, so with
+/// `ttl` as long as `lease` it was gone when the lease ended, and the retry
+/// reached the upstream while the first attempt was still running. Now the
+/// outcome stays unknown for the ttl from the lease's end, then expires.
+async fn an_unknown_outcome_outlives_a_lease_as_long_as_the_ttl(backend: Backend) {
+    let s = Setup::new(
+        backend,
+        "lease: 1s, ttl: 1s, on_unknown: lock",
+        "response: 100ms",
+    )
+    .await;
+    let first = s.post("k-ttl", "{}", &[("x-test-delay-ms", "4000")]).await;
+    assert_eq!(first.code(), "upstream_timeout");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the lease under test
+    let reply = s.post("k-ttl", "{}", &[]).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (409, "outcome_unknown"),
+        "{reply:?}"
+    );
+    assert_eq!(s.upstream.hits(), 1);
+    // "until an operator resolves it or the ttl passes": then a new attempt.
+    let later = resend_until(
+        Duration::from_secs(5),
+        || s.post("k-ttl", "{}", &[]),
+        |r| r.status != 409,
+    )
+    .await;
+    assert_eq!(later.status, 201, "{later:?}");
+    assert_eq!(s.upstream.hits(), 2);
+}
+
 async fn lease_end_releases_under_release(backend: Backend) {
     let s = Setup::new(backend, "lease: 1s, on_unknown: release", "response: 100ms").await;
     assert_eq!(
@@ -150,6 +182,7 @@ both_stores!(
     late_completion_after_504_is_replayed,
     client_disconnect_still_recorded,
     lease_end_locks_as_unknown,
+    an_unknown_outcome_outlives_a_lease_as_long_as_the_ttl,
     lease_end_releases_under_release,
     reset_after_send_is_unknown,
     reset_after_send_releases_under_release,

@@ -78,7 +78,8 @@ impl MemoryStore {
                     token: req.token.to_owned(),
                     lease_end_ms: now_ms + millis(req.lease),
                     created_ms: now_ms,
-                    expires_ms: now_ms + millis(req.ttl),
+                    // Outlives its lease, to turn unknown (and last the ttl) when it ends.
+                    expires_ms: now_ms + millis(req.lease + req.ttl),
                     response: None,
                 };
                 shard.expiry.note(hash, record.expires_ms);
@@ -95,7 +96,10 @@ impl MemoryStore {
             }
             Decision::BecomeUnknown => {
                 if let Entry::Occupied(mut found) = entry {
-                    found.get_mut().record_mut().state = State::Unknown;
+                    let record = found.get_mut().record_mut();
+                    record.state = State::Unknown;
+                    record.expires_ms = now_ms + millis(req.ttl);
+                    shard.expiry.note(hash, record.expires_ms);
                 }
             }
             _ => {}
@@ -122,12 +126,10 @@ impl MemoryStore {
     }
 
     pub fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
+        let now = now_ms();
         let (hash, mut shard) = self.inner.shard(key);
         let owned = match shard.table.find_entry(hash, is(hash, key)) {
-            Ok(found)
-                if found.get().record().state == State::InFlight
-                    && found.get().record().token == token =>
-            {
+            Ok(found) if owns(found.get().record(), token, now) => {
                 found.remove();
                 self.inner.len.fetch_sub(1, Ordering::Relaxed);
                 true
@@ -137,8 +139,16 @@ impl MemoryStore {
         Ok(owned)
     }
 
-    pub fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        Ok(self.owned(key, token, |r| r.state = State::Unknown))
+    pub fn mark_unknown(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.owned(key, token, |r| {
+            r.state = State::Unknown;
+            r.expires_ms = now_ms() + millis(ttl);
+        }))
     }
 
     pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> bool {
@@ -211,6 +221,7 @@ impl MemoryStore {
 
     /// Applies `change` when `token` still owns the in-flight attempt.
     fn owned(&self, key: &StorageKey, token: &str, change: impl FnOnce(&mut Record)) -> bool {
+        let now = now_ms();
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
         match shard
@@ -218,7 +229,7 @@ impl MemoryStore {
             .find_mut(hash, is(hash, key))
             .map(Slot::record_mut)
         {
-            Some(r) if r.state == State::InFlight && r.token == token => {
+            Some(r) if owns(r, token, now) => {
                 let expires = r.expires_ms;
                 change(r);
                 if r.expires_ms != expires {
@@ -229,6 +240,12 @@ impl MemoryStore {
             _ => false,
         }
     }
+}
+
+/// Whether `token`'s attempt still holds `record`, in flight, at `now`: an
+/// expired record is gone, as it is from Redis, even before the sweep.
+fn owns(record: &Record, token: &str, now: u64) -> bool {
+    record.state == State::InFlight && record.token == token && record.expires_ms > now
 }
 
 impl Inner {

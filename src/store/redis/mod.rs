@@ -166,7 +166,7 @@ impl RedisStore {
         call.arg(req.fingerprint)
             .arg(req.token)
             .arg(millis(req.lease))
-            .arg(millis(req.ttl))
+            .arg(millis(req.lease + req.ttl))
             .arg(if req.on_unknown == OnUnknown::Release {
                 "1"
             } else {
@@ -216,11 +216,17 @@ impl RedisStore {
     }
 
     pub async fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.fenced(&self.release, key, token).await
+        self.fenced(&self.release, key, token, None).await
     }
 
-    pub async fn mark_unknown(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
-        self.fenced(&self.mark_unknown, key, token).await
+    pub async fn mark_unknown(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.fenced(&self.mark_unknown, key, token, Some(millis(ttl)))
+            .await
     }
 
     pub async fn resolve(
@@ -446,14 +452,21 @@ impl RedisStore {
         Ok(secs * 1000 + micros / 1000)
     }
 
+    /// A fenced script's call: the owner's token, the script's own argument
+    /// if any, and the waiters' channel last.
     async fn fenced(
         &self,
         script: &Script,
         key: &StorageKey,
         token: &str,
+        arg: Option<u64>,
     ) -> Result<bool, StoreError> {
-        let mut call = self.script_call(script, key, 2, token.len() + self.events.len());
-        call.arg(token).arg(&self.events);
+        let mut call = self.script_call(script, key, 3, token.len() + 20 + self.events.len());
+        call.arg(token);
+        if let Some(arg) = arg {
+            call.arg(arg);
+        }
+        call.arg(&self.events);
         let done: u8 = self.run(script, &call, self.deadline()).await?;
         Ok(done == 1)
     }

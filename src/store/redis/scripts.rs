@@ -32,7 +32,8 @@ pub const SETTLED_FIELDS: usize = 7;
 /// Claims a key, or reports the record that holds it. Mirrors the writing
 /// rows of `idempotency::decision::decide`: a missing key is claimed; an
 /// in-flight attempt with the same fingerprint whose lease ended is claimed
-/// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`.
+/// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`, which
+/// then lasts the ttl (ARGV[4] - ARGV[3]) from now.
 /// An in-flight attempt that this caller will wait for (ARGV[6] == '1',
 /// `concurrent: wait`) is marked `waited`, so that whoever ends it
 /// publishes the fact ([`tell_waiters!`]). Returns `now_ms` alone when it claimed a key that held nothing (the
@@ -66,7 +67,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 }
 
 /// The in-flight record of ARGV[2]'s attempt (ARGV[1] fingerprint, ARGV[3]
-/// lease and ARGV[4] ttl in ms), written at `now`.
+/// lease in ms), written at `now`. It expires after ARGV[4] ms, the lease
+/// plus the ttl: it outlives its lease, so that when the lease ends it can
+/// still turn `unknown` (and then last the ttl) whatever the two settings.
 macro_rules! write_claim {
     () => {
         r"
@@ -103,6 +106,7 @@ if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and tonumber(rec[LEASE
     return {now, 1, rec}
   end
   redis.call('HSET', KEYS[1], 'state', 'unknown')
+  redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[4]) - tonumber(ARGV[3])))
 elseif ARGV[6] == '1' and rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' then
   redis.call('HSET', KEYS[1], 'waited', '1')
 end
@@ -166,11 +170,12 @@ return 1
 "
 );
 
-/// Turns the attempt owned by ARGV[1] `unknown`.
+/// Turns the attempt owned by ARGV[1] `unknown`, for ARGV[2] ms (the ttl).
 pub const MARK_UNKNOWN: &str = concat!(
     owner_guard!(),
     r"
 redis.call('HSET', KEYS[1], 'state', 'unknown')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 ",
     tell_waiters!(),
     r"
