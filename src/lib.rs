@@ -29,6 +29,7 @@ pub mod headers;
 pub mod idempotency;
 pub mod keys;
 pub mod metrics;
+pub mod opening;
 pub mod path;
 pub mod problem;
 pub mod proxy;

@@ -17,6 +17,7 @@ use crate::config::{Backend, Config};
 use crate::drain::Drain;
 use crate::head_timer::HeadTimer;
 use crate::metrics::Metrics;
+use crate::opening::Opening;
 use crate::proxy::Proxy;
 use crate::store::Store;
 
@@ -173,6 +174,8 @@ async fn serve_connection<S>(
     // Each connection its own header-read timer (see `head_timer`).
     let mut builder = builder.clone();
     builder.http1().timer(HeadTimer::default());
+    // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see `opening`).
+    let stream = Opening::new(stream, tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(error) = drain.watch(connection.into_owned()).await {
         tracing::debug!(error = %error, "connection ended with an error");

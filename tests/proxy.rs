@@ -338,13 +338,23 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
         .unwrap();
     // A keep-alive connection that was answered once, then sends nothing.
     let idle = answered_once(proxy.addr, b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n").await;
-    let ((head, head_kept), (_, idle_kept)) =
-        tokio::join!(until_closed(partial), until_closed(idle));
+    // Regression: before the first bytes tell HTTP/1 from HTTP/2 no timer
+    // ran, so a connection that sent nothing, or part of HTTP/2's preface,
+    // stayed open for good (one file descriptor each).
+    let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let ((head, head_kept), (_, idle_kept), (_, silent_kept), (_, preface_kept)) = tokio::join!(
+        until_closed(partial),
+        until_closed(idle),
+        until_closed(silent),
+        until_closed(preface)
+    );
     assert!(
         head.is_empty() || head.starts_with("HTTP/1.1 408"),
         "a slow head is closed, at most with a 408: {head}"
     );
-    for kept in [head_kept, idle_kept] {
+    for kept in [head_kept, idle_kept, silent_kept, preface_kept] {
         assert!(
             kept >= Duration::from_secs(9),
             "closed after {kept:?}, before the 10 s"
