@@ -103,9 +103,9 @@ impl Proxy {
         let record = reply.record;
         match reply.decision {
             Decision::Claim => {
-                // The guards stand between the claim and the forward: a
-                // request turned away releases its key at once.
-                let admission = match upstream.admit() {
+                // The budget and the guards stand between the claim and the
+                // forward: a request turned away releases its key at once.
+                let admission = match budget_left(deadline).and_then(|()| upstream.admit()) {
                     Ok(admission) => admission,
                     Err(problem) => {
                         ctx.outcome = "rejected";
@@ -323,6 +323,21 @@ impl Drop for ClaimGuard<'_> {
             self.release_now();
         }
     }
+}
+
+/// Whether the client's budget (`timeouts.total`) has time left to forward
+/// in. Receiving the body, or waiting for a duplicate (`concurrent: wait`),
+/// may have taken it all: such a request is not sent (the upstream would get
+/// `X-Request-Timeout-Ms: 0` for a client that has stopped waiting).
+fn budget_left(deadline: Instant) -> Result<(), Problem> {
+    if Instant::now() < deadline {
+        return Ok(());
+    }
+    Err(Problem::new(
+        Code::UpstreamTimeout,
+        "this route's total timeout passed before the request could be forwarded; it was not sent",
+    )
+    .retry_after(Duration::from_secs(1)))
 }
 
 /// The stored response, byte for byte, plus `Idempotent-Replayed: true`;

@@ -57,6 +57,36 @@ async fn total_bounds_a_protected_exchange(backend: Backend) {
     );
 }
 
+/// Regression: a request whose body took the whole `total` to arrive was
+/// still claimed and forwarded, the upstream told `X-Request-Timeout-Ms: 0`
+/// for a client that had stopped waiting. Now it gets its 504 and nothing is
+/// sent or kept: the retry goes through.
+async fn a_request_whose_budget_went_on_its_body_is_not_forwarded(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::new(backend, "", "response: 5s, total: 500ms").await;
+    let mut conn = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let head = "POST /api/orders?x=1 HTTP/1.1\r\nhost: x\r\nidempotency-key: k-slow-body\r\n\
+                content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await; // the budget under test
+    conn.write_all(b"}").await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(
+        answer.contains("upstream_timeout") && answer.contains("not sent"),
+        "{answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after:"),
+        "{answer}"
+    );
+    assert_eq!(s.upstream.hits(), 0);
+    let retry = s.post("k-slow-body", "{}", &[]).await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert_eq!(s.upstream.hits(), 1);
+}
+
 /// A duplicate that waits (`concurrent: wait`) no longer than its own
 /// budget, then gets `request_in_progress` as under `reject`.
 async fn waiting_out_of_total_is_request_in_progress(backend: Backend) {
@@ -142,6 +172,7 @@ async fn retry_after_is_the_lease_left(backend: Backend) {
 }
 
 both_stores!(
+    a_request_whose_budget_went_on_its_body_is_not_forwarded,
     total_bounds_a_protected_exchange,
     waiting_out_of_total_is_request_in_progress,
     request_timeout_header_is_the_budget_left,
