@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::body::{self, Collected, ProxyBody};
 use crate::config::{OnUnknown, Policy, Route};
-use crate::headers::strip_hop_by_hop;
+use crate::headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
 use crate::metrics::Metrics;
@@ -227,6 +227,8 @@ impl Exchange {
     async fn record(&mut self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
         let (mut parts, mut incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // idemgate's to say, on replays only (SPEC 9, stored headers).
+        parts.headers.remove(&IDEMPOTENT_REPLAYED);
         let status = parts.status.as_u16();
         if !self.policy.stores(status) {
             self.finish_streamed(&mut incoming, !failed_status(status));

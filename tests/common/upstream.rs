@@ -135,6 +135,8 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
         header(&req, "x-test-break-body-after-ms").and_then(|v| v.parse().ok());
     let echo = header(&req, "x-test-echo").is_some();
     let hop = header(&req, "x-test-hop").is_some();
+    // An upstream that sets idemgate's own header on a first answer.
+    let says_replayed = header(&req, "x-test-says-replayed").is_some();
     if echo {
         // Streams the request body straight back.
         let body = req.into_body().map_err(std::io::Error::other).boxed();
@@ -158,6 +160,9 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
         .header("x-upstream-hit", hit.to_string())
         .header("set-cookie", "a=1")
         .header("set-cookie", "b=2");
+    if says_replayed {
+        response = response.header("idempotent-replayed", "true");
+    }
     if hop {
         response = response
             .header("connection", "x-hop")
