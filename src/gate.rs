@@ -258,7 +258,6 @@ impl Proxy {
                     Code::StoreUnavailable,
                     "the idempotency store is unavailable; nothing was forwarded",
                 )
-                .retry_after(Duration::from_secs(1))
                 .into_response()
             }
             OnUnavailable::Forward => {

@@ -159,11 +159,14 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// `store_unavailable` always says `Retry-After: 1` (SPEC 9), wherever
+    /// it is made (proxy or admin listener); other codes add theirs with
+    /// [`Problem::retry_after`].
     pub fn new(code: Code, detail: impl Into<String>) -> Problem {
         Problem {
             code,
             detail: detail.into(),
-            retry_after: None,
+            retry_after: (code == Code::StoreUnavailable).then_some(1),
             extra: Vec::new(),
         }
     }
@@ -219,6 +222,14 @@ impl Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_unavailable_always_says_retry_after() {
+        let response = Problem::new(Code::StoreUnavailable, "down").into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let response = Problem::new(Code::NoRoute, "none").into_response();
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn codes_are_unique_and_snake_case() {

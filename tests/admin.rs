@@ -844,6 +844,9 @@ async fn readiness_follows_redis() {
         (down.status.as_u16(), down.code().as_str()),
         (503, "store_unavailable")
     );
+    // SPEC 9: Retry-After comes with store_unavailable, from the admin
+    // listener too (regression: only the proxy's answer had it).
+    assert_eq!(down.header("retry-after"), Some("1"));
     assert_eq!(
         call(&client, "GET", &proxy.admin_url("/healthz"), None, "")
             .await
@@ -853,6 +856,7 @@ async fn readiness_follows_redis() {
     );
     let refused = client.post_key(&proxy.url("/api/o"), "k-down", "{}").await;
     assert_eq!(refused.code(), "store_unavailable");
+    assert_eq!(refused.header("retry-after"), Some("1"));
     let metrics = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(text.contains("idemgate_ready 0"));
