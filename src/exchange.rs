@@ -16,7 +16,7 @@ use crate::config::{OnUnknown, Policy, Route};
 use crate::headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
 use crate::store::Store;
@@ -35,6 +35,8 @@ pub struct Exchange {
     pub admission: Option<Admission>,
     pub running: Arc<Running>,
     pub metrics: Arc<Metrics>,
+    /// The route's series, for the latency of an exchange nobody waits for.
+    pub route_metrics: Option<Arc<RouteMetrics>>,
 }
 
 /// The keys of the exchanges running now, so that shutdown can name them.
@@ -198,8 +200,15 @@ impl Exchange {
                 })
                 .is_ok()
         });
-        if recorded && !delivered {
-            Metrics::route_counter(&self.metrics.late_completions, &self.key.route);
+        if !delivered {
+            // The client's answer went without it (504, disconnect): the
+            // slow tail still counts in the upstream's latency.
+            if let Some(route) = &self.route_metrics {
+                route.observe_upstream(upstream_ms);
+            }
+            if recorded {
+                Metrics::route_counter(&self.metrics.late_completions, &self.key.route);
+            }
         }
     }
 

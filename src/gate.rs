@@ -140,6 +140,7 @@ impl Proxy {
                     admission: Some(admission),
                     running: self.running.clone(),
                     metrics: self.metrics.clone(),
+                    route_metrics: ctx.metrics.clone(),
                     policy,
                     key: Arc::new(storage_key),
                     token,

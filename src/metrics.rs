@@ -275,17 +275,24 @@ impl RouteMetrics {
             })
             .inc();
         if let Some(ms) = upstream_ms {
-            self.upstream_latency
-                .get_or_init(|| {
-                    self.metrics
-                        .upstream_latency
-                        .get_or_create(&UpstreamLabels {
-                            upstream: self.upstream.clone(),
-                        })
-                        .clone()
-                })
-                .observe(ms as f64 / 1000.0);
+            self.observe_upstream(ms);
         }
+    }
+
+    /// The upstream's latency for one exchange of this route: counted with
+    /// the request, or by the exchange when its client no longer waits
+    /// for it (a 504 or a disconnect; `Exchange::run`).
+    pub fn observe_upstream(&self, ms: u64) {
+        self.upstream_latency
+            .get_or_init(|| {
+                self.metrics
+                    .upstream_latency
+                    .get_or_create(&UpstreamLabels {
+                        upstream: self.upstream.clone(),
+                    })
+                    .clone()
+            })
+            .observe(ms as f64 / 1000.0);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Backend, eventually};
+use crate::common::{Backend, eventually, sample};
 use crate::{Setup, both_stores};
 
 /// A duplicate of `key` sent in the background while the caller goes on.
@@ -85,6 +85,31 @@ async fn a_request_whose_budget_went_on_its_body_is_not_forwarded(backend: Backe
     let retry = s.post("k-slow-body", "{}", &[]).await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert_eq!(s.upstream.hits(), 1);
+}
+
+/// The upstream's latency histogram counts an exchange whose client got its
+/// 504 first, with the upstream's real time. Regression: only exchanges
+/// answered in time were observed, so the slow tail was missing.
+async fn the_latency_of_an_exchange_answered_after_a_504_is_observed(backend: Backend) {
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let s = Setup::with_store(backend, &store, "", "", "response: 200ms").await;
+    let reply = s.post("k-slow", "{}", &[("x-test-delay-ms", "700")]).await;
+    assert_eq!(reply.code(), "upstream_timeout");
+    let latency = |text: &str, part: &str| {
+        sample(
+            text,
+            &format!("idemgate_upstream_latency_seconds_{part}"),
+            &[("upstream", "up")],
+        )
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the late answer observed",
+        || async { latency(&s.metrics().await, "count") == 1.0 },
+    )
+    .await;
+    let sum = latency(&s.metrics().await, "sum");
+    assert!((0.6..5.0).contains(&sum), "observed {sum} s");
 }
 
 /// A duplicate that waits (`concurrent: wait`) no longer than its own
@@ -172,6 +197,7 @@ async fn retry_after_is_the_lease_left(backend: Backend) {
 }
 
 both_stores!(
+    the_latency_of_an_exchange_answered_after_a_504_is_observed,
     a_request_whose_budget_went_on_its_body_is_not_forwarded,
     total_bounds_a_protected_exchange,
     waiting_out_of_total_is_request_in_progress,
