@@ -59,7 +59,7 @@ impl Routing {
             .upstreams
             .iter()
             .map(
-                |u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.config == *u)) {
+                |u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.serves(u))) {
                     Some(kept) => Ok(kept.clone()),
                     None => Upstream::new(u).map(Arc::new),
                 },

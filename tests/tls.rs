@@ -374,6 +374,42 @@ async fn listener_certificates_are_re_read_on_reload() {
     );
 }
 
+/// Regression: a reload kept an upstream whose settings had not changed,
+/// with the TLS configuration built from its files at start, so a CA (or
+/// client certificate) replaced in place was not taken up until a restart.
+#[tokio::test]
+async fn upstream_tls_files_are_re_read_on_reload() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start_tls(pki.server_config(false)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(&pki.other_ca, &ca).unwrap(); // the wrong CA first
+    let path = dir.path().join("idemgate.yaml");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token: t }}\nupstreams:\n  up: {{ url: \"https://localhost:{}\", circuit_breaker: off, tls: {{ ca_file: \"{}\" }} }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
+        upstream.addr.port(),
+        ca.display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    let url = proxy.url("/x");
+    let get = || client.send("GET", &url, &[], Bytes::new());
+    assert_eq!(get().await.code(), "upstream_unreachable");
+    std::fs::copy(&pki.ca, &ca).unwrap();
+    let reload = client
+        .send(
+            "POST",
+            &proxy.admin_url("/reload"),
+            &[("authorization", "Bearer t")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reload.status, 200);
+    assert_eq!(get().await.status, 201, "the new CA is used");
+    assert_eq!(upstream.hits(), 1);
+}
+
 #[test]
 fn store_tls_with_the_memory_backend_is_a_warning_not_silence() {
     let pki = Pki::new();

@@ -34,6 +34,10 @@ pub struct Upstream {
     /// `max_in_flight` permits; no queueing beyond them.
     bulkhead: Arc<Semaphore>,
     pub breaker: Breaker,
+    /// A digest of what its TLS files held when it was built (not the
+    /// bytes: one is a private key): a reload with the same settings keeps
+    /// this upstream only while they hold the same.
+    tls_files: [u8; 32],
 }
 
 /// A request let through both guards. Report its answer with [`Admission::finish`];
@@ -124,6 +128,22 @@ impl Drop for Admission {
     }
 }
 
+/// SHA-256 over an upstream's TLS files, each its length and contents (an
+/// unreadable file counts as empty: building the upstream then fails).
+fn tls_files(config: &UpstreamConfig) -> [u8; 32] {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    if let Some(tls) = &config.tls {
+        for path in [&tls.ca_file, &tls.client_cert_file, &tls.client_key_file] {
+            let bytes = path.as_ref().and_then(|p| std::fs::read(p).ok());
+            let bytes = bytes.unwrap_or_default();
+            digest.update((bytes.len() as u64).to_le_bytes());
+            digest.update(&bytes);
+        }
+    }
+    digest.finalize().into()
+}
+
 /// Whether an upstream's status counts as a failure for the breaker.
 pub fn failed_status(status: u16) -> bool {
     matches!(status, 502..=504)
@@ -133,6 +153,7 @@ impl Upstream {
     /// Pooled HTTP/1.1 connections over `http://` or `https://` (system roots,
     /// or `tls.ca_file`; a client certificate for mutual TLS; SNI from the URL).
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, crate::tls::TlsError> {
+        let tls_files = tls_files(config);
         let tls = crate::tls::client_config(config.tls.as_ref())?;
         let target = Uri::builder()
             .scheme(config.scheme.clone())
@@ -147,7 +168,16 @@ impl Upstream {
             pool: Pool::new(target, config.connect_timeout, tls),
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             breaker: Breaker::new(config.circuit_breaker.clone()),
+            tls_files,
         })
+    }
+
+    /// Whether a reload to `config` can keep this upstream (its pool,
+    /// bulkhead and breaker state): the same settings, and TLS files (CA,
+    /// client certificate and key) that still hold what they held, so a
+    /// certificate rotated in place is taken up by a reload.
+    pub fn serves(&self, config: &UpstreamConfig) -> bool {
+        self.config == *config && self.tls_files == tls_files(config)
     }
 
     /// Requests to this upstream right now.
