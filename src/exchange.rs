@@ -2,8 +2,8 @@
 //! neither a client-facing timeout nor a client disconnect cancels it: it
 //! goes on until the response is recorded or the lease ends.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -20,7 +20,9 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
 use crate::store::Store;
-use crate::upstream::{Admission, SendError, Upstream, UpstreamBody, failed_status};
+use crate::upstream::{
+    Admission, SendError, Upstream, UpstreamBody, failed_status, within_response,
+};
 
 /// An attempt that owns its key (by `token`) until `lease_deadline`.
 pub struct Exchange {
@@ -106,14 +108,13 @@ impl Exchange {
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
         route: &Route,
-        now: Instant,
     ) -> Response<ProxyBody> {
-        let response_deadline = now + route.timeouts.response;
         let (tx, rx) = oneshot::channel();
         // Boxed: the exchange's future is a few KB, and spawning copies what
         // it is given several times over (into the task, into its cell).
         tasks.spawn(
-            Box::pin(self.run(request, tx, response_deadline)).instrument(tracing::Span::current()),
+            Box::pin(self.run(request, tx, route.timeouts.response))
+                .instrument(tracing::Span::current()),
         );
         let total_deadline = ctx.arrived + route.timeouts.total;
         match tokio::time::timeout_at(total_deadline.into(), rx).await {
@@ -134,21 +135,19 @@ impl Exchange {
         mut self,
         request: Request<ProxyBody>,
         reply: oneshot::Sender<Reply>,
-        response_deadline: Instant,
+        response: Duration,
     ) {
         let id = self.running.add(&self.key);
         let mut reply = Some(reply);
         let sent = Instant::now();
         let result = {
-            let send = self.upstream.send(request);
+            let connected = OnceLock::new();
+            let send = self.upstream.send(request, &connected);
             tokio::pin!(send);
-            match tokio::time::timeout_at(
-                response_deadline.min(self.lease_deadline).into(),
-                &mut send,
-            )
-            .await
-            {
-                Err(_) if response_deadline < self.lease_deadline => {
+            let lease_deadline = self.lease_deadline.into();
+            match within_response(send.as_mut(), &connected, response, lease_deadline).await {
+                Some(result) => Ok(result),
+                None if tokio::time::Instant::now() < lease_deadline => {
                     // The response timeout: a failure for the breaker now,
                     // while it can still act on it (and before the client
                     // hears of it), then the client's 504. The exchange goes
@@ -163,9 +162,11 @@ impl Exchange {
                             upstream_ms: None,
                         });
                     }
-                    tokio::time::timeout_at(self.lease_deadline.into(), send).await
+                    tokio::time::timeout_at(lease_deadline, send)
+                        .await
+                        .map_err(drop)
                 }
-                result => result,
+                None => Err(()),
             }
         };
         let upstream_ms = sent.elapsed().as_millis() as u64;

@@ -145,9 +145,7 @@ impl Proxy {
                     key: Arc::new(storage_key),
                     token,
                 };
-                exchange
-                    .start(&self.exchanges, request, ctx, &route, now)
-                    .await
+                exchange.start(&self.exchanges, request, ctx, &route).await
             }
             Decision::Replay => match record.and_then(|r| r.response) {
                 Some(stored) => {

@@ -1,6 +1,6 @@
 //! `Proxy::handle`: the life of a request, top to bottom.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -18,7 +18,7 @@ use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
 use crate::tls::TlsError;
-use crate::upstream::{SendError, Upstream, failed_status};
+use crate::upstream::{SendError, Upstream, failed_status, within_response};
 
 /// Everything a request needs, built from the validated config.
 pub struct Proxy {
@@ -286,23 +286,25 @@ impl Proxy {
             .clone()
             .expect("pass_through runs on a matched route");
         let sent = Instant::now();
-        let deadline = (ctx.arrived + route.timeouts.total).min(sent + route.timeouts.response);
+        let total = (ctx.arrived + route.timeouts.total).into();
         let request = self.upstream_request(upstream, request, ctx, &route, sent);
-        let result = tokio::time::timeout_at(deadline.into(), upstream.send(request)).await;
+        let connected = OnceLock::new();
+        let send = std::pin::pin!(upstream.send(request, &connected));
+        let result = within_response(send, &connected, route.timeouts.response, total).await;
         ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
         match result {
-            Ok(Ok(response)) => {
+            Some(Ok(response)) => {
                 let (mut parts, mut incoming) = response.into_parts();
                 incoming
                     .tell_breaker(admission.finish_streamed(!failed_status(parts.status.as_u16())));
                 headers::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body::boxed(incoming))
             }
-            Ok(Err(error)) => {
+            Some(Err(error)) => {
                 admission.finish(false);
                 send_error_problem(error)
             }
-            Err(_) => {
+            None => {
                 admission.finish(false);
                 timeout_problem()
             }

@@ -374,6 +374,53 @@ async fn listener_certificates_are_re_read_on_reload() {
     );
 }
 
+/// A TCP relay to `to` that holds each connection `delay` before it passes
+/// bytes: to a TLS client, a handshake that takes that long.
+async fn slow_relay(to: std::net::SocketAddr, delay: std::time::Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut outbound = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `timeouts.response` runs from the request being sent (SPEC 4.4):
+/// establishing the connection has its own `connect_timeout`. Regression:
+/// a 400 ms TLS handshake ate a 300 ms response timeout, and a fast upstream
+/// got a 504 (and a breaker failure, and on a protected route an exchange
+/// left waiting).
+#[tokio::test]
+async fn connecting_does_not_count_against_the_response_timeout() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start_tls(pki.server_config(false)).await;
+    let relay = slow_relay(upstream.addr, std::time::Duration::from_millis(400)).await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"https://localhost:{}\", connect_timeout: 2s, tls: {{ ca_file: \"{}\" }} }}\ndefaults:\n  timeouts: {{ response: 300ms, total: 5s }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up, idempotency: off }}\n",
+        relay.port(),
+        pki.ca.display()
+    );
+    // A proxy each, so that each request needs a new upstream connection.
+    let client = TestClient::new();
+    let proxy = TestProxy::start(&yaml).await;
+    let passed = client
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(passed.status, 201, "passed through: {passed:?}");
+    let proxy = TestProxy::start(&yaml).await;
+    let protected = client
+        .post_key(&proxy.url("/api/o"), "k-slow-connect", "{}")
+        .await;
+    assert_eq!(protected.status, 201, "protected: {protected:?}");
+    assert_eq!(upstream.hits(), 2);
+}
+
 /// Regression: a reload kept an upstream whose settings had not changed,
 /// with the TLS configuration built from its files at start, so a CA (or
 /// client certificate) replaced in place was not taken up until a restart.

@@ -4,7 +4,10 @@
 pub mod breaker;
 mod pool;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
@@ -236,12 +239,39 @@ impl Upstream {
     /// Sends one request (origin-form URI, Host set). A request whose bytes
     /// may have reached the upstream is never sent again; only one that
     /// hyper handed back unwritten goes out on another connection.
+    /// `connected` is set when the request has a connection to go out on.
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
+        connected: &OnceLock<tokio::time::Instant>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        self.pool.send(request).await
+        self.pool.send_noting(request, connected).await
     }
+}
+
+/// Polls `send` (an [`Upstream::send`]) until it ends, or until `response`
+/// has passed since it had a connection (`connected`; connecting has its
+/// own `connect_timeout`, SPEC 4.4), or `cap`, whichever comes first. `None`
+/// when time ran out; `send` can then be polled on.
+pub async fn within_response<F: Future>(
+    mut send: Pin<&mut F>,
+    connected: &OnceLock<tokio::time::Instant>,
+    response: Duration,
+    cap: tokio::time::Instant,
+) -> Option<F::Output> {
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until(cap));
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = send.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if !armed && let Some(&at) = connected.get() {
+            armed = true;
+            sleep.as_mut().reset((at + response).min(cap));
+        }
+        sleep.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 impl SendError {

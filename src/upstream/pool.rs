@@ -91,9 +91,20 @@ impl Pool {
     /// Sends `request` (origin-form URI, Host set) on an idle connection or
     /// a new one. A request goes out again only when hyper hands it back
     /// unsent, which happens when a pooled connection turned out to be closed.
+    #[cfg(test)]
     pub async fn send(
         self: &Arc<Self>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        self.send_noting(request, &std::sync::OnceLock::new()).await
+    }
+
+    /// [`Pool::send`], noting in `connected` when it had a connection to
+    /// send on (at once for a pooled one): where the response timeout starts.
+    pub async fn send_noting(
+        self: &Arc<Self>,
         mut request: Request<ProxyBody>,
+        connected: &std::sync::OnceLock<tokio::time::Instant>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (mut conn, reused) = match self.checkout() {
@@ -101,6 +112,7 @@ impl Pool {
                 // Boxed: connecting is rare, and its future is large.
                 None => (Box::pin(self.connect()).await?, false),
             };
+            let _ = connected.set(tokio::time::Instant::now());
             let mut response = pin!(conn.sender.try_send_request(request));
             let mut open = true;
             let result = poll_fn(|cx| {
