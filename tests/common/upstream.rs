@@ -1,6 +1,6 @@
 //! A real HTTP upstream on port 0 whose behaviour each request picks with
 //! `x-test-*` headers: delay, status, body size, echo, reset (before the
-//! answer, or in its body).
+//! answer, or in its body), a slow body after a prompt head.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -133,6 +133,8 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
     let reset_mid_body = header(&req, "x-test-reset-mid-body").is_some();
     let break_body_after: Option<u64> =
         header(&req, "x-test-break-body-after-ms").and_then(|v| v.parse().ok());
+    // The head goes out at once, the (whole, usual) body only this much later.
+    let slow_body: Option<u64> = header(&req, "x-test-slow-body-ms").and_then(|v| v.parse().ok());
     let echo = header(&req, "x-test-echo").is_some();
     let hop = header(&req, "x-test-hop").is_some();
     // An upstream that sets idemgate's own header on a first answer.
@@ -189,16 +191,28 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
         StreamBody::new(stream)
             .map_err(|never| match never {})
             .boxed()
-    } else if let Some(n) = body_bytes {
-        Full::new(Bytes::from(vec![b'x'; n]))
-            .map_err(|never| match never {})
-            .boxed()
     } else {
-        let json = serde_json::json!({ "hit": hit, "method": method, "body_len": body.len() });
-        response = response.header("content-type", "application/json");
-        Full::new(Bytes::from(json.to_string()))
-            .map_err(|never| match never {})
-            .boxed()
+        let bytes = if let Some(n) = body_bytes {
+            Bytes::from(vec![b'x'; n])
+        } else {
+            let json = serde_json::json!({ "hit": hit, "method": method, "body_len": body.len() });
+            response = response.header("content-type", "application/json");
+            Bytes::from(json.to_string())
+        };
+        match slow_body {
+            Some(ms) => {
+                // No content-length: the head is sent (chunked) at once,
+                // the body in one chunk after `ms`, then the end.
+                let (tx, rx) =
+                    tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let _ = tx.send(Ok(Frame::data(bytes))).await;
+                });
+                StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
+            }
+            None => Full::new(bytes).map_err(|never| match never {}).boxed(),
+        }
     };
     seen.answered.fetch_add(1, Ordering::SeqCst);
     Ok(response.body(body).unwrap())

@@ -161,6 +161,71 @@ async fn forwarded_request_carries_key_budget_and_forwarding_headers(backend: Ba
     assert!(h.get("traceparent").is_some());
 }
 
+/// SPEC 9: a protected request gets the forwarding headers of a
+/// passed-through one (section 3): `Host` set to the upstream's authority,
+/// `X-Forwarded-Host` / `-Proto` / `-For`, the `X-Request-Id` the client
+/// gets back (generated, or the client's own), and no hop-by-hop headers.
+async fn protected_request_gets_the_pass_through_forwarding_headers(backend: Backend) {
+    let s = Setup::new(backend, "", "").await;
+    let reply = s
+        .post(
+            "k-hdrs",
+            "{}",
+            &[
+                ("connection", "x-drop"),
+                ("x-drop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic c2VjcmV0"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-kept", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    assert!(reply.header("idempotent-replayed").is_none());
+    let h = s.upstream.last_headers();
+    assert_eq!(
+        h.get("host").unwrap(),
+        s.upstream.addr.to_string().as_str(),
+        "Host is the upstream's authority"
+    );
+    assert_eq!(
+        h.get("x-forwarded-host").unwrap(),
+        s.proxy.addr.to_string().as_str(),
+        "X-Forwarded-Host is the Host the client sent"
+    );
+    assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    for name in [
+        "connection",
+        "x-drop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+    ] {
+        assert!(h.get(name).is_none(), "{name} reached the upstream: {h:?}");
+    }
+    assert_eq!(h.get("x-kept").unwrap(), "yes", "end-to-end headers go on");
+    let id = reply
+        .header("x-request-id")
+        .expect("a generated request id is echoed");
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(h.get("x-request-id").unwrap(), id, "the id the client got");
+
+    // The client's own id is forwarded and echoed as it came.
+    let reply = s
+        .post("k-hdrs-2", "{}", &[("x-request-id", "req-protected-7")])
+        .await;
+    assert_eq!(reply.status, 201);
+    assert_eq!(reply.header("x-request-id"), Some("req-protected-7"));
+    assert_eq!(
+        s.upstream.last_headers().get("x-request-id").unwrap(),
+        "req-protected-7"
+    );
+    assert_eq!(s.upstream.hits(), 2);
+}
+
 both_stores!(
     replay_is_byte_identical,
     key_missing_and_invalid_are_400,
@@ -169,4 +234,5 @@ both_stores!(
     reused_key_with_other_request_is_422,
     scopes_keep_callers_apart,
     forwarded_request_carries_key_budget_and_forwarding_headers,
+    protected_request_gets_the_pass_through_forwarding_headers,
 );

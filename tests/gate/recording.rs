@@ -34,6 +34,93 @@ async fn server_errors_release_and_client_errors_are_stored(backend: Backend) {
     assert_eq!(s.upstream.hits(), 5);
 }
 
+/// A custom `store_statuses` replaces the default 2xx and 4xx: with
+/// `["2xx", "409"]` a 400 releases the key (its retry reaches the upstream
+/// again), while a 409 (an exact status) and a 201 are stored and replayed.
+async fn custom_store_statuses_decide_what_is_stored(backend: Backend) {
+    let s = Setup::new(backend, "store_statuses: [\"2xx\", \"409\"]", "").await;
+    let first = s.post("k-400", "{}", &[("x-test-status", "400")]).await;
+    assert_eq!(first.status, 400);
+    let retry = s.post("k-400", "{}", &[]).await;
+    assert_eq!(retry.status, 201, "400 is outside store_statuses: released");
+    assert!(retry.header("idempotent-replayed").is_none(), "{retry:?}");
+    assert_eq!(retry.header("x-upstream-hit"), Some("2"));
+    assert_eq!(s.upstream.hits(), 2);
+    // The 201 of that second attempt is stored: a third send replays it.
+    let replay = s.post("k-400", "{}", &[]).await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(replay.body, retry.body);
+    assert_eq!(s.upstream.hits(), 2);
+
+    assert_eq!(
+        s.post("k-409", "{}", &[("x-test-status", "409")])
+            .await
+            .status,
+        409
+    );
+    let replay = s.post("k-409", "{}", &[]).await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (409, Some("true")),
+        "an exact status in store_statuses is stored"
+    );
+    assert_eq!(replay.header("x-upstream-hit"), Some("3"));
+    assert_eq!(s.upstream.hits(), 3);
+}
+
+/// A `release_statuses` entry inside 2xx: a 202 releases the key instead of
+/// being stored, while the other 2xx (201) are still stored.
+async fn release_statuses_inside_2xx_release_the_key(backend: Backend) {
+    let s = Setup::new(backend, "release_statuses: [202]", "").await;
+    let first = s.post("k-202", "{}", &[("x-test-status", "202")]).await;
+    assert_eq!(first.status, 202);
+    assert!(first.header("idempotent-replayed").is_none());
+    let retry = s.post("k-202", "{}", &[]).await;
+    assert_eq!(retry.status, 201, "a 202 is released: a new attempt");
+    assert!(retry.header("idempotent-replayed").is_none(), "{retry:?}");
+    assert_eq!(retry.header("x-upstream-hit"), Some("2"));
+    assert_eq!(s.upstream.hits(), 2);
+    let replay = s.post("k-202", "{}", &[]).await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (201, Some("true")),
+        "a 201 is still stored"
+    );
+    assert_eq!(replay.body, retry.body);
+    assert_eq!(s.upstream.hits(), 2);
+}
+
+/// `timeouts.response` ends at the response's head (SPEC 4.4): a head
+/// within it and a body slower than it, but within `total`, is delivered
+/// whole and stored, not turned into a 504.
+async fn response_timeout_ends_at_the_head_not_the_body(backend: Backend) {
+    let s = Setup::new(backend, "", "response: 200ms, total: 3s").await;
+    let started = std::time::Instant::now();
+    let first = s
+        .post("k-slow-body", "{}", &[("x-test-slow-body-ms", "600")])
+        .await;
+    let took = started.elapsed();
+    assert_eq!(first.status, 201, "{first:?}");
+    assert_eq!(
+        first.json(),
+        serde_json::json!({ "hit": 1, "method": "POST", "body_len": 2 })
+    );
+    assert!(
+        took >= Duration::from_millis(600),
+        "the body came after 600 ms, past the response timeout: {took:?}"
+    );
+    let replay = s.post("k-slow-body", "{}", &[]).await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(replay.body, first.body);
+    assert_eq!(s.upstream.hits(), 1);
+}
+
 async fn oversized_response_is_streamed_and_tombstoned(backend: Backend) {
     let s = Setup::new(backend, "max_response_body: 1KiB", "").await;
     let first = s
@@ -116,6 +203,9 @@ async fn a_stalled_protected_body_is_408_and_nothing_is_claimed() {
 
 both_stores!(
     server_errors_release_and_client_errors_are_stored,
+    custom_store_statuses_decide_what_is_stored,
+    release_statuses_inside_2xx_release_the_key,
+    response_timeout_ends_at_the_head_not_the_body,
     oversized_response_is_streamed_and_tombstoned,
     ttl_expiry_allows_a_new_attempt,
     request_body_limit_is_413,
