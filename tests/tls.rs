@@ -358,15 +358,7 @@ async fn listener_certificates_are_re_read_on_reload() {
         http::StatusCode::CREATED
     );
     install(&new);
-    let reload = TestClient::new()
-        .send(
-            "POST",
-            &proxy.admin_url("/reload"),
-            &[("authorization", "Bearer t")],
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(reload.status, 200);
+    assert_eq!(proxy.reload("t").await.status, 200);
     assert_eq!(
         https_get(&new, false, &url).await.1,
         http::StatusCode::CREATED,
@@ -444,15 +436,7 @@ async fn upstream_tls_files_are_re_read_on_reload() {
     let get = || client.send("GET", &url, &[], Bytes::new());
     assert_eq!(get().await.code(), "upstream_unreachable");
     std::fs::copy(&pki.ca, &ca).unwrap();
-    let reload = client
-        .send(
-            "POST",
-            &proxy.admin_url("/reload"),
-            &[("authorization", "Bearer t")],
-            Bytes::new(),
-        )
-        .await;
-    assert_eq!(reload.status, 200);
+    assert_eq!(proxy.reload("t").await.status, 200);
     assert_eq!(get().await.status, 201, "the new CA is used");
     assert_eq!(upstream.hits(), 1);
 }

@@ -180,6 +180,19 @@ impl TestProxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `POST /reload` on the admin listener with bearer `token`.
+    pub async fn reload(&self, token: &str) -> Reply {
+        let bearer = format!("Bearer {token}");
+        TestClient::new()
+            .send(
+                "POST",
+                &self.admin_url("/reload"),
+                &[("authorization", bearer.as_str())],
+                Bytes::new(),
+            )
+            .await
+    }
+
     /// Stops accepting and waits for the drain to end.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
