@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::body::{self, Collected, ProxyBody};
 use crate::config::{OnUnknown, Policy, Route};
-use crate::headers::{IDEMPOTENT_REPLAYED, strip_hop_by_hop};
+use crate::headers::{IDEMPOTENT_REPLAYED, frame_whole, strip_hop_by_hop};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -262,6 +262,7 @@ impl Exchange {
                     .complete(status, parts.headers, Some(bytes.clone()), size)
                     .await;
                 parts.headers = headers;
+                frame_whole(&mut parts.headers, bytes.len());
                 (Response::from_parts(parts, body::full(bytes)), recorded)
             }
             Ok(Collected::Over { prefix, rest }) => {

@@ -341,9 +341,12 @@ fn budget_left(deadline: Instant) -> Result<(), Problem> {
 /// The stored response, byte for byte, plus `Idempotent-Replayed: true`;
 /// moved into the reply (the claim handed the gate its own copy).
 pub fn replay(stored: StoredResponse) -> Response<ProxyBody> {
-    let mut response = Response::new(body::full(stored.body.unwrap_or_default()));
+    let body = stored.body.unwrap_or_default();
+    let mut headers = stored.headers;
+    crate::headers::frame_whole(&mut headers, body.len());
+    let mut response = Response::new(body::full(body));
     *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-    *response.headers_mut() = stored.headers;
+    *response.headers_mut() = headers;
     response
         .headers_mut()
         .insert(&IDEMPOTENT_REPLAYED, http::HeaderValue::from_static("true"));

@@ -598,3 +598,127 @@ async fn pass_through_streams_the_response_body_as_it_arrives() {
         .to_bytes();
     assert_eq!(rest, last);
 }
+
+/// An upstream that answers every request on a connection with `answer`,
+/// as it is (for answers hyper's own server would not write).
+async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // A request: its head, then the body its Content-Length gives.
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < end + 4 + length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Regression: an upstream answer with both `Transfer-Encoding: chunked`
+/// and a `Content-Length` that does not match its body went out with that
+/// Content-Length once Transfer-Encoding (hop-by-hop) was dropped: 2 bytes
+/// announced as 999, so the client read the next answer on the connection
+/// as the rest of this one (and a debug build panicked, on every replay
+/// too). RFC 9112 6.3: the Content-Length goes. A body idemgate holds whole
+/// (the first answer of a protected request, a replay) goes out with the
+/// length it has.
+#[tokio::test]
+async fn a_content_length_beside_chunked_never_frames_the_answer() {
+    let addr = raw_upstream(
+        b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\ncontent-length: 999\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }\n  - { name: all, match: { path_prefix: / }, upstream: up, idempotency: off }";
+    let yaml = config(
+        "store: { backend: memory }",
+        addr,
+        "  timeouts: { response: 2s, total: 3s }",
+        routes,
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    // One client connection for all: a mis-framed answer would swallow the next.
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let requests = [
+        "GET /x HTTP/1.1\r\nhost: x\r\n\r\n".to_owned(),
+        "POST /api/o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-cl\r\ncontent-length: 2\r\n\r\n{}"
+            .to_owned(),
+        "POST /api/o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-cl\r\ncontent-length: 2\r\n\r\n{}"
+            .to_owned(),
+        "GET /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_owned(),
+    ];
+    for request in &requests {
+        conn.write_all(request.as_bytes()).await.unwrap();
+    }
+    let mut all = String::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut all))
+        .await
+        .expect("four answers, then the close")
+        .unwrap();
+    let answers: Vec<&str> = all.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 4, "{all}");
+    for (i, answer) in answers.iter().enumerate() {
+        let lower = answer.to_ascii_lowercase();
+        assert!(lower.starts_with("201"), "answer {i}: {answer}");
+        assert!(
+            !lower.contains("content-length: 999"),
+            "answer {i}: {answer}"
+        );
+        assert!(
+            answer.ends_with("hi") || answer.ends_with("2\r\nhi\r\n0\r\n\r\n"),
+            "answer {i}: {answer:?}"
+        );
+    }
+    assert!(
+        answers[2]
+            .to_ascii_lowercase()
+            .contains("idempotent-replayed: true")
+    );
+}
+
+/// Regression: an upstream's unasked `101 Switching Protocols` (idemgate
+/// never forwards `Upgrade`) was passed on as the final answer: HTTP/1
+/// clients got a 101 and a dead connection, HTTP/2 clients a protocol
+/// error. It is a broken exchange: `502 upstream_failed`.
+#[tokio::test]
+async fn an_unasked_101_from_the_upstream_is_a_broken_exchange() {
+    let addr = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let yaml = config("store: { backend: memory }", addr, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    let reply = TestClient::new()
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (502, "upstream_failed"),
+        "{reply:?}"
+    );
+}

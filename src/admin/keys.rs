@@ -200,10 +200,12 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
             format!("expected {{\"status\":..,\"headers\":{{..}},\"body\":\"..\"}}: {e}"),
         )
     })?;
-    if !(100..=599).contains(&manual.status) {
+    // A final answer: an informational status (1xx) replayed as one
+    // would leave the client waiting for the real one.
+    if !(200..=599).contains(&manual.status) {
         return Err(Problem::new(
             Code::BadRequest,
-            "status must be between 100 and 599",
+            "status must be a final one, between 200 and 599",
         ));
     }
     let mut headers = http::HeaderMap::new();

@@ -123,6 +123,13 @@ impl Pool {
             })
             .await;
             match result {
+                // Nothing asked it to (Upgrade is never forwarded): what
+                // follows is not HTTP, and no final answer will come.
+                Ok(response) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    return Err(SendError::Broken(
+                        "the upstream switched protocols unasked (101)".into(),
+                    ));
+                }
                 Ok(response) => {
                     let checkout = open.then(|| Checkout {
                         conn,
