@@ -370,11 +370,19 @@ pub fn timeout_problem() -> Response<ProxyBody> {
 }
 
 /// The Host the client addressed: the Host header, or the URI's authority (HTTP/2).
+/// That is the request target's authority when it has one, without any
+/// userinfo: HTTP/2's `:authority`, or an absolute-form HTTP/1 target, whose
+/// Host header a server must ignore (RFC 9112 3.2.2). Else the Host header.
+/// Routing by a Host that disagrees would let a request past its route's gate.
 fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
-    headers.get(header::HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+    let Some(authority) = uri.authority() else {
+        return headers.get(header::HOST).cloned();
+    };
+    let text = authority.as_str();
+    match text.rfind('@') {
+        None => HeaderValue::from_str(text).ok(),
+        Some(at) => HeaderValue::from_str(&text[at + 1..]).ok(),
+    }
 }
 
 /// The access log line and the request metrics of one request, written

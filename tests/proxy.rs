@@ -722,3 +722,26 @@ async fn an_unasked_101_from_the_upstream_is_a_broken_exchange() {
         "{reply:?}"
     );
 }
+
+/// Regression: routing went by the Host header even when the request target
+/// carried its own authority (absolute form; HTTP/2's `:authority`), which a
+/// server must use (RFC 9112 3.2.2): `POST http://pay.example.com/...` with
+/// `Host: other` skipped the `pay` route's gate for the catch-all route.
+#[tokio::test]
+async fn the_request_targets_authority_routes_not_a_disagreeing_host() {
+    let upstream = TestUpstream::start().await;
+    let routes = "  - { name: pay, match: { path_prefix: /, host: pay.example.com }, upstream: up, idempotency: { methods: [POST] } }\n  - { name: all, match: { path_prefix: / }, upstream: up }";
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, routes);
+    let proxy = TestProxy::start(&yaml).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = "POST http://user:pw@pay.example.com/charge HTTP/1.1\r\nhost: other.example\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "the pay route's gate: {answer}"
+    );
+    assert!(answer.contains("idempotency_key_missing"), "{answer}");
+    assert_eq!(upstream.hits(), 0);
+}
