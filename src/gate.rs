@@ -90,6 +90,14 @@ impl Proxy {
             .await
         {
             Ok(reply) => reply,
+            Err(StoreError::Damaged(why)) => {
+                // The store is up; the key's record is unreadable: never
+                // forward around it (nothing of ours was claimed).
+                undo.disarm();
+                ctx.outcome = "error";
+                tracing::error!(key = %storage_key.key, route = %storage_key.route, why, "damaged record in the store");
+                return damaged_record();
+            }
             Err(error) => {
                 undo.release_now();
                 let request = Request::from_parts(parts, body::full(body));
@@ -155,11 +163,7 @@ impl Proxy {
                 // Only a record damaged in the store gets here: never panic on it.
                 None => {
                     tracing::error!(key = %storage_key.key, "completed record without a response in the store");
-                    Problem::new(
-                        Code::Internal,
-                        "the stored record of this key is damaged; an operator must purge it",
-                    )
-                    .into_response()
+                    damaged_record()
                 }
             },
             Decision::NotStored { status } => {
@@ -321,6 +325,16 @@ impl Drop for ClaimGuard<'_> {
             self.release_now();
         }
     }
+}
+
+/// The answer for a key whose record the store holds but idemgate cannot
+/// read: nothing is forwarded until an operator purges it.
+fn damaged_record() -> Response<ProxyBody> {
+    Problem::new(
+        Code::Internal,
+        "the stored record of this key is damaged; an operator must purge it",
+    )
+    .into_response()
 }
 
 /// Whether the client's budget (`timeouts.total`) has time left to forward

@@ -158,7 +158,9 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
     use idemgate::idempotency::key::{StorageKey, scope_hash};
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = yaml(&redis, &upstream, "", "");
+    // Fail-open: a damaged record must still not be taken for an outage
+    // and forwarded around (regression: a state no version writes was).
+    let yaml = yaml(&redis, &upstream, ", on_unavailable: forward", "");
     let prefix = yaml
         .split("key_prefix: \"")
         .nth(1)
@@ -179,25 +181,32 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
         &[http::header::CONTENT_TYPE],
         b"{}",
     );
-    let key = StorageKey {
-        route: "orders".into(),
-        scope: scope_hash(&headers, &[http::header::AUTHORIZATION]),
-        key: "k-damaged".into(),
-    };
     let mut conn = redis.connection().await;
-    let _: () = redis::cmd("HSET")
-        .arg(key.encode(&prefix))
-        .arg(&["state", "completed", "fp", fp.as_str(), "token", "t"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let client = TestClient::new();
-    let reply = client
-        .post_key(&proxy.url("/api/o"), "k-damaged", "{}")
-        .await;
+    // Completed without a response; a state no version of idemgate writes.
+    for (name, state) in [("k-damaged", "completed"), ("k-bad-state", "Completed")] {
+        let key = StorageKey {
+            route: "orders".into(),
+            scope: scope_hash(&headers, &[http::header::AUTHORIZATION]),
+            key: name.into(),
+        };
+        let _: () = redis::cmd("HSET")
+            .arg(key.encode(&prefix))
+            .arg(&["state", state, "fp", fp.as_str(), "token", "t"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let reply = client.post_key(&proxy.url("/api/o"), name, "{}").await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code().as_str()),
+            (500, "internal_error"),
+            "{name}: {reply:?}"
+        );
+    }
     assert_eq!(
-        (reply.status.as_u16(), reply.code().as_str()),
-        (500, "internal_error")
+        upstream.hits(),
+        0,
+        "nothing forwarded around a damaged record"
     );
     assert_eq!(
         client

@@ -37,6 +37,10 @@ pub enum StoreError {
     Backend(String),
     #[error("memory store is full ({0} records)")]
     Full(u64),
+    /// The store answered, with a record no version of idemgate writes: not
+    /// an outage (`on_unavailable` does not apply), a record to purge.
+    #[error("damaged record in the store: {0}")]
+    Damaged(String),
 }
 
 /// What one claim did.

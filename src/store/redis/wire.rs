@@ -77,7 +77,7 @@ pub(super) fn parse_record(mut values: Vec<Option<Vec<u8>>>) -> Result<Option<Re
         .as_deref()
         .and_then(|s| std::str::from_utf8(s).ok())
         .and_then(State::parse)
-        .ok_or_else(|| StoreError::Backend("record without a valid state".into()))?;
+        .ok_or_else(|| StoreError::Damaged("record without a valid state".into()))?;
     let response = status
         .as_deref()
         .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
