@@ -237,6 +237,15 @@ impl Proxy {
         if let Some(uri) = path::normalized(request.uri()) {
             *request.uri_mut() = uri;
         }
+        if request.method() == http::Method::CONNECT {
+            // A tunnel, not a request for a route: no upstream takes one.
+            ctx.outcome = "rejected";
+            return Problem::new(
+                Code::NoRoute,
+                "CONNECT is not proxied: idemgate is a reverse proxy",
+            )
+            .into_response();
+        }
         let routing = self.routing();
         let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());

@@ -745,3 +745,22 @@ async fn the_request_targets_authority_routes_not_a_disagreeing_host() {
     assert!(answer.contains("idempotency_key_missing"), "{answer}");
     assert_eq!(upstream.hits(), 0);
 }
+
+/// Regression: a CONNECT request (no path) took the `/` route and reached
+/// the upstream as `CONNECT /`, while its client got an empty reply.
+#[tokio::test]
+async fn connect_requests_are_no_route_and_never_forwarded() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = "CONNECT 127.0.0.1:9 HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\r\n";
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("no_route"), "{answer}");
+    assert_eq!(upstream.hits(), 0);
+}
