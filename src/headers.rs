@@ -49,6 +49,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// HTTP/2 clients may send their cookies as several `cookie` fields; an
+/// HTTP/1.1 upstream wants one, joined with "; " (RFC 9113 8.2.3). Joined
+/// before anything reads them, a key's scope or fingerprint is the same over
+/// HTTP/2 as over HTTP/1.1.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// For a body idemgate sends from memory, whole (`len` bytes): a
 /// Content-Length that says otherwise goes, and hyper writes the right one.
 /// (A stored record's, or one recorded by hand, may disagree with its body.)
@@ -217,6 +236,20 @@ fn number_value(n: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("sid=abc"));
+        h.append(header::COOKIE, HeaderValue::from_static("theme=dark"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["sid=abc; theme=dark"]);
+        let mut one = HeaderMap::new();
+        one.append(header::COOKIE, HeaderValue::from_static("sid=abc"));
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "sid=abc");
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_named_ones_too() {

@@ -237,6 +237,9 @@ impl Proxy {
         if let Some(uri) = path::normalized(request.uri()) {
             *request.uri_mut() = uri;
         }
+        if request.version() == http::Version::HTTP_2 {
+            headers::join_cookies(request.headers_mut());
+        }
         if request.method() == http::Method::CONNECT {
             // A tunnel, not a request for a route: no upstream takes one.
             ctx.outcome = "rejected";

@@ -241,6 +241,25 @@ async fn http2_cleartext_is_served() {
     assert_eq!(response.status(), 201);
 }
 
+/// HTTP/2 clients may split their cookies into several `cookie` fields;
+/// the HTTP/1.1 upstream gets one `Cookie`, joined with "; " (RFC 9113
+/// 8.2.3). Regression: it got two lines, and a key scoped by `cookie` hashed
+/// differently over HTTP/2 than over HTTP/1.1.
+#[tokio::test]
+async fn http2_cookie_fields_reach_the_upstream_as_one() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    let request = http::Request::get(proxy.url("/c"))
+        .header("cookie", "sid=abc")
+        .header("cookie", "theme=dark")
+        .body(Default::default())
+        .unwrap();
+    let response = h2c_client().request(request).await.expect("h2c request");
+    assert_eq!(response.status(), 201);
+    let head = upstream.last_headers();
+    let cookies: Vec<_> = head.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["sid=abc; theme=dark"]);
+}
+
 /// HTTP/2 streams wait for their answers side by side, each within its own
 /// timeouts: the fast streams that come and go on the connection do not
 /// move the slow one's deadline (with one timer per connection, as the
