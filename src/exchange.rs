@@ -2,7 +2,7 @@
 //! neither a client-facing timeout nor a client disconnect cancels it: it
 //! goes on until the response is recorded or the lease ends.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
 use crate::store::Store;
 use crate::upstream::{
-    Admission, SendError, Upstream, UpstreamBody, failed_status, within_response,
+    Admission, Connected, SendError, Upstream, UpstreamBody, failed_status, within_response,
 };
 
 /// An attempt that owns its key (by `token`) until `lease_deadline`.
@@ -141,11 +141,13 @@ impl Exchange {
         let mut reply = Some(reply);
         let sent = Instant::now();
         let result = {
-            let connected = OnceLock::new();
+            let connected = Connected::default();
             let send = self.upstream.send(request, &connected);
             tokio::pin!(send);
             let lease_deadline = self.lease_deadline.into();
-            match within_response(send.as_mut(), &connected, response, lease_deadline).await {
+            let start = sent.into();
+            match within_response(send.as_mut(), &connected, start, response, lease_deadline).await
+            {
                 Some(result) => Ok(result),
                 None if tokio::time::Instant::now() < lease_deadline => {
                     // The response timeout: a failure for the breaker now,

@@ -113,7 +113,8 @@ impl Proxy {
             Decision::Claim => {
                 // The budget and the guards stand between the claim and the
                 // forward: a request turned away releases its key at once.
-                let admission = match budget_left(deadline).and_then(|()| upstream.admit()) {
+                let now = Instant::now();
+                let admission = match budget_left(now, deadline).and_then(|()| upstream.admit()) {
                     Ok(admission) => admission,
                     Err(problem) => {
                         ctx.outcome = "rejected";
@@ -133,7 +134,6 @@ impl Proxy {
                 undo.disarm();
                 drop(undo);
                 ctx.outcome = "forwarded";
-                let now = Instant::now();
                 let request = self.upstream_request(
                     &upstream,
                     Request::from_parts(parts, body::full(body)),
@@ -341,8 +341,8 @@ fn damaged_record() -> Response<ProxyBody> {
 /// in. Receiving the body, or waiting for a duplicate (`concurrent: wait`),
 /// may have taken it all: such a request is not sent (the upstream would get
 /// `X-Request-Timeout-Ms: 0` for a client that has stopped waiting).
-fn budget_left(deadline: Instant) -> Result<(), Problem> {
-    if Instant::now() < deadline {
+fn budget_left(now: Instant, deadline: Instant) -> Result<(), Problem> {
+    if now < deadline {
         return Ok(());
     }
     Err(Problem::new(

@@ -1,6 +1,6 @@
 //! `Proxy::handle`: the life of a request, top to bottom.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -18,7 +18,7 @@ use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
 use crate::tls::TlsError;
-use crate::upstream::{SendError, Upstream, failed_status, within_response};
+use crate::upstream::{Connected, SendError, Upstream, failed_status, within_response};
 
 /// Everything a request needs, built from the validated config.
 pub struct Proxy {
@@ -300,9 +300,10 @@ impl Proxy {
         let sent = Instant::now();
         let total = (ctx.arrived + route.timeouts.total).into();
         let request = self.upstream_request(upstream, request, ctx, &route, sent);
-        let connected = OnceLock::new();
+        let connected = Connected::default();
         let send = std::pin::pin!(upstream.send(request, &connected));
-        let result = within_response(send, &connected, route.timeouts.response, total).await;
+        let (start, response) = (sent.into(), route.timeouts.response);
+        let result = within_response(send, &connected, start, response, total).await;
         ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
         match result {
             Some(Ok(response)) => {

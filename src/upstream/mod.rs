@@ -6,6 +6,7 @@ mod pool;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -239,35 +240,60 @@ impl Upstream {
     /// Sends one request (origin-form URI, Host set). A request whose bytes
     /// may have reached the upstream is never sent again; only one that
     /// hyper handed back unwritten goes out on another connection.
-    /// `connected` is set when the request has a connection to go out on.
+    /// `connected` hears of a new connection made for the request (a
+    /// pooled one is ready at once).
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
-        connected: &OnceLock<tokio::time::Instant>,
+        connected: &Connected,
     ) -> Result<Response<UpstreamBody>, SendError> {
         self.pool.send_noting(request, connected).await
     }
 }
 
-/// Polls `send` (an [`Upstream::send`]) until it ends, or until `response`
-/// has passed since it had a connection (`connected`; connecting has its
-/// own `connect_timeout`, SPEC 4.4), or `cap`, whichever comes first. `None`
-/// when time ran out; `send` can then be polled on.
+/// Whether a request is waiting for a new connection, and since when it has
+/// one: where its response timeout starts. Untouched for a pooled connection.
+#[derive(Default)]
+pub struct Connected {
+    making: AtomicBool,
+    ready: OnceLock<tokio::time::Instant>,
+}
+
+impl Connected {
+    pub(crate) fn making(&self) {
+        self.making.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ready(&self) {
+        let _ = self.ready.set(tokio::time::Instant::now());
+    }
+}
+
+/// Polls `send` (an [`Upstream::send`] started at `start`) until it ends,
+/// or until `response` has passed since it had a connection (`start` for a
+/// pooled one, else `connected`: connecting has its own `connect_timeout`,
+/// SPEC 4.4), or `cap`, whichever comes first. `None` when time ran out;
+/// `send` can then be polled on.
 pub async fn within_response<F: Future>(
     mut send: Pin<&mut F>,
-    connected: &OnceLock<tokio::time::Instant>,
+    connected: &Connected,
+    start: tokio::time::Instant,
     response: Duration,
     cap: tokio::time::Instant,
 ) -> Option<F::Output> {
-    let mut sleep = std::pin::pin!(tokio::time::sleep_until(cap));
-    let mut armed = false;
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until((start + response).min(cap)));
+    // The deadline while a connection is made (`cap`), then once it is ready.
+    let (mut making, mut ready) = (false, false);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = send.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if !armed && let Some(&at) = connected.get() {
-            armed = true;
+        if !ready && let Some(&at) = connected.ready.get() {
+            ready = true;
             sleep.as_mut().reset((at + response).min(cap));
+        } else if !making && !ready && connected.making.load(Ordering::Relaxed) {
+            making = true;
+            sleep.as_mut().reset(cap);
         }
         sleep.as_mut().poll(cx).map(|()| None)
     })

@@ -96,23 +96,29 @@ impl Pool {
         self: &Arc<Self>,
         request: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        self.send_noting(request, &std::sync::OnceLock::new()).await
+        self.send_noting(request, &super::Connected::default())
+            .await
     }
 
-    /// [`Pool::send`], noting in `connected` when it had a connection to
-    /// send on (at once for a pooled one): where the response timeout starts.
+    /// [`Pool::send`], noting in `connected` when it had a new connection to
+    /// send on (not for a pooled one, ready at once): where the response
+    /// timeout starts.
     pub async fn send_noting(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
-        connected: &std::sync::OnceLock<tokio::time::Instant>,
+        connected: &super::Connected,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future is large.
-                None => (Box::pin(self.connect()).await?, false),
+                None => {
+                    connected.making();
+                    let conn = Box::pin(self.connect()).await?;
+                    connected.ready();
+                    (conn, false)
+                }
             };
-            let _ = connected.set(tokio::time::Instant::now());
             let mut response = pin!(conn.sender.try_send_request(request));
             let mut open = true;
             let result = poll_fn(|cx| {
