@@ -418,7 +418,64 @@ async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
     }
 }
 
+/// A transition that runs twice for one attempt is still that attempt's:
+/// Redis Cluster clients send a command again when the connection drops
+/// before its reply, after Redis may have run it. Regression: the claim run
+/// again found its own in-flight record and answered `request_in_progress`,
+/// so the request waited on itself, never reached the upstream, and left
+/// the key to turn unknown; a completion run again said "not owned".
+async fn an_attempts_transition_run_twice_is_still_its_own(backend: Backend) {
+    let store = open(&backend);
+    let ttl = Duration::from_secs(60);
+    let k = key("twice");
+    for run in ["first", "again"] {
+        let reply = store
+            .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
+            .await
+            .unwrap();
+        assert_eq!(reply.decision, Decision::Claim, "claim, {run}");
+    }
+    let other = store
+        .claim(&claim(&k, "B", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    assert!(
+        matches!(other.decision, Decision::InProgress { .. }),
+        "{other:?}"
+    );
+    for run in ["first", "again"] {
+        assert!(
+            store.complete(&k, "A", &response(201), ttl).await.unwrap(),
+            "complete, {run}"
+        );
+    }
+    assert!(!store.complete(&k, "B", &response(202), ttl).await.unwrap());
+    let record = store.get(&k).await.unwrap().expect("the record");
+    assert_eq!(
+        (record.state, record.response.unwrap().status),
+        (State::Completed, 201)
+    );
+
+    let k = key("twice-unknown");
+    store
+        .claim(&claim(&k, "A", 10_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    for run in ["first", "again"] {
+        assert!(
+            store.mark_unknown(&k, "A", ttl).await.unwrap(),
+            "mark_unknown, {run}"
+        );
+    }
+    assert!(
+        !store.complete(&k, "A", &response(201), ttl).await.unwrap(),
+        "unknown stays"
+    );
+    assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::Unknown);
+}
+
 both_stores!(
+    an_attempts_transition_run_twice_is_still_its_own,
     an_expired_attempt_can_no_longer_settle_its_record,
     an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown,
     listed_records_expire_ttl_after_completion,

@@ -33,9 +33,14 @@ impl Decision {
     }
 }
 
+/// `token` is the claiming attempt's own: an in-flight record that already
+/// holds it is this attempt's claim, run twice (a Redis Cluster client sends
+/// a command again when the connection drops before its reply), and stays
+/// its claim.
 pub fn decide(
     record: Option<&Record>,
     fingerprint: &str,
+    token: &str,
     now_ms: u64,
     on_unknown: OnUnknown,
 ) -> Decision {
@@ -52,6 +57,7 @@ pub fn decide(
             },
             _ => Decision::Replay,
         },
+        State::InFlight if record.token == token => Decision::Claim,
         State::InFlight if now_ms < record.lease_end_ms => Decision::InProgress {
             lease_left_ms: record.lease_end_ms - now_ms,
         },
@@ -93,8 +99,15 @@ mod tests {
         let completed = record(State::Completed, Some(true));
         let tombstone = record(State::Completed, Some(false));
         let unknown = record(State::Unknown, None);
-        // (record, fingerprint, now, on_unknown, decision)
+        // (record, fingerprint, now, on_unknown, decision); the claim's token is "mine"
+        let mine = Record {
+            token: "mine".into(),
+            ..in_flight.clone()
+        };
         let rows: &[(Option<&Record>, &str, u64, OnUnknown, Decision)] = &[
+            (Some(&mine), "fp", 400, Lock, Claim),
+            (Some(&mine), "fp", 1_500, Lock, Claim),
+            (Some(&mine), "other", 400, Lock, Mismatch),
             (None, "fp", 0, Lock, Claim),
             (None, "fp", 0, Release, Claim),
             (Some(&completed), "fp", 5_000, Lock, Replay),
@@ -130,7 +143,7 @@ mod tests {
             (Some(&unknown), "other", 5_000, Lock, Mismatch),
         ];
         for (i, (rec, fp, now, mode, want)) in rows.iter().enumerate() {
-            assert_eq!(decide(*rec, fp, *now, *mode), *want, "row {i}");
+            assert_eq!(decide(*rec, fp, "mine", *now, *mode), *want, "row {i}");
         }
     }
 }

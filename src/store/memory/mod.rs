@@ -64,7 +64,13 @@ impl MemoryStore {
         }
         .filter(|r| r.expires_ms > now_ms)
         .cloned();
-        let decision = decide(existing.as_ref(), req.fingerprint, now_ms, req.on_unknown);
+        let decision = decide(
+            existing.as_ref(),
+            req.fingerprint,
+            req.token,
+            now_ms,
+            req.on_unknown,
+        );
         match decision {
             Decision::Claim => {
                 if existing.is_none()
@@ -117,7 +123,7 @@ impl MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = self.owned(key, token, |r| {
+        let done = self.owned(key, token, State::Completed, |r| {
             r.state = State::Completed;
             r.response = Some(response);
             r.expires_ms = now_ms() + millis(ttl);
@@ -145,7 +151,7 @@ impl MemoryStore {
         token: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.owned(key, token, |r| {
+        Ok(self.owned(key, token, State::Unknown, |r| {
             r.state = State::Unknown;
             r.expires_ms = now_ms() + millis(ttl);
         }))
@@ -219,8 +225,16 @@ impl MemoryStore {
         out
     }
 
-    /// Applies `change` when `token` still owns the in-flight attempt.
-    fn owned(&self, key: &StorageKey, token: &str, change: impl FnOnce(&mut Record)) -> bool {
+    /// Applies `change` when `token` still owns the in-flight attempt; true
+    /// too when its record is `done` already (the transition made before),
+    /// as on Redis.
+    fn owned(
+        &self,
+        key: &StorageKey,
+        token: &str,
+        done: State,
+        change: impl FnOnce(&mut Record),
+    ) -> bool {
         let now = now_ms();
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
@@ -237,7 +251,8 @@ impl MemoryStore {
                 }
                 true
             }
-            _ => false,
+            Some(r) => r.token == token && r.state == done && r.expires_ms > now,
+            None => false,
         }
     }
 }

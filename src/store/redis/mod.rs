@@ -140,7 +140,13 @@ impl RedisStore {
             self.mix.saw(settled);
             if settled {
                 // No write follows from a settled record, so the time does not matter.
-                let decision = decide(record.as_ref(), req.fingerprint, 0, req.on_unknown);
+                let decision = decide(
+                    record.as_ref(),
+                    req.fingerprint,
+                    req.token,
+                    0,
+                    req.on_unknown,
+                );
                 return Ok(ClaimReply { decision, record });
             }
         }
@@ -184,7 +190,13 @@ impl RedisStore {
             }
         };
         let record = parse_record(values)?;
-        let decision = decide(record.as_ref(), req.fingerprint, now_ms, req.on_unknown);
+        let decision = decide(
+            record.as_ref(),
+            req.fingerprint,
+            req.token,
+            now_ms,
+            req.on_unknown,
+        );
         Ok(ClaimReply { decision, record })
     }
 

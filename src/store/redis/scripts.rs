@@ -52,6 +52,7 @@ pub fn claim() -> String {
         .replace("STATE_AT", &at("state"))
         .replace("FP_AT", &at("fp"))
         .replace("LEASE_END_AT", &at("lease_end"))
+        .replace("TOKEN_AT", &at("token"))
 }
 
 /// `now`, Redis `TIME` in ms. Times are written with `string.format('%d')`:
@@ -97,6 +98,14 @@ if not rec[STATE_AT] then
     r"
   return now
 end
+if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and rec[TOKEN_AT] == ARGV[2] then
+  -- This claim, run twice (a cluster client resends a command whose reply
+  -- it lost): still this attempt's claim, its lease from now.
+",
+    write_claim!(),
+    r"
+  return now
+end
 if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and tonumber(rec[LEASE_END_AT]) <= now then
   if ARGV[5] == '1' then
     redis.call('DEL', KEYS[1])
@@ -115,7 +124,9 @@ return {now, 0, rec}
 );
 
 /// The start of every fenced script: return 0 unless the attempt owned by
-/// ARGV[1] still holds the key, in flight.
+/// ARGV[1] still holds the key, in flight. With the state the script writes:
+/// return 1 when the attempt's record is in it already, the script having
+/// run before (a cluster client resends a command whose reply it lost).
 macro_rules! owner_guard {
     () => {
         r"
@@ -124,6 +135,21 @@ if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
   return 0
 end
 "
+    };
+    ($done:literal) => {
+        concat!(
+            r"
+local owner = redis.call('HMGET', KEYS[1], 'token', 'state', 'waited')
+if owner[1] == ARGV[1] and owner[2] == '",
+            $done,
+            r"' then
+  return 1
+end
+if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
+  return 0
+end
+"
+        )
     };
 }
 
@@ -146,7 +172,7 @@ end
 /// The last argument (ARGV[8]) names the waiters' channel, as for every
 /// fenced script.
 pub const COMPLETE: &str = concat!(
-    owner_guard!(),
+    owner_guard!("completed"),
     r"
 redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
   'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6])
@@ -172,7 +198,7 @@ return 1
 
 /// Turns the attempt owned by ARGV[1] `unknown`, for ARGV[2] ms (the ttl).
 pub const MARK_UNKNOWN: &str = concat!(
-    owner_guard!(),
+    owner_guard!("unknown"),
     r"
 redis.call('HSET', KEYS[1], 'state', 'unknown')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
