@@ -85,7 +85,7 @@ impl Proxy {
         // (or the release of a turned-away claim) is awaited, hyper drops
         // this future, and the guard undoes whatever claim the store made.
         let mut undo = ClaimGuard::arm(self, &storage_key, &token);
-        let reply = match self
+        let (reply, claimed_at) = match self
             .claim_or_wait(&claim, policy.concurrent, deadline)
             .await
         {
@@ -144,7 +144,9 @@ impl Proxy {
                 let exchange = Exchange {
                     store: self.store.clone(),
                     upstream,
-                    lease_deadline: now + policy.lease,
+                    // The store's lease runs from its claim, a little
+                    // before we heard of it: ours must not end after it.
+                    lease_deadline: claimed_at + policy.lease,
                     admission: Some(admission),
                     running: self.running.clone(),
                     metrics: self.metrics.clone(),
@@ -209,20 +211,22 @@ impl Proxy {
     /// One claim; under `concurrent: wait` a duplicate of an in-flight
     /// attempt claims again (backing off) until the attempt completes, is
     /// released (then one waiter wins the new claim), or the budget ends.
+    /// With the reply, when its claim was sent.
     async fn claim_or_wait(
         &self,
         claim: &ClaimRequest<'_>,
         concurrent: Concurrent,
         deadline: Instant,
-    ) -> Result<ClaimReply, StoreError> {
+    ) -> Result<(ClaimReply, Instant), StoreError> {
         let mut step = Duration::from_millis(5);
         loop {
+            let sent = Instant::now();
             let reply = self.store.claim(claim).await?;
             let waiting = matches!(reply.decision, Decision::InProgress { .. })
                 && concurrent == Concurrent::Wait;
             let left = deadline.saturating_duration_since(Instant::now());
             if !waiting || left.is_zero() {
-                return Ok(reply);
+                return Ok((reply, sent));
             }
             self.store.changed(claim.key, step.min(left)).await;
             step = (step * 2).min(MAX_WAIT_STEP);
