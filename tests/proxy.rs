@@ -162,14 +162,19 @@ async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
     }
 }
 
+/// One `GET /x` through a pass-through proxy in front of `upstream`.
+async fn get_through(upstream: std::net::SocketAddr) -> common::Reply {
+    let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    TestClient::new()
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await
+}
+
 #[tokio::test]
 async fn closed_port_is_502_upstream_unreachable() {
     let closed = ClosedPort::new();
-    let yaml = config("store: { backend: memory }", closed.addr(), OFF, ALL);
-    let proxy = TestProxy::start(&yaml).await;
-    let reply = TestClient::new()
-        .send("GET", &proxy.url("/x"), &[], Bytes::new())
-        .await;
+    let reply = get_through(closed.addr()).await;
     assert_eq!(
         (reply.status.as_u16(), reply.code().as_str()),
         (502, "upstream_unreachable")
@@ -730,11 +735,7 @@ async fn an_unasked_101_from_the_upstream_is_a_broken_exchange() {
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n",
     )
     .await;
-    let yaml = config("store: { backend: memory }", addr, OFF, ALL);
-    let proxy = TestProxy::start(&yaml).await;
-    let reply = TestClient::new()
-        .send("GET", &proxy.url("/x"), &[], Bytes::new())
-        .await;
+    let reply = get_through(addr).await;
     assert_eq!(
         (reply.status.as_u16(), reply.code().as_str()),
         (502, "upstream_failed"),
