@@ -39,6 +39,9 @@ pub struct Exchange {
     pub metrics: Arc<Metrics>,
     /// The route's series, for the latency of an exchange nobody waits for.
     pub route_metrics: Option<Arc<RouteMetrics>>,
+    /// The background tasks (shutdown waits for them): this exchange, and
+    /// transitions it tries again ([`settle_later`]).
+    pub tasks: TaskTracker,
 }
 
 /// The keys of the exchanges running now, so that shutdown can name them.
@@ -104,7 +107,6 @@ impl Exchange {
     /// before it answers the client's 504.
     pub async fn start(
         self,
-        tasks: &TaskTracker,
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
         route: &Route,
@@ -112,6 +114,7 @@ impl Exchange {
         let (tx, rx) = oneshot::channel();
         // Boxed: the exchange's future is a few KB, and spawning copies what
         // it is given several times over (into the task, into its cell).
+        let tasks = self.tasks.clone();
         tasks.spawn(
             Box::pin(self.run(request, tx, route.timeouts.response))
                 .instrument(tracing::Span::current()),
@@ -329,8 +332,14 @@ impl Exchange {
 
     async fn release(&self) {
         if let Err(error) = self.store.release(&self.key, &self.token).await {
-            tracing::error!(key = %self.key.key, route = %self.key.route, error = %error, "could not release the key");
+            tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, "could not release the key; trying again in the background");
+            self.settle_later(Settle::Release);
         }
+    }
+
+    fn settle_later(&self, settle: Settle) {
+        let (store, key) = (self.store.clone(), self.key.clone());
+        settle_later(&self.tasks, store, key, self.token.clone(), settle);
     }
 
     /// Nobody knows whether the upstream acted: lock the key as `unknown`,
@@ -351,10 +360,53 @@ impl Exchange {
             }
             Ok(_) => {}
             Err(error) => {
-                tracing::error!(key = %self.key.key, route = %self.key.route, error = %error, "could not settle the unknown outcome");
+                tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, "could not settle the unknown outcome; trying again in the background");
+                self.settle_later(match self.policy.on_unknown {
+                    OnUnknown::Lock => Settle::Unknown(self.policy.ttl),
+                    OnUnknown::Release => Settle::Release,
+                });
             }
         }
     }
+}
+
+/// A fenced transition to make in the background, when making it now failed.
+#[derive(Clone, Copy, Debug)]
+pub enum Settle {
+    Release,
+    /// `unknown`, for the ttl.
+    Unknown(Duration),
+}
+
+/// How often, 500 ms apart, a transition is tried in the background.
+const SETTLE_ATTEMPTS: usize = 20;
+
+/// Makes a fenced transition in the background, tried again on store errors
+/// (a lost reply, a reconnect) for about 10 s: left undone, the attempt's
+/// record would stay in flight, refusing every retry until its lease ends,
+/// then turn unknown. For a claim the gate must undo, and for an exchange
+/// whose release or `unknown` the store did not take. Transitions are fenced
+/// by the token and idempotent, so one that did land is harmless to repeat.
+pub fn settle_later(
+    tasks: &TaskTracker,
+    store: Arc<Store>,
+    key: Arc<StorageKey>,
+    token: String,
+    settle: Settle,
+) {
+    tasks.spawn(async move {
+        for _ in 0..SETTLE_ATTEMPTS {
+            let done = match settle {
+                Settle::Release => store.release(&key, &token).await,
+                Settle::Unknown(ttl) => store.mark_unknown(&key, &token, ttl).await,
+            };
+            if done.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::warn!(key = %key.key, route = %key.route, ?settle, "could not settle the attempt's record; it turns unknown or expires with its lease");
+    });
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -7,7 +7,7 @@ use http::{Request, Response, StatusCode};
 
 use crate::body::{self, BODY_STALL, ProxyBody, ReadError};
 use crate::config::{Concurrent, OnUnavailable, Policy, Route};
-use crate::exchange::Exchange;
+use crate::exchange::{Exchange, Settle};
 use crate::headers::IDEMPOTENT_REPLAYED;
 use crate::idempotency::decision::Decision;
 use crate::idempotency::fingerprint::fingerprint;
@@ -21,8 +21,6 @@ use crate::upstream::Upstream;
 
 /// The longest pause between two claim attempts of a waiting duplicate.
 const MAX_WAIT_STEP: Duration = Duration::from_millis(100);
-/// How often a failed claim is undone before giving up (every 500 ms).
-const RELEASE_ATTEMPTS: usize = 20;
 
 impl Proxy {
     pub async fn protect(
@@ -151,11 +149,12 @@ impl Proxy {
                     running: self.running.clone(),
                     metrics: self.metrics.clone(),
                     route_metrics: ctx.metrics.clone(),
+                    tasks: self.exchanges.clone(),
                     policy,
                     key: Arc::new(storage_key),
                     token,
                 };
-                exchange.start(&self.exchanges, request, ctx, &route).await
+                exchange.start(request, ctx, &route).await
             }
             Decision::Replay => match record.and_then(|r| r.response) {
                 Some(stored) => {
@@ -238,15 +237,8 @@ impl Proxy {
     /// not block the client's retry until the lease ends.
     fn release_in_background(&self, key: StorageKey, token: String) {
         let store = self.store.clone();
-        self.exchanges.spawn(async move {
-            for _ in 0..RELEASE_ATTEMPTS {
-                if store.release(&key, &token).await.is_ok() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            tracing::warn!(key = %key.key, route = %key.route, "could not undo a failed claim; it turns unknown or expires with its lease");
-        });
+        let key = Arc::new(key);
+        crate::exchange::settle_later(&self.exchanges, store, key, token, Settle::Release);
     }
 
     /// The store failed: fail closed (503) or forward unprotected, per `on_unavailable`.

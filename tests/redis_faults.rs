@@ -548,3 +548,66 @@ async fn a_full_redis_fails_new_keys_closed_and_still_replays_what_it_holds() {
     assert_eq!(retry.body, first.body);
     assert_eq!(upstream.hits(), 1);
 }
+
+/// A release the store did not take (its reply lost with the connection) is
+/// tried again in the background. Regression: the exchange tried once, so
+/// after an upstream's 503 (not stored: the key is released) the key stayed
+/// in flight, refusing every retry until the lease ended, then `unknown`.
+/// Redis holds writes (`CLIENT PAUSE WRITE`) while the exchange releases,
+/// past `op_timeout`, then the proxy's connection is killed with the
+/// release still unrun, so only a new attempt can release the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_the_store_did_not_take_is_tried_again() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&redis, &upstream, "", "lease: 30s")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
+    let mut conn = redis.connection().await;
+    let first = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let headers = [
+                ("idempotency-key", "k-rel"),
+                ("content-type", "application/json"),
+                ("x-test-status", "503"),
+                ("x-test-delay-ms", "1000"),
+            ];
+            client.send("POST", &url, &headers, "{}").await
+        })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the upstream",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "10000", "WRITE"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The 503 comes once the release has waited out op_timeout (300 ms).
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{first:?}");
+    let _: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let retry = common::resend_until(
+        Duration::from_secs(8),
+        || client.post_key(&url, "k-rel", "{}"),
+        // 503 while the killed connection is made anew; 409 while the key is held.
+        |r| r.status != 409 && r.status != 503,
+    )
+    .await;
+    assert_eq!(retry.status, 201, "the key was released: {retry:?}");
+    assert_eq!(upstream.hits(), 3);
+}
