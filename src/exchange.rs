@@ -19,7 +19,7 @@ use crate::idempotency::record::StoredResponse;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::upstream::{
     Admission, Connected, SendError, Upstream, UpstreamBody, failed_status, within_response,
 };
@@ -331,51 +331,53 @@ impl Exchange {
     }
 
     async fn release(&self) {
-        if let Err(error) = self.store.release(&self.key, &self.token).await {
-            tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, "could not release the key; trying again in the background");
-            self.settle_later(Settle::Release);
-        }
-    }
-
-    fn settle_later(&self, settle: Settle) {
-        let (store, key) = (self.store.clone(), self.key.clone());
-        settle_later(&self.tasks, store, key, self.token.clone(), settle);
+        self.settle(Settle::Release).await;
     }
 
     /// Nobody knows whether the upstream acted: lock the key as `unknown`,
     /// or release it, per `on_unknown`.
     async fn settle_unknown(&self, why: &str) {
         tracing::warn!(key = %self.key.key, route = %self.key.route, reason = why, "outcome unknown");
-        let result = match self.policy.on_unknown {
-            OnUnknown::Lock => {
-                self.store
-                    .mark_unknown(&self.key, &self.token, self.policy.ttl)
-                    .await
-            }
-            OnUnknown::Release => self.store.release(&self.key, &self.token).await,
+        let settle = match self.policy.on_unknown {
+            OnUnknown::Lock => Settle::Unknown(self.policy.ttl),
+            OnUnknown::Release => Settle::Release,
         };
-        match result {
-            Ok(true) if self.policy.on_unknown == OnUnknown::Lock => {
-                Metrics::route_counter(&self.metrics.unknown_outcomes, &self.key.route);
-            }
-            Ok(_) => {}
+        if self.settle(settle).await && matches!(settle, Settle::Unknown(_)) {
+            Metrics::route_counter(&self.metrics.unknown_outcomes, &self.key.route);
+        }
+    }
+
+    /// Makes a fenced transition of this attempt's record now, or, when the
+    /// store fails, in the background ([`settle_later`]); whether it was
+    /// made now.
+    async fn settle(&self, settle: Settle) -> bool {
+        match settle.apply(&self.store, &self.key, &self.token).await {
+            Ok(done) => done,
             Err(error) => {
-                tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, "could not settle the unknown outcome; trying again in the background");
-                self.settle_later(match self.policy.on_unknown {
-                    OnUnknown::Lock => Settle::Unknown(self.policy.ttl),
-                    OnUnknown::Release => Settle::Release,
-                });
+                tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, ?settle, "could not settle the attempt's record; trying again in the background");
+                let (store, key) = (self.store.clone(), self.key.clone());
+                settle_later(&self.tasks, store, key, self.token.clone(), settle);
+                false
             }
         }
     }
 }
 
-/// A fenced transition to make in the background, when making it now failed.
+/// A fenced transition that ends an attempt without a recorded response.
 #[derive(Clone, Copy, Debug)]
 pub enum Settle {
     Release,
     /// `unknown`, for the ttl.
     Unknown(Duration),
+}
+
+impl Settle {
+    async fn apply(self, store: &Store, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
+        match self {
+            Settle::Release => store.release(key, token).await,
+            Settle::Unknown(ttl) => store.mark_unknown(key, token, ttl).await,
+        }
+    }
 }
 
 /// How often, 500 ms apart, a transition is tried in the background.
@@ -396,11 +398,7 @@ pub fn settle_later(
 ) {
     tasks.spawn(async move {
         for _ in 0..SETTLE_ATTEMPTS {
-            let done = match settle {
-                Settle::Release => store.release(&key, &token).await,
-                Settle::Unknown(ttl) => store.mark_unknown(&key, &token, ttl).await,
-            };
-            if done.is_ok() {
+            if settle.apply(&store, &key, &token).await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -382,8 +382,7 @@ pub fn timeout_problem() -> Response<ProxyBody> {
     .into_response()
 }
 
-/// The Host the client addressed: the Host header, or the URI's authority (HTTP/2).
-/// That is the request target's authority when it has one, without any
+/// The host the client addressed: the request target's authority when it has one, without any
 /// userinfo: HTTP/2's `:authority`, or an absolute-form HTTP/1 target, whose
 /// Host header a server must ignore (RFC 9112 3.2.2). Else the Host header.
 /// Routing by a Host that disagrees would let a request past its route's gate.

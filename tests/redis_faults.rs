@@ -487,13 +487,8 @@ async fn a_completion_the_store_cannot_take_still_answers_and_is_counted() {
     );
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
-    let in_flight = {
-        let (client, url) = (client.clone(), proxy.url("/api/o"));
-        tokio::spawn(async move {
-            let headers = [("idempotency-key", "k-hung"), ("x-test-delay-ms", "500")];
-            client.send("POST", &url, &headers, "{}").await
-        })
-    };
+    let headers = [("idempotency-key", "k-hung"), ("x-test-delay-ms", "500")];
+    let in_flight = client.spawn_send("POST", &proxy.url("/api/o"), &headers, "{}");
     eventually(
         Duration::from_secs(5),
         "request reached the upstream",
@@ -565,18 +560,13 @@ async fn a_release_the_store_did_not_take_is_tried_again() {
     let url = proxy.url("/api/o");
     assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
     let mut conn = redis.connection().await;
-    let first = {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move {
-            let headers = [
-                ("idempotency-key", "k-rel"),
-                ("content-type", "application/json"),
-                ("x-test-status", "503"),
-                ("x-test-delay-ms", "1000"),
-            ];
-            client.send("POST", &url, &headers, "{}").await
-        })
-    };
+    let headers = [
+        ("idempotency-key", "k-rel"),
+        ("content-type", "application/json"),
+        ("x-test-status", "503"),
+        ("x-test-delay-ms", "1000"),
+    ];
+    let first = client.spawn_send("POST", &url, &headers, "{}");
     eventually(
         Duration::from_secs(5),
         "the request reached the upstream",

@@ -269,6 +269,28 @@ impl TestClient {
         }
     }
 
+    /// [`TestClient::send`] in a task of its own, for the caller to go on.
+    pub fn spawn_send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> tokio::task::JoinHandle<Reply> {
+        let (client, method, url) = (self.clone(), method.to_owned(), url.to_owned());
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            client.send(&method, &url, &headers, body).await
+        })
+    }
+
     pub async fn send(
         &self,
         method: &str,

@@ -12,19 +12,12 @@ fn spawn_post(
     key: &str,
     extra: &[(&str, &str)],
 ) -> tokio::task::JoinHandle<crate::common::Reply> {
-    let (client, url, key) = (s.client.clone(), s.url(), key.to_owned());
-    let extra: Vec<(String, String)> = extra
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    tokio::spawn(async move {
-        let mut headers = vec![
-            ("idempotency-key", key.as_str()),
-            ("content-type", "application/json"),
-        ];
-        headers.extend(extra.iter().map(|(a, b)| (a.as_str(), b.as_str())));
-        client.send("POST", &url, &headers, "{}").await
-    })
+    let mut headers = vec![
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    s.client.spawn_send("POST", &s.url(), &headers, "{}")
 }
 
 fn budget_sent(headers: &http::HeaderMap) -> u64 {

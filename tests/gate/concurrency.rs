@@ -32,18 +32,13 @@ async fn thirty_concurrent_duplicates_wait(backend: Backend) {
 
 async fn waiters_claim_afresh_when_the_attempt_is_released(backend: Backend) {
     let s = Setup::new(backend, "concurrent: wait", "").await;
-    let first = {
-        let (client, url) = (s.client.clone(), s.url());
-        tokio::spawn(async move {
-            let headers = [
-                ("idempotency-key", "k-rel"),
-                ("content-type", "application/json"),
-                ("x-test-delay-ms", "400"),
-                ("x-test-status", "503"),
-            ];
-            client.send("POST", &url, &headers, "{}").await
-        })
-    };
+    let headers = [
+        ("idempotency-key", "k-rel"),
+        ("content-type", "application/json"),
+        ("x-test-delay-ms", "400"),
+        ("x-test-status", "503"),
+    ];
+    let first = s.client.spawn_send("POST", &s.url(), &headers, "{}");
     eventually(
         Duration::from_secs(5),
         "first attempt in flight",

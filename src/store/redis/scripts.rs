@@ -128,27 +128,27 @@ return {now, 0, rec}
 /// return 1 when the attempt's record is in it already, the script having
 /// run before (a cluster client resends a command whose reply it lost).
 macro_rules! owner_guard {
-    () => {
+    (@read) => {
         r"
 local owner = redis.call('HMGET', KEYS[1], 'token', 'state', 'waited')
-if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
+"
+    };
+    (@in_flight) => {
+        r"if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
   return 0
 end
 "
     };
+    () => {
+        concat!(owner_guard!(@read), owner_guard!(@in_flight))
+    };
     ($done:literal) => {
         concat!(
-            r"
-local owner = redis.call('HMGET', KEYS[1], 'token', 'state', 'waited')
-if owner[1] == ARGV[1] and owner[2] == '",
+            owner_guard!(@read),
+            "if owner[1] == ARGV[1] and owner[2] == '",
             $done,
-            r"' then
-  return 1
-end
-if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
-  return 0
-end
-"
+            "' then\n  return 1\nend\n",
+            owner_guard!(@in_flight)
         )
     };
 }
