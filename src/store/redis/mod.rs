@@ -1,10 +1,12 @@
-//! The Redis store: one Lua script per transition, times from Redis `TIME`,
-//! records expiring by Redis TTL, every operation bounded by `op_timeout`
-//! (one deadline for all of an operation's round trips).
-//! Standalone Redis or Redis Cluster (`link.rs`): a record is one hash
-//! whose key carries a hash tag, so every script touches one slot.
+//! The Redis store: a plain `SET .. NX GET` claims a new key or reads a
+//! settled one, one Lua script per other transition, leases judged on
+//! Redis's clock (the record's TTL), records expiring by Redis TTL, every
+//! operation bounded by `op_timeout` (one deadline for all of an
+//! operation's round trips). Standalone Redis or Redis Cluster (`link.rs`):
+//! a record is one string (`compact.rs`) whose key carries a hash tag, so
+//! every command touches one slot.
 
-mod claim_mix;
+mod compact;
 mod events;
 mod link;
 mod scripts;
@@ -18,17 +20,15 @@ use tokio::time::Instant;
 
 use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
 
-use super::memory::millis;
+use super::memory::{millis, now_ms as wall_ms};
 use super::waiters::Waiters;
 use super::{ClaimReply, ClaimRequest, StoreError};
 use crate::config::{Backend, OnUnknown, StoreConfig};
-use crate::idempotency::decision::decide;
+use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, encode_headers};
-use claim_mix::ClaimMix;
-use scripts::{
-    COMPLETE, HEAD_FIELDS, MARK_UNKNOWN, RECORD_FIELDS, RELEASE, RESOLVE, SETTLED_FIELDS,
-};
+use compact::{Lease, ResponsePart};
+use scripts::{COMPLETE, HEAD_FIELDS, MARK_UNKNOWN, READ, RECORD_FIELDS, RELEASE, RESOLVE};
 use wire::{EncodedKey, glob_escape, parse_record};
 
 /// Records read per round trip in a listing (standalone Redis): a listing
@@ -44,8 +44,6 @@ pub struct RedisStore {
     release: Script,
     mark_unknown: Script,
     resolve: Script,
-    /// Whether claims read the record before running the claim script.
-    mix: ClaimMix,
     /// Where the fenced scripts tell other instances' waiters (`events.rs`).
     events: String,
     /// A standalone server's client, for [`Self::listen`]'s subscription.
@@ -92,7 +90,6 @@ impl RedisStore {
             release: Script::new(RELEASE),
             mark_unknown: Script::new(MARK_UNKNOWN),
             resolve: Script::new(RESOLVE),
-            mix: ClaimMix::default(),
             events: events::channel(&config.key_prefix),
             client: standalone,
             listener: OnceLock::new(),
@@ -127,47 +124,80 @@ impl RedisStore {
         }
     }
 
-    /// Claims a key, or reports the record that holds it. While most claims
-    /// find a settled record (see `claim_mix::ClaimMix`), a plain `HMGET` goes first
-    /// and answers them without the script. Read and script together are
-    /// one operation: they share one `op_timeout`.
+    /// Claims a key, or reports the record that holds it: a plain `SET ..
+    /// NX PX .. GET` writes the claim where the key holds nothing and
+    /// otherwise returns the record, unchanged. A settled record (completed,
+    /// unknown, another request's) or this attempt's own (the claim sent
+    /// twice) answers at once; one in flight for the same request, whose
+    /// lease only Redis's clock can judge, or an earlier version's record
+    /// hash goes to the claim script. Both are one operation: they share one
+    /// `op_timeout`.
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
         let deadline = self.deadline();
-        let read_first = self.mix.read_first();
-        if read_first {
-            let record = self.read_settled(req.key, deadline).await?;
-            let settled = settled(record.as_ref(), req.fingerprint);
-            self.mix.saw(settled);
-            if settled {
-                // No write follows from a settled record, so the time does not matter.
-                let decision = decide(
-                    record.as_ref(),
-                    req.fingerprint,
-                    req.token,
-                    0,
-                    req.on_unknown,
-                );
-                return Ok(ClaimReply { decision, record });
+        let value = compact::claim_value(
+            req.fingerprint,
+            req.token,
+            millis(req.lease),
+            millis(req.ttl),
+            wall_ms(),
+        );
+        let key = EncodedKey(req.key.encoded_parts(&self.prefix));
+        let mut set = Cmd::with_capacity(7, 3 + key.len() + value.len() + 2 + 2 + 20 + 3);
+        set.arg("SET")
+            .arg(&key)
+            .arg(&value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(req.lease + req.ttl))
+            .arg("GET");
+        let mut conn = self.conn(deadline).await?;
+        let found: Option<Vec<u8>> = match self
+            .bounded_raw(deadline, set.query_async(&mut conn))
+            .await?
+        {
+            Ok(found) => found,
+            // An earlier version's record: a hash.
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                return self.claim_script(req, value, deadline).await;
             }
+            // A full Redis refuses a `SET` even where it would write
+            // nothing: a settled record is still answered, from a plain read.
+            Err(e) if e.code() == Some("OOM") => {
+                let found: Option<Vec<u8>> = self
+                    .bounded(deadline, redis::cmd("GET").arg(&key).query_async(&mut conn))
+                    .await?;
+                let record = found.map(|found| compact::parse(found, None)).transpose()?;
+                return match record {
+                    Some(record) if settled(&record, req.fingerprint) => answer(req, record),
+                    _ => Err(StoreError::Backend(e.to_string())),
+                };
+            }
+            Err(e) => return Err(StoreError::Backend(e.to_string())),
+        };
+        let Some(found) = found else {
+            return Ok(ClaimReply {
+                decision: Decision::Claim,
+                record: None,
+            });
+        };
+        let record = compact::parse(found, None)?;
+        if settled(&record, req.fingerprint) || record.token == req.token {
+            return answer(req, record);
         }
-        let reply = self.claim_script(req, deadline).await?;
-        if !read_first {
-            self.mix
-                .saw(settled(reply.record.as_ref(), req.fingerprint));
-        }
-        Ok(reply)
+        self.claim_script(req, value, deadline).await
     }
 
     async fn claim_script(
         &self,
         req: &ClaimRequest<'_>,
+        value: Vec<u8>,
         deadline: Instant,
     ) -> Result<ClaimReply, StoreError> {
         let mut call = self.script_call(
             &self.claim,
             req.key,
-            6,
-            req.fingerprint.len() + req.token.len() + 2 * 20 + 2,
+            7,
+            req.fingerprint.len() + req.token.len() + 2 * 20 + 2 + value.len(),
         );
         call.arg(req.fingerprint)
             .arg(req.token)
@@ -178,18 +208,24 @@ impl RedisStore {
             } else {
                 "0"
             })
-            .arg(if req.waits { "1" } else { "0" });
-        let (now_ms, values) = match self.run(&self.claim, &call, deadline).await? {
-            // A key that held nothing, claimed: the script's short way.
-            Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), Vec::new()),
-            reply => {
-                let (now_ms, _claimed, values): (u64, u8, Vec<Option<Vec<u8>>>) =
-                    FromRedisValue::from_redis_value(reply)
-                        .map_err(|e| StoreError::Backend(e.to_string()))?;
-                (now_ms, values)
+            .arg(if req.waits { "1" } else { "0" })
+            .arg(value);
+        let (now_ms, record) = match self.run(&self.claim, &call, deadline).await? {
+            // Claimed, with no record to report.
+            Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), None),
+            Value::Array(reply) => {
+                let mut reply = reply.into_iter();
+                let mut next = || reply.next().unwrap_or(Value::Nil);
+                let now_ms: u64 = from_value(next())?;
+                let _claimed = next();
+                let kind: String = from_value(next())?;
+                (now_ms, read_record(&kind, next(), next(), now_ms)?)
             }
+            other => return Err(StoreError::Backend(format!("claim script: {other:?}"))),
         };
-        let record = parse_record(values)?;
+        if let Some(record) = &record {
+            compact::check_complete(record)?;
+        }
         let decision = decide(
             record.as_ref(),
             req.fingerprint,
@@ -208,19 +244,15 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let headers = encode_headers(&response.headers);
-        let body = response.body.as_deref().unwrap_or_default();
+        let part = ResponsePart::new(response, &headers);
         let mut call = self.script_call(
             &self.complete,
             key,
-            8,
-            token.len() + 3 + headers.len() + body.len() + 1 + 2 * 20 + self.events.len(),
+            4,
+            token.len() + part.len() + 20 + self.events.len(),
         );
         call.arg(token)
-            .arg(response.status)
-            .arg(headers)
-            .arg(body)
-            .arg(if response.body.is_some() { "1" } else { "0" })
-            .arg(response.body_size)
+            .arg(&part)
             .arg(millis(ttl))
             .arg(&self.events);
         let done: u8 = self.run(&self.complete, &call, self.deadline()).await?;
@@ -248,18 +280,9 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let headers = encode_headers(&response.headers);
-        let body = response.body.as_deref().unwrap_or_default();
-        let mut call = self.script_call(
-            &self.resolve,
-            key,
-            5,
-            3 + headers.len() + body.len() + 2 * 20,
-        );
-        call.arg(response.status)
-            .arg(headers)
-            .arg(body)
-            .arg(response.body_size)
-            .arg(millis(ttl));
+        let part = ResponsePart::new(response, &headers);
+        let mut call = self.script_call(&self.resolve, key, 2, part.len() + 20);
+        call.arg(&part).arg(millis(ttl));
         let done: u8 = self.run(&self.resolve, &call, self.deadline()).await?;
         Ok(done == 1)
     }
@@ -274,62 +297,72 @@ impl RedisStore {
     }
 
     /// The records at `keys` that exist, with their expiry (`now`, the
-    /// store's clock, plus the key's TTL), read in one pipeline: `HMGET` and
-    /// `PTTL` per key. All keys of one call on one node (one key for a cluster).
+    /// store's clock, plus the key's TTL), read in one pipeline of the read
+    /// script. All keys of one call on one node (one key for a cluster).
     async fn read_listed(
         &self,
-        mut conn: link::Handle,
+        conn: link::Handle,
         now: u64,
         keys: &[StorageKey],
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            let name = EncodedKey(key.encoded_parts(&self.prefix));
-            pipe.cmd("HMGET").arg(&name).arg(&RECORD_FIELDS[..]);
-            pipe.cmd("PTTL").arg(&name);
-        }
-        let rows: Vec<Value> = self
-            .bounded(self.deadline(), pipe.query_async(&mut conn))
-            .await?;
+        let rows = self.read(conn, now, keys, false).await?;
         let mut out = Vec::new();
-        let mut rows = rows.into_iter();
-        for key in keys {
-            let (Some(fields), Some(ttl)) = (rows.next(), rows.next()) else {
-                break;
-            };
-            let values: Vec<Option<Vec<u8>>> = FromRedisValue::from_redis_value(fields)
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let Some(mut record) = parse_record(values)? else {
-                continue;
-            };
-            // -1: no expiry (not written by idemgate); -2: gone since the HMGET.
-            record.expires_ms = match ttl {
-                Value::Int(ms) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
-                Value::Int(-2) => continue,
-                _ => u64::MAX,
-            };
+        for (key, record) in keys.iter().zip(rows) {
+            let Some(record) = record else { continue };
+            compact::check_complete(&record)?;
             out.push((key.clone(), record));
         }
         Ok(out)
     }
 
-    /// A claim's plain read: the fields that answer a settled record.
-    async fn read_settled(
+    /// The records at `keys` in either format, `None` where a key holds no
+    /// record: one pipeline of the read script. With `heads` a value comes
+    /// without its response (and a hash without its response fields).
+    async fn read(
         &self,
-        key: &StorageKey,
-        deadline: Instant,
-    ) -> Result<Option<Record>, StoreError> {
-        let mut conn = self.conn(deadline).await?;
-        let values: Vec<Option<Vec<u8>>> = self
-            .bounded(
-                deadline,
-                redis::cmd("HMGET")
-                    .arg(key.encode(&self.prefix))
-                    .arg(&RECORD_FIELDS[..SETTLED_FIELDS])
-                    .query_async(&mut conn),
-            )
+        mut conn: link::Handle,
+        now: u64,
+        keys: &[StorageKey],
+        heads: bool,
+    ) -> Result<Vec<Option<Record>>, StoreError> {
+        // The fields read of a record hash; `-` (no such field) for those left out.
+        let fields = RECORD_FIELDS.map(|f| {
+            if !heads || HEAD_FIELDS.contains(&f) {
+                f
+            } else {
+                "-"
+            }
+        });
+        let mut pipe = redis::pipe();
+        for key in keys {
+            let name = EncodedKey(key.encoded_parts(&self.prefix));
+            pipe.cmd("EVAL")
+                .arg(READ)
+                .arg(1)
+                .arg(&name)
+                .arg(if heads { "1" } else { "0" })
+                .arg(&fields[..]);
+        }
+        let rows: Vec<Vec<Value>> = self
+            .bounded(self.deadline(), pipe.query_async(&mut conn))
             .await?;
-        parse_record(values)
+        rows.into_iter()
+            .map(|row| {
+                let mut row = row.into_iter();
+                let kind: String = from_value(row.next().unwrap_or(Value::Nil))?;
+                let (record, pttl) = (row.next().unwrap_or(Value::Nil), row.next());
+                let mut record =
+                    read_record(&kind, record, pttl.clone().unwrap_or(Value::Nil), now)?;
+                if let Some(record) = &mut record {
+                    // -1: no expiry (not written by idemgate).
+                    record.expires_ms = match pttl {
+                        Some(Value::Int(ms)) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
+                        _ => u64::MAX,
+                    };
+                }
+                Ok(record)
+            })
+            .collect()
     }
 
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
@@ -393,7 +426,7 @@ impl RedisStore {
         for keys in keys.chunks(batch) {
             let kept: Vec<StorageKey>;
             let keys = if heads_first {
-                let heads = self.read_heads(conn.clone(), keys).await?;
+                let heads = self.read(conn.clone(), now, keys, true).await?;
                 kept = keys
                     .iter()
                     .zip(heads)
@@ -411,37 +444,6 @@ impl RedisStore {
             out.extend(read.into_iter().filter(|(key, record)| keep(key, record)));
         }
         Ok(out)
-    }
-
-    /// The records at `keys` without their responses (and without expiry),
-    /// one pipeline of `HMGET`s; `None` where a key holds no record.
-    async fn read_heads(
-        &self,
-        mut conn: link::Handle,
-        keys: &[StorageKey],
-    ) -> Result<Vec<Option<Record>>, StoreError> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            let name = EncodedKey(key.encoded_parts(&self.prefix));
-            pipe.cmd("HMGET").arg(&name).arg(&HEAD_FIELDS[..]);
-        }
-        let rows: Vec<Vec<Option<Vec<u8>>>> = self
-            .bounded(self.deadline(), pipe.query_async(&mut conn))
-            .await?;
-        // Where each head field sits among the record's fields.
-        let at = HEAD_FIELDS.map(|name| {
-            let at = RECORD_FIELDS.iter().position(|f| *f == name);
-            at.expect("head fields are record fields")
-        });
-        rows.into_iter()
-            .map(|head| {
-                let mut values = vec![None; RECORD_FIELDS.len()];
-                for (&at, value) in at.iter().zip(head) {
-                    values[at] = value;
-                }
-                parse_record(values)
-            })
-            .collect()
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -516,6 +518,18 @@ impl RedisStore {
         .await
     }
 
+    /// One round trip of an operation, cut short at the operation's
+    /// deadline, with Redis's own error left to the caller.
+    async fn bounded_raw<T>(
+        &self,
+        deadline: Instant,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>, StoreError> {
+        tokio::time::timeout_at(deadline, op)
+            .await
+            .map_err(|_| StoreError::Timeout)
+    }
+
     /// One round trip of an operation, cut short at the operation's deadline.
     async fn bounded<T>(
         &self,
@@ -557,7 +571,47 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
 
 /// Whether a claim can be answered from this record alone, whatever the
 /// time: it is completed or unknown, or it belongs to another request.
-/// (An in-flight record's lease is judged by the script, on Redis time.)
-fn settled(record: Option<&Record>, fingerprint: &str) -> bool {
-    record.is_some_and(|r| r.state != State::InFlight || r.fingerprint != fingerprint)
+/// (An in-flight record's lease is judged by the claim script, on Redis time.)
+fn settled(record: &Record, fingerprint: &str) -> bool {
+    record.state != State::InFlight || record.fingerprint != fingerprint
+}
+
+/// The answer to a claim from a record it found and need not judge on
+/// Redis's clock: settled, or this attempt's own. No write follows.
+fn answer(req: &ClaimRequest<'_>, record: Record) -> Result<ClaimReply, StoreError> {
+    compact::check_complete(&record)?;
+    let decision = decide(Some(&record), req.fingerprint, req.token, 0, req.on_unknown);
+    Ok(ClaimReply {
+        decision,
+        record: Some(record),
+    })
+}
+
+/// One value of a reply, as `T`.
+fn from_value<T: FromRedisValue>(value: Value) -> Result<T, StoreError> {
+    FromRedisValue::from_redis_value(value).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+/// A record as a script reports it: `kind` `s` with the value and its key's
+/// TTL (read at `now_ms`), `h` with an earlier version's hash fields; any
+/// other kind is a key that holds no record.
+fn read_record(
+    kind: &str,
+    record: Value,
+    pttl: Value,
+    now_ms: u64,
+) -> Result<Option<Record>, StoreError> {
+    match kind {
+        "s" => {
+            let value: Vec<u8> = from_value(record)?;
+            let pttl_ms = match pttl {
+                Value::Int(ms) => ms,
+                _ => -1,
+            };
+            let lease = (pttl_ms >= 0).then_some(Lease { now_ms, pttl_ms });
+            compact::parse(value, lease).map(Some)
+        }
+        "h" => parse_record(from_value(record)?),
+        _ => Ok(None),
+    }
 }

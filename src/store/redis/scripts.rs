@@ -1,14 +1,13 @@
 //! The Lua scripts of the Redis store: one per transition, each an atomic
-//! step on one record hash, fenced by the attempt's owner token.
+//! step on one record (`compact.rs`'s format), fenced by the attempt's
+//! owner token. A new key's claim and a replay need no script (a plain
+//! `SET .. NX GET`, `RedisStore::claim`); the claim script judges what that
+//! finds in flight, on Redis's clock. Records of earlier versions (one hash
+//! each, [`RECORD_FIELDS`]) are still read, settled and taken over; what
+//! the scripts write is always a compact record.
 
-/// The fields read back from a record hash (`HMGET`), in the order
-/// `parse_record` and the claim script expect. The first
-/// [`SETTLED_FIELDS`] are all that a settled record's answer needs (replay,
-/// tombstone, unknown, mismatch), so a plain read takes only those. A
-/// record's expiry is its key's TTL: no field repeats it (writing one cost
-/// each script a `TIME` and a formatted number: claim 7.8 -> 7.1 us,
-/// completion 8.5 -> 6.7 us of Redis time). Records written by earlier
-/// versions keep an `expires` field, unread.
+/// The fields of a record hash written by an earlier version, in the order
+/// `wire::parse_record` and the claim script expect.
 pub const RECORD_FIELDS: [&str; 10] = [
     "state",
     "fp",
@@ -22,25 +21,26 @@ pub const RECORD_FIELDS: [&str; 10] = [
     "created",
 ];
 
-/// The fields of a record that listings filter on: all but the response.
+/// The fields of a record hash that listings filter on: all but the response.
 pub const HEAD_FIELDS: [&str; 5] = ["state", "fp", "lease_end", "token", "created"];
 
-/// How many of [`RECORD_FIELDS`] answer a claim that finds a settled record:
-/// an in-flight attempt's lease, owner and age are not among them.
-pub const SETTLED_FIELDS: usize = 7;
-
-/// Claims a key, or reports the record that holds it. Mirrors the writing
-/// rows of `idempotency::decision::decide`: a missing key is claimed; an
-/// in-flight attempt with the same fingerprint whose lease ended is claimed
-/// afresh (ARGV[5] == '1', `on_unknown: release`) or turned `unknown`, which
-/// then lasts the ttl (ARGV[4] - ARGV[3]) from now.
+/// The claim script: run when the plain claim found a record in flight for
+/// the same request (or a record hash). Mirrors the writing rows of
+/// `idempotency::decision::decide`: a missing key is claimed; this
+/// attempt's own record (its claim run twice: a cluster client resends a
+/// command whose reply it lost) is claimed again; an in-flight attempt whose
+/// lease ended is claimed afresh (ARGV[5] == '1', `on_unknown: release`) or
+/// turned `unknown`, which then lasts the ttl (ARGV[4] - ARGV[3]) from now.
 /// An in-flight attempt that this caller will wait for (ARGV[6] == '1',
 /// `concurrent: wait`) is marked `waited`, so that whoever ends it
-/// publishes the fact ([`tell_waiters!`]). Returns `now_ms` alone when it claimed a key that held nothing (the
-/// common case, taken the short way: no record read, no table built or
-/// parsed, no closures made; about a fifth less Redis CPU per new key),
-/// else {now_ms, claimed, previous record}: the values of [`RECORD_FIELDS`]
-/// in order.
+/// publishes the fact ([`tell_waiters!`]). ARGV[1] is the fingerprint,
+/// ARGV[2] the token, ARGV[7] the claim's record (`compact::claim_value`).
+///
+/// Returns `now_ms` alone when it claimed without a record to report, else
+/// {now_ms, claimed, kind, record, pttl}: kind `s` with the record's value
+/// and its key's TTL (-1 when not read: a settled record), kind `h` with a
+/// record hash's [`RECORD_FIELDS`], or another kind alone (a key that is not
+/// a record).
 pub fn claim() -> String {
     let fields: Vec<String> = RECORD_FIELDS.iter().map(|f| format!("'{f}'")).collect();
     let at = |name: &str| {
@@ -52,74 +52,90 @@ pub fn claim() -> String {
         .replace("STATE_AT", &at("state"))
         .replace("FP_AT", &at("fp"))
         .replace("LEASE_END_AT", &at("lease_end"))
-        .replace("TOKEN_AT", &at("token"))
 }
 
-/// `now`, Redis `TIME` in ms. Times are written with `string.format('%d')`:
-/// Lua numbers are doubles, and passed to `redis.call` as they are they go
-/// through `%.17g`, whose float formatting cost the claim script 5%.
-macro_rules! redis_now {
+/// The claim's record (ARGV[7]), expiring after ARGV[4] ms: the lease plus
+/// the ttl. It outlives its lease, so that when the lease ends it can still
+/// turn `unknown` (and then last the ttl) whatever the two settings; its
+/// lease has ended once its TTL is at most its ttl.
+macro_rules! write_claim {
     () => {
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        r"redis.call('SET', KEYS[1], ARGV[7], 'PX', ARGV[4])
 "
     };
 }
 
-/// The in-flight record of ARGV[2]'s attempt (ARGV[1] fingerprint, ARGV[3]
-/// lease in ms), written at `now`. It expires after ARGV[4] ms, the lease
-/// plus the ttl: it outlives its lease, so that when the lease ends it can
-/// still turn `unknown` (and then last the ttl) whatever the two settings.
-macro_rules! write_claim {
+/// After an in-flight attempt's lease ended under `on_unknown: lock`: the
+/// record is `unknown` for the ttl from now.
+macro_rules! expire_unknown {
     () => {
-        r"
-redis.call('HSET', KEYS[1], 'state', 'in_flight', 'fp', ARGV[1], 'token', ARGV[2],
-  'lease_end', string.format('%d', now + tonumber(ARGV[3])), 'created', string.format('%d', now))
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+        r"redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[4]) - tonumber(ARGV[3])))
 "
     };
 }
 
 const CLAIM: &str = concat!(
-    redis_now!(),
     r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-",
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then
+  ",
     write_claim!(),
-    r"
-  return now
+    r"  return now
+end
+if kind == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  local a = string.find(v, '\n', 4, true)
+  local b = a and string.find(v, '\n', a + 1, true)
+  local c = b and string.find(v, '\n', b + 1, true)
+  local d = c and string.find(v, '\n', c + 1, true)
+  local ttl = d and tonumber(string.sub(v, c + 1, d - 1))
+  if not ttl or string.sub(v, 1, 2) ~= '2F' or string.sub(v, a + 1, b - 1) ~= ARGV[1] then
+    return {now, 0, 's', v, -1}
+  end
+  if string.sub(v, 4, a - 1) == ARGV[2] then
+    ",
+    write_claim!(),
+    r"    return now
+  end
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl <= ttl then
+    if ARGV[5] == '1' then
+      ",
+    write_claim!(),
+    r"      return {now, 1, 's', v, pttl}
+    end
+    redis.call('SETRANGE', KEYS[1], 1, 'U')
+    ",
+    expire_unknown!(),
+    r"  elseif ARGV[6] == '1' then
+    redis.call('SETRANGE', KEYS[1], 2, '1')
+  end
+  return {now, 0, 's', v, pttl}
+end
+if kind ~= 'hash' then
+  return {now, 0, kind}
 end
 local rec = redis.call('HMGET', KEYS[1], RECORD_FIELDS)
 if not rec[STATE_AT] then
-  redis.call('DEL', KEYS[1])
-",
+  ",
     write_claim!(),
-    r"
-  return now
-end
-if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and rec[TOKEN_AT] == ARGV[2] then
-  -- This claim, run twice (a cluster client resends a command whose reply
-  -- it lost): still this attempt's claim, its lease from now.
-",
-    write_claim!(),
-    r"
-  return now
+    r"  return now
 end
 if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and tonumber(rec[LEASE_END_AT]) <= now then
   if ARGV[5] == '1' then
-    redis.call('DEL', KEYS[1])
-",
+    ",
     write_claim!(),
-    r"
-    return {now, 1, rec}
+    r"    return {now, 1, 'h', rec}
   end
   redis.call('HSET', KEYS[1], 'state', 'unknown')
-  redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[4]) - tonumber(ARGV[3])))
-elseif ARGV[6] == '1' and rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' then
+  ",
+    expire_unknown!(),
+    r"elseif ARGV[6] == '1' and rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' then
   redis.call('HSET', KEYS[1], 'waited', '1')
 end
-return {now, 0, rec}
+return {now, 0, 'h', rec}
 "
 );
 
@@ -127,14 +143,21 @@ return {now, 0, rec}
 /// ARGV[1] still holds the key, in flight. With the state the script writes:
 /// return 1 when the attempt's record is in it already, the script having
 /// run before (a cluster client resends a command whose reply it lost).
+/// `pcall`: a key that is not a string (an earlier version's record) is not
+/// this attempt's.
 macro_rules! owner_guard {
     (@read) => {
         r"
-local owner = redis.call('HMGET', KEYS[1], 'token', 'state', 'waited')
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or string.sub(v, 4, 3 + #ARGV[1]) ~= ARGV[1]
+    or string.byte(v, 4 + #ARGV[1]) ~= 10 or string.sub(v, 1, 1) ~= '2' then
+  return 0
+end
+local state = string.sub(v, 2, 2)
 "
     };
     (@in_flight) => {
-        r"if owner[1] ~= ARGV[1] or owner[2] ~= 'in_flight' then
+        r"if state ~= 'F' then
   return 0
 end
 "
@@ -145,7 +168,7 @@ end
     ($done:literal) => {
         concat!(
             owner_guard!(@read),
-            "if owner[1] == ARGV[1] and owner[2] == '",
+            "if state == '",
             $done,
             "' then\n  return 1\nend\n",
             owner_guard!(@in_flight)
@@ -161,22 +184,21 @@ end
 macro_rules! tell_waiters {
     () => {
         r"
-if owner[3] then
+if string.byte(v, 3) == 49 then
   redis.pcall('PUBLISH', ARGV[#ARGV], KEYS[1])
 end
 "
     };
 }
 
-/// Completes the attempt owned by ARGV[1]; 0 when it no longer owns the key.
-/// The last argument (ARGV[8]) names the waiters' channel, as for every
+/// Completes the attempt owned by ARGV[1] with the response part ARGV[2]
+/// (`compact::ResponsePart`), kept ARGV[3] ms; 0 when it no longer owns the
+/// key. The last argument (ARGV[4]) names the waiters' channel, as for every
 /// fenced script.
 pub const COMPLETE: &str = concat!(
-    owner_guard!("completed"),
+    owner_guard!("C"),
     r"
-redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[2], 'headers', ARGV[3],
-  'body', ARGV[4], 'stored', ARGV[5], 'body_size', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('SET', KEYS[1], '2C' .. string.sub(v, 3) .. ARGV[2], 'PX', ARGV[3])
 ",
     tell_waiters!(),
     r"
@@ -198,9 +220,9 @@ return 1
 
 /// Turns the attempt owned by ARGV[1] `unknown`, for ARGV[2] ms (the ttl).
 pub const MARK_UNKNOWN: &str = concat!(
-    owner_guard!("unknown"),
+    owner_guard!("U"),
     r"
-redis.call('HSET', KEYS[1], 'state', 'unknown')
+redis.call('SETRANGE', KEYS[1], 1, 'U')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 ",
     tell_waiters!(),
@@ -209,15 +231,57 @@ return 1
 "
 );
 
-/// An operator's answer for an existing record, whatever its state.
+/// An operator's answer for an existing record, whatever its state: the
+/// record keeps its head (an earlier version's hash gets one made from its
+/// fields) and takes the response part ARGV[1], kept ARGV[2] ms.
 pub const RESOLVE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local head
+if kind == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  local e = 3
+  for _ = 1, 5 do
+    e = e and string.find(v, '\n', e + 1, true)
+  end
+  if not e or string.sub(v, 1, 1) ~= '2' then
+    return redis.error_reply('damaged record: not in idemgate format')
+  end
+  head = string.sub(v, 3, e)
+elseif kind == 'hash' then
+  local r = redis.call('HMGET', KEYS[1], 'token', 'fp', 'lease_end', 'created')
+  local created = tonumber(r[4]) or 0
+  local lease = math.max((tonumber(r[3]) or created) - created, 0)
+  head = '0' .. (r[1] or '') .. '\n' .. (r[2] or '') .. '\n' .. string.format('%d', lease)
+    .. '\n' .. ARGV[2] .. '\n' .. string.format('%d', created) .. '\n'
+else
   return 0
 end
-redis.call('HSET', KEYS[1], 'state', 'completed', 'status', ARGV[1], 'headers', ARGV[2],
-  'body', ARGV[3], 'stored', '1', 'body_size', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[1], '2C' .. head .. ARGV[1], 'PX', ARGV[2])
 return 1
+";
+
+/// Reads a record of either format with its key's TTL, for lookups and
+/// listings: {'s', value, pttl}, or {'h', the hash fields named by ARGV[2..],
+/// pttl}, or {kind} for a key that holds no record. With ARGV[1] == '1' a
+/// value is cut after its head (no response moved).
+pub const READ: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  if ARGV[1] == '1' then
+    local e = 3
+    for _ = 1, 5 do
+      e = e and string.find(v, '\n', e + 1, true)
+    end
+    if e then
+      v = string.sub(v, 1, e)
+    end
+  end
+  return {'s', v, redis.call('PTTL', KEYS[1])}
+elseif kind == 'hash' then
+  return {'h', redis.call('HMGET', KEYS[1], unpack(ARGV, 2)), redis.call('PTTL', KEYS[1])}
+end
+return {kind}
 ";
 
 #[cfg(test)]
@@ -232,11 +296,5 @@ mod tests {
         assert!(script.contains("if not rec[1] then"));
         assert!(script.contains("tonumber(rec[8]) <= now"));
         assert_eq!(RECORD_FIELDS[7], "lease_end");
-        // A plain read of the settled fields leaves out only what no answer
-        // to a settled record reads: the lease, the owner and the age.
-        assert_eq!(
-            RECORD_FIELDS[SETTLED_FIELDS..],
-            ["lease_end", "token", "created"]
-        );
     }
 }
