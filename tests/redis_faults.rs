@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -219,65 +221,103 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
     assert_eq!(upstream.hits(), 1);
 }
 
-/// Regression: a claim that read the record first bounded the read and the
-/// claim script by `op_timeout` each, so one claim could take twice as long.
-/// Here Redis holds every command for 400 ms (`CLIENT PAUSE ALL`), then holds
-/// writes (`CLIENT PAUSE WRITE`): the read answers at 400 ms and the script
-/// hangs. The whole claim must still end at `op_timeout` (500 ms).
+/// A TCP relay to `to` that holds each chunk of the server's replies for
+/// `delay_ms` (read at each chunk) before passing it on: every round trip
+/// then takes that much longer.
+async fn reply_delaying_relay(to: &str, delay_ms: Arc<AtomicU64>) -> String {
+    // redis://host:port/db
+    let to = to.split('/').nth(2).expect("a redis:// URL").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = tokio::net::TcpStream::connect(&to).await.unwrap();
+            let (mut from_client, mut to_client) = inbound.into_split();
+            let (mut from_server, mut to_server) = outbound.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+            });
+            let delay_ms = delay_ms.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    let delay = delay_ms.load(Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
+
+/// A claim whose `SET` finds a record to judge runs the claim script after
+/// it: both round trips share one `op_timeout`. Here every reply of Redis
+/// takes 300 ms longer and `op_timeout` is 500 ms, so the claim of a key
+/// holding an earlier version's record hash (`WRONGTYPE`, then the script)
+/// must end at 500 ms with `store_unavailable`; bounded each (regression:
+/// a claim that read first did so), it would be claimed at 600 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_that_reads_first_is_bounded_by_one_op_timeout() {
+async fn a_claim_that_needs_the_script_is_bounded_by_one_op_timeout() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = yaml(&redis, &upstream, "", "").replace("op_timeout: 300ms", "op_timeout: 500ms");
+    let delay_ms = Arc::new(AtomicU64::new(0));
+    let relay = reply_delaying_relay(redis.url(), delay_ms.clone()).await;
+    let yaml = yaml(&redis, &upstream, "", "")
+        .replace("op_timeout: 300ms", "op_timeout: 500ms")
+        .replace(redis.url(), &relay);
+    let prefix = yaml
+        .split("key_prefix: \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let scope = idemgate::idempotency::key::scope_hash(
+        &http::HeaderMap::new(),
+        &[http::header::AUTHORIZATION],
+    );
+    let key = |name: &str| {
+        let key = idemgate::idempotency::key::StorageKey {
+            route: "orders".into(),
+            scope: scope.clone(),
+            key: name.into(),
+        };
+        key.encode(prefix)
+    };
+    // Hashes with no state: the script claims them afresh, when it gets to run.
+    let mut admin = redis.connection().await;
+    for name in ["k-warm", "k-slow"] {
+        let _: () = redis::cmd("HSET")
+            .arg(key(name))
+            .arg(&["left", "over"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let url = proxy.url("/api/o");
-    // Replays make most claims settled ones, and the store then reads first.
+    // Undelayed: the connection is made and the scripts are loaded.
     assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
-    for _ in 0..3 {
-        let replay = client.post_key(&url, "k-warm", "{}").await;
-        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    }
 
-    let mut admin = redis.connection().await;
-    let _: String = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(400)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    // Queued behind the first pause, so it starts when that one ends.
-    let writes_paused = {
-        let mut admin = admin.clone();
-        tokio::spawn(async move {
-            let _: redis::RedisResult<String> = redis::cmd("CLIENT")
-                .arg("PAUSE")
-                .arg(5000)
-                .arg("WRITE")
-                .query_async(&mut admin)
-                .await;
-        })
-    };
+    delay_ms.store(300, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let reply = client.post_key(&url, "k-slow", "{}").await;
     let took = started.elapsed();
     assert_eq!(
         (reply.status.as_u16(), reply.code().as_str()),
-        (503, "store_unavailable")
+        (503, "store_unavailable"),
+        "{reply:?}"
     );
     assert!(
         took < Duration::from_millis(750),
         "the claim took {took:?}, past one op_timeout (500ms)"
     );
-    writes_paused.await.unwrap();
-    let _: String = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert_eq!(client.post_key(&url, "k-after", "{}").await.status, 201);
-    assert_eq!(upstream.hits(), 2, "nothing forwarded while the store hung");
+    assert_eq!(upstream.hits(), 1, "only the warm-up was forwarded");
 }
 
 /// A proxy with an admin listener, a pass-through route (`/plain`,
