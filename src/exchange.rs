@@ -342,9 +342,7 @@ impl Exchange {
             OnUnknown::Lock => Settle::Unknown(self.policy.ttl),
             OnUnknown::Release => Settle::Release,
         };
-        if self.settle(settle).await && matches!(settle, Settle::Unknown(_)) {
-            Metrics::route_counter(&self.metrics.unknown_outcomes, &self.key.route);
-        }
+        self.settle(settle).await;
     }
 
     /// Makes a fenced transition of this attempt's record now, or, when the
@@ -352,11 +350,21 @@ impl Exchange {
     /// made now.
     async fn settle(&self, settle: Settle) -> bool {
         match settle.apply(&self.store, &self.key, &self.token).await {
-            Ok(done) => done,
+            Ok(done) => {
+                settle.count(done, &self.metrics, &self.key);
+                done
+            }
             Err(error) => {
                 tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, ?settle, "could not settle the attempt's record; trying again in the background");
                 let (store, key) = (self.store.clone(), self.key.clone());
-                settle_later(&self.tasks, store, key, self.token.clone(), settle);
+                settle_later(
+                    &self.tasks,
+                    store,
+                    &self.metrics,
+                    key,
+                    self.token.clone(),
+                    settle,
+                );
                 false
             }
         }
@@ -378,6 +386,14 @@ impl Settle {
             Settle::Unknown(ttl) => store.mark_unknown(key, token, ttl).await,
         }
     }
+
+    /// Counts an unknown outcome this transition made (`done`), whether
+    /// now or in the background.
+    fn count(self, done: bool, metrics: &Metrics, key: &StorageKey) {
+        if done && matches!(self, Settle::Unknown(_)) {
+            Metrics::route_counter(&metrics.unknown_outcomes, &key.route);
+        }
+    }
 }
 
 /// How often, 500 ms apart, a transition is tried in the background.
@@ -392,13 +408,16 @@ const SETTLE_ATTEMPTS: usize = 20;
 pub fn settle_later(
     tasks: &TaskTracker,
     store: Arc<Store>,
+    metrics: &Arc<Metrics>,
     key: Arc<StorageKey>,
     token: String,
     settle: Settle,
 ) {
+    let metrics = metrics.clone();
     tasks.spawn(async move {
         for _ in 0..SETTLE_ATTEMPTS {
-            if settle.apply(&store, &key, &token).await.is_ok() {
+            if let Ok(done) = settle.apply(&store, &key, &token).await {
+                settle.count(done, &metrics, &key);
                 return;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

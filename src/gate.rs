@@ -238,7 +238,8 @@ impl Proxy {
     fn release_in_background(&self, key: StorageKey, token: String) {
         let store = self.store.clone();
         let key = Arc::new(key);
-        crate::exchange::settle_later(&self.exchanges, store, key, token, Settle::Release);
+        let metrics = &self.metrics;
+        crate::exchange::settle_later(&self.exchanges, store, metrics, key, token, Settle::Release);
     }
 
     /// The store failed: fail closed (503) or forward unprotected, per `on_unavailable`.

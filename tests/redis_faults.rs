@@ -641,3 +641,74 @@ async fn a_release_the_store_did_not_take_is_tried_again() {
     assert_eq!(retry.status, 201, "the key was released: {retry:?}");
     assert_eq!(upstream.hits(), 3);
 }
+
+/// An `unknown` the store did not take at once, made in the background, is
+/// counted in `idemgate_unknown_outcomes_total` like one made at once.
+/// Regression: only the exchange's own transition was counted. As in
+/// [`a_release_the_store_did_not_take_is_tried_again`], Redis holds writes
+/// while the exchange turns the key unknown (its upstream dropped the
+/// connection after taking the request), then the proxy's connection is
+/// killed with the transition unrun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_made_in_the_background_is_counted() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(&redis, &upstream, "", "lease: 30s")
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
+    let mut conn = redis.connection().await;
+    let headers = [
+        ("idempotency-key", "k-lost"),
+        ("content-type", "application/json"),
+        ("x-test-reset", "1"),
+        ("x-test-delay-ms", "1000"),
+    ];
+    let first = client.spawn_send("POST", &url, &headers, "{}");
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the upstream",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "10000", "WRITE"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 502, "{first:?}");
+    let _: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let retry = common::resend_until(
+        Duration::from_secs(8),
+        || client.post_key(&url, "k-lost", "{}"),
+        // 503 while the killed connection is made anew.
+        |r| r.status != 503 && r.code() != "request_in_progress",
+    )
+    .await;
+    assert_eq!(
+        (retry.status.as_u16(), retry.code().as_str()),
+        (409, "outcome_unknown"),
+        "{retry:?}"
+    );
+    let unknown = sample(
+        &metrics_text(&client, &proxy).await,
+        "idemgate_unknown_outcomes_total",
+        &[("route", "orders")],
+    );
+    assert_eq!(unknown, 1.0, "the background transition is counted");
+    assert_eq!(upstream.hits(), 2);
+}
