@@ -584,6 +584,56 @@ async fn a_full_redis_fails_new_keys_closed_and_still_replays_what_it_holds() {
     assert_eq!(upstream.hits(), 1);
 }
 
+/// After a warm-up request, sends `key`'s request with the test header
+/// `name: value` (its upstream answers after 1 s), holds Redis's writes
+/// (`CLIENT PAUSE WRITE`) from when it reaches the upstream until the proxy
+/// has answered it, past `op_timeout`, then kills the proxy's Redis
+/// connections with the exchange's transition unrun and lets Redis go: only
+/// a transition tried again in the background can still settle the key.
+/// Returns the first answer.
+async fn answer_with_writes_held(
+    redis: &RedisServer,
+    client: &TestClient,
+    url: &str,
+    upstream: &TestUpstream,
+    key: &str,
+    name: &str,
+    value: &str,
+) -> common::Reply {
+    assert_eq!(client.post_key(url, "k-warm", "{}").await.status, 201);
+    let mut conn = redis.connection().await;
+    let headers = [
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+        (name, value),
+        ("x-test-delay-ms", "1000"),
+    ];
+    let first = client.spawn_send("POST", url, &headers, "{}");
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the upstream",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "10000", "WRITE"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first = first.await.unwrap();
+    let _: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    first
+}
+
 /// A release the store did not take (its reply lost with the connection) is
 /// tried again in the background. Regression: the exchange tried once, so
 /// after an upstream's 503 (not stored: the key is released) the key stayed
@@ -598,39 +648,18 @@ async fn a_release_the_store_did_not_take_is_tried_again() {
     let proxy = TestProxy::start(&yaml(&redis, &upstream, "", "lease: 30s")).await;
     let client = TestClient::new();
     let url = proxy.url("/api/o");
-    assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
-    let mut conn = redis.connection().await;
-    let headers = [
-        ("idempotency-key", "k-rel"),
-        ("content-type", "application/json"),
-        ("x-test-status", "503"),
-        ("x-test-delay-ms", "1000"),
-    ];
-    let first = client.spawn_send("POST", &url, &headers, "{}");
-    eventually(
-        Duration::from_secs(5),
-        "the request reached the upstream",
-        || async { upstream.hits() == 2 },
+    let first = answer_with_writes_held(
+        &redis,
+        &client,
+        &url,
+        &upstream,
+        "k-rel",
+        "x-test-status",
+        "503",
     )
     .await;
-    let _: () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "10000", "WRITE"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    // The 503 comes once the release has waited out op_timeout (300 ms).
-    let first = first.await.unwrap();
+    // The 503 came once the release had waited out op_timeout (300 ms).
     assert_eq!(first.status, 503, "{first:?}");
-    let _: u64 = redis::cmd("CLIENT")
-        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let retry = common::resend_until(
         Duration::from_secs(8),
         || client.post_key(&url, "k-rel", "{}"),
@@ -644,11 +673,9 @@ async fn a_release_the_store_did_not_take_is_tried_again() {
 
 /// An `unknown` the store did not take at once, made in the background, is
 /// counted in `idemgate_unknown_outcomes_total` like one made at once.
-/// Regression: only the exchange's own transition was counted. As in
-/// [`a_release_the_store_did_not_take_is_tried_again`], Redis holds writes
-/// while the exchange turns the key unknown (its upstream dropped the
-/// connection after taking the request), then the proxy's connection is
-/// killed with the transition unrun.
+/// Regression: only the exchange's own transition was counted. Redis holds
+/// writes while the exchange turns the key unknown (its upstream dropped
+/// the connection after taking the request): [`answer_with_writes_held`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_made_in_the_background_is_counted() {
     let redis = RedisServer::start_own().await;
@@ -660,38 +687,17 @@ async fn an_unknown_made_in_the_background_is_counted() {
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let url = proxy.url("/api/o");
-    assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
-    let mut conn = redis.connection().await;
-    let headers = [
-        ("idempotency-key", "k-lost"),
-        ("content-type", "application/json"),
-        ("x-test-reset", "1"),
-        ("x-test-delay-ms", "1000"),
-    ];
-    let first = client.spawn_send("POST", &url, &headers, "{}");
-    eventually(
-        Duration::from_secs(5),
-        "the request reached the upstream",
-        || async { upstream.hits() == 2 },
+    let first = answer_with_writes_held(
+        &redis,
+        &client,
+        &url,
+        &upstream,
+        "k-lost",
+        "x-test-reset",
+        "1",
     )
     .await;
-    let _: () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "10000", "WRITE"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let first = first.await.unwrap();
     assert_eq!(first.status, 502, "{first:?}");
-    let _: u64 = redis::cmd("CLIENT")
-        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let retry = common::resend_until(
         Duration::from_secs(8),
         || client.post_key(&url, "k-lost", "{}"),
