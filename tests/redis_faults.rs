@@ -205,6 +205,30 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
             "{name}: {reply:?}"
         );
     }
+    // A string not in the format, and a key of another type (regression:
+    // a list at the key was taken for no record, and every duplicate was
+    // forwarded with nothing claimed).
+    let other = |name: &str| StorageKey {
+        route: "orders".into(),
+        scope: scope_hash(&headers, &[http::header::AUTHORIZATION]),
+        key: name.into(),
+    };
+    for (name, command) in [("k-string", "SET"), ("k-list", "RPUSH")] {
+        let _: () = redis::cmd(command)
+            .arg(other(name).encode(&prefix))
+            .arg("not a record")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let reply = client.post_key(&proxy.url("/api/o"), name, "{}").await;
+            assert_eq!(
+                (reply.status.as_u16(), reply.code().as_str()),
+                (500, "internal_error"),
+                "{name}: {reply:?}"
+            );
+        }
+    }
     assert_eq!(
         upstream.hits(),
         0,
@@ -562,6 +586,18 @@ async fn a_full_redis_fails_new_keys_closed_and_still_replays_what_it_holds() {
     let url = proxy.url("/api/o");
     let first = client.post_key(&url, "k-held", "{}").await;
     assert_eq!(first.status, 201);
+    let busy = [
+        ("idempotency-key", "k-busy"),
+        ("content-type", "application/json"),
+        ("x-test-delay-ms", "3000"),
+    ];
+    let busy = client.spawn_send("POST", &url, &busy, "{}");
+    eventually(
+        Duration::from_secs(5),
+        "the slow request reached the upstream",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
 
     let mut admin = redis.connection().await;
     for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
@@ -575,13 +611,23 @@ async fn a_full_redis_fails_new_keys_closed_and_still_replays_what_it_holds() {
     }
     let refused = client.post_key(&url, "k-new", "{}").await;
     assert_store_problem(&refused, &redis, "a new key while Redis is full");
-    assert_eq!(upstream.hits(), 1, "nothing forwarded for the refused key");
+    assert_eq!(upstream.hits(), 2, "nothing forwarded for the refused key");
+    // A duplicate of an attempt in flight is still judged (regression: a full
+    // Redis made it a store failure, forwarded under `on_unavailable: forward`).
+    let duplicate = client.post_key(&url, "k-busy", "{}").await;
+    assert_eq!(
+        (duplicate.status.as_u16(), duplicate.code().as_str()),
+        (409, "request_in_progress"),
+        "{duplicate:?}"
+    );
 
     let retry = client.post_key(&url, "k-held", "{}").await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(retry.body, first.body);
-    assert_eq!(upstream.hits(), 1);
+    assert_eq!(upstream.hits(), 2);
+    // Its completion is refused too: the client still gets its answer.
+    assert_eq!(busy.await.unwrap().status, 201);
 }
 
 /// After a warm-up request, sends `key`'s request with the test header
@@ -717,4 +763,38 @@ async fn an_unknown_made_in_the_background_is_counted() {
     );
     assert_eq!(unknown, 1.0, "the background transition is counted");
     assert_eq!(upstream.hits(), 2);
+}
+
+/// The version check behind `/readyz` (`SET .. NX GET` needs Redis 7.0) reads
+/// `INFO`, which a least-privilege Redis user may not be allowed: such a
+/// user's proxy is still ready and protects requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_not_allowed_info_is_still_ready() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let mut admin = redis.connection().await;
+    let _: String = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "idem", "on", ">secret", "~*", "&*", "+@all", "-info",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = redis.url().replace("redis://", "redis://idem:secret@");
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(&redis, &upstream, "", "")
+    )
+    .replace(redis.url(), &url);
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let ready = client
+        .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
+        .await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let first = client.post_key(&proxy.url("/api/o"), "k-acl", "{}").await;
+    assert_eq!(first.status, 201);
+    let again = client.post_key(&proxy.url("/api/o"), "k-acl", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1);
 }

@@ -474,7 +474,36 @@ async fn an_attempts_transition_run_twice_is_still_its_own(backend: Backend) {
     assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::Unknown);
 }
 
+/// An in-flight record's lease end, as lookups and listings show it, is
+/// its claim's time plus the lease on the store's clock (on Redis, worked
+/// out from the key's TTL, with Redis's time read beside it).
+async fn a_listed_attempt_shows_its_lease_end_on_the_store_clock(backend: Backend) {
+    let store = open(&backend);
+    let k = key("leased");
+    let before = store.now_ms().await.unwrap();
+    store
+        .claim(&claim(&k, "A", 30_000, OnUnknown::Lock))
+        .await
+        .unwrap();
+    let after = store.now_ms().await.unwrap();
+    for record in [
+        store.get(&k).await.unwrap().expect("in flight"),
+        store.records(Some("r"), None, |_, _| true).await.unwrap()[0]
+            .1
+            .clone(),
+    ] {
+        assert_eq!(record.state, State::InFlight);
+        // Give or take the millisecond Redis rounds its clock and TTLs to.
+        let end = record.lease_end_ms;
+        assert!(
+            before + 30_000 <= end + 1 && end <= after + 30_000 + 1,
+            "{before} + 30 s <= {end} <= {after} + 30 s"
+        );
+    }
+}
+
 both_stores!(
+    a_listed_attempt_shows_its_lease_end_on_the_store_clock,
     an_attempts_transition_run_twice_is_still_its_own,
     an_expired_attempt_can_no_longer_settle_its_record,
     an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown,
@@ -626,10 +655,12 @@ async fn finding_one_key_reads_only_its_records() {
     }
     complete_new(&store, &key_in("r", "s1", "wanted"), 201).await;
     complete_new(&store, &key_in("r", "s2", "wanted"), 201).await;
-    let before = command_calls(&mut conn, "eval").await;
+    // Loads the read script, so that what follows counts only reads.
+    store.find("r", "other-0", None).await.unwrap();
+    let before = command_calls(&mut conn, "evalsha").await;
     let found = store.find("r", "wanted", None).await.unwrap();
     assert_eq!(found.len(), 2);
-    let reads = command_calls(&mut conn, "eval").await - before;
+    let reads = command_calls(&mut conn, "evalsha").await - before;
     assert_eq!(reads, 2, "records read to find one key");
 }
 
@@ -692,6 +723,16 @@ async fn scripts_flushed_from_redis_are_loaded_again() {
         .await
         .unwrap();
     assert_eq!(reply.decision, Decision::Replay);
+    // Lookups and listings read with a script of their own, loaded again too.
+    let listed = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let found = store.get(&k).await.unwrap().expect("the record");
+    assert_eq!(found.state, State::Completed);
 }
 
 #[tokio::test]

@@ -44,10 +44,14 @@ pub struct RedisStore {
     release: Script,
     mark_unknown: Script,
     resolve: Script,
+    /// Lookups' and listings' read of either format.
+    read: Script,
     /// Where the fenced scripts tell other instances' waiters (`events.rs`).
     events: String,
     /// A standalone server's client, for [`Self::listen`]'s subscription.
     client: Option<redis::Client>,
+    /// Set once Redis's version was found new enough ([`Self::ping`]).
+    version_checked: OnceLock<()>,
     /// The task hearing other instances' transitions, once started.
     listener: OnceLock<AbortHandle>,
 }
@@ -90,8 +94,10 @@ impl RedisStore {
             release: Script::new(RELEASE),
             mark_unknown: Script::new(MARK_UNKNOWN),
             resolve: Script::new(RESOLVE),
+            read: Script::new(READ),
             events: events::channel(&config.key_prefix),
             client: standalone,
+            version_checked: OnceLock::new(),
             listener: OnceLock::new(),
         })
     }
@@ -156,21 +162,18 @@ impl RedisStore {
             .await?
         {
             Ok(found) => found,
-            // An earlier version's record: a hash.
-            Err(e) if e.code() == Some("WRONGTYPE") => {
+            // An earlier version's record (a hash), or a full Redis, which
+            // refuses a `SET` even where it would write nothing: the claim
+            // script reads either format and fails only where it must write
+            // (a new key), so settled and in-flight records are still
+            // answered.
+            Err(e) if matches!(e.code(), Some("WRONGTYPE" | "OOM")) => {
                 return self.claim_script(req, value, deadline).await;
             }
-            // A full Redis refuses a `SET` even where it would write
-            // nothing: a settled record is still answered, from a plain read.
-            Err(e) if e.code() == Some("OOM") => {
-                let found: Option<Vec<u8>> = self
-                    .bounded(deadline, redis::cmd("GET").arg(&key).query_async(&mut conn))
-                    .await?;
-                let record = found.map(|found| compact::parse(found, None)).transpose()?;
-                return match record {
-                    Some(record) if settled(&record, req.fingerprint) => answer(req, record),
-                    _ => Err(StoreError::Backend(e.to_string())),
-                };
+            Err(e) if e.code() == Some("ERR") && e.to_string().contains("syntax") => {
+                return Err(StoreError::Backend(
+                    "Redis refused SET .. NX GET: idemgate needs Redis 7.0 or later".into(),
+                ));
             }
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         };
@@ -210,7 +213,13 @@ impl RedisStore {
             })
             .arg(if req.waits { "1" } else { "0" })
             .arg(value);
-        let (now_ms, record) = match self.run(&self.claim, &call, deadline).await? {
+        let reply = match self.run_raw(&self.claim, &call, deadline).await? {
+            Err(e) if e.code() == Some("DAMAGED") => {
+                return Err(StoreError::Damaged(e.to_string()));
+            }
+            reply => reply.map_err(|e| StoreError::Backend(e.to_string()))?,
+        };
+        let (now_ms, record) = match reply {
             // Claimed, with no record to report.
             Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), None),
             Value::Array(reply) => {
@@ -288,24 +297,20 @@ impl RedisStore {
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        let now = self.now_ms().await?;
         let conn = self.conn(self.deadline()).await?;
-        let mut read = self
-            .read_listed(conn, now, std::slice::from_ref(key))
-            .await?;
+        let mut read = self.read_listed(conn, std::slice::from_ref(key)).await?;
         Ok(read.pop().map(|(_, record)| record))
     }
 
-    /// The records at `keys` that exist, with their expiry (`now`, the
-    /// store's clock, plus the key's TTL), read in one pipeline of the read
+    /// The records at `keys` that exist, with their expiry (Redis's time at
+    /// the read plus the key's TTL), read in one pipeline of the read
     /// script. All keys of one call on one node (one key for a cluster).
     async fn read_listed(
         &self,
         conn: link::Handle,
-        now: u64,
         keys: &[StorageKey],
     ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let rows = self.read(conn, now, keys, false).await?;
+        let rows = self.read(conn, keys, false).await?;
         let mut out = Vec::new();
         for (key, record) in keys.iter().zip(rows) {
             let Some(record) = record else { continue };
@@ -321,7 +326,6 @@ impl RedisStore {
     async fn read(
         &self,
         mut conn: link::Handle,
-        now: u64,
         keys: &[StorageKey],
         heads: bool,
     ) -> Result<Vec<Option<Record>>, StoreError> {
@@ -336,27 +340,36 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for key in keys {
             let name = EncodedKey(key.encoded_parts(&self.prefix));
-            pipe.cmd("EVAL")
-                .arg(READ)
+            pipe.cmd("EVALSHA")
+                .arg(self.read.get_hash())
                 .arg(1)
                 .arg(&name)
                 .arg(if heads { "1" } else { "0" })
                 .arg(&fields[..]);
         }
         let rows: Vec<Vec<Value>> = self
-            .bounded(self.deadline(), pipe.query_async(&mut conn))
+            .bounded(self.deadline(), async {
+                match pipe.query_async(&mut conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        self.read.load_async(&mut conn).await?;
+                        pipe.query_async(&mut conn).await
+                    }
+                    result => result,
+                }
+            })
             .await?;
         rows.into_iter()
             .map(|row| {
                 let mut row = row.into_iter();
-                let kind: String = from_value(row.next().unwrap_or(Value::Nil))?;
-                let (record, pttl) = (row.next().unwrap_or(Value::Nil), row.next());
-                let mut record =
-                    read_record(&kind, record, pttl.clone().unwrap_or(Value::Nil), now)?;
+                let mut next = || row.next().unwrap_or(Value::Nil);
+                let kind: String = from_value(next())?;
+                let (record, pttl) = (next(), next());
+                let now = from_value::<Option<u64>>(next())?.unwrap_or(0);
+                let mut record = read_record(&kind, record, pttl.clone(), now)?;
                 if let Some(record) = &mut record {
                     // -1: no expiry (not written by idemgate).
                     record.expires_ms = match pttl {
-                        Some(Value::Int(ms)) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
+                        Value::Int(ms) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
                         _ => u64::MAX,
                     };
                 }
@@ -416,7 +429,6 @@ impl RedisStore {
             .iter()
             .filter_map(|name| StorageKey::decode(&self.prefix, name))
             .collect();
-        let now = self.now_ms().await?;
         // The keys of one node's SCAN span many slots: a cluster's are read one by one.
         let batch = match conn {
             link::Handle::Single(_) => READ_BATCH,
@@ -426,7 +438,7 @@ impl RedisStore {
         for keys in keys.chunks(batch) {
             let kept: Vec<StorageKey>;
             let keys = if heads_first {
-                let heads = self.read(conn.clone(), now, keys, true).await?;
+                let heads = self.read(conn.clone(), keys, true).await?;
                 kept = keys
                     .iter()
                     .zip(heads)
@@ -440,19 +452,58 @@ impl RedisStore {
             if keys.is_empty() {
                 continue;
             }
-            let read = self.read_listed(conn.clone(), now, keys).await?;
+            let read = self.read_listed(conn.clone(), keys).await?;
             out.extend(read.into_iter().filter(|(key, record)| keep(key, record)));
         }
         Ok(out)
     }
 
+    /// Whether Redis answers; the first answer also checks its version
+    /// (`SET .. NX GET` needs Redis 7.0), so that an older server shows as
+    /// not ready, with the reason, rather than failing every claim.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
-        let _: String = self
-            .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
+        if self.version_checked.get().is_some() {
+            let _: String = self
+                .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
+                .await?;
+            return Ok(());
+        }
+        let info: redis::RedisResult<String> = self
+            .bounded_raw(
+                deadline,
+                redis::cmd("INFO").arg("server").query_async(&mut conn),
+            )
             .await?;
-        Ok(())
+        let info = match info {
+            Ok(info) => info,
+            // A Redis user not allowed `INFO` (ACL): the version stays unknown.
+            Err(e) if e.code().is_some() => String::new(),
+            Err(e) => return Err(StoreError::Backend(e.to_string())),
+        };
+        let version = info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .unwrap_or_default()
+            .trim();
+        match version
+            .split('.')
+            .next()
+            .and_then(|major| major.parse::<u32>().ok())
+        {
+            Some(major) if major < 7 => Err(StoreError::Backend(format!(
+                "Redis {version} is too old: idemgate needs Redis 7.0 or later"
+            ))),
+            // Unknown (not allowed, or a Redis-compatible server): claims will tell.
+            _ => {
+                let _ = self.version_checked.set(());
+                let _: String = self
+                    .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Redis's clock (`TIME`) in milliseconds since the epoch: the clock
@@ -505,8 +556,20 @@ impl RedisStore {
         call: &Cmd,
         deadline: Instant,
     ) -> Result<T, StoreError> {
+        self.run_raw(script, call, deadline)
+            .await?
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// [`run`](Self::run), with the script's own error left to the caller.
+    async fn run_raw<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        call: &Cmd,
+        deadline: Instant,
+    ) -> Result<redis::RedisResult<T>, StoreError> {
         let mut conn = self.conn(deadline).await?;
-        self.bounded(deadline, async {
+        self.bounded_raw(deadline, async {
             match call.query_async(&mut conn).await {
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                     script.load_async(&mut conn).await?;

@@ -38,9 +38,9 @@ pub const HEAD_FIELDS: [&str; 5] = ["state", "fp", "lease_end", "token", "create
 ///
 /// Returns `now_ms` alone when it claimed without a record to report, else
 /// {now_ms, claimed, kind, record, pttl}: kind `s` with the record's value
-/// and its key's TTL (-1 when not read: a settled record), kind `h` with a
-/// record hash's [`RECORD_FIELDS`], or another kind alone (a key that is not
-/// a record).
+/// and its key's TTL (-1 when not read: a settled record), or kind `h` with
+/// a record hash's [`RECORD_FIELDS`]. A key of another type is an error
+/// (`DAMAGED`): nothing is claimed, and nothing may be forwarded.
 pub fn claim() -> String {
     let fields: Vec<String> = RECORD_FIELDS.iter().map(|f| format!("'{f}'")).collect();
     let at = |name: &str| {
@@ -99,7 +99,8 @@ if kind == 'string' then
     write_claim!(),
     r"    return now
   end
-  local pttl = redis.call('PTTL', KEYS[1])
+  -- No expiry (-1: not idemgate's doing) counts as a lease that ended.
+  local pttl = math.max(redis.call('PTTL', KEYS[1]), 0)
   if pttl <= ttl then
     if ARGV[5] == '1' then
       ",
@@ -115,7 +116,7 @@ if kind == 'string' then
   return {now, 0, 's', v, pttl}
 end
 if kind ~= 'hash' then
-  return {now, 0, kind}
+  return redis.error_reply('DAMAGED the key holds a ' .. kind .. ', not a record')
 end
 local rec = redis.call('HMGET', KEYS[1], RECORD_FIELDS)
 if not rec[STATE_AT] then
@@ -260,11 +261,17 @@ redis.call('SET', KEYS[1], '2C' .. head .. ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-/// Reads a record of either format with its key's TTL, for lookups and
-/// listings: {'s', value, pttl}, or {'h', the hash fields named by ARGV[2..],
-/// pttl}, or {kind} for a key that holds no record. With ARGV[1] == '1' a
-/// value is cut after its head (no response moved).
+/// Reads a record of either format with its key's TTL and Redis's time (ms),
+/// for lookups and listings: {'s', value, pttl, now}, or {'h', the hash
+/// fields named by ARGV[2..], pttl, now}, or {kind} for a key that holds no
+/// record. With ARGV[1] == '1' a value is cut after its head (no response
+/// moved). The time is read with the TTL, so that an in-flight record's
+/// lease end (`compact::Lease`) is exact however long a listing takes.
 pub const READ: &str = r"
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' then
   local v = redis.call('GET', KEYS[1])
@@ -277,9 +284,9 @@ if kind == 'string' then
       v = string.sub(v, 1, e)
     end
   end
-  return {'s', v, redis.call('PTTL', KEYS[1])}
+  return {'s', v, redis.call('PTTL', KEYS[1]), now()}
 elseif kind == 'hash' then
-  return {'h', redis.call('HMGET', KEYS[1], unpack(ARGV, 2)), redis.call('PTTL', KEYS[1])}
+  return {'h', redis.call('HMGET', KEYS[1], unpack(ARGV, 2)), redis.call('PTTL', KEYS[1]), now()}
 end
 return {kind}
 ";
