@@ -7,7 +7,7 @@ use crate::cli::{KeyArgs, KeysCommand};
 use crate::config::{Backend, Config, OnUnknown};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State};
-use crate::store::Store;
+use crate::store::{Listing, Store};
 
 pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     let config_arg = match &command {
@@ -35,8 +35,7 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
     let store = Store::open(&config.store, metrics).context("opening the store")?;
     Ok(match command {
         KeysCommand::Get(args) => {
-            let found = find(config, &store, args).await?;
-            let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
+            let list = listing_json(&find(config, &store, args).await?, true);
             if args.scope.is_some() {
                 list[0].clone()
             } else {
@@ -45,22 +44,19 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
         }
         KeysCommand::Purge(args) => {
             let found = find(config, &store, args).await?;
-            for (key, _) in &found {
+            let keys = found.found.iter().map(|(k, _)| k);
+            let keys: Vec<_> = keys.chain(found.damaged.iter().map(|(k, _)| k)).collect();
+            for key in &keys {
                 store.purge(key).await?;
             }
-            json!({ "purged": found.len() })
+            json!({ "purged": keys.len() })
         }
         KeysCommand::Unknown { route, .. } => {
             let now = store.now_ms().await?;
             let unknown = store
                 .records(route.as_deref(), None, |k, r| is_unknown(config, k, r, now))
                 .await?;
-            json!(
-                unknown
-                    .iter()
-                    .map(|(k, r)| record_json(k, r))
-                    .collect::<Vec<_>>()
-            )
+            json!(listing_json(&unknown, true))
         }
     })
 }
@@ -162,18 +158,14 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
     Ok(value)
 }
 
-async fn find(
-    config: &Config,
-    store: &Store,
-    args: &KeyArgs,
-) -> anyhow::Result<Vec<(StorageKey, Record)>> {
+async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<Listing> {
     if !config.routes.iter().any(|r| *r.name == *args.route) {
         bail!("route {:?} is not in the configuration", args.route);
     }
     let found = store
         .find(&args.route, &args.key, args.scope.as_deref())
         .await?;
-    if found.is_empty() {
+    if found.found.is_empty() && found.damaged.is_empty() {
         bail!("no record for key {:?} on route {:?}", args.key, args.route);
     }
     Ok(found)
@@ -231,4 +223,25 @@ pub fn record_json(key: &StorageKey, record: &Record) -> serde_json::Value {
         "lease_end_at": record.lease_end_ms,
         "expires_at": record.expires_ms,
     })
+}
+
+/// A damaged record as the admin API and the CLI show it: its key, the
+/// state `damaged` and why; `DELETE /keys/...` (`keys purge`) removes it.
+pub fn damaged_json(key: &StorageKey, why: &str) -> serde_json::Value {
+    json!({
+        "route": key.route,
+        "scope": key.scope,
+        "key": key.key,
+        "state": "damaged",
+        "detail": why,
+    })
+}
+
+/// A listing's records, then (with `damaged`) its damaged records.
+pub fn listing_json(listing: &Listing, damaged: bool) -> Vec<serde_json::Value> {
+    let records = listing.found.iter().map(|(k, r)| record_json(k, r));
+    let damaged = listing.damaged.iter().filter(|_| damaged);
+    records
+        .chain(damaged.map(|(k, why)| damaged_json(k, why)))
+        .collect()
 }

@@ -163,14 +163,7 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
     // Fail-open: a damaged record must still not be taken for an outage
     // and forwarded around (regression: a state no version writes was).
     let yaml = yaml(&redis, &upstream, ", on_unavailable: forward", "");
-    let prefix = yaml
-        .split("key_prefix: \"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let prefix = key_prefix(&yaml);
     let proxy = TestProxy::start(&yaml).await;
     // A completed record with no response fields, as a broken writer might leave it.
     let mut headers = http::HeaderMap::new();
@@ -243,6 +236,129 @@ async fn a_damaged_record_is_a_500_not_a_panic() {
         "still serving"
     );
     assert_eq!(upstream.hits(), 1);
+}
+
+/// The store's `key_prefix` in a config made by [`yaml`].
+fn key_prefix(yaml: &str) -> String {
+    let after = yaml.split("key_prefix: \"").nth(1).expect("a key_prefix");
+    after.split('"').next().unwrap().to_owned()
+}
+
+/// Regression: a listing (`GET /keys`, `keys unknown`) failed whole, as
+/// `store_unavailable`, on one damaged record among good ones, and a damaged
+/// record could not be deleted with the admin API or the CLI (their lookup
+/// failed too), though every request with its key gets `500` until it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_is_listed_and_can_be_deleted() {
+    use idemgate::idempotency::key::{StorageKey, scope_hash};
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0, token: t0k }}\n{}",
+        yaml(&redis, &upstream, "", "")
+    );
+    let prefix = key_prefix(&yaml);
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    assert_eq!(client.post_key(&api, "k-good", "{}").await.status, 201);
+    // The scope of a request without credentials, as the client's below.
+    let scope = scope_hash(&http::HeaderMap::new(), &[http::header::AUTHORIZATION]);
+    let mut conn = redis.connection().await;
+    for (name, command) in [("k-string", "SET"), ("k-list", "RPUSH")] {
+        let key = StorageKey {
+            route: "orders".into(),
+            scope: scope.clone(),
+            key: name.into(),
+        };
+        let _: () = redis::cmd(command)
+            .arg(key.encode(&prefix))
+            .arg("not a record")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let admin = |path: &str| proxy.admin_url(path);
+    let list = |path: String| {
+        let client = &client;
+        async move {
+            let reply = client.send("GET", &path, &[], "").await;
+            assert_eq!(reply.status, 200, "{path}: {reply:?}");
+            let list: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            let mut rows: Vec<(String, String)> = list
+                .as_array()
+                .expect("a list")
+                .iter()
+                .map(|r| {
+                    (
+                        r["key"].as_str().unwrap().into(),
+                        r["state"].as_str().unwrap().into(),
+                    )
+                })
+                .collect();
+            rows.sort();
+            rows
+        }
+    };
+    let damaged = [
+        ("k-list".to_owned(), "damaged".to_owned()),
+        ("k-string".to_owned(), "damaged".to_owned()),
+    ];
+    let mut every = damaged.to_vec();
+    every.push(("k-good".into(), "completed".into()));
+    every.sort();
+    assert_eq!(list(admin("/keys")).await, every);
+    assert_eq!(list(admin("/keys?state=unknown")).await, damaged);
+    assert_eq!(list(admin("/keys?state=damaged")).await, damaged);
+    assert_eq!(
+        list(admin("/keys?state=completed")).await,
+        [("k-good".to_owned(), "completed".to_owned())]
+    );
+    assert_eq!(list(admin("/keys/orders/k-list")).await, damaged[..1]);
+    let one = client
+        .send(
+            "GET",
+            &admin(&format!("/keys/orders/k-string?scope={scope}")),
+            &[],
+            "",
+        )
+        .await;
+    let one: serde_json::Value = serde_json::from_slice(&one.body).unwrap();
+    assert_eq!(
+        (one["state"].as_str(), one["detail"].is_string()),
+        (Some("damaged"), true),
+        "{one}"
+    );
+
+    // Deleted by hand (not overwritten), each key is served again.
+    for name in ["k-string", "k-list"] {
+        assert_eq!(client.post_key(&api, name, "{}").await.status, 500);
+        let put = client
+            .send(
+                "PUT",
+                &admin(&format!("/keys/orders/{name}?scope={scope}")),
+                &[("authorization", "Bearer t0k")],
+                r#"{"status":201,"body":"by hand"}"#,
+            )
+            .await;
+        assert_eq!(
+            (put.status.as_u16(), put.code().as_str()),
+            (500, "internal_error"),
+            "{put:?}"
+        );
+        let purged = client
+            .send(
+                "DELETE",
+                &admin(&format!("/keys/orders/{name}")),
+                &[("authorization", "Bearer t0k")],
+                "",
+            )
+            .await;
+        assert_eq!(purged.status, 200, "{purged:?}");
+        assert_eq!(purged.body, r#"{"purged":1}"#);
+        assert_eq!(client.post_key(&api, name, "{}").await.status, 201);
+    }
+    assert_eq!(upstream.hits(), 3);
 }
 
 /// A TCP relay to `to` that holds each chunk of the server's replies for

@@ -175,7 +175,11 @@ async fn mismatch_and_in_progress(backend: Backend) {
         .unwrap()
         .decision;
     assert_eq!(d, Decision::NotStored { status: 201 });
-    let records = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    let records = store
+        .records(Some("r"), None, |_, _| true)
+        .await
+        .unwrap()
+        .found;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].0, k);
     assert_eq!(records[0].1.response.as_ref().unwrap().body_size, 5_000_000);
@@ -240,6 +244,7 @@ async fn a_run_of_replays_keeps_every_answer_right(backend: Backend) {
         .records(Some("r"), None, |_, _| true)
         .await
         .unwrap()
+        .found
         .into_iter()
         .find(|(k, _)| *k == lapsed)
         .unwrap();
@@ -291,6 +296,7 @@ async fn listings_select_by_route_key_and_state(backend: Backend) {
         .find("r", "a", None)
         .await
         .unwrap()
+        .found
         .into_iter()
         .map(|(k, _)| k)
         .collect();
@@ -300,11 +306,16 @@ async fn listings_select_by_route_key_and_state(backend: Backend) {
     let completed = store
         .records(Some("r"), None, |_, r| r.state == State::Completed)
         .await
-        .unwrap();
+        .unwrap()
+        .found;
     assert_eq!(completed.len(), 4, "{completed:?}");
-    let every_a = store.records(None, Some("a"), |_, _| true).await.unwrap();
+    let every_a = store
+        .records(None, Some("a"), |_, _| true)
+        .await
+        .unwrap()
+        .found;
     assert_eq!(every_a.len(), 3, "{every_a:?}");
-    let all = store.records(None, None, |_, _| true).await.unwrap();
+    let all = store.records(None, None, |_, _| true).await.unwrap().found;
     assert_eq!(all.len(), 6);
 }
 
@@ -316,7 +327,11 @@ async fn listed_records_expire_ttl_after_completion(backend: Backend) {
     let k = key_in("r", "s1", "expiring");
     complete_new(&store, &k, 201).await; // ttl 60 s
     let now = store.now_ms().await.unwrap();
-    let listed = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    let listed = store
+        .records(Some("r"), None, |_, _| true)
+        .await
+        .unwrap()
+        .found;
     let looked_up = store.get(&k).await.unwrap().expect("the record");
     for expires in [listed[0].1.expires_ms, looked_up.expires_ms] {
         assert!(
@@ -488,7 +503,11 @@ async fn a_listed_attempt_shows_its_lease_end_on_the_store_clock(backend: Backen
     let after = store.now_ms().await.unwrap();
     for record in [
         store.get(&k).await.unwrap().expect("in flight"),
-        store.records(Some("r"), None, |_, _| true).await.unwrap()[0]
+        store
+            .records(Some("r"), None, |_, _| true)
+            .await
+            .unwrap()
+            .found[0]
             .1
             .clone(),
     ] {
@@ -605,7 +624,8 @@ async fn listing_unknown_outcomes_reads_no_other_records_bodies() {
     let unknown = store
         .records(Some("r"), None, |_, r| r.state == State::Unknown)
         .await
-        .unwrap();
+        .unwrap()
+        .found;
     let sent = redis_stat(&mut conn, "total_net_output_bytes").await - before;
     let keys: Vec<&str> = unknown.iter().map(|(k, _)| k.key.as_str()).collect();
     assert_eq!(keys, ["lost"]);
@@ -614,7 +634,11 @@ async fn listing_unknown_outcomes_reads_no_other_records_bodies() {
         "Redis sent {sent} bytes to list one unknown record among 2 MiB of completed bodies"
     );
     // Without a filter every record comes back whole.
-    let all = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    let all = store
+        .records(Some("r"), None, |_, _| true)
+        .await
+        .unwrap()
+        .found;
     assert_eq!(all.len(), 33);
     let whole = all
         .iter()
@@ -634,7 +658,11 @@ async fn a_listing_reads_records_in_batches() {
         complete_new(&store, &key_in("r", "s1", &format!("k{i}")), 201).await;
     }
     let before = redis_reads(&mut conn).await;
-    let all = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    let all = store
+        .records(Some("r"), None, |_, _| true)
+        .await
+        .unwrap()
+        .found;
     assert_eq!(all.len(), 1_200);
     let reads = redis_reads(&mut conn).await - before;
     assert!(
@@ -656,9 +684,9 @@ async fn finding_one_key_reads_only_its_records() {
     complete_new(&store, &key_in("r", "s1", "wanted"), 201).await;
     complete_new(&store, &key_in("r", "s2", "wanted"), 201).await;
     // Loads the read script, so that what follows counts only reads.
-    store.find("r", "other-0", None).await.unwrap();
+    store.find("r", "other-0", None).await.unwrap().found;
     let before = command_calls(&mut conn, "evalsha").await;
-    let found = store.find("r", "wanted", None).await.unwrap();
+    let found = store.find("r", "wanted", None).await.unwrap().found;
     assert_eq!(found.len(), 2);
     let reads = command_calls(&mut conn, "evalsha").await - before;
     assert_eq!(reads, 2, "records read to find one key");
@@ -724,7 +752,11 @@ async fn scripts_flushed_from_redis_are_loaded_again() {
         .unwrap();
     assert_eq!(reply.decision, Decision::Replay);
     // Lookups and listings read with a script of their own, loaded again too.
-    let listed = store.records(Some("r"), None, |_, _| true).await.unwrap();
+    let listed = store
+        .records(Some("r"), None, |_, _| true)
+        .await
+        .unwrap()
+        .found;
     assert_eq!(listed.len(), 2);
     let _: () = ::redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -959,6 +991,7 @@ async fn records_written_by_earlier_versions_are_still_honoured() {
         .records(Some("r"), None, |_, _| true)
         .await
         .unwrap()
+        .found
         .into_iter()
         .map(|(k, r)| (k.key, r.state))
         .collect();

@@ -13,9 +13,10 @@ use super::{Admin, json_response, param};
 use crate::body::{self, ProxyBody};
 use crate::config::Route;
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::{Record, StoredResponse};
-use crate::keys::{is_unknown, record_json};
+use crate::idempotency::record::StoredResponse;
+use crate::keys::{is_unknown, listing_json, record_json};
 use crate::problem::{Code, Problem};
+use crate::store::{Listing, StoreError};
 
 /// The largest body a `PUT /keys/...` may carry.
 const MAX_ADMIN_BODY: u64 = 16 * 1024 * 1024;
@@ -36,8 +37,13 @@ impl Admin {
             })
             .await
             .map_err(store_problem)?;
-        let list: Vec<_> = records.iter().map(|(k, r)| record_json(k, r)).collect();
-        Ok(json_response(StatusCode::OK, &json!(list)))
+        // A damaged record's outcome is as unknown to the operator as an
+        // unknown one's: both need a hand.
+        let damaged = matches!(state.as_deref(), None | Some("unknown" | "damaged"));
+        Ok(json_response(
+            StatusCode::OK,
+            &json!(listing_json(&records, damaged)),
+        ))
     }
 
     pub(super) async fn get(
@@ -47,7 +53,7 @@ impl Admin {
         scope: Option<String>,
     ) -> Result<Response<ProxyBody>, Problem> {
         let found = self.find(route, key, scope.as_deref()).await?;
-        let list: Vec<_> = found.iter().map(|(k, r)| record_json(k, r)).collect();
+        let list = listing_json(&found, true);
         let body = if scope.is_some() {
             list[0].clone()
         } else {
@@ -63,13 +69,15 @@ impl Admin {
         scope: Option<String>,
     ) -> Result<Response<ProxyBody>, Problem> {
         let found = self.find(route, key, scope.as_deref()).await?;
-        for (k, _) in &found {
+        let keys = found.found.iter().map(|(k, _)| k);
+        let keys: Vec<_> = keys.chain(found.damaged.iter().map(|(k, _)| k)).collect();
+        for k in &keys {
             self.proxy.store.purge(k).await.map_err(store_problem)?;
             tracing::info!(route = %k.route, scope = %k.scope, key = %k.key, "record purged by an operator");
         }
         Ok(json_response(
             StatusCode::OK,
-            &json!({ "purged": found.len() }),
+            &json!({ "purged": keys.len() }),
         ))
     }
 
@@ -141,12 +149,7 @@ impl Admin {
             .ok_or_else(|| Problem::new(Code::NotFound, format!("no route named {name:?}")))
     }
 
-    async fn find(
-        &self,
-        route: &str,
-        key: &str,
-        scope: Option<&str>,
-    ) -> Result<Vec<(StorageKey, Record)>, Problem> {
+    async fn find(&self, route: &str, key: &str, scope: Option<&str>) -> Result<Listing, Problem> {
         self.route(route)?;
         let found = self
             .proxy
@@ -154,7 +157,7 @@ impl Admin {
             .find(route, key, scope)
             .await
             .map_err(store_problem)?;
-        if found.is_empty() {
+        if found.found.is_empty() && found.damaged.is_empty() {
             return Err(Problem::new(
                 Code::NotFound,
                 "no record for this route and key",
@@ -232,7 +235,14 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
     })
 }
 
-fn store_problem(error: crate::store::StoreError) -> Problem {
+fn store_problem(error: StoreError) -> Problem {
+    if let StoreError::Damaged(why) = &error {
+        tracing::error!(error = %why, "admin: damaged record");
+        return Problem::new(
+            Code::Internal,
+            "the record at this key is damaged (not in idemgate's format); DELETE /keys/{route}/{key} removes it",
+        );
+    }
     tracing::error!(error = %error, "admin: store operation failed");
     Problem::new(
         Code::StoreUnavailable,

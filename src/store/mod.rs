@@ -43,6 +43,16 @@ pub enum StoreError {
     Damaged(String),
 }
 
+/// What a listing found: the records, and the keys holding a value that
+/// idemgate cannot read (with why). A damaged record answers every claim
+/// of its key with `500` until it is deleted, so listings show it rather
+/// than failing on it.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub found: Vec<(StorageKey, Record)>,
+    pub damaged: Vec<(StorageKey, String)>,
+}
+
 /// What one claim did.
 #[derive(Debug, Clone)]
 pub struct ClaimReply {
@@ -286,7 +296,7 @@ impl Store {
         route: Option<&str>,
         key: Option<&str>,
         keep: impl Fn(&StorageKey, &Record) -> bool + Sync,
-    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
+    ) -> Result<Listing, StoreError> {
         self.list(route, key, Some(&keep)).await
     }
 
@@ -296,19 +306,26 @@ impl Store {
         route: Option<&str>,
         key: Option<&str>,
         keep: Option<&Keep<'_>>,
-    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        let wanted = |k: &StorageKey, r: &Record| {
-            route.is_none_or(|x| k.route == x)
-                && key.is_none_or(|x| k.key == x)
-                && keep.is_none_or(|keep| keep(k, r))
-        };
-        self.timed(Op::List, async {
-            match &self.kind {
-                Kind::Memory(s) => Ok(s.records(wanted)),
-                Kind::Redis(s) => Box::pin(s.records(route, key, &wanted, keep.is_some())).await,
-            }
-        })
-        .await
+    ) -> Result<Listing, StoreError> {
+        let asked =
+            |k: &StorageKey| route.is_none_or(|x| k.route == x) && key.is_none_or(|x| k.key == x);
+        let wanted = |k: &StorageKey, r: &Record| asked(k) && keep.is_none_or(|keep| keep(k, r));
+        let mut listing = self
+            .timed(Op::List, async {
+                match &self.kind {
+                    Kind::Memory(s) => Ok(Listing {
+                        found: s.records(wanted),
+                        damaged: Vec::new(),
+                    }),
+                    Kind::Redis(s) => {
+                        Box::pin(s.records(route, key, &wanted, keep.is_some())).await
+                    }
+                }
+            })
+            .await?;
+        // A SCAN pattern may match a little more than asked.
+        listing.damaged.retain(|(k, _)| asked(k));
+        Ok(listing)
     }
 
     /// The records of one client key: in one scope, or in every scope of the route.
@@ -317,16 +334,22 @@ impl Store {
         route: &str,
         key: &str,
         scope: Option<&str>,
-    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
-        if let Some(scope) = scope {
-            let k = StorageKey {
-                route: route.to_owned(),
-                scope: scope.to_owned(),
-                key: key.to_owned(),
-            };
-            return Ok(self.get(&k).await?.map(|r| (k, r)).into_iter().collect());
+    ) -> Result<Listing, StoreError> {
+        let Some(scope) = scope else {
+            return self.list(Some(route), Some(key), None).await;
+        };
+        let k = StorageKey {
+            route: route.to_owned(),
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+        };
+        let mut listing = Listing::default();
+        match self.get(&k).await {
+            Ok(found) => listing.found.extend(found.map(|r| (k, r))),
+            Err(StoreError::Damaged(why)) => listing.damaged.push((k, why)),
+            Err(e) => return Err(e),
         }
-        self.list(Some(route), Some(key), None).await
+        Ok(listing)
     }
 
     /// Waits until `key`'s record may have changed, at most `at_most`:

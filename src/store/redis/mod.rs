@@ -22,7 +22,7 @@ use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKi
 
 use super::memory::{millis, now_ms as wall_ms};
 use super::waiters::Waiters;
-use super::{ClaimReply, ClaimRequest, StoreError};
+use super::{ClaimReply, ClaimRequest, Listing, StoreError};
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
@@ -213,12 +213,7 @@ impl RedisStore {
             })
             .arg(if req.waits { "1" } else { "0" })
             .arg(value);
-        let reply = match self.run_raw(&self.claim, &call, deadline).await? {
-            Err(e) if e.code() == Some("DAMAGED") => {
-                return Err(StoreError::Damaged(e.to_string()));
-            }
-            reply => reply.map_err(|e| StoreError::Backend(e.to_string()))?,
-        };
+        let reply = self.run(&self.claim, &call, deadline).await?;
         let (now_ms, record) = match reply {
             // Claimed, with no record to report.
             Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), None),
@@ -299,36 +294,45 @@ impl RedisStore {
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
         let conn = self.conn(self.deadline()).await?;
         let mut read = self.read_listed(conn, std::slice::from_ref(key)).await?;
-        Ok(read.pop().map(|(_, record)| record))
+        read.pop()
+            .map(|(_, record)| record.map_err(StoreError::Damaged))
+            .transpose()
     }
 
     /// The records at `keys` that exist, with their expiry (Redis's time at
     /// the read plus the key's TTL), read in one pipeline of the read
-    /// script. All keys of one call on one node (one key for a cluster).
+    /// script; a value idemgate cannot read is `Err` with why. All keys of
+    /// one call on one node (one key for a cluster).
     async fn read_listed(
         &self,
         conn: link::Handle,
         keys: &[StorageKey],
-    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
+    ) -> Result<Vec<(StorageKey, Result<Record, String>)>, StoreError> {
         let rows = self.read(conn, keys, false).await?;
         let mut out = Vec::new();
-        for (key, record) in keys.iter().zip(rows) {
-            let Some(record) = record else { continue };
-            compact::check_complete(&record)?;
+        for (key, row) in keys.iter().zip(rows) {
+            let record = match row {
+                Ok(None) => continue,
+                Ok(Some(record)) => compact::check_complete(&record)
+                    .map(|()| record)
+                    .map_err(damage),
+                Err(why) => Err(why),
+            };
             out.push((key.clone(), record));
         }
         Ok(out)
     }
 
     /// The records at `keys` in either format, `None` where a key holds no
-    /// record: one pipeline of the read script. With `heads` a value comes
-    /// without its response (and a hash without its response fields).
+    /// record, `Err` with why where it holds a value idemgate cannot read:
+    /// one pipeline of the read script. With `heads` a value comes without
+    /// its response (and a hash without its response fields).
     async fn read(
         &self,
         mut conn: link::Handle,
         keys: &[StorageKey],
         heads: bool,
-    ) -> Result<Vec<Option<Record>>, StoreError> {
+    ) -> Result<Vec<Result<Option<Record>, String>>, StoreError> {
         // The fields read of a record hash; `-` (no such field) for those left out.
         let fields = RECORD_FIELDS.map(|f| {
             if !heads || HEAD_FIELDS.contains(&f) {
@@ -358,24 +362,10 @@ impl RedisStore {
                 }
             })
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let mut row = row.into_iter();
-                let mut next = || row.next().unwrap_or(Value::Nil);
-                let kind: String = from_value(next())?;
-                let (record, pttl) = (next(), next());
-                let now = from_value::<Option<u64>>(next())?.unwrap_or(0);
-                let mut record = read_record(&kind, record, pttl.clone(), now)?;
-                if let Some(record) = &mut record {
-                    // -1: no expiry (not written by idemgate).
-                    record.expires_ms = match pttl {
-                        Value::Int(ms) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
-                        _ => u64::MAX,
-                    };
-                }
-                Ok(record)
-            })
-            .collect()
+        Ok(rows
+            .into_iter()
+            .map(|row| parse_row(row).map_err(damage))
+            .collect())
     }
 
     pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
@@ -403,7 +393,7 @@ impl RedisStore {
         key: Option<&str>,
         keep: &super::Keep<'_>,
         heads_first: bool,
-    ) -> Result<Vec<(StorageKey, Record)>, StoreError> {
+    ) -> Result<Listing, StoreError> {
         let mut conn = self.conn(self.deadline()).await?;
         let pattern = format!(
             "{}{{{}:{}",
@@ -434,17 +424,20 @@ impl RedisStore {
             link::Handle::Single(_) => READ_BATCH,
             link::Handle::Cluster(_) => 1,
         };
-        let mut out = Vec::new();
+        let mut listing = Listing::default();
         for keys in keys.chunks(batch) {
             let kept: Vec<StorageKey>;
             let keys = if heads_first {
                 let heads = self.read(conn.clone(), keys, true).await?;
-                kept = keys
-                    .iter()
-                    .zip(heads)
-                    .filter(|(key, head)| head.as_ref().is_some_and(|head| keep(key, head)))
-                    .map(|(key, _)| key.clone())
-                    .collect();
+                let mut wanted = Vec::new();
+                for (key, head) in keys.iter().zip(heads) {
+                    match head {
+                        Ok(Some(head)) if keep(key, &head) => wanted.push(key.clone()),
+                        Ok(_) => {}
+                        Err(why) => listing.damaged.push((key.clone(), why)),
+                    }
+                }
+                kept = wanted;
                 &kept[..]
             } else {
                 keys
@@ -452,10 +445,15 @@ impl RedisStore {
             if keys.is_empty() {
                 continue;
             }
-            let read = self.read_listed(conn.clone(), keys).await?;
-            out.extend(read.into_iter().filter(|(key, record)| keep(key, record)));
+            for (key, record) in self.read_listed(conn.clone(), keys).await? {
+                match record {
+                    Ok(record) if keep(&key, &record) => listing.found.push((key, record)),
+                    Ok(_) => {}
+                    Err(why) => listing.damaged.push((key, why)),
+                }
+            }
         }
-        Ok(out)
+        Ok(listing)
     }
 
     /// Whether Redis answers; the first answer also checks its version
@@ -549,36 +547,31 @@ impl RedisStore {
     }
 
     /// Runs a [`script_call`](Self::script_call), loading the script first
-    /// when Redis does not know it yet (a new or restarted server).
+    /// when Redis does not know it yet (a new or restarted server). A
+    /// script's `DAMAGED` error (a value no version of idemgate writes) is
+    /// [`StoreError::Damaged`].
     async fn run<T: FromRedisValue>(
         &self,
         script: &Script,
         call: &Cmd,
         deadline: Instant,
     ) -> Result<T, StoreError> {
-        self.run_raw(script, call, deadline)
-            .await?
-            .map_err(|e| StoreError::Backend(e.to_string()))
-    }
-
-    /// [`run`](Self::run), with the script's own error left to the caller.
-    async fn run_raw<T: FromRedisValue>(
-        &self,
-        script: &Script,
-        call: &Cmd,
-        deadline: Instant,
-    ) -> Result<redis::RedisResult<T>, StoreError> {
         let mut conn = self.conn(deadline).await?;
-        self.bounded_raw(deadline, async {
-            match call.query_async(&mut conn).await {
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    script.load_async(&mut conn).await?;
-                    call.query_async(&mut conn).await
+        let reply = self
+            .bounded_raw(deadline, async {
+                match call.query_async(&mut conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        script.load_async(&mut conn).await?;
+                        call.query_async(&mut conn).await
+                    }
+                    result => result,
                 }
-                result => result,
-            }
+            })
+            .await?;
+        reply.map_err(|e| match e.code() {
+            Some("DAMAGED") => StoreError::Damaged(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
         })
-        .await
     }
 
     /// One round trip of an operation, cut short at the operation's
@@ -650,14 +643,40 @@ fn answer(req: &ClaimRequest<'_>, record: Record) -> Result<ClaimReply, StoreErr
     })
 }
 
+/// One row of the read script's reply: the record at its key, if any.
+fn parse_row(row: Vec<Value>) -> Result<Option<Record>, StoreError> {
+    let mut row = row.into_iter();
+    let mut next = || row.next().unwrap_or(Value::Nil);
+    let kind: String = from_value(next())?;
+    let (record, pttl) = (next(), next());
+    let now = from_value::<Option<u64>>(next())?.unwrap_or(0);
+    let mut record = read_record(&kind, record, pttl.clone(), now)?;
+    if let Some(record) = &mut record {
+        // -1: no expiry (not written by idemgate).
+        record.expires_ms = match pttl {
+            Value::Int(ms) if ms >= 0 => now.saturating_add(ms.unsigned_abs()),
+            _ => u64::MAX,
+        };
+    }
+    Ok(record)
+}
+
+/// Why a row of a listing cannot be read, for the operator.
+fn damage(error: StoreError) -> String {
+    match error {
+        StoreError::Damaged(why) => why,
+        other => other.to_string(),
+    }
+}
+
 /// One value of a reply, as `T`.
 fn from_value<T: FromRedisValue>(value: Value) -> Result<T, StoreError> {
     FromRedisValue::from_redis_value(value).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
 /// A record as a script reports it: `kind` `s` with the value and its key's
-/// TTL (read at `now_ms`), `h` with an earlier version's hash fields; any
-/// other kind is a key that holds no record.
+/// TTL (read at `now_ms`), `h` with an earlier version's hash fields,
+/// `none` for no key; any other (a list, a set...) is a damaged record.
 fn read_record(
     kind: &str,
     record: Value,
@@ -675,6 +694,9 @@ fn read_record(
             compact::parse(value, lease).map(Some)
         }
         "h" => parse_record(from_value(record)?),
-        _ => Ok(None),
+        "none" => Ok(None),
+        other => Err(StoreError::Damaged(format!(
+            "a Redis {other} at the key, not a record"
+        ))),
     }
 }

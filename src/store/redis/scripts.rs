@@ -245,7 +245,7 @@ if kind == 'string' then
     e = e and string.find(v, '\n', e + 1, true)
   end
   if not e or string.sub(v, 1, 1) ~= '2' then
-    return redis.error_reply('damaged record: not in idemgate format')
+    return redis.error_reply('DAMAGED the value is not in idemgate\'s format')
   end
   head = string.sub(v, 3, e)
 elseif kind == 'hash' then
@@ -254,8 +254,10 @@ elseif kind == 'hash' then
   local lease = math.max((tonumber(r[3]) or created) - created, 0)
   head = '0' .. (r[1] or '') .. '\n' .. (r[2] or '') .. '\n' .. string.format('%d', lease)
     .. '\n' .. ARGV[2] .. '\n' .. string.format('%d', created) .. '\n'
-else
+elseif kind == 'none' then
   return 0
+else
+  return redis.error_reply('DAMAGED the key holds a ' .. kind .. ', not a record')
 end
 redis.call('SET', KEYS[1], '2C' .. head .. ARGV[1], 'PX', ARGV[2])
 return 1
