@@ -684,7 +684,7 @@ async fn finding_one_key_reads_only_its_records() {
     complete_new(&store, &key_in("r", "s1", "wanted"), 201).await;
     complete_new(&store, &key_in("r", "s2", "wanted"), 201).await;
     // Loads the read script, so that what follows counts only reads.
-    store.find("r", "other-0", None).await.unwrap().found;
+    store.find("r", "other-0", None).await.unwrap();
     let before = command_calls(&mut conn, "evalsha").await;
     let found = store.find("r", "wanted", None).await.unwrap().found;
     assert_eq!(found.len(), 2);
