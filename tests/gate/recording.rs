@@ -72,7 +72,8 @@ async fn custom_store_statuses_decide_what_is_stored(backend: Backend) {
 }
 
 /// A `release_statuses` entry inside 2xx: a 202 releases the key instead of
-/// being stored, while the other 2xx (201) are still stored.
+/// being stored, while the other 2xx (201) are still stored; the list
+/// replaces the default one, so a 429 is stored.
 async fn release_statuses_inside_2xx_release_the_key(backend: Backend) {
     let s = Setup::new(backend, "release_statuses: [202]", "").await;
     let first = s.post("k-202", "{}", &[("x-test-status", "202")]).await;
@@ -91,6 +92,16 @@ async fn release_statuses_inside_2xx_release_the_key(backend: Backend) {
     );
     assert_eq!(replay.body, retry.body);
     assert_eq!(s.upstream.hits(), 2);
+    // The route's list replaces the default one (408, 425, 429) whole.
+    let first = s.post("k-429", "{}", &[("x-test-status", "429")]).await;
+    assert_eq!(first.status, 429);
+    let replay = s.post("k-429", "{}", &[]).await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (429, Some("true")),
+        "429 is no longer a release status on this route"
+    );
+    assert_eq!(s.upstream.hits(), 3);
 }
 
 /// `timeouts.response` ends at the response's head (SPEC 4.4): a head
