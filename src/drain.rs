@@ -6,6 +6,12 @@
 //! every time a connection is polled (about 450 instructions per request in
 //! S1). Here a connection registers its task once, then reads one flag per
 //! poll.
+//!
+//! An HTTP/2 connection with no open stream that sends nothing for the
+//! idle time is told to finish the same way (a GOAWAY), and closed
+//! [`GOAWAY_GRACE`] later if it has not ended by then with no stream open
+//! (a client that never answers the GOAWAY's PING would keep it): hyper
+//! has no idle timer for HTTP/2 ([`Activity`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +21,10 @@ use std::task::{Context, Poll};
 
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::{Notify, futures::OwnedNotified};
+use tokio::time::{Duration, Instant, Sleep};
 use tokio_util::task::TaskTracker;
+
+use crate::activity::Activity;
 
 /// The open connections of one listener.
 #[derive(Default)]
@@ -36,14 +45,28 @@ impl Drain {
         self.tasks.spawn(task);
     }
 
-    /// Serves `conn`, told to finish gracefully once `stop` is called. Polled
-    /// by one task (its waker never changes), as `spawn` runs it.
-    pub fn watch<C: GracefulConnection>(&self, conn: C) -> Watched<C> {
+    /// Serves `conn`, told to finish gracefully once `stop` is called, or
+    /// once it speaks HTTP/2 and has been idle for `idle` (its `activity`,
+    /// kept by its `Opening` and its streams). Polled by one task (its
+    /// waker never changes), as `spawn` runs it.
+    pub fn watch<C: GracefulConnection>(
+        &self,
+        conn: C,
+        activity: Arc<Activity>,
+        idle: Duration,
+    ) -> Watched<C> {
         Watched {
             conn: Box::pin(conn),
             notified: Some(Box::pin(self.stop.notify.clone().notified_owned())),
             registered: false,
             stop: self.stop.clone(),
+            idle: Some(Idle {
+                activity,
+                after: idle,
+                check_at: None,
+                told: false,
+                sleep: None,
+            }),
         }
     }
 
@@ -64,6 +87,72 @@ pub struct Watched<C> {
     notified: Option<Pin<Box<OwnedNotified>>>,
     registered: bool,
     stop: Arc<Stop>,
+    /// Until told to finish: the HTTP/2 idle timer.
+    idle: Option<Idle>,
+}
+
+/// How long an HTTP/2 connection told to go away for being idle may take
+/// to end on its own before it is closed.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// An HTTP/2 connection's idle timer.
+struct Idle {
+    activity: Arc<Activity>,
+    /// Idle: no stream open and nothing read for this long.
+    after: Duration,
+    /// When to look next (set once the connection speaks HTTP/2).
+    check_at: Option<Instant>,
+    /// Told to go away (GOAWAY sent).
+    told: bool,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// What an idle timer asks of its connection.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Serve,
+    GoAway,
+    Close,
+}
+
+impl Idle {
+    /// [`Step::Serve`] until an HTTP/2 connection is idle, then
+    /// [`Step::GoAway`], and [`Step::Close`] if it is still open and has no
+    /// stream open [`GOAWAY_GRACE`] later. The timer is registered with
+    /// `cx` for the next look. One atomic load for an HTTP/1 connection.
+    fn step(&mut self, cx: &mut Context<'_>) -> Step {
+        let Some(last_read) = self.activity.last_read() else {
+            return Step::Serve;
+        };
+        loop {
+            let check_at = *self.check_at.get_or_insert(last_read + self.after);
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(check_at)));
+            if sleep.deadline() != check_at {
+                sleep.as_mut().reset(check_at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Step::Serve;
+            }
+            let now = Instant::now();
+            let busy = self.activity.streams() > 0;
+            if self.told {
+                if !busy {
+                    return Step::Close;
+                }
+                self.check_at = Some(now + GOAWAY_GRACE);
+            } else if busy {
+                self.check_at = Some(now + self.after);
+            } else if last_read + self.after > now {
+                self.check_at = Some(last_read + self.after);
+            } else {
+                self.told = true;
+                self.check_at = Some(now + GOAWAY_GRACE);
+                return Step::GoAway;
+            }
+        }
+    }
 }
 
 impl<C: GracefulConnection> Future for Watched<C> {
@@ -81,10 +170,25 @@ impl<C: GracefulConnection> Future for Watched<C> {
             };
             if woken || this.stop.now.load(Ordering::Acquire) {
                 this.notified = None;
+                this.idle = None;
                 this.conn.as_mut().graceful_shutdown();
             }
         }
-        this.conn.as_mut().poll(cx)
+        // The idle timer is looked at after the connection, which is where
+        // an opening turns out to be HTTP/2.
+        loop {
+            if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            match this.idle.as_mut().map(|idle| idle.step(cx)) {
+                None | Some(Step::Serve) => return Poll::Pending,
+                Some(Step::GoAway) => {
+                    this.notified = None;
+                    this.conn.as_mut().graceful_shutdown();
+                }
+                Some(Step::Close) => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 
@@ -154,7 +258,8 @@ mod tests {
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service);
-                    let watched = drain.watch(conn);
+                    let watched =
+                        drain.watch(conn, Arc::new(Activity::new()), Duration::from_secs(3600));
                     drain.spawn(async move {
                         let _ = watched.await;
                     });

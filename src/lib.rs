@@ -17,6 +17,7 @@
 //! - [`config`]: the YAML file → validated `Config`.
 //! - [`cli`]: the command line.
 
+pub mod activity;
 pub mod admin;
 pub mod body;
 pub mod cli;

@@ -7,14 +7,19 @@
 //! descriptor each). [`Opening`] fails the read with `TimedOut` when the
 //! opening is not in by its deadline: the first byte that is not the
 //! preface's (an HTTP/1 request), or the whole preface. After that it
-//! only passes reads through; hyper's own timers take over.
+//! passes reads through: on HTTP/1 hyper's own head timer takes over; on
+//! HTTP/2, which hyper gives no idle timer, each read is noted in
+//! [`Activity`] for the connection's idle timer (`drain::Watched`).
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::activity::Activity;
 
 /// What an HTTP/2 client sends first (RFC 9113, 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -26,14 +31,18 @@ pub struct Opening<S> {
     pending: Option<(Instant, Option<Pin<Box<Sleep>>>)>,
     /// Bytes of the preface seen so far.
     seen: usize,
+    /// Told of every read once the whole preface is in (HTTP/2); dropped
+    /// when the opening turns out to be HTTP/1.
+    activity: Option<Arc<Activity>>,
 }
 
 impl<S> Opening<S> {
-    pub fn new(io: S, deadline: Instant) -> Opening<S> {
+    pub fn new(io: S, deadline: Instant, activity: Arc<Activity>) -> Opening<S> {
         Opening {
             io,
             pending: Some((deadline, None)),
             seen: 0,
+            activity: Some(activity),
         }
     }
 
@@ -42,8 +51,14 @@ impl<S> Opening<S> {
     fn saw(&mut self, bytes: &[u8]) {
         let left = &PREFACE[self.seen..];
         let n = bytes.len().min(left.len());
-        if bytes[..n] != left[..n] || self.seen + n == PREFACE.len() {
+        if bytes[..n] != left[..n] {
             self.pending = None;
+            self.activity = None;
+        } else if self.seen + n == PREFACE.len() {
+            self.pending = None;
+            if let Some(activity) = &self.activity {
+                activity.speaks_h2();
+            }
         } else {
             self.seen += n;
         }
@@ -58,7 +73,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Opening<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pending.is_none() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            let Some(activity) = &this.activity else {
+                return Pin::new(&mut this.io).poll_read(cx, buf);
+            };
+            let before = buf.filled().len();
+            let read = ready!(Pin::new(&mut this.io).poll_read(cx, buf));
+            if buf.filled().len() > before {
+                activity.read();
+            }
+            return Poll::Ready(read);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
@@ -66,6 +89,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Opening<S> {
                 let read = &buf.filled()[before..];
                 if read.is_empty() {
                     this.pending = None; // closed: hyper sees the end
+                    this.activity = None;
                 } else {
                     this.saw(read);
                 }
@@ -126,27 +150,35 @@ mod tests {
         deadline_in: Duration,
     ) -> (Opening<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (server, client) = tokio::io::duplex(64);
-        (Opening::new(server, Instant::now() + deadline_in), client)
+        let activity = Arc::new(Activity::new());
+        (
+            Opening::new(server, Instant::now() + deadline_in, activity),
+            client,
+        )
     }
 
     #[test]
     fn the_opening_is_in_at_the_first_byte_off_the_preface_or_the_whole_preface() {
-        let cases: [(&[&[u8]], bool); 6] = [
-            (&[b"GET / HTTP/1.1\r\n"], false),
-            (&[b"P"], true),
-            (&[b"PRI * HTTP"], true),
-            (&[b"PRI * HTTP", b"/1.1"], false),
-            (&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n", b"\r\n"], false),
-            (&[PREFACE, b"rest"], false),
+        // (reads, still pending, HTTP/2: reads noted for the idle timer)
+        let cases: [(&[&[u8]], bool, bool); 6] = [
+            (&[b"GET / HTTP/1.1\r\n"], false, false),
+            (&[b"P"], true, false),
+            (&[b"PRI * HTTP"], true, false),
+            (&[b"PRI * HTTP", b"/1.1"], false, false),
+            (&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n", b"\r\n"], false, true),
+            (&[PREFACE, b"rest"], false, true),
         ];
-        for (reads, still_pending) in cases {
+        for (reads, still_pending, h2) in cases {
             let (mut io, _client) = opening(Duration::from_secs(10));
+            let activity = io.activity.clone().unwrap();
             for read in reads {
                 if io.pending.is_some() {
                     io.saw(read);
                 }
             }
             assert_eq!(io.pending.is_some(), still_pending, "{reads:?}");
+            assert_eq!(activity.last_read().is_some(), h2, "{reads:?}");
+            assert_eq!(io.activity.is_some(), h2 || still_pending, "{reads:?}");
         }
     }
 

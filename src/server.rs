@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::activity::{self, Activity};
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::drain::Drain;
@@ -166,18 +167,27 @@ async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = crate::headers::Peer::new(peer);
+    let conn_activity = Arc::new(Activity::new());
+    let streams = conn_activity.clone();
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
         let peer = peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
+        let stream = streams.stream();
+        async move {
+            let response = proxy.handle(request, peer).await;
+            Ok::<_, std::convert::Infallible>(activity::answer(response, stream))
+        }
     });
     // Each connection its own header-read timer (see `head_timer`).
     let mut builder = builder.clone();
     builder.http1().timer(HeadTimer::default());
-    // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see `opening`).
-    let stream = Opening::new(stream, tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+    // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see
+    // `opening`); an HTTP/2 connection idle for as long is told to go away.
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let stream = Opening::new(stream, deadline, conn_activity.clone());
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(error) = drain.watch(connection.into_owned()).await {
+    let watched = drain.watch(connection.into_owned(), conn_activity, HEADER_READ_TIMEOUT);
+    if let Err(error) = watched.await {
         tracing::debug!(error = %error, "connection ended with an error");
     }
 }

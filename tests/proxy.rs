@@ -368,17 +368,45 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
     let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut preface = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
-    let ((head, head_kept), (_, idle_kept), (_, silent_kept), (_, preface_kept)) = tokio::join!(
+    // Regression: once a connection spoke HTTP/2 no timer ran either, so an
+    // idle one, or one that left a header block incomplete, stayed open.
+    let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"; // preface, SETTINGS
+    let mut h2_idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2_idle.write_all(h2).await.unwrap();
+    let mut h2_partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2_partial.write_all(h2).await.unwrap();
+    // HEADERS on stream 1 (END_STREAM, no END_HEADERS): GET http /, then nothing.
+    h2_partial
+        .write_all(b"\0\0\x03\x01\x01\0\0\0\x01\x82\x86\x84")
+        .await
+        .unwrap();
+    let (
+        (head, head_kept),
+        (_, idle_kept),
+        (_, silent_kept),
+        (_, preface_kept),
+        (_, h2_idle_kept),
+        (_, h2_partial_kept),
+    ) = tokio::join!(
         until_closed(partial),
         until_closed(idle),
         until_closed(silent),
-        until_closed(preface)
+        until_closed(preface),
+        until_closed(h2_idle),
+        until_closed(h2_partial)
     );
     assert!(
         head.is_empty() || head.starts_with("HTTP/1.1 408"),
         "a slow head is closed, at most with a 408: {head}"
     );
-    for kept in [head_kept, idle_kept, silent_kept, preface_kept] {
+    for kept in [
+        head_kept,
+        idle_kept,
+        silent_kept,
+        preface_kept,
+        h2_idle_kept,
+        h2_partial_kept,
+    ] {
         assert!(
             kept >= Duration::from_secs(9),
             "closed after {kept:?}, before the 10 s"
@@ -400,6 +428,24 @@ async fn a_connection_idle_after_a_request_slower_than_10_s_is_still_closed_afte
         kept >= Duration::from_secs(9) && kept < Duration::from_secs(20),
         "an idle connection is closed after 10 s, this one after {kept:?}"
     );
+}
+
+/// An HTTP/2 connection is idle only with no stream open: a stream waiting
+/// 12 s for its answer, the client sending nothing meanwhile, gets it whole
+/// (an idle connection is told to go away at 10 s and closed 1 s later).
+#[tokio::test]
+async fn an_http2_stream_slower_than_the_idle_time_still_gets_its_answer() {
+    let routes = "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 20s, total: 30s } }";
+    let (_upstream, proxy) = passthrough("", routes).await;
+    let request = http::Request::get(proxy.url("/slow"))
+        .header("x-test-delay-ms", "12000")
+        .body(Default::default())
+        .unwrap();
+    let response = h2c_client().request(request).await.expect("h2c request");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 201);
+    let body = http_body_util::BodyExt::collect(response.into_body());
+    assert!(!body.await.unwrap().to_bytes().is_empty());
 }
 
 #[tokio::test]
