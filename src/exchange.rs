@@ -322,7 +322,17 @@ impl Exchange {
                     key = %self.key.key,
                     route = %self.key.route,
                     error = %error,
-                    "could not record the response; the record turns unknown when its lease ends"
+                    "could not record the response; trying again in the background (the record turns unknown when its lease ends if the store does not take it)"
+                );
+                let settle = Settle::Complete(Arc::new(stored.clone()), self.policy.ttl);
+                let (store, key) = (self.store.clone(), self.key.clone());
+                settle_later(
+                    &self.tasks,
+                    store,
+                    &self.metrics,
+                    key,
+                    self.token.clone(),
+                    settle,
                 );
                 false
             }
@@ -371,39 +381,60 @@ impl Exchange {
     }
 }
 
-/// A fenced transition that ends an attempt without a recorded response.
-#[derive(Clone, Copy, Debug)]
+/// A fenced transition that ends an attempt.
+#[derive(Clone)]
 pub enum Settle {
     Release,
     /// `unknown`, for the ttl.
     Unknown(Duration),
+    /// Completed with the response, kept for the ttl (tried again in the
+    /// background when the store failed the first time).
+    Complete(Arc<StoredResponse>, Duration),
+}
+
+/// For logs: never the response's headers or body.
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Settle::Release => f.write_str("Release"),
+            Settle::Unknown(ttl) => write!(f, "Unknown({ttl:?})"),
+            Settle::Complete(response, ttl) => write!(f, "Complete({}, {ttl:?})", response.status),
+        }
+    }
 }
 
 impl Settle {
-    async fn apply(self, store: &Store, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
+    async fn apply(
+        &self,
+        store: &Store,
+        key: &StorageKey,
+        token: &str,
+    ) -> Result<bool, StoreError> {
         match self {
             Settle::Release => store.release(key, token).await,
-            Settle::Unknown(ttl) => store.mark_unknown(key, token, ttl).await,
+            Settle::Unknown(ttl) => store.mark_unknown(key, token, *ttl).await,
+            Settle::Complete(response, ttl) => store.complete(key, token, response, *ttl).await,
         }
     }
 
     /// Counts an unknown outcome this transition made (`done`), whether
     /// now or in the background.
-    fn count(self, done: bool, metrics: &Metrics, key: &StorageKey) {
+    fn count(&self, done: bool, metrics: &Metrics, key: &StorageKey) {
         if done && matches!(self, Settle::Unknown(_)) {
             Metrics::route_counter(&metrics.unknown_outcomes, &key.route);
         }
     }
 }
 
-/// How often, 500 ms apart, a transition is tried in the background.
+/// How often, 500 ms apart (the first 500 ms after the failed try), a
+/// transition is tried in the background.
 const SETTLE_ATTEMPTS: usize = 20;
 
 /// Makes a fenced transition in the background, tried again on store errors
 /// (a lost reply, a reconnect) for about 10 s: left undone, the attempt's
 /// record would stay in flight, refusing every retry until its lease ends,
 /// then turn unknown. For a claim the gate must undo, and for an exchange
-/// whose release or `unknown` the store did not take. Transitions are fenced
+/// whose completion, release or `unknown` the store did not take. Transitions are fenced
 /// by the token and idempotent, so one that did land is harmless to repeat.
 pub fn settle_later(
     tasks: &TaskTracker,
@@ -416,11 +447,12 @@ pub fn settle_later(
     let metrics = metrics.clone();
     tasks.spawn(async move {
         for _ in 0..SETTLE_ATTEMPTS {
+            // The caller's own try has just failed.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             if let Ok(done) = settle.apply(&store, &key, &token).await {
                 settle.count(done, &metrics, &key);
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         tracing::warn!(key = %key.key, route = %key.route, ?settle, "could not settle the attempt's record; it turns unknown or expires with its lease");
     });

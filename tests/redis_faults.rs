@@ -686,6 +686,72 @@ async fn a_completion_the_store_cannot_take_still_answers_and_is_counted() {
         &[("op", "complete")],
     );
     assert_eq!(errors, 1.0, "the failed completion is counted");
+    // Tried again in the background once Redis answers, the completion
+    // lands: a retry is replayed. Regression: it was tried once, and the
+    // key stayed in flight until its lease ended, then turned unknown.
+    let url = proxy.url("/api/o");
+    let retry = common::resend_until(
+        Duration::from_secs(8),
+        || client.send("POST", &url, &[("idempotency-key", "k-hung")], "{}"),
+        |r| r.status != 409,
+    )
+    .await;
+    assert_eq!(
+        (retry.status.as_u16(), retry.header("idempotent-replayed")),
+        (201, Some("true")),
+        "{retry:?}"
+    );
+    assert_eq!(retry.body, reply.body);
+    assert_eq!(upstream.hits(), 1);
+}
+
+/// Regression: after Redis dropped the proxy's connection (a restart, a
+/// `CLIENT KILL`, a firewall's idle cut), the next command failed on the dead
+/// connection though Redis was back: a new key got `503`, and a completion
+/// was lost, leaving the key in flight. A dropped connection's command is
+/// now sent once more, on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_redis_connection_loses_no_operation() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&redis, &upstream, "", "")).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
+    let kill = || async {
+        let mut conn = redis.connection().await;
+        let _: u64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    kill().await;
+    let claimed = client.post_key(&url, "k-new", "{}").await;
+    assert_eq!(claimed.status, 201, "a claim after the drop: {claimed:?}");
+
+    let headers = [
+        ("idempotency-key", "k-slow"),
+        ("content-type", "application/json"),
+        ("x-test-delay-ms", "500"),
+    ];
+    let first = client.spawn_send("POST", &url, &headers, "{}");
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the upstream",
+        || async { upstream.hits() == 3 },
+    )
+    .await;
+    kill().await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 201);
+    let retry = client.post_key(&url, "k-slow", "{}").await;
+    assert_eq!(
+        (retry.status.as_u16(), retry.header("idempotent-replayed")),
+        (201, Some("true")),
+        "the completion after the drop was recorded at once: {retry:?}"
+    );
+    assert_eq!(upstream.hits(), 3);
 }
 
 /// README "Sizing Redis": a Redis at `maxmemory` with `noeviction` refuses

@@ -1019,3 +1019,33 @@ async fn records_written_by_earlier_versions_are_still_honoured() {
     let written: String = kind(&lost).query_async(&mut conn).await.unwrap();
     assert_eq!(written, "string");
 }
+
+/// Regression: under a full Redis (`maxmemory`, `noeviction`) a duplicate
+/// that would wait (`concurrent: wait`) failed as a store error (`503`, or
+/// forwarded a second time under `on_unavailable: forward`): the claim
+/// script's `waited` mark is a write Redis refused. The mark only speeds
+/// up other instances' waiters; the duplicate is still judged in progress.
+#[tokio::test]
+async fn a_full_redis_still_judges_a_waiting_duplicate_in_progress() {
+    let (_server, store, mut conn) = own_redis().await;
+    let k = key("busy");
+    let first = store
+        .claim(&claim(&k, "first", 10_000, OnUnknown::Lock))
+        .await;
+    assert_eq!(first.unwrap().decision, Decision::Claim);
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let _: String = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut waiting = claim(&k, "second", 10_000, OnUnknown::Lock);
+    waiting.waits = true;
+    match store.claim(&waiting).await.map(|r| r.decision) {
+        Ok(Decision::InProgress { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}

@@ -148,10 +148,22 @@ fn masters(nodes: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// A standalone server's command whose connection turns out dropped (Redis
+/// restarted, a `CLIENT KILL`, an idle connection cut by a firewall) is
+/// sent once more: `ConnectionManager` reconnects only after a command has
+/// failed on the dead connection, and that command would otherwise be lost
+/// though Redis is back. Every command idemgate sends is safe to run twice
+/// (a claim finds its own record, a fenced script finds its own state, a
+/// read reads). The cluster connection retries by itself.
 impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Handle::Single(c) => c.req_packed_command(cmd),
+            Handle::Single(c) => Box::pin(async move {
+                match c.send_packed_command(cmd).await {
+                    Err(e) if e.is_connection_dropped() => c.send_packed_command(cmd).await,
+                    result => result,
+                }
+            }),
             Handle::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -163,7 +175,14 @@ impl ConnectionLike for Handle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Handle::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Handle::Single(c) => Box::pin(async move {
+                match c.send_packed_commands(pipeline, offset, count).await {
+                    Err(e) if e.is_connection_dropped() => {
+                        c.send_packed_commands(pipeline, offset, count).await
+                    }
+                    result => result,
+                }
+            }),
             Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }

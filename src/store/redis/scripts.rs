@@ -107,11 +107,11 @@ if kind == 'string' then
     write_claim!(),
     r"      return {now, 1, 's', v, pttl}
     end
-    redis.call('SETRANGE', KEYS[1], 1, 'U')
+    redis.pcall('SETRANGE', KEYS[1], 1, 'U')
     ",
     expire_unknown!(),
     r"  elseif ARGV[6] == '1' then
-    redis.call('SETRANGE', KEYS[1], 2, '1')
+    redis.pcall('SETRANGE', KEYS[1], 2, '1')
   end
   return {now, 0, 's', v, pttl}
 end
@@ -130,11 +130,11 @@ if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and tonumber(rec[LEASE
     write_claim!(),
     r"    return {now, 1, 'h', rec}
   end
-  redis.call('HSET', KEYS[1], 'state', 'unknown')
+  redis.pcall('HSET', KEYS[1], 'state', 'unknown')
   ",
     expire_unknown!(),
     r"elseif ARGV[6] == '1' and rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' then
-  redis.call('HSET', KEYS[1], 'waited', '1')
+  redis.pcall('HSET', KEYS[1], 'waited', '1')
 end
 return {now, 0, 'h', rec}
 "
