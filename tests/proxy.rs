@@ -448,6 +448,92 @@ async fn an_http2_stream_slower_than_the_idle_time_still_gets_its_answer() {
     assert!(!body.await.unwrap().to_bytes().is_empty());
 }
 
+/// An upstream that answers `200` as soon as it has a request's head, then
+/// reads the body (`Content-Length`) to its end; sends the body's length
+/// on `got` once it has all of it.
+async fn early_answering_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<usize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, got) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+                    if let Some(end) = head_end {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                            .await
+                            .unwrap();
+                        let mut body = buf.len() - end - 4;
+                        while body < length {
+                            let n = conn.read(&mut chunk).await.unwrap();
+                            assert!(n > 0, "the upload was cut off after {body} bytes");
+                            body += n;
+                        }
+                        let _ = tx.send(body).await;
+                        buf.clear();
+                        continue;
+                    }
+                    let n = conn.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+/// Regression: when the upstream answered before it had read the whole
+/// request body, its connection went back to the pool at the answer's end
+/// with the upload unfinished: nothing drove it (the upload stalled), and
+/// the next request's checkout found it busy and dropped it, cutting the
+/// upload off. The upload now finishes, and the connection serves again.
+#[tokio::test]
+async fn an_upload_the_upstream_answered_early_is_still_sent_whole() {
+    let (addr, mut got) = early_answering_upstream().await;
+    let yaml = config("store: { backend: memory }", addr, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let size = 4 * 1024 * 1024;
+    let head = format!("POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    client.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    // The rest of the upload comes after the answer, a piece at a time, with
+    // another request through the proxy in between (a checkout).
+    let other = tokio::spawn({
+        let url = proxy.url("/other");
+        async move { TestClient::new().send("POST", &url, &[], "x").await.status }
+    });
+    for piece in vec![b'a'; size].chunks(256 * 1024) {
+        client.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await; // a slow client's pace
+    }
+    let received = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut sizes = Vec::new();
+        while sizes.len() < 2 {
+            sizes.push(got.recv().await.expect("the upstream reads on"));
+        }
+        sizes
+    })
+    .await
+    .expect("both bodies reach the upstream");
+    assert!(received.contains(&size), "{received:?}");
+    assert_eq!(other.await.unwrap(), 200);
+}
+
 #[tokio::test]
 async fn stalled_clients_do_not_hold_up_others() {
     let (_upstream, proxy) = passthrough("", ALL).await;

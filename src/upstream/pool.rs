@@ -262,12 +262,34 @@ impl UpstreamBody {
         self.verdict = verdict;
     }
 
+    /// Gives the connection back at the response's end. An upstream may
+    /// answer before it has read the whole request body: the connection is
+    /// then driven in the background until the body is all sent, and only
+    /// then pooled (regression: pooled at once, nothing drove it, the
+    /// upload stalled, and the next checkout found it busy and dropped it,
+    /// cutting the upload off).
     fn release(&mut self) {
-        if let Some(Checkout { conn, pool }) = self.conn.take()
-            && let Some(pool) = pool.upgrade()
-        {
-            pool.put(conn);
+        let Some(Checkout { mut conn, pool }) = self.conn.take() else {
+            return;
+        };
+        if conn.ready() {
+            if let Some(pool) = pool.upgrade() {
+                pool.put(conn);
+            }
+            return;
         }
+        tokio::spawn(async move {
+            let sent = poll_fn(|cx| {
+                if !conn.drive(cx) {
+                    return Poll::Ready(false);
+                }
+                conn.sender.poll_ready(cx).map(|ready| ready.is_ok())
+            })
+            .await;
+            if sent && let Some(pool) = pool.upgrade() {
+                pool.put(conn);
+            }
+        });
     }
 }
 
