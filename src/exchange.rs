@@ -19,7 +19,7 @@ use crate::idempotency::record::StoredResponse;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
-use crate::store::{Store, StoreError};
+use crate::store::{Attempt, Store, StoreError};
 use crate::upstream::{
     Admission, Connected, SendError, Upstream, UpstreamBody, failed_status, within_response,
 };
@@ -31,6 +31,10 @@ pub struct Exchange {
     pub policy: Arc<Policy>,
     pub key: Arc<StorageKey>,
     pub token: String,
+    /// The request's fingerprint and the claim's time, for a completion
+    /// that must write the record whole ([`Attempt`]).
+    pub fingerprint: String,
+    pub created_ms: u64,
     pub lease_deadline: Instant,
     /// Finished (and its bulkhead permit freed) when the upstream's answer
     /// is known; a response timeout reports its failure earlier.
@@ -305,7 +309,7 @@ impl Exchange {
         };
         let recorded = match self
             .store
-            .complete(&self.key, &self.token, &stored, self.policy.ttl)
+            .complete(&self.key, &self.attempt(), &stored, self.policy.ttl)
             .await
         {
             Ok(true) => true,
@@ -324,7 +328,13 @@ impl Exchange {
                     error = %error,
                     "could not record the response; trying again in the background (the record turns unknown when its lease ends if the store does not take it)"
                 );
-                let settle = Settle::Complete(Arc::new(stored.clone()), self.policy.ttl);
+                let settle = Settle::Complete {
+                    response: Arc::new(stored.clone()),
+                    ttl: self.policy.ttl,
+                    fingerprint: self.fingerprint.clone(),
+                    lease: self.policy.lease,
+                    created_ms: self.created_ms,
+                };
                 let (store, key) = (self.store.clone(), self.key.clone());
                 settle_later(
                     &self.tasks,
@@ -338,6 +348,15 @@ impl Exchange {
             }
         };
         (recorded, stored.headers)
+    }
+
+    fn attempt(&self) -> Attempt<'_> {
+        Attempt {
+            token: &self.token,
+            fingerprint: &self.fingerprint,
+            lease: self.policy.lease,
+            created_ms: self.created_ms,
+        }
     }
 
     async fn release(&self) {
@@ -388,8 +407,15 @@ pub enum Settle {
     /// `unknown`, for the ttl.
     Unknown(Duration),
     /// Completed with the response, kept for the ttl (tried again in the
-    /// background when the store failed the first time).
-    Complete(Arc<StoredResponse>, Duration),
+    /// background when the store failed the first time); with what the
+    /// claim wrote, for a record to write whole ([`Attempt`]).
+    Complete {
+        response: Arc<StoredResponse>,
+        ttl: Duration,
+        fingerprint: String,
+        lease: Duration,
+        created_ms: u64,
+    },
 }
 
 /// For logs: never the response's headers or body.
@@ -398,7 +424,9 @@ impl std::fmt::Debug for Settle {
         match self {
             Settle::Release => f.write_str("Release"),
             Settle::Unknown(ttl) => write!(f, "Unknown({ttl:?})"),
-            Settle::Complete(response, ttl) => write!(f, "Complete({}, {ttl:?})", response.status),
+            Settle::Complete { response, ttl, .. } => {
+                write!(f, "Complete({}, {ttl:?})", response.status)
+            }
         }
     }
 }
@@ -413,7 +441,21 @@ impl Settle {
         match self {
             Settle::Release => store.release(key, token).await,
             Settle::Unknown(ttl) => store.mark_unknown(key, token, *ttl).await,
-            Settle::Complete(response, ttl) => store.complete(key, token, response, *ttl).await,
+            Settle::Complete {
+                response,
+                ttl,
+                fingerprint,
+                lease,
+                created_ms,
+            } => {
+                let attempt = Attempt {
+                    token,
+                    fingerprint,
+                    lease: *lease,
+                    created_ms: *created_ms,
+                };
+                store.complete(key, &attempt, response, *ttl).await
+            }
         }
     }
 

@@ -69,12 +69,14 @@ impl Proxy {
             key,
         };
         let token = crate::headers::random_id();
+        let created_ms = crate::store::memory::now_ms();
         let claim = ClaimRequest {
             key: &storage_key,
             fingerprint: &fp,
             token: &token,
             lease: policy.lease,
             ttl: policy.ttl,
+            created_ms,
             on_unknown: policy.on_unknown,
             waits: policy.concurrent == Concurrent::Wait,
         };
@@ -153,6 +155,8 @@ impl Proxy {
                     policy,
                     key: Arc::new(storage_key),
                     token,
+                    fingerprint: fp,
+                    created_ms,
                 };
                 exchange.start(request, ctx, &route).await
             }

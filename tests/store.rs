@@ -10,7 +10,7 @@ use idemgate::config::{Config, OnUnknown};
 use idemgate::idempotency::decision::Decision;
 use idemgate::idempotency::key::StorageKey;
 use idemgate::idempotency::record::{State, StoredResponse};
-use idemgate::store::{ClaimRequest, Store};
+use idemgate::store::{Attempt, ClaimRequest, Store};
 
 fn config(backend: &Backend) -> Config {
     let yaml = format!(
@@ -52,8 +52,19 @@ fn claim<'a>(
         token,
         lease: Duration::from_millis(lease_ms),
         ttl: Duration::from_secs(60),
+        created_ms: 0,
         on_unknown,
         waits: false,
+    }
+}
+
+/// The attempt `claim` makes with `token`, as its completion names it.
+fn attempt(token: &str) -> Attempt<'_> {
+    Attempt {
+        token,
+        fingerprint: "fp",
+        lease: Duration::from_secs(10),
+        created_ms: 0,
     }
 }
 
@@ -88,12 +99,20 @@ async fn taken_over_attempt_never_overwrites_the_new_owner(backend: Backend) {
     );
     let ttl = Duration::from_secs(60);
     assert!(
-        !store.complete(&k, "A", &response(201), ttl).await.unwrap(),
+        !store
+            .complete(&k, &attempt("A"), &response(201), ttl)
+            .await
+            .unwrap(),
         "A lost the key"
     );
     assert!(!store.release(&k, "A").await.unwrap());
     assert!(!store.mark_unknown(&k, "A", ttl).await.unwrap());
-    assert!(store.complete(&k, "B", &response(202), ttl).await.unwrap());
+    assert!(
+        store
+            .complete(&k, &attempt("B"), &response(202), ttl)
+            .await
+            .unwrap()
+    );
     let record = store.get(&k).await.unwrap().expect("record");
     assert_eq!(record.state, State::Completed);
     assert_eq!(record.token, "B");
@@ -121,7 +140,7 @@ async fn lease_end_under_lock_turns_unknown_once(backend: Backend) {
     assert_eq!(again.decision, Decision::Unknown);
     assert!(
         !store
-            .complete(&k, "A", &response(201), Duration::from_secs(60))
+            .complete(&k, &attempt("A"), &response(201), Duration::from_secs(60))
             .await
             .unwrap()
     );
@@ -165,7 +184,7 @@ async fn mismatch_and_in_progress(backend: Backend) {
     big.body_size = 5_000_000;
     assert!(
         store
-            .complete(&k, "A", &big, Duration::from_secs(60))
+            .complete(&k, &attempt("A"), &big, Duration::from_secs(60))
             .await
             .unwrap()
     );
@@ -404,9 +423,11 @@ async fn an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown(backend: B
     );
 }
 
-/// An expired record is gone for its attempt too: it can no longer complete,
-/// release or mark it. Regression: the memory store applied transitions
-/// to records that had expired but were not swept yet (Redis had dropped them).
+/// An expired record is gone for its attempt too: it can no longer release
+/// or mark it. Regression: the memory store applied transitions to records
+/// that had expired but were not swept yet (Redis had dropped them). A
+/// completion finds the key gone and writes the record whole, as it does
+/// wherever its record is gone (`a_completion_whose_record_is_gone_writes_it_whole`).
 async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
     let store = open(&backend);
     let k = key("expired-attempt");
@@ -424,13 +445,72 @@ async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(80)).await; // the expiry under test
         let ttl = Duration::from_secs(60);
         let settled = match which {
-            0 => store.complete(&k, "A", &response(201), ttl).await,
+            0 => store.complete(&k, &attempt("A"), &response(201), ttl).await,
             1 => store.release(&k, "A").await,
             _ => store.mark_unknown(&k, "A", ttl).await,
         };
-        assert!(!settled.unwrap(), "{end} settled an expired record");
-        assert!(store.get(&k).await.unwrap().is_none(), "{end}");
+        let record = store.get(&k).await.unwrap();
+        if end == "complete" {
+            assert!(settled.unwrap());
+            assert_eq!(record.map(|r| r.state), Some(State::Completed));
+            assert!(store.purge(&k).await.unwrap());
+        } else {
+            assert!(!settled.unwrap(), "{end} settled an expired record");
+            assert!(record.is_none(), "{end}");
+        }
     }
+}
+
+/// Regression: a completion whose record was gone (Redis restarted empty
+/// or flushed mid-exchange, or an operator purged it) was dropped, and the
+/// client's retry ran the upstream again. It is now written whole, as the
+/// claim wrote it plus the response: the retry replays it, and a request
+/// with another fingerprint is still a mismatch.
+async fn a_completion_whose_record_is_gone_writes_it_whole(backend: Backend) {
+    let store = open(&backend);
+    let k = key("lost");
+    let reply = store.claim(&claim(&k, "A", 10_000, OnUnknown::Lock)).await;
+    assert_eq!(reply.unwrap().decision, Decision::Claim);
+    assert!(store.purge(&k).await.unwrap(), "the record is lost");
+    let ttl = Duration::from_secs(60);
+    let attempt = Attempt {
+        created_ms: 1_000,
+        ..attempt("A")
+    };
+    assert!(
+        store
+            .complete(&k, &attempt, &response(201), ttl)
+            .await
+            .unwrap()
+    );
+    let record = store.get(&k).await.unwrap().expect("written whole");
+    assert_eq!(
+        (
+            record.state,
+            record.fingerprint.as_str(),
+            record.token.as_str()
+        ),
+        (State::Completed, "fp", "A")
+    );
+    assert_eq!((record.created_ms, record.lease_end_ms), (1_000, 11_000));
+    assert!(record.expires_ms > store.now_ms().await.unwrap() + 50_000);
+    let retry = store.claim(&claim(&k, "B", 10_000, OnUnknown::Lock)).await;
+    let retry = retry.unwrap();
+    assert_eq!(retry.decision, Decision::Replay);
+    assert_eq!(retry.record.unwrap().response.unwrap().status, 201);
+    let mut other = claim(&k, "C", 10_000, OnUnknown::Lock);
+    other.fingerprint = "other";
+    assert_eq!(
+        store.claim(&other).await.unwrap().decision,
+        Decision::Mismatch
+    );
+    // Run again (a lost reply), it is still done.
+    assert!(
+        store
+            .complete(&k, &attempt, &response(201), ttl)
+            .await
+            .unwrap()
+    );
 }
 
 /// A transition that runs twice for one attempt is still that attempt's:
@@ -460,11 +540,19 @@ async fn an_attempts_transition_run_twice_is_still_its_own(backend: Backend) {
     );
     for run in ["first", "again"] {
         assert!(
-            store.complete(&k, "A", &response(201), ttl).await.unwrap(),
+            store
+                .complete(&k, &attempt("A"), &response(201), ttl)
+                .await
+                .unwrap(),
             "complete, {run}"
         );
     }
-    assert!(!store.complete(&k, "B", &response(202), ttl).await.unwrap());
+    assert!(
+        !store
+            .complete(&k, &attempt("B"), &response(202), ttl)
+            .await
+            .unwrap()
+    );
     let record = store.get(&k).await.unwrap().expect("the record");
     assert_eq!(
         (record.state, record.response.unwrap().status),
@@ -483,7 +571,10 @@ async fn an_attempts_transition_run_twice_is_still_its_own(backend: Backend) {
         );
     }
     assert!(
-        !store.complete(&k, "A", &response(201), ttl).await.unwrap(),
+        !store
+            .complete(&k, &attempt("A"), &response(201), ttl)
+            .await
+            .unwrap(),
         "unknown stays"
     );
     assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::Unknown);
@@ -522,6 +613,7 @@ async fn a_listed_attempt_shows_its_lease_end_on_the_store_clock(backend: Backen
 }
 
 both_stores!(
+    a_completion_whose_record_is_gone_writes_it_whole,
     a_listed_attempt_shows_its_lease_end_on_the_store_clock,
     an_attempts_transition_run_twice_is_still_its_own,
     an_expired_attempt_can_no_longer_settle_its_record,
@@ -559,7 +651,12 @@ async fn complete_new_with(store: &Store, k: &StorageKey, stored: &StoredRespons
         .unwrap();
     assert_eq!(reply.decision, Decision::Claim);
     let ttl = Duration::from_secs(60);
-    assert!(store.complete(k, "first", stored, ttl).await.unwrap());
+    assert!(
+        store
+            .complete(k, &attempt("first"), stored, ttl)
+            .await
+            .unwrap()
+    );
 }
 
 /// `EVALSHA` calls so far on this server.
@@ -863,7 +960,8 @@ async fn a_waiter_wakes_when_another_instance_ends_the_attempt() {
         let ended = match end {
             End::Complete => {
                 let stored = response(201);
-                a.complete(&k, "A", &stored, Duration::from_secs(60)).await
+                a.complete(&k, &attempt("A"), &stored, Duration::from_secs(60))
+                    .await
             }
             End::Release => a.release(&k, "A").await,
             End::Unknown => a.mark_unknown(&k, "A", Duration::from_secs(60)).await,
@@ -982,7 +1080,7 @@ async fn records_written_by_earlier_versions_are_still_honoured() {
     let ttl = Duration::from_secs(60);
     assert!(
         store
-            .complete(&ended, "new", &self::response(202), ttl)
+            .complete(&ended, &attempt("new"), &self::response(202), ttl)
             .await
             .unwrap()
     );

@@ -53,6 +53,17 @@ pub struct Listing {
     pub damaged: Vec<(StorageKey, String)>,
 }
 
+/// An attempt that holds its key, as its claim wrote it: what a
+/// completion needs to write the record whole where it finds none (Redis
+/// lost it: a restart, a flush, a failover), rather than lose the outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    pub token: &'a str,
+    pub fingerprint: &'a str,
+    pub lease: Duration,
+    pub created_ms: u64,
+}
+
 /// What one claim did.
 #[derive(Debug, Clone)]
 pub struct ClaimReply {
@@ -69,6 +80,9 @@ pub struct ClaimRequest<'a> {
     pub token: &'a str,
     pub lease: Duration,
     pub ttl: Duration,
+    /// When the claim was made (the proxy's wall clock): the record's
+    /// creation time, shown in listings.
+    pub created_ms: u64,
     pub on_unknown: OnUnknown,
     /// Whether the caller waits when the key is in flight (`concurrent:
     /// wait`): on Redis the record is then marked, so that the attempt that
@@ -203,17 +217,22 @@ impl Store {
     /// Its header values may be slices of hyper's read buffers: the memory
     /// store keeps a copy that owns its bytes ([`StoredResponse::detached`]),
     /// Redis encodes them as they are.
+    ///
+    /// Fenced by the attempt's token; a record that is gone (lost by Redis,
+    /// or purged by an operator while the attempt ran) is written whole,
+    /// so that the outcome is kept and a retry replays it instead of
+    /// reaching the upstream again.
     pub async fn complete(
         &self,
         key: &StorageKey,
-        token: &str,
+        attempt: &Attempt<'_>,
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.transition(Op::Complete, key, async {
             match &self.kind {
-                Kind::Memory(s) => s.complete(key, token, response.detached(), ttl),
-                Kind::Redis(s) => Box::pin(s.complete(key, token, response, ttl)).await,
+                Kind::Memory(s) => s.complete(key, attempt, response.detached(), ttl),
+                Kind::Redis(s) => Box::pin(s.complete(key, attempt, response, ttl)).await,
             }
         })
         .await

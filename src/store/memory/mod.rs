@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_table::Entry;
 
-use super::{ClaimReply, ClaimRequest, StoreError};
+use super::{Attempt, ClaimReply, ClaimRequest, StoreError};
 use crate::config::StoreConfig;
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
@@ -83,7 +83,7 @@ impl MemoryStore {
                     fingerprint: req.fingerprint.to_owned(),
                     token: req.token.to_owned(),
                     lease_end_ms: now_ms + millis(req.lease),
-                    created_ms: now_ms,
+                    created_ms: req.created_ms,
                     // Outlives its lease, to turn unknown (and last the ttl) when it ends.
                     expires_ms: now_ms + millis(req.lease + req.ttl),
                     response: None,
@@ -119,15 +119,52 @@ impl MemoryStore {
     pub fn complete(
         &self,
         key: &StorageKey,
-        token: &str,
+        attempt: &Attempt<'_>,
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let done = self.owned(key, token, State::Completed, |r| {
-            r.state = State::Completed;
-            r.response = Some(response);
-            r.expires_ms = now_ms() + millis(ttl);
-        });
+        let now = now_ms();
+        let record = Record {
+            state: State::Completed,
+            fingerprint: attempt.fingerprint.to_owned(),
+            token: attempt.token.to_owned(),
+            lease_end_ms: attempt.created_ms + millis(attempt.lease),
+            created_ms: attempt.created_ms,
+            expires_ms: now + millis(ttl),
+            response: Some(response),
+        };
+        let expires = record.expires_ms;
+        let (hash, mut guard) = self.inner.shard(key);
+        let shard = &mut *guard;
+        let done = match shard.table.entry(hash, is(hash, key), |slot| slot.hash) {
+            // Purged while the attempt ran: written whole, as on Redis.
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot {
+                    hash,
+                    entry: Box::new((key.clone(), record)),
+                });
+                self.inner.len.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Entry::Occupied(mut found) => {
+                let r = found.get_mut().record_mut();
+                if r.expires_ms <= now {
+                    // Gone, as on Redis (not swept yet).
+                    *r = record;
+                    true
+                } else if owns(r, attempt.token, now) {
+                    r.state = State::Completed;
+                    r.response = record.response;
+                    r.expires_ms = expires;
+                    true
+                } else {
+                    r.token == attempt.token && r.state == State::Completed && r.expires_ms > now
+                }
+            }
+        };
+        if done {
+            shard.expiry.note(hash, expires);
+        }
         Ok(done)
     }
 
@@ -333,11 +370,20 @@ mod tests {
             token: "t",
             lease: Duration::from_secs(10),
             ttl,
+            created_ms: now_ms(),
             on_unknown: OnUnknown::Lock,
             waits: false,
         };
         store.claim(&req).unwrap().decision
     }
+
+    /// The attempt `claim_for` made.
+    const ATTEMPT: Attempt<'static> = Attempt {
+        token: "t",
+        fingerprint: "fp",
+        lease: Duration::from_secs(10),
+        created_ms: 0,
+    };
 
     /// Sweeps every shard as at `now`, as the sweep task does one per tick.
     fn sweep_all(store: &MemoryStore, now: u64) -> usize {
@@ -369,7 +415,7 @@ mod tests {
             body_size: 0,
         };
         // Completed with the long ttl: its claim's short expiry no longer holds.
-        assert!(store.complete(&key(999), "t", response, long).unwrap());
+        assert!(store.complete(&key(999), &ATTEMPT, response, long).unwrap());
         let in_a_minute = now_ms() + 60_000;
         assert_eq!(sweep_all(&store, in_a_minute), 499);
         assert_eq!(store.inner.len.load(Ordering::Relaxed), 501);
@@ -441,7 +487,11 @@ mod tests {
             if i % 2 == 0 {
                 assert!(store.release(&key(i), "t").unwrap());
             } else {
-                assert!(store.complete(&key(i), "t", response.clone(), ttl).unwrap());
+                assert!(
+                    store
+                        .complete(&key(i), &ATTEMPT, response.clone(), ttl)
+                        .unwrap()
+                );
             }
         }
         assert_eq!(store.inner.len.load(Ordering::Relaxed), n as u64 / 2);

@@ -32,8 +32,20 @@ pub(super) fn claim_value(
     ttl_ms: u64,
     created_ms: u64,
 ) -> Vec<u8> {
+    head(b'F', fingerprint, token, lease_ms, ttl_ms, created_ms)
+}
+
+/// A record's head in `state` (waited `0`).
+pub(super) fn head(
+    state: u8,
+    fingerprint: &str,
+    token: &str,
+    lease_ms: u64,
+    ttl_ms: u64,
+    created_ms: u64,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(3 + token.len() + fingerprint.len() + 5 + 3 * 20);
-    out.extend_from_slice(b"2F0");
+    out.extend_from_slice(&[b'2', state, b'0']);
     for field in [token.as_bytes(), fingerprint.as_bytes()] {
         out.extend_from_slice(field);
         out.push(b'\n');
@@ -46,10 +58,12 @@ pub(super) fn claim_value(
     out
 }
 
-/// What a completion appends to the in-flight head, written straight into
+/// A response as a record holds it after its head, written straight into
 /// the command (one argument, no intermediate buffer): status, whether the
-/// body is kept, its size, the encoded headers' length, headers and body.
+/// body is kept, its size, the encoded headers' length, headers and body;
+/// after `head` when there is one (a completion sends the whole record).
 pub(super) struct ResponsePart<'a> {
+    pub head: &'a [u8],
     pub status: u16,
     pub headers: &'a [u8],
     pub body: Option<&'a [u8]>,
@@ -59,6 +73,7 @@ pub(super) struct ResponsePart<'a> {
 impl<'a> ResponsePart<'a> {
     pub(super) fn new(response: &'a StoredResponse, headers: &'a [u8]) -> ResponsePart<'a> {
         ResponsePart {
+            head: &[],
             status: response.status,
             headers,
             body: response.body.as_deref(),
@@ -67,7 +82,7 @@ impl<'a> ResponsePart<'a> {
     }
 
     pub(super) fn len(&self) -> usize {
-        4 + 2 + 21 + 21 + self.headers.len() + self.body.map_or(0, <[u8]>::len)
+        self.head.len() + 4 + 2 + 21 + 21 + self.headers.len() + self.body.map_or(0, <[u8]>::len)
     }
 }
 
@@ -80,6 +95,7 @@ impl ToRedisArgs for ResponsePart<'_> {
             arg.write_all(bytes)
                 .expect("writing to a command buffer cannot fail");
         };
+        put(self.head);
         put(numbers.format(self.status).as_bytes());
         put(b"\n");
         put(stored);

@@ -20,9 +20,9 @@ use tokio::time::Instant;
 
 use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
 
-use super::memory::{millis, now_ms as wall_ms};
+use super::memory::millis;
 use super::waiters::Waiters;
-use super::{ClaimReply, ClaimRequest, Listing, StoreError};
+use super::{Attempt, ClaimReply, ClaimRequest, Listing, StoreError};
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
@@ -145,7 +145,7 @@ impl RedisStore {
             req.token,
             millis(req.lease),
             millis(req.ttl),
-            wall_ms(),
+            req.created_ms,
         );
         let key = EncodedKey(req.key.encoded_parts(&self.prefix));
         let mut set = Cmd::with_capacity(7, 3 + key.len() + value.len() + 2 + 2 + 20 + 3);
@@ -240,15 +240,28 @@ impl RedisStore {
         Ok(ClaimReply { decision, record })
     }
 
+    /// Sends the whole completed record, head and response: the script
+    /// writes it where the attempt still holds the key, or where the key
+    /// is gone (see `Store::complete`).
     pub async fn complete(
         &self,
         key: &StorageKey,
-        token: &str,
+        attempt: &Attempt<'_>,
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let headers = encode_headers(&response.headers);
-        let part = ResponsePart::new(response, &headers);
+        let head = compact::head(
+            b'C',
+            attempt.fingerprint,
+            attempt.token,
+            millis(attempt.lease),
+            millis(ttl),
+            attempt.created_ms,
+        );
+        let mut part = ResponsePart::new(response, &headers);
+        part.head = &head;
+        let token = attempt.token;
         let mut call = self.script_call(
             &self.complete,
             key,

@@ -148,8 +148,14 @@ return {now, 0, 'h', rec}
 /// this attempt's.
 macro_rules! owner_guard {
     (@read) => {
+        concat!(
+            r"
+local v = redis.pcall('GET', KEYS[1])",
+            owner_guard!(@check)
+        )
+    };
+    (@check) => {
         r"
-local v = redis.pcall('GET', KEYS[1])
 if type(v) ~= 'string' or string.sub(v, 4, 3 + #ARGV[1]) ~= ARGV[1]
     or string.byte(v, 4 + #ARGV[1]) ~= 10 or string.sub(v, 1, 1) ~= '2' then
   return 0
@@ -169,6 +175,11 @@ end
     ($done:literal) => {
         concat!(
             owner_guard!(@read),
+            owner_guard!(@done $done)
+        )
+    };
+    (@done $done:literal) => {
+        concat!(
             "if state == '",
             $done,
             "' then\n  return 1\nend\n",
@@ -192,14 +203,24 @@ end
     };
 }
 
-/// Completes the attempt owned by ARGV[1] with the response part ARGV[2]
-/// (`compact::ResponsePart`), kept ARGV[3] ms; 0 when it no longer owns the
-/// key. The last argument (ARGV[4]) names the waiters' channel, as for every
-/// fenced script.
+/// Completes the attempt owned by ARGV[1] with the whole completed record
+/// ARGV[2] (head and `compact::ResponsePart`), kept ARGV[3] ms; 0 when it
+/// no longer owns the key. A key that is gone (Redis lost it: a restart, a
+/// flush, a failover; or an operator purged it) is written too: the
+/// outcome is kept, and a retry replays it rather than run again. The last
+/// argument (ARGV[4]) names the waiters' channel, as for every fenced
+/// script.
 pub const COMPLETE: &str = concat!(
-    owner_guard!("C"),
     r"
-redis.call('SET', KEYS[1], '2C' .. string.sub(v, 3) .. ARGV[2], 'PX', ARGV[3])
+local v = redis.pcall('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end",
+    owner_guard!(@check),
+    owner_guard!(@done "C"),
+    r"
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 ",
     tell_waiters!(),
     r"
