@@ -246,6 +246,8 @@ impl Exchange {
     async fn record(&mut self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
         let (mut parts, mut incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // A replay says the status's standard reason phrase: so does the first answer.
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         // idemgate's to say, on replays only (SPEC 9, stored headers).
         parts.headers.remove(&IDEMPOTENT_REPLAYED);
         let status = parts.status.as_u16();

@@ -202,9 +202,11 @@ pub fn forward_headers(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     );
-    if let Some(host) = original_host {
-        headers.insert(&X_FORWARDED_HOST, host);
-    }
+    // Ours to say: a client's own value never passes, even with no host to name.
+    match original_host {
+        Some(host) => headers.insert(&X_FORWARDED_HOST, host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
     headers.insert(header::HOST, upstream_authority.clone());
     headers.insert(&X_REQUEST_ID, ids.request_id.clone());
     headers.insert(&TRACEPARENT, ids.traceparent_value());

@@ -249,6 +249,10 @@ impl Proxy {
             )
             .into_response();
         }
+        if let Some(problem) = host_problem(&request) {
+            ctx.outcome = "rejected";
+            return problem.into_response();
+        }
         let routing = self.routing();
         let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());
@@ -386,6 +390,25 @@ pub fn timeout_problem() -> Response<ProxyBody> {
 /// userinfo: HTTP/2's `:authority`, or an absolute-form HTTP/1 target, whose
 /// Host header a server must ignore (RFC 9112 3.2.2). Else the Host header.
 /// Routing by a Host that disagrees would let a request past its route's gate.
+/// RFC 9112 3.2: an HTTP/1.1 request names its host in exactly one `Host`
+/// line (or in an absolute-form target), and no request has two: which one
+/// the proxy routes by, and the upstream believes, must not be a guess.
+fn host_problem<B>(request: &Request<B>) -> Option<Problem> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    let why = if second.is_some() {
+        "two Host header lines: send one"
+    } else if first.is_none()
+        && request.uri().authority().is_none()
+        && request.version() == http::Version::HTTP_11
+    {
+        "an HTTP/1.1 request needs a Host header"
+    } else {
+        return None;
+    };
+    Some(Problem::new(Code::BadRequest, why))
+}
+
 fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
     let Some(authority) = uri.authority() else {
         return headers.get(header::HOST).cloned();

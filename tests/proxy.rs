@@ -448,10 +448,12 @@ async fn an_http2_stream_slower_than_the_idle_time_still_gets_its_answer() {
     assert!(!body.await.unwrap().to_bytes().is_empty());
 }
 
-/// An upstream that answers `200` as soon as it has a request's head, then
-/// reads the body (`Content-Length`) to its end; sends the body's length
-/// on `got` once it has all of it.
-async fn early_answering_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<usize>) {
+/// An upstream that answers every request with `answer` as soon as it has
+/// the request's head, then reads the body (`Content-Length`) to its end;
+/// sends the body's length on the receiver once it has all of it.
+async fn canned_upstream(
+    answer: &'static [u8],
+) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<usize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, got) = tokio::sync::mpsc::channel(4);
@@ -469,9 +471,7 @@ async fn early_answering_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc:
                             .lines()
                             .find_map(|l| l.strip_prefix("content-length:"))
                             .map_or(0, |v| v.trim().parse().unwrap());
-                        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
-                            .await
-                            .unwrap();
+                        conn.write_all(answer).await.unwrap();
                         let mut body = buf.len() - end - 4;
                         while body < length {
                             let n = conn.read(&mut chunk).await.unwrap();
@@ -501,7 +501,8 @@ async fn early_answering_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc:
 /// upload off. The upload now finishes, and the connection serves again.
 #[tokio::test]
 async fn an_upload_the_upstream_answered_early_is_still_sent_whole() {
-    let (addr, mut got) = early_answering_upstream().await;
+    let (addr, mut got) =
+        canned_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly").await;
     let yaml = config("store: { backend: memory }", addr, OFF, ALL);
     let proxy = TestProxy::start(&yaml).await;
     let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -532,6 +533,63 @@ async fn an_upload_the_upstream_answered_early_is_still_sent_whole() {
     .expect("both bodies reach the upstream");
     assert!(received.contains(&size), "{received:?}");
     assert_eq!(other.await.unwrap(), 200);
+}
+
+/// The status line of the answer to `request`, sent alone on a new connection.
+async fn status_line(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let answer = raw(addr, request).await;
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Regression: an upstream's HTTP/1.0 answer went to an HTTP/1.1 client as
+/// `HTTP/1.0` (RFC 9110 2.5: a proxy sends its own version), and a protected
+/// request's first answer kept the upstream's own reason phrase while its
+/// replay said the standard one.
+#[tokio::test]
+async fn the_client_hears_the_proxys_version_and_the_standard_reason_phrase() {
+    let (old, _) = canned_upstream(
+        b"HTTP/1.0 201 Created\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok",
+    )
+    .await;
+    let proxy = TestProxy::start(&config("store: { backend: memory }", old, OFF, ALL)).await;
+    let get = b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    assert_eq!(status_line(proxy.addr, get).await, "HTTP/1.1 201 Created");
+
+    let (odd, _) =
+        canned_upstream(b"HTTP/1.1 201 Order Accepted\r\ncontent-length: 2\r\n\r\nok").await;
+    let protected = config("store: { backend: memory }", odd, "", ALL);
+    let proxy = TestProxy::start(&protected).await;
+    let post = b"POST /a HTTP/1.1\r\nhost: x\r\nidempotency-key: k1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    for answer in ["first", "replay"] {
+        assert_eq!(
+            status_line(proxy.addr, post).await,
+            "HTTP/1.1 201 Created",
+            "{answer}"
+        );
+    }
+}
+
+/// RFC 9112 3.2. Regression: an HTTP/1.1 request without `Host` was
+/// forwarded, and so was the client's own `X-Forwarded-Host` (which only
+/// the proxy may set); two `Host` lines were routed by the first.
+#[tokio::test]
+async fn host_must_be_one_and_x_forwarded_host_is_the_proxys() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    for request in [
+        &b"GET /a HTTP/1.1\r\nx-forwarded-host: evil.example\r\n\r\n"[..],
+        b"GET /a HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+    ] {
+        let answer = raw(proxy.addr, request).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("bad_request"),
+            "{answer}"
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+    let old = b"GET /a HTTP/1.0\r\nx-forwarded-host: evil.example\r\n\r\n";
+    assert!(status_line(proxy.addr, old).await.ends_with("201 Created"));
+    assert_eq!(upstream.hits(), 1);
+    assert!(upstream.last_headers().get("x-forwarded-host").is_none());
 }
 
 #[tokio::test]

@@ -247,7 +247,11 @@ impl Upstream {
         request: Request<ProxyBody>,
         connected: &Connected,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        self.pool.send_noting(request, connected).await
+        let mut response = self.pool.send_noting(request, connected).await?;
+        // The client hears the proxy's HTTP version (RFC 9110 2.5), not the
+        // upstream's: an HTTP/1.0 answer would otherwise go out as one.
+        *response.version_mut() = http::Version::HTTP_11;
+        Ok(response)
     }
 }
 
