@@ -16,6 +16,13 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     };
     let config = Config::load(&config_arg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config_arg.config.display()))?;
+    // A misspelt route must not read as "no unknown outcomes".
+    if let KeysCommand::Unknown {
+        route: Some(route), ..
+    } = &command
+    {
+        known_route(&config, route)?;
+    }
     let value = if config.store.backend == Backend::Memory {
         via_admin(&config, &command).await?
     } else {
@@ -158,10 +165,15 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
     Ok(value)
 }
 
-async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<Listing> {
-    if !config.routes.iter().any(|r| *r.name == *args.route) {
-        bail!("route {:?} is not in the configuration", args.route);
+fn known_route(config: &Config, route: &str) -> anyhow::Result<()> {
+    if !config.routes.iter().any(|r| *r.name == *route) {
+        bail!("route {route:?} is not in the configuration");
     }
+    Ok(())
+}
+
+async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<Listing> {
+    known_route(config, &args.route)?;
     let found = store
         .find(&args.route, &args.key, args.scope.as_deref())
         .await?;

@@ -184,6 +184,20 @@ async fn unknown_outcome_listed_purged_then_forwarded(backend: Backend) {
     ] {
         assert!(list[0].get(field).is_some(), "record has {field}");
     }
+    // Regression: a misspelt state or route listed nothing (200 `[]`), a
+    // false all-clear.
+    for (query, status, code) in [
+        ("/keys?state=unkown", 400, "bad_request"),
+        ("/keys?state=UNKNOWN", 400, "bad_request"),
+        ("/keys?state=unknown&route=nosuch", 404, "not_found"),
+    ] {
+        let reply = call(&client, "GET", &proxy.admin_url(query), None, "").await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code().as_str()),
+            (status, code),
+            "{query}"
+        );
+    }
     let purged = call(
         &client,
         "DELETE",
@@ -539,6 +553,12 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     let list: serde_json::Value = serde_json::from_slice(&unknown.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["key"], "k-cli");
+    let misspelt = server.cli(&["keys", "unknown", "--route", "nosuch"]).await;
+    assert_eq!(misspelt.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&misspelt.stderr).contains("not in the configuration"),
+        "{misspelt:?}"
+    );
 
     let got = server
         .cli(&["keys", "get", "--route", "orders", "--key", "k-done"])

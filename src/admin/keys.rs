@@ -18,6 +18,9 @@ use crate::keys::{is_unknown, listing_json, record_json};
 use crate::problem::{Code, Problem};
 use crate::store::{Listing, StoreError};
 
+/// What `GET /keys?state=` selects by.
+const LISTED_STATES: [&str; 4] = ["in_flight", "completed", "unknown", "damaged"];
+
 /// The largest body a `PUT /keys/...` may carry.
 const MAX_ADMIN_BODY: u64 = 16 * 1024 * 1024;
 
@@ -25,6 +28,18 @@ impl Admin {
     pub(super) async fn list(&self, query: &str) -> Result<Response<ProxyBody>, Problem> {
         let state = param(query, "state");
         let route = param(query, "route");
+        // A typo must not read as "nothing to resolve".
+        if let Some(s) = state.as_deref()
+            && !LISTED_STATES.contains(&s)
+        {
+            return Err(Problem::new(
+                Code::BadRequest,
+                format!("state {s:?} is not one of {}", LISTED_STATES.join(", ")),
+            ));
+        }
+        if let Some(name) = route.as_deref() {
+            self.route(name)?;
+        }
         let config = self.proxy.routing().config.clone();
         let now = self.proxy.store.now_ms().await.map_err(store_problem)?;
         let records = self
