@@ -503,3 +503,55 @@ async fn a_late_success_does_not_close_an_open_breaker() {
     );
     assert_eq!(upstream.hits(), 2);
 }
+
+/// Regression: the series of an upstream that a reload removed stayed in
+/// `/metrics` for good, so an open circuit of an upstream that no longer
+/// exists kept `idemgate_circuit_state` at 1 (and its alert firing).
+#[tokio::test]
+async fn a_removed_upstream_leaves_no_series_behind() {
+    let live = TestUpstream::start().await;
+    let dead = common::ClosedPort::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let write = |upstreams: &str, target: &str| {
+        let yaml = format!(
+            "admin: {{ listen: 127.0.0.1:0, token: t0k }}\nupstreams:\n{upstreams}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: main, match: {{ path_prefix: / }}, upstream: {target} }}\n"
+        );
+        std::fs::write(&path, yaml).unwrap();
+    };
+    let live_yaml = format!("  live: {{ url: \"http://{}\" }}", live.addr);
+    let gone_yaml = format!(
+        "  gone: {{ url: \"http://{}\", connect_timeout: 200ms, circuit_breaker: {{ consecutive_failures: 1, open_for: 1h }} }}",
+        dead.addr()
+    );
+    write(&format!("{live_yaml}\n{gone_yaml}"), "gone");
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    let failed = client
+        .send("GET", &proxy.url("/a"), &[], Bytes::new())
+        .await;
+    assert_eq!(failed.status, 502);
+    let metrics = || async {
+        let reply = client
+            .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
+            .await;
+        String::from_utf8(reply.body.to_vec()).unwrap()
+    };
+    let before = metrics().await;
+    assert!(
+        before.contains("idemgate_circuit_state{upstream=\"gone\"} 1"),
+        "{before}"
+    );
+    write(&live_yaml, "live");
+    assert_eq!(proxy.reload("t0k").await.status, 200);
+    let after = metrics().await;
+    // Gauges only: counters and histograms keep their totals, as counters do.
+    for gauge in ["idemgate_circuit_state", "idemgate_upstream_in_flight"] {
+        let series = format!("{gauge}{{upstream=\"gone\"}}");
+        assert!(!after.contains(&series), "{after}");
+    }
+    assert!(
+        after.contains("idemgate_circuit_state{upstream=\"live\"} 0"),
+        "{after}"
+    );
+}

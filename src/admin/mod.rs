@@ -110,6 +110,11 @@ impl Admin {
 
     fn metrics(&self) -> Response<ProxyBody> {
         let metrics = &self.proxy.metrics;
+        // Read off the upstreams of the running configuration at each
+        // scrape: an upstream a reload removed leaves no series behind (an
+        // open circuit of a gone upstream would alert for good).
+        metrics.in_flight.clear();
+        metrics.circuit_state.clear();
         for upstream in &self.proxy.routing().upstreams {
             let labels = UpstreamLabels {
                 upstream: upstream.config.name.as_str().into(),
