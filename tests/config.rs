@@ -94,6 +94,55 @@ fn unknown_fields_are_errors_with_line_and_column() {
     assert_eq!(errs[0].position, Some((7, 5)));
 }
 
+/// SPEC section 1: an invalid file gets a message naming the field.
+/// Regression: a value of the wrong type (`require_key: maybe`, `methods:
+/// POST`, `max_in_flight: abc`) gave the place only ("invalid boolean"),
+/// and an unknown field its bare name, without the mapping it was in.
+#[test]
+fn shape_errors_name_the_field() {
+    let route = "routes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+    let cases = [
+        (
+            format!("defaults:\n  idempotency:\n    require_key: maybe\n{BASE}{route}"),
+            "defaults.idempotency.require_key",
+            3,
+        ),
+        (
+            format!(
+                "{BASE}routes:\n  - {{ name: a, match: {{ path: /a, methods: POST }}, upstream: erp }}\n"
+            ),
+            "routes[0].match.methods",
+            4,
+        ),
+        (
+            format!(
+                "upstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\", max_in_flight: abc }}\n{route}"
+            ),
+            "upstreams.erp.max_in_flight",
+            2,
+        ),
+        (
+            format!("store: {{ backend: memory, bogus: 1 }}\n{BASE}{route}"),
+            "store.bogus",
+            1,
+        ),
+    ];
+    for (yaml, path, line) in cases {
+        let errs = errors(&yaml);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].path, path, "{}", errs[0]);
+        assert_eq!(errs[0].position.map(|p| p.0), Some(line), "{}", errs[0]);
+    }
+    let twice = errors(&format!("{BASE}{BASE}{route}"));
+    assert!(
+        twice[0]
+            .to_string()
+            .contains("duplicate mapping key: upstreams; write each key once"),
+        "{}",
+        twice[0]
+    );
+}
+
 #[test]
 fn yaml_syntax_errors_have_a_position() {
     let errs = errors("listen: [unclosed\n");

@@ -17,7 +17,16 @@ const DEFAULT_RESPONSE: Duration = Duration::from_secs(10);
 const DEFAULT_TOTAL: Duration = Duration::from_secs(30);
 
 pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-    let file: FileConfig = serde_saphyr::from_str(text).map_err(parse_error)?;
+    // The parser's errors give the place; the path of the field being read
+    // when it stopped comes from `serde_path_to_error`.
+    let path = std::cell::RefCell::new(String::new());
+    let file: FileConfig = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            *path.borrow_mut() = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| parse_error(e, &path.into_inner()))?;
     let mut c = Check::new(env);
     let config = build(&mut c, &file);
     if let Some(config) = &config
@@ -41,8 +50,9 @@ pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     }
 }
 
-/// A YAML syntax or shape error (unknown field, wrong type): the parser stops at the first.
-fn parse_error(error: serde_saphyr::Error) -> ConfigErrors {
+/// A YAML syntax or shape error (unknown field, wrong type): the parser
+/// stops at the first. `path` is the field it was reading (`.` for none).
+fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     let location = error.location();
     let text = error.to_string();
     let first = text.lines().next().unwrap_or("invalid YAML").trim();
@@ -53,12 +63,27 @@ fn parse_error(error: serde_saphyr::Error) -> ConfigErrors {
         None => first,
     }
     .to_owned();
+    // Advice meant for Rust programmers, not for the file's author.
+    let message = ["; use Option<", ", set DuplicateKeyPolicy"]
+        .iter()
+        .fold(message, |m, cut| {
+            m.split(cut).next().unwrap_or_default().to_owned()
+        });
     let hint = if message.contains("unknown field") {
         "remove the field or fix its spelling (SPEC.md section 2 lists every field)"
+    } else if message.starts_with("duplicate mapping key") {
+        "write each key once in a mapping"
     } else {
         "fix the YAML at this place (see config.example.yaml)"
     };
-    ConfigErrors::one(ConfigError::new("", location.as_ref(), message, hint))
+    // `Spanned` fields read as `{ value, span }`: not the file's own path.
+    // `?` is a key the parser had not read yet.
+    let path: Vec<&str> = path
+        .split('.')
+        .filter(|s| !matches!(*s, "" | "value" | "?"))
+        .collect();
+    let path = path.join(".");
+    ConfigErrors::one(ConfigError::new(&path, location.as_ref(), message, hint))
 }
 
 fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
