@@ -143,6 +143,39 @@ fn shape_errors_name_the_field() {
     );
 }
 
+/// Regression: `check` accepted routes no request could ever match (requests
+/// are matched in normal form, without their query), so a protected route's
+/// traffic silently went to a later route, unprotected.
+#[test]
+fn paths_no_request_could_match_are_errors() {
+    let route = |m: &str| format!("{BASE}routes:\n  - {{ name: a, match: {m}, upstream: erp }}\n");
+    let cases = [
+        (
+            "{ path_prefix: '/api/%6Frders' }",
+            "path_prefix",
+            "write /api/orders",
+        ),
+        ("{ path: '/x/../y' }", "path", "write /y"),
+        ("{ path_prefix: '//dbl' }", "path_prefix", "write /dbl"),
+        ("{ path: '/q?a=1' }", "path", "query"),
+        ("{ path: '/a b' }", "path", "not a valid URL path"),
+        ("{ path: /a, methods: [] }", "methods", "methods is empty"),
+    ];
+    for (m, field, says) in cases {
+        let errs = errors(&route(m));
+        assert_eq!(errs.len(), 1, "{m}: {errs:#?}");
+        assert_eq!(errs[0].path, format!("routes[0].match.{field}"), "{m}");
+        assert!(errs[0].to_string().contains(says), "{m}: {}", errs[0]);
+    }
+    for fine in [
+        "{ path_prefix: /api/orders/ }",
+        "{ path: /a/b/ }",
+        "{ path: '/a%2Fb' }",
+    ] {
+        Config::parse(&route(fine)).unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+}
+
 #[test]
 fn yaml_syntax_errors_have_a_position() {
     let errs = errors("listen: [unclosed\n");

@@ -1,7 +1,7 @@
 //! Validation of a route's `match` block.
 
 use super::check::{Check, quote};
-use super::file::MatchFile;
+use super::file::{MatchFile, Text};
 use super::validate::method;
 use super::{PathMatch, RouteMatch};
 
@@ -9,33 +9,13 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
     let path = match (&m.path_prefix, &m.path) {
         (Some(prefix), None) => {
             let field = format!("{at}.match.path_prefix");
-            let text = c.text(&field, prefix)?;
-            if !text.starts_with('/') {
-                c.fail(
-                    &field,
-                    Some(&prefix.referenced),
-                    format!("{} does not start with /", quote(prefix)),
-                    "write an absolute path such as /api/orders",
-                );
-                return None;
-            }
             // "/api/orders/" and "/api/orders" match the same segments.
-            let trimmed = text.trim_end_matches('/');
-            PathMatch::Prefix(trimmed.to_owned())
+            let text = route_path(c, &field, prefix)?;
+            PathMatch::Prefix(text.trim_end_matches('/').to_owned())
         }
         (None, Some(exact)) => {
             let field = format!("{at}.match.path");
-            let text = c.text(&field, exact)?;
-            if !text.starts_with('/') {
-                c.fail(
-                    &field,
-                    Some(&exact.referenced),
-                    format!("{} does not start with /", quote(exact)),
-                    "write an absolute path such as /api/orders",
-                );
-                return None;
-            }
-            PathMatch::Exact(text)
+            PathMatch::Exact(route_path(c, &field, exact)?)
         }
         _ => {
             c.fail(
@@ -49,6 +29,15 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
     };
     let methods = match &m.methods {
         None => None,
+        Some(list) if list.is_empty() => {
+            c.fail(
+                &format!("{at}.match.methods"),
+                None,
+                "methods is empty: no request would match the route",
+                "list the methods, such as [POST, PUT], or leave methods out for every method",
+            );
+            return None;
+        }
         Some(list) => {
             let parsed: Vec<_> = list
                 .iter()
@@ -67,4 +56,42 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
         methods,
         host,
     })
+}
+
+/// A configured path as requests are matched against it: absolute, a
+/// valid path without a query, and in the normal form requests are put in
+/// (`path::normalized`). Any other could never match a request, and a
+/// protected route's traffic would go to a later route, unprotected.
+fn route_path(c: &mut Check, field: &str, value: &Text) -> Option<String> {
+    let text = c.text(field, value)?;
+    let fail = |c: &mut Check, message: String, hint: String| {
+        c.fail(field, Some(&value.referenced), message, hint);
+        None
+    };
+    if !text.starts_with('/') {
+        let message = format!("{} does not start with /", quote(value));
+        return fail(
+            c,
+            message,
+            "write an absolute path such as /api/orders".into(),
+        );
+    }
+    let Ok(uri) = text.parse::<http::Uri>() else {
+        let message = format!("{} is not a valid URL path", quote(value));
+        let hint = "percent-encode spaces and other characters a URL path cannot hold";
+        return fail(c, message, hint.into());
+    };
+    if uri.query().is_some() || text.contains('#') {
+        let message = format!("{} holds a query or fragment", quote(value));
+        let hint = "match on the path alone: requests are matched without their query";
+        return fail(c, message, hint.into());
+    }
+    if let Some(normal) = crate::path::normalized(&uri) {
+        let message = format!(
+            "{} is not in the normal form requests are matched in (escapes of unreserved characters decoded, . and .. removed, // merged), so no request would match it",
+            quote(value)
+        );
+        return fail(c, message, format!("write {}", normal.path()));
+    }
+    Some(text)
 }
