@@ -40,6 +40,9 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
 async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_json::Value> {
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let store = Store::open(&config.store, metrics).context("opening the store")?;
+    // Says why Redis cannot be reached (refused, authentication, TLS)
+    // rather than that the first operation timed out.
+    store.ping().await.context("the store")?;
     Ok(match command {
         KeysCommand::Get(args) => {
             let list = listing_json(&find(config, &store, args).await?, true);

@@ -933,3 +933,55 @@ async fn late_completions_are_counted() {
     )
     .await;
 }
+
+/// Regression: every Redis failure read "store operation timed out" after
+/// `op_timeout` (the connection retries by itself until the deadline), so a
+/// wrong password, a refused port and an untrusted certificate looked alike.
+/// The `keys` commands (and `/readyz`'s log line) now say which, without
+/// the URL's password.
+#[tokio::test]
+async fn keys_says_why_redis_cannot_be_reached() {
+    let redis = RedisServer::start_own().await;
+    let mut conn = redis.connection().await;
+    let _: () = ::redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "on", "resetpass", ">right-pass"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let closed = common::ClosedPort::new();
+    let cases = [
+        (
+            redis.url().replace("redis://", "redis://:WRONG-pass@"),
+            "AuthenticationFailed",
+        ),
+        (
+            format!("redis://127.0.0.1:{}/0", closed.addr().port()),
+            "Connection refused",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    for (url, says) in cases {
+        let yaml = config(
+            &format!("store: {{ backend: redis, url: \"{url}\", op_timeout: 300ms }}"),
+            "127.0.0.1:9".parse().unwrap(),
+            "",
+            "  - { name: orders, match: { path_prefix: /api }, upstream: up }",
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let path = path.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_idemgate"))
+                .args(["keys", "unknown", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{says}: {stderr}");
+        assert!(!stderr.contains("WRONG-pass"), "{stderr}");
+    }
+}

@@ -472,7 +472,30 @@ impl RedisStore {
     /// Whether Redis answers; the first answer also checks its version
     /// (`SET .. NX GET` needs Redis 7.0), so that an older server shows as
     /// not ready, with the reason, rather than failing every claim.
+    /// A ping that timed out is told apart: the connection (which retries
+    /// by itself until the deadline, so its own error never shows) is made
+    /// once more directly, and its error named: refused, authentication
+    /// failed, certificate not trusted. Never the URL or its password.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        match self.ping_once().await {
+            Err(StoreError::Timeout) => Err(self.why_unreachable().await),
+            result => result,
+        }
+    }
+
+    async fn why_unreachable(&self) -> StoreError {
+        let Some(client) = &self.client else {
+            return StoreError::Timeout;
+        };
+        let attempt = client.get_multiplexed_async_connection();
+        match tokio::time::timeout(self.op_timeout, attempt).await {
+            Ok(Err(e)) => StoreError::Backend(format!("cannot connect to Redis: {e}")),
+            // Connects (or as slowly): Redis itself is slow to answer.
+            _ => StoreError::Timeout,
+        }
+    }
+
+    async fn ping_once(&self) -> Result<(), StoreError> {
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
         if self.version_checked.get().is_some() {
