@@ -68,6 +68,7 @@ pub struct StoreFile {
 pub struct UpstreamFile {
     pub url: Text,
     pub connect_timeout: Option<Text>,
+    pub idle_timeout: Option<Text>,
     pub max_in_flight: Option<Spanned<u32>>,
     pub circuit_breaker: Option<Spanned<ScalarOr<BreakerFile>>>,
     pub tls: Option<UpstreamTlsFile>,

@@ -114,6 +114,11 @@ pub struct UpstreamConfig {
     /// The base path without a trailing slash ("" for none).
     pub base_path: String,
     pub connect_timeout: Duration,
+    /// How long an unused keep-alive connection is kept for reuse: set it
+    /// below the upstream's own keep-alive timeout, or a request may go out
+    /// on a connection the upstream is closing (a lost request whose
+    /// outcome the proxy cannot know).
+    pub idle_timeout: Duration,
     pub max_in_flight: u32,
     pub circuit_breaker: Option<Breaker>,
     pub tls: Option<UpstreamTls>,

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::check::{Check, MAX_WAIT, quote};
+
+/// How long an unused upstream connection is kept: below the 5 s keep-alive
+/// timeout of Node.js, Apache httpd and uvicorn, so that a request is not
+/// sent on a connection such an upstream is closing.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
 use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
 
@@ -55,6 +60,10 @@ pub(super) fn build_upstream(
     let connect_timeout = match &u.connect_timeout {
         Some(d) => c.duration(&format!("{path}.connect_timeout"), d, MAX_WAIT),
         None => Some(Duration::from_secs(1)),
+    };
+    let idle_timeout = match &u.idle_timeout {
+        Some(d) => c.duration(&format!("{path}.idle_timeout"), d, MAX_WAIT),
+        None => Some(DEFAULT_IDLE_TIMEOUT),
     };
     let max_in_flight = c.count(
         &format!("{path}.max_in_flight"),
@@ -109,6 +118,7 @@ pub(super) fn build_upstream(
         authority,
         base_path,
         connect_timeout: connect_timeout?,
+        idle_timeout: idle_timeout?,
         max_in_flight: max_in_flight?,
         circuit_breaker: circuit_breaker?,
         tls,

@@ -169,7 +169,7 @@ impl Upstream {
             authority: HeaderValue::from_str(config.authority.as_str())
                 .expect("an authority is a valid header value"),
             config: config.clone(),
-            pool: Pool::new(target, config.connect_timeout, tls),
+            pool: Pool::new(target, config.connect_timeout, config.idle_timeout, tls),
             bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             breaker: Breaker::new(config.circuit_breaker.clone()),
             tls_files,

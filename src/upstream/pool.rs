@@ -22,9 +22,8 @@ use tower_service::Service;
 use super::SendError;
 use crate::body::ProxyBody;
 
-/// How long an unused connection is kept open.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often idle connections are checked for expiry and for a close by the upstream.
+/// How often idle connections are checked for expiry and for a close by
+/// the upstream (at most; sooner for a shorter `idle_timeout`).
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -61,6 +60,8 @@ pub struct Pool {
     target: Uri,
     /// Bounds TCP connect and TLS handshake together (SPEC.md 4.4, 9).
     connect_timeout: Duration,
+    /// How long an unused connection is kept for reuse.
+    idle_timeout: Duration,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
     reaping: AtomicBool,
@@ -69,7 +70,12 @@ pub struct Pool {
 impl Pool {
     /// Connections to `target` (`scheme://authority/`): TCP, then TLS with
     /// `tls` for `https://` (HTTP/1.1 by ALPN), both within `connect_timeout`.
-    pub fn new(target: Uri, connect_timeout: Duration, tls: rustls::ClientConfig) -> Arc<Pool> {
+    pub fn new(
+        target: Uri,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        tls: rustls::ClientConfig,
+    ) -> Arc<Pool> {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(connect_timeout));
         tcp.set_nodelay(true);
@@ -83,6 +89,7 @@ impl Pool {
             connector,
             target,
             connect_timeout,
+            idle_timeout,
             idle: Mutex::new(Vec::new()),
             reaping: AtomicBool::new(false),
         })
@@ -160,7 +167,7 @@ impl Pool {
     fn checkout(&self) -> Option<Box<Conn>> {
         loop {
             let Idle { mut conn, since } = self.idle.lock().expect("pool lock").pop()?;
-            if since.elapsed() < IDLE_TIMEOUT && conn.ready() {
+            if since.elapsed() < self.idle_timeout && conn.ready() {
                 return Some(conn);
             }
         }
@@ -219,15 +226,16 @@ impl Pool {
             return;
         }
         let pool = Arc::downgrade(self);
+        let every = REAP_EVERY.min(self.idle_timeout);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REAP_EVERY);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
                 let mut cx = Context::from_waker(Waker::noop());
                 pool.idle.lock().expect("pool lock").retain_mut(|idle| {
-                    idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.drive(&mut cx)
+                    idle.since.elapsed() < pool.idle_timeout && idle.conn.drive(&mut cx)
                 });
             }
         });

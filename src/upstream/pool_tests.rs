@@ -74,8 +74,12 @@ async fn upstream(size: usize, close_when_idle: bool) -> TestUpstream {
 }
 
 fn pool(target: &Uri) -> Arc<Pool> {
+    pool_idle(target, Duration::from_secs(30))
+}
+
+fn pool_idle(target: &Uri, idle_timeout: Duration) -> Arc<Pool> {
     let tls = crate::tls::client_config(None).unwrap();
-    Pool::new(target.clone(), Duration::from_secs(1), tls)
+    Pool::new(target.clone(), Duration::from_secs(1), idle_timeout, tls)
 }
 
 fn get(target: &Uri) -> Request<ProxyBody> {
@@ -105,6 +109,30 @@ async fn a_connection_read_to_its_end_is_reused() {
     }
     assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
     assert_eq!(pool.idle_count(), 1);
+}
+
+/// `idle_timeout`: a connection unused for longer is not sent on (the
+/// upstream may be closing it: a request lost with an unknown outcome),
+/// and the reaper closes it.
+#[tokio::test]
+async fn a_connection_idle_past_idle_timeout_is_not_reused() {
+    let upstream = upstream(2, false).await;
+    let pool = pool_idle(&upstream.uri, Duration::from_millis(100));
+    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    assert_eq!(
+        upstream.accepted.load(Ordering::SeqCst),
+        1,
+        "reused at once"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await; // past the idle timeout under test
+    assert_eq!(pool.idle_count(), 0, "the reaper closed it");
+    assert_eq!(read_all(&pool, &upstream.uri).await, 2);
+    assert_eq!(
+        upstream.accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection"
+    );
 }
 
 #[tokio::test]
