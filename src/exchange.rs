@@ -197,7 +197,19 @@ impl Exchange {
                 self.finish_admission(false);
                 self.settle_unknown("no response before the lease ended")
                     .await;
-                (timeout_problem(), false)
+                // Not "retry for the real outcome": there will be none.
+                let detail = match self.policy.on_unknown {
+                    OnUnknown::Lock => {
+                        "the upstream did not answer before the key's lease ended: the outcome is unknown, and a retry gets 409 outcome_unknown until an operator resolves it"
+                    }
+                    OnUnknown::Release => {
+                        "the upstream did not answer before the key's lease ended: the outcome is unknown, and the key was released, so a retry makes a new attempt"
+                    }
+                };
+                let problem = Problem::new(Code::UpstreamTimeout, detail)
+                    .retry_after(Duration::from_secs(1))
+                    .into_response();
+                (problem, false)
             }
         };
         self.running.remove(id);

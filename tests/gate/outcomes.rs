@@ -77,6 +77,26 @@ async fn lease_end_locks_as_unknown(backend: Backend) {
     assert_eq!(s.upstream.hits(), 1);
 }
 
+/// A lease shorter than the route's timeouts ends the wait first: the 504
+/// says the outcome is unknown. Regression: it said only that the upstream
+/// did not answer in time, as for a client timeout, whose retry replays the
+/// real outcome; here the retry gets `outcome_unknown`.
+async fn a_lease_ending_before_the_answer_says_the_outcome_is_unknown(backend: Backend) {
+    let s = Setup::new(backend, "lease: 1s, on_unknown: lock", "response: 5s").await;
+    let first = s
+        .post("k-short", "{}", &[("x-test-delay-ms", "3000")])
+        .await;
+    assert_eq!(first.code(), "upstream_timeout");
+    let detail = first.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(detail.contains("outcome is unknown"), "{detail}");
+    let retry = s.post("k-short", "{}", &[]).await;
+    assert_eq!(retry.code(), "outcome_unknown", "{retry:?}");
+    assert_eq!(s.upstream.hits(), 1);
+}
+
 /// Regression: the in-flight record expired `ttl` after its claim, so with
 /// `ttl` as long as `lease` it was gone when the lease ended, and the retry
 /// reached the upstream while the first attempt was still running. Now the
@@ -179,6 +199,7 @@ async fn unreachable_upstream_releases_the_key(backend: Backend) {
 }
 
 both_stores!(
+    a_lease_ending_before_the_answer_says_the_outcome_is_unknown,
     late_completion_after_504_is_replayed,
     client_disconnect_still_recorded,
     lease_end_locks_as_unknown,
