@@ -49,6 +49,47 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The transfer codings of a message other than `chunked` (which hyper
+/// takes off): `gzip` in `Transfer-Encoding: gzip, chunked`. They stay on
+/// the body hyper hands over, and the header that named them is hop-by-hop.
+pub fn other_transfer_codings(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .into_owned()
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c != "chunked")
+        .collect()
+}
+
+/// An upstream response's transfer codings other than `chunked` become
+/// content codings (applied after any it had), so that the client still
+/// learns the body it gets is, say, gzipped: `Transfer-Encoding` is
+/// hop-by-hop and goes, and the body is passed on as it came.
+pub fn transfer_codings_to_content(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return;
+    }
+    let codings = other_transfer_codings(headers);
+    if codings.is_empty() {
+        return;
+    }
+    let mut all: Vec<String> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    all.extend(codings);
+    if let Ok(value) = HeaderValue::from_str(&all.join(", ")) {
+        headers.insert(header::CONTENT_ENCODING, value);
+    }
+}
+
 /// HTTP/2 clients may send their cookies as several `cookie` fields; an
 /// HTTP/1.1 upstream wants one, joined with "; " (RFC 9113 8.2.3). Joined
 /// before anything reads them, a key's scope or fingerprint is the same over

@@ -253,6 +253,19 @@ impl Proxy {
             ctx.outcome = "rejected";
             return problem.into_response();
         }
+        // RFC 9112 6.1: a transfer coding the proxy cannot undo (`gzip,
+        // chunked`) would reach the upstream unlabelled, the body's meaning
+        // changed.
+        if request.headers().contains_key(header::TRANSFER_ENCODING)
+            && !headers::other_transfer_codings(request.headers()).is_empty()
+        {
+            ctx.outcome = "rejected";
+            return Problem::new(
+                Code::BadRequest,
+                "only the chunked transfer coding is supported: send the body chunked or with a Content-Length (a compressed body as Content-Encoding)",
+            )
+            .into_response();
+        }
         let routing = self.routing();
         let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());

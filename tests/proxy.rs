@@ -592,6 +592,38 @@ async fn host_must_be_one_and_x_forwarded_host_is_the_proxys() {
     assert!(upstream.last_headers().get("x-forwarded-host").is_none());
 }
 
+/// RFC 9112 6.1. Regression: a transfer coding other than chunked was taken
+/// off with its header and the body passed on as it came, so the upstream
+/// (or the client) got gzip bytes as if they were the content.
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_not_lost() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    let request =
+        b"POST /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+    let answer = raw(proxy.addr, request).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("chunked transfer coding"),
+        "{answer}"
+    );
+    assert_eq!(upstream.hits(), 0);
+
+    let (coded, _) = canned_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start(&config("store: { backend: memory }", coded, OFF, ALL)).await;
+    let reply = TestClient::new()
+        .send("GET", &proxy.url("/a"), &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("content-encoding"),
+        Some("br, gzip"),
+        "{reply:?}"
+    );
+    assert_eq!(reply.body, "hi");
+}
+
 #[tokio::test]
 async fn stalled_clients_do_not_hold_up_others() {
     let (_upstream, proxy) = passthrough("", ALL).await;

@@ -248,6 +248,7 @@ impl Upstream {
         connected: &Connected,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let mut response = self.pool.send_noting(request, connected).await?;
+        crate::headers::transfer_codings_to_content(response.headers_mut());
         // The client hears the proxy's HTTP version (RFC 9110 2.5), not the
         // upstream's: an HTTP/1.0 answer would otherwise go out as one.
         *response.version_mut() = http::Version::HTTP_11;
