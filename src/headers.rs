@@ -53,18 +53,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// takes off): `gzip` in `Transfer-Encoding: gzip, chunked`. They stay on
 /// the body hyper hands over, and the header that named them is hop-by-hop.
 pub fn other_transfer_codings(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .into_owned()
-                .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter(|c| !c.is_empty() && c != "chunked")
-        .collect()
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        for coding in String::from_utf8_lossy(value.as_bytes()).split(',') {
+            let coding = coding.trim().to_ascii_lowercase();
+            if !coding.is_empty() && coding != "chunked" {
+                codings.push(coding);
+            }
+        }
+    }
+    codings
 }
 
 /// An upstream response's transfer codings other than `chunked` become
