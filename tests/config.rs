@@ -670,13 +670,13 @@ fn check_prints_warnings_on_stderr_and_the_routes_with_defaults_merged() {
     let a = route("a");
     assert!(a.contains("timeouts: response 1s, total 45s"), "{a}");
     assert!(
-        a.contains("ttl 2h, lease 50s, concurrent Wait, on_unknown Lock"),
+        a.contains("ttl 2h, lease 50s, concurrent wait, on_unknown lock"),
         "{a}"
     );
     assert!(a.contains("header idempotency-key"), "{a}");
     let b = route("b");
     assert!(b.contains("timeouts: response 2s, total 45s"), "{b}");
-    assert!(b.contains("ttl 2h, lease 1m, concurrent Wait"), "{b}");
+    assert!(b.contains("ttl 2h, lease 1m, concurrent wait"), "{b}");
 }
 
 #[test]

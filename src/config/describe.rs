@@ -75,11 +75,18 @@ impl Config {
                     );
                     line!(
                         out,
-                        "    ttl {}, lease {}, concurrent {:?}, on_unknown {:?}",
+                        "    ttl {}, lease {}, concurrent {}, on_unknown {}",
                         humantime::format_duration(p.ttl),
                         humantime::format_duration(p.lease),
-                        p.concurrent,
-                        p.on_unknown
+                        // As the file spells them.
+                        match p.concurrent {
+                            super::Concurrent::Reject => "reject",
+                            super::Concurrent::Wait => "wait",
+                        },
+                        match p.on_unknown {
+                            super::OnUnknown::Lock => "lock",
+                            super::OnUnknown::Release => "release",
+                        }
                     );
                     line!(
                         out,
