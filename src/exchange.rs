@@ -349,19 +349,18 @@ impl Exchange {
                     lease: self.policy.lease,
                     created_ms: self.created_ms,
                 };
-                let (store, key) = (self.store.clone(), self.key.clone());
-                settle_later(
-                    &self.tasks,
-                    store,
-                    &self.metrics,
-                    key,
-                    self.token.clone(),
-                    settle,
-                );
+                self.settle_in_background(settle);
                 false
             }
         };
         (recorded, stored.headers)
+    }
+
+    /// [`settle_later`] for this attempt.
+    fn settle_in_background(&self, settle: Settle) {
+        let (store, key) = (self.store.clone(), self.key.clone());
+        let token = self.token.clone();
+        settle_later(&self.tasks, store, &self.metrics, key, token, settle);
     }
 
     fn attempt(&self) -> Attempt<'_> {
@@ -399,15 +398,7 @@ impl Exchange {
             }
             Err(error) => {
                 tracing::warn!(key = %self.key.key, route = %self.key.route, error = %error, ?settle, "could not settle the attempt's record; trying again in the background");
-                let (store, key) = (self.store.clone(), self.key.clone());
-                settle_later(
-                    &self.tasks,
-                    store,
-                    &self.metrics,
-                    key,
-                    self.token.clone(),
-                    settle,
-                );
+                self.settle_in_background(settle);
                 false
             }
         }
