@@ -249,14 +249,19 @@ impl Proxy {
             )
             .into_response();
         }
-        if let Some(problem) = host_problem(&request) {
-            ctx.outcome = "rejected";
-            return problem.into_response();
-        }
+        let host = match routing_host(&request) {
+            Ok(host) => host,
+            Err(problem) => {
+                ctx.outcome = "rejected";
+                return problem.into_response();
+            }
+        };
         // RFC 9112 6.1: a transfer coding the proxy cannot undo (`gzip,
         // chunked`) would reach the upstream unlabelled, the body's meaning
-        // changed.
-        if request.headers().contains_key(header::TRANSFER_ENCODING)
+        // changed. Only a body of no exact size has a transfer coding.
+        if hyper::body::Body::size_hint(request.body())
+            .exact()
+            .is_none()
             && !headers::other_transfer_codings(request.headers()).is_empty()
         {
             ctx.outcome = "rejected";
@@ -267,7 +272,6 @@ impl Proxy {
             .into_response();
         }
         let routing = self.routing();
-        let host = request_host_value(request.headers(), request.uri());
         let host = host.as_ref().and_then(|v| v.to_str().ok());
         let Some(index) = routing
             .routes
@@ -403,23 +407,26 @@ pub fn timeout_problem() -> Response<ProxyBody> {
 /// userinfo: HTTP/2's `:authority`, or an absolute-form HTTP/1 target, whose
 /// Host header a server must ignore (RFC 9112 3.2.2). Else the Host header.
 /// Routing by a Host that disagrees would let a request past its route's gate.
-/// RFC 9112 3.2: an HTTP/1.1 request names its host in exactly one `Host`
-/// line (or in an absolute-form target), and no request has two: which one
-/// the proxy routes by, and the upstream believes, must not be a guess.
-fn host_problem<B>(request: &Request<B>) -> Option<Problem> {
+/// [`request_host_value`] for routing, read with the check of RFC 9112 3.2:
+/// an HTTP/1.1 request names its host in exactly one `Host` line (or in an
+/// absolute-form target), and no request has two: which one the proxy
+/// routes by, and the upstream believes, must not be a guess.
+fn routing_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Problem> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let (first, second) = (hosts.next(), hosts.next());
-    let why = if second.is_some() {
-        "two Host header lines: send one"
-    } else if first.is_none()
-        && request.uri().authority().is_none()
-        && request.version() == http::Version::HTTP_11
-    {
-        "an HTTP/1.1 request needs a Host header"
-    } else {
-        return None;
-    };
-    Some(Problem::new(Code::BadRequest, why))
+    if second.is_some() {
+        return Err(Problem::new(
+            Code::BadRequest,
+            "two Host header lines: send one",
+        ));
+    }
+    match request.uri().authority() {
+        Some(_) => Ok(request_host_value(request.headers(), request.uri())),
+        None if first.is_none() && request.version() == http::Version::HTTP_11 => Err(
+            Problem::new(Code::BadRequest, "an HTTP/1.1 request needs a Host header"),
+        ),
+        None => Ok(first.cloned()),
+    }
 }
 
 fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {

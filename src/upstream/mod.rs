@@ -248,7 +248,13 @@ impl Upstream {
         connected: &Connected,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let mut response = self.pool.send_noting(request, connected).await?;
-        crate::headers::transfer_codings_to_content(response.headers_mut());
+        // Only a body of no exact size has a transfer coding.
+        if hyper::body::Body::size_hint(response.body())
+            .exact()
+            .is_none()
+        {
+            crate::headers::transfer_codings_to_content(response.headers_mut());
+        }
         // The client hears the proxy's HTTP version (RFC 9110 2.5), not the
         // upstream's: an HTTP/1.0 answer would otherwise go out as one.
         *response.version_mut() = http::Version::HTTP_11;
