@@ -280,7 +280,9 @@ impl UpstreamBody {
         let Some(Checkout { mut conn, pool }) = self.conn.take() else {
             return;
         };
-        if conn.ready() {
+        // Usually the connection has asked for its next request already
+        // (one atomic load); else it is driven once to see.
+        if conn.sender.is_ready() || conn.ready() {
             if let Some(pool) = pool.upgrade() {
                 pool.put(conn);
             }
