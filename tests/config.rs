@@ -715,3 +715,21 @@ fn unknown_fields_inside_shorthand_mappings_are_errors_with_a_line() {
         assert_eq!(e.position.map(|p| p.0), Some(line), "{e}\n{yaml}");
     }
 }
+
+/// Settings that are valid but cannot mean what they say are warned about.
+/// Regression: a `response` timeout longer than `total` (never applies)
+/// and an empty `admin.token` (a `${VAR}` that expanded to nothing: the
+/// admin API turns read-only) passed without a word.
+#[test]
+fn settings_that_cannot_work_as_written_are_warned_about() {
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0, token: \"\" }}\n{BASE}routes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, timeouts: {{ response: 20s, total: 5s }} }}\n"
+    );
+    let config = Config::parse(&yaml).expect("valid");
+    let warnings = config.warnings.join("\n");
+    assert!(
+        warnings.contains("timeouts.response 20s is longer than timeouts.total 5s"),
+        "{warnings}"
+    );
+    assert!(warnings.contains("admin.token is empty"), "{warnings}");
+}

@@ -146,10 +146,27 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                     route.name, policy.lease, route.timeouts.total
                 ));
             }
+            if route.timeouts.response > route.timeouts.total {
+                warnings.push(format!(
+                    "routes[{i}] ({}): timeouts.response {:?} is longer than timeouts.total {:?}; \
+                     the total ends first, so the response timeout never applies",
+                    route.name, route.timeouts.response, route.timeouts.total
+                ));
+            }
             routes.push(route);
         }
     }
     let store = store?;
+    if file
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.token.is_some() && admin.as_ref().is_some_and(|a| a.token.is_none()))
+    {
+        warnings.push(
+            "admin.token is empty (a ${VAR} that expanded to nothing?): the admin API is read-only, mutating calls get 403"
+                .to_owned(),
+        );
+    }
     if store.backend == Backend::Memory && store.tls.is_some() {
         warnings.push(
             "store.tls is set but the backend is memory: it is ignored (it applies to rediss:// URLs)"
