@@ -29,13 +29,14 @@ pub enum Code {
     Unauthorized,
     Forbidden,
     NotFound,
+    MethodNotAllowed,
     BadRequest,
     Internal,
 }
 
 impl Code {
     /// All codes, for documentation and tests.
-    pub const ALL: [Code; 21] = [
+    pub const ALL: [Code; 22] = [
         Code::NoRoute,
         Code::IdempotencyKeyMissing,
         Code::IdempotencyKeyInvalid,
@@ -55,6 +56,7 @@ impl Code {
         Code::Unauthorized,
         Code::Forbidden,
         Code::NotFound,
+        Code::MethodNotAllowed,
         Code::BadRequest,
         Code::Internal,
     ];
@@ -141,6 +143,11 @@ impl Code {
             Code::Unauthorized => ("unauthorized", 401, "A valid bearer token is required"),
             Code::Forbidden => ("forbidden", 403, "This operation is disabled"),
             Code::NotFound => ("not_found", 404, "Not found"),
+            Code::MethodNotAllowed => (
+                "method_not_allowed",
+                405,
+                "This endpoint does not take this method",
+            ),
             Code::BadRequest => ("bad_request", 400, "The request is not valid"),
             Code::Internal => ("internal_error", 500, "Internal error"),
         }

@@ -985,3 +985,31 @@ async fn keys_says_why_redis_cannot_be_reached() {
         assert!(!stderr.contains("WRONG-pass"), "{stderr}");
     }
 }
+
+/// An endpoint asked with a method it does not take is `405` with `Allow`
+/// (regression: `404`, as if the endpoint did not exist).
+#[tokio::test]
+async fn a_wrong_method_is_405_with_allow() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    for (method, path, allow) in [
+        ("GET", "/reload", "POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/keys", "GET"),
+        ("POST", "/keys/orders/k", "GET, PUT, DELETE"),
+    ] {
+        let reply = call(&client, method, &proxy.admin_url(path), Some(TOKEN), "").await;
+        assert_eq!(
+            (
+                reply.status.as_u16(),
+                reply.code().as_str(),
+                reply.header("allow")
+            ),
+            (405, "method_not_allowed", Some(allow)),
+            "{method} {path}"
+        );
+    }
+    let missing = call(&client, "GET", &proxy.admin_url("/nothing"), None, "").await;
+    assert_eq!(missing.status, 404);
+}

@@ -39,6 +39,9 @@ impl Admin {
             (&Method::GET, "/metrics") => Ok(self.metrics()),
             (&Method::POST, "/reload") => self.reload(),
             (&Method::GET, "/keys") => self.list(&query).await,
+            (_, "/healthz" | "/readyz") => Ok(wrong_method("GET, HEAD")),
+            (_, "/metrics" | "/keys") => Ok(wrong_method("GET")),
+            (_, "/reload") => Ok(wrong_method("POST")),
             (method, p) if p.starts_with("/keys/") => match key_path(p) {
                 None => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
                 Some((route, key)) => match *method {
@@ -48,7 +51,7 @@ impl Admin {
                         self.put(&route, &key, param(&query, "scope"), incoming)
                             .await
                     }
-                    _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
+                    _ => Ok(wrong_method("GET, PUT, DELETE")),
                 },
             },
             _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
@@ -234,4 +237,14 @@ mod tests {
         assert!(!constant_time_eq(b"token", b"token2"));
         assert!(!constant_time_eq(b"", b"token"));
     }
+}
+
+/// `405` for an endpoint that exists, naming the methods it takes.
+fn wrong_method(allow: &'static str) -> Response<ProxyBody> {
+    let detail = format!("this endpoint takes {allow}");
+    let mut response = Problem::new(Code::MethodNotAllowed, detail).into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
 }
