@@ -207,6 +207,16 @@ pub(super) fn json_response(status: StatusCode, value: &serde_json::Value) -> Re
     response
 }
 
+/// `405` for an endpoint that exists, naming the methods it takes.
+fn wrong_method(allow: &'static str) -> Response<ProxyBody> {
+    let detail = format!("this endpoint takes {allow}");
+    let mut response = Problem::new(Code::MethodNotAllowed, detail).into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,14 +247,4 @@ mod tests {
         assert!(!constant_time_eq(b"token", b"token2"));
         assert!(!constant_time_eq(b"", b"token"));
     }
-}
-
-/// `405` for an endpoint that exists, naming the methods it takes.
-fn wrong_method(allow: &'static str) -> Response<ProxyBody> {
-    let detail = format!("this endpoint takes {allow}");
-    let mut response = Problem::new(Code::MethodNotAllowed, detail).into_response();
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    response
 }
