@@ -2,7 +2,7 @@
 //! once at startup (listeners, the store, the shutdown grace). The admin
 //! token is not one of them: it is read from the running configuration.
 
-use super::Config;
+use super::{Backend, Config};
 
 impl Config {
     /// The fields that differ between the running configuration (`self`)
@@ -24,7 +24,21 @@ impl Config {
                 "admin.listen",
                 matches!((&self.admin, &new.admin), (Some(a), Some(b)) if a.listen != b.listen),
             ),
-            ("store.backend", old_store.backend != new_store.backend),
+            (
+                "store.backend",
+                std::mem::discriminant(&old_store.backend)
+                    != std::mem::discriminant(&new_store.backend),
+            ),
+            (
+                "store.url",
+                matches!((&old_store.backend, &new_store.backend),
+                    (Backend::Redis { url: a }, Backend::Redis { url: b }) if a != b),
+            ),
+            (
+                "store.cluster",
+                matches!((&old_store.backend, &new_store.backend),
+                    (Backend::Cluster { urls: a }, Backend::Cluster { urls: b }) if a != b),
+            ),
             (
                 "store.key_prefix",
                 old_store.key_prefix != new_store.key_prefix,
@@ -60,6 +74,14 @@ mod tests {
     fn config(extra: &str) -> Config {
         let env = |name: &str| (name == "RESTART_TEST_TOKEN").then(|| "s3cret".to_owned());
         super::super::validate::validate(&format!("{extra}{BASE}"), &env).expect("valid")
+    }
+
+    /// Regression: a new `store.url` alone was reported as `store.backend`.
+    #[test]
+    fn a_new_store_url_is_named_as_such() {
+        let old = config("store: { backend: redis, url: \"redis://127.0.0.1:6379/0\" }\n");
+        let new = config("store: { backend: redis, url: \"redis://127.0.0.1:6380/0\" }\n");
+        assert_eq!(old.restart_needed(&new), vec!["store.url"]);
     }
 
     #[test]
