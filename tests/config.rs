@@ -733,3 +733,32 @@ fn settings_that_cannot_work_as_written_are_warned_about() {
     );
     assert!(warnings.contains("admin.token is empty"), "{warnings}");
 }
+
+/// Regression: a size past what 64 bits hold was read as 16 EiB, and
+/// durations of whole days printed as humantime's months ("11months 30days
+/// 3h 50m 24s" for 365d), in the maximum's message too.
+#[test]
+fn huge_sizes_are_errors_and_days_print_as_days() {
+    let route = "routes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+    let errs = errors(&format!(
+        "defaults: {{ idempotency: {{ max_request_body: 99999999999999999999KiB }} }}\n{BASE}{route}"
+    ));
+    assert!(errs[0].to_string().contains("is too large"), "{}", errs[0]);
+    let errs = errors(&format!(
+        "defaults: {{ idempotency: {{ ttl: 400d }} }}\n{BASE}{route}"
+    ));
+    assert!(
+        errs[0].to_string().contains("maximum of 365d"),
+        "{}",
+        errs[0]
+    );
+    let config = Config::parse(&format!(
+        "defaults: {{ idempotency: {{ ttl: 365d }} }}\n{BASE}{route}"
+    ))
+    .unwrap();
+    assert!(
+        config.describe().contains("ttl 365d,"),
+        "{}",
+        config.describe()
+    );
+}

@@ -159,7 +159,7 @@ impl<'a> Check<'a> {
                 None
             }
             Ok(d) if d > max => {
-                let max = humantime::format_duration(max);
+                let max = show_duration(max);
                 self.fail(
                     path,
                     Some(&value.referenced),
@@ -184,6 +184,16 @@ impl<'a> Check<'a> {
     pub fn size(&mut self, path: &str, value: &Spanned<String>) -> Option<u64> {
         let text = self.text(path, value)?;
         match text.trim().parse::<bytesize::ByteSize>() {
+            // The parser saturates: 99999999999999999999KiB read as 16 EiB.
+            Ok(size) if size.as_u64() == u64::MAX => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("{} is too large", quote(value)),
+                    "write a size such as 512KiB or 1MiB",
+                );
+                None
+            }
             Ok(size) => Some(size.as_u64()),
             Err(_) => {
                 self.fail(
@@ -280,6 +290,17 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Mi
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// A duration as an operator writes one: whole days as `365d` (humantime
+/// would say "11months 30days 3h 50m 24s", its months being 30.44 days),
+/// anything else as humantime formats it (`1h 30m`, `250ms`).
+pub fn show_duration(d: std::time::Duration) -> String {
+    const DAY: u64 = 86_400;
+    if d.subsec_nanos() == 0 && d.as_secs() >= DAY && d.as_secs().is_multiple_of(DAY) {
+        return format!("{}d", d.as_secs() / DAY);
+    }
+    humantime::format_duration(d).to_string()
 }
 
 #[cfg(test)]

@@ -55,8 +55,8 @@ impl Config {
             line!(
                 out,
                 "  timeouts: response {}, total {}",
-                humantime::format_duration(route.timeouts.response),
-                humantime::format_duration(route.timeouts.total)
+                super::check::show_duration(route.timeouts.response),
+                super::check::show_duration(route.timeouts.total)
             );
             match &route.idempotency {
                 None => line!(out, "  idempotency: off"),
@@ -76,8 +76,8 @@ impl Config {
                     line!(
                         out,
                         "    ttl {}, lease {}, concurrent {}, on_unknown {}",
-                        humantime::format_duration(p.ttl),
-                        humantime::format_duration(p.lease),
+                        super::check::show_duration(p.ttl),
+                        super::check::show_duration(p.lease),
                         // As the file spells them.
                         match p.concurrent {
                             super::Concurrent::Reject => "reject",
