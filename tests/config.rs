@@ -762,3 +762,28 @@ fn huge_sizes_are_errors_and_days_print_as_days() {
         config.describe()
     );
 }
+
+/// `idempotency: on` turns the gate on with the defaults (the built-in ones
+/// where the defaults are off). Regression: it was an error, quoted as
+/// `"true" is not allowed` (YAML reads `on` as true).
+#[test]
+fn idempotency_on_turns_the_gate_on_with_the_defaults() {
+    let yaml = format!(
+        "defaults: {{ idempotency: off }}\n{BASE}routes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, idempotency: on }}\n  - {{ name: b, match: {{ path: /b }}, upstream: erp }}\n"
+    );
+    let config = Config::parse(&yaml).expect("valid");
+    let policy = config.routes[0].idempotency.as_ref().expect("on");
+    assert_eq!(policy.ttl, std::time::Duration::from_secs(86_400));
+    assert!(
+        config.routes[1].idempotency.is_none(),
+        "b follows the defaults: off"
+    );
+    let wrong = errors(&format!(
+        "{BASE}routes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, idempotency: maybe }}\n"
+    ));
+    assert!(
+        wrong[0].to_string().contains("on to enable it"),
+        "{}",
+        wrong[0]
+    );
+}

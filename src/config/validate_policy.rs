@@ -43,6 +43,9 @@ pub(super) fn build_policy(
     build(c, &m).map(Some)
 }
 
+/// `on` (YAML reads it as `true`) with no settings of its own.
+static ON: IdempotencyFile = IdempotencyFile::EMPTY;
+
 fn map_or_off<'f>(
     c: &mut Check,
     path: &str,
@@ -51,12 +54,15 @@ fn map_or_off<'f>(
     match &block.value {
         ScalarOr::Map(map) => Some(Some(map)),
         ScalarOr::Scalar(word) if word == "off" || word == "false" => Some(None),
+        // The gate on, with the defaults (the built-in ones where the
+        // defaults are off): what an operator means by `idempotency: on`.
+        ScalarOr::Scalar(word) if word == "on" || word == "true" => Some(Some(&ON)),
         ScalarOr::Scalar(word) => {
             c.fail(
                 path,
                 Some(&block.referenced),
                 format!("{word:?} is not allowed"),
-                "write off to disable the gate, or a mapping of idempotency settings",
+                "write off to disable the gate, on to enable it with the defaults, or a mapping of idempotency settings",
             );
             None
         }
