@@ -54,8 +54,7 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
         }
         KeysCommand::Purge(args) => {
             let found = find(config, &store, args).await?;
-            let keys = found.found.iter().map(|(k, _)| k);
-            let keys: Vec<_> = keys.chain(found.damaged.iter().map(|(k, _)| k)).collect();
+            let keys: Vec<_> = found.keys().collect();
             for key in &keys {
                 store.purge(key).await?;
             }
@@ -180,7 +179,7 @@ async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<
     let found = store
         .find(&args.route, &args.key, args.scope.as_deref())
         .await?;
-    if found.found.is_empty() && found.damaged.is_empty() {
+    if found.is_empty() {
         bail!("no record for key {:?} on route {:?}", args.key, args.route);
     }
     Ok(found)

@@ -403,10 +403,6 @@ pub fn timeout_problem() -> Response<ProxyBody> {
     .into_response()
 }
 
-/// The host the client addressed: the request target's authority when it has one, without any
-/// userinfo: HTTP/2's `:authority`, or an absolute-form HTTP/1 target, whose
-/// Host header a server must ignore (RFC 9112 3.2.2). Else the Host header.
-/// Routing by a Host that disagrees would let a request past its route's gate.
 /// [`request_host_value`] for routing, read with the check of RFC 9112 3.2:
 /// an HTTP/1.1 request names its host in exactly one `Host` line (or in an
 /// absolute-form target), and no request has two: which one the proxy
@@ -429,6 +425,10 @@ fn routing_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Problem>
     }
 }
 
+/// The host the client addressed: the request target's authority when it has one, without any
+/// userinfo: HTTP/2's `:authority`, or an absolute-form HTTP/1 target, whose
+/// Host header a server must ignore (RFC 9112 3.2.2). Else the Host header.
+/// Routing by a Host that disagrees would let a request past its route's gate.
 fn request_host_value(headers: &http::HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
     let Some(authority) = uri.authority() else {
         return headers.get(header::HOST).cloned();

@@ -718,15 +718,8 @@ async fn a_dropped_redis_connection_loses_no_operation() {
     let client = TestClient::new();
     let url = proxy.url("/api/o");
     assert_eq!(client.post_key(&url, "k-warm", "{}").await.status, 201);
-    let kill = || async {
-        let mut conn = redis.connection().await;
-        let _: u64 = redis::cmd("CLIENT")
-            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    };
-    kill().await;
+    let mut conn = redis.connection().await;
+    RedisServer::kill_clients(&mut conn).await;
     let claimed = client.post_key(&url, "k-new", "{}").await;
     assert_eq!(claimed.status, 201, "a claim after the drop: {claimed:?}");
 
@@ -742,7 +735,7 @@ async fn a_dropped_redis_connection_loses_no_operation() {
         || async { upstream.hits() == 3 },
     )
     .await;
-    kill().await;
+    RedisServer::kill_clients(&mut conn).await;
     let first = first.await.unwrap();
     assert_eq!(first.status, 201);
     let retry = client.post_key(&url, "k-slow", "{}").await;
@@ -849,11 +842,7 @@ async fn answer_with_writes_held(
         .await
         .unwrap();
     let first = first.await.unwrap();
-    let _: u64 = redis::cmd("CLIENT")
-        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    RedisServer::kill_clients(&mut conn).await;
     let _: () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
         .query_async(&mut conn)

@@ -84,8 +84,7 @@ impl Admin {
         scope: Option<String>,
     ) -> Result<Response<ProxyBody>, Problem> {
         let found = self.find(route, key, scope.as_deref()).await?;
-        let keys = found.found.iter().map(|(k, _)| k);
-        let keys: Vec<_> = keys.chain(found.damaged.iter().map(|(k, _)| k)).collect();
+        let keys: Vec<_> = found.keys().collect();
         for k in &keys {
             self.proxy.store.purge(k).await.map_err(store_problem)?;
             tracing::info!(route = %k.route, scope = %k.scope, key = %k.key, "record purged by an operator");
@@ -172,7 +171,7 @@ impl Admin {
             .find(route, key, scope)
             .await
             .map_err(store_problem)?;
-        if found.found.is_empty() && found.damaged.is_empty() {
+        if found.is_empty() {
             return Err(Problem::new(
                 Code::NotFound,
                 "no record for this route and key",

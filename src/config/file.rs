@@ -143,26 +143,6 @@ pub struct IdempotencyFile {
     pub max_response_body: Option<Text>,
 }
 
-impl IdempotencyFile {
-    /// No setting of its own (`idempotency: on`).
-    pub const EMPTY: IdempotencyFile = IdempotencyFile {
-        methods: None,
-        header: None,
-        require_key: None,
-        key_max_length: None,
-        ttl: None,
-        lease: None,
-        concurrent: None,
-        fingerprint: None,
-        scope: None,
-        store_statuses: None,
-        release_statuses: None,
-        on_unknown: None,
-        max_request_body: None,
-        max_response_body: None,
-    };
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FingerprintFile {

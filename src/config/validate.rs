@@ -157,11 +157,9 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         }
     }
     let store = store?;
-    if file
-        .admin
-        .as_ref()
-        .is_some_and(|a| a.token.is_some() && admin.as_ref().is_some_and(|a| a.token.is_none()))
-    {
+    let token_written = file.admin.as_ref().is_some_and(|a| a.token.is_some());
+    let token_read = admin.as_ref().is_some_and(|a| a.token.is_some());
+    if token_written && !token_read && admin.is_some() {
         warnings.push(
             "admin.token is empty (a ${VAR} that expanded to nothing?): the admin API is read-only, mutating calls get 403"
                 .to_owned(),

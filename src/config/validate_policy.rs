@@ -44,7 +44,7 @@ pub(super) fn build_policy(
 }
 
 /// `on` (YAML reads it as `true`) with no settings of its own.
-static ON: IdempotencyFile = IdempotencyFile::EMPTY;
+static ON: std::sync::LazyLock<IdempotencyFile> = std::sync::LazyLock::new(Default::default);
 
 fn map_or_off<'f>(
     c: &mut Check,

@@ -53,6 +53,18 @@ pub struct Listing {
     pub damaged: Vec<(StorageKey, String)>,
 }
 
+impl Listing {
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty() && self.damaged.is_empty()
+    }
+
+    /// The keys listed, records first, then damaged ones.
+    pub fn keys(&self) -> impl Iterator<Item = &StorageKey> {
+        let found = self.found.iter().map(|(k, _)| k);
+        found.chain(self.damaged.iter().map(|(k, _)| k))
+    }
+}
+
 /// An attempt that holds its key, as its claim wrote it: what a
 /// completion needs to write the record whole where it finds none (Redis
 /// lost it: a restart, a flush, a failover), rather than lose the outcome.

@@ -185,6 +185,16 @@ impl RedisServer {
         assert!(status.success());
     }
 
+    /// Kills every normal client connection but `conn` (`CLIENT KILL`): the
+    /// proxy's connections drop, as on a Redis restart or a firewall's cut.
+    pub async fn kill_clients(conn: &mut redis::aio::MultiplexedConnection) {
+        let _: u64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
     /// A connection for direct inspection in tests.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url.as_str())

@@ -124,16 +124,17 @@ impl MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
-        let record = Record {
+        let expires = now + millis(ttl);
+        // Only where the record is gone: the common case keeps its own.
+        let whole = |response| Record {
             state: State::Completed,
             fingerprint: attempt.fingerprint.to_owned(),
             token: attempt.token.to_owned(),
             lease_end_ms: attempt.created_ms + millis(attempt.lease),
             created_ms: attempt.created_ms,
-            expires_ms: now + millis(ttl),
+            expires_ms: expires,
             response: Some(response),
         };
-        let expires = record.expires_ms;
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
         let done = match shard.table.entry(hash, is(hash, key), |slot| slot.hash) {
@@ -141,7 +142,7 @@ impl MemoryStore {
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot {
                     hash,
-                    entry: Box::new((key.clone(), record)),
+                    entry: Box::new((key.clone(), whole(response))),
                 });
                 self.inner.len.fetch_add(1, Ordering::Relaxed);
                 true
@@ -150,11 +151,11 @@ impl MemoryStore {
                 let r = found.get_mut().record_mut();
                 if r.expires_ms <= now {
                     // Gone, as on Redis (not swept yet).
-                    *r = record;
+                    *r = whole(response);
                     true
                 } else if owns(r, attempt.token, now) {
                     r.state = State::Completed;
-                    r.response = record.response;
+                    r.response = Some(response);
                     r.expires_ms = expires;
                     true
                 } else {
