@@ -14,6 +14,7 @@
 //! - [`headers`]: hop-by-hop removal, forwarding headers, request and trace ids.
 //! - [`problem`]: every response idemgate itself makes (problem+json codes).
 //! - [`body`]: the body type and bounded readers.
+//! - [`linger`]: an HTTP/1 request body its answer left unread, discarded in the background.
 //! - [`config`]: the YAML file → validated `Config`.
 //! - [`cli`]: the command line.
 
@@ -29,6 +30,7 @@ pub mod head_timer;
 pub mod headers;
 pub mod idempotency;
 pub mod keys;
+pub mod linger;
 pub mod metrics;
 pub mod opening;
 pub mod path;

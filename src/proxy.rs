@@ -12,6 +12,7 @@ use tracing::Instrument;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, OnUnavailable, Route};
 use crate::headers::{self, Peer, RequestIds, X_REQUEST_ID};
+use crate::linger::Lingering;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::path;
 use crate::problem::{Code, Problem};
@@ -209,8 +210,16 @@ impl Proxy {
         };
         // Every log line of this request (the exchange task's too) carries its trace id.
         let span = tracing::info_span!("request", trace_id = access.ctx.ids.trace_id());
+        // HTTP/1: a body the answer leaves unread is read to its end, so that
+        // the client can finish sending it and read the answer.
+        let lingers = request.version() != http::Version::HTTP_2
+            && !hyper::body::Body::is_end_stream(request.body());
+        let request = match lingers {
+            true => request.map(|body| body::boxed(Lingering::new(body))),
+            false => request.map(body::boxed),
+        };
         let mut response = self
-            .dispatch(request.map(body::boxed), &mut access.ctx)
+            .dispatch(request, &mut access.ctx)
             .instrument(span)
             .await;
         response

@@ -142,6 +142,37 @@ async fn unmatched_path_is_404_no_route() {
     assert_eq!(upstream.hits(), 0);
 }
 
+/// Regression: the body of a request answered without it (here `404`)
+/// was left unread and the connection closed under the client still
+/// sending it (a broken pipe on its next write).
+#[tokio::test]
+async fn an_unrouted_request_s_body_is_read_and_the_connection_kept() {
+    let routes = "  - { name: api, match: { path_prefix: /api }, upstream: up }";
+    let (upstream, proxy) = passthrough("", routes).await;
+    let size = 16 << 20;
+    let head = format!("PUT /apix HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+    let next = "GET /api/next HTTP/1.1\r\nhost: x\r\n\r\n";
+    let answers = common::upload_then(proxy.addr, &head, size, next, "HTTP/1.1 201").await;
+    assert!(answers.starts_with("HTTP/1.1 404"), "{answers}");
+    assert!(answers.contains("no_route"), "{answers}");
+    assert_eq!(upstream.last_uri(), "/api/next");
+}
+
+/// The unread body is waited for only while it keeps coming: a client that
+/// stops sending it has its connection closed after 5 s of silence
+/// (`linger::LINGER_IDLE`), not held open with the body half sent.
+#[tokio::test]
+async fn an_unread_body_that_stops_coming_closes_the_connection() {
+    let routes = "  - { name: api, match: { path_prefix: /api }, upstream: up }";
+    let (_upstream, proxy) = passthrough("", routes).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "PUT /apix HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\nxxxx";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (answer, open_for) = until_closed(stream).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(open_for < Duration::from_secs(15), "{open_for:?}");
+}
+
 #[tokio::test]
 async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
     // Matched as sent, these missed the /api/orders route (and with it a

@@ -330,6 +330,35 @@ impl TestClient {
     }
 }
 
+/// On one connection: `head`, then `size` bytes of body (the proxy must
+/// take them all within 30 s, whatever it answers), then `next`; returns
+/// what comes back until `until` appears in it (within 15 s of each read).
+pub async fn upload_then(
+    addr: std::net::SocketAddr,
+    head: &str,
+    size: usize,
+    next: &str,
+    until: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), stream.write_all(&vec![b'x'; size]))
+        .await
+        .expect("the body is taken within 30 s")
+        .expect("the connection stays open while the body is sent");
+    stream.write_all(next.as_bytes()).await.unwrap();
+    let mut answers = Vec::new();
+    while !String::from_utf8_lossy(&answers).contains(until) {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut chunk)).await;
+        let n = read.expect("the answers within 15 s").unwrap();
+        assert!(n > 0, "closed after: {}", String::from_utf8_lossy(&answers));
+        answers.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&answers).into_owned()
+}
+
 /// Sends with `send` until `done` holds for the reply (every 20 ms, at most
 /// `limit`); returns the last reply for the caller's assertions.
 pub async fn resend_until<F, Fut>(

@@ -199,6 +199,25 @@ async fn declared_content_length_over_the_limit_is_413_before_reading() {
     assert_eq!(s.upstream.hits(), 0);
 }
 
+/// Regression: a client sending a body over the limit without waiting for
+/// `100 Continue` had its connection closed under it after the `413` (its
+/// next write failed with a broken pipe or a reset, so most clients never
+/// read the answer). The body is now read to its end and thrown away, and
+/// the connection serves the client's next request.
+#[tokio::test]
+async fn a_body_over_the_limit_can_be_sent_whole_and_the_413_read() {
+    let s = Setup::new(Backend::memory(), "max_request_body: 1KiB", "").await;
+    let size = 16 << 20;
+    let head = format!(
+        "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-linger\r\ncontent-length: {size}\r\n\r\n"
+    );
+    let next = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-linger\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let answers = crate::common::upload_then(s.proxy.addr, &head, size, next, "HTTP/1.1 201").await;
+    assert!(answers.starts_with("HTTP/1.1 413"), "{answers}");
+    assert!(answers.contains("request_too_large"), "{answers}");
+    assert_eq!(s.upstream.hits(), 1, "only the second request is forwarded");
+}
+
 #[tokio::test]
 async fn a_stalled_protected_body_is_408_and_nothing_is_claimed() {
     let s = Setup::new(Backend::memory(), "", "").await;

@@ -1,0 +1,94 @@
+//! A client's HTTP/1 request body that its answer left unread (a `413`, a
+//! `404`, a `400` for a missing key, an upstream that failed or answered
+//! early) is read and thrown away in the background for a while, as
+//! nginx's lingering close does.
+//!
+//! Without it hyper closes the connection with the rest of the body still
+//! coming: the client's next write fails (a broken pipe, or a reset), and
+//! most clients then report that error and never read the answer that is
+//! already waiting for them. Read to its end, the body leaves the
+//! connection usable for the client's next request. HTTP/2 needs none of
+//! this: a stream's unread body is cancelled on its own.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Duration, Instant};
+
+/// How long an unread body is read and discarded at most (nginx's
+/// `lingering_time`)...
+const LINGER_TIME: Duration = Duration::from_secs(30);
+/// ...and how long it may send nothing before the connection is closed
+/// (nginx's `lingering_timeout`).
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+
+/// An HTTP/1 request body, discarded in the background when dropped before its end.
+pub struct Lingering {
+    /// Until the body has ended (or failed).
+    body: Option<Incoming>,
+}
+
+impl Lingering {
+    pub fn new(body: Incoming) -> Lingering {
+        Lingering { body: Some(body) }
+    }
+}
+
+impl Body for Lingering {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            self.body = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if body.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(discard(body));
+        }
+    }
+}
+
+/// Reads `body` to its end, within [`LINGER_TIME`] and with no pause
+/// longer than [`LINGER_IDLE`]; dropping it then closes the connection.
+async fn discard(mut body: Incoming) {
+    let until = Instant::now() + LINGER_TIME;
+    loop {
+        let deadline = until.min(Instant::now() + LINGER_IDLE);
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            _ => return,
+        }
+    }
+}
