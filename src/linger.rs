@@ -7,8 +7,9 @@
 //! coming: the client's next write fails (a broken pipe, or a reset), and
 //! most clients then report that error and never read the answer that is
 //! already waiting for them. Read to its end, the body leaves the
-//! connection usable for the client's next request. HTTP/2 needs none of
-//! this: a stream's unread body is cancelled on its own.
+//! connection usable for the client's next request. Lingering ends when
+//! shutdown begins: an answered request is not in flight. HTTP/2 needs none
+//! of this: a stream's unread body is cancelled on its own.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// How long an unread body is read and discarded at most (nginx's
 /// `lingering_time`)...
@@ -29,11 +31,16 @@ const LINGER_IDLE: Duration = Duration::from_secs(5);
 pub struct Lingering {
     /// Until the body has ended (or failed).
     body: Option<Incoming>,
+    /// The proxy's shutdown, which ends the lingering.
+    draining: CancellationToken,
 }
 
 impl Lingering {
-    pub fn new(body: Incoming) -> Lingering {
-        Lingering { body: Some(body) }
+    pub fn new(body: Incoming, draining: &CancellationToken) -> Lingering {
+        Lingering {
+            body: Some(body),
+            draining: draining.clone(),
+        }
     }
 }
 
@@ -75,13 +82,14 @@ impl Drop for Lingering {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(discard(body));
+            let draining = self.draining.clone();
+            runtime.spawn(async move { draining.run_until_cancelled(discard(body)).await });
         }
     }
 }
 
 /// Reads `body` to its end, within [`LINGER_TIME`] and with no pause
-/// longer than [`LINGER_IDLE`]; dropping it then closes the connection.
+/// longer than [`LINGER_IDLE`]; dropping it before then closes the connection.
 async fn discard(mut body: Incoming) {
     let until = Instant::now() + LINGER_TIME;
     loop {

@@ -6,6 +6,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -34,8 +35,9 @@ pub struct Proxy {
     /// are re-read on reload.
     pub tls: Option<ArcSwap<tokio_rustls::TlsAcceptor>>,
     pub on_unavailable: OnUnavailable,
-    /// Set when shutdown begins: `/readyz` then says so, new connections are refused.
-    pub draining: std::sync::atomic::AtomicBool,
+    /// Cancelled when shutdown begins: `/readyz` then says so, new
+    /// connections are refused, request bodies left unread stop lingering.
+    pub draining: CancellationToken,
     pub metrics: Arc<Metrics>,
 }
 
@@ -215,7 +217,7 @@ impl Proxy {
         let lingers = request.version() != http::Version::HTTP_2
             && !hyper::body::Body::is_end_stream(request.body());
         let request = match lingers {
-            true => request.map(|body| body::boxed(Lingering::new(body))),
+            true => request.map(|body| body::boxed(Lingering::new(body, &self.draining))),
             false => request.map(body::boxed),
         };
         let mut response = self

@@ -145,9 +145,7 @@ pub async fn serve(
         }
     }
     drop(listeners.proxy);
-    proxy
-        .draining
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    proxy.draining.cancel();
     drain(&proxy, &connections, config.shutdown_grace).await;
     readiness.abort();
     if let Some(task) = admin_task {

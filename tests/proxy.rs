@@ -173,6 +173,32 @@ async fn an_unread_body_that_stops_coming_closes_the_connection() {
     assert!(open_for < Duration::from_secs(15), "{open_for:?}");
 }
 
+/// An answered request is not in flight: shutdown does not wait for its
+/// unread body, still trickling in, to end (up to 30 s), but stops at once.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_an_unread_body() {
+    let routes = "  - { name: api, match: { path_prefix: /api }, upstream: up }";
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, routes)
+        .replace("shutdown_grace: 5s", "shutdown_grace: 25s");
+    let proxy = TestProxy::start(&yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "PUT /apix HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\nxxxx";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 404");
+    let trickle = tokio::spawn(async move {
+        while stream.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), proxy.stop())
+        .await
+        .expect("shutdown ends well before the 25 s grace");
+    trickle.abort();
+}
+
 #[tokio::test]
 async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
     // Matched as sent, these missed the /api/orders route (and with it a

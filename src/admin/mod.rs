@@ -87,11 +87,7 @@ impl Admin {
     }
 
     async fn readyz(&self) -> Result<Response<ProxyBody>, Problem> {
-        if self
-            .proxy
-            .draining
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.proxy.draining.is_cancelled() {
             return Err(Problem::new(
                 Code::ShuttingDown,
                 "draining in-flight requests; send new ones elsewhere",
