@@ -197,19 +197,7 @@ impl Exchange {
                 self.finish_admission(false);
                 self.settle_unknown("no response before the lease ended")
                     .await;
-                // Not "retry for the real outcome": there will be none.
-                let detail = match self.policy.on_unknown {
-                    OnUnknown::Lock => {
-                        "the upstream did not answer before the key's lease ended: the outcome is unknown, and a retry gets 409 outcome_unknown until an operator resolves it"
-                    }
-                    OnUnknown::Release => {
-                        "the upstream did not answer before the key's lease ended: the outcome is unknown, and the key was released, so a retry makes a new attempt"
-                    }
-                };
-                let problem = Problem::new(Code::UpstreamTimeout, detail)
-                    .retry_after(Duration::from_secs(1))
-                    .into_response();
-                (problem, false)
+                (lease_end_problem(self.policy.on_unknown), false)
             }
         };
         self.running.remove(id);
@@ -243,10 +231,11 @@ impl Exchange {
     }
 
     /// As [`Self::finish_admission`] for a body streamed to the client:
-    /// judged by its head, and a failure if it breaks off later.
+    /// judged by its head, and a failure if it breaks off later; its
+    /// bulkhead slot is held until it ends.
     fn finish_streamed(&mut self, body: &mut UpstreamBody, success: bool) {
         if let Some(admission) = self.admission.take() {
-            body.tell_breaker(admission.finish_streamed(success));
+            body.streamed(admission.finish_streamed(success));
         }
     }
 
@@ -297,12 +286,17 @@ impl Exchange {
                     recorded,
                 )
             }
-            Ok(Collected::Broken) | Err(_) => {
+            Ok(Collected::Broken) => {
                 self.settle_unknown("the upstream response body broke off")
                     .await;
                 let problem =
                     send_error_problem(SendError::Broken("response body incomplete".into()));
                 (problem, false)
+            }
+            Err(_) => {
+                self.settle_unknown("the response body was not whole before the lease ended")
+                    .await;
+                (lease_end_problem(self.policy.on_unknown), false)
             }
         }
     }
@@ -512,6 +506,23 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+/// The client's `504` when the key's lease ends before a whole response
+/// (its head, or a stored status's body) came: not "retry for the real
+/// outcome", as other timeouts say, for there will be none.
+fn lease_end_problem(on_unknown: OnUnknown) -> Response<ProxyBody> {
+    let detail = match on_unknown {
+        OnUnknown::Lock => {
+            "the upstream did not answer before the key's lease ended: the outcome is unknown, and a retry gets 409 outcome_unknown until an operator resolves it"
+        }
+        OnUnknown::Release => {
+            "the upstream did not answer before the key's lease ended: the outcome is unknown, and the key was released, so a retry makes a new attempt"
+        }
+    };
+    Problem::new(Code::UpstreamTimeout, detail)
+        .retry_after(Duration::from_secs(1))
+        .into_response()
 }
 
 #[cfg(test)]

@@ -340,8 +340,7 @@ impl Proxy {
         match result {
             Some(Ok(response)) => {
                 let (mut parts, mut incoming) = response.into_parts();
-                incoming
-                    .tell_breaker(admission.finish_streamed(!failed_status(parts.status.as_u16())));
+                incoming.streamed(admission.finish_streamed(!failed_status(parts.status.as_u16())));
                 headers::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body::boxed(incoming))
             }

@@ -184,6 +184,94 @@ async fn unreachable_upstream_opens_the_breaker(backend: Backend) {
     );
 }
 
+/// Regression: a request's bulkhead slot was freed at its answer's head,
+/// so with `max_in_flight: 1` a second request reached the upstream while
+/// the first one's body was still streaming from it. The slot is held to
+/// the body's end, or until its client goes away.
+#[tokio::test]
+async fn a_streamed_answer_holds_its_bulkhead_slot_until_its_body_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::start().await;
+    let extra = ", max_in_flight: 1";
+    let proxy = TestProxy::start(&yaml(&Backend::memory().store_yaml(), &upstream, extra)).await;
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "GET /plain HTTP/1.1\r\nhost: x\r\nx-test-slow-body-ms: 10000\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut chunk))
+            .await
+            .expect("the head at once")
+            .unwrap();
+        assert!(n > 0, "closed");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 201"));
+    let client = TestClient::new();
+    let second = client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        (second.status.as_u16(), second.code().as_str()),
+        (503, "upstream_overloaded"),
+        "the first answer's body is still coming"
+    );
+    assert_eq!(upstream.hits(), 1);
+    drop(slow); // its client goes away: the slot is freed
+    eventually(Duration::from_secs(5), "the slot is freed", || async {
+        let r = client
+            .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+            .await;
+        r.status == 201
+    })
+    .await;
+}
+
+/// Regression: a half-open probe was judged when its body ended, so a
+/// probe whose body came slowly (or whose client read it slowly) kept the
+/// circuit half-open, and every other request turned away, for as long as
+/// that took. Its healthy head is its answer.
+#[tokio::test]
+async fn a_probe_is_judged_on_its_head_not_held_half_open_by_its_body() {
+    let upstream = TestUpstream::start().await;
+    let extra = ", circuit_breaker: { consecutive_failures: 3, open_for: 1s }";
+    let proxy = TestProxy::start(&yaml(&Backend::memory().store_yaml(), &upstream, extra)).await;
+    let client = TestClient::new();
+    for _ in 0..3 {
+        let failing = [("x-test-status", "503")];
+        let r = client
+            .send("GET", &proxy.url("/plain"), &failing, Bytes::new())
+            .await;
+        assert_eq!(r.status, 503);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await; // open_for under test
+    let hits = upstream.hits();
+    let probe = {
+        let (client, url) = (client.clone(), proxy.url("/plain"));
+        let slow = [("x-test-slow-body-ms", "10000")];
+        tokio::spawn(async move { client.send("GET", &url, &slow, Bytes::new()).await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the probe reached the upstream",
+        || async { upstream.hits() == hits + 1 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(3),
+        "the circuit closes on the probe's healthy head, its body 10 s away",
+        || async {
+            let r = client
+                .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+                .await;
+            r.status == 201
+        },
+    )
+    .await;
+    probe.abort();
+}
+
 both_stores!(
     bulkhead_turns_away_at_once_and_frees_keys,
     breaker_opens_serves_replays_probes_once_and_closes,

@@ -49,7 +49,9 @@ pub struct Upstream {
 pub struct Admission {
     upstream: Arc<Upstream>,
     admit: Admit,
-    _permit: OwnedSemaphorePermit,
+    /// The bulkhead slot: freed with the admission, or carried by a
+    /// streamed body to its end ([`Streamed`]).
+    permit: Option<OwnedSemaphorePermit>,
     finished: bool,
 }
 
@@ -68,21 +70,33 @@ impl Admission {
     }
 
     /// Finishes on a response's head whose body is then streamed to the
-    /// client: the bulkhead permit is freed now. A failed head is reported
-    /// now; a healthy one hands back the [`BodyVerdict`] to put on the body,
-    /// which reports when the body ends whole, or breaks off (none with
-    /// the breaker off: nothing to tell, no upstream handle to keep).
-    pub fn finish_streamed(mut self, success: bool) -> Option<BodyVerdict> {
-        if self.finished || !success || !self.upstream.breaker.counts() {
+    /// client. What the body carries to its end ([`Streamed`]): the bulkhead
+    /// slot, for the upstream is still answering (SPEC 5: "concurrent
+    /// requests to this upstream"), and for a healthy head the
+    /// [`BodyVerdict`], which reports when the body ends whole, or breaks
+    /// off (none with the breaker off: nothing to tell). A failed head is
+    /// reported now. A half-open probe's healthy head is its answer (SPEC 9:
+    /// the rest are turned away "until it answers"): its body may last as
+    /// long as its client takes to read it, and must not keep the circuit
+    /// half-open.
+    pub fn finish_streamed(mut self, success: bool) -> Streamed {
+        let permit = self.permit.take();
+        let probe = matches!(self.admit, Admit::Probe { .. });
+        let verdict = if self.finished || !success || probe || !self.upstream.breaker.counts() {
             self.report(success);
-            return None;
+            None
+        } else {
+            self.finished = true;
+            Some(BodyVerdict {
+                upstream: self.upstream.clone(),
+                admit: self.admit,
+                told: false,
+            })
+        };
+        Streamed {
+            verdict,
+            _permit: permit,
         }
-        self.finished = true;
-        Some(BodyVerdict {
-            upstream: self.upstream.clone(),
-            admit: self.admit,
-            told: false,
-        })
     }
 
     /// The breaker hears of each admission once.
@@ -92,6 +106,22 @@ impl Admission {
                 .breaker
                 .record(self.admit, success, Instant::now);
             self.finished = true;
+        }
+    }
+}
+
+/// A streamed response's bulkhead slot and breaker verdict, carried by its
+/// [`UpstreamBody`] and given up when the body ends, or is dropped.
+pub struct Streamed {
+    verdict: Option<BodyVerdict>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Streamed {
+    /// The body ended, `whole` or broken off: the verdict is told, the slot freed.
+    pub fn end(self, whole: bool) {
+        if let Some(verdict) = self.verdict {
+            verdict.tell(whole);
         }
     }
 }
@@ -211,7 +241,7 @@ impl Upstream {
             admit => Ok(Admission {
                 upstream: self.clone(),
                 admit,
-                _permit: permit,
+                permit: Some(permit),
                 finished: false,
             }),
         }

@@ -151,7 +151,7 @@ impl Pool {
                     return Ok(response.map(|body| UpstreamBody {
                         body,
                         conn: checkout,
-                        verdict: None,
+                        streamed: None,
                     }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -260,14 +260,16 @@ struct Checkout {
 pub struct UpstreamBody {
     body: Incoming,
     conn: Option<Checkout>,
-    /// The breaker's verdict, told at the body's end (streamed bodies only).
-    verdict: Option<super::BodyVerdict>,
+    /// The bulkhead slot and the breaker's verdict, given up at the body's
+    /// end (streamed bodies only).
+    streamed: Option<super::Streamed>,
 }
 
 impl UpstreamBody {
-    /// Has this body tell the breaker how it ended (see [`super::BodyVerdict`]).
-    pub fn tell_breaker(&mut self, verdict: Option<super::BodyVerdict>) {
-        self.verdict = verdict;
+    /// Has this body hold its request's bulkhead slot and tell the breaker
+    /// how it ended (see [`super::Streamed`]).
+    pub fn streamed(&mut self, streamed: super::Streamed) {
+        self.streamed = Some(streamed);
     }
 
     /// Gives the connection back at the response's end. An upstream may
@@ -330,9 +332,9 @@ impl Body for UpstreamBody {
             _ => None,
         };
         if let Some(whole) = whole
-            && let Some(verdict) = this.verdict.take()
+            && let Some(streamed) = this.streamed.take()
         {
-            verdict.tell(whole);
+            streamed.end(whole);
         }
         Poll::Ready(frame)
     }

@@ -87,14 +87,40 @@ async fn a_lease_ending_before_the_answer_says_the_outcome_is_unknown(backend: B
         .post("k-short", "{}", &[("x-test-delay-ms", "3000")])
         .await;
     assert_eq!(first.code(), "upstream_timeout");
-    let detail = first.json()["detail"]
+    assert_unknown_outcome_said(&first);
+    let retry = s.post("k-short", "{}", &[]).await;
+    assert_eq!(retry.code(), "outcome_unknown", "{retry:?}");
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+/// Regression: a lease that ended while a stored status's body was still
+/// arriving (head at once, body 3 s later, the connection sound) was
+/// answered `502 upstream_failed`, "the upstream connection broke"; it is
+/// a timeout: `504`, `Retry-After`, the outcome unknown.
+async fn a_lease_ending_while_the_body_arrives_is_a_timeout_not_a_break(backend: Backend) {
+    let s = Setup::new(backend, "lease: 1s, on_unknown: lock", "response: 5s").await;
+    let first = s
+        .post("k-slow-body", "{}", &[("x-test-slow-body-ms", "3000")])
+        .await;
+    assert_eq!(
+        (first.status.as_u16(), first.code().as_str()),
+        (504, "upstream_timeout"),
+        "{first:?}"
+    );
+    assert!(first.header("retry-after").is_some());
+    assert_unknown_outcome_said(&first);
+    let retry = s.post("k-slow-body", "{}", &[]).await;
+    assert_eq!(retry.code(), "outcome_unknown", "{retry:?}");
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+/// The 504's detail says the outcome is unknown (not "retry for the real outcome").
+fn assert_unknown_outcome_said(reply: &crate::common::Reply) {
+    let detail = reply.json()["detail"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     assert!(detail.contains("outcome is unknown"), "{detail}");
-    let retry = s.post("k-short", "{}", &[]).await;
-    assert_eq!(retry.code(), "outcome_unknown", "{retry:?}");
-    assert_eq!(s.upstream.hits(), 1);
 }
 
 /// Regression: the in-flight record expired `ttl` after its claim, so with
@@ -200,6 +226,7 @@ async fn unreachable_upstream_releases_the_key(backend: Backend) {
 
 both_stores!(
     a_lease_ending_before_the_answer_says_the_outcome_is_unknown,
+    a_lease_ending_while_the_body_arrives_is_a_timeout_not_a_break,
     late_completion_after_504_is_replayed,
     client_disconnect_still_recorded,
     lease_end_locks_as_unknown,
