@@ -331,8 +331,8 @@ impl Proxy {
             .expect("pass_through runs on a matched route");
         let sent = Instant::now();
         let total = (ctx.arrived + route.timeouts.total).into();
-        let request = self.upstream_request(upstream, request, ctx, &route, sent);
-        let connected = Connected::default();
+        let mut request = self.upstream_request(upstream, request, ctx, &route, sent);
+        let connected = Connected::for_request(&mut request);
         let send = std::pin::pin!(upstream.send(request, &connected));
         let (start, response) = (sent.into(), route.timeouts.response);
         let result = within_response(send, &connected, start, response, total).await;

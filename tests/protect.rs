@@ -184,6 +184,44 @@ async fn unreachable_upstream_opens_the_breaker(backend: Backend) {
     );
 }
 
+/// Regression: the response timer of a pass-through request started when
+/// it went out, while its body was still coming from a slow client: the
+/// upstream, waiting for that body, was timed out (`504`) and counted as
+/// failing, so slow uploaders opened the circuit for everyone. The timer
+/// starts once the body has been sent whole (SPEC 4.4: "from the request
+/// being sent").
+#[tokio::test]
+async fn a_slow_upload_is_not_the_upstream_s_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::start().await;
+    let extra = ", circuit_breaker: { consecutive_failures: 1, open_for: 60s }";
+    let yaml = yaml(&Backend::memory().store_yaml(), &upstream, extra)
+        .replace("response: 5s, total: 10s", "response: 500ms, total: 10s");
+    let proxy = TestProxy::start(&yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "POST /plain HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for byte in [b"a", b"b", b"c"] {
+        // The client's pace under test: slower, in all, than `response`.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(byte).await.unwrap();
+    }
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(
+        &answer, b"HTTP/1.1 201",
+        "the upstream answered once it had the body"
+    );
+    let client = TestClient::new();
+    let next = client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await;
+    assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
+}
+
 /// Regression: a request's bulkhead slot was freed at its answer's head,
 /// so with `max_in_flight: 1` a second request reached the upstream while
 /// the first one's body was still streaming from it. The slot is held to

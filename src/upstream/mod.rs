@@ -3,6 +3,7 @@
 
 pub mod breaker;
 mod pool;
+mod upload;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -293,14 +294,33 @@ impl Upstream {
 }
 
 /// Whether a request is waiting for a new connection, and since when it has
-/// one: where its response timeout starts. Untouched for a pooled connection.
+/// one, and whether its body is still coming from the client: where its
+/// response timeout starts. Untouched for a pooled connection and a whole body.
 #[derive(Default)]
 pub struct Connected {
     making: AtomicBool,
     ready: OnceLock<tokio::time::Instant>,
+    /// Told when a body still streaming from the client has been sent whole.
+    uploading: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Connected {
+    /// For `request`, whose body may still be streaming from the client
+    /// (pass-through): the response timer then waits for it to be sent
+    /// whole ([`upload`]).
+    pub fn for_request(request: &mut Request<ProxyBody>) -> Connected {
+        if hyper::body::Body::is_end_stream(request.body()) {
+            return Connected::default();
+        }
+        let body = std::mem::replace(request.body_mut(), crate::body::empty());
+        let (body, sent) = upload::Uploading::wrap(body);
+        *request.body_mut() = body;
+        Connected {
+            uploading: Some(sent),
+            ..Connected::default()
+        }
+    }
+
     pub(crate) fn making(&self) {
         self.making.store(true, Ordering::Relaxed);
     }
@@ -313,8 +333,8 @@ impl Connected {
 /// Polls `send` (an [`Upstream::send`] started at `start`) until it ends,
 /// or until `response` has passed since it had a connection (`start` for a
 /// pooled one, else `connected`: connecting has its own `connect_timeout`,
-/// SPEC 4.4), or `cap`, whichever comes first. `None` when time ran out;
-/// `send` can then be polled on.
+/// SPEC 4.4) and its body was sent whole, or `cap`, whichever comes first.
+/// `None` when time ran out; `send` can then be polled on.
 pub async fn within_response<F: Future>(
     mut send: Pin<&mut F>,
     connected: &Connected,
@@ -323,13 +343,30 @@ pub async fn within_response<F: Future>(
     cap: tokio::time::Instant,
 ) -> Option<F::Output> {
     let mut sleep = std::pin::pin!(tokio::time::sleep_until((start + response).min(cap)));
+    // While the body is still coming from the client only `cap` runs.
+    let mut uploading = connected
+        .uploading
+        .as_ref()
+        .map(|sent| Box::pin(sent.notified()));
+    if uploading.is_some() {
+        sleep.as_mut().reset(cap);
+    }
     // The deadline while a connection is made (`cap`), then once it is ready.
     let (mut making, mut ready) = (false, false);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = send.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if !ready && let Some(&at) = connected.ready.get() {
+        if let Some(sent) = &mut uploading {
+            if sent.as_mut().poll(cx).is_ready() {
+                // Sent whole, so on a ready connection: the timer starts now.
+                uploading = None;
+                ready = true;
+                sleep
+                    .as_mut()
+                    .reset((tokio::time::Instant::now() + response).min(cap));
+            }
+        } else if !ready && let Some(&at) = connected.ready.get() {
             ready = true;
             sleep.as_mut().reset((at + response).min(cap));
         } else if !making && !ready && connected.making.load(Ordering::Relaxed) {

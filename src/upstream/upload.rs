@@ -1,0 +1,62 @@
+//! A request body still streaming from the client when the request goes
+//! out (pass-through): the response timer starts once it has been sent
+//! whole. Until then the upstream cannot answer, and a slow client is not
+//! the upstream's failure (SPEC 4.4: `timeouts.response` runs "from the
+//! request being sent"); a client uploading slowly got `504` and counted
+//! towards opening the circuit for everyone.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+
+use crate::body::{BoxError, ProxyBody};
+
+/// `body`, which tells `sent` when it has been read to its end.
+pub struct Uploading {
+    body: ProxyBody,
+    sent: Option<Arc<Notify>>,
+}
+
+impl Uploading {
+    /// Wraps a body that is not at its end yet; the notifier says when it is.
+    pub fn wrap(body: ProxyBody) -> (ProxyBody, Arc<Notify>) {
+        let sent = Arc::new(Notify::new());
+        let body = Uploading {
+            body,
+            sent: Some(sent.clone()),
+        };
+        (body.boxed(), sent)
+    }
+}
+
+impl Body for Uploading {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if (frame.is_none() || self.body.is_end_stream())
+            && let Some(sent) = self.sent.take()
+        {
+            // A stored permit if nobody waits yet: the news is not lost.
+            sent.notify_one();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
