@@ -241,7 +241,8 @@ async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
     // A header given as a list is recorded once per value, in order.
     // A Content-Length that disagrees with the body is not what frames the
     // replay (regression: hyper was handed both, a debug build panicked).
-    let manual = r#"{"status": 201, "headers": {"content-type": "application/json", "content-length": "999", "set-cookie": ["x=1", "y=2"]}, "body": "{\"id\":77}"}"#;
+    // Hop-by-hop headers are dropped (regression: a replay said them).
+    let manual = r#"{"status": 201, "headers": {"content-type": "application/json", "content-length": "999", "set-cookie": ["x=1", "y=2"], "connection": "close", "keep-alive": "timeout=5", "transfer-encoding": "chunked", "upgrade": "websocket", "proxy-connection": "keep-alive"}, "body": "{\"id\":77}"}"#;
     let url = proxy.admin_url(&format!("/keys/orders/k-u2?scope={scope}"));
     let put = call(&client, "PUT", &url, Some(TOKEN), manual).await;
     assert_eq!(put.status, 200, "{put:?}");
@@ -264,12 +265,71 @@ async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     let cookies: Vec<_> = replay.headers.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["x=1", "y=2"]);
+    for hop in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    ] {
+        assert_eq!(replay.header(hop), None, "{hop} in {replay:?}");
+    }
     assert_eq!(upstream.hits(), 1);
     for status in [999, 100, 103] {
         let bad = format!("{{\"status\": {status}}}");
         let bad = call(&client, "PUT", &url, Some(TOKEN), &bad).await;
         assert_eq!(bad.code(), "bad_request", "status {status}");
     }
+}
+
+/// Regression: `PUT /keys` overwrote the record of an attempt still
+/// running: duplicates got the operator's answer, and the upstream's own
+/// was thrown away when it came. It is refused (`409`, `Retry-After` until
+/// the lease ends), and the attempt records its answer.
+#[tokio::test]
+async fn put_over_an_attempt_still_running_is_refused() {
+    let backend = Backend::memory();
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    let slow = {
+        let (client, api) = (client.clone(), api.clone());
+        let headers = [("idempotency-key", "k-run"), ("x-test-delay-ms", "1000")];
+        tokio::spawn(async move { client.send("POST", &api, &headers, "{}").await })
+    };
+    let record = proxy.admin_url("/keys/orders/k-run");
+    common::eventually(
+        Duration::from_secs(5),
+        "the attempt is in flight",
+        || async {
+            call(&client, "GET", &record, None, "").await.json()[0]["state"] == "in_flight"
+        },
+    )
+    .await;
+    let listed = call(&client, "GET", &record, None, "").await.json();
+    let scope = listed[0]["scope"].as_str().unwrap().to_owned();
+    let url = format!("{record}?scope={scope}");
+    let put = call(
+        &client,
+        "PUT",
+        &url,
+        Some(TOKEN),
+        r#"{"status": 200, "body": "operator"}"#,
+    )
+    .await;
+    assert_eq!(put.code(), "request_in_progress", "{put:?}");
+    assert_eq!(put.status, 409);
+    assert!(put.header("retry-after").is_some());
+    assert_eq!(slow.await.unwrap().status, 201);
+    let replay = client
+        .send("POST", &api, &[("idempotency-key", "k-run")], "{}")
+        .await;
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (201, Some("true")),
+        "the upstream's own answer is replayed: {replay:?}"
+    );
 }
 
 async fn metrics_count_every_outcome(backend: Backend) {

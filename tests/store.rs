@@ -10,7 +10,7 @@ use idemgate::config::{Config, OnUnknown};
 use idemgate::idempotency::decision::Decision;
 use idemgate::idempotency::key::StorageKey;
 use idemgate::idempotency::record::{State, StoredResponse};
-use idemgate::store::{Attempt, ClaimRequest, Store};
+use idemgate::store::{Attempt, ClaimRequest, Resolved, Store};
 
 fn config(backend: &Backend) -> Config {
     let yaml = format!(
@@ -612,7 +612,42 @@ async fn a_listed_attempt_shows_its_lease_end_on_the_store_clock(backend: Backen
     }
 }
 
+/// Regression: an operator's `PUT /keys` overwrote the record of an attempt
+/// still running; its own answer, when it came, was thrown away, and
+/// duplicates got the operator's. Only an attempt within its lease is
+/// refused: an unknown, a completed or a lease-ended record is resolved.
+async fn an_attempt_still_running_is_not_resolved_by_hand(backend: Backend) {
+    let store = open(&backend);
+    let (k, ttl) = (key("put-running"), Duration::from_secs(60));
+    let claimed = store.claim(&claim(&k, "t1", 10_000, OnUnknown::Lock)).await;
+    assert_eq!(claimed.unwrap().decision, Decision::Claim);
+    let refused = store.resolve(&k, &response(200), ttl).await.unwrap();
+    assert!(
+        matches!(refused, Resolved::InFlight { lease_left_ms } if lease_left_ms > 0 && lease_left_ms <= 10_000),
+        "{refused:?}"
+    );
+    assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::InFlight);
+    let completed = store
+        .complete(&k, &attempt("t1"), &response(201), ttl)
+        .await;
+    assert!(completed.unwrap(), "the attempt records its own answer");
+    assert_eq!(
+        store.resolve(&k, &response(200), ttl).await.unwrap(),
+        Resolved::Done
+    );
+    let missing = store.resolve(&key("put-none"), &response(200), ttl).await;
+    assert_eq!(missing.unwrap(), Resolved::Missing);
+    let ended = key("put-ended");
+    let short = store.claim(&claim(&ended, "t2", 1, OnUnknown::Lock)).await;
+    assert_eq!(short.unwrap().decision, Decision::Claim);
+    common::eventually(Duration::from_secs(5), "the lease ends", || async {
+        store.resolve(&ended, &response(200), ttl).await.unwrap() == Resolved::Done
+    })
+    .await;
+}
+
 both_stores!(
+    an_attempt_still_running_is_not_resolved_by_hand,
     a_completion_whose_record_is_gone_writes_it_whole,
     a_listed_attempt_shows_its_lease_end_on_the_store_clock,
     an_attempts_transition_run_twice_is_still_its_own,
@@ -1102,11 +1137,20 @@ async fn records_written_by_earlier_versions_are_still_honoured() {
     ];
     assert_eq!(listed, expected.map(|(k, s)| (k.to_owned(), s)));
 
+    let refused = store
+        .resolve(&running, &self::response(200), ttl)
+        .await
+        .unwrap();
     assert!(
+        matches!(refused, Resolved::InFlight { lease_left_ms } if lease_left_ms > 0),
+        "an earlier version's running attempt is not resolved by hand: {refused:?}"
+    );
+    assert_eq!(
         store
             .resolve(&lost, &self::response(200), ttl)
             .await
-            .unwrap()
+            .unwrap(),
+        Resolved::Done
     );
     let resolved = store.get(&lost).await.unwrap().expect("resolved");
     assert_eq!(

@@ -16,7 +16,7 @@ use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
 use crate::keys::{is_unknown, listing_json, record_json};
 use crate::problem::{Code, Problem};
-use crate::store::{Listing, StoreError};
+use crate::store::{Listing, Resolved, StoreError};
 
 /// What `GET /keys?state=` selects by.
 const LISTED_STATES: [&str; 4] = ["in_flight", "completed", "unknown", "damaged"];
@@ -122,17 +122,27 @@ impl Admin {
             scope,
             key: key.to_owned(),
         };
-        if !self
+        match self
             .proxy
             .store
             .resolve(&storage_key, &response, ttl)
             .await
             .map_err(store_problem)?
         {
-            return Err(Problem::new(
-                Code::NotFound,
-                "no record for this route, scope and key",
-            ));
+            Resolved::Done => {}
+            Resolved::Missing => {
+                return Err(Problem::new(
+                    Code::NotFound,
+                    "no record for this route, scope and key",
+                ));
+            }
+            Resolved::InFlight { lease_left_ms } => {
+                return Err(Problem::new(
+                    Code::RequestInProgress,
+                    "this key's attempt is still running: its own answer will be recorded; resolve it only once it is unknown (its lease ends first)",
+                )
+                .retry_after(std::time::Duration::from_millis(lease_left_ms)));
+            }
         }
         tracing::info!(
             route,
@@ -240,6 +250,9 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
             headers.append(name, value);
         }
     }
+    // As from an upstream's answer: a replay must not say `connection:
+    // close` or `transfer-encoding: chunked` about a message it frames itself.
+    crate::headers::strip_hop_by_hop(&mut headers);
     let body = Bytes::from(manual.body);
     Ok(StoredResponse {
         status: manual.status,

@@ -76,6 +76,17 @@ pub struct Attempt<'a> {
     pub created_ms: u64,
 }
 
+/// What an operator's [`Store::resolve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// The response is recorded.
+    Done,
+    /// There is no record.
+    Missing,
+    /// The record's attempt is still running; its lease ends in this many ms.
+    InFlight { lease_left_ms: u64 },
+}
+
 /// What one claim did.
 #[derive(Debug, Clone)]
 pub struct ClaimReply {
@@ -277,14 +288,15 @@ impl Store {
         .await
     }
 
-    /// An operator records a response by hand for an existing record (any
-    /// state), e.g. to resolve an unknown outcome. False when there is no record.
+    /// An operator records a response by hand for an existing record, e.g.
+    /// to resolve an unknown outcome; never over an attempt still running
+    /// (within its lease), whose own answer would be thrown away.
     pub async fn resolve(
         &self,
         key: &StorageKey,
         response: &StoredResponse,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Resolved, StoreError> {
         self.transition(Op::Resolve, key, async {
             match &self.kind {
                 Kind::Memory(s) => Ok(s.resolve(key, response, ttl)),

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_table::Entry;
 
-use super::{Attempt, ClaimReply, ClaimRequest, StoreError};
+use super::{Attempt, ClaimReply, ClaimRequest, Resolved, StoreError};
 use crate::config::StoreConfig;
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
@@ -195,7 +195,7 @@ impl MemoryStore {
         }))
     }
 
-    pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> bool {
+    pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> Resolved {
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
         let now = now_ms();
@@ -204,14 +204,17 @@ impl MemoryStore {
             .find_mut(hash, is(hash, key))
             .map(Slot::record_mut);
         match found.filter(|r| r.expires_ms > now) {
+            Some(r) if r.state == State::InFlight && r.lease_end_ms > now => Resolved::InFlight {
+                lease_left_ms: r.lease_end_ms - now,
+            },
             Some(r) => {
                 r.state = State::Completed;
                 r.response = Some(response.clone());
                 r.expires_ms = now + millis(ttl);
                 shard.expiry.note(hash, r.expires_ms);
-                true
+                Resolved::Done
             }
-            None => false,
+            None => Resolved::Missing,
         }
     }
 

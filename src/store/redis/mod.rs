@@ -22,7 +22,7 @@ use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKi
 
 use super::memory::millis;
 use super::waiters::Waiters;
-use super::{Attempt, ClaimReply, ClaimRequest, Listing, StoreError};
+use super::{Attempt, ClaimReply, ClaimRequest, Listing, Resolved, StoreError};
 use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
@@ -295,13 +295,19 @@ impl RedisStore {
         key: &StorageKey,
         response: &StoredResponse,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Resolved, StoreError> {
         let headers = encode_headers(&response.headers);
         let part = ResponsePart::new(response, &headers);
         let mut call = self.script_call(&self.resolve, key, 2, part.len() + 20);
         call.arg(&part).arg(millis(ttl));
-        let done: u8 = self.run(&self.resolve, &call, self.deadline()).await?;
-        Ok(done == 1)
+        let (done, left): (u8, u64) = self.run(&self.resolve, &call, self.deadline()).await?;
+        Ok(match done {
+            1 => Resolved::Done,
+            2 => Resolved::InFlight {
+                lease_left_ms: left,
+            },
+            _ => Resolved::Missing,
+        })
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {

@@ -253,35 +253,52 @@ return 1
 "
 );
 
-/// An operator's answer for an existing record, whatever its state: the
-/// record keeps its head (an earlier version's hash gets one made from its
-/// fields) and takes the response part ARGV[1], kept ARGV[2] ms.
+/// An operator's answer for an existing record: the record keeps its head
+/// (an earlier version's hash gets one made from its fields) and takes the
+/// response part ARGV[1], kept ARGV[2] ms: {1, 0}. {0, 0} when there is no
+/// record; {2, ms} for an attempt still running (its lease ends in ms),
+/// which is left alone: its own answer is coming.
 pub const RESOLVE: &str = r"
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local head
 if kind == 'string' then
   local v = redis.call('GET', KEYS[1])
+  local nl = {}
   local e = 3
-  for _ = 1, 5 do
+  for i = 1, 5 do
     e = e and string.find(v, '\n', e + 1, true)
+    nl[i] = e
   end
   if not e or string.sub(v, 1, 1) ~= '2' then
     return redis.error_reply('DAMAGED the value is not in idemgate\'s format')
   end
+  if string.sub(v, 2, 2) == 'F' then
+    local left = redis.call('PTTL', KEYS[1]) - (tonumber(string.sub(v, nl[3] + 1, nl[4] - 1)) or 0)
+    if left > 0 then
+      return {2, left}
+    end
+  end
   head = string.sub(v, 3, e)
 elseif kind == 'hash' then
-  local r = redis.call('HMGET', KEYS[1], 'token', 'fp', 'lease_end', 'created')
+  local r = redis.call('HMGET', KEYS[1], 'token', 'fp', 'lease_end', 'created', 'state')
   local created = tonumber(r[4]) or 0
+  if r[5] == 'in_flight' then
+    local t = redis.call('TIME')
+    local left = (tonumber(r[3]) or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    if left > 0 then
+      return {2, left}
+    end
+  end
   local lease = math.max((tonumber(r[3]) or created) - created, 0)
   head = '0' .. (r[1] or '') .. '\n' .. (r[2] or '') .. '\n' .. string.format('%d', lease)
     .. '\n' .. ARGV[2] .. '\n' .. string.format('%d', created) .. '\n'
 elseif kind == 'none' then
-  return 0
+  return {0, 0}
 else
   return redis.error_reply('DAMAGED the key holds a ' .. kind .. ', not a record')
 end
 redis.call('SET', KEYS[1], '2C' .. head .. ARGV[1], 'PX', ARGV[2])
-return 1
+return {1, 0}
 ";
 
 /// Reads a record of either format with its key's TTL and Redis's time (ms),
