@@ -216,8 +216,11 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(addr: SocketAddr) -> Peer {
-        let ip =
-            HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is a valid header value");
+        // An IPv4 client of a dual-stack (`[::]`) listener is named as
+        // IPv4, not `::ffff:a.b.c.d`: upstream allow-lists and rate limits
+        // know it as such.
+        let ip = HeaderValue::from_str(&addr.ip().to_canonical().to_string())
+            .expect("an IP is a valid header value");
         Peer { ip }
     }
 }
@@ -246,6 +249,10 @@ pub fn forward_headers(
         Some(host) => headers.insert(&X_FORWARDED_HOST, host),
         None => headers.remove(&X_FORWARDED_HOST),
     };
+    // RFC 7239's form of the same facts, which idemgate does not write: a
+    // client's own (`for=`, `host=`, `proto=` of its choosing) would be
+    // believed by upstream frameworks that prefer it.
+    headers.remove(header::FORWARDED);
     headers.insert(header::HOST, upstream_authority.clone());
     headers.insert(&X_REQUEST_ID, ids.request_id.clone());
     headers.insert(&TRACEPARENT, ids.traceparent_value());
@@ -277,6 +284,14 @@ fn number_value(n: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_named_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:4000".parse().unwrap();
+        assert_eq!(Peer::new(mapped).ip, "192.0.2.7");
+        let v6: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        assert_eq!(Peer::new(v6).ip, "2001:db8::1");
+    }
 
     #[test]
     fn cookie_fields_are_joined_into_one() {

@@ -53,6 +53,7 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
                 ("x-secret-hop", "1"),
                 ("proxy-authorization", "Basic c2VjcmV0"),
                 ("x-forwarded-for", "10.0.0.1"),
+                ("forwarded", "for=6.6.6.6;proto=https;host=evil.example"),
                 ("x-test-hop", "1"),
                 ("x-kept", "yes"),
             ],
@@ -66,6 +67,10 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
         "headers named by Connection are removed"
     );
     assert!(h.get("proxy-authorization").is_none());
+    assert!(
+        h.get("forwarded").is_none(),
+        "a client's own Forwarded never passes"
+    );
     assert_eq!(h.get("x-kept").unwrap(), "yes");
     assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
     assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
