@@ -118,10 +118,9 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM between binding and serving must drain and
     // exit 0, not kill the process by the signal's default action.
     let shutdown = shutdown_signal()?;
-    // SIGHUP's too (its default action also ends the process); one that
-    // comes before the reload task listens finds the file just loaded.
-    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing a SIGHUP handler")?;
+    // SIGHUP's too (its default action also ends the process), heard from
+    // before the file is loaded on.
+    let reloads = idemgate::server::Reloads::new(path.to_owned());
     let config = load(path)?;
     let open_files = raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen.address)
@@ -133,7 +132,7 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     }
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), workers, open_files, "idemgate listening");
-    idemgate::server::serve(config, listeners, shutdown, Some(path.to_owned())).await?;
+    idemgate::server::serve(config, listeners, shutdown, Some(reloads)).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -26,6 +26,9 @@ use crate::upstream::{Connected, SendError, Upstream, failed_status, within_resp
 pub struct Proxy {
     /// Routes and upstreams; swapped whole by a reload.
     routing: ArcSwap<Routing>,
+    /// The configuration the process started with: what a reload cannot
+    /// change (listen address, store, ...) is still this one's.
+    started: Arc<Config>,
     pub store: Arc<Store>,
     /// Background exchanges (a protected request outlives its client); shutdown waits for them.
     pub exchanges: TaskTracker,
@@ -114,8 +117,10 @@ impl Proxy {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, TlsError> {
+        let routing = Routing::new(config, None, &metrics)?;
         Ok(Proxy {
-            routing: ArcSwap::from_pointee(Routing::new(config, None, &metrics)?),
+            started: routing.config.clone(),
+            routing: ArcSwap::from_pointee(routing),
             store,
             exchanges: TaskTracker::new(),
             running: Default::default(),
@@ -140,7 +145,9 @@ impl Proxy {
     /// Listen address and store changes need a restart.
     pub fn reload(&self, config: &Config) -> Result<(), TlsError> {
         let old = self.routing.load_full();
-        for field in old.config.restart_needed(config) {
+        // Compared with what runs, not with the last file reloaded (which
+        // made the same warning once, then none, though it never applied).
+        for field in self.started.restart_needed(config) {
             tracing::warn!(
                 field,
                 "reload: this setting takes effect only after a restart"

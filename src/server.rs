@@ -72,13 +72,34 @@ pub async fn run(
     serve(config, listeners, shutdown, None).await
 }
 
-/// [`run`] on bound listeners, plus reloads of `config_path` on SIGHUP and
-/// `POST /reload` when one is given.
+/// Where reloads come from: the configuration file, re-read on `POST
+/// /reload` and on SIGHUP, which is listened for from [`Reloads::new`] on
+/// (made before the file is loaded, so that a SIGHUP sent once it is
+/// loaded is never missed: SIGHUP's default action would end the process,
+/// and one that came before the reload task listened was lost).
+pub struct Reloads {
+    path: PathBuf,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Reloads {
+    pub fn new(path: PathBuf) -> Reloads {
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(|error| {
+                tracing::warn!(error = %error, "cannot listen for SIGHUP; reload is unavailable");
+            })
+            .ok();
+        Reloads { path, hup }
+    }
+}
+
+/// [`run`] on bound listeners, plus reloads (SIGHUP and `POST /reload`)
+/// when they are given.
 pub async fn serve(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    config_path: Option<PathBuf>,
+    reloads: Option<Reloads>,
 ) -> Result<(), RunError> {
     if config.store.backend == Backend::Memory {
         tracing::warn!(
@@ -89,17 +110,12 @@ pub async fn serve(
     let store = Arc::new(Store::open(&config.store, metrics.clone())?);
     store.hear_other_instances();
     let proxy = Arc::new(Proxy::new(&config, store, metrics)?);
-    if let Some(path) = &config_path {
-        // Installed here, not in the task: SIGHUP's default action ends the process.
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hup) => {
-                tokio::spawn(reload_on_sighup(hup, proxy.clone(), path.clone()));
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "cannot listen for SIGHUP; reload is unavailable");
-            }
+    let config_path = reloads.map(|Reloads { path, hup }| {
+        if let Some(hup) = hup {
+            tokio::spawn(reload_on_sighup(hup, proxy.clone(), path.clone()));
         }
-    }
+        path
+    });
     let readiness = tokio::spawn(watch_readiness(proxy.clone()));
     let admin_task = listeners.admin.map(|listener| {
         let admin = Arc::new(Admin {

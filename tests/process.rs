@@ -620,6 +620,44 @@ async fn the_memory_store_warns_at_startup_that_records_do_not_survive_a_restart
     .await;
 }
 
+/// Regression: a reload's restart warnings compared the new file with the
+/// last one reloaded, not with what runs: reloading a changed
+/// `shutdown_grace` twice warned once, and going back to the running
+/// value warned that it needed a restart. Also: a SIGHUP sent right after
+/// the listening line, before the reload task listened, was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_warns_of_settings_that_differ_from_the_running_ones() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", "shutdown_grace: 5s\n");
+    let proxy = Binary::serve(&path);
+    let count = |log: &[String], what: &str| log.iter().filter(|l| l.contains(what)).count();
+    let reload_to = |grace: &str, reloads: usize| {
+        write_memory_config_at(
+            &dir,
+            &upstream,
+            "127.0.0.1:0",
+            &format!("shutdown_grace: {grace}\n"),
+        );
+        proxy.signal("HUP");
+        let proxy = &proxy;
+        async move {
+            eventually(Duration::from_secs(10), "the reload", || async {
+                count(&proxy.log(), "configuration reloaded") == reloads
+            })
+            .await;
+            count(&proxy.log(), "only after a restart")
+        }
+    };
+    assert_eq!(reload_to("9s", 1).await, 1, "9s is not what runs");
+    assert_eq!(
+        reload_to("9s", 2).await,
+        2,
+        "nor is it after a second reload"
+    );
+    assert_eq!(reload_to("5s", 3).await, 2, "5s is what runs: no warning");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
     let upstream = TestUpstream::start().await;

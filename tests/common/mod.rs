@@ -156,7 +156,7 @@ impl TestProxy {
                 async {
                     let _ = rx.await;
                 },
-                path,
+                path.map(idemgate::server::Reloads::new),
             )
             .await
             .expect("proxy run");
