@@ -239,10 +239,20 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
         .await
         .is_err()
     {
-        for key in proxy.running.keys() {
+        let running = proxy.running.keys();
+        for key in &running {
             tracing::warn!(
                 exchange = %key,
                 "upstream exchange still running at the end of shutdown_grace; its record turns unknown when its lease ends"
+            );
+        }
+        // The rest are store writes retried in the background (a claim
+        // undone, a completion) while the store does not answer.
+        let pending = proxy.exchanges.len().saturating_sub(running.len());
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                "store writes still retried at the end of shutdown_grace (the store did not answer); their keys settle when their leases end"
             );
         }
     }

@@ -620,6 +620,46 @@ async fn the_memory_store_warns_at_startup_that_records_do_not_survive_a_restart
     .await;
 }
 
+/// Regression: with Redis not answering, shutdown waited the whole grace
+/// for a claim's undo retried in the background, and said nothing of why
+/// (its end-of-grace warning named running exchanges only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_names_store_writes_still_retried_at_the_end_of_the_grace() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nshutdown_grace: 1s\nstore: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        redis.url(),
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-warm", "{}")
+            .await
+            .status,
+        201
+    );
+    redis.pause();
+    let refused = client
+        .post_key(&proxy.url("/api/o"), "k-paused", "{}")
+        .await;
+    assert_eq!(refused.code(), "store_unavailable");
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    redis.resume();
+    let log = proxy.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("store writes still retried at the end of shutdown_grace")),
+        "{log:#?}"
+    );
+}
+
 /// Regression: a reload's restart warnings compared the new file with the
 /// last one reloaded, not with what runs: reloading a changed
 /// `shutdown_grace` twice warned once, and going back to the running
