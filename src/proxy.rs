@@ -496,6 +496,7 @@ impl Drop for Access<'_> {
 fn log_request(ctx: &Ctx, method: &http::Method, path: &str, status: u16) {
     tracing::info!(
         target: "idemgate::access",
+        client = ctx.peer.ip.to_str().unwrap_or("-"),
         route = ctx.route.as_ref().map(|r| &*r.name),
         method = %method,
         path,

@@ -170,6 +170,7 @@ async fn sigterm_drains_slow_requests_records_them_and_exits_0() {
     assert_eq!(access.len(), 1, "{log:?}");
     let line = &access[0];
     for field in [
+        "client",
         "route",
         "method",
         "path",
@@ -183,6 +184,7 @@ async fn sigterm_drains_slow_requests_records_them_and_exits_0() {
         assert!(!line[field].is_null(), "access log has {field}: {line}");
     }
     assert_eq!(line["outcome"], "forwarded");
+    assert_eq!(line["client"], "127.0.0.1", "the peer's address: {line}");
     for l in log.iter().chain(again.log().iter()) {
         assert!(
             !l.contains("planted-secret-71") && !l.contains("planted-body-secret"),
