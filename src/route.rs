@@ -53,10 +53,20 @@ fn matches(m: &RouteMatch, method: &Method, host: Option<&str>, path: &str) -> b
         && m.host.as_ref().is_none_or(|want| host_matches(want, host))
 }
 
-/// Case-insensitive; the request's port is ignored unless the route names one.
+/// Case-insensitive; the request's port is ignored unless the route names
+/// one; `example.com.` (a fully qualified name, RFC 1034 3.1) is
+/// `example.com`.
 fn host_matches(want: &str, host: Option<&str>) -> bool {
     let Some(host) = host else { return false };
-    let host = host.to_ascii_lowercase();
+    let mut host = host.to_ascii_lowercase();
+    let name_end = if has_port(&host) {
+        host.rfind(':').unwrap_or(host.len())
+    } else {
+        host.len()
+    };
+    if name_end > 1 && host.as_bytes()[name_end - 1] == b'.' {
+        host.remove(name_end - 1);
+    }
     if has_port(want) {
         return host == want;
     }
@@ -106,6 +116,8 @@ routes:
             ("GET", None, "/exactly", "root"),
             ("GET", Some("example.com"), "/h/x", "hosted"),
             ("GET", Some("EXAMPLE.com:8080"), "/h", "hosted"),
+            ("GET", Some("example.com."), "/h/x", "hosted"),
+            ("GET", Some("Example.com.:8443"), "/p", "hosted-port"),
             ("GET", Some("other.com"), "/h", "root"),
             ("GET", None, "/h", "root"),
             ("GET", Some("example.com:8443"), "/p", "hosted-port"),
