@@ -339,9 +339,7 @@ impl Exchange {
                 let settle = Settle::Complete {
                     response: Arc::new(stored.clone()),
                     ttl: self.policy.ttl,
-                    fingerprint: self.fingerprint.clone(),
-                    lease: self.policy.lease,
-                    created_ms: self.created_ms,
+                    claimed: self.claimed(),
                 };
                 self.settle_in_background(settle);
                 false
@@ -366,6 +364,15 @@ impl Exchange {
         }
     }
 
+    /// What this attempt's claim wrote, for a transition made later.
+    fn claimed(&self) -> Claimed {
+        Claimed {
+            fingerprint: self.fingerprint.clone(),
+            lease: self.policy.lease,
+            created_ms: self.created_ms,
+        }
+    }
+
     async fn release(&self) {
         self.settle(Settle::Release).await;
     }
@@ -375,7 +382,10 @@ impl Exchange {
     async fn settle_unknown(&self, why: &str) {
         tracing::warn!(key = %self.key.key, route = %self.key.route, reason = why, "outcome unknown");
         let settle = match self.policy.on_unknown {
-            OnUnknown::Lock => Settle::Unknown(self.policy.ttl),
+            OnUnknown::Lock => Settle::Unknown {
+                ttl: self.policy.ttl,
+                claimed: self.claimed(),
+            },
             OnUnknown::Release => Settle::Release,
         };
         self.settle(settle).await;
@@ -404,17 +414,37 @@ impl Exchange {
 pub enum Settle {
     Release,
     /// `unknown`, for the ttl.
-    Unknown(Duration),
+    Unknown {
+        ttl: Duration,
+        claimed: Claimed,
+    },
     /// Completed with the response, kept for the ttl (tried again in the
-    /// background when the store failed the first time); with what the
-    /// claim wrote, for a record to write whole ([`Attempt`]).
+    /// background when the store failed the first time).
     Complete {
         response: Arc<StoredResponse>,
         ttl: Duration,
-        fingerprint: String,
-        lease: Duration,
-        created_ms: u64,
+        claimed: Claimed,
     },
+}
+
+/// What an attempt's claim wrote besides its token: a record whose key is
+/// gone when the attempt ends is written whole from it ([`Attempt`]).
+#[derive(Clone)]
+pub struct Claimed {
+    fingerprint: String,
+    lease: Duration,
+    created_ms: u64,
+}
+
+impl Claimed {
+    fn attempt<'a>(&'a self, token: &'a str) -> Attempt<'a> {
+        Attempt {
+            token,
+            fingerprint: &self.fingerprint,
+            lease: self.lease,
+            created_ms: self.created_ms,
+        }
+    }
 }
 
 /// For logs: never the response's headers or body.
@@ -422,7 +452,7 @@ impl std::fmt::Debug for Settle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Settle::Release => f.write_str("Release"),
-            Settle::Unknown(ttl) => write!(f, "Unknown({ttl:?})"),
+            Settle::Unknown { ttl, .. } => write!(f, "Unknown({ttl:?})"),
             Settle::Complete { response, ttl, .. } => {
                 write!(f, "Complete({}, {ttl:?})", response.status)
             }
@@ -439,21 +469,17 @@ impl Settle {
     ) -> Result<bool, StoreError> {
         match self {
             Settle::Release => store.release(key, token).await,
-            Settle::Unknown(ttl) => store.mark_unknown(key, token, *ttl).await,
+            Settle::Unknown { ttl, claimed } => {
+                store.mark_unknown(key, &claimed.attempt(token), *ttl).await
+            }
             Settle::Complete {
                 response,
                 ttl,
-                fingerprint,
-                lease,
-                created_ms,
+                claimed,
             } => {
-                let attempt = Attempt {
-                    token,
-                    fingerprint,
-                    lease: *lease,
-                    created_ms: *created_ms,
-                };
-                store.complete(key, &attempt, response, *ttl).await
+                store
+                    .complete(key, &claimed.attempt(token), response, *ttl)
+                    .await
             }
         }
     }
@@ -461,7 +487,7 @@ impl Settle {
     /// Counts an unknown outcome this transition made (`done`), whether
     /// now or in the background.
     fn count(&self, done: bool, metrics: &Metrics, key: &StorageKey) {
-        if done && matches!(self, Settle::Unknown(_)) {
+        if done && matches!(self, Settle::Unknown { .. }) {
             Metrics::route_counter(&metrics.unknown_outcomes, &key.route);
         }
     }

@@ -106,7 +106,7 @@ async fn taken_over_attempt_never_overwrites_the_new_owner(backend: Backend) {
         "A lost the key"
     );
     assert!(!store.release(&k, "A").await.unwrap());
-    assert!(!store.mark_unknown(&k, "A", ttl).await.unwrap());
+    assert!(!store.mark_unknown(&k, &attempt("A"), ttl).await.unwrap());
     assert!(
         store
             .complete(&k, &attempt("B"), &response(202), ttl)
@@ -390,7 +390,7 @@ async fn an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown(backend: B
         "in flight: expires {} for now {now}",
         in_flight.expires_ms
     );
-    assert!(store.mark_unknown(&k, "A", ttl).await.unwrap());
+    assert!(store.mark_unknown(&k, &attempt("A"), ttl).await.unwrap());
     let unknown = store.get(&k).await.unwrap().expect("the unknown record");
     assert_eq!(unknown.state, State::Unknown);
     assert!(
@@ -424,10 +424,11 @@ async fn an_unknown_outcome_lasts_the_ttl_from_when_it_became_unknown(backend: B
 }
 
 /// An expired record is gone for its attempt too: it can no longer release
-/// or mark it. Regression: the memory store applied transitions to records
-/// that had expired but were not swept yet (Redis had dropped them). A
-/// completion finds the key gone and writes the record whole, as it does
-/// wherever its record is gone (`a_completion_whose_record_is_gone_writes_it_whole`).
+/// it. Regression: the memory store applied transitions to records that
+/// had expired but were not swept yet (Redis had dropped them). A
+/// completion or an unknown outcome finds the key gone and writes the
+/// record whole, as it does wherever its record is gone
+/// (`a_completion_whose_record_is_gone_writes_it_whole`).
 async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
     let store = open(&backend);
     let k = key("expired-attempt");
@@ -447,12 +448,13 @@ async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
         let settled = match which {
             0 => store.complete(&k, &attempt("A"), &response(201), ttl).await,
             1 => store.release(&k, "A").await,
-            _ => store.mark_unknown(&k, "A", ttl).await,
+            _ => store.mark_unknown(&k, &attempt("A"), ttl).await,
         };
         let record = store.get(&k).await.unwrap();
-        if end == "complete" {
-            assert!(settled.unwrap());
-            assert_eq!(record.map(|r| r.state), Some(State::Completed));
+        if end != "release" {
+            assert!(settled.unwrap(), "{end}");
+            let written = [State::Completed, State::Unknown][which / 2];
+            assert_eq!(record.map(|r| r.state), Some(written), "{end}");
             assert!(store.purge(&k).await.unwrap());
         } else {
             assert!(!settled.unwrap(), "{end} settled an expired record");
@@ -513,6 +515,37 @@ async fn a_completion_whose_record_is_gone_writes_it_whole(backend: Backend) {
     );
 }
 
+/// Regression: an attempt whose outcome became unknown after its record
+/// was lost (Redis flushed or restarted empty mid-exchange) dropped the
+/// outcome: `unknown` was not written, and the retry ran upstream again.
+/// It is written whole, as a completion is.
+async fn an_unknown_outcome_whose_record_is_gone_is_written_whole(backend: Backend) {
+    let store = open(&backend);
+    let k = key("lost-unknown");
+    let reply = store.claim(&claim(&k, "A", 10_000, OnUnknown::Lock)).await;
+    assert_eq!(reply.unwrap().decision, Decision::Claim);
+    assert!(store.purge(&k).await.unwrap(), "the record is lost");
+    let ttl = Duration::from_secs(60);
+    assert!(store.mark_unknown(&k, &attempt("A"), ttl).await.unwrap());
+    let record = store.get(&k).await.unwrap().expect("written whole");
+    assert_eq!(
+        (
+            record.state,
+            record.fingerprint.as_str(),
+            record.token.as_str()
+        ),
+        (State::Unknown, "fp", "A")
+    );
+    let retry = store.claim(&claim(&k, "B", 10_000, OnUnknown::Lock)).await;
+    assert_eq!(
+        retry.unwrap().decision,
+        Decision::Unknown,
+        "the retry is not run again"
+    );
+    // Run again (a lost reply), it is still done.
+    assert!(store.mark_unknown(&k, &attempt("A"), ttl).await.unwrap());
+}
+
 /// A transition that runs twice for one attempt is still that attempt's:
 /// Redis Cluster clients send a command again when the connection drops
 /// before its reply, after Redis may have run it. Regression: the claim run
@@ -566,7 +599,7 @@ async fn an_attempts_transition_run_twice_is_still_its_own(backend: Backend) {
         .unwrap();
     for run in ["first", "again"] {
         assert!(
-            store.mark_unknown(&k, "A", ttl).await.unwrap(),
+            store.mark_unknown(&k, &attempt("A"), ttl).await.unwrap(),
             "mark_unknown, {run}"
         );
     }
@@ -648,6 +681,7 @@ async fn an_attempt_still_running_is_not_resolved_by_hand(backend: Backend) {
 
 both_stores!(
     an_attempt_still_running_is_not_resolved_by_hand,
+    an_unknown_outcome_whose_record_is_gone_is_written_whole,
     a_completion_whose_record_is_gone_writes_it_whole,
     a_listed_attempt_shows_its_lease_end_on_the_store_clock,
     an_attempts_transition_run_twice_is_still_its_own,
@@ -750,7 +784,12 @@ async fn listing_unknown_outcomes_reads_no_other_records_bodies() {
         .await
         .unwrap();
     let ttl = Duration::from_secs(60);
-    assert!(store.mark_unknown(&lost, "first", ttl).await.unwrap());
+    assert!(
+        store
+            .mark_unknown(&lost, &attempt("first"), ttl)
+            .await
+            .unwrap()
+    );
 
     let before = redis_stat(&mut conn, "total_net_output_bytes").await;
     let unknown = store
@@ -999,7 +1038,10 @@ async fn a_waiter_wakes_when_another_instance_ends_the_attempt() {
                     .await
             }
             End::Release => a.release(&k, "A").await,
-            End::Unknown => a.mark_unknown(&k, "A", Duration::from_secs(60)).await,
+            End::Unknown => {
+                a.mark_unknown(&k, &attempt("A"), Duration::from_secs(60))
+                    .await
+            }
         };
         assert!(ended.unwrap(), "{end:?}: A still owned the attempt");
         tokio::time::timeout(Duration::from_secs(20), woken)

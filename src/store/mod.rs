@@ -272,17 +272,18 @@ impl Store {
         .await
     }
 
-    /// Turns the attempt's record `unknown` for `ttl` from now; fenced by the token.
+    /// Turns the attempt's record `unknown` for `ttl` from now; fenced by
+    /// the token. A record that is gone is written whole, as a completion is.
     pub async fn mark_unknown(
         &self,
         key: &StorageKey,
-        token: &str,
+        attempt: &Attempt<'_>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.transition(Op::MarkUnknown, key, async {
             match &self.kind {
-                Kind::Memory(s) => s.mark_unknown(key, token, ttl),
-                Kind::Redis(s) => Box::pin(s.mark_unknown(key, token, ttl)).await,
+                Kind::Memory(s) => s.mark_unknown(key, attempt, ttl),
+                Kind::Redis(s) => Box::pin(s.mark_unknown(key, attempt, ttl)).await,
             }
         })
         .await

@@ -123,17 +123,31 @@ impl MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        Ok(self.settle(key, attempt, ttl, State::Completed, Some(response)))
+    }
+
+    /// Ends `attempt`'s record in `state` (with `response`), kept `ttl`
+    /// from now; a record that is gone (purged while the attempt ran) is
+    /// written whole, as on Redis. False when another attempt holds the key.
+    fn settle(
+        &self,
+        key: &StorageKey,
+        attempt: &Attempt<'_>,
+        ttl: Duration,
+        state: State,
+        response: Option<StoredResponse>,
+    ) -> bool {
         let now = now_ms();
         let expires = now + millis(ttl);
         // Only where the record is gone: the common case keeps its own.
         let whole = |response| Record {
-            state: State::Completed,
+            state,
             fingerprint: attempt.fingerprint.to_owned(),
             token: attempt.token.to_owned(),
             lease_end_ms: attempt.created_ms + millis(attempt.lease),
             created_ms: attempt.created_ms,
             expires_ms: expires,
-            response: Some(response),
+            response,
         };
         let (hash, mut guard) = self.inner.shard(key);
         let shard = &mut *guard;
@@ -154,19 +168,19 @@ impl MemoryStore {
                     *r = whole(response);
                     true
                 } else if owns(r, attempt.token, now) {
-                    r.state = State::Completed;
-                    r.response = Some(response);
+                    r.state = state;
+                    r.response = response;
                     r.expires_ms = expires;
                     true
                 } else {
-                    r.token == attempt.token && r.state == State::Completed && r.expires_ms > now
+                    r.token == attempt.token && r.state == state && r.expires_ms > now
                 }
             }
         };
         if done {
             shard.expiry.note(hash, expires);
         }
-        Ok(done)
+        done
     }
 
     pub fn release(&self, key: &StorageKey, token: &str) -> Result<bool, StoreError> {
@@ -186,13 +200,10 @@ impl MemoryStore {
     pub fn mark_unknown(
         &self,
         key: &StorageKey,
-        token: &str,
+        attempt: &Attempt<'_>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.owned(key, token, State::Unknown, |r| {
-            r.state = State::Unknown;
-            r.expires_ms = now_ms() + millis(ttl);
-        }))
+        Ok(self.settle(key, attempt, ttl, State::Unknown, None))
     }
 
     pub fn resolve(&self, key: &StorageKey, response: &StoredResponse, ttl: Duration) -> Resolved {
@@ -264,37 +275,6 @@ impl MemoryStore {
             );
         }
         out
-    }
-
-    /// Applies `change` when `token` still owns the in-flight attempt; true
-    /// too when its record is `done` already (the transition made before),
-    /// as on Redis.
-    fn owned(
-        &self,
-        key: &StorageKey,
-        token: &str,
-        done: State,
-        change: impl FnOnce(&mut Record),
-    ) -> bool {
-        let now = now_ms();
-        let (hash, mut guard) = self.inner.shard(key);
-        let shard = &mut *guard;
-        match shard
-            .table
-            .find_mut(hash, is(hash, key))
-            .map(Slot::record_mut)
-        {
-            Some(r) if owns(r, token, now) => {
-                let expires = r.expires_ms;
-                change(r);
-                if r.expires_ms != expires {
-                    shard.expiry.note(hash, r.expires_ms);
-                }
-                true
-            }
-            Some(r) => r.token == token && r.state == done && r.expires_ms > now,
-            None => false,
-        }
     }
 }
 

@@ -283,11 +283,26 @@ impl RedisStore {
     pub async fn mark_unknown(
         &self,
         key: &StorageKey,
-        token: &str,
+        attempt: &Attempt<'_>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.fenced(&self.mark_unknown, key, token, Some(millis(ttl)))
-            .await
+        let head = compact::head(
+            b'U',
+            attempt.fingerprint,
+            attempt.token,
+            millis(attempt.lease),
+            millis(ttl),
+            attempt.created_ms,
+        );
+        let token = attempt.token;
+        let bytes = token.len() + head.len() + 20 + self.events.len();
+        let mut call = self.script_call(&self.mark_unknown, key, 4, bytes);
+        call.arg(token)
+            .arg(millis(ttl))
+            .arg(&head)
+            .arg(&self.events);
+        let done: u8 = self.run(&self.mark_unknown, &call, self.deadline()).await?;
+        Ok(done == 1)
     }
 
     pub async fn resolve(

@@ -241,8 +241,18 @@ return 1
 );
 
 /// Turns the attempt owned by ARGV[1] `unknown`, for ARGV[2] ms (the ttl).
+/// A key that is gone (Redis lost it, an operator purged it) is written
+/// whole, with the unknown record's head ARGV[3], as a completion is: an
+/// unknown outcome dropped would let a retry run again.
 pub const MARK_UNKNOWN: &str = concat!(
-    owner_guard!("U"),
+    r"
+local v = redis.pcall('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  return 1
+end",
+    owner_guard!(@check),
+    owner_guard!(@done "U"),
     r"
 redis.call('SETRANGE', KEYS[1], 1, 'U')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
