@@ -203,6 +203,25 @@ end
     };
 }
 
+/// A fenced script's read of its record (`v`), where a key that is gone is
+/// written whole: the record ARGV[$value], kept ARGV[$ttl] ms.
+macro_rules! written_whole_where_gone {
+    ($value:literal, $ttl:literal) => {
+        concat!(
+            r"
+local v = redis.pcall('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[",
+            $value,
+            "], 'PX', ARGV[",
+            $ttl,
+            r"])
+  return 1
+end"
+        )
+    };
+}
+
 /// Completes the attempt owned by ARGV[1] with the whole completed record
 /// ARGV[2] (head and `compact::ResponsePart`), kept ARGV[3] ms; 0 when it
 /// no longer owns the key. A key that is gone (Redis lost it: a restart, a
@@ -211,12 +230,7 @@ end
 /// argument (ARGV[4]) names the waiters' channel, as for every fenced
 /// script.
 pub const COMPLETE: &str = concat!(
-    r"
-local v = redis.pcall('GET', KEYS[1])
-if v == false then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end",
+    written_whole_where_gone!(2, 3),
     owner_guard!(@check),
     owner_guard!(@done "C"),
     r"
@@ -245,12 +259,7 @@ return 1
 /// whole, with the unknown record's head ARGV[3], as a completion is: an
 /// unknown outcome dropped would let a retry run again.
 pub const MARK_UNKNOWN: &str = concat!(
-    r"
-local v = redis.pcall('GET', KEYS[1])
-if v == false then
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
-  return 1
-end",
+    written_whole_where_gone!(3, 2),
     owner_guard!(@check),
     owner_guard!(@done "U"),
     r"
