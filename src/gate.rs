@@ -85,7 +85,7 @@ impl Proxy {
         // (or the release of a turned-away claim) is awaited, hyper drops
         // this future, and the guard undoes whatever claim the store made.
         let mut undo = ClaimGuard::arm(self, &storage_key, &token);
-        let (reply, claimed_at) = match self
+        let (reply, claimed_at, uncertain) = match self
             .claim_or_wait(&claim, policy.concurrent, deadline)
             .await
         {
@@ -105,8 +105,13 @@ impl Proxy {
             }
         };
         if reply.decision != Decision::Claim {
-            // Nothing of ours is in the store.
-            undo.disarm();
+            if uncertain {
+                // A claim of ours failed while waiting: it may have landed.
+                undo.release_now();
+            } else {
+                // Nothing of ours is in the store.
+                undo.disarm();
+            }
         }
         let record = reply.record;
         match reply.decision {
@@ -214,25 +219,51 @@ impl Proxy {
     /// One claim; under `concurrent: wait` a duplicate of an in-flight
     /// attempt claims again (backing off) until the attempt completes, is
     /// released (then one waiter wins the new claim), or the budget ends.
-    /// With the reply, when its claim was sent.
+    /// With the reply, when its claim was sent, and whether a claim of this
+    /// request failed on the way (it may have landed: the caller undoes it
+    /// unless it goes on as the key's owner).
+    ///
+    /// Once the key is known to be another attempt's, a store error does not
+    /// end the wait: a duplicate must never be forwarded around the store
+    /// (`on_unavailable: forward`) nor refused while its budget lasts; it
+    /// waits on, and gets `409 request_in_progress` if the budget ends first.
     async fn claim_or_wait(
         &self,
         claim: &ClaimRequest<'_>,
         concurrent: Concurrent,
         deadline: Instant,
-    ) -> Result<(ClaimReply, Instant), StoreError> {
+    ) -> Result<(ClaimReply, Instant, bool), StoreError> {
         let mut step = Duration::from_millis(5);
+        let (mut last, mut uncertain) = (None, false);
         loop {
             let sent = Instant::now();
-            let reply = self.store.claim(claim).await?;
+            let left = |now: Instant| deadline.saturating_duration_since(now);
+            let reply = match (self.store.claim(claim).await, last.take()) {
+                (Ok(reply), _) => reply,
+                (Err(error), None) => return Err(error),
+                (Err(error @ StoreError::Damaged(_)), Some(_)) => return Err(error),
+                (Err(error), Some((reply, at))) => {
+                    tracing::warn!(key = %claim.key.key, route = %claim.key.route, error = %error, "a waiting duplicate's claim failed; waiting on");
+                    uncertain = true;
+                    if left(Instant::now()).is_zero() {
+                        return Ok((reply, at, uncertain));
+                    }
+                    tokio::time::sleep(step.min(left(Instant::now()))).await;
+                    step = (step * 2).min(MAX_WAIT_STEP);
+                    last = Some((reply, at));
+                    continue;
+                }
+            };
             let waiting = matches!(reply.decision, Decision::InProgress { .. })
                 && concurrent == Concurrent::Wait;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !waiting || left.is_zero() {
-                return Ok((reply, sent));
+            if !waiting || left(Instant::now()).is_zero() {
+                return Ok((reply, sent, uncertain));
             }
-            self.store.changed(claim.key, step.min(left)).await;
+            self.store
+                .changed(claim.key, step.min(left(Instant::now())))
+                .await;
             step = (step * 2).min(MAX_WAIT_STEP);
+            last = Some((reply, sent));
         }
     }
 

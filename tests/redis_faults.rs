@@ -655,6 +655,64 @@ async fn store_unavailable_problems_name_no_redis_internals() {
     assert_eq!(upstream.hits(), 1);
 }
 
+/// Regression: a duplicate waiting (`concurrent: wait`) for an attempt in
+/// flight gave up at the first store error while it polled: with
+/// `on_unavailable: forward` it was forwarded unprotected (the upstream ran
+/// twice), with `reject` it got `503` with most of its budget left. Known
+/// to be a duplicate, it waits on through the error and gets the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_waits_through_a_store_error_and_is_never_forwarded() {
+    let redis = RedisServer::start_own().await;
+    let conn = redis.connection().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(
+        &redis,
+        &upstream,
+        ", on_unavailable: forward",
+        "concurrent: wait",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let first = [
+        ("idempotency-key", "k-wait-fault"),
+        ("x-test-delay-ms", "2500"),
+    ];
+    let first = client.spawn_send("POST", &proxy.url("/api/o"), &first, "{}");
+    eventually(
+        Duration::from_secs(5),
+        "the first attempt is out",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    let duplicate = [("idempotency-key", "k-wait-fault")];
+    let duplicate = client.spawn_send("POST", &proxy.url("/api/o"), &duplicate, "{}");
+    // The duplicate's first claim found the attempt in flight: that is the
+    // claim script (a new key's claim is a plain SET).
+    eventually(Duration::from_secs(5), "the duplicate waits", || {
+        let mut conn = conn.clone();
+        async move {
+            let stats: String = ::redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            stats.contains("cmdstat_evalsha:calls=")
+        }
+    })
+    .await;
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(1000)).await; // the outage under test: several polls fail
+    redis.resume();
+    assert_eq!(first.await.unwrap().status, 201);
+    let replay = duplicate.await.unwrap();
+    assert_eq!(
+        (replay.status.as_u16(), replay.header("idempotent-replayed")),
+        (201, Some("true")),
+        "{replay:?}"
+    );
+    assert_eq!(upstream.hits(), 1, "never forwarded around the store");
+}
+
 /// SPEC 4.5: a completion the store cannot take still answers the client
 /// with the upstream's response, and the failure is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
