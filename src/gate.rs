@@ -235,35 +235,28 @@ impl Proxy {
     ) -> Result<(ClaimReply, Instant, bool), StoreError> {
         let mut step = Duration::from_millis(5);
         let (mut last, mut uncertain) = (None, false);
+        let left = || deadline.saturating_duration_since(Instant::now());
         loop {
             let sent = Instant::now();
-            let left = |now: Instant| deadline.saturating_duration_since(now);
-            let reply = match (self.store.claim(claim).await, last.take()) {
-                (Ok(reply), _) => reply,
+            let (reply, at) = match (self.store.claim(claim).await, last.take()) {
+                (Ok(reply), _) => (reply, sent),
                 (Err(error), None) => return Err(error),
                 (Err(error @ StoreError::Damaged(_)), Some(_)) => return Err(error),
-                (Err(error), Some((reply, at))) => {
+                // Still the in-progress reply it was waiting on.
+                (Err(error), Some(waited)) => {
                     tracing::warn!(key = %claim.key.key, route = %claim.key.route, error = %error, "a waiting duplicate's claim failed; waiting on");
                     uncertain = true;
-                    if left(Instant::now()).is_zero() {
-                        return Ok((reply, at, uncertain));
-                    }
-                    tokio::time::sleep(step.min(left(Instant::now()))).await;
-                    step = (step * 2).min(MAX_WAIT_STEP);
-                    last = Some((reply, at));
-                    continue;
+                    waited
                 }
             };
             let waiting = matches!(reply.decision, Decision::InProgress { .. })
                 && concurrent == Concurrent::Wait;
-            if !waiting || left(Instant::now()).is_zero() {
-                return Ok((reply, sent, uncertain));
+            if !waiting || left().is_zero() {
+                return Ok((reply, at, uncertain));
             }
-            self.store
-                .changed(claim.key, step.min(left(Instant::now())))
-                .await;
+            self.store.changed(claim.key, step.min(left())).await;
             step = (step * 2).min(MAX_WAIT_STEP);
-            last = Some((reply, sent));
+            last = Some((reply, at));
         }
     }
 

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::check::{Check, MAX_WAIT, quote};
+use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
+use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
 
 /// How long an unused upstream connection is kept: below the 5 s keep-alive
 /// timeout of Node.js, Apache httpd and uvicorn, so that a request is not
 /// sent on a connection such an upstream is closing.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
-use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
 
 pub(super) fn build_upstream(
     c: &mut Check,

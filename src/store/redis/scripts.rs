@@ -172,12 +172,6 @@ end
     () => {
         concat!(owner_guard!(@read), owner_guard!(@in_flight))
     };
-    ($done:literal) => {
-        concat!(
-            owner_guard!(@read),
-            owner_guard!(@done $done)
-        )
-    };
     (@done $done:literal) => {
         concat!(
             "if state == '",
