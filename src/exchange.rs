@@ -187,7 +187,8 @@ impl Exchange {
                 self.release().await;
                 (send_error_problem(error), false)
             }
-            Ok(Err(error @ SendError::Broken(_))) => {
+            // (A protected request's body is in memory: it cannot break off.)
+            Ok(Err(error @ (SendError::Broken(_) | SendError::ClientBody))) => {
                 self.finish_admission(false);
                 self.settle_unknown("the upstream connection broke after the request was sent")
                     .await;

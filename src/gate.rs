@@ -52,6 +52,7 @@ impl Proxy {
             Ok(body) => body,
             Err(error) => {
                 ctx.outcome = "rejected";
+                ctx.client_gone = matches!(error, ReadError::Broken);
                 return read_error_problem(error, policy.max_request_body);
             }
         };

@@ -109,6 +109,9 @@ pub struct Ctx {
     pub outcome: &'static str,
     pub key: Option<String>,
     pub upstream_ms: Option<u64>,
+    /// The client's request body broke off (it went away): logged and
+    /// counted as [`CLIENT_CLOSED`], whatever the answer that nobody reads.
+    pub client_gone: bool,
 }
 
 impl Proxy {
@@ -205,6 +208,7 @@ impl Proxy {
             outcome: "error",
             key: None,
             upstream_ms: None,
+            client_gone: false,
         };
         let path = tracing::enabled!(target: "idemgate::access", tracing::Level::INFO)
             .then(|| request.uri().path().to_owned());
@@ -351,6 +355,11 @@ impl Proxy {
                 headers::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, body::boxed(incoming))
             }
+            // The admission is dropped unjudged: the upstream did nothing wrong.
+            Some(Err(SendError::ClientBody)) => {
+                ctx.client_gone = true;
+                send_error_problem(SendError::ClientBody)
+            }
             Some(Err(error)) => {
                 admission.finish(false);
                 send_error_problem(error)
@@ -408,6 +417,11 @@ pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
             )
             .into_response()
         }
+        SendError::ClientBody => Problem::new(
+            Code::BadRequest,
+            "the request body broke off before it was sent whole",
+        )
+        .into_response(),
     }
 }
 
@@ -477,6 +491,11 @@ pub const CLIENT_CLOSED: u16 = 499;
 impl Access<'_> {
     fn finish(&mut self, status: u16) {
         self.done = true;
+        let status = if self.ctx.client_gone {
+            CLIENT_CLOSED
+        } else {
+            status
+        };
         if let Some(path) = &self.path {
             log_request(&self.ctx, &self.method, path, status);
         }

@@ -162,11 +162,7 @@ async fn sigterm_drains_slow_requests_records_them_and_exits_0() {
 
     // One JSON access line per request, with no secret in any line.
     let log = proxy.log();
-    let access: Vec<serde_json::Value> = log
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "idemgate::access")
-        .collect();
+    let access = proxy.access_lines();
     assert_eq!(access.len(), 1, "{log:?}");
     let line = &access[0];
     for field in [

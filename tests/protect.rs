@@ -222,6 +222,61 @@ async fn a_slow_upload_is_not_the_upstream_s_timeout() {
     assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
 }
 
+/// A client that breaks off its own upload is not the upstream failing:
+/// the exchange it cut short must not count towards opening the circuit
+/// for everyone (SPEC 9: failures are the upstream's connects, timeouts,
+/// broken connections and 502/503/504 answers).
+#[tokio::test]
+async fn clients_breaking_off_their_uploads_never_open_the_circuit() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = TestUpstream::start().await;
+    let extra = ", circuit_breaker: { consecutive_failures: 2, open_for: 60s }";
+    let yaml = yaml(&Backend::memory().store_yaml(), &upstream, extra)
+        + "admin: { listen: 127.0.0.1:0 }\n";
+    let proxy = TestProxy::start(&yaml).await;
+    for sent in 1..=3 {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = "POST /plain HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nthe start";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        eventually(
+            Duration::from_secs(5),
+            &format!("upload {sent} upstream"),
+            || async { upstream.hits() == sent },
+        )
+        .await;
+        drop(stream);
+    }
+    let client = TestClient::new();
+    let next = resend_until_settled(&client, &proxy).await;
+    assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
+}
+
+/// A GET through the pass-through route once the aborted uploads have been
+/// dealt with (their exchanges end in the background, after the client left).
+async fn resend_until_settled(client: &TestClient, proxy: &TestProxy) -> common::Reply {
+    let metrics = || async {
+        let reply = client
+            .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
+            .await;
+        String::from_utf8(reply.body.to_vec()).unwrap()
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the aborted uploads ended",
+        || async {
+            common::sample(
+                &metrics().await,
+                "idemgate_upstream_in_flight",
+                &[("upstream", "up")],
+            ) == 0.0
+        },
+    )
+    .await;
+    client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await
+}
+
 /// Regression: a request's bulkhead slot was freed at its answer's head,
 /// so with `max_in_flight: 1` a second request reached the upstream while
 /// the first one's body was still streaming from it. The slot is held to

@@ -29,6 +29,9 @@ pub enum SendError {
     Connect(String),
     /// The connection broke after (part of) the request may have been sent.
     Broken(String),
+    /// The client's request body broke off while it was being sent (the
+    /// client went away): not the upstream's failure.
+    ClientBody,
 }
 
 pub struct Upstream {
@@ -377,12 +380,22 @@ impl SendError {
     /// A failure once the request may have been written: broken, unless the
     /// upstream refused the TLS handshake (its application saw nothing).
     fn after_send(error: &(dyn std::error::Error + 'static)) -> SendError {
-        if handshake_rejected(error) {
+        if client_body_broke(error) {
+            SendError::ClientBody
+        } else if handshake_rejected(error) {
             SendError::connect(error)
         } else {
             SendError::Broken(error_chain(error))
         }
     }
+}
+
+/// hyper's "user body" error: the request body being sent (the client's,
+/// streamed) failed with an error of its own, its source.
+fn client_body_broke(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<hyper::Error>()
+        .is_some_and(|e| e.is_user() && std::error::Error::source(e).is_some())
 }
 
 /// Under TLS 1.3 a server that refuses the client's certificate says so

@@ -108,6 +108,15 @@ impl Binary {
     pub fn log(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
+
+    /// The JSON access lines logged so far (`target: idemgate::access`).
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "idemgate::access")
+            .collect()
+    }
 }
 
 impl Drop for Binary {

@@ -90,14 +90,7 @@ async fn client_gone_mid_exchange_is_logged_and_counted_once(backend: Backend) {
         let reply = client.send("GET", &metrics_url, &[], "").await;
         String::from_utf8(reply.body.to_vec()).unwrap()
     };
-    let access = || -> Vec<serde_json::Value> {
-        proxy
-            .log()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "idemgate::access")
-            .collect()
-    };
+    let access = || proxy.access_lines();
 
     let stream = raw_post(proxy.addr, "k-gone-log", "x-test-delay-ms: 400\r\n").await;
     eventually(Duration::from_secs(5), "the request upstream", || async {
@@ -131,3 +124,32 @@ async fn client_gone_mid_exchange_is_logged_and_counted_once(backend: Backend) {
 }
 
 both_stores!(client_gone_mid_exchange_is_logged_and_counted_once);
+
+/// Regression: a client that went away in the middle of its request body
+/// was logged and counted as a `408` the proxy answered (`request_timeout`),
+/// as if its body had stalled; it is the client's doing: `499`.
+#[tokio::test]
+async fn a_client_gone_mid_body_is_logged_499_not_408() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(
+        &path,
+        crate::yaml(&Backend::memory().store_yaml(), &upstream, "", ""),
+    )
+    .unwrap();
+    let proxy = Binary::serve(&path);
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-half\r\ncontent-length: 100\r\n\r\n{\"a\"";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    drop(stream);
+    eventually(Duration::from_secs(5), "an access line", || async {
+        !proxy.access_lines().is_empty()
+    })
+    .await;
+    let lines = proxy.access_lines();
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    assert_eq!(lines[0]["status"], 499, "{}", lines[0]);
+    assert_eq!(lines[0]["key"], "k-half");
+    assert_eq!(upstream.hits(), 0, "nothing forwarded");
+}
