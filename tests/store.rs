@@ -1217,19 +1217,48 @@ async fn a_full_redis_still_judges_a_waiting_duplicate_in_progress() {
         .claim(&claim(&k, "first", 10_000, OnUnknown::Lock))
         .await;
     assert_eq!(first.unwrap().decision, Decision::Claim);
-    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
-        let _: String = ::redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    set_maxmemory(&mut conn, "1").await;
     let mut waiting = claim(&k, "second", 10_000, OnUnknown::Lock);
     waiting.waits = true;
     match store.claim(&waiting).await.map(|r| r.decision) {
         Ok(Decision::InProgress { .. }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+/// Sets Redis's `maxmemory` (`noeviction`): "1" makes it full, refusing
+/// writes; "0" lifts the limit.
+async fn set_maxmemory(conn: &mut ::redis::aio::MultiplexedConnection, bytes: &str) {
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", bytes)] {
+        let _: String = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// Regression: under a full Redis a claim that found an attempt whose
+/// lease had ended (`on_unknown: lock`) could not mark it `unknown` (the
+/// write refused) yet said it had: every retry counted one more unknown
+/// outcome in `idemgate_unknown_outcomes_total`. It is judged unknown all
+/// the same, and counted once, when the mark is written.
+#[tokio::test]
+async fn a_full_redis_judges_an_ended_lease_unknown_without_counting_it_twice() {
+    let (_server, store, mut conn) = own_redis().await;
+    let k = key("full");
+    let first = store.claim(&claim(&k, "A", 50, OnUnknown::Lock)).await;
+    assert_eq!(first.unwrap().decision, Decision::Claim);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the lease under test
+    set_maxmemory(&mut conn, "1").await;
+    for token in ["B", "C"] {
+        let reply = store.claim(&claim(&k, token, 1000, OnUnknown::Lock)).await;
+        assert_eq!(reply.unwrap().decision, Decision::Unknown, "{token}");
+    }
+    set_maxmemory(&mut conn, "0").await;
+    let marked = store.claim(&claim(&k, "D", 1000, OnUnknown::Lock)).await;
+    assert_eq!(marked.unwrap().decision, Decision::BecomeUnknown);
+    assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::Unknown);
 }

@@ -214,29 +214,36 @@ impl RedisStore {
             .arg(if req.waits { "1" } else { "0" })
             .arg(value);
         let reply = self.run(&self.claim, &call, deadline).await?;
-        let (now_ms, record) = match reply {
+        let (now_ms, record, unmarked) = match reply {
             // Claimed, with no record to report.
-            Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), None),
+            Value::Int(now_ms) => (u64::try_from(now_ms).unwrap_or(0), None, false),
             Value::Array(reply) => {
                 let mut reply = reply.into_iter();
                 let mut next = || reply.next().unwrap_or(Value::Nil);
                 let now_ms: u64 = from_value(next())?;
-                let _claimed = next();
+                // 1: claimed afresh; 2: a lease that ended could not be
+                // marked `unknown` (a full Redis refuses the write).
+                let unmarked = matches!(next(), Value::Int(2));
                 let kind: String = from_value(next())?;
-                (now_ms, read_record(&kind, next(), next(), now_ms)?)
+                let record = read_record(&kind, next(), next(), now_ms)?;
+                (now_ms, record, unmarked)
             }
             other => return Err(StoreError::Backend(format!("claim script: {other:?}"))),
         };
         if let Some(record) = &record {
             compact::check_complete(record)?;
         }
-        let decision = decide(
+        let decision = match decide(
             record.as_ref(),
             req.fingerprint,
             req.token,
             now_ms,
             req.on_unknown,
-        );
+        ) {
+            // Unknown all the same, but not made so yet: counted once it is.
+            Decision::BecomeUnknown if unmarked => Decision::Unknown,
+            decision => decision,
+        };
         Ok(ClaimReply { decision, record })
     }
 

@@ -107,7 +107,9 @@ if kind == 'string' then
     write_claim!(),
     r"      return {now, 1, 's', v, pttl}
     end
-    redis.pcall('SETRANGE', KEYS[1], 1, 'U')
+    if type(redis.pcall('SETRANGE', KEYS[1], 1, 'U')) == 'table' then
+      return {now, 2, 's', v, pttl}
+    end
     ",
     expire_unknown!(),
     r"  elseif ARGV[6] == '1' then
@@ -130,7 +132,9 @@ if rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' and tonumber(rec[LEASE
     write_claim!(),
     r"    return {now, 1, 'h', rec}
   end
-  redis.pcall('HSET', KEYS[1], 'state', 'unknown')
+  if type(redis.pcall('HSET', KEYS[1], 'state', 'unknown')) == 'table' then
+    return {now, 2, 'h', rec}
+  end
   ",
     expire_unknown!(),
     r"elseif ARGV[6] == '1' and rec[FP_AT] == ARGV[1] and rec[STATE_AT] == 'in_flight' then
