@@ -9,7 +9,8 @@ use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State};
 use crate::store::{Listing, Store};
 
-pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
+/// What the command prints.
+pub async fn run(command: KeysCommand) -> anyhow::Result<String> {
     let config_arg = match &command {
         KeysCommand::Get(args) | KeysCommand::Purge(args) => &args.config,
         KeysCommand::Unknown { config, .. } => config,
@@ -28,12 +29,11 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     } else {
         direct(&config, &command).await?
     };
-    match command {
-        KeysCommand::Unknown { json: false, .. } => print_table(&value),
-        KeysCommand::Purge(_) => println!("purged {} record(s)", value["purged"]),
-        _ => println!("{}", serde_json::to_string_pretty(&value)?),
-    }
-    Ok(())
+    Ok(match command {
+        KeysCommand::Unknown { json: false, .. } => table(&value),
+        KeysCommand::Purge(_) => format!("purged {} record(s)\n", value["purged"]),
+        _ => format!("{}\n", serde_json::to_string_pretty(&value)?),
+    })
 }
 
 /// Redis: the store itself.
@@ -71,14 +71,14 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
 }
 
 /// One line per unknown outcome, for a human.
-fn print_table(list: &serde_json::Value) {
+fn table(list: &serde_json::Value) -> String {
+    use std::fmt::Write;
     let rows = list.as_array().map(Vec::as_slice).unwrap_or_default();
     if rows.is_empty() {
-        println!("no unknown outcomes");
-        return;
+        return "no unknown outcomes\n".into();
     }
-    println!(
-        "{:<16} {:<40} {:<10} {:<24} scope",
+    let mut out = format!(
+        "{:<16} {:<40} {:<10} {:<24} scope\n",
         "route", "key", "state", "created_at"
     );
     for r in rows {
@@ -92,7 +92,8 @@ fn print_table(list: &serde_json::Value) {
             })
             .unwrap_or_default();
         let text = |f: &str| r[f].as_str().unwrap_or("").to_owned();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<16} {:<40} {:<10} {:<24} {}",
             text("route"),
             text("key"),
@@ -101,6 +102,7 @@ fn print_table(list: &serde_json::Value) {
             text("scope")
         );
     }
+    out
 }
 
 /// With `backend: memory` the records live in the serving process: ask its admin listener.

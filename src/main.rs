@@ -186,12 +186,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
-    // Written whole and without a panic when stdout is closed early (`check | head`).
-    let text = format!("{}: valid; {}", path.display(), config.describe());
-    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    print_whole(&format!("{}: valid; {}", path.display(), config.describe()));
     ExitCode::SUCCESS
 }
 
 async fn idemgate_keys(command: KeysCommand) -> anyhow::Result<()> {
-    idemgate::keys::run(command).await
+    print_whole(&idemgate::keys::run(command).await?);
+    Ok(())
+}
+
+/// Written whole and without a panic when stdout is closed early (`| head`).
+fn print_whole(text: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
 }

@@ -9,6 +9,8 @@
 //! merged (as nginx does by default). Other escapes (`%2F`, `%20`, …) stay
 //! as they are.
 
+use std::borrow::Cow;
+
 use http::Uri;
 use http::uri::PathAndQuery;
 
@@ -19,6 +21,40 @@ pub fn normalized(uri: &Uri) -> Option<Uri> {
     if !path.starts_with('/') || !needs_work(path) {
         return None;
     }
+    let mut normal = normal_path(path);
+    if let Some(query) = uri.query() {
+        normal.push('?');
+        normal.push_str(query);
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() == normal) {
+        return None;
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(normal).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+/// The path that routes are matched against: the normal path (already made
+/// so by [`normalized`]), with encoded slashes and backslashes (`%2F`,
+/// `%5C`) taken as `/`, as upstreams that decode the path before routing
+/// on it see it (WSGI's `PATH_INFO`: Django, Flask): `/api/orders%2F7` and
+/// `/api%2Forders/7` take the `/api/orders` route. Forwarded unchanged.
+pub fn for_routing(path: &str) -> Cow<'_, str> {
+    let encoded_slash = |w: &[u8]| w[0] == b'%' && matches!(&w[1..], b"2F" | b"2f" | b"5C" | b"5c");
+    if !path.contains('%') || !path.as_bytes().windows(3).any(encoded_slash) {
+        return Cow::Borrowed(path);
+    }
+    let slashed = path
+        .replace("%2F", "/")
+        .replace("%2f", "/")
+        .replace("%5C", "/")
+        .replace("%5c", "/");
+    Cow::Owned(normal_path(&slashed))
+}
+
+/// An absolute path in normal form: unreserved escapes decoded, `.` and
+/// `..` segments resolved, empty segments dropped.
+fn normal_path(path: &str) -> String {
     let decoded = decode_unreserved(path);
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
@@ -40,16 +76,7 @@ pub fn normalized(uri: &Uri) -> Option<Uri> {
     if normal.is_empty() || matches!(last, "" | "." | "..") {
         normal.push('/');
     }
-    if let Some(query) = uri.query() {
-        normal.push('?');
-        normal.push_str(query);
-    }
-    if uri.path_and_query().is_some_and(|pq| pq.as_str() == normal) {
-        return None;
-    }
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(PathAndQuery::try_from(normal).ok()?);
-    Uri::from_parts(parts).ok()
+    normal
 }
 
 /// Whether the path may have an escape, a `.`/`..` segment or an empty
@@ -123,6 +150,23 @@ mod tests {
                 *want,
                 "{sent}"
             );
+        }
+    }
+
+    #[test]
+    fn encoded_slashes_route_as_slashes_table() {
+        let cases: &[(&str, &str)] = &[
+            ("/api/orders", "/api/orders"),
+            ("/a%20b", "/a%20b"),
+            ("/api/orders%2F7", "/api/orders/7"),
+            ("/api%2forders/7", "/api/orders/7"),
+            ("/api%5Corders", "/api/orders"),
+            ("/x/..%2F..%2Fapi/orders", "/api/orders"),
+            ("/api/orders%2F", "/api/orders/"),
+            ("/a%2", "/a%2"),
+        ];
+        for (sent, want) in cases {
+            assert_eq!(for_routing(sent), *want, "{sent}");
         }
     }
 

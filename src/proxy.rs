@@ -295,10 +295,11 @@ impl Proxy {
         }
         let routing = self.routing();
         let host = host.as_ref().and_then(|v| v.to_str().ok());
-        let Some(index) = routing
-            .routes
-            .find_index(request.method(), host, request.uri().path())
-        else {
+        let Some(index) = routing.routes.find_index(
+            request.method(),
+            host,
+            &path::for_routing(request.uri().path()),
+        ) else {
             ctx.outcome = "rejected";
             return Problem::new(Code::NoRoute, "no route matches this method, host and path")
                 .into_response();
@@ -310,7 +311,7 @@ impl Proxy {
         match route
             .idempotency
             .clone()
-            .filter(|p| p.methods.contains(request.method()))
+            .filter(|p| crate::route::has_method(&p.methods, request.method()))
         {
             None => self.pass_through(&upstream, request, ctx).await,
             // Boxed: the gate's future is large, and pass-through requests

@@ -49,8 +49,19 @@ fn matches(m: &RouteMatch, method: &Method, host: Option<&str>, path: &str) -> b
         },
     };
     path_ok
-        && m.methods.as_ref().is_none_or(|ms| ms.contains(method))
+        && m.methods.as_ref().is_none_or(|ms| has_method(ms, method))
         && m.host.as_ref().is_none_or(|want| host_matches(want, host))
+}
+
+/// Whether `method` is one of `methods`, in any case: methods are
+/// case-sensitive (RFC 9110 9.1), but many upstreams upper-case them before
+/// routing (Django, Flask), and `fetch()` sends `patch` as written, so a
+/// `patch` must not side-step a route or gate that names `PATCH`.
+pub fn has_method(methods: &[Method], method: &Method) -> bool {
+    methods.contains(method)
+        || methods
+            .iter()
+            .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
 }
 
 /// Case-insensitive; the request's port is ignored unless the route names
@@ -59,7 +70,16 @@ fn matches(m: &RouteMatch, method: &Method, host: Option<&str>, path: &str) -> b
 fn host_matches(want: &str, host: Option<&str>) -> bool {
     let Some(host) = host else { return false };
     let mut host = host.to_ascii_lowercase();
-    let name_end = if has_port(&host) {
+    strip_root_dot(&mut host);
+    if has_port(want) {
+        return host == want;
+    }
+    strip_port(&host) == want
+}
+
+/// `example.com.` (with its port, if any) made `example.com`.
+pub fn strip_root_dot(host: &mut String) {
+    let name_end = if has_port(host) {
         host.rfind(':').unwrap_or(host.len())
     } else {
         host.len()
@@ -67,10 +87,6 @@ fn host_matches(want: &str, host: Option<&str>) -> bool {
     if name_end > 1 && host.as_bytes()[name_end - 1] == b'.' {
         host.remove(name_end - 1);
     }
-    if has_port(want) {
-        return host == want;
-    }
-    strip_port(&host) == want
 }
 
 fn has_port(host: &str) -> bool {

@@ -562,15 +562,27 @@ impl CliServer {
 
     /// Runs `idemgate <args> --config <the file>`.
     async fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_with(args, false).await
+    }
+
+    /// `idemgate ARGS --config PATH`, its stdout closed at once (`| true`)
+    /// when `closed_stdout`.
+    async fn cli_with(&self, args: &[&str], closed_stdout: bool) -> std::process::Output {
         let path = self.path.clone();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
                 .args(&args)
                 .arg("--config")
                 .arg(&path)
-                .output()
-                .unwrap()
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            if closed_stdout {
+                drop(child.stdout.take());
+            }
+            child.wait_with_output().unwrap()
         })
         .await
         .unwrap()
@@ -626,6 +638,14 @@ async fn keys_cli_gets_lists_and_purges(backend: Backend) {
     let got: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(got[0]["state"], "completed");
     assert_eq!(got[0]["status"], 201);
+    // Regression: a reader gone early (`| head`) made it panic (exit 101).
+    let get = ["keys", "get", "--route", "orders", "--key", "k-done"];
+    let piped = server.cli_with(&get, true).await;
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
 
     let purged = server
         .cli(&["keys", "purge", "--route", "orders", "--key", "k-cli"])

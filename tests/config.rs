@@ -429,6 +429,75 @@ fn upstream_urls_with_user_and_password_are_refused_without_echoing_them() {
     assert!(!e.to_string().contains("hunter2"), "{e}");
 }
 
+/// Regression: `http` reads a URL's port lazily, and one it cannot read
+/// was the scheme's default: `http://127.0.0.1:90000` (a typo for 9000)
+/// passed `check` and sent every request to port 80.
+#[test]
+fn upstream_urls_with_a_port_out_of_range_or_no_host_are_refused() {
+    for url in [
+        "http://127.0.0.1:90000",
+        "http://127.0.0.1:notaport",
+        "http://127.0.0.1:0",
+        "http://:9000",
+    ] {
+        let errs = errors(&format!(
+            "upstreams:\n  erp: {{ url: \"{url}\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+        ));
+        let e = error_at(&errs, "upstreams.erp.url");
+        assert!(e.message.contains("is not an upstream URL"), "{url}: {e}");
+    }
+    for url in [
+        "http://[::1]:9000",
+        "http://[::1]",
+        "https://erp.internal:65535/base",
+    ] {
+        let yaml = format!(
+            "upstreams:\n  erp: {{ url: \"{url}\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+        );
+        Config::parse(&yaml).unwrap_or_else(|e| panic!("{url}: {e:?}"));
+    }
+}
+
+/// Regression: `match.host` was taken as written: a scheme, a path, a
+/// wildcard or a bad port made a route no request could match, and its
+/// protected POSTs went to a later route, passed through unprotected (the
+/// upstream ran a duplicate twice).
+#[test]
+fn a_match_host_no_request_could_name_is_refused() {
+    let route = |host: &str| {
+        format!(
+            "{BASE}routes:\n  - name: pay\n    match: {{ path_prefix: /pay, host: \"{host}\" }}\n    upstream: erp\n"
+        )
+    };
+    for host in [
+        "https://pay.example.com",
+        "*.example.com",
+        "api.example.com/v1",
+        "",
+        "exa mple.com",
+        "pay.example.com:99999",
+        "user@pay.example.com",
+    ] {
+        let errs = errors(&route(host));
+        let e = error_at(&errs, "routes[0].match.host");
+        assert_eq!(e.position.map(|p| p.0), Some(5), "{host}: {e}");
+        assert!(
+            e.message.contains("is not a host a request could name"),
+            "{host}: {e}"
+        );
+    }
+    for (host, kept) in [
+        ("Pay.Example.com", "pay.example.com"),
+        ("pay.example.com.", "pay.example.com"),
+        ("pay.example.com.:8443", "pay.example.com:8443"),
+        ("10.0.0.5:8443", "10.0.0.5:8443"),
+        ("[::1]:8080", "[::1]:8080"),
+    ] {
+        let config = Config::parse(&route(host)).unwrap_or_else(|e| panic!("{host}: {e:?}"));
+        assert_eq!(config.routes[0].matcher.host.as_deref(), Some(kept));
+    }
+}
+
 #[test]
 fn error_messages_never_show_the_value_of_an_env_var() {
     // SAFETY: this test binary sets only variables of its own, unique names.

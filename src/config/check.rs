@@ -295,6 +295,19 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Mi
 /// A duration as an operator writes one: whole days as `365d` (humantime
 /// would say "11months 30days 3h 50m 24s", its months being 30.44 days),
 /// anything else as humantime formats it (`1h 30m`, `250ms`).
+/// An authority (`host[:port]`) with a host and, where it names a port, one
+/// from 1 to 65535: `http` reads a port lazily, and one it cannot read
+/// (`:90000`, `:x`) would silently be the scheme's default.
+pub fn authority_ok(authority: &http::uri::Authority) -> bool {
+    let text = authority.as_str();
+    let port = match text.rfind(':') {
+        // An IPv6 literal without a port ends with ']'.
+        Some(i) if !text[i..].contains(']') => Some(&text[i + 1..]),
+        _ => None,
+    };
+    !authority.host().is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 pub fn show_duration(d: std::time::Duration) -> String {
     const DAY: u64 = 86_400;
     if d.subsec_nanos() == 0 && d.as_secs() >= DAY && d.as_secs().is_multiple_of(DAY) {

@@ -1,6 +1,6 @@
 //! Validation of a route's `match` block.
 
-use super::check::{Check, quote};
+use super::check::{Check, authority_ok, quote};
 use super::file::{MatchFile, Text};
 use super::validate::method;
 use super::{PathMatch, RouteMatch};
@@ -49,13 +49,36 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
     };
     let host = match &m.host {
         None => None,
-        Some(h) => Some(c.text(&format!("{at}.match.host"), h)?.to_ascii_lowercase()),
+        Some(h) => Some(route_host(c, &format!("{at}.match.host"), h)?),
     };
     Some(RouteMatch {
         path,
         methods,
         host,
     })
+}
+
+/// A configured host as requests' hosts are compared with it: a name or an
+/// address, with a port where the route is for that port only, lower case,
+/// without a fully qualified name's final dot. Anything else (a scheme, a
+/// path, a wildcard, a port out of range) could never match a request, and
+/// a protected route's traffic would go to a later route, unprotected.
+fn route_host(c: &mut Check, field: &str, value: &Text) -> Option<String> {
+    let mut text = c.text(field, value)?.to_ascii_lowercase();
+    let valid = text
+        .parse::<http::uri::Authority>()
+        .is_ok_and(|a| authority_ok(&a) && !a.as_str().contains(['@', '*']));
+    if !valid {
+        c.fail(
+            field,
+            Some(&value.referenced),
+            format!("{} is not a host a request could name", quote(value)),
+            "write a host name or address, with a port only if the route is for that port, such as api.example.com or 10.0.0.5:8443 (no scheme, path or wildcard)",
+        );
+        return None;
+    }
+    crate::route::strip_root_dot(&mut text);
+    Some(text)
 }
 
 /// A configured path as requests are matched against it: absolute, a

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::check::{Check, MAX_WAIT, quote};
+use super::check::{Check, MAX_WAIT, authority_ok, quote};
 use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
 use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
 
@@ -32,6 +32,7 @@ pub(super) fn build_upstream(
         let scheme = uri.scheme().cloned()?;
         let authority = uri.authority().cloned()?;
         let ok = (scheme == http::uri::Scheme::HTTP || scheme == http::uri::Scheme::HTTPS)
+            && authority_ok(&authority)
             && uri.query().is_none();
         ok.then(|| {
             (

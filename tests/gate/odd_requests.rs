@@ -16,7 +16,8 @@ use crate::{Setup, both_stores};
 const CASES: usize = 200;
 
 /// Paths with whether they reach the protected `/api` route (SPEC.md 9:
-/// segment-boundary prefixes; paths made normal before routing).
+/// segment-boundary prefixes; paths made normal before routing, encoded
+/// slashes routed as slashes).
 const PATHS: [(&str, bool); 14] = [
     ("/api/orders", true),
     ("/api", true),
@@ -27,7 +28,7 @@ const PATHS: [(&str, bool); 14] = [
     ("/api/%6Frders?q=a%20b&x=%ff", true),
     ("/api/orders/..", true),
     ("/api/orders?x=1&x=2&y", true),
-    ("/api%2Forders", false),
+    ("/api%2Forders", true),
     ("/apix/orders", false),
     ("/API/orders", false),
     ("/%zz/api", false),
@@ -122,7 +123,7 @@ fn case(rng: &mut fastrand::Rng, n: usize) -> Case {
     }
     Case {
         bytes: head,
-        protected: routed && matches!(method, "POST" | "PATCH") && keys > 0,
+        protected: routed && matches!(method, "POST" | "PATCH" | "post") && keys > 0,
     }
 }
 
@@ -286,4 +287,35 @@ async fn odd_requests_get_an_upstream_answer_or_a_problem_and_replay_exactly(bac
     assert_eq!(s.post("after-odd", "{}", &[]).await.status, 201);
 }
 
-both_stores!(odd_requests_get_an_upstream_answer_or_a_problem_and_replay_exactly);
+/// Regression: `POST /api%2Forders` and a lower-case `patch` side-stepped
+/// the `/api` gate (no route, or passed through unprotected), while
+/// upstreams that decode the path or upper-case the method (WSGI: Django,
+/// Flask) took them for the protected request and ran it twice.
+async fn encoded_slashes_and_lower_case_methods_do_not_side_step_the_gate(backend: Backend) {
+    let s = Setup::new(backend, "methods: [POST, PATCH]", "").await;
+    for (method, path) in [
+        ("POST", "/api%2Forders"),
+        ("patch", "/api/orders/7"),
+        ("post", "/x/..%2Fapi"),
+    ] {
+        let url = s.proxy.url(path);
+        let missing = s.client.send(method, &url, &[], "{}").await;
+        assert_eq!(missing.code(), "idempotency_key_missing", "{method} {path}");
+        let key = format!("k-{method}-{}", path.len());
+        let headers = [("idempotency-key", key.as_str())];
+        let first = s.client.send(method, &url, &headers, "{}").await;
+        let again = s.client.send(method, &url, &headers, "{}").await;
+        assert_eq!(first.status, 201, "{method} {path}: {first:?}");
+        assert_eq!(
+            again.header("idempotent-replayed"),
+            Some("true"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(s.upstream.hits(), 3, "each request once");
+}
+
+both_stores!(
+    odd_requests_get_an_upstream_answer_or_a_problem_and_replay_exactly,
+    encoded_slashes_and_lower_case_methods_do_not_side_step_the_gate
+);
