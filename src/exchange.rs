@@ -148,7 +148,7 @@ impl Exchange {
         let mut reply = Some(reply);
         let sent = Instant::now();
         let result = {
-            let connected = Connected::default();
+            let connected = Connected::protected();
             let send = self.upstream.send(request, &connected);
             tokio::pin!(send);
             let lease_deadline = self.lease_deadline.into();

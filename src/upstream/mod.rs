@@ -295,9 +295,20 @@ pub struct Connected {
     ready: OnceLock<tokio::time::Instant>,
     /// Told when a body still streaming from the client has been sent whole.
     uploading: Option<Arc<tokio::sync::Notify>>,
+    /// A protected request's: a pooled connection is checked closed or not
+    /// on its socket before it is used, whatever the method.
+    protected: bool,
 }
 
 impl Connected {
+    /// For a protected request (its body in memory).
+    pub fn protected() -> Connected {
+        Connected {
+            protected: true,
+            ..Connected::default()
+        }
+    }
+
     /// For `request`, whose body may still be streaming from the client
     /// (pass-through): the response timer then waits for it to be sent
     /// whole ([`upload`]).
@@ -312,6 +323,10 @@ impl Connected {
             uploading: Some(sent),
             ..Connected::default()
         }
+    }
+
+    pub(crate) fn is_protected(&self) -> bool {
+        self.protected
     }
 
     pub(crate) fn making(&self) {

@@ -3,6 +3,7 @@
 //! themselves, so there is no connection task and no channel hop per request.
 
 use std::future::{Future, poll_fn};
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -34,6 +35,8 @@ type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 struct Conn {
     sender: http1::SendRequest<ProxyBody>,
     driver: http1::Connection<Io, ProxyBody>,
+    /// The TCP socket under it (TLS or not), for [`Conn::closed_by_peer`].
+    fd: RawFd,
 }
 
 impl Conn {
@@ -46,6 +49,29 @@ impl Conn {
     fn ready(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         self.drive(&mut cx) && matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Whether the upstream has closed this idle connection (or written to
+    /// it unasked, as a server does with a `408` before it closes), asked of
+    /// the socket itself: tokio hears of a close only when its I/O driver
+    /// next polls, which on a busy worker can be after the connection has
+    /// been taken for the next request. A request written to it then met a
+    /// reset, and a protected key turned `unknown` for a request the
+    /// upstream never saw (regression: an upstream that closes after each
+    /// answer without `Connection: close`).
+    fn closed_by_peer(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: `fd` is this connection's open socket (closed only when
+        // `driver` is dropped); a one-byte peek that does not block.
+        let read = unsafe {
+            libc::recv(
+                self.fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        read >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
     }
 }
 
@@ -116,7 +142,13 @@ impl Pool {
         connected: &super::Connected,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
-            let (mut conn, reused) = match self.checkout() {
+            // A request the upstream may act on (not a GET, or protected)
+            // never goes out on a connection the upstream has closed:
+            // the socket is asked (a system call). A safe method skips it
+            // (S1's path): a connection found closed then costs a `502`,
+            // which its client may retry.
+            let careful = connected.is_protected() || !request.method().is_safe();
+            let (mut conn, reused) = match self.checkout(careful) {
                 Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future is large.
                 None => {
@@ -163,11 +195,15 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<Box<Conn>> {
+    /// The most recently used idle connection that is still open, asked of
+    /// its socket too when `careful` ([`Conn::closed_by_peer`]).
+    fn checkout(&self, careful: bool) -> Option<Box<Conn>> {
         loop {
             let Idle { mut conn, since } = self.idle.lock().expect("pool lock").pop()?;
-            if since.elapsed() < self.idle_timeout && conn.ready() {
+            if since.elapsed() < self.idle_timeout
+                && conn.ready()
+                && !(careful && conn.closed_by_peer())
+            {
                 return Some(conn);
             }
         }
@@ -198,13 +234,17 @@ impl Pool {
             .call(self.target.clone())
             .await
             .map_err(|e| SendError::connect(&*e))?;
+        let fd = match &io {
+            MaybeHttpsStream::Http(tcp) => tcp.inner().as_raw_fd(),
+            MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner().as_raw_fd(),
+        };
         let (sender, driver) = http1::Builder::new()
             // One buffer, one `write` (see `server::connection_builder`).
             .writev(false)
             .handshake(io)
             .await
             .map_err(|e| SendError::connect(&e))?;
-        Ok(Box::new(Conn { sender, driver }))
+        Ok(Box::new(Conn { sender, driver, fd }))
     }
 
     fn put(self: &Arc<Self>, conn: Box<Conn>) {

@@ -183,3 +183,59 @@ async fn the_reaper_drops_connections_the_upstream_closed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An upstream on a thread of its own that closes each connection after
+/// its answer, without `Connection: close`, when the test says so; it
+/// reports the close once done.
+fn closing_upstream() -> (
+    Uri,
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("http://{}/", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let (close, told) = std::sync::mpsc::channel();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut socket in listener.incoming().map_while(Result::ok) {
+            let mut buf = [0; 4096];
+            if socket.read(&mut buf).unwrap_or(0) == 0 {
+                continue;
+            }
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            if told.recv().is_err() {
+                return;
+            }
+            drop(socket);
+            let _ = closed_tx.send(());
+        }
+    });
+    (uri, close, closed)
+}
+
+/// Regression: a pooled connection that the upstream had closed (its FIN
+/// in, but not yet seen by tokio's I/O driver, which polls only when the
+/// worker has nothing else to do) was taken for the next request: the
+/// request met a reset, and for a protected one the key turned `unknown`
+/// although the upstream never saw it. A request the upstream may act on
+/// asks the socket itself first, and goes out on a new connection.
+#[tokio::test]
+async fn a_post_never_goes_out_on_a_connection_closed_under_the_driver() {
+    let (uri, close, closed) = closing_upstream();
+    let pool = pool(&uri);
+    assert_eq!(read_all(&pool, &uri).await, 2);
+    assert_eq!(pool.idle_count(), 1);
+    // Blocks this (only) worker: the driver cannot hear of the close.
+    close.send(()).unwrap();
+    closed.recv().unwrap();
+    let post = Request::post("/")
+        .header(http::header::HOST, uri.authority().unwrap().as_str())
+        .body(crate::body::full("{}"))
+        .unwrap();
+    let response = pool.send(post).await.expect("sent on a new connection");
+    assert_eq!(response.status(), 200);
+    drop(close);
+}
