@@ -66,7 +66,7 @@ pub struct KeyArgs {
     #[arg(long)]
     pub key: String,
     /// The scope (hex SHA-256 of the scope header values).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::idempotency::key::parse_scope)]
     pub scope: Option<String>,
 }
 

@@ -726,6 +726,16 @@ async fn keys_cli_scope_picks_one_record(backend: Backend) {
     let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
     assert!(one.is_object(), "one record, not a list: {one}");
     assert_eq!(one["scope"], alice.as_str());
+    // A scope in upper case is the same; one that is no SHA-256 is a usage
+    // error (regression: on Redis it was pasted into the storage key, where
+    // scope "S:sc" and key "an" named key "sc:an"'s record).
+    let upper = server
+        .cli(&[&get[..], &["--scope", &alice.to_uppercase()]].concat())
+        .await;
+    assert!(upper.status.success(), "{upper:?}");
+    let bad = format!("{alice}:k");
+    let refused = server.cli(&[&get[..], &["--scope", &bad]].concat()).await;
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     assert_eq!(one["key"], "k-s");
     assert_eq!(one["state"], "completed");
     assert_eq!(one["status"], 201);
@@ -789,6 +799,35 @@ async fn a_put_without_scope_is_bad_request() {
     let records = call(&client, "GET", &url, None, "").await.json();
     assert_eq!(records.as_array().unwrap().len(), 1, "{records}");
     assert_eq!(records[0]["state"], "unknown");
+}
+
+/// Regression: `?scope=` was taken as given; on Redis it is part of the
+/// storage key, so a scope with a `:` reached another key's record (and a
+/// `DELETE` purged it). A scope is 64 hex digits, in either case.
+#[tokio::test]
+async fn a_scope_that_is_not_a_sha256_is_refused() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let scope = scope_of("Bearer x");
+    for bad in [
+        format!("{scope}%3Ak"),
+        "abc".to_owned(),
+        format!("{}zz", &scope[2..]),
+    ] {
+        let url = proxy.admin_url(&format!("/keys/orders/k?scope={bad}"));
+        for method in ["GET", "DELETE", "PUT"] {
+            let reply = call(&client, method, &url, Some(TOKEN), "{}").await;
+            assert_eq!(
+                (reply.status.as_u16(), reply.code().as_str()),
+                (400, "bad_request"),
+                "{method} {bad}"
+            );
+        }
+    }
+    let url = proxy.admin_url(&format!("/keys/orders/k?scope={}", scope.to_uppercase()));
+    let unknown = call(&client, "GET", &url, None, "").await;
+    assert_eq!(unknown.code(), "not_found", "a scope in upper case is read");
 }
 
 /// SPEC 9: `POST /reload` with a wrong token is 401 with
@@ -1073,13 +1112,17 @@ async fn a_wrong_method_is_405_with_allow() {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
     let client = TestClient::new();
-    for (method, path, allow) in [
-        ("GET", "/reload", "POST"),
-        ("POST", "/healthz", "GET, HEAD"),
-        ("DELETE", "/keys", "GET"),
-        ("POST", "/keys/orders/k", "GET, PUT, DELETE"),
+    // Whoever asks: with the token or without (regression: 401 first).
+    for (method, path, allow, token) in [
+        ("GET", "/reload", "POST", Some(TOKEN)),
+        ("POST", "/healthz", "GET, HEAD", Some(TOKEN)),
+        ("DELETE", "/keys", "GET", Some(TOKEN)),
+        ("POST", "/keys/orders/k", "GET, PUT, DELETE", Some(TOKEN)),
+        ("POST", "/metrics", "GET", None),
+        ("PATCH", "/keys", "GET", None),
+        ("POST", "/keys/orders/k", "GET, PUT, DELETE", None),
     ] {
-        let reply = call(&client, method, &proxy.admin_url(path), Some(TOKEN), "").await;
+        let reply = call(&client, method, &proxy.admin_url(path), token, "").await;
         assert_eq!(
             (
                 reply.status.as_u16(),

@@ -28,29 +28,32 @@ impl Admin {
         let (parts, incoming) = request.into_parts();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or("").to_owned();
-        let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
-        if mutating && let Err(denied) = self.authorize(&parts.headers) {
-            return denied.into_response();
-        }
+        // Mutating calls need the token; a method an endpoint does not take
+        // is a 405 whoever asks.
+        let authorized = || self.authorize(&parts.headers);
         let result = match (&parts.method, path.as_str()) {
             // HEAD too: load balancers probe with it (hyper drops the body).
             (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => Ok(self.metrics()),
-            (&Method::POST, "/reload") => self.reload(),
+            (&Method::POST, "/reload") => authorized().and_then(|()| self.reload()),
             (&Method::GET, "/keys") => self.list(&query).await,
             (_, "/healthz" | "/readyz") => Ok(wrong_method("GET, HEAD")),
             (_, "/metrics" | "/keys") => Ok(wrong_method("GET")),
             (_, "/reload") => Ok(wrong_method("POST")),
-            (method, p) if p.starts_with("/keys/") => match key_path(p) {
-                None => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
-                Some((route, key)) => match *method {
-                    Method::GET => self.get(&route, &key, param(&query, "scope")).await,
-                    Method::DELETE => self.purge(&route, &key, param(&query, "scope")).await,
-                    Method::PUT => {
-                        self.put(&route, &key, param(&query, "scope"), incoming)
-                            .await
-                    }
+            (method, p) if p.starts_with("/keys/") => match (key_path(p), scope(&query)) {
+                (None, _) => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
+                (_, Err(problem)) => Err(problem),
+                (Some((route, key)), Ok(scope)) => match *method {
+                    Method::GET => self.get(&route, &key, scope).await,
+                    Method::DELETE => match authorized() {
+                        Ok(()) => self.purge(&route, &key, scope).await,
+                        Err(denied) => Err(denied),
+                    },
+                    Method::PUT => match authorized() {
+                        Ok(()) => self.put(&route, &key, scope, incoming).await,
+                        Err(denied) => Err(denied),
+                    },
                     _ => Ok(wrong_method("GET, PUT, DELETE")),
                 },
             },
@@ -165,6 +168,14 @@ fn key_path(path: &str) -> Option<(String, String)> {
         .decode_utf8()
         .ok()?;
     (!route.is_empty() && !key.is_empty()).then(|| (route.to_owned(), key.into_owned()))
+}
+
+/// `?scope=HEX`, when given: 64 hex digits (any case), or a `400`.
+fn scope(query: &str) -> Result<Option<String>, Problem> {
+    param(query, "scope")
+        .map(|text| crate::idempotency::key::parse_scope(&text))
+        .transpose()
+        .map_err(|why| Problem::new(Code::BadRequest, why))
 }
 
 fn param(query: &str, name: &str) -> Option<String> {

@@ -65,6 +65,18 @@ fn unquote(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A scope as an operator gives it (`?scope=`, `--scope`): the 64 hex
+/// digits of [`scope_hash`], in either case. Anything else is refused: on
+/// Redis it would be pasted into the storage key, where `S:sc` and key
+/// `an` name the record of key `sc:an` in scope `S`.
+pub fn parse_scope(text: &str) -> Result<String, String> {
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err("a scope is the 64 hex digits of a SHA-256, as GET /keys/{route}/{key} lists it".into())
+    }
+}
+
 /// Hex SHA-256 of the scope header values: keys of different callers never collide.
 pub fn scope_hash(headers: &HeaderMap, scope: &[HeaderName]) -> String {
     let mut hasher = Sha256::new();
