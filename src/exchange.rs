@@ -15,7 +15,7 @@ use crate::body::{self, Collected, ProxyBody};
 use crate::config::{OnUnknown, Policy, Route};
 use crate::headers::{IDEMPOTENT_REPLAYED, frame_whole, strip_hop_by_hop};
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::StoredResponse;
+use crate::idempotency::record::{SIZE_UNKNOWN, StoredResponse};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
@@ -279,7 +279,7 @@ impl Exchange {
                 (Response::from_parts(parts, body::full(bytes)), recorded)
             }
             Ok(Collected::Over { prefix, rest }) => {
-                let size = content_length(&parts.headers).unwrap_or(prefix.len() as u64);
+                let size = content_length(&parts.headers).unwrap_or(SIZE_UNKNOWN);
                 let (recorded, headers) = self.complete(status, parts.headers, None, size).await;
                 parts.headers = headers;
                 (

@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::cli::{KeyArgs, KeysCommand};
 use crate::config::{Backend, Config, OnUnknown};
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::{Record, State};
+use crate::idempotency::record::{Record, SIZE_UNKNOWN, State};
 use crate::store::{Listing, Store};
 
 /// What the command prints.
@@ -233,7 +233,8 @@ pub fn record_json(key: &StorageKey, record: &Record) -> serde_json::Value {
         "fingerprint": record.fingerprint,
         "status": response.map(|r| r.status),
         "headers": response.map(|r| headers_json(&r.headers)),
-        "body_size": response.map(|r| r.body_size),
+        // Unknown (null) for a body too large to store that had no Content-Length.
+        "body_size": response.and_then(|r| (r.body_size != SIZE_UNKNOWN).then_some(r.body_size)),
         "body_stored": response.map(|r| r.body.is_some()),
         "created_at": record.created_ms,
         "lease_end_at": record.lease_end_ms,

@@ -53,8 +53,15 @@ pub struct StoredResponse {
     pub headers: HeaderMap,
     /// `None` when the body was over `max_response_body` (a tombstone).
     pub body: Option<Bytes>,
+    /// The body's length; for a body not stored, its `Content-Length`, or
+    /// [`SIZE_UNKNOWN`] when it came without one.
     pub body_size: u64,
 }
+
+/// The `body_size` of a body too large to store that came without a
+/// `Content-Length`: it was streamed to the client after the record was
+/// written, and its length is known to no one who reads the record.
+pub const SIZE_UNKNOWN: u64 = u64::MAX;
 
 impl StoredResponse {
     /// A copy that owns its header bytes. hyper's header values are slices
