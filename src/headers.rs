@@ -13,6 +13,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Removes Connection (and the headers it names), Keep-Alive, Proxy-*, TE,
@@ -131,6 +132,10 @@ pub struct RequestIds {
     /// new span id. Kept as bytes: its one header value is made when it is
     /// sent (a cloned new value would cost a second allocation).
     pub traceparent: [u8; TRACEPARENT_LEN],
+    /// Whether the trace is the client's (its `traceparent` was valid): a
+    /// new one leaves the client's `tracestate` behind (W3C Trace Context:
+    /// it belongs to the trace it came with).
+    pub continued: bool,
 }
 
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
@@ -146,10 +151,11 @@ impl RequestIds {
             .unwrap_or_else(|| {
                 HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")
             });
-        let (trace_id, flags) = headers
+        let parsed = headers
             .get(&TRACEPARENT)
-            .and_then(|v| parse_traceparent(v.to_str().ok()?))
-            .unwrap_or_else(|| (random_hex(), *b"01"));
+            .and_then(|v| parse_traceparent(v.to_str().ok()?));
+        let continued = parsed.is_some();
+        let (trace_id, flags) = parsed.unwrap_or_else(|| (random_hex(), *b"01"));
         // 00-<trace id>-<span id>-<flags>
         let mut traceparent = *b"00-################################-################-##";
         traceparent[3..35].copy_from_slice(&trace_id);
@@ -158,6 +164,7 @@ impl RequestIds {
         RequestIds {
             request_id,
             traceparent,
+            continued,
         }
     }
 
@@ -171,11 +178,15 @@ impl RequestIds {
     }
 }
 
-/// W3C trace context: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
+/// W3C trace context: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`;
+/// a later version may add fields after these, version `00` none.
 fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
     let mut parts = value.trim().split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
     let hex = |s: &str, n: usize| {
         s.len() == n
             && s.bytes()
@@ -256,13 +267,20 @@ pub fn forward_headers(
     headers.insert(header::HOST, upstream_authority.clone());
     headers.insert(&X_REQUEST_ID, ids.request_id.clone());
     headers.insert(&TRACEPARENT, ids.traceparent_value());
+    if !ids.continued {
+        headers.remove(&TRACESTATE);
+    }
     headers.insert(&X_REQUEST_TIMEOUT_MS, number_value(budget_ms));
 }
 
 /// The client's `X-Forwarded-For` chain, every line of it in order, with the
-/// peer's IP appended; the bytes are kept as sent.
+/// peer's IP appended; the bytes are kept as sent, but an empty line is left
+/// out (`, 10.0.0.9` would name an empty client to "leftmost" readers).
 fn forwarded_for(headers: &HeaderMap, peer: &Peer) -> HeaderValue {
-    let mut previous = headers.get_all(&X_FORWARDED_FOR).iter();
+    let mut previous = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let Some(first) = previous.next() else {
         return peer.ip.clone();
     };
@@ -347,6 +365,19 @@ mod tests {
         );
     }
 
+    /// Regression: an empty line made `, 10.0.0.9`, whose leftmost
+    /// element, the one taken for the client, is empty.
+    #[test]
+    fn an_empty_forwarded_for_line_is_left_out() {
+        let peer = Peer::new("10.0.0.9:5000".parse().unwrap());
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static(""));
+        assert_eq!(forwarded_for(&h, &peer), "10.0.0.9");
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static(" "));
+        assert_eq!(forwarded_for(&h, &peer), "1.1.1.1, 10.0.0.9");
+    }
+
     #[test]
     fn traceparent_keeps_trace_id_and_gets_a_new_span() {
         let mut h = HeaderMap::new();
@@ -367,6 +398,8 @@ mod tests {
             "garbage",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            // Version 00 has exactly four fields (regression: kept).
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
             let mut h = HeaderMap::new();
             h.insert(&TRACEPARENT, HeaderValue::from_static(bad));
@@ -379,6 +412,37 @@ mod tests {
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             );
             assert!(!bad.contains(trace_id));
+            assert!(!ids.continued);
+        }
+        // A later version's extra fields are allowed.
+        let mut h = HeaderMap::new();
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-next";
+        h.insert(&TRACEPARENT, HeaderValue::from_static(later));
+        assert!(RequestIds::from_headers(&h).continued);
+    }
+
+    /// Regression: a client's `tracestate` went on with the new trace that
+    /// replaced its invalid `traceparent`; it belongs to the old one.
+    #[test]
+    fn tracestate_goes_only_with_the_clients_trace() {
+        let peer = Peer::new("10.0.0.9:5000".parse().unwrap());
+        let host = HeaderValue::from_static("up");
+        for (traceparent, kept) in [
+            (
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                true,
+            ),
+            (Some("garbage"), false),
+            (None, false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(&TRACESTATE, HeaderValue::from_static("vendor=x"));
+            if let Some(tp) = traceparent {
+                h.insert(&TRACEPARENT, HeaderValue::from_static(tp));
+            }
+            let ids = RequestIds::from_headers(&h);
+            forward_headers(&mut h, &peer, false, &host, &ids, 1000, None);
+            assert_eq!(h.contains_key(&TRACESTATE), kept, "{traceparent:?}");
         }
     }
 }
