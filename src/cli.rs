@@ -49,10 +49,20 @@ pub enum Command {
 pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Worker threads; defaults to the CPUs this process may use (affinity
-    /// mask, cgroup quota). With one, a single-threaded scheduler runs everything.
-    #[arg(long, env = "IDEMGATE_WORKERS")]
+    /// Worker threads (1 to 1024); defaults to the CPUs this process may use
+    /// (affinity mask, cgroup quota). With one, a single-threaded scheduler
+    /// runs everything.
+    #[arg(long, env = "IDEMGATE_WORKERS", value_parser = workers)]
     pub workers: Option<std::num::NonZeroUsize>,
+}
+
+/// A worker count: a typo such as `--workers 100000` would start that many
+/// threads and never get to listening.
+fn workers(text: &str) -> Result<std::num::NonZeroUsize, String> {
+    text.parse::<std::num::NonZeroUsize>()
+        .ok()
+        .filter(|n| n.get() <= 1024)
+        .ok_or_else(|| format!("{text:?} is not a number of worker threads from 1 to 1024"))
 }
 
 #[derive(Debug, Args)]

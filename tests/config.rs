@@ -856,3 +856,86 @@ fn idempotency_on_turns_the_gate_on_with_the_defaults() {
         wrong[0]
     );
 }
+
+/// Configurations `check` passed and `serve` could not run, or ran other
+/// than written (found by an audit), each now an error with its field.
+#[test]
+fn settings_serve_would_misread_are_errors_at_their_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        // The admin listener on the proxy's own port: serve failed to bind.
+        (
+            "listen: 0.0.0.0:8080\nadmin: { listen: 127.0.0.1:8080 }\n",
+            "",
+            "admin.listen",
+        ),
+        // Parsed by the redis crate, then refused at connect: every request 503.
+        (
+            "store: { backend: redis, url: \"rediss://127.0.0.1:6380#insecure\" }\n",
+            "",
+            "store.url",
+        ),
+        // 0 ms on Redis: every completion failed.
+        (
+            "",
+            ", idempotency: { ttl: 500us }",
+            "routes[0].idempotency.ttl",
+        ),
+        // A gate on that protects nothing.
+        (
+            "",
+            ", idempotency: { methods: [] }",
+            "routes[0].idempotency.methods",
+        ),
+        // The key is logged; these headers' values never may be.
+        (
+            "",
+            ", idempotency: { header: Authorization }",
+            "routes[0].idempotency.header",
+        ),
+        (
+            "",
+            ", idempotency: { header: X-Tenant, scope: { headers: [x-tenant] } }",
+            "routes[0].idempotency.header",
+        ),
+        // An empty variable name.
+        ("admin: { listen: \"${}\" }\n", "", "admin.listen"),
+    ];
+    for (head, route, path) in cases {
+        let errs = errors(&with_route(head, route));
+        error_at(&errs, path);
+    }
+    // Port 0 picks a free port for each: no clash.
+    Config::parse(&with_route(
+        "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\n",
+        "",
+    ))
+    .expect("valid");
+}
+
+#[test]
+fn tls_settings_that_cannot_apply_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let cert = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let ca = ca.display();
+    let yaml = format!(
+        "store: {{ backend: redis, url: \"redis://127.0.0.1:6379\", tls: {{ ca_file: {ca} }} }}\nupstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\", tls: {{ ca_file: {ca} }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+    );
+    let warnings = Config::parse(&yaml).expect("valid").warnings.join("\n");
+    assert!(
+        warnings.contains("store.tls is set but no store URL is rediss://"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("upstreams.erp.tls is set but its url is http://"),
+        "{warnings}"
+    );
+}
+
+#[test]
+fn a_file_of_two_documents_is_told_to_keep_one() {
+    let errs = errors(&format!("{}---\nlisten: 127.0.0.1:1\n", with_route("", "")));
+    assert!(errs[0].hint.contains("keep one document"), "{errs:?}");
+    assert!(!errs[0].message.contains("from_str_multiple"), "{errs:?}");
+}

@@ -364,12 +364,20 @@ async fn workers_flag_and_env_size_the_runtime_and_one_worker_serves() {
         20,
         "every key forwarded once, its duplicate replayed"
     );
-    let zero = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args(["serve", "--workers", "0", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(zero.status.code(), Some(2), "--workers 0 is a usage error");
+    // Regression: `--workers 100000` started as many threads and never
+    // got to listening.
+    for bad in ["0", "1025", "100000"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(["serve", "--workers", bad, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--workers {bad} is a usage error"
+        );
+    }
 }
 
 #[test]

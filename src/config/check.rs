@@ -130,8 +130,8 @@ impl<'a> Check<'a> {
                 self.fail(
                     path,
                     Some(&value.referenced),
-                    "unterminated ${...}",
-                    "write ${NAME} with a closing brace",
+                    "an unterminated or empty ${...}",
+                    "write ${NAME}: a variable's name in braces",
                 );
                 None
             }
@@ -155,6 +155,17 @@ impl<'a> Check<'a> {
                     Some(&value.referenced),
                     "a duration of zero is not allowed",
                     "write a positive duration such as 250ms, 3s or 24h",
+                );
+                None
+            }
+            // Times go to the store and the timers in whole milliseconds: a
+            // `ttl: 500us` was 0 ms on Redis, and every completion failed.
+            Ok(d) if d < Duration::from_millis(1) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("{} is shorter than 1ms", quote(value)),
+                    "write a duration of at least 1ms, such as 250ms, 3s or 24h",
                 );
                 None
             }
@@ -285,6 +296,9 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Mi
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or(Missing::Brace)?;
         let name = &after[..end];
+        if name.is_empty() {
+            return Err(Missing::Brace);
+        }
         out.push_str(&env(name).ok_or_else(|| Missing::Var(name.to_owned()))?);
         rest = &after[end + 1..];
     }
@@ -292,9 +306,6 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Mi
     Ok(out)
 }
 
-/// A duration as an operator writes one: whole days as `365d` (humantime
-/// would say "11months 30days 3h 50m 24s", its months being 30.44 days),
-/// anything else as humantime formats it (`1h 30m`, `250ms`).
 /// An authority (`host[:port]`) with a host and, where it names a port, one
 /// from 1 to 65535: `http` reads a port lazily, and one it cannot read
 /// (`:90000`, `:x`) would silently be the scheme's default.
@@ -308,6 +319,9 @@ pub fn authority_ok(authority: &http::uri::Authority) -> bool {
     !authority.host().is_empty() && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
+/// A duration as an operator writes one: whole days as `365d` (humantime
+/// would say "11months 30days 3h 50m 24s", its months being 30.44 days),
+/// anything else as humantime formats it (`1h 30m`, `250ms`).
 pub fn show_duration(d: std::time::Duration) -> String {
     const DAY: u64 = 86_400;
     if d.subsec_nanos() == 0 && d.as_secs() >= DAY && d.as_secs().is_multiple_of(DAY) {
@@ -330,5 +344,6 @@ mod tests {
         assert!(matches!(expand("no vars", &env), Ok(s) if s == "no vars"));
         assert!(matches!(expand("${NOPE}", &env), Err(Missing::Var(v)) if v == "NOPE"));
         assert!(matches!(expand("${TOKEN", &env), Err(Missing::Brace)));
+        assert!(matches!(expand("a${}b", &env), Err(Missing::Brace)));
     }
 }

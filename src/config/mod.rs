@@ -237,11 +237,15 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::InvalidData => "save the file as UTF-8",
+                _ => "pass an existing, readable file with --config or IDEMGATE_CONFIG",
+            };
             ConfigErrors::one(ConfigError::new(
                 "",
                 None,
                 format!("cannot read {}: {e}", path.display()),
-                "pass an existing file with --config or IDEMGATE_CONFIG",
+                hint,
             ))
         })?;
         Config::parse(&text)

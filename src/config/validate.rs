@@ -64,15 +64,21 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     }
     .to_owned();
     // Advice meant for Rust programmers, not for the file's author.
-    let message = ["; use Option<", ", set DuplicateKeyPolicy"]
-        .iter()
-        .fold(message, |m, cut| {
-            m.split(cut).next().unwrap_or_default().to_owned()
-        });
+    let message = [
+        "; use Option<",
+        ", set DuplicateKeyPolicy",
+        "; use from_str_multiple",
+    ]
+    .iter()
+    .fold(message, |m, cut| {
+        m.split(cut).next().unwrap_or_default().to_owned()
+    });
     let hint = if message.contains("unknown field") {
         "remove the field or fix its spelling (SPEC.md section 2 lists every field)"
     } else if message.starts_with("duplicate mapping key") {
         "write each key once in a mapping"
+    } else if message.starts_with("multiple YAML documents") {
+        "keep one document: the configuration is one mapping, without a second ---"
     } else {
         "fix the YAML at this place (see config.example.yaml)"
     };
@@ -95,8 +101,20 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         Some(listen) => build_listen(c, listen),
     };
     let admin = file.admin.as_ref().and_then(|admin| {
+        let address = address(c, "admin.listen", &admin.listen)?;
+        if let Some(listen) = &listen
+            && overlap(listen.address, address)
+        {
+            c.fail(
+                "admin.listen",
+                Some(&admin.listen.referenced),
+                format!("{} is the proxy's own listen address", quote(&admin.listen)),
+                "give the admin listener another port, such as 127.0.0.1:9090",
+            );
+            return None;
+        }
         Some(Admin {
-            listen: address(c, "admin.listen", &admin.listen)?,
+            listen: address,
             token: match &admin.token {
                 Some(t) => Some(c.text("admin.token", t)?).filter(|t| !t.is_empty()),
                 None => None,
@@ -165,11 +183,24 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 .to_owned(),
         );
     }
-    if store.backend == Backend::Memory && store.tls.is_some() {
+    let tls_store = match &store.backend {
+        Backend::Memory => false,
+        Backend::Redis { url } => url.starts_with("rediss://"),
+        Backend::Cluster { urls } => urls.iter().any(|u| u.starts_with("rediss://")),
+    };
+    if store.tls.is_some() && !tls_store {
         warnings.push(
-            "store.tls is set but the backend is memory: it is ignored (it applies to rediss:// URLs)"
+            "store.tls is set but no store URL is rediss://: it is ignored (it applies to rediss:// URLs)"
                 .to_owned(),
         );
+    }
+    for u in upstreams.iter().filter(|u| u.tls.is_some()) {
+        if u.scheme == http::uri::Scheme::HTTP {
+            warnings.push(format!(
+                "upstreams.{}.tls is set but its url is http://: it is ignored (write https:// to use TLS)",
+                u.name
+            ));
+        }
     }
     Some(Config {
         listen: listen?,
@@ -180,6 +211,14 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         shutdown_grace: shutdown_grace?,
         warnings,
     })
+}
+
+/// Whether two listeners would want the same port (port 0 picks a free
+/// one: never a clash).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn address(c: &mut Check, path: &str, value: &Text) -> Option<SocketAddr> {
@@ -336,6 +375,17 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
 fn redis_url(c: &mut Check, path: &str, value: &Text) -> Option<String> {
     let url = c.text(path, value)?;
     let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    // The redis crate parses `#insecure` and then refuses to connect: this
+    // build does not skip certificate checks (and should not).
+    if url.ends_with("#insecure") {
+        c.fail(
+            path,
+            Some(&value.referenced),
+            "#insecure (no certificate check) is not supported",
+            "remove #insecure; for a private CA give its certificate in store.tls.ca_file",
+        );
+        return None;
+    }
     if scheme_ok && redis::Client::open(url.as_str()).is_ok() {
         return Some(url);
     }

@@ -92,6 +92,12 @@ impl<'f> Merge<'f> {
     }
 }
 
+/// Headers whose values never reach a log (SPEC 7).
+fn secret_header(name: &HeaderName) -> bool {
+    use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+    [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE].contains(name)
+}
+
 fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
     let duration =
         |c: &mut Check, name, field: fn(&IdempotencyFile) -> Option<&Text>, default, max| {
@@ -104,6 +110,15 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
     };
     let methods = match m.get("methods", |f| f.methods.as_ref()) {
         None => Some(vec![Method::POST, Method::PATCH]),
+        Some((list, p)) if list.is_empty() => {
+            c.fail(
+                &p,
+                None,
+                "methods is empty: the gate would protect no request",
+                "list the methods to protect, such as [POST, PATCH], or write idempotency: off",
+            );
+            None
+        }
         Some((list, p)) => list_of(c, &p, list, method),
     };
     let header = match m.get("header", |f| f.header.as_ref()) {
@@ -148,6 +163,18 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         None => Some(vec![http::header::AUTHORIZATION]),
         Some((list, p)) => list_of(c, &p, list, header_name),
     };
+    // The key is logged with every request; these headers' values never are.
+    if let (Some(name), Some(scope)) = (&header, &scope_headers)
+        && let Some((v, p)) = m.get("header", |f| f.header.as_ref())
+        && (secret_header(name) || scope.contains(name))
+    {
+        c.fail(
+            &p,
+            Some(&v.referenced),
+            format!("{name} carries a credential or a scope: its value would be logged as the key"),
+            "name a header of its own for the key, such as Idempotency-Key",
+        );
+    }
     let store_statuses = match m.get("store_statuses", |f| f.store_statuses.as_ref()) {
         None => Some(vec![StatusPattern::Class(2), StatusPattern::Class(4)]),
         Some((list, p)) => list_of(c, &p, list, status_pattern),
