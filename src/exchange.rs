@@ -499,7 +499,8 @@ impl Settle {
 const SETTLE_ATTEMPTS: usize = 20;
 
 /// Makes a fenced transition in the background, tried again on store errors
-/// (a lost reply, a reconnect) for about 10 s: left undone, the attempt's
+/// (a lost reply, a reconnect) 20 times, 500 ms apart and each within
+/// `op_timeout` (10 to 15 s in all): left undone, the attempt's
 /// record would stay in flight, refusing every retry until its lease ends,
 /// then turn unknown. For a claim the gate must undo, and for an exchange
 /// whose completion, release or `unknown` the store did not take. Transitions are fenced
