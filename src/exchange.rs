@@ -102,6 +102,8 @@ struct Reply {
     response: Response<ProxyBody>,
     /// `None` when no response came in time.
     upstream_ms: Option<u64>,
+    /// Whether the request went out (false: no connection could be made).
+    went_out: bool,
 }
 
 impl Exchange {
@@ -127,6 +129,10 @@ impl Exchange {
         match tokio::time::timeout_at(total_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
                 ctx.upstream_ms = reply.upstream_ms;
+                if !reply.went_out {
+                    // Not forwarded after all: the upstream could not be reached.
+                    ctx.outcome = "error";
+                }
                 reply.response
             }
             Ok(Err(_)) => Problem::new(
@@ -169,6 +175,7 @@ impl Exchange {
                         let _ = reply.send(Reply {
                             response: timeout_problem(),
                             upstream_ms: None,
+                            went_out: true,
                         });
                     }
                     tokio::time::timeout_at(lease_deadline, send)
@@ -179,6 +186,7 @@ impl Exchange {
             }
         };
         let upstream_ms = sent.elapsed().as_millis() as u64;
+        let went_out = !matches!(result, Ok(Err(SendError::Connect(_))));
         let (response, recorded) = match result {
             Ok(Ok(response)) => self.record(response).await,
             Ok(Err(error @ SendError::Connect(_))) => {
@@ -208,6 +216,7 @@ impl Exchange {
                 .send(Reply {
                     response,
                     upstream_ms: Some(upstream_ms),
+                    went_out,
                 })
                 .is_ok()
         });

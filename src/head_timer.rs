@@ -30,6 +30,10 @@ struct Shared {
     /// The waker `sleep` was last polled with, while tokio holds it: until
     /// `sleep` fires, polling again with the same task's waker is not needed.
     waker: Option<Waker>,
+    /// The connection's first head is due by this (counted from the
+    /// connection's start, TLS handshake and opening included), not 10 s
+    /// after hyper begins to read it; taken by the first sleep.
+    first_by: Option<Instant>,
 }
 
 impl Default for HeadTimer {
@@ -38,10 +42,21 @@ impl Default for HeadTimer {
         let shared = Shared {
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             waker: None,
+            first_by: None,
         };
         HeadTimer {
             shared: Arc::new(Mutex::new(shared)),
         }
+    }
+}
+
+impl HeadTimer {
+    /// A connection's timer whose first head is due by `first_by` at the
+    /// latest.
+    pub fn first_head_by(first_by: tokio::time::Instant) -> HeadTimer {
+        let timer = HeadTimer::default();
+        timer.shared.lock().expect("head timer lock").first_by = Some(first_by.into_std());
+        timer
     }
 }
 
@@ -51,9 +66,10 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let first_by = self.shared.lock().expect("head timer lock").first_by.take();
         Box::pin(HeadSleep {
             timer: self.clone(),
-            deadline,
+            deadline: first_by.map_or(deadline, |by| by.min(deadline)),
         })
     }
 
@@ -83,7 +99,7 @@ impl Future for HeadSleep {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let mut shared = self.timer.shared.lock().expect("head timer lock");
-        let Shared { sleep, waker } = &mut *shared;
+        let Shared { sleep, waker, .. } = &mut *shared;
         if sleep.is_elapsed() {
             // Firing took the waker (perhaps for an old deadline, with no
             // sleep waiting): the next poll must give tokio one again.

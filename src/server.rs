@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -14,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::activity::{self, Activity};
 use crate::admin::Admin;
+use crate::body::ProxyBody;
 use crate::config::{Backend, Config};
 use crate::drain::Drain;
 use crate::head_timer::HeadTimer;
@@ -141,15 +144,27 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // The handshake, the opening and the first head share the
+                // connection's first 10 s.
+                let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
                 let proxy = proxy.clone();
                 let (builder, drain) = (builder.clone(), connections.clone());
                 connections.spawn(async move {
+                    // `Proxy::handle` for each request of the connection
+                    // (its future not boxed: it lives in hyper's dispatcher).
+                    let handler = {
+                        let (proxy, peer) = (proxy.clone(), crate::headers::Peer::new(peer));
+                        move |request| {
+                            let (proxy, peer) = (proxy.clone(), peer.clone());
+                            async move { proxy.handle(request, peer).await }
+                        }
+                    };
                     match &proxy.tls {
-                        None => serve_connection(stream, peer, proxy.clone(), &builder, &drain).await,
+                        None => serve_connection(stream, deadline, &builder, &drain, handler).await,
                         Some(acceptor) => {
                             let acceptor = acceptor.load_full();
-                            match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => serve_connection(tls, peer, proxy.clone(), &builder, &drain).await,
+                            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => serve_connection(tls, deadline, &builder, &drain, handler).await,
                                 Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -170,34 +185,36 @@ pub async fn serve(
     Ok(())
 }
 
-/// One client connection (plain or TLS) into `Proxy::handle`, drained on shutdown.
-async fn serve_connection<S>(
+/// One client connection (plain or TLS, the proxy's or the admin
+/// listener's) into `handler`, drained on shutdown: its opening and first
+/// head by `deadline`, each later head within 10 s, an HTTP/2 connection
+/// idle for 10 s told to go away.
+async fn serve_connection<S, H, F>(
     stream: S,
-    peer: std::net::SocketAddr,
-    proxy: Arc<Proxy>,
+    deadline: tokio::time::Instant,
     builder: &auto::Builder<TokioExecutor>,
     drain: &Drain,
+    handler: H,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let peer = crate::headers::Peer::new(peer);
     let conn_activity = Arc::new(Activity::new());
     let streams = conn_activity.clone();
     let service = service_fn(move |request| {
-        let proxy = proxy.clone();
-        let peer = peer.clone();
+        let answer = handler(request);
         let stream = streams.stream();
         async move {
-            let response = proxy.handle(request, peer).await;
+            let response = answer.await;
             Ok::<_, std::convert::Infallible>(activity::answer(response, stream))
         }
     });
     // Each connection its own header-read timer (see `head_timer`).
     let mut builder = builder.clone();
-    builder.http1().timer(HeadTimer::default());
+    builder.http1().timer(HeadTimer::first_head_by(deadline));
     // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see
     // `opening`); an HTTP/2 connection idle for as long is told to go away.
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     let stream = Opening::new(stream, deadline, conn_activity.clone());
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let watched = drain.watch(connection.into_owned(), conn_activity, HEADER_READ_TIMEOUT);
@@ -258,21 +275,27 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
     }
 }
 
+/// The admin listener's connections, with the proxy listener's limits: a
+/// connection that sends nothing (or half a head) was held open for good,
+/// and enough of them ran the process out of file descriptors, so that
+/// the proxy listener could accept no client.
 async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+    let builder = Arc::new(connection_builder());
+    let connections = Arc::new(Drain::default());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
+        let (builder, drain) = (builder.clone(), connections.clone());
+        connections.spawn(async move {
+            let handler = move |request| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.handle(request).await) }
-            });
-            let _ = connection_builder()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                async move { admin.handle(request).await }
+            };
+            serve_connection(stream, deadline, &builder, &drain, handler).await;
         });
     }
 }

@@ -416,7 +416,11 @@ async fn answered_once(addr: std::net::SocketAddr, request: &[u8]) -> tokio::net
 
 #[tokio::test]
 async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() {
-    let (_upstream, proxy) = passthrough("", ALL).await;
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL)
+        + "admin: { listen: 127.0.0.1:0 }\n";
+    let proxy = TestProxy::start(&yaml).await;
+    let admin = proxy.admin.expect("an admin listener");
     let mut partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     partial
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-partial: ")
@@ -442,6 +446,14 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
         .write_all(b"\0\0\x03\x01\x01\0\0\0\x01\x82\x86\x84")
         .await
         .unwrap();
+    // Regression: the admin listener had none of these timers; enough
+    // silent connections to it ran the process out of file descriptors.
+    let admin_silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut admin_preface = tokio::net::TcpStream::connect(admin).await.unwrap();
+    admin_preface
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .unwrap();
     let (
         (head, head_kept),
         (_, idle_kept),
@@ -449,13 +461,17 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
         (_, preface_kept),
         (_, h2_idle_kept),
         (_, h2_partial_kept),
+        (_, admin_silent_kept),
+        (_, admin_preface_kept),
     ) = tokio::join!(
         until_closed(partial),
         until_closed(idle),
         until_closed(silent),
         until_closed(preface),
         until_closed(h2_idle),
-        until_closed(h2_partial)
+        until_closed(h2_partial),
+        until_closed(admin_silent),
+        until_closed(admin_preface)
     );
     assert!(
         head.is_empty() || head.starts_with("HTTP/1.1 408"),
@@ -468,6 +484,8 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
         preface_kept,
         h2_idle_kept,
         h2_partial_kept,
+        admin_silent_kept,
+        admin_preface_kept,
     ] {
         assert!(
             kept >= Duration::from_secs(9),

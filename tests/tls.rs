@@ -66,6 +66,69 @@ async fn https_listener_serves_http1_and_h2_by_alpn() {
     );
 }
 
+/// A TLS connection to `proxy` offering only `alpn`, made `after` its TCP connect.
+async fn tls_connect(
+    pki: &Pki,
+    proxy: &TestProxy,
+    alpn: &[u8],
+    after: std::time::Duration,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut config = pki.client_config();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(after).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("the handshake")
+}
+
+/// Regressions on the TLS listener: a client offering only ALPN `http/1.0`
+/// was refused the handshake (`no_application_protocol`), though HTTP/1.0
+/// is served; and the 10 s a head has counted from the handshake's end, not
+/// from the connection's start, so a slow client held it about 20 s.
+#[tokio::test]
+async fn tls_serves_http_1_0_and_times_the_head_from_the_connect() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        upstream.addr
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let mut old = tls_connect(&pki, &proxy, b"http/1.0", std::time::Duration::ZERO).await;
+    old.write_all(b"GET /x HTTP/1.0\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = old.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 201") || answer.starts_with("HTTP/1.0 201"),
+        "{answer}"
+    );
+
+    let connected = std::time::Instant::now();
+    // The slow client under test: 6 s to begin its handshake.
+    let mut slow = tls_connect(&pki, &proxy, b"http/1.1", std::time::Duration::from_secs(6)).await;
+    slow.write_all(b"GET /x HTTP/1.1\r\nhost: lo")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        slow.read_to_end(&mut rest),
+    );
+    let _ = read.await.expect("the proxy closes the connection");
+    let held = connected.elapsed();
+    assert!(
+        held < std::time::Duration::from_secs(12),
+        "held {held:?}: the head's 10 s count from the connect"
+    );
+}
+
 #[tokio::test]
 async fn https_upstream_with_custom_ca() {
     let pki = Pki::new();

@@ -206,7 +206,7 @@ async fn unreachable_upstream_releases_the_key(backend: Backend) {
     let closed = crate::common::ClosedPort::new();
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
     let yaml = config(
-        &backend.store_yaml(),
+        &(backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }"),
         closed.addr(),
         "  timeouts: { response: 5s, total: 10s }",
         routes,
@@ -222,6 +222,23 @@ async fn unreachable_upstream_releases_the_key(backend: Backend) {
             (502, "upstream_unreachable")
         );
     }
+    // Regression: counted (and logged) as `forwarded`, though nothing went out.
+    let metrics = client
+        .send("GET", &proxy.admin_url("/metrics"), &[], "")
+        .await;
+    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let requests = |outcome| {
+        crate::common::sample(
+            &metrics,
+            "idemgate_requests_total",
+            &[("route", "orders"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(
+        (requests("error"), requests("forwarded")),
+        (2.0, 0.0),
+        "{metrics}"
+    );
 }
 
 both_stores!(
