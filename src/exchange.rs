@@ -215,7 +215,7 @@ impl Exchange {
             reply
                 .send(Reply {
                     response,
-                    upstream_ms: Some(upstream_ms),
+                    upstream_ms: went_out.then_some(upstream_ms),
                     went_out,
                 })
                 .is_ok()

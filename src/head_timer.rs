@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -21,7 +22,13 @@ use std::time::{Duration, Instant};
 /// hyper's timer for one connection (give each connection its own).
 #[derive(Clone)]
 pub struct HeadTimer {
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Timer>,
+}
+
+/// One connection's timer: the sleep, and its first head's deadline.
+struct Timer {
+    state: Mutex<Shared>,
+    first: Option<FirstHead>,
 }
 
 struct Shared {
@@ -30,33 +37,50 @@ struct Shared {
     /// The waker `sleep` was last polled with, while tokio holds it: until
     /// `sleep` fires, polling again with the same task's waker is not needed.
     waker: Option<Waker>,
-    /// The connection's first head is due by this (counted from the
-    /// connection's start, TLS handshake and opening included), not 10 s
-    /// after hyper begins to read it; taken by the first sleep.
-    first_by: Option<Instant>,
+}
+
+/// The connection's first head is due by `by` (counted from the
+/// connection's start, TLS handshake and opening included), not 10 s after
+/// hyper begins to read it; the first sleep takes it.
+struct FirstHead {
+    by: Instant,
+    pending: AtomicBool,
 }
 
 impl Default for HeadTimer {
     /// Needs a tokio runtime, as any tokio timer.
     fn default() -> HeadTimer {
-        let shared = Shared {
+        HeadTimer::with_first(Shared::new(), None)
+    }
+}
+
+impl Shared {
+    /// Not in the timer wheel until first polled.
+    fn new() -> Shared {
+        Shared {
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             waker: None,
-            first_by: None,
-        };
-        HeadTimer {
-            shared: Arc::new(Mutex::new(shared)),
         }
     }
 }
 
 impl HeadTimer {
-    /// A connection's timer whose first head is due by `first_by` at the
-    /// latest.
-    pub fn first_head_by(first_by: tokio::time::Instant) -> HeadTimer {
-        let timer = HeadTimer::default();
-        timer.shared.lock().expect("head timer lock").first_by = Some(first_by.into_std());
-        timer
+    /// A connection's timer whose first head is due by `by` at the latest.
+    pub fn first_head_by(by: tokio::time::Instant) -> HeadTimer {
+        let first = FirstHead {
+            by: by.into_std(),
+            pending: AtomicBool::new(true),
+        };
+        HeadTimer::with_first(Shared::new(), Some(first))
+    }
+
+    fn with_first(state: Shared, first: Option<FirstHead>) -> HeadTimer {
+        HeadTimer {
+            shared: Arc::new(Timer {
+                state: Mutex::new(state),
+                first,
+            }),
+        }
     }
 }
 
@@ -66,10 +90,19 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let first_by = self.shared.lock().expect("head timer lock").first_by.take();
+        // Per request one atomic load, once the first head is in.
+        let deadline = match &self.shared.first {
+            Some(first)
+                if first.pending.load(Ordering::Relaxed)
+                    && first.pending.swap(false, Ordering::Relaxed) =>
+            {
+                first.by.min(deadline)
+            }
+            _ => deadline,
+        };
         Box::pin(HeadSleep {
             timer: self.clone(),
-            deadline: first_by.map_or(deadline, |by| by.min(deadline)),
+            deadline,
         })
     }
 
@@ -98,8 +131,8 @@ impl Future for HeadSleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = tokio::time::Instant::from_std(self.deadline);
-        let mut shared = self.timer.shared.lock().expect("head timer lock");
-        let Shared { sleep, waker, .. } = &mut *shared;
+        let mut shared = self.timer.shared.state.lock().expect("head timer lock");
+        let Shared { sleep, waker } = &mut *shared;
         if sleep.is_elapsed() {
             // Firing took the waker (perhaps for an old deadline, with no
             // sleep waiting): the next poll must give tokio one again.

@@ -183,6 +183,18 @@ impl Metrics {
             .clone()
     }
 
+    /// A protected route's alerting counters, at 0 from the start: a series
+    /// that first appears at 1 is a step `increase()` cannot see, so the
+    /// dashboard's panels showed 0 for a route's first unknown outcome.
+    pub fn open_protected_route(&self, route: &str) {
+        let labels = RouteLabels {
+            route: route.into(),
+        };
+        for family in [&self.unknown_outcomes, &self.fail_open_forwards] {
+            let _ = family.get_or_create(&labels);
+        }
+    }
+
     pub fn route_counter(family: &Family<RouteLabels, Counter>, route: &str) {
         family
             .get_or_create(&RouteLabels {
@@ -323,6 +335,10 @@ fn method_index(method: &http::Method) -> usize {
         Method::DELETE => 4,
         Method::HEAD => 5,
         Method::OPTIONS => 6,
-        _ => 7,
+        // A `patch` is gated as a `PATCH` (`route::has_method`): counted so too.
+        _ => METHODS[..7]
+            .iter()
+            .position(|m| m.eq_ignore_ascii_case(method.as_str()))
+            .unwrap_or(7),
     }
 }

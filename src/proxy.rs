@@ -78,6 +78,9 @@ impl Routing {
                 .routes
                 .iter()
                 .map(|r| {
+                    if r.idempotency.is_some() {
+                        metrics.open_protected_route(&r.name);
+                    }
                     Arc::new(RouteMetrics::new(
                         metrics,
                         r.name.clone(),
@@ -348,7 +351,10 @@ impl Proxy {
         let send = std::pin::pin!(upstream.send(request, &connected));
         let (start, response) = (sent.into(), route.timeouts.response);
         let result = within_response(send, &connected, start, response, total).await;
-        ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+        // No latency for a request that never went out (a connect failure).
+        if !matches!(result, Some(Err(SendError::Connect(_)))) {
+            ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+        }
         match result {
             Some(Ok(response)) => {
                 let (mut parts, mut incoming) = response.into_parts();

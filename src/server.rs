@@ -197,16 +197,20 @@ async fn serve_connection<S, H, F>(
     handler: H,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let conn_activity = Arc::new(Activity::new());
     let streams = conn_activity.clone();
+    let handler = Arc::new(handler);
     let service = service_fn(move |request| {
-        let answer = handler(request);
+        let handler = handler.clone();
         let stream = streams.stream();
         async move {
-            let response = answer.await;
+            // The handler's future made here, in this one's state: made
+            // outside and moved in, its 4.5 KB were copied once more per
+            // request (S1 +6% instructions).
+            let response = handler(request).await;
             Ok::<_, std::convert::Infallible>(activity::answer(response, stream))
         }
     });

@@ -1136,3 +1136,60 @@ async fn a_wrong_method_is_405_with_allow() {
     let missing = call(&client, "GET", &proxy.admin_url("/nothing"), None, "").await;
     assert_eq!(missing.status, 404);
 }
+
+/// Regression: a protected route's unknown-outcome and fail-open series
+/// appeared only at their first increment, at 1, a step `increase()` does
+/// not see: the dashboard showed 0 while the alerts fired. They are at 0
+/// from the start, for protected routes only.
+#[tokio::test]
+async fn alerting_counters_start_at_zero_for_protected_routes() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let text = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
+    let text = String::from_utf8(text.body.to_vec()).unwrap();
+    for family in [
+        "idemgate_unknown_outcomes_total",
+        "idemgate_fail_open_forwards_total",
+    ] {
+        assert!(
+            text.contains(&format!("{family}{{route=\"orders\"}} 0")),
+            "{family}: {text}"
+        );
+        assert!(
+            !text.contains(&format!("{family}{{route=\"plain\"}}")),
+            "{family}: {text}"
+        );
+    }
+}
+
+/// Regression: the circuit gauge said 1 (open) for as long as no request
+/// came after `open_for`, though the next request would be let through as
+/// the probe: an idle upstream's alert fired for good. Past `open_for` it
+/// says 2 (half-open).
+#[tokio::test]
+async fn the_circuit_gauge_turns_half_open_when_open_for_passes() {
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(&Backend::memory(), &upstream, &admin_with_token()).replace(
+        "connect_timeout: 500ms }",
+        "connect_timeout: 500ms, circuit_breaker: { consecutive_failures: 1, open_for: 1s } }",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let failed = client
+        .send("GET", &proxy.url("/plain"), &[("x-test-status", "503")], "")
+        .await;
+    assert_eq!(failed.status, 503);
+    let state = || async {
+        let text = call(&client, "GET", &proxy.admin_url("/metrics"), None, "").await;
+        let text = String::from_utf8(text.body.to_vec()).unwrap();
+        sample(&text, "idemgate_circuit_state", &[("upstream", "up")])
+    };
+    assert_eq!(state().await, 1.0, "open");
+    common::eventually(
+        Duration::from_secs(5),
+        "half-open after open_for",
+        || async { state().await == 2.0 },
+    )
+    .await;
+}

@@ -127,8 +127,11 @@ impl Admin {
                 .set(upstream.in_flight() as i64);
             let state = match upstream.breaker.state() {
                 CircuitState::Closed { .. } => 0,
-                CircuitState::Open { .. } => 1,
-                CircuitState::HalfOpen { .. } => 2,
+                // Past `open_for` the next request is the probe: half-open,
+                // though no request has come to make it so (regression: 1,
+                // "open", for as long as no request came, alerting for good).
+                CircuitState::Open { until } if until > std::time::Instant::now() => 1,
+                CircuitState::Open { .. } | CircuitState::HalfOpen { .. } => 2,
             };
             metrics.circuit_state.get_or_create(&labels).set(state);
         }

@@ -130,11 +130,14 @@ fn scenarios() -> Vec<Value> {
             "IdemgateCircuitOpen",
             &[(
                 "idemgate_circuit_state{upstream=\"erp\"}",
-                "0x5 1x2 2x1 0x20",
+                "0x5 1x2 2x1 1x2 0x20",
             )],
+            // Regression: `== 1` on the window's maximum went silent while
+            // a half-open probe (2) was in the window, the circuit open again.
             &[
                 ("3m", Value::Null),
                 ("7m", json!({ "upstream": "erp", "severity": "warning" })),
+                ("9m", json!({ "upstream": "erp", "severity": "warning" })),
                 ("20m", Value::Null),
             ],
         ),

@@ -292,7 +292,8 @@ async fn odd_requests_get_an_upstream_answer_or_a_problem_and_replay_exactly(bac
 /// upstreams that decode the path or upper-case the method (WSGI: Django,
 /// Flask) took them for the protected request and ran it twice.
 async fn encoded_slashes_and_lower_case_methods_do_not_side_step_the_gate(backend: Backend) {
-    let s = Setup::new(backend, "methods: [POST, PATCH]", "").await;
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let s = Setup::with_store(backend, &store, "", "methods: [POST, PATCH]", "").await;
     for (method, path) in [
         ("POST", "/api%2Forders"),
         ("patch", "/api/orders/7"),
@@ -313,6 +314,11 @@ async fn encoded_slashes_and_lower_case_methods_do_not_side_step_the_gate(backen
         );
     }
     assert_eq!(s.upstream.hits(), 3, "each request once");
+    // Counted by the method it was gated as (regression: `other`).
+    let metrics = s.metrics().await;
+    let patch = [("method", "PATCH"), ("outcome", "forwarded")];
+    let forwarded = crate::common::sample(&metrics, "idemgate_requests_total", &patch);
+    assert_eq!(forwarded, 1.0, "{metrics}");
 }
 
 both_stores!(

@@ -239,6 +239,12 @@ async fn unreachable_upstream_releases_the_key(backend: Backend) {
         (2.0, 0.0),
         "{metrics}"
     );
+    // Nor timed as an upstream's latency (request sent → response head).
+    assert_eq!(
+        crate::common::sample(&metrics, "idemgate_upstream_latency_seconds_count", &[]),
+        0.0,
+        "{metrics}"
+    );
 }
 
 both_stores!(
