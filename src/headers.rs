@@ -132,10 +132,11 @@ pub struct RequestIds {
     /// new span id. Kept as bytes: its one header value is made when it is
     /// sent (a cloned new value would cost a second allocation).
     pub traceparent: [u8; TRACEPARENT_LEN],
-    /// Whether the trace is the client's (its `traceparent` was valid): a
-    /// new one leaves the client's `tracestate` behind (W3C Trace Context:
-    /// it belongs to the trace it came with).
-    pub continued: bool,
+    /// Whether the client's `traceparent` was invalid and replaced: its
+    /// `tracestate`, which belongs to the trace it came with, is then left
+    /// behind (W3C Trace Context). (Without a `traceparent` no `tracestate`
+    /// is looked for: a map lookup on every request for a rare case.)
+    pub replaced: bool,
 }
 
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
@@ -151,10 +152,9 @@ impl RequestIds {
             .unwrap_or_else(|| {
                 HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")
             });
-        let parsed = headers
-            .get(&TRACEPARENT)
-            .and_then(|v| parse_traceparent(v.to_str().ok()?));
-        let continued = parsed.is_some();
+        let sent = headers.get(&TRACEPARENT);
+        let parsed = sent.and_then(|v| parse_traceparent(v.to_str().ok()?));
+        let replaced = sent.is_some() && parsed.is_none();
         let (trace_id, flags) = parsed.unwrap_or_else(|| (random_hex(), *b"01"));
         // 00-<trace id>-<span id>-<flags>
         let mut traceparent = *b"00-################################-################-##";
@@ -164,7 +164,7 @@ impl RequestIds {
         RequestIds {
             request_id,
             traceparent,
-            continued,
+            replaced,
         }
     }
 
@@ -267,7 +267,7 @@ pub fn forward_headers(
     headers.insert(header::HOST, upstream_authority.clone());
     headers.insert(&X_REQUEST_ID, ids.request_id.clone());
     headers.insert(&TRACEPARENT, ids.traceparent_value());
-    if !ids.continued {
+    if ids.replaced {
         headers.remove(&TRACESTATE);
     }
     headers.insert(&X_REQUEST_TIMEOUT_MS, number_value(budget_ms));
@@ -412,13 +412,13 @@ mod tests {
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
             );
             assert!(!bad.contains(trace_id));
-            assert!(!ids.continued);
+            assert!(ids.replaced);
         }
         // A later version's extra fields are allowed.
         let mut h = HeaderMap::new();
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-next";
         h.insert(&TRACEPARENT, HeaderValue::from_static(later));
-        assert!(RequestIds::from_headers(&h).continued);
+        assert!(!RequestIds::from_headers(&h).replaced);
     }
 
     /// Regression: a client's `tracestate` went on with the new trace that
@@ -433,7 +433,8 @@ mod tests {
                 true,
             ),
             (Some("garbage"), false),
-            (None, false),
+            // No trace to go with: nothing is replaced (not looked for).
+            (None, true),
         ] {
             let mut h = HeaderMap::new();
             h.insert(&TRACESTATE, HeaderValue::from_static("vendor=x"));
