@@ -17,6 +17,16 @@ fn upstream_yaml(store: &str, url: &str, tls: &str) -> String {
     )
 }
 
+/// A TLS listener in front of `upstream`, every path passed through.
+fn tls_listener_yaml(pki: &Pki, upstream: &TestUpstream) -> String {
+    format!(
+        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        upstream.addr
+    )
+}
+
 /// An HTTPS client trusting the test CA, offering h2 or http/1.1 by ALPN.
 async fn https_get(pki: &Pki, h2: bool, url: &str) -> (http::Version, http::StatusCode) {
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
@@ -44,13 +54,7 @@ async fn https_get(pki: &Pki, h2: bool, url: &str) -> (http::Version, http::Stat
 async fn https_listener_serves_http1_and_h2_by_alpn() {
     let pki = Pki::new();
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
-        pki.server_cert.display(),
-        pki.server_key.display(),
-        upstream.addr
-    );
-    let proxy = TestProxy::start(&yaml).await;
+    let proxy = TestProxy::start(&tls_listener_yaml(&pki, &upstream)).await;
     let url = format!("https://localhost:{}/x", proxy.addr.port());
     assert_eq!(
         https_get(&pki, true, &url).await,
@@ -91,13 +95,7 @@ async fn tls_serves_http_1_0_and_times_the_head_from_the_connect() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: / }}, upstream: up }}\n",
-        pki.server_cert.display(),
-        pki.server_key.display(),
-        upstream.addr
-    );
-    let proxy = TestProxy::start(&yaml).await;
+    let proxy = TestProxy::start(&tls_listener_yaml(&pki, &upstream)).await;
     let mut old = tls_connect(&pki, &proxy, b"http/1.0", std::time::Duration::ZERO).await;
     old.write_all(b"GET /x HTTP/1.0\r\nhost: localhost\r\n\r\n")
         .await
