@@ -70,12 +70,27 @@ impl Drain {
         }
     }
 
+    /// Whether [`stop`](Self::stop) has begun, for a connection's head timer.
+    pub fn stopping(&self) -> Stopping {
+        Stopping(self.stop.clone())
+    }
+
     /// Tells every connection to finish, then waits until all have ended.
     pub async fn stop(&self) {
         self.stop.now.store(true, Ordering::Release);
         self.stop.notify.notify_waiters();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// Whether a [`Drain`] has begun to stop (one atomic load).
+#[derive(Clone)]
+pub struct Stopping(Arc<Stop>);
+
+impl Stopping {
+    pub fn now(&self) -> bool {
+        self.0.now.load(Ordering::Acquire)
     }
 }
 

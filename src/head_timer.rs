@@ -15,6 +15,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::drain::Stopping;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -25,10 +27,12 @@ pub struct HeadTimer {
     shared: Arc<Timer>,
 }
 
-/// One connection's timer: the sleep, and its first head's deadline.
+/// One connection's timer: the sleep, its first head's deadline, and the
+/// shutdown that cuts a head still arriving short.
 struct Timer {
     state: Mutex<Shared>,
     first: Option<FirstHead>,
+    stopping: Option<Stopping>,
 }
 
 struct Shared {
@@ -50,7 +54,7 @@ struct FirstHead {
 impl Default for HeadTimer {
     /// Needs a tokio runtime, as any tokio timer.
     fn default() -> HeadTimer {
-        HeadTimer::with_first(Shared::new(), None)
+        HeadTimer::new(None, None)
     }
 }
 
@@ -65,20 +69,24 @@ impl Shared {
 }
 
 impl HeadTimer {
-    /// A connection's timer whose first head is due by `by` at the latest.
-    pub fn first_head_by(by: tokio::time::Instant) -> HeadTimer {
+    /// A connection's timer whose first head is due by `by` at the latest,
+    /// and whose head still arriving when shutdown begins is cut short (a
+    /// partial head held a shutdown up to 10 s, though no request was in
+    /// flight to wait for).
+    pub fn for_connection(by: tokio::time::Instant, stopping: Stopping) -> HeadTimer {
         let first = FirstHead {
             by: by.into_std(),
             pending: AtomicBool::new(true),
         };
-        HeadTimer::with_first(Shared::new(), Some(first))
+        HeadTimer::new(Some(first), Some(stopping))
     }
 
-    fn with_first(state: Shared, first: Option<FirstHead>) -> HeadTimer {
+    fn new(first: Option<FirstHead>, stopping: Option<Stopping>) -> HeadTimer {
         HeadTimer {
             shared: Arc::new(Timer {
-                state: Mutex::new(state),
+                state: Mutex::new(Shared::new()),
                 first,
+                stopping,
             }),
         }
     }
@@ -130,6 +138,17 @@ impl Future for HeadSleep {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // hyper polls the head's sleep again once told to finish: a head
+        // still arriving then is over (no request of it is in flight).
+        if self
+            .timer
+            .shared
+            .stopping
+            .as_ref()
+            .is_some_and(Stopping::now)
+        {
+            return Poll::Ready(());
+        }
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let mut shared = self.timer.shared.state.lock().expect("head timer lock");
         let Shared { sleep, waker } = &mut *shared;

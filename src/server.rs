@@ -215,7 +215,9 @@ async fn serve_connection<S, H, F>(
     });
     // Each connection its own header-read timer (see `head_timer`).
     let mut builder = builder.clone();
-    builder.http1().timer(HeadTimer::first_head_by(deadline));
+    builder
+        .http1()
+        .timer(HeadTimer::for_connection(deadline, drain.stopping()));
     // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see
     // `opening`); an HTTP/2 connection idle for as long is told to go away.
     let stream = Opening::new(stream, deadline, conn_activity.clone());

@@ -204,6 +204,30 @@ async fn shutdown_does_not_wait_for_an_unread_body() {
     trickle.abort();
 }
 
+/// Regression: a connection in the middle of its request head held a
+/// shutdown for up to the head's 10 s, though no request of it was in
+/// flight. The head is cut short once shutdown begins.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_head_still_arriving() {
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL)
+        .replace("shutdown_grace: 5s", "shutdown_grace: 25s");
+    let proxy = TestProxy::start(&yaml).await;
+    let mut partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    partial
+        .write_all(b"GET /x HTTP/1.1\r\nhost: x\r\nx-partial: ")
+        .await
+        .unwrap();
+    // The head's first bytes are in before the shutdown begins.
+    let answered = answered_once(proxy.addr, b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), proxy.stop())
+        .await
+        .expect("shutdown ends well before the head's 10 s");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop((partial, answered));
+}
+
 #[tokio::test]
 async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
     // Matched as sent, these missed the /api/orders route (and with it a
