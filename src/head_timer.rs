@@ -15,11 +15,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use crate::drain::Stopping;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use crate::drain::Stopping;
 
 /// hyper's timer for one connection (give each connection its own).
 #[derive(Clone)]

@@ -213,18 +213,12 @@ async fn shutdown_does_not_wait_for_a_head_still_arriving() {
     let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL)
         .replace("shutdown_grace: 5s", "shutdown_grace: 25s");
     let proxy = TestProxy::start(&yaml).await;
-    let mut partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    partial
-        .write_all(b"GET /x HTTP/1.1\r\nhost: x\r\nx-partial: ")
-        .await
-        .unwrap();
+    let partial = partial_head(proxy.addr).await;
     // The head's first bytes are in before the shutdown begins.
     let answered = answered_once(proxy.addr, b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n").await;
-    let started = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(5), proxy.stop())
         .await
         .expect("shutdown ends well before the head's 10 s");
-    assert!(started.elapsed() < Duration::from_secs(5));
     drop((partial, answered));
 }
 
@@ -428,6 +422,15 @@ async fn until_closed(mut stream: tokio::net::TcpStream) -> (String, Duration) {
     )
 }
 
+/// A connection that has sent part of a request head, and nothing more.
+async fn partial_head(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-partial: ")
+        .await
+        .unwrap();
+    conn
+}
+
 /// A connection that sent `request` and got its answer's status line (201).
 async fn answered_once(addr: std::net::SocketAddr, request: &[u8]) -> tokio::net::TcpStream {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -445,11 +448,7 @@ async fn a_head_not_whole_within_10_s_closes_the_connection_as_does_10_s_idle() 
         + "admin: { listen: 127.0.0.1:0 }\n";
     let proxy = TestProxy::start(&yaml).await;
     let admin = proxy.admin.expect("an admin listener");
-    let mut partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    partial
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-partial: ")
-        .await
-        .unwrap();
+    let partial = partial_head(proxy.addr).await;
     // A keep-alive connection that was answered once, then sends nothing.
     let idle = answered_once(proxy.addr, b"GET /once HTTP/1.1\r\nhost: x\r\n\r\n").await;
     // Regression: before the first bytes tell HTTP/1 from HTTP/2 no timer

@@ -46,14 +46,9 @@ impl Admin {
                 (_, Err(problem)) => Err(problem),
                 (Some((route, key)), Ok(scope)) => match *method {
                     Method::GET => self.get(&route, &key, scope).await,
-                    Method::DELETE => match authorized() {
-                        Ok(()) => self.purge(&route, &key, scope).await,
-                        Err(denied) => Err(denied),
-                    },
-                    Method::PUT => match authorized() {
-                        Ok(()) => self.put(&route, &key, scope, incoming).await,
-                        Err(denied) => Err(denied),
-                    },
+                    Method::DELETE | Method::PUT if let Err(denied) = authorized() => Err(denied),
+                    Method::DELETE => self.purge(&route, &key, scope).await,
+                    Method::PUT => self.put(&route, &key, scope, incoming).await,
                     _ => Ok(wrong_method("GET, PUT, DELETE")),
                 },
             },
