@@ -27,6 +27,13 @@ use crate::body::ProxyBody;
 /// the upstream (at most; sooner for a shorter `idle_timeout`).
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
+/// A connection idle this long is asked of its socket before any request
+/// goes out on it ([`Conn::closed_by_peer`]): an upstream's own keep-alive
+/// timeout (2 s for gunicorn, 5 s for Node and Apache, 75 s for nginx)
+/// closes it at about the moment it is reused. Under load connections are
+/// idle for microseconds and skip the system call.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(100);
+
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 
 /// One connection: the handle that sends requests and the state machine
@@ -145,8 +152,9 @@ impl Pool {
             // A request the upstream may act on (not a GET, or protected)
             // never goes out on a connection the upstream has closed:
             // the socket is asked (a system call). A safe method skips it
-            // (S1's path): a connection found closed then costs a `502`,
-            // which its client may retry.
+            // (S1's path) unless the connection has been idle for
+            // `PEEK_AFTER_IDLE`: a connection closed in the microseconds
+            // before its reuse then costs a `502`, which its client may retry.
             let careful = connected.is_protected() || !request.method().is_safe();
             let (mut conn, reused) = match self.checkout(careful) {
                 Some(conn) => (conn, true),
@@ -196,13 +204,15 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open, asked of
-    /// its socket too when `careful` ([`Conn::closed_by_peer`]).
+    /// its socket too when `careful` or idle for [`PEEK_AFTER_IDLE`]
+    /// ([`Conn::closed_by_peer`]).
     fn checkout(&self, careful: bool) -> Option<Box<Conn>> {
         loop {
             let Idle { mut conn, since } = self.idle.lock().expect("pool lock").pop()?;
-            if since.elapsed() < self.idle_timeout
+            let idle = since.elapsed();
+            if idle < self.idle_timeout
                 && conn.ready()
-                && !(careful && conn.closed_by_peer())
+                && !((careful || idle >= PEEK_AFTER_IDLE) && conn.closed_by_peer())
             {
                 return Some(conn);
             }

@@ -239,3 +239,26 @@ async fn a_post_never_goes_out_on_a_connection_closed_under_the_driver() {
     assert_eq!(response.status(), 200);
     drop(close);
 }
+
+/// Regression: a GET (passed through, not protected) skipped the socket
+/// check, so a pooled connection the upstream had closed at the end of
+/// its own keep-alive timeout, a moment before the reuse, met a reset and
+/// the client got a `502`. A connection idle for `PEEK_AFTER_IDLE` is
+/// asked first, whatever the method.
+#[tokio::test]
+async fn a_get_after_an_idle_spell_never_goes_out_on_a_connection_closed_under_the_driver() {
+    let (uri, close, closed) = closing_upstream();
+    let pool = pool(&uri);
+    assert_eq!(read_all(&pool, &uri).await, 2);
+    assert_eq!(pool.idle_count(), 1);
+    // Blocks this (only) worker: the driver cannot hear of the close.
+    close.send(()).unwrap();
+    closed.recv().unwrap();
+    std::thread::sleep(PEEK_AFTER_IDLE);
+    let response = pool
+        .send(get(&uri))
+        .await
+        .expect("sent on a new connection");
+    assert_eq!(response.status(), 200);
+    drop(close);
+}
