@@ -37,6 +37,7 @@ pub mod path;
 pub mod problem;
 pub mod proxy;
 pub mod route;
+pub mod send_timer;
 pub mod server;
 pub mod store;
 pub mod tls;

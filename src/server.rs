@@ -23,6 +23,7 @@ use crate::head_timer::HeadTimer;
 use crate::metrics::Metrics;
 use crate::opening::Opening;
 use crate::proxy::Proxy;
+use crate::send_timer::SendTimer;
 use crate::store::Store;
 
 /// A request head must arrive whole within this time...
@@ -125,11 +126,12 @@ pub async fn serve(
             proxy: proxy.clone(),
             config_path: config_path.clone(),
         });
-        tokio::spawn(serve_admin(listener, admin))
+        tokio::spawn(serve_admin(listener, admin, config.send_timeout))
     });
 
     let connections = Arc::new(Drain::default());
     let builder = Arc::new(connection_builder());
+    let send_timeout = config.send_timeout;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -159,11 +161,11 @@ pub async fn serve(
                         move |request| proxy.clone().handle(request, peer.clone())
                     };
                     match &proxy.tls {
-                        None => serve_connection(stream, deadline, &builder, &drain, handler).await,
+                        None => serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await,
                         Some(acceptor) => {
                             let acceptor = acceptor.load_full();
                             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => serve_connection(tls, deadline, &builder, &drain, handler).await,
+                                Ok(Ok(tls)) => serve_connection(tls, deadline, send_timeout, &builder, &drain, handler).await,
                                 Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -187,10 +189,12 @@ pub async fn serve(
 /// One client connection (plain or TLS, the proxy's or the admin
 /// listener's) into `handler`, drained on shutdown: its opening and first
 /// head by `deadline`, each later head within 10 s, an HTTP/2 connection
-/// idle for 10 s told to go away.
+/// idle for 10 s told to go away, a client that takes nothing of its
+/// answers for `send_timeout` cut off.
 async fn serve_connection<S, H, F>(
     stream: S,
     deadline: tokio::time::Instant,
+    send_timeout: Duration,
     builder: &auto::Builder<TokioExecutor>,
     drain: &Drain,
     handler: H,
@@ -220,7 +224,13 @@ async fn serve_connection<S, H, F>(
         .timer(HeadTimer::for_connection(deadline, drain.stopping()));
     // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see
     // `opening`); an HTTP/2 connection idle for as long is told to go away.
-    let stream = Opening::new(stream, deadline, conn_activity.clone());
+    // A client that takes no bytes of its answers for `send_timeout` is
+    // cut off (see `send_timer`).
+    let stream = Opening::new(
+        SendTimer::new(stream, send_timeout),
+        deadline,
+        conn_activity.clone(),
+    );
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let watched = drain.watch(connection.into_owned(), conn_activity, HEADER_READ_TIMEOUT);
     if let Err(error) = watched.await {
@@ -284,7 +294,7 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
 /// connection that sends nothing (or half a head) was held open for good,
 /// and enough of them ran the process out of file descriptors, so that
 /// the proxy listener could accept no client.
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Duration) {
     let builder = Arc::new(connection_builder());
     let connections = Arc::new(Drain::default());
     loop {
@@ -300,7 +310,7 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
                 let admin = admin.clone();
                 async move { admin.handle(request).await }
             };
-            serve_connection(stream, deadline, &builder, &drain, handler).await;
+            serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await;
         });
     }
 }

@@ -255,6 +255,7 @@ routes:
     assert_eq!(config.upstreams[0].connect_timeout, Duration::from_secs(1));
     assert_eq!(config.upstreams[0].max_in_flight, 256);
     assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(config.send_timeout, Duration::from_secs(60));
 }
 
 #[test]
@@ -335,17 +336,18 @@ fn with_route(head: &str, route: &str) -> String {
 
 #[test]
 fn huge_durations_are_refused_instead_of_panicking_on_every_request() {
-    let yaml = "shutdown_grace: 2d\nstore: { op_timeout: 25h }\nupstreams:\n  erp: { url: \"http://127.0.0.1:9000\", connect_timeout: 500000000y, circuit_breaker: { open_for: 1000y } }\nroutes:\n  - { name: a, match: { path: /a }, upstream: erp, timeouts: { response: 2d, total: 500000000y }, idempotency: { ttl: 366d, lease: 25h } }\n";
+    let yaml = "shutdown_grace: 2d\nstore: { op_timeout: 25h }\nsend_timeout: 25h\nupstreams:\n  erp: { url: \"http://127.0.0.1:9000\", connect_timeout: 500000000y, circuit_breaker: { open_for: 1000y } }\nroutes:\n  - { name: a, match: { path: /a }, upstream: erp, timeouts: { response: 2d, total: 500000000y }, idempotency: { ttl: 366d, lease: 25h } }\n";
     let errs = errors(yaml);
     for (path, line) in [
         ("shutdown_grace", 1),
         ("store.op_timeout", 2),
-        ("upstreams.erp.connect_timeout", 4),
-        ("upstreams.erp.circuit_breaker.open_for", 4),
-        ("routes[0].timeouts.response", 6),
-        ("routes[0].timeouts.total", 6),
-        ("routes[0].idempotency.ttl", 6),
-        ("routes[0].idempotency.lease", 6),
+        ("send_timeout", 3),
+        ("upstreams.erp.connect_timeout", 5),
+        ("upstreams.erp.circuit_breaker.open_for", 5),
+        ("routes[0].timeouts.response", 7),
+        ("routes[0].timeouts.total", 7),
+        ("routes[0].idempotency.ttl", 7),
+        ("routes[0].idempotency.lease", 7),
     ] {
         let e = error_at(&errs, path);
         assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");

@@ -321,6 +321,57 @@ async fn a_streamed_answer_holds_its_bulkhead_slot_until_its_body_ends() {
     .await;
 }
 
+/// Regression: a client that stopped reading a streamed answer held its
+/// bulkhead slot for as long as it stayed connected (the body's end never
+/// came), so with `max_in_flight: 1` every other request to the upstream
+/// got `503 upstream_overloaded`. A client that takes no bytes for
+/// `send_timeout` is cut off and the slot freed.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its_slot() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(
+        &Backend::memory().store_yaml(),
+        &upstream,
+        ", max_in_flight: 1",
+    )
+    .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s");
+    let proxy = TestProxy::start(&yaml).await;
+    // Far more than the sockets' buffers hold: the proxy's writes wait.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(proxy.addr).await.unwrap();
+    let head = "GET /plain HTTP/1.1\r\nhost: x\r\nx-test-body-bytes: 67108864\r\n\r\n";
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let client = TestClient::new();
+    eventually(
+        Duration::from_secs(5),
+        "the stalled answer holds the slot",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    let second = client
+        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+        .await;
+    assert_eq!(
+        second.code(),
+        "upstream_overloaded",
+        "the slot is held at first"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the stalled client is cut off",
+        || async {
+            let r = client
+                .send("GET", &proxy.url("/plain"), &[], Bytes::new())
+                .await;
+            r.status == 201
+        },
+    )
+    .await;
+    drop(stalled);
+}
+
 /// Regression: a half-open probe was judged when its body ended, so a
 /// probe whose body came slowly (or whose client read it slowly) kept the
 /// circuit half-open, and every other request turned away, for as long as

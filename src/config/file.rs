@@ -21,6 +21,7 @@ pub struct FileConfig {
     pub admin: Option<AdminFile>,
     pub store: Option<StoreFile>,
     pub shutdown_grace: Option<Text>,
+    pub send_timeout: Option<Text>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamFile>,
     pub defaults: Option<RouteSettings>,

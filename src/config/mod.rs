@@ -31,6 +31,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<Route>,
     pub shutdown_grace: Duration,
+    /// How long a client may take no bytes of what is written to it.
+    pub send_timeout: Duration,
     /// Non-fatal observations (e.g. a lease shorter than the total timeout).
     pub warnings: Vec<String>,
 }

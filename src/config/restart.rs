@@ -1,5 +1,5 @@
 //! Which settings a reload cannot apply: the ones the running process read
-//! once at startup (listeners, the store, the shutdown grace). The admin
+//! once at startup (listeners, the store, the shutdown grace, the send timeout). The admin
 //! token is not one of them: it is read from the running configuration.
 
 use super::{Backend, Config};
@@ -57,6 +57,7 @@ impl Config {
             ),
             ("store.tls", old_store.tls != new_store.tls),
             ("shutdown_grace", self.shutdown_grace != new.shutdown_grace),
+            ("send_timeout", self.send_timeout != new.send_timeout),
         ];
         changed
             .into_iter()
@@ -97,7 +98,7 @@ mod tests {
             "listen: 127.0.0.1:8080\nadmin: { listen: 127.0.0.1:9090 }\nstore: { backend: memory }\n",
         );
         let new = config(
-            "listen: 127.0.0.1:8081\nadmin: { listen: 127.0.0.1:9091, token: \"${RESTART_TEST_TOKEN}\" }\nshutdown_grace: 5s\nstore: { backend: redis, url: \"redis://:pw@127.0.0.1:6379/0\", key_prefix: \"x:\", op_timeout: 1s, on_unavailable: forward, max_records: 10 }\n",
+            "listen: 127.0.0.1:8081\nadmin: { listen: 127.0.0.1:9091, token: \"${RESTART_TEST_TOKEN}\" }\nshutdown_grace: 5s\nsend_timeout: 5s\nstore: { backend: redis, url: \"redis://:pw@127.0.0.1:6379/0\", key_prefix: \"x:\", op_timeout: 1s, on_unavailable: forward, max_records: 10 }\n",
         );
         let names = old.restart_needed(&new);
         assert_eq!(
@@ -111,6 +112,7 @@ mod tests {
                 "store.on_unavailable",
                 "store.max_records",
                 "shutdown_grace",
+                "send_timeout",
             ]
         );
         let turned_off = config("");

@@ -126,6 +126,10 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         Some(d) => c.duration("shutdown_grace", d, MAX_WAIT),
         None => Some(Duration::from_secs(30)),
     };
+    let send_timeout = match &file.send_timeout {
+        Some(d) => c.duration("send_timeout", d, MAX_WAIT),
+        None => Some(crate::send_timer::SEND_STALL),
+    };
     let upstreams: Vec<_> = file
         .upstreams
         .iter()
@@ -209,6 +213,7 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         upstreams,
         routes,
         shutdown_grace: shutdown_grace?,
+        send_timeout: send_timeout?,
         warnings,
     })
 }
