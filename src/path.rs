@@ -5,9 +5,9 @@
 //! upstream that normalises paths as `/api/orders`; matched as sent, they
 //! would miss the `/api/orders` route (and its idempotency gate). The proxy
 //! matches and forwards the normal form (RFC 3986 6.2.2): escapes of
-//! unreserved characters decoded, `.` and `..` segments removed, runs of `/`
-//! merged (as nginx does by default). Other escapes (`%2F`, `%20`, …) stay
-//! as they are.
+//! unreserved characters decoded, other escapes (`%2F`, `%20`, …) kept with
+//! their hex digits in upper case, `.` and `..` segments removed, runs of
+//! `/` merged (as nginx does by default).
 
 use std::borrow::Cow;
 
@@ -90,20 +90,29 @@ fn needs_work(path: &str) -> bool {
         .any(|(i, &b)| b == b'%' || (b == b'/' && matches!(bytes.get(i + 1), Some(b'/' | b'.'))))
 }
 
-/// `%XX` of A–Z, a–z, 0–9, `-`, `.`, `_`, `~` decoded; every other byte kept.
+/// `%XX` of A–Z, a–z, 0–9, `-`, `.`, `_`, `~` decoded, the hex digits of
+/// every other escape in upper case (RFC 3986 6.2.2.1: `%c3%a9` and `%C3%A9`
+/// are one path, and a route written one way was side-stepped by a request
+/// written the other); every other byte kept.
 fn decode_unreserved(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
+        let escape = (bytes[i] == b'%')
             .then(|| bytes.get(i + 1..i + 3))
             .flatten()
-            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
-            .filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
-        match escaped {
-            Some(b) => {
-                out.push(b);
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit));
+        match escape {
+            Some(hex) => {
+                let byte = u8::from_str_radix(std::str::from_utf8(hex).expect("hex"), 16)
+                    .expect("two hex digits");
+                if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                    out.push(byte);
+                } else {
+                    out.push(b'%');
+                    out.extend(hex.iter().map(u8::to_ascii_uppercase));
+                }
                 i += 3;
             }
             None => {
@@ -139,6 +148,8 @@ mod tests {
             ("/api/orders/x/..", Some("/api/orders/")),
             ("/..", Some("/")),
             ("/a%2Fb/%20c", None),
+            ("/caf%c3%a9/x", Some("/caf%C3%A9/x")),
+            ("/a%2fb?q=%2f", Some("/a%2Fb?q=%2f")),
             ("/a%2", None),
             ("/a%zz", None),
         ];

@@ -160,6 +160,19 @@ fn paths_no_request_could_match_are_errors() {
         ("{ path: '/q?a=1' }", "path", "query"),
         ("{ path: '/a b' }", "path", "not a valid URL path"),
         ("{ path: /a, methods: [] }", "methods", "methods is empty"),
+        // Regression: escapes in lower case, and encoded slashes (routed
+        // as `/`), were accepted, and no request matched them.
+        (
+            "{ path_prefix: '/caf%c3%a9' }",
+            "path_prefix",
+            "write /caf%C3%A9",
+        ),
+        ("{ path: '/a%2Fb' }", "path", "write /a/b"),
+        (
+            "{ path_prefix: '/api%5corders' }",
+            "path_prefix",
+            "write /api/orders",
+        ),
     ];
     for (m, field, says) in cases {
         let errs = errors(&route(m));
@@ -170,7 +183,8 @@ fn paths_no_request_could_match_are_errors() {
     for fine in [
         "{ path_prefix: /api/orders/ }",
         "{ path: /a/b/ }",
-        "{ path: '/a%2Fb' }",
+        "{ path: '/caf%C3%A9' }",
+        "{ path: '/a%20b' }",
     ] {
         Config::parse(&route(fine)).unwrap_or_else(|e| panic!("{fine}: {e}"));
     }

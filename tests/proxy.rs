@@ -226,13 +226,16 @@ async fn shutdown_does_not_wait_for_a_head_still_arriving() {
 async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
     // Matched as sent, these missed the /api/orders route (and with it a
     // protected route's gate), though the upstream reads them as /api/orders.
-    let routes = "  - { name: orders, match: { path: /api/orders }, upstream: up }";
+    // Regression: escapes in lower case (`%c3%a9`) missed a route written
+    // with upper-case ones, and the request went to a later route.
+    let routes = "  - { name: orders, match: { path: /api/orders }, upstream: up }\n  - { name: cafe, match: { path: /caf%C3%A9 }, upstream: up }";
     let (upstream, proxy) = passthrough("", routes).await;
     for (sent, forwarded) in [
         ("/api/reports/../orders", "/api/orders"),
         ("/api/./orders?x=1", "/api/orders?x=1"),
         ("/api/%6Frders", "/api/orders"),
         ("//api//orders", "/api/orders"),
+        ("/caf%c3%a9", "/caf%C3%A9"),
     ] {
         let reply = TestClient::new()
             .send("GET", &proxy.url(sent), &[], Bytes::new())

@@ -83,7 +83,7 @@ fn route_host(c: &mut Check, field: &str, value: &Text) -> Option<String> {
 
 /// A configured path as requests are matched against it: absolute, a
 /// valid path without a query, and in the normal form requests are put in
-/// (`path::normalized`). Any other could never match a request, and a
+/// (`path::normalized`, `path::for_routing`). Any other could never match a request, and a
 /// protected route's traffic would go to a later route, unprotected.
 fn route_path(c: &mut Check, field: &str, value: &Text) -> Option<String> {
     let text = c.text(field, value)?;
@@ -111,10 +111,20 @@ fn route_path(c: &mut Check, field: &str, value: &Text) -> Option<String> {
     }
     if let Some(normal) = crate::path::normalized(&uri) {
         let message = format!(
-            "{} is not in the normal form requests are matched in (escapes of unreserved characters decoded, . and .. removed, // merged), so no request would match it",
+            "{} is not in the normal form requests are matched in (escapes of unreserved characters decoded, other escapes in upper case, . and .. removed, // merged), so no request would match it",
             quote(value)
         );
-        return fail(c, message, format!("write {}", normal.path()));
+        // Written as it will be routed: an encoded slash as `/` too.
+        let write = crate::path::for_routing(normal.path()).into_owned();
+        return fail(c, message, format!("write {write}"));
+    }
+    let routed = crate::path::for_routing(&text);
+    if routed != text {
+        let message = format!(
+            "{} holds an encoded slash (%2F or %5C), which requests are routed as /, so no request would match it",
+            quote(value)
+        );
+        return fail(c, message, format!("write {routed}"));
     }
     Some(text)
 }
