@@ -955,3 +955,51 @@ fn a_file_of_two_documents_is_told_to_keep_one() {
     assert!(errs[0].hint.contains("keep one document"), "{errs:?}");
     assert!(!errs[0].message.contains("from_str_multiple"), "{errs:?}");
 }
+
+/// Regression: a bad default that no route inherited yet (every route
+/// setting its own value, or turning the gate off) was accepted, and the
+/// edit or reload that added such a route failed on lines nobody touched.
+#[test]
+fn a_bad_default_is_an_error_even_when_no_route_inherits_it() {
+    let yaml = format!(
+        "{BASE}defaults:\n  timeouts: {{ response: 3x }}\n  idempotency: {{ ttl: forever, concurrent: wiat }}\nroutes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, idempotency: off, timeouts: {{ response: 1s }} }}\n"
+    );
+    let errs = errors(&yaml);
+    for (path, line) in [
+        ("defaults.timeouts.response", 4),
+        ("defaults.idempotency.ttl", 5),
+        ("defaults.idempotency.concurrent", 5),
+    ] {
+        let e = error_at(&errs, path);
+        assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");
+    }
+    assert_eq!(errs.len(), 3, "each once: {errs:#?}");
+}
+
+/// Regression: route names were compared as written, so `orders` and
+/// `${NAME}` set to `orders` made two routes of one name (sharing store
+/// keys, metrics and `/keys/{route}/...`).
+#[test]
+fn route_names_are_compared_after_env_expansion() {
+    // SAFETY: this test binary sets only variables of its own, unique names.
+    unsafe { std::env::set_var("IDEMGATE_TEST_ROUTE_4417", "orders") };
+    let yaml = format!(
+        "{BASE}routes:\n  - {{ name: orders, match: {{ path: /a }}, upstream: erp }}\n  - {{ name: \"${{IDEMGATE_TEST_ROUTE_4417}}\", match: {{ path: /b }}, upstream: erp }}\n"
+    );
+    let e = error_at(&errors(&yaml), "routes[1].name").to_string();
+    assert!(e.contains("used twice"), "{e}");
+}
+
+/// Regression: the key's header named as a scope header was refused only
+/// when `header` was written out; with the default `Idempotency-Key` it was
+/// accepted, and the key (logged with every request) was a scope value.
+#[test]
+fn the_default_key_header_cannot_be_a_scope_header() {
+    let errs = errors(&with_route(
+        "",
+        ", idempotency: { scope: { headers: [authorization, idempotency-key] } }",
+    ));
+    let e = error_at(&errs, "routes[0].idempotency.scope.headers[1]");
+    assert!(e.to_string().contains("the key's header"), "{e}");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+}

@@ -517,3 +517,43 @@ fn store_tls_with_the_memory_backend_is_a_warning_not_silence() {
         config.warnings
     );
 }
+
+/// Regression: `check` only looked for PEM blocks in `store.tls`, so a CA
+/// whose body is not a certificate, or a client key that does not match
+/// its certificate, passed; `serve` then failed blaming `store.url`, or ran
+/// and never reached the store. Both are checked as `serve` builds them.
+#[test]
+fn check_refuses_store_tls_files_serve_cannot_use() {
+    let pki = Pki::new();
+    let ca = std::fs::read_to_string(&pki.ca).unwrap();
+    let mut lines: Vec<String> = ca.lines().map(str::to_owned).collect();
+    lines[2] = "A".repeat(lines[2].len()); // valid base64, broken DER
+    let corrupt = pki.dir.path().join("corrupt-ca.pem");
+    std::fs::write(&corrupt, lines.join("\n") + "\n").unwrap();
+    let cases = [
+        format!("ca_file: \"{}\"", corrupt.display()),
+        format!(
+            "client_cert_file: \"{}\", client_key_file: \"{}\"",
+            pki.client_cert.display(),
+            pki.server_key.display()
+        ),
+    ];
+    for tls in cases {
+        let path = pki.dir.path().join("c.yaml");
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nstore: {{ backend: redis, url: \"rediss://localhost:6390/0\", tls: {{ {tls} }} }}\nupstreams: {{ up: {{ url: \"http://127.0.0.1:1\" }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
+        );
+        std::fs::write(&path, yaml).unwrap();
+        for command in ["check", "serve"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+                .args([command, "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{command} {tls}: {err}");
+            assert!(err.contains("store.tls"), "{command} {tls}: {err}");
+            assert!(!err.contains("not a valid Redis URL"), "{command}: {err}");
+        }
+    }
+}

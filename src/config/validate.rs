@@ -144,12 +144,23 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         );
     }
     let defaults = file.defaults.as_ref();
+    // Each default checked on its own too: one that no route inherits yet
+    // (regression: accepted) would fail the edit or reload that adds one,
+    // on a line nobody touched. Errors merged into routes are kept once.
+    if let Some(d) = defaults {
+        let _ = timeouts(c, "defaults", None, d.timeouts.as_ref());
+        let _ = super::validate_policy::build_policy(c, "defaults", None, d.idempotency.as_ref());
+    }
     let mut routes = Vec::new();
     let mut warnings = Vec::new();
+    // Compared as expanded (regression: `orders` and `${NAME}` set to
+    // `orders` were two routes of one name, sharing store keys and metrics).
+    let names: Vec<Option<String>> = (file.routes.iter().enumerate())
+        .map(|(i, r)| c.text(&format!("routes[{i}].name"), &r.name))
+        .collect();
     for (i, route) in file.routes.iter().enumerate() {
-        if file.routes[..i]
-            .iter()
-            .any(|r| r.name.value == route.name.value)
+        if let Some(name) = &names[i]
+            && names[..i].iter().flatten().any(|n| n == name)
         {
             c.fail(
                 &format!("routes[{i}].name"),

@@ -165,15 +165,34 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
     };
     // The key is logged with every request; these headers' values never are.
     if let (Some(name), Some(scope)) = (&header, &scope_headers)
-        && let Some((v, p)) = m.get("header", |f| f.header.as_ref())
         && (secret_header(name) || scope.contains(name))
     {
-        c.fail(
-            &p,
-            Some(&v.referenced),
-            format!("{name} carries a credential or a scope: its value would be logged as the key"),
-            "name a header of its own for the key, such as Idempotency-Key",
-        );
+        match m.get("header", |f| f.header.as_ref()) {
+            Some((v, p)) => c.fail(
+                &p,
+                Some(&v.referenced),
+                format!(
+                    "{name} carries a credential or a scope: its value would be logged as the key"
+                ),
+                "name a header of its own for the key, such as Idempotency-Key",
+            ),
+            // The default key header named as a scope header (regression:
+            // accepted unless `header` was written out).
+            None => {
+                let (list, p) = m
+                    .get("scope.headers", |f| f.scope.as_ref()?.headers.as_ref())
+                    .expect("only a written scope list holds the key header");
+                let i = scope.iter().position(|h| h == name).unwrap_or(0);
+                c.fail(
+                    &format!("{p}[{i}]"),
+                    list.get(i).map(|v| &v.referenced),
+                    format!(
+                        "{name} is the key's header: a scope header's value is never logged, the key is with every request"
+                    ),
+                    "scope on another header (such as Authorization), or name the key's header with idempotency.header",
+                );
+            }
+        }
     }
     let store_statuses = match m.get("store_statuses", |f| f.store_statuses.as_ref()) {
         None => Some(vec![StatusPattern::Class(2), StatusPattern::Class(4)]),

@@ -169,13 +169,12 @@ pub(super) fn check_tls_files(c: &mut Check, config: &Config) {
             );
         }
     }
-    if let Some(tls) = &config.store.tls {
-        let files = [&tls.ca_file, &tls.client_cert_file].into_iter().flatten();
-        for error in files.filter_map(|f| crate::tls::load_certs(f).err()) {
-            c.fail("store.tls", None, error.to_string(), hint);
-        }
-        if let Some(Err(e)) = tls.client_key_file.as_deref().map(crate::tls::load_key) {
-            c.fail("store.tls.client_key_file", None, e.to_string(), hint);
-        }
+    // As `serve` builds it (regression: a corrupt CA or a client key not
+    // matching its certificate passed `check`, and `serve` then failed or
+    // never reached the store).
+    if let Some(tls) = &config.store.tls
+        && let Err(e) = crate::tls::client_config(Some(tls))
+    {
+        c.fail("store.tls", None, e.to_string(), hint);
     }
 }

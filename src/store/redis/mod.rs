@@ -669,6 +669,10 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
     let Some(tls) = &config.tls else {
         return Ok(None);
     };
+    // The files as rustls will take them, checked here so that a bad one
+    // is named at startup, not blamed on the URL or met at each connect.
+    crate::tls::client_config(Some(tls))
+        .map_err(|e| StoreError::Backend(format!("store.tls: {e}")))?;
     let read = |path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, StoreError> {
         path.as_ref()
             .map(|p| {
