@@ -67,7 +67,13 @@ impl Routing {
             .map(
                 |u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.serves(u))) {
                     Some(kept) => Ok(kept.clone()),
-                    None => Upstream::new(u).map(Arc::new),
+                    // Rebuilt (or new): the count in flight goes on under its name.
+                    None => {
+                        let bulkhead = previous
+                            .and_then(|p| p.upstreams.iter().find(|old| old.config.name == u.name))
+                            .map_or_else(Default::default, |old| old.bulkhead());
+                        Upstream::new(u, bulkhead).map(Arc::new)
+                    }
                 },
             )
             .collect::<Result<_, _>>()?;

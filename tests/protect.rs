@@ -787,3 +787,59 @@ async fn a_removed_upstream_leaves_no_series_behind() {
         "{after}"
     );
 }
+
+/// Regression: a reload that changed an upstream's settings (to lower
+/// `max_in_flight` while it struggles, say) rebuilt its bulkhead at zero:
+/// the requests still running were forgotten, the new limit let as many
+/// more in beside them, and the in-flight gauge said 0.
+#[tokio::test]
+async fn a_reload_that_changes_an_upstream_keeps_its_requests_in_flight_counted() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let write = |extra: &str| {
+        let yaml = format!(
+            "admin: {{ listen: 127.0.0.1:0, token: t0k }}\nupstreams:\n  up: {{ url: \"http://{}\", max_in_flight: 2{extra} }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: main, match: {{ path_prefix: / }}, upstream: up }}\n",
+            upstream.addr
+        );
+        std::fs::write(&path, yaml).unwrap();
+    };
+    write("");
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url) = (client.clone(), proxy.url("/slow"));
+            tokio::spawn(async move {
+                client
+                    .send("GET", &url, &[("x-test-delay-ms", "3000")], Bytes::new())
+                    .await
+            })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(5),
+        "both slow requests reach the upstream",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
+    write(", connect_timeout: 2s");
+    assert_eq!(proxy.reload("t0k").await.status, 200);
+    let third = client
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(third.code(), "upstream_overloaded", "two still in flight");
+    let metrics = client
+        .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
+        .await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let gauge = common::sample(&text, "idemgate_upstream_in_flight", &[("upstream", "up")]);
+    assert_eq!(gauge, 2.0, "{text}");
+    for answer in slow {
+        assert_eq!(answer.await.unwrap().status, 201);
+    }
+    let after = client
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(after.status, 201, "the slots are freed");
+}

@@ -7,13 +7,12 @@ mod upload;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
@@ -39,8 +38,10 @@ pub struct Upstream {
     /// The `Host` header for the upstream.
     pub authority: HeaderValue,
     pool: Arc<Pool>,
-    /// `max_in_flight` permits; no queueing beyond them.
-    bulkhead: Arc<Semaphore>,
+    /// Requests in flight to this upstream, at most `max_in_flight`; no
+    /// queueing beyond them. Carried over to the upstream of the same name
+    /// when a reload changes its settings ([`Upstream::new`]).
+    bulkhead: Arc<Bulkhead>,
     pub breaker: Breaker,
     /// A digest of what its TLS files held when it was built (not the
     /// bytes: one is a private key): a reload with the same settings keeps
@@ -53,9 +54,9 @@ pub struct Upstream {
 pub struct Admission {
     upstream: Arc<Upstream>,
     admit: Admit,
-    /// The bulkhead slot: freed with the admission, or carried by a
-    /// streamed body to its end ([`Streamed`]).
-    permit: Option<OwnedSemaphorePermit>,
+    /// Whether it holds its bulkhead slot: freed with the admission, or
+    /// carried by a streamed body to its end ([`Streamed`]).
+    slot: bool,
     finished: bool,
 }
 
@@ -84,9 +85,7 @@ impl Admission {
     /// client takes to read it, and must not keep the circuit half-open.
     pub fn finish_streamed(mut self, success: bool) -> Streamed {
         // The slot goes with the body: `Streamed` gives it back.
-        if let Some(permit) = self.permit.take() {
-            permit.forget();
-        }
+        self.slot = false;
         let probe = matches!(self.admit, Admit::Probe { .. });
         let judged_at_end = !self.finished && success && !probe && self.upstream.breaker.counts();
         if judged_at_end {
@@ -117,10 +116,10 @@ impl Admission {
 /// when the body ends or is dropped. Whole is a success, broken off a
 /// failure ("connections broken before a whole response", SPEC 9); a body
 /// dropped unfinished (the client went away) says nothing, as a request
-/// that never reached the upstream. The slot is the bulkhead's permit,
-/// forgotten and added back, so that this stays as small as the verdict
-/// alone was (with the permit beside it S1 took 0.9% more instructions,
-/// most of them in the allocator's slower paths: bench/PROFILE.md).
+/// that never reached the upstream. The slot is given back to the
+/// upstream's bulkhead, so that this stays as small as the verdict alone
+/// was (with a permit beside it S1 took 0.9% more instructions, most of
+/// them in the allocator's slower paths: bench/PROFILE.md).
 pub struct Streamed {
     upstream: Arc<Upstream>,
     admit: Admit,
@@ -144,7 +143,7 @@ impl Drop for Streamed {
         if self.judged_at_end {
             self.upstream.breaker.cancel(self.admit);
         }
-        self.upstream.bulkhead.add_permits(1);
+        self.upstream.bulkhead.free();
     }
 }
 
@@ -153,6 +152,35 @@ impl Drop for Admission {
         if !self.finished {
             self.upstream.breaker.cancel(self.admit);
         }
+        if self.slot {
+            self.upstream.bulkhead.free();
+        }
+    }
+}
+
+/// The count of requests in flight to one upstream (by name), shared by
+/// its rebuilds: a reload that changed its settings (to lower
+/// `max_in_flight` while it struggles, say) started a new count at zero,
+/// and the new limit let in that many more beside those still running
+/// (regression, found by an audit: 4 in flight against a limit of 2, and
+/// the in-flight gauge said 0).
+#[derive(Default)]
+pub struct Bulkhead {
+    in_flight: AtomicUsize,
+}
+
+impl Bulkhead {
+    /// One slot, unless `max` are taken.
+    fn take(&self, max: usize) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn free(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -179,8 +207,13 @@ pub fn failed_status(status: u16) -> bool {
 
 impl Upstream {
     /// Pooled HTTP/1.1 connections over `http://` or `https://` (system roots,
-    /// or `tls.ca_file`; a client certificate for mutual TLS; SNI from the URL).
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, crate::tls::TlsError> {
+    /// or `tls.ca_file`; a client certificate for mutual TLS; SNI from the
+    /// URL), counting its requests in flight in `bulkhead` (the previous
+    /// one's of this name, after a reload).
+    pub fn new(
+        config: &UpstreamConfig,
+        bulkhead: Arc<Bulkhead>,
+    ) -> Result<Upstream, crate::tls::TlsError> {
         let tls_files = tls_files(config);
         let tls = crate::tls::client_config(config.tls.as_ref())?;
         let target = Uri::builder()
@@ -194,7 +227,7 @@ impl Upstream {
                 .expect("an authority is a valid header value"),
             config: config.clone(),
             pool: Pool::new(target, config.connect_timeout, config.idle_timeout, tls),
-            bulkhead: Arc::new(Semaphore::new(config.max_in_flight as usize)),
+            bulkhead,
             breaker: Breaker::new(config.circuit_breaker.clone()),
             tls_files,
         })
@@ -208,15 +241,21 @@ impl Upstream {
         self.config == *config && self.tls_files == tls_files(config)
     }
 
-    /// Requests to this upstream right now.
+    /// Requests to this upstream right now (under this name: those of the
+    /// settings before a reload too).
     pub fn in_flight(&self) -> usize {
-        self.config.max_in_flight as usize - self.bulkhead.available_permits()
+        self.bulkhead.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The count of requests in flight, for the rebuild of this upstream.
+    pub fn bulkhead(&self) -> Arc<Bulkhead> {
+        self.bulkhead.clone()
     }
 
     /// The bulkhead, then the circuit breaker; a request turned away gets
     /// its answer at once (no queueing).
     pub fn admit(self: &Arc<Self>) -> Result<Admission, Problem> {
-        let Ok(permit) = self.bulkhead.clone().try_acquire_owned() else {
+        if !self.bulkhead.take(self.config.max_in_flight as usize) {
             return Err(Problem::new(
                 Code::UpstreamOverloaded,
                 format!(
@@ -225,17 +264,20 @@ impl Upstream {
                 ),
             )
             .retry_after(Duration::from_secs(1)));
-        };
+        }
         match self.breaker.admit(Instant::now) {
-            Admit::Reject(wait) => Err(Problem::new(
-                Code::UpstreamCircuitOpen,
-                "the upstream failed repeatedly; requests are paused until a probe succeeds",
-            )
-            .retry_after(wait)),
+            Admit::Reject(wait) => {
+                self.bulkhead.free();
+                Err(Problem::new(
+                    Code::UpstreamCircuitOpen,
+                    "the upstream failed repeatedly; requests are paused until a probe succeeds",
+                )
+                .retry_after(wait))
+            }
             admit => Ok(Admission {
                 upstream: self.clone(),
                 admit,
-                permit: Some(permit),
+                slot: true,
                 finished: false,
             }),
         }
@@ -480,7 +522,7 @@ mod tests {
                 "upstreams: {{ u: {{ url: \"{base}\" }} }}\nroutes: [ {{ name: r, match: {{ path_prefix: / }}, upstream: u }} ]\n"
             );
             let config = Config::parse(&yaml).expect("valid");
-            let upstream = Upstream::new(&config.upstreams[0]).unwrap();
+            let upstream = Upstream::new(&config.upstreams[0], Default::default()).unwrap();
             assert_eq!(upstream.uri_for(&path.parse().unwrap()).to_string(), want);
         }
     }
