@@ -105,6 +105,9 @@ fn table(list: &serde_json::Value) -> String {
     out
 }
 
+/// How long a `keys` command waits for the admin listener's whole answer.
+const ADMIN_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// With `backend: memory` the records live in the serving process: ask its admin listener.
 async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_json::Value> {
     let Some(admin) = &config.admin else {
@@ -150,14 +153,24 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
     let request = request.body(http_body_util::Empty::<bytes::Bytes>::new())?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let response = client
-        .request(request)
-        .await
-        .with_context(|| format!("cannot reach the admin listener at {}", admin.listen))?;
-    let status = response.status();
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await?
-        .to_bytes();
+    // Bounded (regression: a stopped or hung process held the command forever).
+    let call = async {
+        let response = client
+            .request(request)
+            .await
+            .with_context(|| format!("cannot reach the admin listener at {}", admin.listen))?;
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body()).await?;
+        anyhow::Ok((status, body.to_bytes()))
+    };
+    let Ok(answer) = tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await else {
+        bail!(
+            "the admin listener at {} did not answer within {} s (is the process stopped or overloaded?)",
+            admin.listen,
+            ADMIN_CALL_TIMEOUT.as_secs()
+        );
+    };
+    let (status, body) = answer?;
     let value: serde_json::Value =
         serde_json::from_slice(&body).unwrap_or(json!(String::from_utf8_lossy(&body)));
     if !status.is_success() {

@@ -1193,3 +1193,32 @@ async fn the_circuit_gauge_turns_half_open_when_open_for_passes() {
     )
     .await;
 }
+
+/// Regression: `keys` against a memory store's admin listener that accepts
+/// and never answers (a stopped or hung process) waited forever; it gives
+/// up after a bound, with exit 1 and a message.
+#[tokio::test]
+async fn keys_via_a_silent_admin_listener_gives_up_with_exit_1() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let yaml = format!(
+        "admin: {{ listen: \"{}\" }}\nupstreams: {{ up: {{ url: \"http://127.0.0.1:1\" }} }}\nroutes: [ {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }} ]\n",
+        silent.local_addr().unwrap()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args([
+            "keys", "purge", "--route", "orders", "--key", "k", "--config",
+        ])
+        .arg(&path)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("gave up within its bound")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not answer within"), "{err}");
+    drop(silent);
+}
