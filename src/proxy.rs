@@ -41,6 +41,9 @@ pub struct Proxy {
     /// Cancelled when shutdown begins: `/readyz` then says so, new
     /// connections are refused, request bodies left unread stop lingering.
     pub draining: CancellationToken,
+    /// Set when `shutdown_grace` ended with requests still running: those
+    /// are cut off by the server, not abandoned by their clients.
+    pub cut_off: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -144,6 +147,7 @@ impl Proxy {
             },
             on_unavailable: config.store.on_unavailable,
             draining: Default::default(),
+            cut_off: Default::default(),
             metrics,
         })
     }
@@ -501,6 +505,12 @@ struct Access<'a> {
 /// before its answer (nginx's "client closed request"); never sent.
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// The status logged and counted for a request cut off unanswered at the
+/// end of `shutdown_grace` (regression: logged as [`CLIENT_CLOSED`], which
+/// blamed clients that had stayed, and counted as a 4xx, out of sight of
+/// the 5xx alerts); never sent.
+pub const CUT_OFF_AT_SHUTDOWN: u16 = 503;
+
 impl Access<'_> {
     fn finish(&mut self, status: u16) {
         self.done = true;
@@ -519,7 +529,15 @@ impl Access<'_> {
 impl Drop for Access<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.finish(CLIENT_CLOSED);
+            let cut_off = self
+                .proxy
+                .cut_off
+                .load(std::sync::atomic::Ordering::Acquire);
+            self.finish(if cut_off {
+                CUT_OFF_AT_SHUTDOWN
+            } else {
+                CLIENT_CLOSED
+            });
         }
     }
 }

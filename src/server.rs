@@ -264,7 +264,12 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
         .await
         .is_err()
     {
-        tracing::warn!("connections still open at the end of shutdown_grace");
+        proxy
+            .cut_off
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::warn!(
+            "connections still open at the end of shutdown_grace: their requests are cut off (logged as 503)"
+        );
     }
     proxy.exchanges.close();
     if tokio::time::timeout_at(deadline, proxy.exchanges.wait())

@@ -779,6 +779,14 @@ async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
             .any(|l| l.contains("upstream exchange still running") && l.contains("key=k-int")),
         "{log:#?}"
     );
+    // Regression: the request cut off was logged as 499, the status of a
+    // client that went away, though its client had stayed.
+    let access: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("idemgate::access") && l.contains("k-int"))
+        .collect();
+    assert_eq!(access.len(), 1, "{log:#?}");
+    assert!(access[0].contains("\"status\":503"), "{}", access[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
