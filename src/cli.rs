@@ -80,12 +80,23 @@ pub struct KeyArgs {
     pub scope: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Purge a record whose attempt is still running (within its lease)
+    /// too: a retry may then run the request again beside it.
+    #[arg(long)]
+    pub force: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Print one stored record as JSON.
     Get(KeyArgs),
-    /// Delete a record (lets the next attempt through).
-    Purge(KeyArgs),
+    /// Delete a record (lets the next attempt through); refused while its
+    /// attempt is still running, unless --force.
+    Purge(PurgeArgs),
     /// List records whose outcome is unknown.
     Unknown {
         #[command(flatten)]

@@ -3,16 +3,16 @@
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use crate::cli::{KeyArgs, KeysCommand};
+use crate::cli::{KeyArgs, KeysCommand, PurgeArgs};
 use crate::config::{Backend, Config, OnUnknown};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, SIZE_UNKNOWN, State};
-use crate::store::{Listing, Store};
+use crate::store::{Listing, Resolved, Store};
 
 /// What the command prints.
 pub async fn run(command: KeysCommand) -> anyhow::Result<String> {
     let config_arg = match &command {
-        KeysCommand::Get(args) | KeysCommand::Purge(args) => &args.config,
+        KeysCommand::Get(args) | KeysCommand::Purge(PurgeArgs { key: args, .. }) => &args.config,
         KeysCommand::Unknown { config, .. } => config,
     };
     let config = Config::load(&config_arg.config)
@@ -52,13 +52,13 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
                 json!(list)
             }
         }
-        KeysCommand::Purge(args) => {
+        KeysCommand::Purge(PurgeArgs { key: args, force }) => {
             let found = find(config, &store, args).await?;
-            let keys: Vec<_> = found.keys().collect();
-            for key in &keys {
-                store.purge(key).await?;
+            let purged = purge(&store, found.keys(), *force, false).await?;
+            if let Some(refused) = purged.refused() {
+                bail!("{refused}; or purge with --force");
             }
-            json!({ "purged": keys.len() })
+            json!({ "purged": purged.done })
         }
         KeysCommand::Unknown { route, .. } => {
             let now = store.now_ms().await?;
@@ -133,7 +133,15 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
     };
     let (method, path) = match command {
         KeysCommand::Get(a) => ("GET", record_path(a)),
-        KeysCommand::Purge(a) => ("DELETE", record_path(a)),
+        KeysCommand::Purge(PurgeArgs { key: a, force }) => {
+            let path = record_path(a);
+            let force = match (force, path.contains('?')) {
+                (false, _) => "",
+                (true, true) => "&force=true",
+                (true, false) => "?force=true",
+            };
+            ("DELETE", format!("{path}{force}"))
+        }
         KeysCommand::Unknown { route, .. } => (
             "GET",
             format!(
@@ -187,6 +195,61 @@ fn known_route(config: &Config, route: &str) -> anyhow::Result<()> {
         bail!("route {route:?} is not in the configuration");
     }
     Ok(())
+}
+
+/// What purging the records of a key did.
+pub struct Purged {
+    pub done: usize,
+    /// Records left alone: their attempt is still running.
+    pub running: usize,
+    /// The longest lease left of those, in ms.
+    pub lease_left_ms: u64,
+}
+
+impl Purged {
+    /// Why some records were left alone, when some were.
+    pub fn refused(&self) -> Option<String> {
+        (self.running > 0).then(|| {
+            format!(
+                "{} record(s) of this key belong to an attempt still running (its lease ends in {} s): a purge would let a retry run the request again beside it; {} other record(s) purged. Wait for the lease to end (the outcome is then unknown, and purging it is safe)",
+                self.running,
+                self.lease_left_ms.div_ceil(1000),
+                self.done
+            )
+        })
+    }
+}
+
+/// Purges the records at `keys`, those of attempts still running only
+/// when `force`; each purged one is logged when `log` (the server's log:
+/// the command's own output is its stdout).
+pub async fn purge<'k>(
+    store: &Store,
+    keys: impl Iterator<Item = &'k StorageKey>,
+    force: bool,
+    log: bool,
+) -> Result<Purged, crate::store::StoreError> {
+    let mut purged = Purged {
+        done: 0,
+        running: 0,
+        lease_left_ms: 0,
+    };
+    for k in keys {
+        match store.purge(k, force).await? {
+            Resolved::Done => {
+                purged.done += 1;
+                if log {
+                    tracing::info!(route = %k.route, scope = %k.scope, key = %k.key, force, "record purged by an operator");
+                }
+            }
+            Resolved::InFlight { lease_left_ms } => {
+                purged.running += 1;
+                purged.lease_left_ms = purged.lease_left_ms.max(lease_left_ms);
+            }
+            Resolved::Missing => {}
+        }
+    }
+    Ok(purged)
 }
 
 async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<Listing> {

@@ -953,7 +953,65 @@ async fn a_reload_rotates_the_admin_token() {
     assert_eq!(purge("new-t0ken").await.code(), "not_found");
 }
 
+/// Regression: `keys purge` (and `DELETE /keys/...`) deleted the record of
+/// an attempt still running, and a retry then ran the request again beside
+/// it: the upstream acted twice. It is refused (exit 1, naming `--force`;
+/// `409` with `Retry-After` from the admin API) until the lease ends, and
+/// the attempt records its own answer; `--force` purges it.
+async fn keys_purge_refuses_an_attempt_still_running_unless_forced(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let server = CliServer::start(&backend, &upstream).await;
+    let client = TestClient::new();
+    let api = format!("{}/api/o", server.base);
+    let slow = |key: &'static str| {
+        let (client, api) = (client.clone(), api.clone());
+        let headers = [("idempotency-key", key), ("x-test-delay-ms", "1500")];
+        tokio::spawn(async move { client.send("POST", &api, &headers, "{}").await })
+    };
+    let running = slow("k-run");
+    let forced = slow("k-force");
+    common::eventually(
+        Duration::from_secs(5),
+        "both attempts in flight",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
+    let purge = |key: &'static str, force: bool| {
+        let mut args = vec!["keys", "purge", "--route", "orders", "--key", key];
+        if force {
+            args.push("--force");
+        }
+        let server = &server;
+        async move { server.cli(&args).await }
+    };
+    let refused = purge("k-run", false).await;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("still running") && err.contains("force"),
+        "{err}"
+    );
+    let purged = purge("k-force", true).await;
+    assert!(purged.status.success(), "{purged:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&purged.stdout).trim(),
+        "purged 1 record(s)"
+    );
+    assert_eq!(running.await.unwrap().status, 201);
+    assert_eq!(forced.await.unwrap().status, 201);
+    let replay = client
+        .send("POST", &api, &[("idempotency-key", "k-run")], "{}")
+        .await;
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "{replay:?}"
+    );
+    assert_eq!(upstream.hits(), 2, "the refused purge let no retry through");
+}
+
 both_stores!(
+    keys_purge_refuses_an_attempt_still_running_unless_forced,
     auth_and_answers,
     unknown_outcome_listed_purged_then_forwarded,
     unknown_outcome_resolved_by_put_is_replayed,

@@ -144,7 +144,10 @@ async fn lease_end_under_lock_turns_unknown_once(backend: Backend) {
             .await
             .unwrap()
     );
-    assert!(store.purge(&k).await.unwrap(), "an operator's purge");
+    assert!(
+        matches!(store.purge(&k, false).await.unwrap(), Resolved::Done),
+        "an operator's purge"
+    );
     assert_eq!(
         store
             .claim(&claim(&k, "D", 1000, OnUnknown::Lock))
@@ -455,7 +458,10 @@ async fn an_expired_attempt_can_no_longer_settle_its_record(backend: Backend) {
             assert!(settled.unwrap(), "{end}");
             let written = [State::Completed, State::Unknown][which / 2];
             assert_eq!(record.map(|r| r.state), Some(written), "{end}");
-            assert!(store.purge(&k).await.unwrap());
+            assert!(matches!(
+                store.purge(&k, false).await.unwrap(),
+                Resolved::Done
+            ));
         } else {
             assert!(!settled.unwrap(), "{end} settled an expired record");
             assert!(record.is_none(), "{end}");
@@ -473,7 +479,8 @@ async fn a_completion_whose_record_is_gone_writes_it_whole(backend: Backend) {
     let k = key("lost");
     let reply = store.claim(&claim(&k, "A", 10_000, OnUnknown::Lock)).await;
     assert_eq!(reply.unwrap().decision, Decision::Claim);
-    assert!(store.purge(&k).await.unwrap(), "the record is lost");
+    let lost = store.purge(&k, true).await.unwrap();
+    assert_eq!(lost, Resolved::Done, "the record is lost");
     let ttl = Duration::from_secs(60);
     let attempt = Attempt {
         created_ms: 1_000,
@@ -524,7 +531,8 @@ async fn an_unknown_outcome_whose_record_is_gone_is_written_whole(backend: Backe
     let k = key("lost-unknown");
     let reply = store.claim(&claim(&k, "A", 10_000, OnUnknown::Lock)).await;
     assert_eq!(reply.unwrap().decision, Decision::Claim);
-    assert!(store.purge(&k).await.unwrap(), "the record is lost");
+    let lost = store.purge(&k, true).await.unwrap();
+    assert_eq!(lost, Resolved::Done, "the record is lost");
     let ttl = Duration::from_secs(60);
     assert!(store.mark_unknown(&k, &attempt("A"), ttl).await.unwrap());
     let record = store.get(&k).await.unwrap().expect("written whole");
@@ -679,7 +687,39 @@ async fn an_attempt_still_running_is_not_resolved_by_hand(backend: Backend) {
     .await;
 }
 
+/// Regression: an operator's purge deleted the record of an attempt still
+/// running, and a retry then ran the request again beside it (the
+/// upstream acted twice). It is refused within the lease unless forced;
+/// an ended lease, or a settled record, is purged.
+async fn an_attempt_still_running_is_not_purged_unless_forced(backend: Backend) {
+    let store = open(&backend);
+    let k = key("purge-running");
+    let claimed = store.claim(&claim(&k, "t1", 10_000, OnUnknown::Lock)).await;
+    assert_eq!(claimed.unwrap().decision, Decision::Claim);
+    let refused = store.purge(&k, false).await.unwrap();
+    assert!(
+        matches!(refused, Resolved::InFlight { lease_left_ms } if lease_left_ms > 0 && lease_left_ms <= 10_000),
+        "{refused:?}"
+    );
+    assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::InFlight);
+    assert_eq!(
+        store.purge(&k, true).await.unwrap(),
+        Resolved::Done,
+        "forced"
+    );
+    assert!(store.get(&k).await.unwrap().is_none());
+    assert_eq!(store.purge(&k, false).await.unwrap(), Resolved::Missing);
+    let ended = key("purge-ended");
+    let short = store.claim(&claim(&ended, "t2", 1, OnUnknown::Lock)).await;
+    assert_eq!(short.unwrap().decision, Decision::Claim);
+    common::eventually(Duration::from_secs(5), "the lease ends", || async {
+        store.purge(&ended, false).await.unwrap() == Resolved::Done
+    })
+    .await;
+}
+
 both_stores!(
+    an_attempt_still_running_is_not_purged_unless_forced,
     an_attempt_still_running_is_not_resolved_by_hand,
     an_unknown_outcome_whose_record_is_gone_is_written_whole,
     a_completion_whose_record_is_gone_writes_it_whole,

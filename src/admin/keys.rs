@@ -82,16 +82,22 @@ impl Admin {
         route: &str,
         key: &str,
         scope: Option<String>,
+        force: bool,
     ) -> Result<Response<ProxyBody>, Problem> {
         let found = self.find(route, key, scope.as_deref()).await?;
-        let keys: Vec<_> = found.keys().collect();
-        for k in &keys {
-            self.proxy.store.purge(k).await.map_err(store_problem)?;
-            tracing::info!(route = %k.route, scope = %k.scope, key = %k.key, "record purged by an operator");
+        let purged = crate::keys::purge(&self.proxy.store, found.keys(), force, true)
+            .await
+            .map_err(store_problem)?;
+        if let Some(refused) = purged.refused() {
+            return Err(Problem::new(
+                Code::RequestInProgress,
+                format!("{refused}; or purge with ?force=true (keys purge --force)"),
+            )
+            .retry_after(std::time::Duration::from_millis(purged.lease_left_ms)));
         }
         Ok(json_response(
             StatusCode::OK,
-            &json!({ "purged": keys.len() }),
+            &json!({ "purged": purged.done }),
         ))
     }
 

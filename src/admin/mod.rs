@@ -47,7 +47,10 @@ impl Admin {
                 (Some((route, key)), Ok(scope)) => match *method {
                     Method::GET => self.get(&route, &key, scope).await,
                     Method::DELETE | Method::PUT if let Err(denied) = authorized() => Err(denied),
-                    Method::DELETE => self.purge(&route, &key, scope).await,
+                    Method::DELETE => {
+                        let force = param(&query, "force").is_some_and(|v| v == "true");
+                        self.purge(&route, &key, scope, force).await
+                    }
                     Method::PUT => self.put(&route, &key, scope, incoming).await,
                     _ => Ok(wrong_method("GET, PUT, DELETE")),
                 },

@@ -79,7 +79,7 @@ pub struct Attempt<'a> {
 /// What an operator's [`Store::resolve`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolved {
-    /// The response is recorded.
+    /// The response is recorded (or the record purged).
     Done,
     /// There is no record.
     Missing,
@@ -317,12 +317,15 @@ impl Store {
         .await
     }
 
-    /// Deletes a record whatever its state (an operator's purge).
-    pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
+    /// Deletes a record (an operator's purge), in one step: not one whose
+    /// attempt is still running within its lease, unless `force` (a retry
+    /// would run the request again beside it: regression, an operator's
+    /// purge of the wrong key made the upstream act twice).
+    pub async fn purge(&self, key: &StorageKey, force: bool) -> Result<Resolved, StoreError> {
         self.transition(Op::Purge, key, async {
             match &self.kind {
-                Kind::Memory(s) => Ok(s.purge(key)),
-                Kind::Redis(s) => Box::pin(s.purge(key)).await,
+                Kind::Memory(s) => Ok(s.purge(key, force)),
+                Kind::Redis(s) => Box::pin(s.purge(key, force)).await,
             }
         })
         .await

@@ -240,17 +240,24 @@ impl MemoryStore {
             .cloned()
     }
 
-    pub fn purge(&self, key: &StorageKey) -> bool {
+    pub fn purge(&self, key: &StorageKey, force: bool) -> Resolved {
         let (hash, mut shard) = self.inner.shard(key);
-        let removed = shard
-            .table
-            .find_entry(hash, is(hash, key))
-            .map(|found| found.remove())
-            .is_ok();
-        if removed {
-            self.inner.len.fetch_sub(1, Ordering::Relaxed);
+        let now = now_ms();
+        let Ok(found) = shard.table.find_entry(hash, is(hash, key)) else {
+            return Resolved::Missing;
+        };
+        let record = Slot::record(found.get());
+        if record.expires_ms <= now {
+            return Resolved::Missing;
         }
-        removed
+        if !force && record.state == State::InFlight && record.lease_end_ms > now {
+            return Resolved::InFlight {
+                lease_left_ms: record.lease_end_ms - now,
+            };
+        }
+        found.remove();
+        self.inner.len.fetch_sub(1, Ordering::Relaxed);
+        Resolved::Done
     }
 
     /// The live records `wanted` accepts, for the operator's listings; a
@@ -488,7 +495,7 @@ mod tests {
             };
             assert_eq!(claim(&store, &key(i)), want, "key {i}");
         }
-        assert!(store.purge(&key(1)));
+        assert!(matches!(store.purge(&key(1), false), Resolved::Done));
         assert!(store.get(&key(1)).is_none());
         assert_eq!(store.inner.len.load(Ordering::Relaxed), n as u64 - 1);
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
 
 use super::memory::millis;
 use super::waiters::Waiters;
@@ -28,7 +28,7 @@ use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, encode_headers};
 use compact::{Lease, ResponsePart};
-use scripts::{COMPLETE, HEAD_FIELDS, MARK_UNKNOWN, READ, RECORD_FIELDS, RELEASE, RESOLVE};
+use scripts::{COMPLETE, HEAD_FIELDS, MARK_UNKNOWN, PURGE, READ, RECORD_FIELDS, RELEASE, RESOLVE};
 use wire::{EncodedKey, glob_escape, parse_record};
 
 /// Records read per round trip in a listing (standalone Redis): a listing
@@ -44,6 +44,7 @@ pub struct RedisStore {
     release: Script,
     mark_unknown: Script,
     resolve: Script,
+    purge: Script,
     /// Lookups' and listings' read of either format.
     read: Script,
     /// Where the fenced scripts tell other instances' waiters (`events.rs`).
@@ -94,6 +95,7 @@ impl RedisStore {
             release: Script::new(RELEASE),
             mark_unknown: Script::new(MARK_UNKNOWN),
             resolve: Script::new(RESOLVE),
+            purge: Script::new(PURGE),
             read: Script::new(READ),
             events: events::channel(&config.key_prefix),
             client: standalone,
@@ -409,13 +411,17 @@ impl RedisStore {
             .collect())
     }
 
-    pub async fn purge(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        let deadline = self.deadline();
-        let mut conn = self.conn(deadline).await?;
-        let removed: u64 = self
-            .bounded(deadline, conn.del(key.encode(&self.prefix)))
-            .await?;
-        Ok(removed > 0)
+    pub async fn purge(&self, key: &StorageKey, force: bool) -> Result<Resolved, StoreError> {
+        let mut call = self.script_call(&self.purge, key, 1, 1);
+        call.arg(u8::from(force));
+        let (done, left): (u8, u64) = self.run(&self.purge, &call, self.deadline()).await?;
+        Ok(match done {
+            1 => Resolved::Done,
+            2 => Resolved::InFlight {
+                lease_left_ms: left,
+            },
+            _ => Resolved::Missing,
+        })
     }
 
     /// SCANs the record keys (of one route, of one client key) on every

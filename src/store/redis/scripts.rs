@@ -270,6 +270,45 @@ return 1
 "
 );
 
+/// An operator's purge: deletes the record, {1, 0}; {0, 0} when there is
+/// none; {2, ms} for an attempt still running (its lease ends in ms),
+/// left alone unless ARGV[1] is '1' (forced). The lease is read as RESOLVE
+/// reads it; a value in no format of idemgate's is deleted.
+pub const PURGE: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then
+  return {0, 0}
+end
+if ARGV[1] ~= '1' then
+  local left = 0
+  if kind == 'string' then
+    local v = redis.call('GET', KEYS[1])
+    if string.sub(v, 1, 2) == '2F' then
+      local nl = {}
+      local e = 3
+      for i = 1, 4 do
+        e = e and string.find(v, '\n', e + 1, true)
+        nl[i] = e
+      end
+      if e then
+        left = redis.call('PTTL', KEYS[1]) - (tonumber(string.sub(v, nl[3] + 1, nl[4] - 1)) or 0)
+      end
+    end
+  elseif kind == 'hash' then
+    local r = redis.call('HMGET', KEYS[1], 'lease_end', 'state')
+    if r[2] == 'in_flight' then
+      local t = redis.call('TIME')
+      left = (tonumber(r[1]) or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    end
+  end
+  if left > 0 then
+    return {2, left}
+  end
+end
+redis.call('DEL', KEYS[1])
+return {1, 0}
+";
+
 /// An operator's answer for an existing record: the record keeps its head
 /// (an earlier version's hash gets one made from its fields) and takes the
 /// response part ARGV[1], kept ARGV[2] ms: {1, 0}. {0, 0} when there is no
