@@ -808,7 +808,7 @@ fn unknown_fields_inside_shorthand_mappings_are_errors_with_a_line() {
 #[test]
 fn settings_that_cannot_work_as_written_are_warned_about() {
     let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0, token: \"\" }}\n{BASE}routes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, timeouts: {{ response: 20s, total: 5s }} }}\n"
+        "admin: {{ listen: 127.0.0.1:0, token: \"\" }}\nupstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\", connect_timeout: 5s }}\nroutes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, timeouts: {{ response: 20s, total: 5s }} }}\n"
     );
     let config = Config::parse(&yaml).expect("valid");
     let warnings = config.warnings.join("\n");
@@ -817,6 +817,11 @@ fn settings_that_cannot_work_as_written_are_warned_about() {
         "{warnings}"
     );
     assert!(warnings.contains("admin.token is empty"), "{warnings}");
+    // A client's 504 can come while the connection is still being made.
+    assert!(
+        warnings.contains("upstreams.erp.connect_timeout 5s is not shorter than timeouts.total 5s"),
+        "{warnings}"
+    );
 }
 
 /// Regression: a size past what 64 bits hold was read as 16 EiB, and

@@ -186,6 +186,15 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                     route.name, route.timeouts.response, route.timeouts.total
                 ));
             }
+            if let Some(u) = upstreams.iter().find(|u| *u.name == *route.upstream)
+                && u.connect_timeout >= route.timeouts.total
+            {
+                warnings.push(format!(
+                    "routes[{i}] ({}): upstreams.{}.connect_timeout {:?} is not shorter than timeouts.total {:?}; \
+                     a client can get its 504 while the connection is still being made (its request then goes out, or its key is released, only after)",
+                    route.name, u.name, u.connect_timeout, route.timeouts.total
+                ));
+            }
             routes.push(route);
         }
     }
