@@ -807,10 +807,8 @@ fn unknown_fields_inside_shorthand_mappings_are_errors_with_a_line() {
 /// admin API turns read-only) passed without a word.
 #[test]
 fn settings_that_cannot_work_as_written_are_warned_about() {
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0, token: \"\" }}\nupstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\", connect_timeout: 5s }}\nroutes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, timeouts: {{ response: 20s, total: 5s }} }}\n"
-    );
-    let config = Config::parse(&yaml).expect("valid");
+    let yaml = "admin: { listen: 127.0.0.1:0, token: \"\" }\nupstreams:\n  erp: { url: \"http://127.0.0.1:9000\", connect_timeout: 5s }\nroutes:\n  - { name: a, match: { path: /a }, upstream: erp, timeouts: { response: 20s, total: 5s } }\n";
+    let config = Config::parse(yaml).expect("valid");
     let warnings = config.warnings.join("\n");
     assert!(
         warnings.contains("timeouts.response 20s is longer than timeouts.total 5s"),
