@@ -1,6 +1,7 @@
 //! `Proxy::handle`: the life of a request, top to bottom.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -20,7 +21,7 @@ use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
 use crate::tls::TlsError;
-use crate::upstream::{Connected, SendError, Upstream, failed_status, within_response};
+use crate::upstream::{Bulkhead, Connected, SendError, Upstream, failed_status, within_response};
 
 /// Everything a request needs, built from the validated config.
 pub struct Proxy {
@@ -45,6 +46,11 @@ pub struct Proxy {
     /// are cut off by the server, not abandoned by their clients.
     pub cut_off: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// Each upstream's count of requests in flight, by name, while any
+    /// request or upstream holds it: an upstream rebuilt by a reload, or
+    /// removed by one and added back by the next, goes on counting the
+    /// requests still running to it (`max_in_flight` holds across reloads).
+    bulkheads: Mutex<HashMap<String, Weak<Bulkhead>>>,
 }
 
 /// The reloadable part of the configuration.
@@ -56,12 +62,26 @@ pub struct Routing {
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
+/// The count in flight of the upstream named `name`: the one still held
+/// by its requests or its previous build, else a new one.
+fn bulkhead_of(bulkheads: &Mutex<HashMap<String, Weak<Bulkhead>>>, name: &str) -> Arc<Bulkhead> {
+    let mut all = bulkheads.lock().expect("bulkheads lock");
+    all.retain(|_, held| held.strong_count() > 0);
+    if let Some(held) = all.get(name).and_then(Weak::upgrade) {
+        return held;
+    }
+    let new = Arc::new(Bulkhead::default());
+    all.insert(name.to_owned(), Arc::downgrade(&new));
+    new
+}
+
 impl Routing {
     /// Builds routing for `config`, keeping the upstreams (pools, breaker
     /// state) of `previous` whose settings did not change.
     fn new(
         config: &Config,
         previous: Option<&Routing>,
+        bulkheads: &Mutex<HashMap<String, Weak<Bulkhead>>>,
         metrics: &Arc<Metrics>,
     ) -> Result<Routing, TlsError> {
         let upstreams = config
@@ -71,12 +91,7 @@ impl Routing {
                 |u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.serves(u))) {
                     Some(kept) => Ok(kept.clone()),
                     // Rebuilt (or new): the count in flight goes on under its name.
-                    None => {
-                        let bulkhead = previous
-                            .and_then(|p| p.upstreams.iter().find(|old| old.config.name == u.name))
-                            .map_or_else(Default::default, |old| old.bulkhead());
-                        Upstream::new(u, bulkhead).map(Arc::new)
-                    }
+                    None => Upstream::new(u, bulkhead_of(bulkheads, &u.name)).map(Arc::new),
                 },
             )
             .collect::<Result<_, _>>()?;
@@ -132,7 +147,8 @@ impl Proxy {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, TlsError> {
-        let routing = Routing::new(config, None, &metrics)?;
+        let bulkheads = Mutex::default();
+        let routing = Routing::new(config, None, &bulkheads, &metrics)?;
         Ok(Proxy {
             started: routing.config.clone(),
             routing: ArcSwap::from_pointee(routing),
@@ -148,6 +164,7 @@ impl Proxy {
             on_unavailable: config.store.on_unavailable,
             draining: Default::default(),
             cut_off: Default::default(),
+            bulkheads,
             metrics,
         })
     }
@@ -169,7 +186,7 @@ impl Proxy {
                 "reload: this setting takes effect only after a restart"
             );
         }
-        let routing = Routing::new(config, Some(&old), &self.metrics)?;
+        let routing = Routing::new(config, Some(&old), &self.bulkheads, &self.metrics)?;
         if let (Some(acceptor), Some(files)) = (&self.tls, &config.listen.tls) {
             acceptor.store(Arc::new(crate::tls::server_config(files)?.into()));
         }

@@ -115,8 +115,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimer<S> {
         self.timed(cx, |io, cx| io.poll_flush(cx))
     }
 
+    /// Timed too: on TLS it writes `close_notify`, which a client that
+    /// stopped reading never takes (the connection would stay for good).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        self.timed(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 

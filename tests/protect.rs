@@ -104,9 +104,7 @@ async fn breaker_opens_serves_replays_probes_once_and_closes(backend: Backend) {
         assert_eq!(r.status, 503);
     }
     let hits = upstream.hits();
-    let open = client
-        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-        .await;
+    let open = get_plain(&client, &proxy).await;
     assert_eq!(
         (open.status.as_u16(), open.code().as_str()),
         (503, "upstream_circuit_open")
@@ -141,9 +139,7 @@ async fn breaker_opens_serves_replays_probes_once_and_closes(backend: Backend) {
         || async { upstream.hits() == hits + 1 },
     )
     .await;
-    let during = client
-        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-        .await;
+    let during = get_plain(&client, &proxy).await;
     assert_eq!(
         during.code(),
         "upstream_circuit_open",
@@ -216,9 +212,7 @@ async fn a_slow_upload_is_not_the_upstream_s_timeout() {
         "the upstream answered once it had the body"
     );
     let client = TestClient::new();
-    let next = client
-        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-        .await;
+    let next = get_plain(&client, &proxy).await;
     assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
 }
 
@@ -272,6 +266,11 @@ async fn resend_until_settled(client: &TestClient, proxy: &TestProxy) -> common:
         },
     )
     .await;
+    get_plain(client, proxy).await
+}
+
+/// One `GET /plain` (passed through).
+async fn get_plain(client: &TestClient, proxy: &TestProxy) -> common::Reply {
     client
         .send("GET", &proxy.url("/plain"), &[], Bytes::new())
         .await
@@ -302,9 +301,7 @@ async fn a_streamed_answer_holds_its_bulkhead_slot_until_its_body_ends() {
     }
     assert!(answer.starts_with(b"HTTP/1.1 201"));
     let client = TestClient::new();
-    let second = client
-        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-        .await;
+    let second = get_plain(&client, &proxy).await;
     assert_eq!(
         (second.status.as_u16(), second.code().as_str()),
         (503, "upstream_overloaded"),
@@ -350,9 +347,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
         || async { upstream.hits() == 1 },
     )
     .await;
-    let second = client
-        .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-        .await;
+    let second = get_plain(&client, &proxy).await;
     assert_eq!(
         second.code(),
         "upstream_overloaded",
@@ -362,9 +357,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
         Duration::from_secs(10),
         "the stalled client is cut off",
         || async {
-            let r = client
-                .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-                .await;
+            let r = get_plain(&client, &proxy).await;
             r.status == 201
         },
     )
@@ -406,9 +399,7 @@ async fn a_probe_is_judged_on_its_head_not_held_half_open_by_its_body() {
         Duration::from_secs(3),
         "the circuit closes on the probe's healthy head, its body 10 s away",
         || async {
-            let r = client
-                .send("GET", &proxy.url("/plain"), &[], Bytes::new())
-                .await;
+            let r = get_plain(&client, &proxy).await;
             r.status == 201
         },
     )
@@ -797,14 +788,14 @@ async fn a_reload_that_changes_an_upstream_keeps_its_requests_in_flight_counted(
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idemgate.yaml");
-    let write = |extra: &str| {
+    let write = |name: &str, extra: &str| {
         let yaml = format!(
-            "admin: {{ listen: 127.0.0.1:0, token: t0k }}\nupstreams:\n  up: {{ url: \"http://{}\", max_in_flight: 2{extra} }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: main, match: {{ path_prefix: / }}, upstream: up }}\n",
+            "admin: {{ listen: 127.0.0.1:0, token: t0k }}\nupstreams:\n  {name}: {{ url: \"http://{}\", max_in_flight: 2{extra} }}\ndefaults: {{ idempotency: off }}\nroutes:\n  - {{ name: main, match: {{ path_prefix: / }}, upstream: {name} }}\n",
             upstream.addr
         );
         std::fs::write(&path, yaml).unwrap();
     };
-    write("");
+    write("up", "");
     let proxy = TestProxy::start_file(&path).await;
     let client = TestClient::new();
     let slow: Vec<_> = (0..2)
@@ -823,12 +814,21 @@ async fn a_reload_that_changes_an_upstream_keeps_its_requests_in_flight_counted(
         || async { upstream.hits() == 2 },
     )
     .await;
-    write(", connect_timeout: 2s");
+    // Changed, then removed by one reload and added back by the next.
+    write("up", ", connect_timeout: 2s");
     assert_eq!(proxy.reload("t0k").await.status, 200);
     let third = client
         .send("GET", &proxy.url("/x"), &[], Bytes::new())
         .await;
     assert_eq!(third.code(), "upstream_overloaded", "two still in flight");
+    write("elsewhere", "");
+    assert_eq!(proxy.reload("t0k").await.status, 200);
+    write("up", "");
+    assert_eq!(proxy.reload("t0k").await.status, 200);
+    let fourth = client
+        .send("GET", &proxy.url("/x"), &[], Bytes::new())
+        .await;
+    assert_eq!(fourth.code(), "upstream_overloaded", "still two in flight");
     let metrics = client
         .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
         .await;

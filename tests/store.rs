@@ -1302,3 +1302,42 @@ async fn a_full_redis_judges_an_ended_lease_unknown_without_counting_it_twice() 
     assert_eq!(marked.unwrap().decision, Decision::BecomeUnknown);
     assert_eq!(store.get(&k).await.unwrap().unwrap().state, State::Unknown);
 }
+
+/// A purge reads the lease of every format as the claim does: an earlier
+/// version's hash in flight within its lease is refused, one whose lease
+/// ended is purged; a value in no format of idemgate's (an in-flight head
+/// whose ttl is no number) is purged, not refused for its whole TTL.
+#[tokio::test]
+async fn purge_reads_earlier_formats_and_deletes_damaged_values() {
+    let server = common::RedisServer::start_own().await;
+    let mut conn = server.connection().await;
+    let backend = Backend::Redis(server);
+    let config = config(&backend);
+    let store = open_config(&config);
+    let prefix = &config.store.key_prefix;
+    let running = key("old-running");
+    let far = (std::time::SystemTime::now() + Duration::from_secs(30))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    write_hash_record(&mut conn, &running.encode(prefix), &[("lease_end", &far)]).await;
+    let refused = store.purge(&running, false).await.unwrap();
+    assert!(
+        matches!(refused, Resolved::InFlight { lease_left_ms } if lease_left_ms > 20_000),
+        "{refused:?}"
+    );
+    let ended = key("old-ended");
+    write_hash_record(&mut conn, &ended.encode(prefix), &[]).await;
+    assert_eq!(store.purge(&ended, false).await.unwrap(), Resolved::Done);
+    let damaged = key("damaged");
+    let _: () = ::redis::cmd("SET")
+        .arg(damaged.encode(prefix))
+        .arg("2F0tok\nfp\n1000\nnot-a-number\n1\n")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.purge(&damaged, false).await.unwrap(), Resolved::Done);
+}

@@ -247,11 +247,6 @@ impl Upstream {
         self.bulkhead.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The count of requests in flight, for the rebuild of this upstream.
-    pub fn bulkhead(&self) -> Arc<Bulkhead> {
-        self.bulkhead.clone()
-    }
-
     /// The bulkhead, then the circuit breaker; a request turned away gets
     /// its answer at once (no queueing).
     pub fn admit(self: &Arc<Self>) -> Result<Admission, Problem> {

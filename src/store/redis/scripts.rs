@@ -290,8 +290,10 @@ if ARGV[1] ~= '1' then
         e = e and string.find(v, '\n', e + 1, true)
         nl[i] = e
       end
-      if e then
-        left = redis.call('PTTL', KEYS[1]) - (tonumber(string.sub(v, nl[3] + 1, nl[4] - 1)) or 0)
+      -- A ttl field that is no number: a damaged value, deleted.
+      local ttl = e and tonumber(string.sub(v, nl[3] + 1, nl[4] - 1))
+      if ttl then
+        left = redis.call('PTTL', KEYS[1]) - ttl
       end
     end
   elseif kind == 'hash' then
@@ -328,8 +330,12 @@ if kind == 'string' then
   if not e or string.sub(v, 1, 1) ~= '2' then
     return redis.error_reply('DAMAGED the value is not in idemgate\'s format')
   end
+  local ttl = tonumber(string.sub(v, nl[3] + 1, nl[4] - 1))
+  if not ttl then
+    return redis.error_reply('DAMAGED the value is not in idemgate\'s format')
+  end
   if string.sub(v, 2, 2) == 'F' then
-    local left = redis.call('PTTL', KEYS[1]) - (tonumber(string.sub(v, nl[3] + 1, nl[4] - 1)) or 0)
+    local left = redis.call('PTTL', KEYS[1]) - ttl
     if left > 0 then
       return {2, left}
     end
