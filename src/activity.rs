@@ -1,12 +1,16 @@
 //! What a client connection that speaks HTTP/2 is doing, for its idle
-//! timer (`drain::Watched`): when it last sent bytes, and how many of its
-//! streams are open. hyper has a head timer for HTTP/1 but no idle timer
-//! for HTTP/2, so an idle HTTP/2 client would hold its connection (and a
-//! file descriptor) for good. HTTP/1 connections leave it unset.
+//! timer (`drain::Watched`): when it last sent bytes, how many of its
+//! streams are open, and since when the oldest stalled answer has waited
+//! for the client to take it. hyper has a head timer for HTTP/1 but no idle
+//! timer for HTTP/2, so an idle HTTP/2 client would hold its connection
+//! (and a file descriptor) for good; and a client that keeps a stream's
+//! flow-control window shut while it reads the socket (so `send_timer`
+//! never sees a write wait) would hold that answer's bulkhead slot for
+//! good. HTTP/1 connections leave it unset.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,7 +27,16 @@ pub struct Activity {
     base: Instant,
     /// Streams whose request the proxy took and whose answer is not all sent.
     streams: AtomicUsize,
+    /// The answers being sent, for [`Activity::stalled_since`].
+    answers: Mutex<Vec<Weak<Owed>>>,
 }
+
+/// Since when (ms from the connection's `base`) an answer has waited for
+/// hyper to ask for its next frame; [`NOT_OWED`] while hyper is waiting
+/// on the answer instead (its upstream is slow, which is no stall).
+struct Owed(AtomicU64);
+
+const NOT_OWED: u64 = u64::MAX;
 
 impl Activity {
     pub fn new() -> Activity {
@@ -32,7 +45,27 @@ impl Activity {
             read_ms: AtomicU64::new(0),
             base: Instant::now(),
             streams: AtomicUsize::new(0),
+            answers: Mutex::new(Vec::new()),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Since when the answer that has waited longest for its client to
+    /// take its next frame (or its first: a stream whose window the client
+    /// keeps shut is never asked for one) has waited; `None` when no answer
+    /// waits on its client.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        let mut answers = self.answers.lock().expect("answers lock");
+        answers.retain(|owed| owed.strong_count() > 0);
+        let oldest = (answers.iter())
+            .filter_map(Weak::upgrade)
+            .map(|owed| owed.0.load(Ordering::Relaxed))
+            .min()
+            .filter(|&ms| ms != NOT_OWED)?;
+        Some(self.base + Duration::from_millis(oldest))
     }
 
     /// The connection sent HTTP/2's whole preface (now).
@@ -43,8 +76,7 @@ impl Activity {
 
     /// The connection sent bytes (now).
     pub fn read(&self) {
-        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.read_ms.store(ms, Ordering::Relaxed);
+        self.read_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// When an HTTP/2 connection last sent bytes; `None` for HTTP/1 (or
@@ -85,7 +117,8 @@ impl Drop for StreamGuard {
     }
 }
 
-/// `response`, its stream open until its body is all sent (or dropped).
+/// `response`, its stream open until its body is all sent (or dropped),
+/// and owed to its client from now until hyper asks for its body.
 pub fn answer(
     response: http::Response<ProxyBody>,
     stream: Option<StreamGuard>,
@@ -93,18 +126,20 @@ pub fn answer(
     match stream {
         None => response,
         Some(stream) => response.map(|body| {
-            ProxyBody::new(Guarded {
-                body,
-                _stream: stream,
-            })
+            let activity = stream.0.clone();
+            let owed = Arc::new(Owed(AtomicU64::new(activity.now_ms())));
+            (activity.answers.lock().expect("answers lock")).push(Arc::downgrade(&owed));
+            ProxyBody::new(Guarded { body, owed, stream })
         }),
     }
 }
 
-/// A response body that holds its stream open.
+/// A response body that holds its stream open, and notes whether hyper
+/// owes it a poll (it handed hyper a frame) or it owes hyper a frame.
 struct Guarded {
     body: ProxyBody,
-    _stream: StreamGuard,
+    owed: Arc<Owed>,
+    stream: StreamGuard,
 }
 
 impl Body for Guarded {
@@ -115,7 +150,14 @@ impl Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        let owed = match &poll {
+            // Handed over: the client must make room for the next one.
+            Poll::Ready(Some(Ok(_))) => self.stream.0.now_ms(),
+            _ => NOT_OWED,
+        };
+        self.owed.0.store(owed, Ordering::Relaxed);
+        poll
     }
 
     fn is_end_stream(&self) -> bool {

@@ -54,6 +54,7 @@ impl Drain {
         conn: C,
         activity: Arc<Activity>,
         idle: Duration,
+        stall: Duration,
     ) -> Watched<C> {
         Watched {
             conn: Box::pin(conn),
@@ -63,6 +64,7 @@ impl Drain {
             idle: Some(Idle {
                 activity,
                 after: idle,
+                stall,
                 check_at: None,
                 told: false,
                 sleep: None,
@@ -115,6 +117,9 @@ struct Idle {
     activity: Arc<Activity>,
     /// Idle: no stream open and nothing read for this long.
     after: Duration,
+    /// Stalled: an answer its client has taken nothing of for this long
+    /// (`send_timeout`): the connection is closed.
+    stall: Duration,
     /// When to look next (set once the connection speaks HTTP/2).
     check_at: Option<Instant>,
     /// Told to go away (GOAWAY sent).
@@ -133,14 +138,19 @@ enum Step {
 impl Idle {
     /// [`Step::Serve`] until an HTTP/2 connection is idle, then
     /// [`Step::GoAway`], and [`Step::Close`] if it is still open and has no
-    /// stream open [`GOAWAY_GRACE`] later. The timer is registered with
-    /// `cx` for the next look. One atomic load for an HTTP/1 connection.
+    /// stream open [`GOAWAY_GRACE`] later; [`Step::Close`] at once when an
+    /// answer has waited `stall` for its client to take anything (a
+    /// stream's flow-control window kept shut: its bulkhead slot would be
+    /// held for good). The timer is registered with `cx` for the next look.
+    /// One atomic load for an HTTP/1 connection.
     fn step(&mut self, cx: &mut Context<'_>) -> Step {
         let Some(last_read) = self.activity.last_read() else {
             return Step::Serve;
         };
         loop {
-            let check_at = *self.check_at.get_or_insert(last_read + self.after);
+            // The first look within `stall` too (a stream may stall at once).
+            let first = last_read + self.after.min(self.stall);
+            let check_at = *self.check_at.get_or_insert(first);
             let sleep = self
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(check_at)));
@@ -152,13 +162,23 @@ impl Idle {
             }
             let now = Instant::now();
             let busy = self.activity.streams() > 0;
+            let stalled_until = busy
+                .then(|| self.activity.stalled_since())
+                .flatten()
+                .map(|since| since + self.stall);
+            if stalled_until.is_some_and(|until| until <= now) {
+                return Step::Close;
+            }
             if self.told {
                 if !busy {
                     return Step::Close;
                 }
                 self.check_at = Some(now + GOAWAY_GRACE);
             } else if busy {
-                self.check_at = Some(now + self.after);
+                // Looked at again within `stall`, so a stall that begins
+                // after this look is closed within twice `stall`.
+                let next = now + self.after.min(self.stall);
+                self.check_at = Some(stalled_until.map_or(next, |until| until.min(next)));
             } else if last_read + self.after > now {
                 self.check_at = Some(last_read + self.after);
             } else {
@@ -273,8 +293,12 @@ mod tests {
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service);
-                    let watched =
-                        drain.watch(conn, Arc::new(Activity::new()), Duration::from_secs(3600));
+                    let watched = drain.watch(
+                        conn,
+                        Arc::new(Activity::new()),
+                        Duration::from_secs(3600),
+                        Duration::from_secs(3600),
+                    );
                     drain.spawn(async move {
                         let _ = watched.await;
                     });

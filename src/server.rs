@@ -146,6 +146,11 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // Timed under TLS, on the socket itself: rustls takes
+                // plaintext into its own buffer whether or not the socket
+                // takes anything (regression: TLS cut a non-reader off only
+                // after several times `send_timeout`).
+                let stream = SendTimer::new(stream, send_timeout);
                 // The handshake, the opening and the first head share the
                 // connection's first 10 s.
                 let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
@@ -189,8 +194,10 @@ pub async fn serve(
 /// One client connection (plain or TLS, the proxy's or the admin
 /// listener's) into `handler`, drained on shutdown: its opening and first
 /// head by `deadline`, each later head within 10 s, an HTTP/2 connection
-/// idle for 10 s told to go away, a client that takes nothing of its
-/// answers for `send_timeout` cut off.
+/// idle for 10 s told to go away, an HTTP/2 answer its client takes
+/// nothing of for `send_timeout` closing the connection. `stream` is a
+/// [`SendTimer`] (under TLS when there is TLS): a client whose socket
+/// takes nothing for `send_timeout` is cut off.
 async fn serve_connection<S, H, F>(
     stream: S,
     deadline: tokio::time::Instant,
@@ -224,15 +231,14 @@ async fn serve_connection<S, H, F>(
         .timer(HeadTimer::for_connection(deadline, drain.stopping()));
     // The opening (HTTP/1 or HTTP/2?) within the head's 10 s too (see
     // `opening`); an HTTP/2 connection idle for as long is told to go away.
-    // A client that takes no bytes of its answers for `send_timeout` is
-    // cut off (see `send_timer`).
-    let stream = Opening::new(
-        SendTimer::new(stream, send_timeout),
-        deadline,
-        conn_activity.clone(),
-    );
+    let stream = Opening::new(stream, deadline, conn_activity.clone());
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    let watched = drain.watch(connection.into_owned(), conn_activity, HEADER_READ_TIMEOUT);
+    let watched = drain.watch(
+        connection.into_owned(),
+        conn_activity,
+        HEADER_READ_TIMEOUT,
+        send_timeout,
+    );
     if let Err(error) = watched.await {
         tracing::debug!(error = %error, "connection ended with an error");
     }
@@ -315,6 +321,7 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Dur
                 let admin = admin.clone();
                 async move { admin.handle(request).await }
             };
+            let stream = SendTimer::new(stream, send_timeout);
             serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await;
         });
     }

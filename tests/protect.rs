@@ -365,6 +365,48 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
     drop(stalled);
 }
 
+/// Regression: an HTTP/2 client that reads its socket but lets a stream's
+/// flow-control window run out (it never reads that answer's body) was not
+/// caught by `send_timeout` (no write of the connection ever waits), and
+/// held its bulkhead slot for good. An answer that waits `send_timeout` for
+/// its client to take anything closes the connection.
+#[tokio::test]
+async fn an_http2_stream_whose_window_stays_shut_is_cut_off_and_frees_its_slot() {
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(
+        &Backend::memory().store_yaml(),
+        &upstream,
+        ", max_in_flight: 1",
+    )
+    .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s");
+    let proxy = TestProxy::start(&yaml).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let request = http::Request::get(proxy.url("/plain"))
+        .header("x-test-body-bytes", "67108864")
+        .body(Default::default())
+        .unwrap();
+    // The head comes; the body, far larger than the stream's window, is
+    // never read.
+    let unread = h2.request(request).await.expect("the head");
+    assert_eq!(unread.version(), http::Version::HTTP_2);
+    let client = TestClient::new();
+    let second = get_plain(&client, &proxy).await;
+    assert_eq!(
+        second.code(),
+        "upstream_overloaded",
+        "the slot is held at first"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the stalled stream is cut off",
+        || async { get_plain(&client, &proxy).await.status == 201 },
+    )
+    .await;
+    drop(unread);
+}
+
 /// Regression: a half-open probe was judged when its body ended, so a
 /// probe whose body came slowly (or whose client read it slowly) kept the
 /// circuit half-open, and every other request turned away, for as long as
