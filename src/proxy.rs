@@ -398,6 +398,16 @@ impl Proxy {
                 admission.finish(false);
                 send_error_problem(error)
             }
+            // The body was still coming when `total` passed: the client's
+            // slowness (the upstream could not answer yet), never a failure
+            // for its breaker (regression: slow uploads opened the circuit
+            // for everyone, with a 504 that blamed the upstream). The
+            // admission is dropped unjudged.
+            None if connected.body_still_arriving() => Problem::new(
+                Code::RequestTimeout,
+                "the request body was still arriving when this route's total timeout passed",
+            )
+            .into_response(),
             None => {
                 admission.finish(false);
                 timeout_problem()

@@ -216,6 +216,40 @@ async fn a_slow_upload_is_not_the_upstream_s_timeout() {
     assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
 }
 
+/// Regression: a pass-through upload still arriving when `total` passed
+/// got `504 upstream_timeout` (blaming the upstream, which could not answer
+/// before the body was whole) and counted as the upstream's failure, so a
+/// few slow uploaders opened the circuit for everyone. It is the client's
+/// slowness: `408 request_timeout`, and the breaker hears nothing.
+#[tokio::test]
+async fn an_upload_still_arriving_at_total_is_408_and_never_opens_the_circuit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::start().await;
+    let extra = ", circuit_breaker: { consecutive_failures: 1, open_for: 60s }";
+    let yaml = yaml(&Backend::memory().store_yaml(), &upstream, extra)
+        .replace("response: 5s, total: 10s", "response: 500ms, total: 1s");
+    let proxy = TestProxy::start(&yaml).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "PUT /plain HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        // The rest of the body never comes; the answer does, at `total`.
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    });
+    read.await.expect("an answer at total");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let client = TestClient::new();
+    let next = get_plain(&client, &proxy).await;
+    assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
+}
+
 /// A client that breaks off its own upload is not the upstream failing:
 /// the exchange it cut short must not count towards opening the circuit
 /// for everyone (SPEC 9: failures are the upstream's connects, timeouts,

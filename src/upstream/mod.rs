@@ -331,7 +331,7 @@ pub struct Connected {
     making: AtomicBool,
     ready: OnceLock<tokio::time::Instant>,
     /// Told when a body still streaming from the client has been sent whole.
-    uploading: Option<Arc<tokio::sync::Notify>>,
+    uploading: Option<Arc<upload::Sent>>,
     /// A protected request's: a pooled connection is checked closed or not
     /// on its socket before it is used, whatever the method.
     protected: bool,
@@ -366,6 +366,13 @@ impl Connected {
         self.protected
     }
 
+    /// Whether the request's body was still coming from the client (not
+    /// sent whole yet): time running out then is the client's slowness,
+    /// not the upstream's.
+    pub fn body_still_arriving(&self) -> bool {
+        self.uploading.as_ref().is_some_and(|sent| !sent.whole())
+    }
+
     pub(crate) fn making(&self) {
         self.making.store(true, Ordering::Relaxed);
     }
@@ -392,7 +399,7 @@ pub async fn within_response<F: Future>(
     let mut uploading = connected
         .uploading
         .as_ref()
-        .map(|sent| Box::pin(sent.notified()));
+        .map(|sent| Box::pin(sent.notify.notified()));
     if uploading.is_some() {
         sleep.as_mut().reset(cap);
     }

@@ -7,6 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -19,13 +20,26 @@ use crate::body::{BoxError, ProxyBody};
 /// `body`, which tells `sent` when it has been read to its end.
 pub struct Uploading {
     body: ProxyBody,
-    sent: Option<Arc<Notify>>,
+    sent: Option<Arc<Sent>>,
+}
+
+/// Whether an [`Uploading`] body has been sent whole, and the news of it.
+#[derive(Default)]
+pub struct Sent {
+    pub notify: Notify,
+    whole: AtomicBool,
+}
+
+impl Sent {
+    pub fn whole(&self) -> bool {
+        self.whole.load(Ordering::Acquire)
+    }
 }
 
 impl Uploading {
-    /// Wraps a body that is not at its end yet; the notifier says when it is.
-    pub fn wrap(body: ProxyBody) -> (ProxyBody, Arc<Notify>) {
-        let sent = Arc::new(Notify::new());
+    /// Wraps a body that is not at its end yet; `Sent` says when it is.
+    pub fn wrap(body: ProxyBody) -> (ProxyBody, Arc<Sent>) {
+        let sent = Arc::new(Sent::default());
         let body = Uploading {
             body,
             sent: Some(sent.clone()),
@@ -46,8 +60,9 @@ impl Body for Uploading {
         if (frame.is_none() || self.body.is_end_stream())
             && let Some(sent) = self.sent.take()
         {
+            sent.whole.store(true, Ordering::Release);
             // A stored permit if nobody waits yet: the news is not lost.
-            sent.notify_one();
+            sent.notify.notify_one();
         }
         Poll::Ready(frame)
     }
