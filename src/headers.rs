@@ -152,8 +152,14 @@ impl RequestIds {
             .unwrap_or_else(|| {
                 HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")
             });
-        let sent = headers.get(&TRACEPARENT);
-        let parsed = sent.and_then(|v| parse_traceparent(v.to_str().ok()?));
+        // Two or more lines are invalid (W3C Trace Context 3.2: which one
+        // was meant cannot be told), as an invalid value is.
+        let mut lines = headers.get_all(&TRACEPARENT).iter();
+        let sent = lines.next();
+        let once = sent.is_some() && lines.next().is_none();
+        let parsed = sent
+            .filter(|_| once)
+            .and_then(|v| parse_traceparent(v.to_str().ok()?));
         let replaced = sent.is_some() && parsed.is_none();
         let (trace_id, flags) = parsed.unwrap_or_else(|| (random_hex(), *b"01"));
         // 00-<trace id>-<span id>-<flags>
@@ -419,6 +425,15 @@ mod tests {
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-next";
         h.insert(&TRACEPARENT, HeaderValue::from_static(later));
         assert!(!RequestIds::from_headers(&h).replaced);
+        // Two valid lines are invalid together (regression: the first
+        // was kept, and the tracestate with it).
+        let mut h = HeaderMap::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.append(&TRACEPARENT, HeaderValue::from_static(tp));
+        h.append(&TRACEPARENT, HeaderValue::from_static(tp));
+        let ids = RequestIds::from_headers(&h);
+        assert!(ids.replaced);
+        assert_ne!(ids.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     /// Regression: a client's `tracestate` went on with the new trace that
