@@ -61,11 +61,16 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            file_error(
+        .map_err(|e| match e {
+            // The certificate's own fault, not the key's (regression: a
+            // corrupt certificate was blamed on key_file).
+            rustls::Error::InvalidCertificate(_) => {
+                file_error(&files.cert_file, format!("not a usable certificate: {e}"))
+            }
+            _ => file_error(
                 &files.key_file,
                 format!("does not match the certificate: {e}"),
-            )
+            ),
         })?;
     // HTTP/1.0 too: a client that offers only it was refused the handshake
     // (rustls's no_application_protocol), though hyper serves it.

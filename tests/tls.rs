@@ -557,3 +557,46 @@ fn check_refuses_store_tls_files_serve_cannot_use() {
         }
     }
 }
+
+/// Regression: TLS files were looked at only once everything else was
+/// valid, so a file with another mistake was reported a run later, and
+/// without a line. They are reported with the rest, each at its field.
+#[test]
+fn tls_file_errors_come_with_the_others_at_their_field() {
+    let missing = "/nonexistent/idemgate-ca.pem";
+    let yaml = format!(
+        "upstreams:\n  up:\n    url: \"https://localhost:1\"\n    connect_timeout: 3x\n    tls:\n      ca_file: \"{missing}\"\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
+    );
+    let errors = idemgate::Config::parse(&yaml).expect_err("invalid").0;
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert!(
+        paths.contains(&"upstreams.up.connect_timeout"),
+        "{errors:#?}"
+    );
+    let tls = errors
+        .iter()
+        .find(|e| e.path == "upstreams.up.tls.ca_file")
+        .unwrap_or_else(|| panic!("{errors:#?}"));
+    assert_eq!(tls.position.map(|p| p.0), Some(6), "{tls}");
+    assert!(tls.to_string().contains(missing), "{tls}");
+}
+
+/// Regression: a listener certificate whose body is not a certificate was
+/// blamed on `key_file` ("does not match the certificate").
+#[test]
+fn a_corrupt_listener_certificate_is_blamed_on_cert_file() {
+    let pki = Pki::new();
+    let cert = std::fs::read_to_string(&pki.server_cert).unwrap();
+    let mut lines: Vec<String> = cert.lines().map(str::to_owned).collect();
+    lines[2] = "A".repeat(lines[2].len()); // valid base64, broken DER
+    let corrupt = pki.dir.path().join("corrupt-server.pem");
+    std::fs::write(&corrupt, lines.join("\n") + "\n").unwrap();
+    let yaml = format!(
+        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams: {{ up: {{ url: \"http://127.0.0.1:1\" }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n",
+        corrupt.display(),
+        pki.server_key.display()
+    );
+    let errors = idemgate::Config::parse(&yaml).expect_err("invalid").0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].path, "listen.tls.cert_file", "{}", errors[0]);
+}

@@ -29,11 +29,6 @@ pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     .map_err(|e| parse_error(e, &path.into_inner()))?;
     let mut c = Check::new(env);
     let config = build(&mut c, &file);
-    if let Some(config) = &config
-        && c.errors.is_empty()
-    {
-        super::validate_upstream::check_tls_files(&mut c, config);
-    }
     let mut errors = c.errors;
     // Defaults are merged into every route, so one bad default would be
     // reported once per route: keep the first of each.
@@ -275,10 +270,28 @@ fn build_listen(c: &mut Check, listen: &Spanned<ScalarOr<ListenFile>>) -> Option
             let address = address(c, "listen.address", &map.address);
             let tls = match &map.tls {
                 None => None,
-                Some(tls) => Some(TlsFiles {
-                    cert_file: PathBuf::from(c.text("listen.tls.cert_file", &tls.cert_file)?),
-                    key_file: PathBuf::from(c.text("listen.tls.key_file", &tls.key_file)?),
-                }),
+                Some(tls) => {
+                    let files = TlsFiles {
+                        cert_file: PathBuf::from(c.text("listen.tls.cert_file", &tls.cert_file)?),
+                        key_file: PathBuf::from(c.text("listen.tls.key_file", &tls.key_file)?),
+                    };
+                    if let Err(error) = crate::tls::server_config(&files) {
+                        let fields = [
+                            (
+                                "cert_file",
+                                Some(&tls.cert_file),
+                                Some(files.cert_file.as_path()),
+                            ),
+                            (
+                                "key_file",
+                                Some(&tls.key_file),
+                                Some(files.key_file.as_path()),
+                            ),
+                        ];
+                        super::validate_upstream::tls_failure(c, "listen.tls", &error, &fields);
+                    }
+                    Some(files)
+                }
             };
             Some(Listen {
                 address: address?,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::check::{Check, MAX_WAIT, authority_ok, quote};
 use super::file::{ScalarOr, Text, UpstreamFile, UpstreamTlsFile};
-use super::{Breaker, Config, UpstreamConfig, UpstreamTls};
+use super::{Breaker, UpstreamConfig, UpstreamTls};
 
 /// How long an unused upstream connection is kept: below the 5 s keep-alive
 /// timeout of Node.js, Apache httpd and uvicorn, so that a request is not
@@ -144,37 +144,55 @@ pub(super) fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> Upstrea
             "client_cert_file and client_key_file go together",
             "set both for mutual TLS, or neither",
         );
+    } else if let Err(error) = crate::tls::client_config(Some(&tls)) {
+        // Read and built as `serve` builds it, here, so that its error
+        // comes with the others, at its field's line (regression: TLS
+        // files were looked at only once all else was valid).
+        let fields = [
+            ("ca_file", t.ca_file.as_ref(), tls.ca_file.as_deref()),
+            (
+                "client_cert_file",
+                t.client_cert_file.as_ref(),
+                tls.client_cert_file.as_deref(),
+            ),
+            (
+                "client_key_file",
+                t.client_key_file.as_ref(),
+                tls.client_key_file.as_deref(),
+            ),
+        ];
+        tls_failure(c, &format!("{at}.tls"), &error, &fields);
     }
     tls
 }
 
-/// Reads and parses every TLS file the configuration names, so that
-/// `check` fails on a missing or bad PEM file without starting anything.
-pub(super) fn check_tls_files(c: &mut Check, config: &Config) {
-    let hint = "point it at a readable PEM file";
-    if let Some(files) = &config.listen.tls
-        && let Err(e) = crate::tls::server_config(files)
-    {
-        c.fail("listen.tls", None, e.to_string(), hint);
-    }
-    for upstream in &config.upstreams {
-        if let Some(tls) = &upstream.tls
-            && let Err(e) = crate::tls::client_config(Some(tls))
-        {
-            c.fail(
-                &format!("upstreams.{}.tls", upstream.name),
-                None,
-                e.to_string(),
-                hint,
-            );
-        }
-    }
-    // As `serve` builds it (regression: a corrupt CA or a client key not
-    // matching its certificate passed `check`, and `serve` then failed or
-    // never reached the store).
-    if let Some(tls) = &config.store.tls
-        && let Err(e) = crate::tls::client_config(Some(tls))
-    {
-        c.fail("store.tls", None, e.to_string(), hint);
-    }
+/// Where a TLS error belongs: the field naming the file it is about (its
+/// line and column), else `{at}.tls` at its first file's place.
+pub(super) fn tls_failure(
+    c: &mut Check,
+    at: &str,
+    error: &crate::tls::TlsError,
+    fields: &[(&str, Option<&Text>, Option<&std::path::Path>)],
+) {
+    let about = match error {
+        crate::tls::TlsError::File { path, .. } => fields
+            .iter()
+            .find(|(_, _, file)| file.is_some_and(|f| f.display().to_string() == *path)),
+        crate::tls::TlsError::Config(_) => None,
+    };
+    let (field, place) = match about {
+        Some((name, text, _)) => (format!("{at}.{name}"), text.map(|t| t.referenced)),
+        None => (
+            at.to_owned(),
+            fields
+                .iter()
+                .find_map(|(_, text, _)| text.map(|t| t.referenced)),
+        ),
+    };
+    c.fail(
+        &field,
+        place.as_ref(),
+        error.to_string(),
+        "point it at a readable PEM file of the right kind (a certificate, or an unencrypted private key)",
+    );
 }
