@@ -1006,3 +1006,24 @@ fn the_default_key_header_cannot_be_a_scope_header() {
     assert!(e.to_string().contains("the key's header"), "{e}");
     assert_eq!(errs.len(), 1, "{errs:#?}");
 }
+
+/// Regression: a number where an address or a setting belongs said
+/// "invalid type: integer, expected a scalar or a mapping", and
+/// `circuit_breaker: on` quoted a value the file does not hold ("true").
+#[test]
+fn numbers_and_on_get_the_field_s_own_message() {
+    let yaml = "listen: 8080\nupstreams:\n  erp: { url: \"http://127.0.0.1:9000\", circuit_breaker: on }\nroutes:\n  - { name: a, match: { path: /a }, upstream: erp, idempotency: 0 }\n";
+    let errs = errors(yaml);
+    assert!(
+        error_at(&errs, "listen")
+            .to_string()
+            .contains("write ip:port")
+    );
+    let breaker = error_at(&errs, "upstreams.erp.circuit_breaker").to_string();
+    assert!(
+        breaker.contains("on by default") && !breaker.contains("\"true\""),
+        "{breaker}"
+    );
+    let gate = error_at(&errs, "routes[0].idempotency").to_string();
+    assert!(gate.contains("write off"), "{gate}");
+}

@@ -183,6 +183,21 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ScalarOr<T> {
                 Ok(ScalarOr::Scalar(v.to_string()))
             }
 
+            // A number is a scalar too, judged by the field's own check
+            // (regression: `listen: 8080` was "invalid type: integer,
+            // expected a scalar or a mapping", with no word of ip:port).
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ScalarOr::Scalar(v.to_string()))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ScalarOr::Scalar(v.to_string()))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(ScalarOr::Scalar(v.to_string()))
+            }
+
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 T::deserialize(de::value::MapAccessDeserializer::new(map)).map(ScalarOr::Map)
             }

@@ -81,11 +81,17 @@ pub(super) fn build_upstream(
         Some(spanned) => match &spanned.value {
             ScalarOr::Scalar(word) if word == "off" || word == "false" => Some(None),
             ScalarOr::Scalar(word) => {
+                // YAML reads `on` and `yes` as true: not the file's word.
+                let message = if word == "true" {
+                    "on (true) is not a setting: the breaker is on by default".to_owned()
+                } else {
+                    format!("{word:?} is not allowed")
+                };
                 c.fail(
                     &format!("{path}.circuit_breaker"),
                     Some(&spanned.referenced),
-                    format!("{word:?} is not allowed"),
-                    "write off, or a mapping { consecutive_failures: 5, open_for: 30s }",
+                    message,
+                    "leave it out for the default, write off, or a mapping { consecutive_failures: 5, open_for: 30s }",
                 );
                 None
             }
