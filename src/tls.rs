@@ -49,6 +49,13 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// The first private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(file_error(
+            path,
+            "an encrypted private key, which idemgate cannot decrypt: write it unencrypted (openssl pkey -in KEY -out PLAIN) and keep the file readable by idemgate only",
+        ));
+    }
     PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| file_error(path, format!("no usable private key: {e}")))
 }

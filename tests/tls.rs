@@ -600,3 +600,25 @@ fn a_corrupt_listener_certificate_is_blamed_on_cert_file() {
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert_eq!(errors[0].path, "listen.tls.cert_file", "{}", errors[0]);
 }
+
+/// Regression: an encrypted private key was "no usable private key: no
+/// items found", with a hint to point at a readable PEM file.
+#[test]
+fn an_encrypted_key_is_named_as_one() {
+    let pki = Pki::new();
+    let key = pki.dir.path().join("encrypted.key");
+    std::fs::write(
+        &key,
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{}\", key_file: \"{}\" }} }}\nupstreams: {{ up: {{ url: \"http://127.0.0.1:1\" }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n",
+        pki.server_cert.display(),
+        key.display()
+    );
+    let errors = idemgate::Config::parse(&yaml).expect_err("invalid").0;
+    let e = errors[0].to_string();
+    assert_eq!(errors[0].path, "listen.tls.key_file", "{e}");
+    assert!(e.contains("encrypted private key"), "{e}");
+}
