@@ -122,6 +122,14 @@ fn shape_errors_name_the_field() {
             2,
         ),
         (
+            // Regression: "invalid u32", a Rust type for a YAML author.
+            format!(
+                "upstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\", max_in_flight: -1 }}\n{route}"
+            ),
+            "upstreams.erp.max_in_flight",
+            2,
+        ),
+        (
             format!("store: {{ backend: memory, bogus: 1 }}\n{BASE}{route}"),
             "store.bogus",
             1,
@@ -130,6 +138,7 @@ fn shape_errors_name_the_field() {
     for (yaml, path, line) in cases {
         let errs = errors(&yaml);
         assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(!errs[0].message.contains("invalid u"), "{}", errs[0]);
         assert_eq!(errs[0].path, path, "{}", errs[0]);
         assert_eq!(errs[0].position.map(|p| p.0), Some(line), "{}", errs[0]);
     }

@@ -68,7 +68,16 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     .fold(message, |m, cut| {
         m.split(cut).next().unwrap_or_default().to_owned()
     });
-    let hint = if message.contains("unknown field") {
+    // A Rust type name is not the file author's word for a number.
+    let message = match message.as_str() {
+        "invalid u8" | "invalid u16" | "invalid u32" | "invalid u64" | "invalid usize" => {
+            "not a whole number of 0 or more".to_owned()
+        }
+        _ => message,
+    };
+    let hint = if message.starts_with("not a whole number") {
+        "write a whole number such as 64 (no sign, no unit)"
+    } else if message.contains("unknown field") {
         "remove the field or fix its spelling (SPEC.md section 2 lists every field)"
     } else if message.starts_with("duplicate mapping key") {
         "write each key once in a mapping"
