@@ -194,6 +194,17 @@ impl Proxy {
                 .with("original_status", status.into())
                 .into_response()
             }
+            Decision::InProgress { .. }
+                if policy.concurrent == Concurrent::Wait && self.draining.is_cancelled() =>
+            {
+                ctx.outcome = "conflict";
+                Problem::new(
+                    Code::RequestInProgress,
+                    "this instance is shutting down: retry, and another instance waits for the first attempt",
+                )
+                .retry_after(Duration::from_secs(1))
+                .into_response()
+            }
             Decision::InProgress { lease_left_ms } => {
                 ctx.outcome = "conflict";
                 Problem::new(
@@ -260,10 +271,16 @@ impl Proxy {
             };
             let waiting = matches!(reply.decision, Decision::InProgress { .. })
                 && concurrent == Concurrent::Wait;
-            if !waiting || left().is_zero() {
+            // A shutdown ends the wait: the duplicate is told to retry (on
+            // another instance) rather than held until the grace ends and
+            // then cut off without an answer (regression).
+            if !waiting || left().is_zero() || self.draining.is_cancelled() {
                 return Ok((reply, at, uncertain));
             }
-            self.store.changed(claim.key, step.min(left())).await;
+            tokio::select! {
+                () = self.store.changed(claim.key, step.min(left())) => {}
+                () = self.draining.cancelled() => {}
+            }
             step = (step * 2).min(MAX_WAIT_STEP);
             last = Some((reply, at));
         }

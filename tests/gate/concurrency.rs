@@ -91,6 +91,7 @@ async fn burst(
 }
 
 both_stores!(
+    a_waiter_is_answered_when_shutdown_begins,
     a_waiter_is_not_woken_by_other_keys,
     thirty_concurrent_duplicates_reject,
     thirty_concurrent_duplicates_wait,
@@ -163,4 +164,42 @@ async fn a_waiter_is_not_woken_by_other_keys(backend: Backend) {
     assert!(!waiter.is_finished(), "still waiting for k-slow");
     waiter.abort();
     first.abort();
+}
+
+/// Regression: a waiting duplicate (`concurrent: wait`) held the shutdown
+/// until `shutdown_grace` ended, and was then cut off without an answer.
+/// When shutdown begins it is told at once to retry (`409
+/// request_in_progress`, `Retry-After: 1`; another instance waits for the
+/// attempt), while the attempt itself finishes and is recorded.
+async fn a_waiter_is_answered_when_shutdown_begins(backend: Backend) {
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let s = Setup::with_store(backend, &store, "", "concurrent: wait", "").await;
+    let headers = [
+        ("idempotency-key", "k-stop"),
+        ("content-type", "application/json"),
+        ("x-test-delay-ms", "3000"),
+    ];
+    let first = s.client.spawn_send("POST", &s.url(), &headers, "{}");
+    eventually(
+        Duration::from_secs(5),
+        "first attempt in flight",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let waiter = s.client.spawn_send("POST", &s.url(), &headers[..2], "{}");
+    eventually(Duration::from_secs(5), "the duplicate waits", || async {
+        claims(&s).await >= 2.0
+    })
+    .await;
+    let Setup {
+        upstream, proxy, ..
+    } = s;
+    let stopped = tokio::spawn(proxy.stop());
+    let answer = waiter.await.unwrap();
+    assert!(!first.is_finished(), "answered before the attempt ended");
+    assert_eq!(answer.code(), "request_in_progress", "{answer:?}");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(first.await.unwrap().status, 201);
+    stopped.await.unwrap();
+    assert_eq!(upstream.hits(), 1);
 }
