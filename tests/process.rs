@@ -887,3 +887,39 @@ async fn sigterm_right_after_the_listening_line_still_drains_and_exits_0() {
         );
     }
 }
+
+/// Regression: with a wrong Redis password each request waited out
+/// `op_timeout` on the connection's retries and was logged as "store
+/// operation timed out". It fails at once, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_password_is_said_per_request_not_a_timeout() {
+    // A user Redis does not know: its AUTH fails as a wrong password does.
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url().replace("redis://", "redis://nobody:wrong@");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nshutdown_grace: 1s\nstore: {{ backend: redis, url: \"{url}\", op_timeout: 5s }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    let started = std::time::Instant::now();
+    let refused = client.post_key(&proxy.url("/api/o"), "k-auth", "{}").await;
+    assert_eq!(refused.code(), "store_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered before op_timeout, not after it"
+    );
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = proxy.log();
+    let line = log
+        .iter()
+        .find(|l| l.contains("idempotency store unavailable"))
+        .unwrap_or_else(|| panic!("{log:#?}"));
+    assert!(line.contains("AuthenticationFailed"), "{line}");
+    assert!(!line.contains("wrong"), "the password stays out: {line}");
+}

@@ -38,9 +38,15 @@ impl Link {
     pub fn single(client: redis::Client, op_timeout: Duration) -> Result<Link, StoreError> {
         // No response timeout here: every call is already bounded by
         // `op_timeout` in the store (one timer per call, not two).
+        // One connection attempt per call that needs one, no retries
+        // inside it: a call then fails with the reason (refused,
+        // authentication failed) instead of waiting out `op_timeout` on
+        // retries and saying only that it timed out (regression: a wrong
+        // password was logged as "store operation timed out" per request).
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(op_timeout))
             .set_response_timeout(None)
+            .set_number_of_retries(0)
             .set_max_delay(Duration::from_secs(2));
         ConnectionManager::new_lazy_with_config(client, config)
             .map(Link::Single)
