@@ -86,4 +86,37 @@ async fn the_gate_works_on_redis_cluster() {
         22,
         "SCAN covers every master"
     );
+
+    // Regression: the readiness ping read a cluster's INFO (a map, one
+    // text per node) as one string and failed every time: `/readyz` was
+    // always 503, and every `keys` command (which pings first) failed.
+    let ready = client
+        .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
+        .await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let keys = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let unknown = keys(&["keys", "unknown", "--json"]);
+    let out = String::from_utf8_lossy(&unknown.stdout);
+    assert!(
+        unknown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    assert!(out.contains("k-lost"), "{out}");
+    let got = keys(&["keys", "get", "--route", "orders", "--key", "k-dup"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
 }

@@ -538,29 +538,34 @@ impl RedisStore {
                 .await?;
             return Ok(());
         }
-        let info: redis::RedisResult<String> = self
+        // A standalone server answers one text; a cluster, a map of every
+        // node's (regression: read as one string, it failed on every
+        // ping: a cluster store was never ready, and `keys` always failed).
+        let info: redis::RedisResult<Value> = self
             .bounded_raw(
                 deadline,
                 redis::cmd("INFO").arg("server").query_async(&mut conn),
             )
             .await?;
-        let info = match info {
-            Ok(info) => info,
+        let texts = match info {
+            Ok(info) => info_texts(info),
             // A Redis user not allowed `INFO` (ACL): the version stays unknown.
-            Err(e) if e.code().is_some() => String::new(),
+            Err(e) if e.code().is_some() => Vec::new(),
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         };
-        let version = info
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:"))
-            .unwrap_or_default()
-            .trim();
-        match version
-            .split('.')
-            .next()
-            .and_then(|major| major.parse::<u32>().ok())
-        {
-            Some(major) if major < 7 => Err(StoreError::Backend(format!(
+        // The oldest node's version decides.
+        let oldest = (texts.iter())
+            .filter_map(|info| {
+                let version = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("redis_version:"))?
+                    .trim();
+                let major = version.split('.').next()?.parse::<u32>().ok()?;
+                Some((major, version))
+            })
+            .min();
+        match oldest {
+            Some((major, version)) if major < 7 => Err(StoreError::Backend(format!(
                 "Redis {version} is too old: idemgate needs Redis 7.0 or later"
             ))),
             // Unknown (not allowed, or a Redis-compatible server): claims will tell.
@@ -697,6 +702,18 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
         client_tls,
         root_cert: read(&tls.ca_file)?,
     }))
+}
+
+/// The texts of an `INFO` reply: one from a server, one per node (a map,
+/// or an array) from a cluster.
+fn info_texts(reply: Value) -> Vec<String> {
+    match reply {
+        Value::BulkString(bytes) => vec![String::from_utf8_lossy(&bytes).into_owned()],
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => vec![text],
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(_, v)| info_texts(v)).collect(),
+        Value::Array(items) => items.into_iter().flat_map(info_texts).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Whether a claim can be answered from this record alone, whatever the
