@@ -335,7 +335,7 @@ impl Exchange {
                 tracing::warn!(
                     key = %self.key.key,
                     route = %self.key.route,
-                    "the attempt no longer owned its key (lease ended); response delivered but not recorded"
+                    "the attempt no longer owned its key (its lease ended, or its record was lost, by a flush, an eviction or a purge, and the key claimed again: the request may then have run twice); response delivered but not recorded"
                 );
                 false
             }
