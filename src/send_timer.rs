@@ -11,8 +11,17 @@
 //! the dropped body frees its slot and its upstream connection. A write
 //! that goes through at once, every write under load, costs one branch;
 //! the timer is made at the first write that waits.
+//!
+//! Progress is also the socket's send queue draining: Linux wakes a
+//! waiting writer only once about a third of the send buffer is free, and
+//! loopback and LAN buffers grow to megabytes, so a client reading slowly
+//! but steadily (tens of KB/s) let no write through for longer than the
+//! timeout and was cut off (regression). When the timer fires, the unsent
+//! bytes (`SIOCOUTQ`) are compared with those when it was armed: fewer, and
+//! it is armed again.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -31,6 +40,29 @@ pub struct SendTimer<S> {
     /// Made at the first write that waits; armed while writes wait.
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// The socket's unsent bytes when the timer was last armed.
+    unsent: Option<u32>,
+}
+
+/// A stream that can tell how many bytes it has not sent yet.
+pub trait Unsent {
+    /// `None` when it cannot tell.
+    fn unsent(&self) -> Option<u32>;
+}
+
+impl Unsent for tokio::net::TcpStream {
+    fn unsent(&self) -> Option<u32> {
+        let mut unsent: libc::c_int = 0;
+        // SAFETY: an ioctl that writes one int, on this open socket.
+        let done = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &raw mut unsent) };
+        (done == 0).then(|| u32::try_from(unsent).unwrap_or(0))
+    }
+}
+
+impl Unsent for tokio::io::DuplexStream {
+    fn unsent(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl<S> SendTimer<S> {
@@ -40,6 +72,7 @@ impl<S> SendTimer<S> {
             after,
             sleep: None,
             armed: false,
+            unsent: None,
         }
     }
 
@@ -51,13 +84,16 @@ impl<S> SendTimer<S> {
         poll: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>>
     where
-        S: Unpin,
+        S: Unpin + Unsent,
     {
         if let Poll::Ready(result) = poll(Pin::new(&mut self.io), cx) {
             self.armed = false;
             return Poll::Ready(result);
         }
         let deadline = Instant::now() + self.after;
+        if !self.armed {
+            self.unsent = self.io.unsent();
+        }
         let sleep = match &mut self.sleep {
             Some(sleep) if self.armed => sleep,
             Some(sleep) => {
@@ -69,12 +105,22 @@ impl<S> SendTimer<S> {
                 .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         self.armed = true;
-        ready!(sleep.as_mut().poll(cx));
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            // The client took some of what the socket held: progress.
+            match (self.unsent, self.io.unsent()) {
+                (Some(then), Some(now)) if now < then => {
+                    self.unsent = Some(now);
+                    sleep.as_mut().reset(Instant::now() + self.after);
+                }
+                _ => break,
+            }
+        }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "the client took no bytes of its response for {} s",
-                self.after.as_secs()
+                "the client took no bytes of its response for {:?}",
+                self.after
             ),
         )))
     }
@@ -90,7 +136,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for SendTimer<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimer<S> {
+impl<S: AsyncWrite + Unpin + Unsent> AsyncWrite for SendTimer<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -137,6 +183,49 @@ mod tests {
         let write = tokio::time::timeout(Duration::from_secs(10), io.write_all(&[0; 16]));
         let err = write.await.expect("timed out by the stall").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// Regression: a client reading slowly but steadily was cut off behind
+    /// a large send buffer: Linux wakes a waiting writer only once a third
+    /// of it is free, so no write went through within the timeout though
+    /// the client kept reading. The send queue draining is progress.
+    #[tokio::test]
+    async fn a_steady_reader_behind_a_large_send_buffer_is_not_cut_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let big: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt with an int, on this open socket.
+        let set = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw const big).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        let mut io = SendTimer::new(server, STALL);
+        let total = 24 << 20;
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0; 64 * 1024];
+            let mut read = 0;
+            // Slowly (about 1.3 MB/s) for ten times STALL, then at once.
+            let slow_until = tokio::time::Instant::now() + STALL * 10;
+            while read < total {
+                if tokio::time::Instant::now() < slow_until {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed after {read} bytes");
+                read += n;
+            }
+        });
+        io.write_all(&vec![0; total]).await.expect("never cut off");
+        reader.await.unwrap();
     }
 
     /// A slow reader that keeps taking bytes is never cut off, however long
