@@ -129,7 +129,12 @@ pub fn answer(
             let activity = stream.0.clone();
             let owed = Arc::new(Owed(AtomicU64::new(activity.now_ms())));
             (activity.answers.lock().expect("answers lock")).push(Arc::downgrade(&owed));
-            ProxyBody::new(Guarded { body, owed, stream })
+            ProxyBody::new(Guarded {
+                body,
+                owed,
+                stream,
+                rest: Bytes::new(),
+            })
         }),
     }
 }
@@ -140,6 +145,24 @@ struct Guarded {
     body: ProxyBody,
     owed: Arc<Owed>,
     stream: StreamGuard,
+    /// What is left of a large data frame, handed over [`PIECE`] at a time.
+    rest: Bytes,
+}
+
+/// The most handed to hyper at once: hyper asks for the next piece once
+/// the client's flow-control window has let most of this one through, so
+/// the stall clock measures how long `PIECE` takes (regression: one frame
+/// of hundreds of KB had to pass the window within `send_timeout`, and a
+/// client reading slowly but steadily was cut off). HTTP/2's own frames
+/// are 16 KiB by default.
+const PIECE: usize = 16 * 1024;
+
+impl Guarded {
+    /// The next piece of `rest`.
+    fn piece(&mut self) -> Frame<Bytes> {
+        let at = self.rest.len().min(PIECE);
+        Frame::data(self.rest.split_to(at))
+    }
 }
 
 impl Body for Guarded {
@@ -150,7 +173,19 @@ impl Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        let poll = if self.rest.is_empty() {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame)))
+                    if frame.data_ref().is_some_and(|d| d.len() > PIECE) =>
+                {
+                    self.rest = frame.into_data().unwrap_or_default();
+                    Poll::Ready(Some(Ok(self.piece())))
+                }
+                other => other,
+            }
+        } else {
+            Poll::Ready(Some(Ok(self.piece())))
+        };
         let owed = match &poll {
             // Handed over: the client must make room for the next one.
             Poll::Ready(Some(Ok(_))) => self.stream.0.now_ms(),
@@ -161,10 +196,17 @@ impl Body for Guarded {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.rest.len() as u64;
+        let inner = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }

@@ -399,6 +399,35 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
     drop(stalled);
 }
 
+/// Regression: an HTTP/2 client reading an answer slowly but steadily was
+/// cut off: the whole of a large body frame had to pass its flow-control
+/// window within `send_timeout`. Frames are handed over 16 KiB at a time.
+#[tokio::test]
+async fn a_slow_but_steady_http2_reader_is_not_cut_off() {
+    use http_body_util::BodyExt;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(&Backend::memory().store_yaml(), &upstream, "")
+        .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s");
+    let proxy = TestProxy::start(&yaml).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(64 * 1024)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let request = http::Request::get(proxy.url("/plain"))
+        .header("x-test-body-bytes", "67108864")
+        .body(Default::default())
+        .unwrap();
+    let mut body = h2.request(request).await.expect("the head").into_body();
+    // About 160 KB/s for three times `send_timeout`.
+    let mut read = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await; // the pace under test
+        let frame = body.frame().await.expect("more body").expect("not cut off");
+        read += frame.data_ref().map_or(0, Bytes::len);
+    }
+    assert!(read > 0);
+}
+
 /// Regression: an HTTP/2 client that reads its socket but lets a stream's
 /// flow-control window run out (it never reads that answer's body) was not
 /// caught by `send_timeout` (no write of the connection ever waits), and
