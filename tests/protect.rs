@@ -250,6 +250,66 @@ async fn an_upload_still_arriving_at_total_is_408_and_never_opens_the_circuit() 
     assert_eq!(next.status, 201, "the circuit is closed: {next:?}");
 }
 
+/// Regression: an upstream that stops taking a large upload (it hangs)
+/// made the answer `408 request_timeout`, blaming a client that sent as
+/// fast as it could, and its breaker never opened. Waiting on the upstream
+/// is the upstream's timeout: `504`, and a failure for the breaker.
+#[tokio::test]
+async fn an_upload_the_upstream_stops_taking_is_its_timeout_not_the_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Accepts and never reads: the upload stalls in the sockets' buffers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        hung.incoming()
+            .take(2)
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let upstream = TestUpstream::start().await;
+    let extra = ", circuit_breaker: { consecutive_failures: 2, open_for: 60s }";
+    let yaml = yaml(&Backend::memory().store_yaml(), &upstream, extra)
+        .replace(&upstream.addr.to_string(), &hung_addr.to_string())
+        .replace("response: 5s, total: 10s", "response: 500ms, total: 1s");
+    let proxy = TestProxy::start(&yaml).await;
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let size = 64 << 20;
+        let head = format!("PUT /plain HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (mut reading, mut writing) = stream.into_split();
+        let upload = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..size / chunk.len() {
+                if writing.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                let n = reading.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed without an answer");
+                answer.extend_from_slice(&chunk[..n]);
+            }
+        });
+        read.await.expect("an answer at total");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        upload.abort();
+    }
+    let client = TestClient::new();
+    let next = get_plain(&client, &proxy).await;
+    assert_eq!(
+        next.code(),
+        "upstream_circuit_open",
+        "two failures: {next:?}"
+    );
+    drop(held);
+}
+
 /// A client that breaks off its own upload is not the upstream failing:
 /// the exchange it cut short must not count towards opening the circuit
 /// for everyone (SPEC 9: failures are the upstream's connects, timeouts,

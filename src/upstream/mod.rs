@@ -367,10 +367,15 @@ impl Connected {
     }
 
     /// Whether the request's body was still coming from the client (not
-    /// sent whole yet): time running out then is the client's slowness,
-    /// not the upstream's.
+    /// sent whole, and its last read waited for the client's bytes): time
+    /// running out then is the client's slowness, not the upstream's. An
+    /// upstream that stopped taking the body (it hangs) is its own fault
+    /// (regression: a hung upstream's large uploads got `408`, blaming
+    /// fast clients, and its breaker never opened).
     pub fn body_still_arriving(&self) -> bool {
-        self.uploading.as_ref().is_some_and(|sent| !sent.whole())
+        self.uploading
+            .as_ref()
+            .is_some_and(|sent| sent.waits_on_client())
     }
 
     pub(crate) fn making(&self) {

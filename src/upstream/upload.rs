@@ -23,16 +23,24 @@ pub struct Uploading {
     sent: Option<Arc<Sent>>,
 }
 
-/// Whether an [`Uploading`] body has been sent whole, and the news of it.
+/// Whether an [`Uploading`] body has been sent whole, and the news of it;
+/// and, while it has not, whether it waits on its client (its last read
+/// found no bytes) or on the upstream (which stopped taking them).
 #[derive(Default)]
 pub struct Sent {
     pub notify: Notify,
     whole: AtomicBool,
+    client_owes: AtomicBool,
 }
 
 impl Sent {
     pub fn whole(&self) -> bool {
         self.whole.load(Ordering::Acquire)
+    }
+
+    /// Not sent whole, and waiting for the client's next bytes.
+    pub fn waits_on_client(&self) -> bool {
+        !self.whole() && self.client_owes.load(Ordering::Acquire)
     }
 }
 
@@ -56,7 +64,11 @@ impl Body for Uploading {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        if let Some(sent) = &self.sent {
+            sent.client_owes.store(poll.is_pending(), Ordering::Release);
+        }
+        let frame = ready!(poll);
         if (frame.is_none() || self.body.is_end_stream())
             && let Some(sent) = self.sent.take()
         {
