@@ -172,8 +172,14 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
         anyhow::Ok((status, body.to_bytes()))
     };
     let Ok(answer) = tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await else {
+        // A purge already sent may still be done when the process resumes.
+        let outcome = if method == "DELETE" {
+            "; the purge may still be applied when it resumes: check with keys get"
+        } else {
+            ""
+        };
         bail!(
-            "the admin listener at {} did not answer within {} s (is the process stopped or overloaded?)",
+            "the admin listener at {} did not answer within {} s (is the process stopped or overloaded?){outcome}",
             admin.listen,
             ADMIN_CALL_TIMEOUT.as_secs()
         );
