@@ -174,7 +174,12 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
                 format!(
                     "{name} carries a credential or a scope: its value would be logged as the key"
                 ),
-                "name a header of its own for the key, such as Idempotency-Key",
+                if scope.contains(name) {
+                    // Not "such as Idempotency-Key" when that is the one refused.
+                    "take it out of scope.headers, or name another header for the key"
+                } else {
+                    "name a header of its own for the key, such as Idempotency-Key"
+                },
             ),
             // The default key header named as a scope header (regression:
             // accepted unless `header` was written out).
