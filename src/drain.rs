@@ -167,6 +167,7 @@ impl Idle {
                 .flatten()
                 .map(|since| since + self.stall);
             if stalled_until.is_some_and(|until| until <= now) {
+                tracing::info!(send_timeout = ?self.stall, "HTTP/2 connection cut off: an answer waited send_timeout for its client to take anything");
                 return Step::Close;
             }
             if self.told {

@@ -116,6 +116,8 @@ impl<S> SendTimer<S> {
                 _ => break,
             }
         }
+        // Said where operators look: the access line has the answer's status.
+        tracing::info!(send_timeout = ?self.after, "client connection cut off: it took no bytes of its answer for send_timeout");
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(

@@ -923,3 +923,28 @@ async fn a_wrong_redis_password_is_said_per_request_not_a_timeout() {
     assert!(line.contains("AuthenticationFailed"), "{line}");
     assert!(!line.contains("wrong"), "the password stays out: {line}");
 }
+
+/// A client cut off by `send_timeout` is said in the log: its access line
+/// keeps the answer's status (the head went out), so nothing else told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cut_off_by_send_timeout_is_logged() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", "send_timeout: 1s\n");
+    let mut proxy = Binary::serve(&path);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(proxy.addr).await.unwrap();
+    let head = "GET /api/big HTTP/1.1\r\nhost: x\r\nx-test-body-bytes: 67108864\r\n\r\n";
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(10), "the cut-off is logged", || async {
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("client connection cut off"))
+    })
+    .await;
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(stalled);
+}
