@@ -39,11 +39,36 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     let bytes = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| file_error(path, format!("not a PEM certificate file: {e}")))?;
+        .map_err(|e| {
+            file_error(
+                path,
+                format!("not a PEM certificate file: {}", pem_reason(&e)),
+            )
+        })?;
     if certs.is_empty() {
         return Err(file_error(path, "no CERTIFICATE block found"));
     }
     Ok(certs)
+}
+
+/// A PEM error in words: its own text shows a missing end marker as a
+/// list of byte values ("[45, 45, 45, ...]").
+fn pem_reason(error: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match error {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "its \"-----END {}-----\" line is missing (a truncated file?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!(
+                "a malformed BEGIN line: \"{}\"",
+                String::from_utf8_lossy(line)
+            )
+        }
+        Error::NoItemsFound => "no PEM block of that kind found".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// The first private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC).
@@ -57,7 +82,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         ));
     }
     PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| file_error(path, format!("no usable private key: {e}")))
+        .map_err(|e| file_error(path, format!("no usable private key: {}", pem_reason(&e))))
 }
 
 /// The listener's config: certificate chain and key, ALPN h2 and http/1.1.

@@ -622,3 +622,22 @@ fn an_encrypted_key_is_named_as_one() {
     assert_eq!(errors[0].path, "listen.tls.key_file", "{e}");
     assert!(e.contains("encrypted private key"), "{e}");
 }
+
+/// Regression: a truncated PEM file was "missing section end marker:
+/// [67, 69, 82, ...]", the marker as a list of byte values.
+#[test]
+fn a_truncated_pem_file_is_said_in_words() {
+    let pki = Pki::new();
+    let truncated = pki.dir.path().join("truncated.pem");
+    std::fs::write(&truncated, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let yaml = format!(
+        "upstreams: {{ up: {{ url: \"https://localhost:1\", tls: {{ ca_file: \"{}\" }} }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n",
+        truncated.display()
+    );
+    let errors = idemgate::Config::parse(&yaml).expect_err("invalid").0;
+    let e = errors[0].to_string();
+    assert!(
+        e.contains("\"-----END CERTIFICATE-----\" line is missing"),
+        "{e}"
+    );
+}
