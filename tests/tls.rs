@@ -579,6 +579,16 @@ fn tls_file_errors_come_with_the_others_at_their_field() {
         .unwrap_or_else(|| panic!("{errors:#?}"));
     assert_eq!(tls.position.map(|p| p.0), Some(6), "{tls}");
     assert!(tls.to_string().contains(missing), "{tls}");
+    // Every bad file of one block (regression: the first hid the others).
+    let both = yaml.replace(
+        "      ca_file:",
+        "      client_cert_file: \"/nonexistent/c.pem\"\n      client_key_file: \"/nonexistent/k.pem\"\n      ca_file:",
+    );
+    let errors = idemgate::Config::parse(&both).expect_err("invalid").0;
+    for field in ["ca_file", "client_cert_file", "client_key_file"] {
+        let path = format!("upstreams.up.tls.{field}");
+        assert!(errors.iter().any(|e| e.path == path), "{path}: {errors:#?}");
+    }
 }
 
 /// Regression: a listener certificate whose body is not a certificate was

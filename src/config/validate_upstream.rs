@@ -143,30 +143,54 @@ pub(super) fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> Upstrea
         client_cert_file: file("client_cert_file", &t.client_cert_file),
         client_key_file: file("client_key_file", &t.client_key_file),
     };
-    if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+    let paired = tls.client_cert_file.is_some() == tls.client_key_file.is_some();
+    if !paired {
         c.fail(
             &format!("{at}.tls"),
             None,
             "client_cert_file and client_key_file go together",
             "set both for mutual TLS, or neither",
         );
-    } else if let Err(error) = crate::tls::client_config(Some(&tls)) {
-        // Read and built as `serve` builds it, here, so that its error
-        // comes with the others, at its field's line (regression: TLS
-        // files were looked at only once all else was valid).
-        let fields = [
-            ("ca_file", t.ca_file.as_ref(), tls.ca_file.as_deref()),
-            (
-                "client_cert_file",
-                t.client_cert_file.as_ref(),
-                tls.client_cert_file.as_deref(),
-            ),
-            (
-                "client_key_file",
-                t.client_key_file.as_ref(),
-                tls.client_key_file.as_deref(),
-            ),
-        ];
+    }
+    // Each file read on its own first, so that every bad one is reported
+    // (regression: the first error of a block hid the others); then, all
+    // readable, built as `serve` builds it (a key not matching its
+    // certificate). Here, so that the errors come with the others, at their
+    // field's line (regression: TLS files were looked at only once all
+    // else was valid).
+    let unreadable: Vec<_> = [
+        (&tls.ca_file, false),
+        (&tls.client_cert_file, false),
+        (&tls.client_key_file, true),
+    ]
+    .into_iter()
+    .filter_map(|(file, key)| {
+        let file = file.as_deref()?;
+        let read = if key {
+            crate::tls::load_key(file).map(drop)
+        } else {
+            crate::tls::load_certs(file).map(drop)
+        };
+        read.err()
+    })
+    .collect();
+    let built = (unreadable.is_empty() && paired)
+        .then(|| crate::tls::client_config(Some(&tls)).err())
+        .flatten();
+    let fields = [
+        ("ca_file", t.ca_file.as_ref(), tls.ca_file.as_deref()),
+        (
+            "client_cert_file",
+            t.client_cert_file.as_ref(),
+            tls.client_cert_file.as_deref(),
+        ),
+        (
+            "client_key_file",
+            t.client_key_file.as_ref(),
+            tls.client_key_file.as_deref(),
+        ),
+    ];
+    for error in unreadable.into_iter().chain(built) {
         tls_failure(c, &format!("{at}.tls"), &error, &fields);
     }
     tls
