@@ -108,7 +108,13 @@ impl Proxy {
                 return damaged_record();
             }
             Err(error) => {
-                undo.release_now();
+                // A claim never sent has nothing to undo; one that failed
+                // on the way may have landed.
+                if matches!(error, StoreError::Unreachable(_)) {
+                    undo.disarm();
+                } else {
+                    undo.release_now();
+                }
                 let request = Request::from_parts(parts, body::full(body));
                 return self.store_failed(error, &upstream, request, ctx).await;
             }

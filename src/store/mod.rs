@@ -35,6 +35,10 @@ pub enum StoreError {
     Timeout,
     #[error("store error: {0}")]
     Backend(String),
+    /// No connection could be made (refused, authentication failed): the
+    /// operation was never sent, so nothing of it needs undoing.
+    #[error("store unreachable: {0}")]
+    Unreachable(String),
     #[error("memory store is full ({0} records)")]
     Full(u64),
     /// The store answered, with a record no version of idemgate writes: not

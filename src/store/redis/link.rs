@@ -154,6 +154,17 @@ fn masters(nodes: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// The error of a command resent after its connection dropped: when the
+/// resend could not connect, the first error (the command may have reached
+/// Redis before the drop), never a refusal that says it was never sent.
+fn sent_maybe(first: redis::RedisError, again: redis::RedisError) -> redis::RedisError {
+    if again.is_connection_refusal() || again.kind() == redis::ErrorKind::AuthenticationFailed {
+        first
+    } else {
+        again
+    }
+}
+
 /// A standalone server's command whose connection turns out dropped (Redis
 /// restarted, a `CLIENT KILL`, an idle connection cut by a firewall) is
 /// sent once more: `ConnectionManager` reconnects only after a command has
@@ -166,7 +177,10 @@ impl ConnectionLike for Handle {
         match self {
             Handle::Single(c) => Box::pin(async move {
                 match c.send_packed_command(cmd).await {
-                    Err(e) if e.is_connection_dropped() => c.send_packed_command(cmd).await,
+                    Err(e) if e.is_connection_dropped() => c
+                        .send_packed_command(cmd)
+                        .await
+                        .map_err(|again| sent_maybe(e, again)),
                     result => result,
                 }
             }),
@@ -183,9 +197,10 @@ impl ConnectionLike for Handle {
         match self {
             Handle::Single(c) => Box::pin(async move {
                 match c.send_packed_commands(pipeline, offset, count).await {
-                    Err(e) if e.is_connection_dropped() => {
-                        c.send_packed_commands(pipeline, offset, count).await
-                    }
+                    Err(e) if e.is_connection_dropped() => c
+                        .send_packed_commands(pipeline, offset, count)
+                        .await
+                        .map_err(|again| sent_maybe(e, again)),
                     result => result,
                 }
             }),

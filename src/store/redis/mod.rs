@@ -177,7 +177,7 @@ impl RedisStore {
                     "Redis refused SET .. NX GET: idemgate needs Redis 7.0 or later".into(),
                 ));
             }
-            Err(e) => return Err(StoreError::Backend(e.to_string())),
+            Err(e) => return Err(backend_error(&e)),
         };
         let Some(found) = found else {
             return Ok(ClaimReply {
@@ -645,7 +645,7 @@ impl RedisStore {
             .await?;
         reply.map_err(|e| match e.code() {
             Some("DAMAGED") => StoreError::Damaged(e.to_string()),
-            _ => StoreError::Backend(e.to_string()),
+            _ => backend_error(&e),
         })
     }
 
@@ -669,9 +669,21 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout_at(deadline, op).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError::Backend(e.to_string())),
+            Ok(Err(e)) => Err(backend_error(&e)),
             Err(_) => Err(StoreError::Timeout),
         }
+    }
+}
+
+/// A Redis error as the store's: [`StoreError::Unreachable`] when no
+/// connection could be made, so the command was never sent (regression:
+/// every claim refused during an outage was undone in the background, 20
+/// tries of a reconnect each, holding a shutdown some 10 s).
+fn backend_error(e: &redis::RedisError) -> StoreError {
+    if e.is_connection_refusal() || e.kind() == ErrorKind::AuthenticationFailed {
+        StoreError::Unreachable(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
     }
 }
 
