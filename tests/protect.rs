@@ -223,7 +223,7 @@ async fn a_slow_upload_is_not_the_upstream_s_timeout() {
 /// slowness: `408 request_timeout`, and the breaker hears nothing.
 #[tokio::test]
 async fn an_upload_still_arriving_at_total_is_408_and_never_opens_the_circuit() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let upstream = TestUpstream::start().await;
     let extra = ", circuit_breaker: { consecutive_failures: 1, open_for: 60s }";
     let yaml = yaml(&Backend::memory().store_yaml(), &upstream, extra)
@@ -232,18 +232,8 @@ async fn an_upload_still_arriving_at_total_is_408_and_never_opens_the_circuit() 
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let head = "PUT /plain HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc";
     stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        // The rest of the body never comes; the answer does, at `total`.
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let mut chunk = [0u8; 1024];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-    });
-    read.await.expect("an answer at total");
-    let answer = String::from_utf8_lossy(&answer);
+    // The rest of the body never comes; the answer does, at `total`.
+    let answer = read_head(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     let client = TestClient::new();
     let next = get_plain(&client, &proxy).await;
@@ -256,7 +246,7 @@ async fn an_upload_still_arriving_at_total_is_408_and_never_opens_the_circuit() 
 /// is the upstream's timeout: `504`, and a failure for the breaker.
 #[tokio::test]
 async fn an_upload_the_upstream_stops_taking_is_its_timeout_not_the_clients() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // Accepts and never reads: the upload stalls in the sockets' buffers.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hung_addr = hung.local_addr().unwrap();
@@ -286,17 +276,7 @@ async fn an_upload_the_upstream_stops_taking_is_its_timeout_not_the_clients() {
                 }
             }
         });
-        let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), async {
-            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-                let mut chunk = [0u8; 1024];
-                let n = reading.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "closed without an answer");
-                answer.extend_from_slice(&chunk[..n]);
-            }
-        });
-        read.await.expect("an answer at total");
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = read_head(&mut reading, Duration::from_secs(10)).await;
         assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
         upload.abort();
     }
@@ -370,30 +350,37 @@ async fn get_plain(client: &TestClient, proxy: &TestProxy) -> common::Reply {
         .await
 }
 
+/// An answer's head read from a raw connection, within `bound`.
+async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin), bound: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(bound, async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    });
+    read.await.expect("an answer's head in time");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Regression: a request's bulkhead slot was freed at its answer's head,
 /// so with `max_in_flight: 1` a second request reached the upstream while
 /// the first one's body was still streaming from it. The slot is held to
 /// the body's end, or until its client goes away.
 #[tokio::test]
 async fn a_streamed_answer_holds_its_bulkhead_slot_until_its_body_ends() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let upstream = TestUpstream::start().await;
     let extra = ", max_in_flight: 1";
     let proxy = TestProxy::start(&yaml(&Backend::memory().store_yaml(), &upstream, extra)).await;
     let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let head = "GET /plain HTTP/1.1\r\nhost: x\r\nx-test-slow-body-ms: 10000\r\n\r\n";
     slow.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut chunk))
-            .await
-            .expect("the head at once")
-            .unwrap();
-        assert!(n > 0, "closed");
-        answer.extend_from_slice(&chunk[..n]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 201"));
+    let answer = read_head(&mut slow, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     let client = TestClient::new();
     let second = get_plain(&client, &proxy).await;
     assert_eq!(
