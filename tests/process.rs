@@ -954,3 +954,39 @@ async fn a_client_cut_off_by_send_timeout_is_logged() {
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
     drop(stalled);
 }
+
+/// The warning that other instances' transitions are not heard (Redis
+/// down) gets its end when the subscription comes back (regression:
+/// nothing said so, and an operator could not tell it had recovered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearing_other_instances_again_after_redis_returns_is_said() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nshutdown_grace: 1s\nstore: {{ backend: redis, url: \"{}\" }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        redis.url(),
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve(&path);
+    redis.kill();
+    eventually(Duration::from_secs(10), "the outage is said", || async {
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("not hearing other instances"))
+    })
+    .await;
+    redis.restart().await;
+    eventually(Duration::from_secs(10), "the recovery is said", || async {
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("hearing other instances' transitions again"))
+    })
+    .await;
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -45,6 +45,11 @@ pub(super) fn listen(
             };
             let subscribed = tokio::time::timeout(connect_timeout, subscribed).await;
             if let Ok(Ok(pubsub)) = subscribed {
+                // The outage's warning gets its end (regression: nothing
+                // said the subscription had come back).
+                if said {
+                    tracing::info!(channel, "hearing other instances' transitions again");
+                }
                 said = false;
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = poll_fn(|cx| Pin::new(&mut messages).poll_next(cx)).await
