@@ -59,6 +59,7 @@ impl Unsent for tokio::net::TcpStream {
     }
 }
 
+#[cfg(test)]
 impl Unsent for tokio::io::DuplexStream {
     fn unsent(&self) -> Option<u32> {
         None
@@ -90,21 +91,17 @@ impl<S> SendTimer<S> {
             self.armed = false;
             return Poll::Ready(result);
         }
-        let deadline = Instant::now() + self.after;
         if !self.armed {
+            // Armed from now, with the socket's unsent bytes now.
+            self.armed = true;
             self.unsent = self.io.unsent();
-        }
-        let sleep = match &mut self.sleep {
-            Some(sleep) if self.armed => sleep,
-            Some(sleep) => {
-                sleep.as_mut().reset(deadline);
-                sleep
+            let deadline = Instant::now() + self.after;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
-            None => self
-                .sleep
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        self.armed = true;
+        }
+        let sleep = self.sleep.as_mut().expect("armed");
         loop {
             ready!(sleep.as_mut().poll(cx));
             // The client took some of what the socket held: progress.

@@ -39,8 +39,8 @@ pub struct Upstream {
     pub authority: HeaderValue,
     pool: Arc<Pool>,
     /// Requests in flight to this upstream, at most `max_in_flight`; no
-    /// queueing beyond them. Carried over to the upstream of the same name
-    /// when a reload changes its settings ([`Upstream::new`]).
+    /// queueing beyond them. Shared by the builds of the same name
+    /// (`Proxy::bulkheads`), so a reload keeps counting them.
     bulkhead: Arc<Bulkhead>,
     pub breaker: Breaker,
     /// A digest of what its TLS files held when it was built (not the

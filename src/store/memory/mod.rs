@@ -215,9 +215,9 @@ impl MemoryStore {
             .find_mut(hash, is(hash, key))
             .map(Slot::record_mut);
         match found.filter(|r| r.expires_ms > now) {
-            Some(r) if r.state == State::InFlight && r.lease_end_ms > now => Resolved::InFlight {
-                lease_left_ms: r.lease_end_ms - now,
-            },
+            Some(r) if let Some(lease_left_ms) = running(r, now) => {
+                Resolved::InFlight { lease_left_ms }
+            }
             Some(r) => {
                 r.state = State::Completed;
                 r.response = Some(response.clone());
@@ -250,10 +250,8 @@ impl MemoryStore {
         if record.expires_ms <= now {
             return Resolved::Missing;
         }
-        if !force && record.state == State::InFlight && record.lease_end_ms > now {
-            return Resolved::InFlight {
-                lease_left_ms: record.lease_end_ms - now,
-            };
+        if !force && let Some(lease_left_ms) = running(record, now) {
+            return Resolved::InFlight { lease_left_ms };
         }
         found.remove();
         self.inner.len.fetch_sub(1, Ordering::Relaxed);
@@ -324,6 +322,13 @@ pub fn now_ms() -> u64 {
 
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The lease left (ms) of a record whose attempt is still running, which
+/// an operator's resolve or purge leaves alone.
+fn running(record: &Record, now: u64) -> Option<u64> {
+    (record.state == State::InFlight && record.lease_end_ms > now)
+        .then(|| record.lease_end_ms - now)
 }
 
 #[cfg(test)]

@@ -325,13 +325,7 @@ impl RedisStore {
         let mut call = self.script_call(&self.resolve, key, 2, part.len() + 20);
         call.arg(&part).arg(millis(ttl));
         let (done, left): (u8, u64) = self.run(&self.resolve, &call, self.deadline()).await?;
-        Ok(match done {
-            1 => Resolved::Done,
-            2 => Resolved::InFlight {
-                lease_left_ms: left,
-            },
-            _ => Resolved::Missing,
-        })
+        Ok(resolved(done, left))
     }
 
     pub async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
@@ -415,13 +409,7 @@ impl RedisStore {
         let mut call = self.script_call(&self.purge, key, 1, 1);
         call.arg(u8::from(force));
         let (done, left): (u8, u64) = self.run(&self.purge, &call, self.deadline()).await?;
-        Ok(match done {
-            1 => Resolved::Done,
-            2 => Resolved::InFlight {
-                lease_left_ms: left,
-            },
-            _ => Resolved::Missing,
-        })
+        Ok(resolved(done, left))
     }
 
     /// SCANs the record keys (of one route, of one client key) on every
@@ -714,6 +702,18 @@ fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificate
         client_tls,
         root_cert: read(&tls.ca_file)?,
     }))
+}
+
+/// The reply of the `RESOLVE` and `PURGE` scripts: {1, 0} done, {2, ms}
+/// an attempt still running (its lease ends in ms), {0, 0} no record.
+fn resolved(done: u8, left: u64) -> Resolved {
+    match done {
+        1 => Resolved::Done,
+        2 => Resolved::InFlight {
+            lease_left_ms: left,
+        },
+        _ => Resolved::Missing,
+    }
 }
 
 /// The texts of an `INFO` reply: one from a server, one per node (a map,
