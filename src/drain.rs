@@ -25,6 +25,7 @@ use tokio::time::{Duration, Instant, Sleep};
 use tokio_util::task::TaskTracker;
 
 use crate::activity::Activity;
+use crate::send_timer::SendTimeout;
 
 /// The open connections of one listener.
 #[derive(Default)]
@@ -54,7 +55,7 @@ impl Drain {
         conn: C,
         activity: Arc<Activity>,
         idle: Duration,
-        stall: Duration,
+        stall: SendTimeout,
     ) -> Watched<C> {
         Watched {
             conn: Box::pin(conn),
@@ -119,7 +120,7 @@ struct Idle {
     after: Duration,
     /// Stalled: an answer its client has taken nothing of for this long
     /// (`send_timeout`): the connection is closed.
-    stall: Duration,
+    stall: SendTimeout,
     /// When to look next (set once the connection speaks HTTP/2).
     check_at: Option<Instant>,
     /// Told to go away (GOAWAY sent).
@@ -149,7 +150,7 @@ impl Idle {
         };
         loop {
             // The first look within `stall` too (a stream may stall at once).
-            let first = last_read + self.after.min(self.stall);
+            let first = last_read + self.after.min(self.stall.after);
             let check_at = *self.check_at.get_or_insert(first);
             let sleep = self
                 .sleep
@@ -165,9 +166,9 @@ impl Idle {
             let stalled_until = busy
                 .then(|| self.activity.stalled_since())
                 .flatten()
-                .map(|since| since + self.stall);
+                .map(|since| since + self.stall.after);
             if stalled_until.is_some_and(|until| until <= now) {
-                tracing::info!(send_timeout = ?self.stall, "HTTP/2 connection cut off: an answer waited send_timeout for its client to take anything");
+                self.stall.cut_off("HTTP/2 connection cut off: an answer waited send_timeout for its client to take anything");
                 return Step::Close;
             }
             if self.told {
@@ -178,7 +179,7 @@ impl Idle {
             } else if busy {
                 // Looked at again within `stall`, so a stall that begins
                 // after this look is closed within twice `stall`.
-                let next = now + self.after.min(self.stall);
+                let next = now + self.after.min(self.stall.after);
                 self.check_at = Some(stalled_until.map_or(next, |until| until.min(next)));
             } else if last_read + self.after > now {
                 self.check_at = Some(last_read + self.after);
@@ -298,7 +299,10 @@ mod tests {
                         conn,
                         Arc::new(Activity::new()),
                         Duration::from_secs(3600),
-                        Duration::from_secs(3600),
+                        SendTimeout {
+                            after: Duration::from_secs(3600),
+                            cut_offs: Default::default(),
+                        },
                     );
                     drain.spawn(async move {
                         let _ = watched.await;

@@ -332,6 +332,7 @@ impl Exchange {
         {
             Ok(true) => true,
             Ok(false) => {
+                Metrics::route_counter(&self.metrics.superseded, &self.key.route);
                 tracing::warn!(
                     key = %self.key.key,
                     route = %self.key.route,
@@ -494,11 +495,19 @@ impl Settle {
         }
     }
 
-    /// Counts an unknown outcome this transition made (`done`), whether
-    /// now or in the background.
+    /// Counts an unknown outcome this transition made (`done`), or a
+    /// completion the store refused (the key had a new owner), whether now
+    /// or in the background.
     fn count(&self, done: bool, metrics: &Metrics, key: &StorageKey) {
-        if done && matches!(self, Settle::Unknown { .. }) {
-            Metrics::route_counter(&metrics.unknown_outcomes, &key.route);
+        match (self, done) {
+            (Settle::Unknown { .. }, true) => {
+                Metrics::route_counter(&metrics.unknown_outcomes, &key.route);
+            }
+            (Settle::Complete { .. }, false) => {
+                Metrics::route_counter(&metrics.superseded, &key.route);
+                tracing::warn!(key = %key.key, route = %key.route, "the attempt no longer owned its key when its response was recorded in the background (the request may have run twice); not recorded");
+            }
+            _ => {}
         }
     }
 }

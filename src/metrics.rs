@@ -57,6 +57,8 @@ pub struct Metrics {
     pub unknown_outcomes: Family<RouteLabels, Counter>,
     pub fail_open_forwards: Family<RouteLabels, Counter>,
     pub late_completions: Family<RouteLabels, Counter>,
+    pub superseded: Family<RouteLabels, Counter>,
+    pub send_timeouts: Counter,
     pub ready: Gauge,
 }
 
@@ -79,6 +81,8 @@ impl Metrics {
         let unknown_outcomes = Family::default();
         let fail_open_forwards = Family::default();
         let late_completions = Family::default();
+        let superseded = Family::default();
+        let send_timeouts = Counter::default();
         let ready = Gauge::default();
         registry.register(
             "requests",
@@ -131,6 +135,16 @@ impl Metrics {
             late_completions.clone(),
         );
         registry.register(
+            "superseded_attempts",
+            "Responses delivered but not recorded: the key had been claimed again (lease ended under on_unknown: release, or the record lost or purged), so the request may have run twice",
+            superseded.clone(),
+        );
+        registry.register(
+            "send_timeouts",
+            "Client connections cut off because they took nothing of an answer for send_timeout",
+            send_timeouts.clone(),
+        );
+        registry.register(
             "ready",
             "1 when the store is reachable and a configuration is loaded",
             ready.clone(),
@@ -147,6 +161,8 @@ impl Metrics {
             unknown_outcomes,
             fail_open_forwards,
             late_completions,
+            superseded,
+            send_timeouts,
             ready,
         }
     }
@@ -190,7 +206,11 @@ impl Metrics {
         let labels = RouteLabels {
             route: route.into(),
         };
-        for family in [&self.unknown_outcomes, &self.fail_open_forwards] {
+        for family in [
+            &self.unknown_outcomes,
+            &self.fail_open_forwards,
+            &self.superseded,
+        ] {
             let _ = family.get_or_create(&labels);
         }
     }

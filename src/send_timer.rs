@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -33,10 +34,27 @@ use tokio::time::{Instant, Sleep};
 /// `send_timeout` says otherwise.
 pub const SEND_STALL: Duration = Duration::from_secs(60);
 
-/// `io`, whose writes must make progress within `after`.
+/// `send_timeout`, and the count of client connections it cut off
+/// (`idemgate_send_timeouts_total`).
+#[derive(Clone, Debug)]
+pub struct SendTimeout {
+    pub after: Duration,
+    pub cut_offs: Counter,
+}
+
+impl SendTimeout {
+    /// Counts one connection cut off and says so where operators look (the
+    /// access line has the answer's status); `what` says how it stalled.
+    pub fn cut_off(&self, what: &str) {
+        self.cut_offs.inc();
+        tracing::info!(send_timeout = ?self.after, "{what}");
+    }
+}
+
+/// `io`, whose writes must make progress within `timeout.after`.
 pub struct SendTimer<S> {
     io: S,
-    after: Duration,
+    timeout: SendTimeout,
     /// Made at the first write that waits; armed while writes wait.
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
@@ -67,10 +85,10 @@ impl Unsent for tokio::io::DuplexStream {
 }
 
 impl<S> SendTimer<S> {
-    pub fn new(io: S, after: Duration) -> SendTimer<S> {
+    pub fn new(io: S, timeout: SendTimeout) -> SendTimer<S> {
         SendTimer {
             io,
-            after,
+            timeout,
             sleep: None,
             armed: false,
             unsent: None,
@@ -95,7 +113,7 @@ impl<S> SendTimer<S> {
             // Armed from now, with the socket's unsent bytes now.
             self.armed = true;
             self.unsent = self.io.unsent();
-            let deadline = Instant::now() + self.after;
+            let deadline = Instant::now() + self.timeout.after;
             match &mut self.sleep {
                 Some(sleep) => sleep.as_mut().reset(deadline),
                 None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -108,18 +126,18 @@ impl<S> SendTimer<S> {
             match (self.unsent, self.io.unsent()) {
                 (Some(then), Some(now)) if now < then => {
                     self.unsent = Some(now);
-                    sleep.as_mut().reset(Instant::now() + self.after);
+                    sleep.as_mut().reset(Instant::now() + self.timeout.after);
                 }
                 _ => break,
             }
         }
-        // Said where operators look: the access line has the answer's status.
-        tracing::info!(send_timeout = ?self.after, "client connection cut off: it took no bytes of its answer for send_timeout");
+        self.timeout
+            .cut_off("client connection cut off: it took no bytes of its answer for send_timeout");
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
                 "the client took no bytes of its response for {:?}",
-                self.after
+                self.timeout.after
             ),
         )))
     }
@@ -174,14 +192,23 @@ mod tests {
 
     const STALL: Duration = Duration::from_millis(200);
 
+    fn stall() -> SendTimeout {
+        SendTimeout {
+            after: STALL,
+            cut_offs: Counter::default(),
+        }
+    }
+
     #[tokio::test]
     async fn a_write_the_peer_takes_nothing_of_fails_after_the_stall() {
         let (server, _client) = tokio::io::duplex(16);
-        let mut io = SendTimer::new(server, STALL);
+        let timeout = stall();
+        let mut io = SendTimer::new(server, timeout.clone());
         io.write_all(&[0; 16]).await.unwrap(); // fills the pipe
         let write = tokio::time::timeout(Duration::from_secs(10), io.write_all(&[0; 16]));
         let err = write.await.expect("timed out by the stall").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(timeout.cut_offs.get(), 1, "counted");
     }
 
     /// Regression: a client reading slowly but steadily was cut off behind
@@ -207,7 +234,7 @@ mod tests {
             )
         };
         assert_eq!(set, 0);
-        let mut io = SendTimer::new(server, STALL);
+        let mut io = SendTimer::new(server, stall());
         let total = 24 << 20;
         let reader = tokio::spawn(async move {
             let mut buf = vec![0; 64 * 1024];
@@ -232,7 +259,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_keeps_reading_slowly_is_not_cut_off() {
         let (server, mut client) = tokio::io::duplex(16);
-        let mut io = SendTimer::new(server, STALL);
+        let mut io = SendTimer::new(server, stall());
         let reader = tokio::spawn(async move {
             let mut buf = [0; 16];
             let mut total = 0;

@@ -23,7 +23,7 @@ use crate::head_timer::HeadTimer;
 use crate::metrics::Metrics;
 use crate::opening::Opening;
 use crate::proxy::Proxy;
-use crate::send_timer::SendTimer;
+use crate::send_timer::{SendTimeout, SendTimer};
 use crate::store::Store;
 
 /// A request head must arrive whole within this time...
@@ -121,17 +121,20 @@ pub async fn serve(
         path
     });
     let readiness = tokio::spawn(watch_readiness(proxy.clone()));
+    let send_timeout = SendTimeout {
+        after: config.send_timeout,
+        cut_offs: proxy.metrics.send_timeouts.clone(),
+    };
     let admin_task = listeners.admin.map(|listener| {
         let admin = Arc::new(Admin {
             proxy: proxy.clone(),
             config_path: config_path.clone(),
         });
-        tokio::spawn(serve_admin(listener, admin, config.send_timeout))
+        tokio::spawn(serve_admin(listener, admin, send_timeout.clone()))
     });
 
     let connections = Arc::new(Drain::default());
     let builder = Arc::new(connection_builder());
-    let send_timeout = config.send_timeout;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -150,11 +153,11 @@ pub async fn serve(
                 // plaintext into its own buffer whether or not the socket
                 // takes anything (regression: TLS cut a non-reader off only
                 // after several times `send_timeout`).
-                let stream = SendTimer::new(stream, send_timeout);
+                let stream = SendTimer::new(stream, send_timeout.clone());
                 // The handshake, the opening and the first head share the
                 // connection's first 10 s.
                 let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
-                let proxy = proxy.clone();
+                let (proxy, send_timeout) = (proxy.clone(), send_timeout.clone());
                 let (builder, drain) = (builder.clone(), connections.clone());
                 connections.spawn(async move {
                     // `Proxy::handle` for each request of the connection
@@ -201,7 +204,7 @@ pub async fn serve(
 async fn serve_connection<S, H, F>(
     stream: S,
     deadline: tokio::time::Instant,
-    send_timeout: Duration,
+    send_timeout: SendTimeout,
     builder: &auto::Builder<TokioExecutor>,
     drain: &Drain,
     handler: H,
@@ -305,7 +308,7 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
 /// connection that sends nothing (or half a head) was held open for good,
 /// and enough of them ran the process out of file descriptors, so that
 /// the proxy listener could accept no client.
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Duration) {
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: SendTimeout) {
     let builder = Arc::new(connection_builder());
     let connections = Arc::new(Drain::default());
     loop {
@@ -314,14 +317,14 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Dur
             continue;
         };
         let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
-        let admin = admin.clone();
+        let (admin, send_timeout) = (admin.clone(), send_timeout.clone());
         let (builder, drain) = (builder.clone(), connections.clone());
         connections.spawn(async move {
             let handler = move |request| {
                 let admin = admin.clone();
                 async move { admin.handle(request).await }
             };
-            let stream = SendTimer::new(stream, send_timeout);
+            let stream = SendTimer::new(stream, send_timeout.clone());
             serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await;
         });
     }

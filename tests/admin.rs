@@ -1010,8 +1010,62 @@ async fn keys_purge_refuses_an_attempt_still_running_unless_forced(backend: Back
     assert_eq!(upstream.hits(), 2, "the refused purge let no retry through");
 }
 
+/// A forced purge of a running attempt lets a retry run the request again
+/// beside it: the first attempt's answer is delivered but cannot be
+/// recorded (the key has a new owner). Regression: that possible double
+/// execution was only a warning; it is counted in
+/// `idemgate_superseded_attempts_total`, at 0 from the start.
+async fn a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let superseded = || async {
+        let text = proxy.metrics().await;
+        common::sample(
+            &text,
+            "idemgate_superseded_attempts_total",
+            &[("route", "orders")],
+        )
+    };
+    assert_eq!(superseded().await, 0.0, "at 0 from the start");
+    let client = TestClient::new();
+    let slow = |delay: &'static str| {
+        let (client, api) = (client.clone(), proxy.url("/api/o"));
+        let headers = [("idempotency-key", "k-sup"), ("x-test-delay-ms", delay)];
+        tokio::spawn(async move { client.send("POST", &api, &headers, "{}").await })
+    };
+    let first = slow("3000");
+    common::eventually(
+        Duration::from_secs(5),
+        "the first attempt upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    let url = proxy.admin_url("/keys/orders/k-sup?force=true");
+    let purged = call(&client, "DELETE", &url, Some(TOKEN), "").await;
+    assert_eq!(purged.status, 200, "{purged:?}");
+    let retry = slow("0");
+    assert_eq!(retry.await.unwrap().status, 201);
+    assert_eq!(upstream.hits(), 2, "the retry ran again");
+    assert_eq!(first.await.unwrap().status, 201, "delivered all the same");
+    assert_eq!(superseded().await, 1.0);
+    let replay = client
+        .send(
+            "POST",
+            &proxy.url("/api/o"),
+            &[("idempotency-key", "k-sup")],
+            "{}",
+        )
+        .await;
+    assert_eq!(
+        replay.header("x-upstream-hit"),
+        Some("2"),
+        "the new owner's record"
+    );
+}
+
 both_stores!(
     keys_purge_refuses_an_attempt_still_running_unless_forced,
+    a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt,
     auth_and_answers,
     unknown_outcome_listed_purged_then_forwarded,
     unknown_outcome_resolved_by_put_is_replayed,

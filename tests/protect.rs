@@ -322,18 +322,12 @@ async fn clients_breaking_off_their_uploads_never_open_the_circuit() {
 /// A GET through the pass-through route once the aborted uploads have been
 /// dealt with (their exchanges end in the background, after the client left).
 async fn resend_until_settled(client: &TestClient, proxy: &TestProxy) -> common::Reply {
-    let metrics = || async {
-        let reply = client
-            .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
-            .await;
-        String::from_utf8(reply.body.to_vec()).unwrap()
-    };
     eventually(
         Duration::from_secs(5),
         "the aborted uploads ended",
         || async {
             common::sample(
-                &metrics().await,
+                &proxy.metrics().await,
                 "idemgate_upstream_in_flight",
                 &[("upstream", "up")],
             ) == 0.0
@@ -413,7 +407,8 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
         &upstream,
         ", max_in_flight: 1",
     )
-    .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s");
+    .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s")
+        + "admin: { listen: 127.0.0.1:0 }\n";
     let proxy = TestProxy::start(&yaml).await;
     // Far more than the sockets' buffers hold: the proxy's writes wait.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -443,7 +438,15 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout_and_frees_its
         },
     )
     .await;
+    assert_send_timeouts_counted(&proxy).await;
     drop(stalled);
+}
+
+/// `idemgate_send_timeouts_total` says one client was cut off.
+async fn assert_send_timeouts_counted(proxy: &TestProxy) {
+    let text = proxy.metrics().await;
+    let cut_offs = common::sample(&text, "idemgate_send_timeouts_total", &[]);
+    assert_eq!(cut_offs, 1.0, "{text}");
 }
 
 /// Regression: an HTTP/2 client reading an answer slowly but steadily was
@@ -488,7 +491,8 @@ async fn an_http2_stream_whose_window_stays_shut_is_cut_off_and_frees_its_slot()
         &upstream,
         ", max_in_flight: 1",
     )
-    .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s");
+    .replace("shutdown_grace: 5s", "shutdown_grace: 5s\nsend_timeout: 1s")
+        + "admin: { listen: 127.0.0.1:0 }\n";
     let proxy = TestProxy::start(&yaml).await;
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
@@ -514,6 +518,7 @@ async fn an_http2_stream_whose_window_stays_shut_is_cut_off_and_frees_its_slot()
         || async { get_plain(&client, &proxy).await.status == 201 },
     )
     .await;
+    assert_send_timeouts_counted(&proxy).await;
     drop(unread);
 }
 
@@ -700,10 +705,7 @@ async fn reload_swaps_routes_keeps_breaker_state_and_rejects_invalid_files() {
     );
     // Each routing resolves its own metric handles: the series go on
     // counting across the reload.
-    let metrics = client
-        .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
-        .await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = proxy.metrics().await;
     let requests = |route: &str, outcome: &str| {
         common::sample(
             &text,
@@ -906,12 +908,7 @@ async fn a_removed_upstream_leaves_no_series_behind() {
         .send("GET", &proxy.url("/a"), &[], Bytes::new())
         .await;
     assert_eq!(failed.status, 502);
-    let metrics = || async {
-        let reply = client
-            .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
-            .await;
-        String::from_utf8(reply.body.to_vec()).unwrap()
-    };
+    let metrics = || proxy.metrics();
     let before = metrics().await;
     assert!(
         before.contains("idemgate_circuit_state{upstream=\"gone\"} 1"),
@@ -981,10 +978,7 @@ async fn a_reload_that_changes_an_upstream_keeps_its_requests_in_flight_counted(
         .send("GET", &proxy.url("/x"), &[], Bytes::new())
         .await;
     assert_eq!(fourth.code(), "upstream_overloaded", "still two in flight");
-    let metrics = client
-        .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
-        .await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = proxy.metrics().await;
     let gauge = common::sample(&text, "idemgate_upstream_in_flight", &[("upstream", "up")]);
     assert_eq!(gauge, 2.0, "{text}");
     for answer in slow {

@@ -480,13 +480,6 @@ fn passthrough_yaml(redis: &RedisServer, upstream: &TestUpstream) -> String {
     )
 }
 
-async fn metrics_text(client: &TestClient, proxy: &TestProxy) -> String {
-    let reply = client
-        .send("GET", &proxy.admin_url("/metrics"), &[], Bytes::new())
-        .await;
-    String::from_utf8(reply.body.to_vec()).unwrap()
-}
-
 /// Store operations other than the readiness ping, counted by the latency histogram.
 fn store_ops(text: &str) -> Vec<(&'static str, f64)> {
     [
@@ -521,7 +514,7 @@ async fn passed_through_requests_never_touch_the_store() {
     // One protected request first, so that the claim series exists.
     let first = client.post_key(&proxy.url("/api/o"), "k-warm", "{}").await;
     assert_eq!(first.status, 201, "{first:?}");
-    let before = metrics_text(&client, &proxy).await;
+    let before = proxy.metrics().await;
     assert_eq!(
         sample(
             &before,
@@ -563,7 +556,7 @@ async fn passed_through_requests_never_touch_the_store() {
         "a method outside idempotency.methods is answered by the upstream: {put:?}"
     );
     assert_eq!(put.json()["method"], "PUT");
-    let after = metrics_text(&client, &proxy).await;
+    let after = proxy.metrics().await;
     assert_eq!(store_ops(&after), store_ops(&before), "{after}");
     for route in ["plain", "orders"] {
         assert_eq!(
@@ -739,7 +732,7 @@ async fn a_completion_the_store_cannot_take_still_answers_and_is_counted() {
     redis.resume();
     assert_eq!(reply.status, 201, "the client gets the upstream's answer");
     let errors = sample(
-        &metrics_text(&client, &proxy).await,
+        &proxy.metrics().await,
         "idemgate_store_errors_total",
         &[("op", "complete")],
     );
@@ -986,7 +979,7 @@ async fn an_unknown_made_in_the_background_is_counted() {
         "{retry:?}"
     );
     let unknown = sample(
-        &metrics_text(&client, &proxy).await,
+        &proxy.metrics().await,
         "idemgate_unknown_outcomes_total",
         &[("route", "orders")],
     );

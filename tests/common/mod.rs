@@ -180,6 +180,15 @@ impl TestProxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `GET /metrics` on the admin listener: the exposition's text.
+    pub async fn metrics(&self) -> String {
+        let reply = TestClient::new()
+            .send("GET", &self.admin_url("/metrics"), &[], Bytes::new())
+            .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        String::from_utf8(reply.body.to_vec()).expect("UTF-8 metrics")
+    }
+
     /// `POST /reload` on the admin listener with bearer `token`.
     pub async fn reload(&self, token: &str) -> Reply {
         let bearer = format!("Bearer {token}");

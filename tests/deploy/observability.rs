@@ -115,6 +115,18 @@ fn scenarios() -> Vec<Value> {
             ],
         ),
         scenario(
+            "IdemgateSupersededAttempts",
+            &[(
+                "idemgate_superseded_attempts_total{route=\"orders\"}",
+                "0x10 1x40",
+            )],
+            &[
+                ("5m", Value::Null),
+                ("12m", json!({ "route": "orders", "severity": "critical" })),
+                ("40m", Value::Null),
+            ],
+        ),
+        scenario(
             "IdemgateStoreErrors",
             &[(
                 "idemgate_store_errors_total{op=\"claim\"}",

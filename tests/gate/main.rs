@@ -60,11 +60,7 @@ impl Setup {
 
     /// The proxy's metrics (the store block must add an `admin:` listener).
     async fn metrics(&self) -> String {
-        let reply = self
-            .client
-            .send("GET", &self.proxy.admin_url("/metrics"), &[], "")
-            .await;
-        String::from_utf8(reply.body.to_vec()).unwrap()
+        self.proxy.metrics().await
     }
 
     fn url(&self) -> String {

@@ -223,10 +223,7 @@ async fn unreachable_upstream_releases_the_key(backend: Backend) {
         );
     }
     // Regression: counted (and logged) as `forwarded`, though nothing went out.
-    let metrics = client
-        .send("GET", &proxy.admin_url("/metrics"), &[], "")
-        .await;
-    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let metrics = proxy.metrics().await;
     let requests = |outcome| {
         crate::common::sample(
             &metrics,
