@@ -63,7 +63,9 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 
 /// Logs go to stdout through a background writer, so that a slow reader
 /// (a pipe, journald) never stalls request handling; the returned guard
-/// flushes what is queued when `main` ends.
+/// flushes what is queued when `main` ends. `check` and `keys` log to
+/// stderr: their stdout is their output (regression: a warning of the
+/// store's went into `keys --json`'s JSON).
 fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     // `--log-level` was checked when the command line was parsed; RUST_LOG
     // gets the same check, and a bad one is said, not silently replaced.
@@ -79,12 +81,18 @@ fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
         },
     };
     let filter = EnvFilter::new(level);
+    let to_stdout = matches!(cli.command, Command::Serve(_));
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Pretty) => false,
-        None => !std::io::stdout().is_terminal(),
+        None if to_stdout => !std::io::stdout().is_terminal(),
+        None => !std::io::stderr().is_terminal(),
     };
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard) = if to_stdout {
+        tracing_appender::non_blocking(std::io::stdout())
+    } else {
+        tracing_appender::non_blocking(std::io::stderr())
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

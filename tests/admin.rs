@@ -1063,6 +1063,33 @@ async fn a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt(back
     );
 }
 
+/// A Redis that may evict records (`maxmemory` with a policy other than
+/// `noeviction`) lets a retry run again once its record is evicted: it is
+/// warned of, and (regression) the `keys` command's own log lines go to
+/// stderr, not into its JSON on stdout.
+#[tokio::test]
+async fn a_redis_that_may_evict_records_is_warned_of_and_keys_output_stays_json() {
+    let server = common::RedisServer::start_own_with(|| {
+        ["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]
+            .map(String::from)
+            .to_vec()
+    })
+    .await;
+    let backend = Backend::Redis(server);
+    let upstream = TestUpstream::start().await;
+    let server = CliServer::start(&backend, &upstream).await;
+    let listed = server.cli(&["keys", "unknown", "--json"]).await;
+    assert!(listed.status.success(), "{listed:?}");
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON alone");
+    assert_eq!(json, serde_json::json!([]));
+    let stderr = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        stderr.contains("volatile-lru") && stderr.contains("set maxmemory-policy noeviction"),
+        "{stderr}"
+    );
+}
+
 both_stores!(
     keys_purge_refuses_an_attempt_still_running_unless_forced,
     a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt,

@@ -390,11 +390,12 @@ fn a_bad_rust_log_is_said_in_a_warning_and_info_is_kept() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let warning = stdout
+    // `check` logs to stderr: its stdout is its report.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warning = stderr
         .lines()
         .find(|l| l.contains("RUST_LOG is not a valid filter"))
-        .unwrap_or_else(|| panic!("no warning in {stdout}"));
+        .unwrap_or_else(|| panic!("no warning in {stderr}"));
     assert!(
         warning.contains("\"WARN\"") && warning.contains("debg"),
         "{warning}"

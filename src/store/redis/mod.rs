@@ -529,11 +529,10 @@ impl RedisStore {
         // A standalone server answers one text; a cluster, a map of every
         // node's (regression: read as one string, it failed on every
         // ping: a cluster store was never ready, and `keys` always failed).
+        // The default sections: `server` for the version, `memory` for
+        // the eviction policy.
         let info: redis::RedisResult<Value> = self
-            .bounded_raw(
-                deadline,
-                redis::cmd("INFO").arg("server").query_async(&mut conn),
-            )
+            .bounded_raw(deadline, redis::cmd("INFO").query_async(&mut conn))
             .await?;
         let texts = match info {
             Ok(info) => info_texts(info),
@@ -558,6 +557,12 @@ impl RedisStore {
             ))),
             // Unknown (not allowed, or a Redis-compatible server): claims will tell.
             _ => {
+                if let Some(policy) = evicting_policy(&texts) {
+                    tracing::warn!(
+                        maxmemory_policy = policy,
+                        "Redis evicts keys when it reaches maxmemory: an evicted record lets a retry run the request again; set maxmemory-policy noeviction (docs/operations.md, Redis)"
+                    );
+                }
                 let _ = self.version_checked.set(());
                 let _: String = self
                     .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
@@ -726,6 +731,21 @@ fn info_texts(reply: Value) -> Vec<String> {
         Value::Array(items) => items.into_iter().flat_map(info_texts).collect(),
         _ => Vec::new(),
     }
+}
+
+/// The eviction policy of a node that may evict records (`maxmemory` set
+/// and a `maxmemory-policy` other than `noeviction`), from `INFO` texts.
+fn evicting_policy(texts: &[String]) -> Option<&str> {
+    texts.iter().find_map(|info| {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let limited = field("maxmemory").is_some_and(|bytes| bytes != "0");
+        let policy = field("maxmemory_policy")?;
+        (limited && policy != "noeviction").then_some(policy)
+    })
 }
 
 /// Whether a claim can be answered from this record alone, whatever the
