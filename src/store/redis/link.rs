@@ -154,15 +154,29 @@ fn masters(nodes: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// Whether `e` says that no connection could be made, so the command was
+/// never sent: refused, authentication failed, a host name that does not
+/// resolve, a TLS handshake that failed: an I/O error other than a
+/// connection dropping or timing out (regression: a name that did not
+/// resolve was taken for a command that may have landed, and every claim
+/// refused was undone 20 times in the background, holding shutdown). A
+/// command that did land but is taken for never sent only waits out its
+/// lease; one never sent but taken for landed costs the undoing.
+pub fn never_sent(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+        )
+        || (e.is_io_error() && !e.is_connection_dropped() && !e.is_timeout())
+}
+
 /// The error of a command resent after its connection dropped: when the
 /// resend could not connect, the first error (the command may have reached
-/// Redis before the drop), never a refusal that says it was never sent.
+/// Redis before the drop), never one that says it was never sent.
 fn sent_maybe(first: redis::RedisError, again: redis::RedisError) -> redis::RedisError {
-    if again.is_connection_refusal() || again.kind() == redis::ErrorKind::AuthenticationFailed {
-        first
-    } else {
-        again
-    }
+    if never_sent(&again) { first } else { again }
 }
 
 /// A standalone server's command whose connection turns out dropped (Redis
@@ -219,6 +233,43 @@ impl ConnectionLike for Handle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_that_say_a_command_was_never_sent() {
+        use std::io::{Error, ErrorKind};
+        let io = |kind, text: &str| redis::RedisError::from(Error::new(kind, text.to_owned()));
+        let never = [
+            io(ErrorKind::ConnectionRefused, "refused"),
+            // What getaddrinfo's failure is, through tokio's lookup_host.
+            io(ErrorKind::Other, "failed to lookup address information"),
+            io(
+                ErrorKind::InvalidData,
+                "invalid peer certificate: UnknownIssuer",
+            ),
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "No address found for host",
+            )),
+            redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "WRONGPASS")),
+        ];
+        for e in &never {
+            assert!(never_sent(e), "{e:?}");
+        }
+        let maybe = [
+            io(ErrorKind::ConnectionReset, "reset"),
+            io(ErrorKind::BrokenPipe, "pipe"),
+            io(ErrorKind::UnexpectedEof, "eof"),
+            io(ErrorKind::TimedOut, "timed out"),
+            redis::RedisError::from((redis::ErrorKind::Io, "connection dropped")),
+            redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+                "LOADING",
+            )),
+        ];
+        for e in &maybe {
+            assert!(!never_sent(e), "{e:?}");
+        }
+    }
 
     #[test]
     fn masters_are_read_from_cluster_nodes() {

@@ -673,7 +673,7 @@ impl RedisStore {
 /// every claim refused during an outage was undone in the background, 20
 /// tries of a reconnect each, holding a shutdown some 10 s).
 fn backend_error(e: &redis::RedisError) -> StoreError {
-    if e.is_connection_refusal() || e.kind() == ErrorKind::AuthenticationFailed {
+    if link::never_sent(e) {
         StoreError::Unreachable(e.to_string())
     } else {
         StoreError::Backend(e.to_string())
