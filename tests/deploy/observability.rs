@@ -153,6 +153,18 @@ fn scenarios() -> Vec<Value> {
                 ("20m", Value::Null),
             ],
         ),
+        // Regression: an upstream no request went to stayed half-open (2,
+        // awaiting its probe) and the alert fired for good.
+        scenario(
+            "IdemgateCircuitOpen",
+            &[("idemgate_circuit_state{upstream=\"quiet\"}", "0x2 1x2 2x40")],
+            &[
+                ("3m", json!({ "upstream": "quiet", "severity": "warning" })),
+                ("8m", json!({ "upstream": "quiet", "severity": "warning" })),
+                ("12m", Value::Null),
+                ("40m", Value::Null),
+            ],
+        ),
         scenario(
             "Idemgate5xxRatioHigh",
             &[
