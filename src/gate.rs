@@ -95,7 +95,7 @@ impl Proxy {
         // this future, and the guard undoes whatever claim the store made.
         let mut undo = ClaimGuard::arm(self, &storage_key, &token);
         let (reply, claimed_at, uncertain) = match self
-            .claim_or_wait(&claim, policy.concurrent, deadline)
+            .claim_or_wait(&claim, policy.concurrent, deadline, ctx)
             .await
         {
             Ok(reply) => reply,
@@ -258,6 +258,7 @@ impl Proxy {
         claim: &ClaimRequest<'_>,
         concurrent: Concurrent,
         deadline: Instant,
+        ctx: &mut Ctx,
     ) -> Result<(ClaimReply, Instant, bool), StoreError> {
         let mut step = Duration::from_millis(5);
         let (mut last, mut uncertain) = (None, false);
@@ -283,6 +284,10 @@ impl Proxy {
             if !waiting || left().is_zero() || self.draining.is_cancelled() {
                 return Ok((reply, at, uncertain));
             }
+            // A duplicate waiting on the first attempt: so logged and
+            // counted if its client leaves now (regression: `error`, as if
+            // the store had failed).
+            ctx.outcome = "conflict";
             tokio::select! {
                 () = self.store.changed(claim.key, step.min(left())) => {}
                 () = self.draining.cancelled() => {}
@@ -327,9 +332,12 @@ impl Proxy {
                 );
                 // Its outcome is pass_through's: `passthrough`, or `rejected`
                 // when the bulkhead or the breaker turns it away (then it
-                // was not forwarded, and not counted as such).
+                // was not forwarded, and not counted as such). Nor is one
+                // whose connection could not be made: nothing was sent
+                // (regression: counted, firing the critical alert).
                 let response = self.pass_through(upstream, request, ctx).await;
-                if let Some(route) = ctx.route.as_ref().filter(|_| ctx.outcome == "passthrough") {
+                let went_out = ctx.outcome == "passthrough" && ctx.upstream_ms.is_some();
+                if let Some(route) = ctx.route.as_ref().filter(|_| went_out) {
                     Metrics::route_counter(&self.metrics.fail_open_forwards, &route.name);
                 }
                 response

@@ -144,7 +144,20 @@ async fn store_killed_mid_flight_still_answers_then_fails_closed_then_recovers()
 async fn fail_open_forwards_unprotected_when_the_store_is_down() {
     let mut redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let proxy = TestProxy::start(&yaml(&redis, &upstream, ", on_unavailable: forward", "")).await;
+    let closed = common::ClosedPort::new();
+    // A second route whose upstream cannot be reached.
+    let gone = format!(
+        "  gone: {{ url: \"http://{}\" }}\ndefaults:\n",
+        closed.addr()
+    );
+    let yaml = yaml(&redis, &upstream, ", on_unavailable: forward", "")
+        .replace("defaults:\n", &gone)
+        .replace(
+            "routes:\n",
+            "routes:\n  - { name: dead, match: { path_prefix: /dead }, upstream: gone }\n",
+        )
+        + "admin: { listen: 127.0.0.1:0 }\n";
+    let proxy = TestProxy::start(&yaml).await;
     redis.kill();
     let client = TestClient::new();
     for _ in 0..2 {
@@ -152,6 +165,20 @@ async fn fail_open_forwards_unprotected_when_the_store_is_down() {
         assert_eq!(reply.status, 201);
     }
     assert_eq!(upstream.hits(), 2, "forwarded, unprotected");
+    // Regression: a request whose upstream could not be reached was
+    // counted as forwarded unprotected (the critical alert fired), though
+    // nothing was sent.
+    let unreachable = client.post_key(&proxy.url("/dead/o"), "k-dead", "{}").await;
+    assert_eq!(unreachable.code(), "upstream_unreachable");
+    let text = proxy.metrics().await;
+    let forwards = |route| {
+        common::sample(
+            &text,
+            "idemgate_fail_open_forwards_total",
+            &[("route", route)],
+        )
+    };
+    assert_eq!((forwards("orders"), forwards("dead")), (2.0, 0.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

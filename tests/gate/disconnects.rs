@@ -123,7 +123,35 @@ async fn client_gone_mid_exchange_is_logged_and_counted_once(backend: Backend) {
     );
 }
 
-both_stores!(client_gone_mid_exchange_is_logged_and_counted_once);
+/// Regression: a duplicate waiting on the first attempt (`concurrent:
+/// wait`) whose client went away was logged and counted with outcome
+/// `error`, as if the store had failed: it is a `conflict`.
+async fn a_waiting_duplicate_whose_client_leaves_is_a_conflict(backend: Backend) {
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let s = Setup::with_store(backend, &store, "", "concurrent: wait", "").await;
+    let first = raw_post(s.proxy.addr, "k-wait-gone", "x-test-delay-ms: 3000\r\n").await;
+    eventually(
+        Duration::from_secs(5),
+        "the first attempt upstream",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let duplicate = raw_post(s.proxy.addr, "k-wait-gone", "").await;
+    // Its claim takes milliseconds; then it waits on the first attempt.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(duplicate);
+    eventually(Duration::from_secs(5), "the duplicate counted", || async {
+        requests(&s.metrics().await, "conflict") == 1.0
+    })
+    .await;
+    assert_eq!(requests(&s.metrics().await, "error"), 0.0);
+    drop(first);
+}
+
+both_stores!(
+    client_gone_mid_exchange_is_logged_and_counted_once,
+    a_waiting_duplicate_whose_client_leaves_is_a_conflict,
+);
 
 /// Regression: a client that went away in the middle of its request body
 /// was logged and counted as a `408` the proxy answered (`request_timeout`),
