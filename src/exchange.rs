@@ -101,7 +101,7 @@ impl Running {
 struct Reply {
     response: Response<ProxyBody>,
     /// `None` when no response came in time.
-    upstream_ms: Option<u64>,
+    upstream_time: Option<Duration>,
     /// Whether the request went out (false: no connection could be made).
     went_out: bool,
 }
@@ -128,7 +128,7 @@ impl Exchange {
         let total_deadline = ctx.arrived + route.timeouts.total;
         match tokio::time::timeout_at(total_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
-                ctx.upstream_ms = reply.upstream_ms;
+                ctx.upstream_time = reply.upstream_time;
                 if !reply.went_out {
                     // Not forwarded after all: the upstream could not be reached.
                     ctx.outcome = "error";
@@ -174,7 +174,7 @@ impl Exchange {
                     if let Some(reply) = reply.take() {
                         let _ = reply.send(Reply {
                             response: timeout_problem(),
-                            upstream_ms: None,
+                            upstream_time: None,
                             went_out: true,
                         });
                     }
@@ -185,7 +185,7 @@ impl Exchange {
                 None => Err(()),
             }
         };
-        let upstream_ms = sent.elapsed().as_millis() as u64;
+        let upstream_time = sent.elapsed();
         let went_out = !matches!(result, Ok(Err(SendError::Connect(_))));
         let (response, recorded) = match result {
             Ok(Ok(response)) => self.record(response).await,
@@ -215,7 +215,7 @@ impl Exchange {
             reply
                 .send(Reply {
                     response,
-                    upstream_ms: went_out.then_some(upstream_ms),
+                    upstream_time: went_out.then_some(upstream_time),
                     went_out,
                 })
                 .is_ok()
@@ -224,7 +224,7 @@ impl Exchange {
             // The client's answer went without it (504, disconnect): the
             // slow tail still counts in the upstream's latency.
             if let Some(route) = &self.route_metrics {
-                route.observe_upstream(upstream_ms);
+                route.observe_upstream(upstream_time);
             }
             if recorded {
                 Metrics::route_counter(&self.metrics.late_completions, &self.key.route);

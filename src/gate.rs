@@ -336,7 +336,7 @@ impl Proxy {
                 // whose connection could not be made: nothing was sent
                 // (regression: counted, firing the critical alert).
                 let response = self.pass_through(upstream, request, ctx).await;
-                let went_out = ctx.outcome == "passthrough" && ctx.upstream_ms.is_some();
+                let went_out = ctx.outcome == "passthrough" && ctx.upstream_time.is_some();
                 if let Some(route) = ctx.route.as_ref().filter(|_| went_out) {
                     Metrics::route_counter(&self.metrics.fail_open_forwards, &route.name);
                 }

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub superseded: Family<RouteLabels, Counter>,
     pub send_timeouts: Counter,
     pub ready: Gauge,
+    /// One scrape at a time: a scrape rebuilds the upstream gauges before
+    /// encoding ([`encode_after`](Self::encode_after)).
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -164,6 +167,7 @@ impl Metrics {
             superseded,
             send_timeouts,
             ready,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -221,6 +225,16 @@ impl Metrics {
                 route: route.into(),
             })
             .inc();
+    }
+
+    /// The exposition after `refresh` (which sets the gauges read off at
+    /// scrape time), both under one lock: concurrent scrapes (an HA pair of
+    /// Prometheus servers) each saw the other's cleared families, and
+    /// series went missing (regression).
+    pub fn encode_after(&self, refresh: impl FnOnce(&Metrics)) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        refresh(self);
+        self.encode()
     }
 
     /// The Prometheus text exposition.
@@ -281,7 +295,7 @@ impl RouteMetrics {
         method: &http::Method,
         outcome: &'static str,
         status: u16,
-        upstream_ms: Option<u64>,
+        upstream_time: Option<std::time::Duration>,
     ) {
         let m = method_index(method);
         let counter = match OUTCOMES.iter().position(|o| *o == outcome) {
@@ -306,15 +320,15 @@ impl RouteMetrics {
                     .clone()
             })
             .inc();
-        if let Some(ms) = upstream_ms {
-            self.observe_upstream(ms);
+        if let Some(time) = upstream_time {
+            self.observe_upstream(time);
         }
     }
 
     /// The upstream's latency for one exchange of this route: counted with
     /// the request, or by the exchange when its client no longer waits
     /// for it (a 504 or a disconnect; `Exchange::run`).
-    pub fn observe_upstream(&self, ms: u64) {
+    pub fn observe_upstream(&self, time: std::time::Duration) {
         self.upstream_latency
             .get_or_init(|| {
                 self.metrics
@@ -324,7 +338,7 @@ impl RouteMetrics {
                     })
                     .clone()
             })
-            .observe(ms as f64 / 1000.0);
+            .observe(time.as_secs_f64());
     }
 }
 

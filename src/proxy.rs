@@ -51,6 +51,10 @@ pub struct Proxy {
     /// removed by one and added back by the next, goes on counting the
     /// requests still running to it (`max_in_flight` holds across reloads).
     bulkheads: Mutex<HashMap<String, Weak<Bulkhead>>>,
+    /// One reload at a time, from reading the file to swapping the routing
+    /// (regression: a SIGHUP and a `POST /reload` at once could apply the
+    /// older file last, and it stayed though both said they had reloaded).
+    reloading: Mutex<()>,
 }
 
 /// The reloadable part of the configuration.
@@ -135,7 +139,7 @@ pub struct Ctx {
     pub metrics: Option<Arc<RouteMetrics>>,
     pub outcome: &'static str,
     pub key: Option<String>,
-    pub upstream_ms: Option<u64>,
+    pub upstream_time: Option<std::time::Duration>,
     /// The client's request body broke off (it went away): logged and
     /// counted as [`CLIENT_CLOSED`], whatever the answer that nobody reads.
     pub client_gone: bool,
@@ -165,6 +169,7 @@ impl Proxy {
             draining: Default::default(),
             cut_off: Default::default(),
             bulkheads,
+            reloading: Mutex::default(),
             metrics,
         })
     }
@@ -205,9 +210,20 @@ impl Proxy {
         Ok(())
     }
 
-    /// Reads, validates and applies a configuration file; an invalid one
-    /// changes nothing and its errors are logged and returned.
+    /// [`reload_from`](Self::reload_from) off the runtime's workers (a
+    /// large file takes a while to read and check; requests went on waiting).
+    pub async fn reload_file(self: &Arc<Self>, path: &std::path::Path) -> Result<(), Vec<String>> {
+        let (proxy, path) = (self.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || proxy.reload_from(&path))
+            .await
+            .unwrap_or_else(|e| Err(vec![format!("the reload did not finish: {e}")]))
+    }
+
+    /// Reads, validates and applies a configuration file, one reload at a
+    /// time; an invalid one changes nothing and its errors are logged and
+    /// returned.
     pub fn reload_from(&self, path: &std::path::Path) -> Result<(), Vec<String>> {
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let result = Config::load(path)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
             .and_then(|config| {
@@ -237,7 +253,7 @@ impl Proxy {
             metrics: None,
             outcome: "error",
             key: None,
-            upstream_ms: None,
+            upstream_time: None,
             client_gone: false,
         };
         let path = tracing::enabled!(target: "idemgate::access", tracing::Level::INFO)
@@ -274,7 +290,7 @@ impl Proxy {
 
     fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
         match &ctx.metrics {
-            Some(route) => route.count(method, ctx.outcome, status, ctx.upstream_ms),
+            Some(route) => route.count(method, ctx.outcome, status, ctx.upstream_time),
             None => self.metrics.unrouted(method, ctx.outcome, status),
         }
     }
@@ -380,7 +396,7 @@ impl Proxy {
         let result = within_response(send, &connected, start, response, total).await;
         // No latency for a request that never went out (a connect failure).
         if !matches!(result, Some(Err(SendError::Connect(_)))) {
-            ctx.upstream_ms = Some(sent.elapsed().as_millis() as u64);
+            ctx.upstream_time = Some(sent.elapsed());
         }
         match result {
             Some(Ok(response)) => {
@@ -580,7 +596,7 @@ fn log_request(ctx: &Ctx, method: &http::Method, path: &str, status: u16) {
         status,
         outcome = ctx.outcome,
         key = ctx.key.as_deref(),
-        upstream_ms = ctx.upstream_ms,
+        upstream_ms = ctx.upstream_time.map(|t| t.as_millis() as u64),
         total_ms = ctx.arrived.elapsed().as_millis() as u64,
         trace_id = ctx.ids.trace_id(),
         request_id = ctx.ids.request_id.to_str().unwrap_or("-"),

@@ -344,6 +344,6 @@ async fn watch_readiness(proxy: Arc<Proxy>) {
 async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, proxy: Arc<Proxy>, path: PathBuf) {
     while hup.recv().await.is_some() {
         tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
-        let _ = proxy.reload_from(&path);
+        let _ = proxy.reload_file(&path).await;
     }
 }

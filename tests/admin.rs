@@ -497,6 +497,15 @@ async fn metrics_count_every_outcome(backend: Backend) {
             &[("upstream", "up")]
         ) >= 3.0
     );
+    // Regression: latencies were whole milliseconds (a sub-millisecond
+    // exchange observed as 0), so the sum was a multiple of 1 ms.
+    let sum = sample(
+        &text,
+        "idemgate_upstream_latency_seconds_sum",
+        &[("upstream", "up")],
+    );
+    let in_ms = sum * 1000.0;
+    assert!((in_ms - in_ms.round()).abs() > 1e-6, "whole ms: {sum}");
     assert!(
         sample(
             &text,
@@ -1088,6 +1097,40 @@ async fn a_redis_that_may_evict_records_is_warned_of_and_keys_output_stays_json(
         stderr.contains("volatile-lru") && stderr.contains("set maxmemory-policy noeviction"),
         "{stderr}"
     );
+}
+
+/// Regression: concurrent scrapes (an HA pair of Prometheus servers) each
+/// cleared the upstream gauges the other was encoding, and some scrapes had
+/// no `idemgate_upstream_in_flight` series: Prometheus took it for gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_scrapes_each_see_every_series() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(
+        &Backend::memory(),
+        &upstream,
+        "{ listen: 127.0.0.1:0 }",
+    ))
+    .await;
+    let url = proxy.admin_url("/metrics");
+    let scrapers: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url) = (TestClient::new(), url.clone());
+            tokio::spawn(async move {
+                let mut incomplete = 0;
+                for _ in 0..150 {
+                    let text = call(&client, "GET", &url, None, "").await;
+                    let text = String::from_utf8_lossy(&text.body);
+                    let whole = text.contains("idemgate_upstream_in_flight{upstream=\"up\"}")
+                        && text.contains("idemgate_circuit_state{upstream=\"up\"}");
+                    incomplete += usize::from(!whole);
+                }
+                incomplete
+            })
+        })
+        .collect();
+    for scraper in scrapers {
+        assert_eq!(scraper.await.unwrap(), 0, "scrapes missing a series");
+    }
 }
 
 both_stores!(

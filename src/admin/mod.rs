@@ -36,7 +36,10 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => Ok(self.metrics()),
-            (&Method::POST, "/reload") => authorized().and_then(|()| self.reload()),
+            (&Method::POST, "/reload") => match authorized() {
+                Ok(()) => self.reload().await,
+                Err(denied) => Err(denied),
+            },
             (&Method::GET, "/keys") => self.list(&query).await,
             (_, "/healthz" | "/readyz") => Ok(wrong_method("GET, HEAD")),
             (_, "/metrics" | "/keys") => Ok(wrong_method("GET")),
@@ -109,31 +112,33 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response<ProxyBody> {
-        let metrics = &self.proxy.metrics;
+        let routing = self.proxy.routing();
         // Read off the upstreams of the running configuration at each
         // scrape: an upstream a reload removed leaves no series behind (an
         // open circuit of a gone upstream would alert for good).
-        metrics.in_flight.clear();
-        metrics.circuit_state.clear();
-        for upstream in &self.proxy.routing().upstreams {
-            let labels = UpstreamLabels {
-                upstream: upstream.config.name.as_str().into(),
-            };
-            metrics
-                .in_flight
-                .get_or_create(&labels)
-                .set(upstream.in_flight() as i64);
-            let state = match upstream.breaker.state() {
-                CircuitState::Closed { .. } => 0,
-                // Past `open_for` the next request is the probe: half-open,
-                // though no request has come to make it so (regression: 1,
-                // "open", for as long as no request came, alerting for good).
-                CircuitState::Open { until } if until > std::time::Instant::now() => 1,
-                CircuitState::Open { .. } | CircuitState::HalfOpen { .. } => 2,
-            };
-            metrics.circuit_state.get_or_create(&labels).set(state);
-        }
-        let mut response = text(StatusCode::OK, metrics.encode());
+        let exposition = self.proxy.metrics.encode_after(|metrics| {
+            metrics.in_flight.clear();
+            metrics.circuit_state.clear();
+            for upstream in &routing.upstreams {
+                let labels = UpstreamLabels {
+                    upstream: upstream.config.name.as_str().into(),
+                };
+                metrics
+                    .in_flight
+                    .get_or_create(&labels)
+                    .set(upstream.in_flight() as i64);
+                let state = match upstream.breaker.state() {
+                    CircuitState::Closed { .. } => 0,
+                    // Past `open_for` the next request is the probe: half-open,
+                    // though no request has come to make it so (regression: 1,
+                    // "open", for as long as no request came, alerting for good).
+                    CircuitState::Open { until } if until > std::time::Instant::now() => 1,
+                    CircuitState::Open { .. } | CircuitState::HalfOpen { .. } => 2,
+                };
+                metrics.circuit_state.get_or_create(&labels).set(state);
+            }
+        });
+        let mut response = text(StatusCode::OK, exposition);
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -141,14 +146,14 @@ impl Admin {
         response
     }
 
-    fn reload(&self) -> Result<Response<ProxyBody>, Problem> {
+    async fn reload(&self) -> Result<Response<ProxyBody>, Problem> {
         let Some(path) = &self.config_path else {
             return Err(Problem::new(
                 Code::BadRequest,
                 "this instance was not started from a configuration file",
             ));
         };
-        match self.proxy.reload_from(path) {
+        match self.proxy.reload_file(path).await {
             Ok(()) => Ok(json_response(StatusCode::OK, &json!({ "reloaded": true }))),
             Err(errors) => {
                 let list = errors;
