@@ -17,13 +17,6 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<String> {
     };
     let config = Config::load(&config_arg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config_arg.config.display()))?;
-    // A misspelt route must not read as "no unknown outcomes".
-    if let KeysCommand::Unknown {
-        route: Some(route), ..
-    } = &command
-    {
-        known_route(&config, route)?;
-    }
     let value = if config.store.backend == Backend::Memory {
         via_admin(&config, &command).await?
     } else {
@@ -65,6 +58,14 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
             let unknown = store
                 .records(route.as_deref(), None, |k, r| is_unknown(config, k, r, now))
                 .await?;
+            // A misspelt route must not read as "no unknown outcomes".
+            if let Some(why) = route
+                .as_deref()
+                .filter(|_| unknown.is_empty())
+                .and_then(|r| no_such_route(config, r))
+            {
+                bail!("{why}");
+            }
             json!(listing_json(&unknown, true))
         }
     })
@@ -196,11 +197,15 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
     Ok(value)
 }
 
-fn known_route(config: &Config, route: &str) -> anyhow::Result<()> {
-    if !config.routes.iter().any(|r| *r.name == *route) {
-        bail!("route {route:?} is not in the configuration");
-    }
-    Ok(())
+/// Why a lookup by `route` found nothing, when the route is not configured
+/// either: a misspelt name must not read as "nothing there". Records of a
+/// route that a reload removed or renamed are still found, listed, purged
+/// and resolved by its old name (regression: refused, an unknown outcome
+/// of such a route could not be resolved at all).
+pub fn no_such_route(config: &Config, route: &str) -> Option<String> {
+    (!config.routes.iter().any(|r| *r.name == *route)).then(|| {
+        format!("route {route:?} is not in the configuration, and the store holds no such record under that name")
+    })
 }
 
 /// What purging the records of a key did.
@@ -259,11 +264,13 @@ pub async fn purge<'k>(
 }
 
 async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<Listing> {
-    known_route(config, &args.route)?;
     let found = store
         .find(&args.route, &args.key, args.scope.as_deref())
         .await?;
     if found.is_empty() {
+        if let Some(why) = no_such_route(config, &args.route) {
+            bail!("{why}");
+        }
         bail!("no record for key {:?} on route {:?}", args.key, args.route);
     }
     Ok(found)

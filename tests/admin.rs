@@ -1133,8 +1133,69 @@ async fn concurrent_scrapes_each_see_every_series() {
     }
 }
 
+/// Regression: once a reload removed (or renamed) a route, its records
+/// could be neither read, purged nor resolved (404 "no route named"), though
+/// `keys unknown` listed them: an unknown outcome stayed until its ttl. They
+/// are reached by the old name; a name neither configured nor in the store
+/// is still refused as a typo.
+async fn records_of_a_route_a_reload_removed_can_still_be_resolved(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let original = yaml(&backend, &upstream, &admin_with_token());
+    std::fs::write(&path, &original).unwrap();
+    let proxy = TestProxy::start_file(&path).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    let unknown = [("idempotency-key", "k-gone-u"), ("x-test-reset", "1")];
+    client.send("POST", &api, &unknown, "{}").await;
+    let done = client.post_key(&api, "k-gone-d", "{}").await;
+    assert_eq!(done.status, 201);
+    std::fs::write(&path, original.replace("name: orders,", "name: orders2,")).unwrap();
+    assert_eq!(proxy.reload(TOKEN).await.status, 200);
+
+    let admin = |path: &str| proxy.admin_url(path);
+    let listed = call(
+        &client,
+        "GET",
+        &admin("/keys?state=unknown&route=orders"),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    let scope = listed.json()[0]["scope"].as_str().unwrap().to_owned();
+    let manual = r#"{"status": 201, "body": "{\"id\":5}"}"#;
+    let url = admin(&format!("/keys/orders/k-gone-u?scope={scope}"));
+    let put = call(&client, "PUT", &url, Some(TOKEN), manual).await;
+    assert_eq!(
+        (put.status.as_u16(), &put.json()["state"]),
+        (200, &serde_json::json!("completed"))
+    );
+    let got = call(&client, "GET", &admin("/keys/orders/k-gone-d"), None, "").await;
+    assert_eq!(got.json()[0]["state"], "completed", "{got:?}");
+    for key in ["k-gone-u", "k-gone-d"] {
+        let url = admin(&format!("/keys/orders/{key}"));
+        let purged = call(&client, "DELETE", &url, Some(TOKEN), "").await;
+        assert_eq!(purged.json()["purged"], 1, "{purged:?}");
+    }
+    // Nothing left under the old name, which is no route: a typo's answer.
+    let gone = call(&client, "GET", &admin("/keys/orders/k-gone-d"), None, "").await;
+    assert_eq!(gone.status, 404);
+    assert!(
+        gone.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not in the configuration"),
+        "{gone:?}"
+    );
+    let listed = call(&client, "GET", &admin("/keys?route=orders"), None, "").await;
+    assert_eq!(listed.status, 404, "{listed:?}");
+}
+
 both_stores!(
     keys_purge_refuses_an_attempt_still_running_unless_forced,
+    records_of_a_route_a_reload_removed_can_still_be_resolved,
     a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt,
     auth_and_answers,
     unknown_outcome_listed_purged_then_forwarded,

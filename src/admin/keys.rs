@@ -1,8 +1,6 @@
 //! The admin API's record endpoints: list, get, purge, and recording a
 //! response by hand to resolve an unknown outcome.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
@@ -11,10 +9,9 @@ use serde_json::json;
 
 use super::{Admin, json_response, param};
 use crate::body::{self, ProxyBody};
-use crate::config::Route;
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
-use crate::keys::{is_unknown, listing_json, record_json};
+use crate::keys::{is_unknown, listing_json, no_such_route, record_json};
 use crate::problem::{Code, Problem};
 use crate::store::{Listing, Resolved, StoreError};
 
@@ -37,9 +34,6 @@ impl Admin {
                 format!("state {s:?} is not one of {}", LISTED_STATES.join(", ")),
             ));
         }
-        if let Some(name) = route.as_deref() {
-            self.route(name)?;
-        }
         let config = self.proxy.routing().config.clone();
         let now = self.proxy.store.now_ms().await.map_err(store_problem)?;
         let records = self
@@ -52,6 +46,12 @@ impl Admin {
             })
             .await
             .map_err(store_problem)?;
+        if let Some(why) = (route.as_deref())
+            .filter(|_| records.is_empty())
+            .and_then(|r| no_such_route(&config, r))
+        {
+            return Err(Problem::new(Code::NotFound, why));
+        }
         // A damaged record's outcome is as unknown to the operator as an
         // unknown one's: both need a hand.
         let damaged = matches!(state.as_deref(), None | Some("unknown" | "damaged"));
@@ -114,14 +114,14 @@ impl Admin {
                 "PUT needs ?scope=HEX (see GET /keys/{route}/{key})",
             ));
         };
-        let route_config = self.route(route)?;
         let bytes = body::read_limited(body, MAX_ADMIN_BODY, body::BODY_STALL)
             .await
             .map_err(|_| Problem::new(Code::BadRequest, "the body could not be read"))?;
         let response = manual_response(&bytes)?;
-        let ttl = route_config
-            .idempotency
-            .as_ref()
+        // A route a reload removed: the default ttl.
+        let ttl = (self.proxy.routing().config.routes.iter())
+            .find(|r| &*r.name == route)
+            .and_then(|r| r.idempotency.as_ref())
             .map_or(std::time::Duration::from_secs(86_400), |p| p.ttl);
         let storage_key = StorageKey {
             route: route.to_owned(),
@@ -166,21 +166,7 @@ impl Admin {
         Ok(json_response(StatusCode::OK, &body))
     }
 
-    fn route(&self, name: &str) -> Result<Arc<Route>, Problem> {
-        let routing = self.proxy.routing();
-        let route = routing
-            .config
-            .routes
-            .iter()
-            .find(|r| &*r.name == name)
-            .cloned();
-        route
-            .map(Arc::new)
-            .ok_or_else(|| Problem::new(Code::NotFound, format!("no route named {name:?}")))
-    }
-
     async fn find(&self, route: &str, key: &str, scope: Option<&str>) -> Result<Listing, Problem> {
-        self.route(route)?;
         let found = self
             .proxy
             .store
@@ -188,6 +174,9 @@ impl Admin {
             .await
             .map_err(store_problem)?;
         if found.is_empty() {
+            if let Some(why) = no_such_route(&self.proxy.routing().config, route) {
+                return Err(Problem::new(Code::NotFound, why));
+            }
             return Err(Problem::new(
                 Code::NotFound,
                 "no record for this route and key",
