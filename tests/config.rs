@@ -831,6 +831,36 @@ fn settings_that_cannot_work_as_written_are_warned_about() {
     );
 }
 
+/// Regression: on Redis, a stored response too large to come back within
+/// `op_timeout` made every duplicate's claim time out: the completed
+/// request was refused until its ttl, or sent again under `forward`. Such
+/// a `max_response_body` (and one past what Redis stores in a value) is
+/// warned about; the default, and any size on the memory store, is not.
+#[test]
+fn a_max_response_body_redis_cannot_return_within_op_timeout_is_warned_about() {
+    let config = |store: &str, size: &str| {
+        let yaml = format!(
+            "{store}\nupstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\" }}\nroutes:\n  - {{ name: a, match: {{ path: /a }}, upstream: erp, idempotency: {{ max_response_body: {size} }} }}\n"
+        );
+        Config::parse(&yaml).expect("valid").warnings.join("\n")
+    };
+    let redis = "store: { backend: redis, url: \"redis://127.0.0.1:6379\", op_timeout: 250ms }";
+    let warned = config(redis, "64MiB");
+    assert!(
+        warned.contains("routes[0] (a): max_response_body 64.0 MiB may not be read back from Redis within store.op_timeout 250ms")
+            && warned.contains("raise store.op_timeout"),
+        "{warned}"
+    );
+    assert!(config(redis, "1MiB").is_empty(), "the default size fits");
+    assert!(config(&redis.replace("250ms", "2s"), "64MiB").is_empty());
+    let huge = config(&redis.replace("250ms", "60s"), "600MiB");
+    assert!(
+        huge.contains("more than Redis stores in one value"),
+        "{huge}"
+    );
+    assert!(config("store: { backend: memory }", "600MiB").is_empty());
+}
+
 /// Regression: a size past what 64 bits hold was read as 16 EiB, and
 /// durations of whole days printed as humantime's months ("11months 30days
 /// 3h 50m 24s" for 365d), in the maximum's message too.

@@ -203,6 +203,13 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         }
     }
     let store = store?;
+    if store.backend != Backend::Memory {
+        warnings.extend(routes.iter().enumerate().filter_map(|(i, r)| {
+            let policy = r.idempotency.as_ref()?;
+            large_for_redis(policy.max_response_body, store.op_timeout)
+                .map(|why| format!("routes[{i}] ({}): {why}", r.name))
+        }));
+    }
     let token_written = file.admin.as_ref().is_some_and(|a| a.token.is_some());
     let token_read = admin.as_ref().is_some_and(|a| a.token.is_some());
     if token_written && !token_read && admin.is_some() {
@@ -588,4 +595,32 @@ pub(super) fn method(c: &mut Check, path: &str, value: &Text) -> Option<Method> 
             None
         }
     }
+}
+
+/// How fast, in bytes per second, a stored response can be counted on to
+/// come back from Redis: a claim returns the record whole within one
+/// `op_timeout` (loopback managed about 200 MB/s, a LAN less).
+const REDIS_READ_RATE: f64 = 50e6;
+
+/// Why a route's `max_response_body` is too large for Redis, if it is: a
+/// stored response must come back within `op_timeout` on every replay
+/// (regression: a 60 MB record made every duplicate's claim time out, so a
+/// completed request was refused 503 until its ttl, or sent to the
+/// upstream again under `on_unavailable: forward`; found by an audit).
+fn large_for_redis(max_response_body: u64, op_timeout: Duration) -> Option<String> {
+    let size = |bytes: u64| bytesize::ByteSize(bytes).display().iec().to_string();
+    if max_response_body > 512 << 20 {
+        return Some(format!(
+            "max_response_body {} is more than Redis stores in one value (proto-max-bulk-len, 512 MiB by default): such a response cannot be recorded; lower it",
+            size(max_response_body)
+        ));
+    }
+    let readable = (op_timeout.as_secs_f64() * REDIS_READ_RATE) as u64;
+    (max_response_body > readable).then(|| {
+        format!(
+            "max_response_body {} may not be read back from Redis within store.op_timeout {op_timeout:?} (about {} at 50 MB/s): a duplicate whose claim times out is answered per store.on_unavailable (forward: sent to the upstream again) and the record may not be written either; lower max_response_body or raise store.op_timeout",
+            size(max_response_body),
+            size(readable)
+        )
+    })
 }
