@@ -35,6 +35,8 @@ pub struct Exchange {
     /// that must write the record whole ([`Attempt`]).
     pub fingerprint: String,
     pub created_ms: u64,
+    /// A `HEAD` request: its answer's Content-Length stays (no body is sent).
+    pub head: bool,
     pub lease_deadline: Instant,
     /// Finished (and its bulkhead permit freed) when the upstream's answer
     /// is known; a response timeout reports its failure earlier.
@@ -258,7 +260,7 @@ impl Exchange {
         let (mut parts, mut incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // A replay says the status's standard reason phrase: so does the first answer.
-        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+        crate::headers::standard_reason(parts.status, &mut parts.extensions);
         // idemgate's to say, on replays only (SPEC 9, stored headers).
         parts.headers.remove(&IDEMPOTENT_REPLAYED);
         let status = parts.status.as_u16();
@@ -284,7 +286,7 @@ impl Exchange {
                     .complete(status, parts.headers, Some(bytes.clone()), size)
                     .await;
                 parts.headers = headers;
-                frame_whole(&mut parts.headers, bytes.len());
+                frame_whole(&mut parts.headers, bytes.len(), self.head);
                 (Response::from_parts(parts, body::full(bytes)), recorded)
             }
             Ok(Collected::Over { prefix, rest }) => {

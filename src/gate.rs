@@ -154,6 +154,7 @@ impl Proxy {
                 undo.disarm();
                 drop(undo);
                 ctx.outcome = "forwarded";
+                let head = parts.method == http::Method::HEAD;
                 let request = self.upstream_request(
                     &upstream,
                     Request::from_parts(parts, body::full(body)),
@@ -177,13 +178,14 @@ impl Proxy {
                     token,
                     fingerprint: fp,
                     created_ms,
+                    head,
                 };
                 exchange.start(request, ctx, &route).await
             }
             Decision::Replay => match record.and_then(|r| r.response) {
                 Some(stored) => {
                     ctx.outcome = "replayed";
-                    replay(stored)
+                    replay(stored, parts.method == http::Method::HEAD)
                 }
                 // Only a record damaged in the store gets here: never panic on it.
                 None => {
@@ -425,12 +427,13 @@ fn budget_spent() -> Problem {
 
 /// The stored response, byte for byte, plus `Idempotent-Replayed: true`;
 /// moved into the reply (the claim handed the gate its own copy).
-pub fn replay(stored: StoredResponse) -> Response<ProxyBody> {
+pub fn replay(stored: StoredResponse, head: bool) -> Response<ProxyBody> {
     let body = stored.body.unwrap_or_default();
     let mut headers = stored.headers;
-    crate::headers::frame_whole(&mut headers, body.len());
+    crate::headers::frame_whole(&mut headers, body.len(), head);
     let mut response = Response::new(body::full(body));
     *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    crate::headers::standard_reason(response.status(), response.extensions_mut());
     *response.headers_mut() = headers;
     response
         .headers_mut()

@@ -108,10 +108,28 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// The reason phrase of a protected answer, first or replayed: the status's
+/// standard one, which hyper writes when no other is given; none for a
+/// status that has none (regression: hyper wrote the token `<none>`, as in
+/// `HTTP/1.1 299 <none>`). The upstream's own is not stored, so the first
+/// answer does not say it either.
+pub fn standard_reason(status: http::StatusCode, extensions: &mut http::Extensions) {
+    extensions.remove::<hyper::ext::ReasonPhrase>();
+    if status.canonical_reason().is_none() {
+        extensions.insert(hyper::ext::ReasonPhrase::from_static(b""));
+    }
+}
+
 /// For a body idemgate sends from memory, whole (`len` bytes): a
 /// Content-Length that says otherwise goes, and hyper writes the right one.
 /// (A stored record's, or one recorded by hand, may disagree with its body.)
-pub fn frame_whole(headers: &mut HeaderMap, len: usize) {
+/// An answer to `HEAD` keeps its own: it tells the length of the body a
+/// GET would get, and none is sent (regression: a protected HEAD lost the
+/// upstream's Content-Length, first answer and replays alike).
+pub fn frame_whole(headers: &mut HeaderMap, len: usize, head: bool) {
+    if head && len == 0 {
+        return;
+    }
     let agrees =
         |v: &HeaderValue| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(len);
     if headers

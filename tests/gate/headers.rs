@@ -47,7 +47,59 @@ async fn the_upstreams_own_idempotent_replayed_is_dropped(backend: Backend) {
     assert_eq!(s.upstream.hits(), 1);
 }
 
+/// Regression: a protected HEAD lost the upstream's Content-Length, on the
+/// first answer and on replays (it was taken for a wrong length of the
+/// empty body sent from memory); it tells the length a GET would get.
+async fn a_protected_head_keeps_its_content_length(backend: Backend) {
+    let s = Setup::new(backend, "methods: [HEAD, POST]", "").await;
+    let url = s.url();
+    let head = || {
+        s.client
+            .send("HEAD", &url, &[("idempotency-key", "k-head")], "")
+    };
+    let first = head().await;
+    let replay = head().await;
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "{replay:?}"
+    );
+    for answer in [&first, &replay] {
+        let length: usize = answer
+            .header("content-length")
+            .unwrap_or_else(|| panic!("no content-length: {answer:?}"))
+            .parse()
+            .unwrap();
+        assert!(length > 0, "{answer:?}");
+        assert!(answer.body.is_empty());
+    }
+    assert_eq!(
+        first.header("content-length"),
+        replay.header("content-length")
+    );
+    assert_eq!(s.upstream.hits(), 1);
+}
+
+/// Regression: a status with no standard reason phrase (299) went out as
+/// `HTTP/1.1 299 <none>`, hyper's placeholder, first answer and replay.
+async fn a_status_without_a_standard_reason_says_none(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::new(backend, "", "").await;
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+        let request = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-299\r\nx-test-status: 299\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 299 \r\n"), "{answer}");
+    }
+    assert_eq!(s.upstream.hits(), 1, "the second was a replay");
+}
+
 both_stores!(
+    a_status_without_a_standard_reason_says_none,
     hop_by_hop_headers_are_neither_stored_nor_replayed,
     the_upstreams_own_idempotent_replayed_is_dropped,
+    a_protected_head_keeps_its_content_length,
 );
