@@ -125,10 +125,10 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM between binding and serving must drain and
     // exit 0, not kill the process by the signal's default action.
-    let shutdown = shutdown_signal()?;
+    let (shutdown, hurry) = shutdown_signals()?;
     // SIGHUP's too (its default action also ends the process), heard from
     // before the file is loaded on.
-    let reloads = idemgate::server::Reloads::new(path.to_owned());
+    let reloads = idemgate::server::Reloads::new(path.to_owned()).hurry_on(hurry);
     let config = load(path)?;
     let open_files = raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen.address)
@@ -169,17 +169,37 @@ fn raise_open_file_limit() -> u64 {
     limit
 }
 
-/// SIGTERM or SIGINT, with both handlers installed before this returns.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+/// The first SIGTERM or SIGINT (shutdown), and the second (the shutdown
+/// hurried: the grace ends at once), with both handlers installed before
+/// this returns. Regression: a second signal was ignored, and a drain
+/// under a long `shutdown_grace` could be ended only by SIGKILL.
+fn shutdown_signals() -> anyhow::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+    let (heard, count) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            heard.send_modify(|n| *n += 1);
+            match *heard.borrow() {
+                1 => tracing::info!("{name} received"),
+                _ => tracing::warn!(
+                    "{name} received again: ending the shutdown grace now (requests still running are cut off)"
+                ),
+            }
         }
-    })
+    });
+    let nth = |n: u32| {
+        let mut count = count.clone();
+        async move {
+            let _ = count.wait_for(|heard| *heard >= n).await;
+        }
+    };
+    Ok((nth(1), nth(2)))
 }
 
 /// `idemgate check`: exit 0 and the effective routes, or 1 and every error.

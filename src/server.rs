@@ -81,10 +81,16 @@ pub async fn run(
 /// (made before the file is loaded, so that a SIGHUP sent once it is
 /// loaded is never missed: SIGHUP's default action would end the process,
 /// and one that came before the reload task listened was lost).
+/// Also what ends a shutdown's grace early (`hurry`: in the binary, a
+/// second SIGTERM/SIGINT).
 pub struct Reloads {
     path: PathBuf,
     hup: Option<tokio::signal::unix::Signal>,
+    hurry: Option<Hurry>,
 }
+
+/// What ends a shutdown's grace early when it completes.
+type Hurry = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Reloads {
     pub fn new(path: PathBuf) -> Reloads {
@@ -93,7 +99,17 @@ impl Reloads {
                 tracing::warn!(error = %error, "cannot listen for SIGHUP; reload is unavailable");
             })
             .ok();
-        Reloads { path, hup }
+        Reloads {
+            path,
+            hup,
+            hurry: None,
+        }
+    }
+
+    /// Ends a shutdown's grace at once when `hurry` completes.
+    pub fn hurry_on(mut self, hurry: impl Future<Output = ()> + Send + 'static) -> Reloads {
+        self.hurry = Some(Box::pin(hurry));
+        self
     }
 }
 
@@ -114,12 +130,20 @@ pub async fn serve(
     let store = Arc::new(Store::open(&config.store, metrics.clone())?);
     store.hear_other_instances();
     let proxy = Arc::new(Proxy::new(&config, store, metrics)?);
-    let config_path = reloads.map(|Reloads { path, hup }| {
-        if let Some(hup) = hup {
-            tokio::spawn(reload_on_sighup(hup, proxy.clone(), path.clone()));
-        }
-        path
-    });
+    let mut hurry = None;
+    let config_path = reloads.map(
+        |Reloads {
+             path,
+             hup,
+             hurry: h,
+         }| {
+            if let Some(hup) = hup {
+                tokio::spawn(reload_on_sighup(hup, proxy.clone(), path.clone()));
+            }
+            hurry = h;
+            path
+        },
+    );
     let readiness = tokio::spawn(watch_readiness(proxy.clone()));
     let send_timeout = SendTimeout {
         after: config.send_timeout,
@@ -186,7 +210,7 @@ pub async fn serve(
     }
     drop(listeners.proxy);
     proxy.draining.cancel();
-    drain(&proxy, &connections, config.shutdown_grace).await;
+    drain(&proxy, &connections, config.shutdown_grace, hurry).await;
     readiness.abort();
     if let Some(task) = admin_task {
         task.abort();
@@ -266,12 +290,12 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
 }
 
 /// Waits for open connections, then for background exchanges, within `grace`.
-async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
+async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration, mut hurry: Option<Hurry>) {
+    let mut deadline = tokio::time::Instant::now() + grace;
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
-    if tokio::time::timeout_at(deadline, connections.stop())
+    if within(connections.stop(), &mut deadline, &mut hurry)
         .await
-        .is_err()
+        .is_none()
     {
         proxy
             .cut_off
@@ -281,9 +305,9 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
         );
     }
     proxy.exchanges.close();
-    if tokio::time::timeout_at(deadline, proxy.exchanges.wait())
+    if within(proxy.exchanges.wait(), &mut deadline, &mut hurry)
         .await
-        .is_err()
+        .is_none()
     {
         let running = proxy.running.keys();
         for key in &running {
@@ -301,6 +325,31 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration) {
                 "store writes still retried at the end of shutdown_grace (the store did not answer); their keys settle when their leases end"
             );
         }
+    }
+}
+
+/// `work`'s output, unless `deadline` comes first; `hurry` completing
+/// brings the deadline to now (once).
+async fn within<T>(
+    work: impl Future<Output = T>,
+    deadline: &mut tokio::time::Instant,
+    hurry: &mut Option<Hurry>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        let hurried = async {
+            match hurry.as_mut() {
+                Some(hurry) => hurry.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            output = &mut work => return Some(output),
+            () = tokio::time::sleep_until(*deadline) => return None,
+            () = hurried => {}
+        }
+        *hurry = None;
+        *deadline = tokio::time::Instant::now();
     }
 }
 

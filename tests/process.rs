@@ -790,6 +790,48 @@ async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
     assert!(access[0].contains("\"status\":503"), "{}", access[0]);
 }
 
+/// Regression: a second SIGTERM/SIGINT during the drain was ignored, so a
+/// shutdown under a long `shutdown_grace` could be ended only by SIGKILL.
+/// It ends the grace at once: what still runs is cut off and named, and
+/// the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_the_shutdown_grace_at_once() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", "shutdown_grace: 1h\n");
+    let mut proxy = Binary::serve(&path);
+    let mut in_flight = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    in_flight
+        .write_all(
+            b"POST /api/o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-twice\r\nx-test-delay-ms: 60000\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the request upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    proxy.signal("TERM");
+    eventually(Duration::from_secs(5), "the drain began", || async {
+        proxy.log().iter().any(|l| l.contains("shutting down"))
+    })
+    .await;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "draining");
+    proxy.signal("INT");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = proxy.log();
+    assert!(
+        log.iter().any(|l| l.contains("SIGINT received again")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("upstream exchange still running") && l.contains("key=k-twice")),
+        "{log:#?}"
+    );
+    drop(in_flight);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookie_authorization_and_scope_header_values_never_reach_the_logs() {
     let upstream = TestUpstream::start().await;
