@@ -310,10 +310,17 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration, mut hurry: O
         .is_none()
     {
         let running = proxy.running.keys();
+        // The memory store's records end with the process (regression: it
+        // said they would turn unknown).
+        let fate = if proxy.store.outlives_the_process() {
+            "its record turns unknown when its lease ends"
+        } else {
+            "its record is lost with the memory store: a retry after the restart is forwarded again"
+        };
         for key in &running {
             tracing::warn!(
                 exchange = %key,
-                "upstream exchange still running at the end of shutdown_grace; its record turns unknown when its lease ends"
+                "upstream exchange still running at the end of shutdown_grace; {fate}"
             );
         }
         // The rest are store writes retried in the background (a claim

@@ -826,7 +826,9 @@ async fn a_second_signal_ends_the_shutdown_grace_at_once() {
     );
     assert!(
         log.iter()
-            .any(|l| l.contains("upstream exchange still running") && l.contains("key=k-twice")),
+            .any(|l| l.contains("upstream exchange still running")
+                && l.contains("key=k-twice")
+                && l.contains("lost with the memory store")),
         "{log:#?}"
     );
     drop(in_flight);
@@ -1015,11 +1017,11 @@ async fn hearing_other_instances_again_after_redis_returns_is_said() {
     std::fs::write(&path, yaml).unwrap();
     let mut proxy = Binary::serve(&path);
     redis.kill();
+    // In words: "Connection refused", not the error's kind ("Io").
     eventually(Duration::from_secs(10), "the outage is said", || async {
-        proxy
-            .log()
-            .iter()
-            .any(|l| l.contains("not hearing other instances"))
+        proxy.log().iter().any(|l| {
+            l.contains("not hearing other instances") && l.to_lowercase().contains("refused")
+        })
     })
     .await;
     redis.restart().await;

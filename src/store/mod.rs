@@ -194,6 +194,11 @@ impl Store {
     /// For a serving instance (not the `keys` command): on a standalone
     /// Redis, hear other instances end attempts that this one's waiters wait
     /// on, from a task of the current Tokio runtime. Idempotent.
+    /// Whether records outlive this process (Redis) or end with it (memory).
+    pub fn outlives_the_process(&self) -> bool {
+        matches!(self.kind, Kind::Redis(_))
+    }
+
     pub fn hear_other_instances(&self) {
         if let Kind::Redis(s) = &self.kind {
             s.listen(&self.waiters);

@@ -62,8 +62,10 @@ pub(super) fn listen(
             } else if !said {
                 // Once per outage: waiters fall back to their backoff steps.
                 said = true;
+                // Its words (regression: its kind alone, `Io`, said nothing
+                // of what the other lines called "Connection refused").
                 let error = match subscribed {
-                    Ok(Err(e)) => format!("{:?}", e.kind()),
+                    Ok(Err(e)) => e.to_string(),
                     _ => "timed out".into(),
                 };
                 tracing::warn!(
