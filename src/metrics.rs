@@ -36,6 +36,11 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub store: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
 }
@@ -59,6 +64,9 @@ pub struct Metrics {
     pub late_completions: Family<RouteLabels, Counter>,
     pub superseded: Family<RouteLabels, Counter>,
     pub send_timeouts: Counter,
+    /// The memory store's records and bound (no series on Redis).
+    pub store_records: Family<StoreLabels, Gauge>,
+    pub store_max_records: Family<StoreLabels, Gauge>,
     pub ready: Gauge,
     /// One scrape at a time: a scrape rebuilds the upstream gauges before
     /// encoding ([`encode_after`](Self::encode_after)).
@@ -86,6 +94,8 @@ impl Metrics {
         let late_completions = Family::default();
         let superseded = Family::default();
         let send_timeouts = Counter::default();
+        let store_records = Family::default();
+        let store_max_records = Family::default();
         let ready = Gauge::default();
         registry.register(
             "requests",
@@ -148,6 +158,16 @@ impl Metrics {
             send_timeouts.clone(),
         );
         registry.register(
+            "store_records",
+            "Records the memory store holds (store=\"memory\"; none on Redis)",
+            store_records.clone(),
+        );
+        registry.register(
+            "store_max_records",
+            "The memory store's bound, store.max_records: beyond it new keys are a store failure",
+            store_max_records.clone(),
+        );
+        registry.register(
             "ready",
             "1 when the store is reachable and a configuration is loaded",
             ready.clone(),
@@ -166,6 +186,8 @@ impl Metrics {
             late_completions,
             superseded,
             send_timeouts,
+            store_records,
+            store_max_records,
             ready,
             scrape: std::sync::Mutex::new(()),
         }

@@ -1193,6 +1193,50 @@ async fn records_of_a_route_a_reload_removed_can_still_be_resolved(backend: Back
     assert_eq!(listed.status, 404, "{listed:?}");
 }
 
+/// The memory store's fill is shown (regression: reaching `max_records`
+/// showed only as claim errors): `idemgate_store_records` and
+/// `idemgate_store_max_records`, `store="memory"`; a new key beyond the
+/// bound is a store failure (503), never an eviction. Redis has no series.
+#[tokio::test]
+async fn the_memory_stores_fill_is_a_gauge_and_its_bound_refuses_new_keys() {
+    let upstream = TestUpstream::start().await;
+    let bounded = yaml(&Backend::memory(), &upstream, "{ listen: 127.0.0.1:0 }").replace(
+        "store: { backend: memory }",
+        "store: { backend: memory, max_records: 2 }",
+    );
+    let proxy = TestProxy::start(&bounded).await;
+    let client = TestClient::new();
+    for key in ["k-f1", "k-f2"] {
+        assert_eq!(
+            client
+                .post_key(&proxy.url("/api/o"), key, "{}")
+                .await
+                .status,
+            201
+        );
+    }
+    let full = client.post_key(&proxy.url("/api/o"), "k-f3", "{}").await;
+    assert_eq!(full.code(), "store_unavailable", "{full:?}");
+    let replay = client.post_key(&proxy.url("/api/o"), "k-f1", "{}").await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"), "kept");
+    let text = proxy.metrics().await;
+    let memory = [("store", "memory")];
+    assert_eq!(
+        sample(&text, "idemgate_store_records", &memory),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "idemgate_store_max_records", &memory),
+        2.0,
+        "{text}"
+    );
+    let redis = Backend::redis().await;
+    let on_redis = TestProxy::start(&yaml(&redis, &upstream, "{ listen: 127.0.0.1:0 }")).await;
+    let text = on_redis.metrics().await;
+    assert!(!text.contains("idemgate_store_records{"), "{text}");
+}
+
 both_stores!(
     keys_purge_refuses_an_attempt_still_running_unless_forced,
     records_of_a_route_a_reload_removed_can_still_be_resolved,

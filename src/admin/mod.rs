@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{self, ProxyBody};
-use crate::metrics::UpstreamLabels;
+use crate::metrics::{StoreLabels, UpstreamLabels};
 use crate::problem::{Code, Problem};
 use crate::proxy::Proxy;
 use crate::upstream::breaker::State as CircuitState;
@@ -136,6 +136,18 @@ impl Admin {
                     CircuitState::Open { .. } | CircuitState::HalfOpen { .. } => 2,
                 };
                 metrics.circuit_state.get_or_create(&labels).set(state);
+            }
+            if let Some((held, bound)) = self.proxy.store.fill() {
+                let memory = StoreLabels { store: "memory" };
+                let as_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                metrics
+                    .store_records
+                    .get_or_create(&memory)
+                    .set(as_gauge(held));
+                metrics
+                    .store_max_records
+                    .get_or_create(&memory)
+                    .set(as_gauge(bound));
             }
         });
         let mut response = text(StatusCode::OK, exposition);

@@ -426,6 +426,15 @@ impl Store {
         }
     }
 
+    /// The memory store's records held and its `max_records` bound (`None`
+    /// on Redis, whose memory is its own to watch).
+    pub fn fill(&self) -> Option<(u64, u64)> {
+        match &self.kind {
+            Kind::Memory(s) => Some(s.fill()),
+            Kind::Redis(_) => None,
+        }
+    }
+
     /// A cheap liveness probe (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.kind {

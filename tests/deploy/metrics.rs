@@ -271,6 +271,7 @@ async fn dashboard_and_alerts_use_only_what_a_running_instance_exposes() {
         "idemgate_fail_open_forwards_total",
         "idemgate_late_completions_total",
         "idemgate_superseded_attempts_total",
+        "idemgate_store_records",
         "idemgate_upstream_in_flight",
     ] {
         assert!(

@@ -127,6 +127,22 @@ fn scenarios() -> Vec<Value> {
             ],
         ),
         scenario(
+            "IdemgateMemoryStoreNearlyFull",
+            &[
+                (
+                    "idemgate_store_records{store=\"memory\"}",
+                    "0+5x20 200x20 95x10",
+                ),
+                ("idemgate_store_max_records{store=\"memory\"}", "200x50"),
+            ],
+            &[
+                ("10m", Value::Null),
+                ("25m", Value::Null),
+                ("28m", json!({ "store": "memory", "severity": "warning" })),
+                ("50m", Value::Null),
+            ],
+        ),
+        scenario(
             "IdemgateStoreErrors",
             &[(
                 "idemgate_store_errors_total{op=\"claim\"}",

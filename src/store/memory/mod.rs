@@ -53,6 +53,14 @@ impl MemoryStore {
         MemoryStore { inner }
     }
 
+    /// Records held now, and the `max_records` bound.
+    pub fn fill(&self) -> (u64, u64) {
+        (
+            self.inner.len.load(Ordering::Relaxed),
+            self.inner.max_records,
+        )
+    }
+
     pub fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
         let now_ms = now_ms();
         let (hash, mut guard) = self.inner.shard(req.key);
