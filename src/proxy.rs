@@ -191,6 +191,12 @@ impl Proxy {
                 "reload: this setting takes effect only after a restart"
             );
         }
+        for change in old.config.record_changes(config) {
+            tracing::warn!(
+                change,
+                "reload: records made before it are keyed or matched differently"
+            );
+        }
         let routing = Routing::new(config, Some(&old), &self.bulkheads, &self.metrics)?;
         if let (Some(acceptor), Some(files)) = (&self.tls, &config.listen.tls) {
             acceptor.store(Arc::new(crate::tls::server_config(files)?.into()));

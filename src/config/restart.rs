@@ -64,6 +64,38 @@ impl Config {
             .filter_map(|(name, differs)| differs.then_some(name))
             .collect()
     }
+
+    /// What a reload to `new` does to records made before it: a protected
+    /// route (by name) whose scope or fingerprint changes no longer finds,
+    /// or no longer matches, them (regression: said nowhere, though a
+    /// new scope header let a completed request run again).
+    pub fn record_changes(&self, new: &Config) -> Vec<String> {
+        let mut said = Vec::new();
+        for route in &new.routes {
+            let old = self.routes.iter().find(|r| r.name == route.name);
+            let (Some(was), Some(is)) = (
+                old.and_then(|r| r.idempotency.as_ref()),
+                route.idempotency.as_ref(),
+            ) else {
+                continue;
+            };
+            if was.scope_headers != is.scope_headers {
+                said.push(format!(
+                    "route {}: scope.headers changed: retries of requests made before this reload look for their records under a new scope and are forwarded afresh (a completed request may run again) until those records' ttl passes",
+                    route.name
+                ));
+            }
+            if was.fingerprint_headers != is.fingerprint_headers
+                || was.fingerprint_query != is.fingerprint_query
+            {
+                said.push(format!(
+                    "route {}: fingerprint changed: retries of requests made before this reload no longer match their records (422 idempotency_key_reused) until those records' ttl passes",
+                    route.name
+                ));
+            }
+        }
+        said
+    }
 }
 
 #[cfg(test)]
@@ -75,6 +107,26 @@ mod tests {
     fn config(extra: &str) -> Config {
         let env = |name: &str| (name == "RESTART_TEST_TOKEN").then(|| "s3cret".to_owned());
         super::super::validate::validate(&format!("{extra}{BASE}"), &env).expect("valid")
+    }
+
+    #[test]
+    fn a_new_scope_or_fingerprint_is_said_to_change_what_records_match() {
+        let old = config("");
+        let scoped = config(
+            "defaults: { idempotency: { scope: { headers: [authorization, x-tenant] } } }\n",
+        );
+        let printed = config("defaults: { idempotency: { fingerprint: { query: false } } }\n");
+        assert!(old.record_changes(&old).is_empty());
+        let said = old.record_changes(&scoped);
+        assert!(
+            said.len() == 1 && said[0].starts_with("route a: scope.headers changed"),
+            "{said:?}"
+        );
+        let said = old.record_changes(&printed);
+        assert!(
+            said.len() == 1 && said[0].starts_with("route a: fingerprint changed"),
+            "{said:?}"
+        );
     }
 
     /// Regression: a new `store.url` alone was reported as `store.backend`.
