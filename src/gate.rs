@@ -52,7 +52,24 @@ impl Proxy {
         // request's arrival), not only within 10 s between its pieces.
         let total = (ctx.arrived + route.timeouts.total).into();
         let read = body::read_limited(body, policy.max_request_body, BODY_STALL);
-        let body = match tokio::time::timeout_at(total, read).await {
+        let read = tokio::time::timeout_at(total, read);
+        // Nothing is claimed yet: a shutdown answers at once rather than
+        // wait out a slow body (regression: it held the drain, up to the
+        // body's 10 s stall or the grace's end).
+        let read = tokio::select! {
+            biased;
+            read = read => read,
+            () = self.draining.cancelled() => {
+                ctx.outcome = "rejected";
+                return Problem::new(
+                    Code::ShuttingDown,
+                    "this instance began shutting down while the request body arrived; nothing was claimed or forwarded: retry",
+                )
+                .retry_after(Duration::from_secs(1))
+                .into_response();
+            }
+        };
+        let body = match read {
             Ok(Ok(body)) => body,
             Ok(Err(error)) => {
                 ctx.outcome = "rejected";

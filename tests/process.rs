@@ -790,6 +790,47 @@ async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
     assert!(access[0].contains("\"status\":503"), "{}", access[0]);
 }
 
+/// Regression: a protected request whose body was still arriving held the
+/// drain (until its body stalled 10 s, or the grace ended) though nothing
+/// was claimed for it: it is answered `503 shutting_down` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protected_body_still_arriving_at_shutdown_is_answered_at_once() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", "shutdown_grace: 1h\n");
+    let mut proxy = Binary::serve(&path);
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(
+        b"POST /api/o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-slow-body\r\ncontent-length: 10\r\n\r\n{\"a\"",
+    )
+    .await
+    .unwrap();
+    // The head is read, the body waited for: a request is in flight.
+    eventually(Duration::from_secs(5), "the request seen", || async {
+        let mut other = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        other
+            .write_all(b"GET /healthz-nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = other.read_to_end(&mut answer).await;
+        !answer.is_empty()
+    })
+    .await;
+    proxy.signal("TERM");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer));
+    read.await.expect("answered at once").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("shutting_down") && answer.contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(0));
+    assert_eq!(upstream.hits(), 0);
+}
+
 /// Regression: a second SIGTERM/SIGINT during the drain was ignored, so a
 /// shutdown under a long `shutdown_grace` could be ended only by SIGKILL.
 /// It ends the grace at once: what still runs is cut off and named, and
