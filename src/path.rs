@@ -7,7 +7,8 @@
 //! matches and forwards the normal form (RFC 3986 6.2.2): escapes of
 //! unreserved characters decoded, other escapes (`%2F`, `%20`, …) kept with
 //! their hex digits in upper case, `.` and `..` segments removed, runs of
-//! `/` merged (as nginx does by default).
+//! `/` merged (as nginx does by default). A path that upstreams may read
+//! as another one whatever idemgate routes it as is refused ([`ambiguous`]).
 
 use std::borrow::Cow;
 
@@ -44,12 +45,49 @@ pub fn for_routing(path: &str) -> Cow<'_, str> {
     if !path.contains('%') || !path.as_bytes().windows(3).any(encoded_slash) {
         return Cow::Borrowed(path);
     }
-    let slashed = path
-        .replace("%2F", "/")
+    Cow::Owned(normal_path(&for_routing_raw(path)))
+}
+
+/// Why a path in normal form would be read by some upstreams as another
+/// path than the one it is routed as, if it would; such a path is refused
+/// (400), since routing it either way could side-step a route's gate
+/// (regressions, found by an audit: `/api/reports/..\orders` was routed as
+/// a pass-through `reports` path and taken by a Node upstream for
+/// `/api/orders`; `/api/orders%2F..%2Freports` was routed as `/api/reports`
+/// and taken by a WSGI upstream for an `/api/orders/...` path). No client
+/// of an API writes these.
+pub fn ambiguous(path: &str) -> Option<&'static str> {
+    let bytes = path.as_bytes();
+    if bytes.contains(&b'\\') {
+        return Some("a raw backslash, which some servers take for a slash (send it as %5C)");
+    }
+    let dot = |segment: &str| matches!(segment, "." | "..");
+    if bytes.contains(&b';')
+        && path
+            .split('/')
+            .any(|s| s.contains(';') && dot(s.split(';').next().unwrap_or("")))
+    {
+        return Some(
+            "a dot segment with parameters (`..;`), which servlet containers resolve as `..`",
+        );
+    }
+    if bytes.contains(&b'%') {
+        let slashed = for_routing_raw(path);
+        if slashed.split('/').any(dot) {
+            return Some(
+                "a `.` or `..` segment beside an encoded slash (%2F, %5C), which servers that decode the slash resolve differently",
+            );
+        }
+    }
+    None
+}
+
+/// `%2F` and `%5C` (either case) as `/`, nothing else changed.
+fn for_routing_raw(path: &str) -> String {
+    path.replace("%2F", "/")
         .replace("%2f", "/")
         .replace("%5C", "/")
-        .replace("%5c", "/");
-    Cow::Owned(normal_path(&slashed))
+        .replace("%5c", "/")
 }
 
 /// An absolute path in normal form: unreserved escapes decoded, `.` and
@@ -178,6 +216,29 @@ mod tests {
         ];
         for (sent, want) in cases {
             assert_eq!(for_routing(sent), *want, "{sent}");
+        }
+    }
+
+    #[test]
+    fn paths_read_differently_by_some_servers_table() {
+        let cases: &[(&str, bool)] = &[
+            ("/api/orders", false),
+            ("/api/orders%2F7", false),
+            ("/a;b/c", false),
+            ("/a/b;v=1", false),
+            ("/.well-known/x", false),
+            ("/a/...;x", false),
+            ("/api/reports/..\\orders", true),
+            ("/api\\orders", true),
+            ("/api/reports/..;/orders", true),
+            ("/api/.;x/orders", true),
+            ("/api/orders%2F..%2Freports", true),
+            ("/api/orders%2F.%2Freports", true),
+            ("/api/orders/..%5Creports", true),
+            ("/api/orders%2F..x", false),
+        ];
+        for (path, refused) in cases {
+            assert_eq!(ambiguous(path).is_some(), *refused, "{path}");
         }
     }
 

@@ -311,6 +311,14 @@ impl Proxy {
         if let Some(uri) = path::normalized(request.uri()) {
             *request.uri_mut() = uri;
         }
+        if let Some(why) = path::ambiguous(request.uri().path()) {
+            ctx.outcome = "rejected";
+            return Problem::new(
+                Code::BadRequest,
+                format!("this path holds {why}: upstreams may read it as another path than the one it is routed as"),
+            )
+            .into_response();
+        }
         if request.version() == http::Version::HTTP_2 {
             headers::join_cookies(request.headers_mut());
         }

@@ -245,6 +245,38 @@ async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
     }
 }
 
+/// Regression (audit): paths some upstreams read as another path than the
+/// one idemgate routed: a raw backslash (`/api/reports/..\\orders`: a
+/// pass-through `reports` path to idemgate, `/api/orders` to a Node
+/// upstream, past the orders route's gate), a dot segment with parameters
+/// (`..;`, servlet containers), dot segments beside encoded slashes (WSGI
+/// decodes `%2F` but does not resolve `..`). They are refused with 400 and
+/// nothing is forwarded.
+#[tokio::test]
+async fn paths_upstreams_may_read_as_another_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let routes = "  - { name: orders, match: { path_prefix: /api/orders }, upstream: up, idempotency: { } }\n  - { name: reports, match: { path_prefix: /api/reports }, upstream: up }";
+    let (upstream, proxy) = passthrough("", routes).await;
+    for path in [
+        "/api/reports/..\\orders",
+        "/api/reports/..;/orders",
+        "/api/orders%2F..%2Freports",
+        "/api/reports/..%5Corders",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("bad_request"), "{path}: {answer}");
+    }
+    assert_eq!(upstream.hits(), 0, "nothing forwarded");
+}
+
 /// One `GET /x` through a pass-through proxy in front of `upstream`.
 async fn get_through(upstream: std::net::SocketAddr) -> common::Reply {
     let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
