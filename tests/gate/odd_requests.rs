@@ -297,7 +297,8 @@ async fn encoded_slashes_and_lower_case_methods_do_not_side_step_the_gate(backen
     for (method, path) in [
         ("POST", "/api%2Forders"),
         ("patch", "/api/orders/7"),
-        ("post", "/x/..%2Fapi"),
+        // (`/x/..%2Fapi` is refused now: a `..` beside an encoded slash.)
+        ("post", "/api%5Corders%2F7"),
     ] {
         let url = s.proxy.url(path);
         let missing = s.client.send(method, &url, &[], "{}").await;
