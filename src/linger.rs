@@ -10,6 +10,13 @@
 //! connection usable for the client's next request. Lingering ends when
 //! shutdown begins: an answered request is not in flight. HTTP/2 needs none
 //! of this: a stream's unread body is cancelled on its own.
+//!
+//! Not a body its client holds back for `Expect: 100-continue` and that was
+//! never asked for: no `100 Continue` went out, so the client sends no body
+//! and what it sends next is its next request, which lingering would read
+//! as this one's body, and the bytes of that request's body as a request
+//! (regression: a desync found by an audit, a request smuggled in a body).
+//! Dropped unread, hyper closes the connection after the answer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -33,13 +40,18 @@ pub struct Lingering {
     body: Option<Incoming>,
     /// The proxy's shutdown, which ends the lingering.
     draining: CancellationToken,
+    /// The client waits for `100 Continue` before it sends the body, and
+    /// nothing has asked for the body yet (no `100` went out).
+    held_back: bool,
 }
 
 impl Lingering {
-    pub fn new(body: Incoming, draining: &CancellationToken) -> Lingering {
+    /// `expects_continue`: the request said `Expect: 100-continue`.
+    pub fn new(body: Incoming, draining: &CancellationToken, expects_continue: bool) -> Lingering {
         Lingering {
             body: Some(body),
             draining: draining.clone(),
+            held_back: expects_continue,
         }
     }
 }
@@ -52,6 +64,8 @@ impl Body for Lingering {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Asked for: hyper sends `100 Continue`, and the client its body.
+        self.held_back = false;
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
@@ -78,7 +92,7 @@ impl Drop for Lingering {
         let Some(body) = self.body.take() else {
             return;
         };
-        if body.is_end_stream() {
+        if body.is_end_stream() || self.held_back {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

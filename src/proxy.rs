@@ -280,7 +280,12 @@ impl Proxy {
         let lingers = request.version() != http::Version::HTTP_2
             && !hyper::body::Body::is_end_stream(request.body());
         let request = match lingers {
-            true => request.map(|body| body::boxed(Lingering::new(body, &self.draining))),
+            true => {
+                let expects_continue = (request.headers().get(http::header::EXPECT))
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                request
+                    .map(|body| body::boxed(Lingering::new(body, &self.draining, expects_continue)))
+            }
             false => request.map(body::boxed),
         };
         let mut response = self

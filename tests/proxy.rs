@@ -277,6 +277,47 @@ async fn paths_upstreams_may_read_as_another_are_refused() {
     assert_eq!(upstream.hits(), 0, "nothing forwarded");
 }
 
+/// Regression (audit): a request with `Expect: 100-continue` answered
+/// before its body was asked for (404, a missing key, 413) got no `100`,
+/// so its client sent no body; yet the connection stayed open and the
+/// unread body was "lingered": the client's next request was read as that
+/// body, and the next request's body as a request of its own, smuggled to
+/// the upstream. The connection is closed after such an answer instead.
+#[tokio::test]
+async fn an_unasked_expect_continue_body_is_never_read_from_the_next_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let routes = "  - { name: api, match: { path_prefix: /api }, upstream: up }";
+    let (upstream, proxy) = passthrough("", routes).await;
+    let smuggled = "GET /api/smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
+    let next = format!(
+        "POST /api/next HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        smuggled.len()
+    );
+    let first = format!(
+        "POST /nope HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        next.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(first.as_bytes()).await.unwrap();
+    let mut head = vec![0; 4096];
+    let n = stream.read(&mut head).await.unwrap();
+    let answer = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    // The client, told nothing to continue, goes on with its next request.
+    let _ = stream.write_all(next.as_bytes()).await;
+    let _ = stream.write_all(smuggled.as_bytes()).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+    let _ = read.await.expect("the connection is closed");
+    assert_eq!(
+        upstream.hits(),
+        0,
+        "nothing reached the upstream: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
 /// One `GET /x` through a pass-through proxy in front of `upstream`.
 async fn get_through(upstream: std::net::SocketAddr) -> common::Reply {
     let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
