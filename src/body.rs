@@ -39,6 +39,23 @@ pub enum ReadError {
     Stalled,
     /// The client's stream broke.
     Broken,
+    /// The body's framing is invalid (a bad chunk): the client's request is
+    /// malformed, and the client is still there for its 400.
+    Malformed,
+}
+
+/// Whether a body's error says its framing was invalid (hyper's decoder:
+/// an I/O error of kind `InvalidInput` or `InvalidData` among its
+/// sources), rather than that its stream broke off (`UnexpectedEof`, a reset).
+pub fn malformed(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            )
+        })
+    })
 }
 
 /// How long a protected request's body may stall between frames.
@@ -52,6 +69,7 @@ pub async fn read_limited<B>(
 ) -> Result<Bytes, ReadError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     if body.size_hint().lower() > limit {
         return Err(ReadError::TooLarge);
@@ -61,7 +79,13 @@ where
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Err(_) => return Err(ReadError::Stalled),
             Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(_))) => return Err(ReadError::Broken),
+            Ok(Some(Err(error))) => {
+                let error: BoxError = error.into();
+                return Err(match malformed(&*error) {
+                    true => ReadError::Malformed,
+                    false => ReadError::Broken,
+                });
+            }
             Ok(Some(Ok(frame))) => frame,
         };
         if let Ok(data) = frame.into_data() {

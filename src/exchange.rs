@@ -198,7 +198,7 @@ impl Exchange {
                 (send_error_problem(error), false)
             }
             // (A protected request's body is in memory: it cannot break off.)
-            Ok(Err(error @ (SendError::Broken(_) | SendError::ClientBody))) => {
+            Ok(Err(error @ (SendError::Broken(_) | SendError::ClientBody { .. }))) => {
                 self.finish_admission(false);
                 self.settle_unknown("the upstream connection broke after the request was sent")
                     .await;

@@ -468,6 +468,11 @@ fn read_error_problem(error: ReadError, limit: u64) -> Response<ProxyBody> {
             Code::RequestTimeout,
             "the request body did not arrive in time; nothing was claimed or forwarded",
         ),
+        // Regression: answered 408 ("did not arrive in time") and logged 499.
+        ReadError::Malformed => Problem::new(
+            Code::BadRequest,
+            "the request body's framing is invalid (a bad chunk); nothing was claimed or forwarded",
+        ),
     }
     .into_response()
 }

@@ -425,9 +425,11 @@ impl Proxy {
                 Response::from_parts(parts, body::boxed(incoming))
             }
             // The admission is dropped unjudged: the upstream did nothing wrong.
-            Some(Err(SendError::ClientBody)) => {
-                ctx.client_gone = true;
-                send_error_problem(SendError::ClientBody)
+            Some(Err(error @ SendError::ClientBody { malformed })) => {
+                // A malformed body's client is there for its 400
+                // (regression: logged as 499).
+                ctx.client_gone = !malformed;
+                send_error_problem(error)
             }
             Some(Err(error)) => {
                 admission.finish(false);
@@ -496,9 +498,14 @@ pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
             )
             .into_response()
         }
-        SendError::ClientBody => Problem::new(
+        SendError::ClientBody { malformed: false } => Problem::new(
             Code::BadRequest,
             "the request body broke off before it was sent whole",
+        )
+        .into_response(),
+        SendError::ClientBody { malformed: true } => Problem::new(
+            Code::BadRequest,
+            "the request body's framing is invalid (a bad chunk); it was not sent whole",
         )
         .into_response(),
     }

@@ -29,8 +29,9 @@ pub enum SendError {
     /// The connection broke after (part of) the request may have been sent.
     Broken(String),
     /// The client's request body broke off while it was being sent (the
-    /// client went away): not the upstream's failure.
-    ClientBody,
+    /// client went away), or its framing was invalid (`malformed`: the
+    /// client is still there): not the upstream's failure.
+    ClientBody { malformed: bool },
 }
 
 pub struct Upstream {
@@ -445,7 +446,9 @@ impl SendError {
     /// upstream refused the TLS handshake (its application saw nothing).
     fn after_send(error: &(dyn std::error::Error + 'static)) -> SendError {
         if client_body_broke(error) {
-            SendError::ClientBody
+            SendError::ClientBody {
+                malformed: crate::body::malformed(error),
+            }
         } else if handshake_rejected(error) {
             SendError::connect(error)
         } else {

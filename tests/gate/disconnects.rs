@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::binary::Binary;
@@ -180,4 +180,45 @@ async fn a_client_gone_mid_body_is_logged_499_not_408() {
     assert_eq!(lines[0]["status"], 499, "{}", lines[0]);
     assert_eq!(lines[0]["key"], "k-half");
     assert_eq!(upstream.hits(), 0, "nothing forwarded");
+}
+
+/// Regression (audit): a body whose chunked framing is invalid was taken
+/// for a client gone: answered `408` ("did not arrive in time") on a
+/// protected route, and logged as 499 on both kinds of route, though the
+/// client was there for its answer. It is a `400 bad_request`, logged 400.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400_not_a_client_gone() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    let yaml = crate::yaml(&Backend::memory().store_yaml(), &upstream, "", "").replace(
+        "routes:\n",
+        "routes:\n  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }\n",
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = Binary::serve(&path);
+    for (path, key) in [
+        ("/api/orders", "idempotency-key: k-chunk\r\n"),
+        ("/plain", ""),
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\n{key}transfer-encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+        let _ = read.await.expect("answered");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("bad_request"), "{path}: {answer}");
+    }
+    eventually(Duration::from_secs(5), "two access lines", || async {
+        proxy.access_lines().len() == 2
+    })
+    .await;
+    for line in proxy.access_lines() {
+        assert_eq!(line["status"], 400, "{line}");
+    }
+    assert_eq!(upstream.answered(), 0, "no request went whole upstream");
 }
