@@ -533,13 +533,34 @@ fn routing_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Problem>
             "two Host header lines: send one",
         ));
     }
+    // RFC 9112 3.2: an HTTP/1.1 request without Host, or with one that is
+    // no host[:port], is answered 400, absolute-form target or not
+    // (regression: both were served, the bad value forwarded as
+    // X-Forwarded-Host).
+    match first {
+        None if request.version() == http::Version::HTTP_11 => {
+            return Err(Problem::new(
+                Code::BadRequest,
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        Some(host) if !host.is_empty() && !is_host_and_port(host.as_bytes()) => {
+            return Err(Problem::new(
+                Code::BadRequest,
+                "the Host header is not a host name or address with an optional port",
+            ));
+        }
+        _ => {}
+    }
     match request.uri().authority() {
         Some(_) => Ok(request_host_value(request.headers(), request.uri())),
-        None if first.is_none() && request.version() == http::Version::HTTP_11 => Err(
-            Problem::new(Code::BadRequest, "an HTTP/1.1 request needs a Host header"),
-        ),
         None => Ok(first.cloned()),
     }
+}
+
+/// `host[:port]`: an authority without userinfo (RFC 9110 7.2).
+fn is_host_and_port(value: &[u8]) -> bool {
+    !value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok()
 }
 
 /// The host the client addressed: the request target's authority when it has one, without any

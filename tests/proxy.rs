@@ -1167,6 +1167,40 @@ async fn the_request_targets_authority_routes_not_a_disagreeing_host() {
     assert_eq!(upstream.hits(), 0);
 }
 
+/// Regression (audit): an absolute-form HTTP/1.1 request without a Host
+/// header, and one whose Host was no host[:port] (`a/b`, forwarded as
+/// `X-Forwarded-Host: a/b`), were served; RFC 9112 3.2 says 400. An empty
+/// Host (allowed for a target without authority) is still served.
+#[tokio::test]
+async fn a_missing_or_malformed_host_is_a_400() {
+    let (upstream, proxy) = passthrough("", ALL).await;
+    let send = |request: &'static str| async move {
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    for request in [
+        "GET http://a/x HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: a/b\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: u@a\r\nconnection: close\r\n\r\n",
+    ] {
+        let answer = send(request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{request}: {answer}");
+        assert!(answer.contains("bad_request"), "{answer}");
+    }
+    assert_eq!(upstream.hits(), 0);
+    for request in [
+        "GET /x HTTP/1.1\r\nhost:\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: [::1]:8080\r\nconnection: close\r\n\r\n",
+        "GET http://a/x HTTP/1.1\r\nhost: other\r\nconnection: close\r\n\r\n",
+    ] {
+        let answer = send(request).await;
+        assert!(answer.starts_with("HTTP/1.1 201"), "{request}: {answer}");
+    }
+}
+
 /// Regression: a CONNECT request (no path) took the `/` route and reached
 /// the upstream as `CONNECT /`, while its client got an empty reply.
 #[tokio::test]
