@@ -172,13 +172,22 @@ impl Proxy {
                 drop(undo);
                 ctx.outcome = "forwarded";
                 let head = parts.method == http::Method::HEAD;
-                let request = self.upstream_request(
+                // SPEC 9: the key goes upstream unchanged, also when the
+                // client names it in `Connection` (regression: removed
+                // there as hop-by-hop, after the gate had used it).
+                let key_header = (parts.headers.contains_key(http::header::CONNECTION))
+                    .then(|| parts.headers.get(&policy.header).cloned())
+                    .flatten();
+                let mut request = self.upstream_request(
                     &upstream,
                     Request::from_parts(parts, body::full(body)),
                     ctx,
                     &route,
                     now,
                 );
+                if let Some(value) = key_header {
+                    request.headers_mut().insert(policy.header.clone(), value);
+                }
                 let exchange = Exchange {
                     store: self.store.clone(),
                     upstream,

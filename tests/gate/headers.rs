@@ -97,7 +97,25 @@ async fn a_status_without_a_standard_reason_says_none(backend: Backend) {
     assert_eq!(s.upstream.hits(), 1, "the second was a replay");
 }
 
+/// Regression (audit): a client that named the key header in `Connection`
+/// had it removed before forwarding (hop-by-hop), after the gate had used
+/// it; SPEC 9 says the key goes upstream unchanged.
+async fn the_key_goes_upstream_even_when_named_in_connection(backend: Backend) {
+    let s = Setup::new(backend, "", "").await;
+    let first = s
+        .post("k-conn", "{}", &[("connection", "idempotency-key")])
+        .await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let forwarded = s.upstream.last_headers();
+    assert_eq!(
+        forwarded.get("idempotency-key").map(|v| v.as_bytes()),
+        Some(&b"k-conn"[..]),
+        "{forwarded:?}"
+    );
+}
+
 both_stores!(
+    the_key_goes_upstream_even_when_named_in_connection,
     a_status_without_a_standard_reason_says_none,
     hop_by_hop_headers_are_neither_stored_nor_replayed,
     the_upstreams_own_idempotent_replayed_is_dropped,
