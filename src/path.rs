@@ -40,12 +40,36 @@ pub fn normalized(uri: &Uri) -> Option<Uri> {
 /// `%5C`) taken as `/`, as upstreams that decode the path before routing
 /// on it see it (WSGI's `PATH_INFO`: Django, Flask): `/api/orders%2F7` and
 /// `/api%2Forders/7` take the `/api/orders` route. Forwarded unchanged.
+///
+/// Path parameters (`;` to the end of a segment) are left out too, as
+/// servlet containers (Tomcat, Jetty) and Spring read a path:
+/// `/api/orders;jsessionid=1` and `/api;x/orders` take the `/api/orders`
+/// route (regression, found by an audit: they took a pass-through route,
+/// and a servlet upstream acted on them as `/api/orders`, unprotected).
 pub fn for_routing(path: &str) -> Cow<'_, str> {
     let encoded_slash = |w: &[u8]| w[0] == b'%' && matches!(&w[1..], b"2F" | b"2f" | b"5C" | b"5c");
-    if !path.contains('%') || !path.as_bytes().windows(3).any(encoded_slash) {
+    let slashes = path.contains('%') && path.as_bytes().windows(3).any(encoded_slash);
+    let params = path.contains(';');
+    if !slashes && !params {
         return Cow::Borrowed(path);
     }
-    Cow::Owned(normal_path(&for_routing_raw(path)))
+    let path = if slashes {
+        Cow::Owned(normal_path(&for_routing_raw(path)))
+    } else {
+        Cow::Borrowed(path)
+    };
+    if !params {
+        return path;
+    }
+    let mut bare = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            bare.push('/');
+        }
+        bare.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    // A segment that was all parameters leaves an empty one: merged.
+    Cow::Owned(normal_path(&bare))
 }
 
 /// Why a path in normal form would be read by some upstreams as another
@@ -213,6 +237,12 @@ mod tests {
             ("/x/..%2F..%2Fapi/orders", "/api/orders"),
             ("/api/orders%2F", "/api/orders/"),
             ("/a%2", "/a%2"),
+            ("/api/orders;jsessionid=1", "/api/orders"),
+            ("/api;x/orders", "/api/orders"),
+            ("/api;x=1;y/orders/7;v", "/api/orders/7"),
+            ("/api%2Forders;x", "/api/orders"),
+            ("/a/b;/", "/a/b/"),
+            ("/;x/api/orders", "/api/orders"),
         ];
         for (sent, want) in cases {
             assert_eq!(for_routing(sent), *want, "{sent}");

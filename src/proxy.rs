@@ -281,8 +281,12 @@ impl Proxy {
             && !hyper::body::Body::is_end_stream(request.body());
         let request = match lingers {
             true => {
-                let expects_continue = (request.headers().get(http::header::EXPECT))
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                // Any line, as hyper reads the last (regression: the first
+                // was read, and `Expect: x` then `Expect: 100-continue`
+                // desynced the connection again); HTTP/1.0 has none.
+                let expects_continue = request.version() == http::Version::HTTP_11
+                    && (request.headers().get_all(http::header::EXPECT).iter())
+                        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
                 request
                     .map(|body| body::boxed(Lingering::new(body, &self.draining, expects_continue)))
             }
@@ -558,9 +562,31 @@ fn routing_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Problem>
     }
 }
 
-/// `host[:port]`: an authority without userinfo (RFC 9110 7.2).
+/// `host[:port]`: an authority without userinfo (RFC 9110 7.2), whose
+/// port is digits and whose IPv6 literal ends it or comes before its port
+/// (regression, a verification audit: `example.com:abc` and `[::1]x`
+/// passed the authority parser, which checks neither).
 fn is_host_and_port(value: &[u8]) -> bool {
-    !value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok()
+    let port = match value.strip_prefix(b"[") {
+        Some(v6) => match v6.iter().position(|&b| b == b']') {
+            Some(end) => match &v6[end + 1..] {
+                [] => Some(&[][..]),
+                [b':', port @ ..] => Some(port),
+                _ => None,
+            },
+            None => None,
+        },
+        None => Some(
+            value
+                .rsplit(|&b| b == b':')
+                .next()
+                .filter(|_| value.contains(&b':'))
+                .unwrap_or(&[]),
+        ),
+    };
+    port.is_some_and(|port| port.len() <= 5 && port.iter().all(u8::is_ascii_digit))
+        && !value.contains(&b'@')
+        && http::uri::Authority::try_from(value).is_ok()
 }
 
 /// The host the client addressed: the request target's authority when it has one, without any

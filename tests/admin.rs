@@ -1174,6 +1174,21 @@ async fn records_of_a_route_a_reload_removed_can_still_be_resolved(backend: Back
     );
     let got = call(&client, "GET", &admin("/keys/orders/k-gone-d"), None, "").await;
     assert_eq!(got.json()[0]["state"], "completed", "{got:?}");
+    // Records under the old name, none of them unknown now: an empty list,
+    // not a 404 (regression, a verification audit).
+    let none = call(
+        &client,
+        "GET",
+        &admin("/keys?state=unknown&route=orders"),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(
+        (none.status.as_u16(), none.json()),
+        (200, serde_json::json!([])),
+        "{none:?}"
+    );
     for key in ["k-gone-u", "k-gone-d"] {
         let url = admin(&format!("/keys/orders/{key}"));
         let purged = call(&client, "DELETE", &url, Some(TOKEN), "").await;

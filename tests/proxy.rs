@@ -293,28 +293,65 @@ async fn an_unasked_expect_continue_body_is_never_read_from_the_next_request() {
         "POST /api/next HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
         smuggled.len()
     );
-    let first = format!(
-        "POST /nope HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
-        next.len()
-    );
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(first.as_bytes()).await.unwrap();
-    let mut head = vec![0; 4096];
-    let n = stream.read(&mut head).await.unwrap();
-    let answer = String::from_utf8_lossy(&head[..n]).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-    assert!(!answer.contains("100 Continue"), "{answer}");
-    // The client, told nothing to continue, goes on with its next request.
-    let _ = stream.write_all(next.as_bytes()).await;
-    let _ = stream.write_all(smuggled.as_bytes()).await;
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
-    let _ = read.await.expect("the connection is closed");
+    // Regression (a verification audit): with two lines, hyper heeds the
+    // last one, and the first was all idemgate read.
+    for expect in [
+        "expect: 100-continue\r\n",
+        "expect: x\r\nexpect: 100-continue\r\n",
+    ] {
+        let first = format!(
+            "POST /nope HTTP/1.1\r\nhost: x\r\n{expect}content-length: {}\r\n\r\n",
+            next.len()
+        );
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(first.as_bytes()).await.unwrap();
+        let mut head = vec![0; 4096];
+        let n = stream.read(&mut head).await.unwrap();
+        let answer = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        assert!(!answer.contains("100 Continue"), "{answer}");
+        // The client, told nothing to continue, goes on with its next request.
+        let _ = stream.write_all(next.as_bytes()).await;
+        let _ = stream.write_all(smuggled.as_bytes()).await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+        let _ = read.await.expect("the connection is closed");
+        assert_eq!(
+            upstream.hits(),
+            0,
+            "{expect}: nothing reached the upstream: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+/// Regression (audit): path parameters (`;...` in a segment) kept a path
+/// off its protected route: `/api/orders;jsessionid=1` took the catch-all
+/// pass-through route, and a servlet upstream (Tomcat, Spring), which
+/// drops them, acted on it as `/api/orders`, unprotected. Routes are
+/// matched without them; the path is forwarded as sent.
+#[tokio::test]
+async fn path_parameters_do_not_keep_a_path_off_its_route() {
+    let routes = "  - { name: orders, match: { path_prefix: /api/orders }, upstream: up, idempotency: { } }\n  - { name: rest, match: { path_prefix: / }, upstream: up }";
+    let (upstream, proxy) = passthrough("", routes).await;
+    let client = TestClient::new();
+    for path in ["/api/orders;jsessionid=1", "/api;x/orders/7"] {
+        let missing = client.send("POST", &proxy.url(path), &[], "{}").await;
+        assert_eq!(
+            missing.code(),
+            "idempotency_key_missing",
+            "{path}: {missing:?}"
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+    let keyed = [("idempotency-key", "k-params")];
+    let url = proxy.url("/api/orders;jsessionid=1");
+    let first = client.send("POST", &url, &keyed, "{}").await;
+    assert_eq!(first.status, 201, "{first:?}");
     assert_eq!(
-        upstream.hits(),
-        0,
-        "nothing reached the upstream: {:?}",
-        String::from_utf8_lossy(&rest)
+        upstream.last_uri(),
+        "/api/orders;jsessionid=1",
+        "forwarded as sent"
     );
 }
 
@@ -1185,6 +1222,10 @@ async fn a_missing_or_malformed_host_is_a_400() {
         "GET http://a/x HTTP/1.1\r\nconnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nhost: a/b\r\nconnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nhost: u@a\r\nconnection: close\r\n\r\n",
+        // Ports of no digits, a tail after an IPv6 literal (a verification audit).
+        "GET /x HTTP/1.1\r\nhost: example.com:abc\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: example.com:evil.com\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: [::1]x\r\nconnection: close\r\n\r\n",
     ] {
         let answer = send(request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{request}: {answer}");
@@ -1194,6 +1235,8 @@ async fn a_missing_or_malformed_host_is_a_400() {
     for request in [
         "GET /x HTTP/1.1\r\nhost:\r\nconnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nhost: [::1]:8080\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: [::1]\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: example.com.:443\r\nconnection: close\r\n\r\n",
         "GET http://a/x HTTP/1.1\r\nhost: other\r\nconnection: close\r\n\r\n",
     ] {
         let answer = send(request).await;

@@ -11,7 +11,7 @@ use super::{Admin, json_response, param};
 use crate::body::{self, ProxyBody};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::StoredResponse;
-use crate::keys::{is_unknown, listing_json, no_such_route, record_json};
+use crate::keys::{is_unknown, listing_json, no_such_route, record_json, unlisted_route};
 use crate::problem::{Code, Problem};
 use crate::store::{Listing, Resolved, StoreError};
 
@@ -46,9 +46,10 @@ impl Admin {
             })
             .await
             .map_err(store_problem)?;
-        if let Some(why) = (route.as_deref())
-            .filter(|_| records.is_empty())
-            .and_then(|r| no_such_route(&config, r))
+        if let Some(route) = route.as_deref().filter(|_| records.is_empty())
+            && let Some(why) = unlisted_route(&config, &self.proxy.store, route)
+                .await
+                .map_err(store_problem)?
         {
             return Err(Problem::new(Code::NotFound, why));
         }

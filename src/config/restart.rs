@@ -71,6 +71,18 @@ impl Config {
     /// new scope header let a completed request run again).
     pub fn record_changes(&self, new: &Config) -> Vec<String> {
         let mut said = Vec::new();
+        // A route's name is part of its records' keys (regression, a
+        // verification audit: a rename let completed requests run again,
+        // unsaid).
+        for gone in (self.routes.iter())
+            .filter(|r| r.idempotency.is_some())
+            .filter(|r| !new.routes.iter().any(|n| n.name == r.name))
+        {
+            said.push(format!(
+                "route {}: removed or renamed: its records (kept under its name) are no longer found, so a retry of a request it handled is forwarded afresh (a completed request may run again) under whatever route now takes it; `keys` still reaches them by the old name",
+                gone.name
+            ));
+        }
         for route in &new.routes {
             let old = self.routes.iter().find(|r| r.name == route.name);
             let (Some(was), Some(is)) = (
@@ -117,6 +129,13 @@ mod tests {
         );
         let printed = config("defaults: { idempotency: { fingerprint: { query: false } } }\n");
         assert!(old.record_changes(&old).is_empty());
+        let mut new = config("");
+        new.routes[0].name = "b".into();
+        let renamed = old.record_changes(&new);
+        assert!(
+            renamed.len() == 1 && renamed[0].starts_with("route a: removed or renamed"),
+            "{renamed:?}"
+        );
         let said = old.record_changes(&scoped);
         assert!(
             said.len() == 1 && said[0].starts_with("route a: scope.headers changed"),

@@ -170,10 +170,21 @@ fn scenarios() -> Vec<Value> {
             ],
         ),
         // Regression: an upstream no request went to stayed half-open (2,
-        // awaiting its probe) and the alert fired for good.
+        // awaiting its probe) and the alert fired for good; then (a
+        // verification audit) it still did while another instance's circuit
+        // for the same upstream was closed.
         scenario(
             "IdemgateCircuitOpen",
-            &[("idemgate_circuit_state{upstream=\"quiet\"}", "0x2 1x2 2x40")],
+            &[
+                (
+                    "idemgate_circuit_state{upstream=\"quiet\",instance=\"a\"}",
+                    "0x2 1x2 2x40",
+                ),
+                (
+                    "idemgate_circuit_state{upstream=\"quiet\",instance=\"b\"}",
+                    "0x44",
+                ),
+            ],
             &[
                 ("3m", json!({ "upstream": "quiet", "severity": "warning" })),
                 ("8m", json!({ "upstream": "quiet", "severity": "warning" })),
