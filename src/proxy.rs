@@ -583,9 +583,9 @@ fn is_host_and_port(value: &[u8]) -> bool {
         None => {
             let colon = value.iter().position(|&b| b == b':').unwrap_or(value.len());
             let name = &value[..colon];
-            let ok = name.iter().all(|&b| {
-                b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b)
-            });
+            let ok = name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b));
             (ok, &value[colon..])
         }
     };

@@ -1252,6 +1252,26 @@ async fn the_memory_stores_fill_is_a_gauge_and_its_bound_refuses_new_keys() {
     assert!(!text.contains("idemgate_store_records{"), "{text}");
 }
 
+/// Regression (audit): a `PUT /keys/...` body over the 16 MiB limit was
+/// answered `400 "the body could not be read"`, the limit said nowhere.
+#[tokio::test]
+async fn a_recorded_response_over_the_limit_is_a_413_that_names_it() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
+    let scope = "0".repeat(64);
+    let url = proxy.admin_url(&format!("/keys/orders/k-big?scope={scope}"));
+    let body = format!(
+        "{{\"status\": 201, \"body\": \"{}\"}}",
+        "x".repeat(17 << 20)
+    );
+    let put = call(&TestClient::new(), "PUT", &url, Some(TOKEN), &body).await;
+    assert_eq!(put.code(), "request_too_large", "{put:?}");
+    assert!(
+        put.json()["detail"].as_str().unwrap().contains("16777216"),
+        "{put:?}"
+    );
+}
+
 both_stores!(
     keys_purge_refuses_an_attempt_still_running_unless_forced,
     records_of_a_route_a_reload_removed_can_still_be_resolved,

@@ -219,6 +219,30 @@ fn env_vars_are_expanded_and_a_missing_one_is_named() {
     assert!(e.message.contains("IDEMGATE_TEST_UNSET_8731"), "{e}");
 }
 
+/// Regression (audit): a token with a trailing newline (a Kubernetes
+/// secret made `--from-file`) was taken in, and no bearer header could
+/// carry it: every mutating admin call got 401. It is an error that never
+/// shows the value.
+#[test]
+fn an_admin_token_with_whitespace_is_an_error_that_hides_it() {
+    // SAFETY: this test binary sets only variables of its own, unique names.
+    unsafe { std::env::set_var("IDEMGATE_TEST_TOKEN_NL_4471", "tok-nl-4471\n") };
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:9090, token: \"${{IDEMGATE_TEST_TOKEN_NL_4471}}\" }}\n{BASE}routes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+    );
+    let errs = errors(&yaml);
+    let e = error_at(&errs, "admin.token");
+    assert!(e.to_string().contains("whitespace"), "{e}");
+    assert!(
+        !e.to_string().contains("tok-nl-4471"),
+        "the secret shown: {e}"
+    );
+    let errs = errors(&format!(
+        "admin: {{ listen: 127.0.0.1:9090, token: \"a b\" }}\n{BASE}routes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+    ));
+    error_at(&errs, "admin.token");
+}
+
 #[test]
 fn route_settings_override_defaults_field_by_field() {
     let yaml = format!(

@@ -115,9 +115,23 @@ impl Admin {
                 "PUT needs ?scope=HEX (see GET /keys/{route}/{key})",
             ));
         };
+        // Each failure said as such (regression, found by an audit: all
+        // were "the body could not be read", the limit nowhere).
         let bytes = body::read_limited(body, MAX_ADMIN_BODY, body::BODY_STALL)
             .await
-            .map_err(|_| Problem::new(Code::BadRequest, "the body could not be read"))?;
+            .map_err(|error| match error {
+                body::ReadError::TooLarge => Problem::new(
+                    Code::RequestTooLarge,
+                    format!("a recorded response is at most {MAX_ADMIN_BODY} bytes of JSON"),
+                ),
+                body::ReadError::Stalled => Problem::new(
+                    Code::RequestTimeout,
+                    "the body stalled for 10 s; nothing was recorded",
+                ),
+                body::ReadError::Broken | body::ReadError::Malformed => {
+                    Problem::new(Code::BadRequest, "the body broke off or was malformed")
+                }
+            })?;
         let response = manual_response(&bytes)?;
         // A route a reload removed: the default ttl.
         let ttl = (self.proxy.routing().config.routes.iter())

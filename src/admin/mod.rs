@@ -182,10 +182,15 @@ impl Admin {
 /// `/keys/{route}/{key}` with the key percent-decoded (it may contain `/`).
 fn key_path(path: &str) -> Option<(String, String)> {
     let (route, key) = path.strip_prefix("/keys/")?.split_once('/')?;
-    let key = percent_encoding::percent_decode_str(key)
-        .decode_utf8()
-        .ok()?;
-    (!route.is_empty() && !key.is_empty()).then(|| (route.to_owned(), key.into_owned()))
+    // Both decoded (regression, found by an audit: only the key was, and
+    // `keys get --route my-orders`, which sends `my%2Dorders`, got a 404).
+    let decode = |s| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .filter(|s| !s.is_empty())
+    };
+    Some((decode(route)?.into_owned(), decode(key)?.into_owned()))
 }
 
 /// `?scope=HEX`, when given: 64 hex digits (any case), or a `400`.
@@ -255,6 +260,10 @@ mod tests {
         assert_eq!(
             key_path("/keys/orders/a%2Fb%20c"),
             Some(("orders".into(), "a/b c".into()))
+        );
+        assert_eq!(
+            key_path("/keys/my%2Dorders/k1"),
+            Some(("my-orders".into(), "k1".into()))
         );
         assert_eq!(key_path("/keys/orders/"), None);
         assert_eq!(key_path("/keys/orders"), None);

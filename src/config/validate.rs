@@ -117,12 +117,27 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
             );
             return None;
         }
+        let token = match &admin.token {
+            Some(t) => Some(c.text("admin.token", t)?).filter(|t| !t.is_empty()),
+            None => None,
+        };
+        // Never quoted: it is a secret (regression, found by an audit: a
+        // Kubernetes secret's trailing newline was taken in, and no bearer
+        // header could carry it: every mutating call got 401).
+        if let (Some(t), Some(written)) = (&token, &admin.token)
+            && !t.bytes().all(|b| b.is_ascii_graphic())
+        {
+            c.fail(
+                "admin.token",
+                Some(&written.referenced),
+                "holds whitespace or a control character (a secret file's trailing newline?), which no bearer header can carry",
+                "remove it: e.g. create the secret with --from-literal, or strip the file's final newline",
+            );
+            return None;
+        }
         Some(Admin {
             listen: address,
-            token: match &admin.token {
-                Some(t) => Some(c.text("admin.token", t)?).filter(|t| !t.is_empty()),
-                None => None,
-            },
+            token,
         })
     });
     let store = build_store(c, file.store.as_ref());
