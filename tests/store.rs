@@ -1341,3 +1341,42 @@ async fn purge_reads_earlier_formats_and_deletes_damaged_values() {
         .unwrap();
     assert_eq!(store.purge(&damaged, false).await.unwrap(), Resolved::Done);
 }
+
+/// Regression (audit): a listing's first pass read every value whole into
+/// Redis's Lua to cut its head off, in pipelines of 500: with large stored
+/// responses a pipeline outlasted `op_timeout`, so `keys unknown` and
+/// `GET /keys` always failed (and counted store errors) while live claims
+/// queued behind it. Heads come from the value's first bytes alone now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_among_large_records_reads_their_heads_only() {
+    let server = common::RedisServer::start_own().await;
+    let backend = Backend::Redis(server);
+    // A short op_timeout: 100 MB read whole in one pipeline cannot make it.
+    let store = open_config(&{
+        let mut config = config(&backend);
+        config.store.op_timeout = Duration::from_millis(100);
+        config
+    });
+    let body = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let large = StoredResponse {
+        status: 201,
+        headers: Default::default(),
+        body_size: body.len() as u64,
+        body: Some(body),
+    };
+    for i in 0..100 {
+        complete_new_with(&store, &key(&format!("large-{i}")), &large).await;
+    }
+    complete_new(&store, &key("needle"), 201).await;
+    let found = store
+        .records(Some("r"), None, |k, _| k.key == "needle")
+        .await
+        .expect("the listing comes back within op_timeout per pipeline");
+    assert_eq!(found.found.len(), 1);
+    // Whole records, bodies and all, in pipelines small enough too.
+    let all = store
+        .records(Some("r"), None, |_, _| true)
+        .await
+        .expect("every record, whole");
+    assert_eq!(all.found.len(), 101);
+}

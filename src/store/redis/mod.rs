@@ -34,6 +34,12 @@ use wire::{EncodedKey, glob_escape, parse_record};
 /// Records read per round trip in a listing (standalone Redis): a listing
 /// of a million records takes two thousand round trips, not a million.
 const READ_BATCH: usize = 500;
+/// The bytes of whole records (responses of up to `max_response_body` each)
+/// read in one pipeline of a listing, by the lengths its first pass read:
+/// a pipeline must come back within `op_timeout`, and live requests'
+/// commands wait behind it (regression: 500 records of 1 MiB in one
+/// pipeline failed every listing and held claims up for 250 ms each).
+const READ_WHOLE_BYTES: u64 = 4 << 20;
 
 pub struct RedisStore {
     link: link::Link,
@@ -347,7 +353,7 @@ impl RedisStore {
     ) -> Result<Vec<(StorageKey, Result<Record, String>)>, StoreError> {
         let rows = self.read(conn, keys, false).await?;
         let mut out = Vec::new();
-        for (key, row) in keys.iter().zip(rows) {
+        for (key, (row, _)) in keys.iter().zip(rows) {
             let record = match row {
                 Ok(None) => continue,
                 Ok(Some(record)) => compact::check_complete(&record)
@@ -363,13 +369,14 @@ impl RedisStore {
     /// The records at `keys` in either format, `None` where a key holds no
     /// record, `Err` with why where it holds a value idemgate cannot read:
     /// one pipeline of the read script. With `heads` a value comes without
-    /// its response (and a hash without its response fields).
+    /// its response (and a hash without its response fields), with the
+    /// whole value's length (else 0).
     async fn read(
         &self,
         mut conn: link::Handle,
         keys: &[StorageKey],
         heads: bool,
-    ) -> Result<Vec<Result<Option<Record>, String>>, StoreError> {
+    ) -> Result<Vec<(Result<Option<Record>, String>, u64)>, StoreError> {
         // The fields read of a record hash; `-` (no such field) for those left out.
         let fields = RECORD_FIELDS.map(|f| {
             if !heads || HEAD_FIELDS.contains(&f) {
@@ -401,7 +408,10 @@ impl RedisStore {
             .await?;
         Ok(rows
             .into_iter()
-            .map(|row| parse_row(row).map_err(damage))
+            .map(|row| {
+                let size = row.get(4).and_then(|v| from_value::<u64>(v.clone()).ok());
+                (parse_row(row).map_err(damage), size.unwrap_or(0))
+            })
             .collect())
     }
 
@@ -418,9 +428,10 @@ impl RedisStore {
     /// and each read gets `op_timeout` of its own. The pattern may match a
     /// little more than asked (a `*` spans `:` in a key): `keep` checks the
     /// route and key too. With `heads_first` each batch is read twice:
-    /// first without the responses (`HEAD_FIELDS`) for `keep` to judge,
-    /// then whole for the records it kept, judged again (a record may move
-    /// on in between). So listing the few unknown outcomes among a million
+    /// first without the responses (`HEAD_FIELDS`; a value's first bytes)
+    /// for `keep` to judge, then whole for the records it kept, in
+    /// pipelines of at most [`READ_WHOLE_BYTES`] by the lengths the first
+    /// pass read, judged again (a record may move on in between). So listing the few unknown outcomes among a million
     /// completed records neither transfers nor holds their bodies.
     pub async fn records(
         &self,
@@ -461,30 +472,41 @@ impl RedisStore {
         };
         let mut listing = Listing::default();
         for keys in keys.chunks(batch) {
-            let kept: Vec<StorageKey>;
-            let keys = if heads_first {
+            // The keys to read whole, each with its value's length (0: not known).
+            let wanted: Vec<(StorageKey, u64)> = if heads_first {
                 let heads = self.read(conn.clone(), keys, true).await?;
                 let mut wanted = Vec::new();
-                for (key, head) in keys.iter().zip(heads) {
+                for (key, (head, size)) in keys.iter().zip(heads) {
                     match head {
-                        Ok(Some(head)) if keep(key, &head) => wanted.push(key.clone()),
+                        Ok(Some(head)) if keep(key, &head) => wanted.push((key.clone(), size)),
                         Ok(_) => {}
                         Err(why) => listing.damaged.push((key.clone(), why)),
                     }
                 }
-                kept = wanted;
-                &kept[..]
+                wanted
             } else {
-                keys
+                keys.iter().map(|k| (k.clone(), 0)).collect()
             };
-            if keys.is_empty() {
-                continue;
-            }
-            for (key, record) in self.read_listed(conn.clone(), keys).await? {
-                match record {
-                    Ok(record) if keep(&key, &record) => listing.found.push((key, record)),
-                    Ok(_) => {}
-                    Err(why) => listing.damaged.push((key, why)),
+            let mut rest = &wanted[..];
+            while !rest.is_empty() {
+                // As many as fit in READ_WHOLE_BYTES, at least one.
+                let mut bytes = 0;
+                let n = 1
+                    + (rest.iter().skip(1))
+                        .take_while(|(_, size)| {
+                            bytes += size;
+                            bytes + rest[0].1 <= READ_WHOLE_BYTES
+                        })
+                        .count();
+                let (pipeline, after) = rest.split_at(n);
+                rest = after;
+                let keys: Vec<StorageKey> = pipeline.iter().map(|(k, _)| k.clone()).collect();
+                for (key, record) in self.read_listed(conn.clone(), &keys).await? {
+                    match record {
+                        Ok(record) if keep(&key, &record) => listing.found.push((key, record)),
+                        Ok(_) => {}
+                        Err(why) => listing.damaged.push((key, why)),
+                    }
                 }
             }
         }
