@@ -354,10 +354,6 @@ impl Proxy {
                 .into_response()
             }
             OnUnavailable::Forward => {
-                tracing::warn!(
-                    key = ctx.key.as_deref(),
-                    "forwarding without idempotency protection (store.on_unavailable: forward)"
-                );
                 // Its outcome is pass_through's: `passthrough`, or `rejected`
                 // when the bulkhead or the breaker turns it away (then it
                 // was not forwarded, and not counted as such). Nor is one
@@ -367,6 +363,12 @@ impl Proxy {
                 let went_out = ctx.outcome == "passthrough" && ctx.upstream_time.is_some();
                 if let Some(route) = ctx.route.as_ref().filter(|_| went_out) {
                     Metrics::route_counter(&self.metrics.fail_open_forwards, &route.name);
+                    // Said of requests that went out only (regression: of
+                    // those turned away or unreachable too).
+                    tracing::warn!(
+                        key = ctx.key.as_deref(),
+                        "forwarded without idempotency protection (store.on_unavailable: forward)"
+                    );
                 }
                 response
             }
@@ -473,9 +475,16 @@ fn read_error_problem(error: ReadError, limit: u64) -> Response<ProxyBody> {
             Code::RequestTooLarge,
             format!("protected request bodies are limited to {limit} bytes on this route"),
         ),
-        ReadError::Stalled | ReadError::Broken => Problem::new(
+        ReadError::Stalled => Problem::new(
             Code::RequestTimeout,
             "the request body did not arrive in time; nothing was claimed or forwarded",
+        ),
+        // Said as a pass-through's is (regression, a verification audit: a
+        // client that half-closed mid-body got 408 "did not arrive in time"
+        // here, 400 "broke off" there).
+        ReadError::Broken => Problem::new(
+            Code::BadRequest,
+            "the request body broke off before its end; nothing was claimed or forwarded",
         ),
         // Regression: answered 408 ("did not arrive in time") and logged 499.
         ReadError::Malformed => Problem::new(

@@ -188,7 +188,7 @@ fn shutdown_signals() -> anyhow::Result<(impl Future<Output = ()>, impl Future<O
             match *heard.borrow() {
                 1 => tracing::info!("{name} received"),
                 _ => tracing::warn!(
-                    "{name} received again: ending the shutdown grace now (requests still running are cut off)"
+                    "{name} received while shutting down: ending the shutdown grace now (requests still running are cut off)"
                 ),
             }
         }

@@ -862,7 +862,8 @@ async fn a_second_signal_ends_the_shutdown_grace_at_once() {
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
     let log = proxy.log();
     assert!(
-        log.iter().any(|l| l.contains("SIGINT received again")),
+        log.iter()
+            .any(|l| l.contains("SIGINT received while shutting down")),
         "{log:#?}"
     );
     assert!(

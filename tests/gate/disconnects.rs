@@ -222,3 +222,25 @@ async fn a_malformed_chunked_body_is_a_400_not_a_client_gone() {
     }
     assert_eq!(upstream.answered(), 0, "no request went whole upstream");
 }
+
+/// Regression (a verification audit): a client that half-closed in the
+/// middle of its protected body (its end never to come) was told `408`
+/// ("did not arrive in time"), where a pass-through got `400`; both are
+/// `400 bad_request` now.
+#[tokio::test]
+async fn a_body_ended_early_by_a_half_close_is_a_400() {
+    let upstream = TestUpstream::start().await;
+    let yaml = crate::yaml(&Backend::memory().store_yaml(), &upstream, "", "");
+    let proxy = crate::common::TestProxy::start(&yaml).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-half-closed\r\ncontent-length: 10\r\n\r\n{\"a\"";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    let _ = read.await.expect("answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("broke off"), "{answer}");
+    assert_eq!(upstream.hits(), 0);
+}
