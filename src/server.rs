@@ -368,7 +368,7 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Sen
     let builder = Arc::new(connection_builder());
     let connections = Arc::new(Drain::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -378,7 +378,7 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Sen
         connections.spawn(async move {
             let handler = move |request| {
                 let admin = admin.clone();
-                async move { admin.handle(request).await }
+                async move { admin.handle(request, peer).await }
             };
             let stream = SendTimer::new(stream, send_timeout.clone());
             serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await;

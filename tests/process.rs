@@ -831,6 +831,62 @@ async fn a_protected_body_still_arriving_at_shutdown_is_answered_at_once() {
     assert_eq!(upstream.hits(), 0);
 }
 
+/// Regressions (audit): admin calls left no trail, refused tokens
+/// included; and a `/keys/...` call with a bad `scope` got 400 before a
+/// wrong method's 405 or a missing token's 401. A call that changes
+/// something, or is refused its token, is logged with the peer, never the
+/// token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_are_logged_and_judged_method_then_token_then_scope() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "admin: { listen: 127.0.0.1:0, token: s3cret-4417 }\n";
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", extra);
+    let proxy = Binary::serve(&path);
+    let admin = proxy.admin.expect("an admin listener");
+    let client = TestClient::new();
+    let url = |p: &str| format!("http://{admin}{p}");
+    let patch = client
+        .send("PATCH", &url("/keys/orders/k?scope=bad"), &[], "")
+        .await;
+    assert_eq!(patch.status, 405, "{patch:?}");
+    let unauthorized = client
+        .send("DELETE", &url("/keys/orders/k?scope=bad"), &[], "")
+        .await;
+    assert_eq!(unauthorized.status, 401, "{unauthorized:?}");
+    let bearer = [("authorization", "Bearer s3cret-4417")];
+    let purge = client
+        .send("DELETE", &url("/keys/orders/k"), &bearer, "")
+        .await;
+    assert_eq!(purge.status, 404, "{purge:?}");
+    eventually(Duration::from_secs(5), "the admin calls logged", || async {
+        proxy
+            .log()
+            .iter()
+            .filter(|l| l.contains("idemgate::admin"))
+            .count()
+            == 3
+    })
+    .await;
+    let log = proxy.log();
+    let calls: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("idemgate::admin"))
+        .collect();
+    assert!(
+        calls[1].contains("\"status\":401") && calls[1].contains("127.0.0.1"),
+        "{calls:?}"
+    );
+    assert!(
+        calls[2].contains("\"status\":404") && calls[2].contains("DELETE"),
+        "{calls:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("s3cret-4417")),
+        "the token logged"
+    );
+}
+
 /// Regression: a second SIGTERM/SIGINT during the drain was ignored, so a
 /// shutdown under a long `shutdown_grace` could be ended only by SIGKILL.
 /// It ends the grace at once: what still runs is cut off and named, and

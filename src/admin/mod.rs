@@ -24,7 +24,13 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+    /// One admin call; a call that changes something (or is refused its
+    /// token) is logged with who asked (target `idemgate::admin`).
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Response<ProxyBody> {
         let (parts, incoming) = request.into_parts();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or("").to_owned();
@@ -44,23 +50,54 @@ impl Admin {
             (_, "/healthz" | "/readyz") => Ok(wrong_method("GET, HEAD")),
             (_, "/metrics" | "/keys") => Ok(wrong_method("GET")),
             (_, "/reload") => Ok(wrong_method("POST")),
-            (method, p) if p.starts_with("/keys/") => match (key_path(p), scope(&query)) {
-                (None, _) => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
-                (_, Err(problem)) => Err(problem),
-                (Some((route, key)), Ok(scope)) => match *method {
-                    Method::GET => self.get(&route, &key, scope).await,
-                    Method::DELETE | Method::PUT if let Err(denied) = authorized() => Err(denied),
-                    Method::DELETE => {
-                        let force = param(&query, "force").is_some_and(|v| v == "true");
-                        self.purge(&route, &key, scope, force).await
+            // The method, then the token, then the request's own parts
+            // (regression, found by an audit: a bad `scope` was a 400 before
+            // a wrong method's 405 or a missing token's 401).
+            (method, p) if p.starts_with("/keys/") => match *method {
+                Method::GET | Method::PUT | Method::DELETE => {
+                    if *method != Method::GET
+                        && let Err(denied) = authorized()
+                    {
+                        Err(denied)
+                    } else {
+                        match (key_path(p), scope(&query)) {
+                            (None, _) => {
+                                Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}"))
+                            }
+                            (_, Err(problem)) => Err(problem),
+                            (Some((route, key)), Ok(scope)) => match *method {
+                                Method::GET => self.get(&route, &key, scope).await,
+                                Method::DELETE => {
+                                    let force = param(&query, "force").is_some_and(|v| v == "true");
+                                    self.purge(&route, &key, scope, force).await
+                                }
+                                _ => self.put(&route, &key, scope, incoming).await,
+                            },
+                        }
                     }
-                    Method::PUT => self.put(&route, &key, scope, incoming).await,
-                    _ => Ok(wrong_method("GET, PUT, DELETE")),
-                },
+                }
+                _ => Ok(wrong_method("GET, PUT, DELETE")),
             },
             _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
         };
-        result.unwrap_or_else(Problem::into_response)
+        let response = result.unwrap_or_else(Problem::into_response);
+        // An audit trail (regression, found by an audit: no admin call was
+        // logged, refused tokens included). The path names the record; the
+        // token is never logged.
+        let status = response.status();
+        let reads = matches!(parts.method, Method::GET | Method::HEAD);
+        if !reads || matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            tracing::info!(
+                target: "idemgate::admin",
+                peer = %peer.ip(),
+                method = %parts.method,
+                path,
+                query,
+                status = status.as_u16(),
+                "admin call"
+            );
+        }
+        response
     }
 
     /// Bearer token, compared in constant time.
