@@ -207,7 +207,15 @@ impl<C: GracefulConnection> Future for Watched<C> {
             };
             if woken || this.stop.now.load(Ordering::Acquire) {
                 this.notified = None;
-                this.idle = None;
+                // An HTTP/2 connection is closed once no stream has been
+                // open for GOAWAY_GRACE (regression, a verification audit:
+                // h2's graceful shutdown waits for the client to acknowledge
+                // a PING, and one that never did held the drain for the
+                // whole grace).
+                if let Some(idle) = &mut this.idle {
+                    idle.told = true;
+                    idle.check_at = Some(Instant::now() + GOAWAY_GRACE);
+                }
                 this.conn.as_mut().graceful_shutdown();
             }
         }

@@ -355,6 +355,33 @@ async fn path_parameters_do_not_keep_a_path_off_its_route() {
     );
 }
 
+/// Regression (a verification audit): at shutdown an HTTP/2 client that
+/// never acknowledged the GOAWAY's PING (hyper's graceful shutdown waits
+/// for it) held the drain for the whole `shutdown_grace`. A connection with
+/// no stream open is closed about a second after the shutdown begins.
+#[tokio::test]
+async fn an_http2_client_that_never_acks_a_ping_does_not_hold_the_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL)
+        .replace("shutdown_grace: 5s", "shutdown_grace: 1h");
+    let proxy = TestProxy::start(&yaml).await;
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; nothing is ever acknowledged.
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    h2.read_exact(&mut frame)
+        .await
+        .expect("the server's SETTINGS");
+    assert_eq!(frame[3], 4, "a SETTINGS frame");
+    tokio::time::timeout(Duration::from_secs(10), proxy.stop())
+        .await
+        .expect("the shutdown ends without the client's PING ack");
+    drop(h2);
+}
+
 /// One `GET /x` through a pass-through proxy in front of `upstream`.
 async fn get_through(upstream: std::net::SocketAddr) -> common::Reply {
     let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
