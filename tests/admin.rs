@@ -972,10 +972,9 @@ async fn keys_purge_refuses_an_attempt_still_running_unless_forced(backend: Back
     let server = CliServer::start(&backend, &upstream).await;
     let client = TestClient::new();
     let api = format!("{}/api/o", server.base);
-    let slow = |key: &'static str| {
-        let (client, api) = (client.clone(), api.clone());
+    let slow = |key: &str| {
         let headers = [("idempotency-key", key), ("x-test-delay-ms", "1500")];
-        tokio::spawn(async move { client.send("POST", &api, &headers, "{}").await })
+        client.spawn_send("POST", &api, &headers, "{}")
     };
     let running = slow("k-run");
     let forced = slow("k-force");
@@ -1037,10 +1036,9 @@ async fn a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt(back
     };
     assert_eq!(superseded().await, 0.0, "at 0 from the start");
     let client = TestClient::new();
-    let slow = |delay: &'static str| {
-        let (client, api) = (client.clone(), proxy.url("/api/o"));
+    let slow = |delay: &str| {
         let headers = [("idempotency-key", "k-sup"), ("x-test-delay-ms", delay)];
-        tokio::spawn(async move { client.send("POST", &api, &headers, "{}").await })
+        client.spawn_send("POST", &proxy.url("/api/o"), &headers, "{}")
     };
     let first = slow("3000");
     common::eventually(

@@ -21,6 +21,14 @@ async fn raw_post(addr: std::net::SocketAddr, key: &str, extra: &str) -> TcpStre
     stream
 }
 
+/// What the proxy writes on `stream` until it closes it (within 10 s).
+async fn answer_until_closed(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    let _ = read.await.expect("answered and closed");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 fn requests(metrics: &str, outcome: &str) -> f64 {
     crate::common::sample(
         metrics,
@@ -206,10 +214,7 @@ async fn a_malformed_chunked_body_is_a_400_not_a_client_gone() {
             "POST {path} HTTP/1.1\r\nhost: x\r\n{key}transfer-encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
-        let _ = read.await.expect("answered");
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_until_closed(&mut stream).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
         assert!(answer.contains("bad_request"), "{path}: {answer}");
     }
@@ -236,10 +241,7 @@ async fn a_body_ended_early_by_a_half_close_is_a_400() {
     let head = "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-half-closed\r\ncontent-length: 10\r\n\r\n{\"a\"";
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
-    let _ = read.await.expect("answered");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_until_closed(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("broke off"), "{answer}");
     assert_eq!(upstream.hits(), 0);
