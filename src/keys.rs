@@ -141,10 +141,11 @@ async fn via_admin(config: &Config, command: &KeysCommand) -> anyhow::Result<ser
             };
             ("DELETE", format!("{path}{force}"))
         }
+        // Every unknown outcome: the memory store holds at most a million records.
         KeysCommand::Unknown { route, .. } => (
             "GET",
             format!(
-                "/keys?state=unknown{}",
+                "/keys?state=unknown&limit=1000000{}",
                 route
                     .as_ref()
                     .map_or(String::new(), |r| format!("&route={}", encode(r)))
@@ -218,7 +219,9 @@ pub async fn unlisted_route(
     let Some(why) = no_such_route(config, route) else {
         return Ok(None);
     };
-    let held = store.records(Some(route), None, |_, _| true).await?;
+    let held = store
+        .records_up_to(Some(route), None, |_, _| true, 1)
+        .await?;
     Ok(held.is_empty().then_some(why))
 }
 

@@ -1270,8 +1270,46 @@ async fn a_recorded_response_over_the_limit_is_a_413_that_names_it() {
     );
 }
 
+/// Regression (audit): `GET /keys` listed every record at once, held whole
+/// with its JSON in the serving process (100k records on Redis: 800 MB).
+/// It lists at most `limit` (10,000 unless asked), says `Idemgate-More`
+/// when more match, and refuses a limit out of range.
+async fn a_listing_stops_at_its_limit_and_says_there_is_more(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, "{ listen: 127.0.0.1:0 }")).await;
+    let client = TestClient::new();
+    for i in 0..5 {
+        let key = format!("k-lim-{i}");
+        assert_eq!(
+            client
+                .post_key(&proxy.url("/api/o"), &key, "{}")
+                .await
+                .status,
+            201
+        );
+    }
+    let list = |query: &'static str| {
+        let (client, url) = (
+            client.clone(),
+            proxy.admin_url(&format!("/keys?route=orders{query}")),
+        );
+        async move { call(&client, "GET", &url, None, "").await }
+    };
+    let two = list("&limit=2").await;
+    assert_eq!(two.json().as_array().map(Vec::len), Some(2), "{two:?}");
+    assert_eq!(two.header("idemgate-more"), Some("true"));
+    let all = list("&limit=5").await;
+    assert_eq!(all.json().as_array().map(Vec::len), Some(5), "{all:?}");
+    assert_eq!(all.header("idemgate-more"), None);
+    assert_eq!(list("").await.json().as_array().map(Vec::len), Some(5));
+    for bad in ["&limit=0", "&limit=x", "&limit=1000001"] {
+        assert_eq!(list(bad).await.code(), "bad_request", "{bad}");
+    }
+}
+
 both_stores!(
     keys_purge_refuses_an_attempt_still_running_unless_forced,
+    a_listing_stops_at_its_limit_and_says_there_is_more,
     records_of_a_route_a_reload_removed_can_still_be_resolved,
     a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt,
     auth_and_answers,

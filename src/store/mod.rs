@@ -353,7 +353,20 @@ impl Store {
         key: Option<&str>,
         keep: impl Fn(&StorageKey, &Record) -> bool + Sync,
     ) -> Result<Listing, StoreError> {
-        self.list(route, key, Some(&keep)).await
+        self.list(route, key, Some(&keep), usize::MAX).await
+    }
+
+    /// [`Self::records`], at most `limit` of them (the admin API's listing:
+    /// a store of a million records listed whole held them all, and their
+    /// JSON, at once).
+    pub async fn records_up_to(
+        &self,
+        route: Option<&str>,
+        key: Option<&str>,
+        keep: impl Fn(&StorageKey, &Record) -> bool + Sync,
+        limit: usize,
+    ) -> Result<Listing, StoreError> {
+        self.list(route, key, Some(&keep), limit).await
     }
 
     /// [`Self::records`]; `None` keeps every record (read whole at once).
@@ -362,6 +375,7 @@ impl Store {
         route: Option<&str>,
         key: Option<&str>,
         keep: Option<&Keep<'_>>,
+        limit: usize,
     ) -> Result<Listing, StoreError> {
         let asked =
             |k: &StorageKey| route.is_none_or(|x| k.route == x) && key.is_none_or(|x| k.key == x);
@@ -370,11 +384,11 @@ impl Store {
             .timed(Op::List, async {
                 match &self.kind {
                     Kind::Memory(s) => Ok(Listing {
-                        found: s.records(wanted),
+                        found: s.records(wanted, limit),
                         damaged: Vec::new(),
                     }),
                     Kind::Redis(s) => {
-                        Box::pin(s.records(route, key, &wanted, keep.is_some())).await
+                        Box::pin(s.records(route, key, &wanted, keep.is_some(), limit)).await
                     }
                 }
             })
@@ -392,7 +406,7 @@ impl Store {
         scope: Option<&str>,
     ) -> Result<Listing, StoreError> {
         let Some(scope) = scope else {
-            return self.list(Some(route), Some(key), None).await;
+            return self.list(Some(route), Some(key), None, usize::MAX).await;
         };
         let k = StorageKey {
             route: route.to_owned(),

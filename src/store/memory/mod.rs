@@ -268,9 +268,11 @@ impl MemoryStore {
 
     /// The live records `wanted` accepts, for the operator's listings; a
     /// record is tested before it is copied.
+    /// The live records `wanted` accepts, at most `limit` of them.
     pub fn records(
         &self,
         wanted: impl Fn(&StorageKey, &Record) -> bool,
+        limit: usize,
     ) -> Vec<(StorageKey, Record)> {
         let now = now_ms();
         let mut out = Vec::new();
@@ -284,8 +286,12 @@ impl MemoryStore {
                         let (key, record) = &*slot.entry;
                         record.expires_ms > now && wanted(key, record)
                     })
+                    .take(limit - out.len())
                     .map(|slot| (*slot.entry).clone()),
             );
+            if out.len() >= limit {
+                break;
+            }
         }
         out
     }
@@ -499,7 +505,8 @@ mod tests {
             }
         }
         assert_eq!(store.inner.len.load(Ordering::Relaxed), n as u64 / 2);
-        assert_eq!(store.records(|_, _| true).len(), n / 2);
+        assert_eq!(store.records(|_, _| true, usize::MAX).len(), n / 2);
+        assert_eq!(store.records(|_, _| true, 3).len(), 3, "a limit");
         for i in 0..n {
             let want = if i % 2 == 0 {
                 Decision::Claim

@@ -439,6 +439,7 @@ impl RedisStore {
         key: Option<&str>,
         keep: &super::Keep<'_>,
         heads_first: bool,
+        limit: usize,
     ) -> Result<Listing, StoreError> {
         let mut conn = self.conn(self.deadline()).await?;
         let pattern = format!(
@@ -472,6 +473,9 @@ impl RedisStore {
         };
         let mut listing = Listing::default();
         for keys in keys.chunks(batch) {
+            if listing.found.len() >= limit {
+                break;
+            }
             // The keys to read whole, each with its value's length (0: not known).
             let wanted: Vec<(StorageKey, u64)> = if heads_first {
                 let heads = self.read(conn.clone(), keys, true).await?;
@@ -488,7 +492,7 @@ impl RedisStore {
                 keys.iter().map(|k| (k.clone(), 0)).collect()
             };
             let mut rest = &wanted[..];
-            while !rest.is_empty() {
+            while !rest.is_empty() && listing.found.len() < limit {
                 // As many as fit in READ_WHOLE_BYTES, at least one.
                 let mut bytes = 0;
                 let n = 1
@@ -510,6 +514,7 @@ impl RedisStore {
                 }
             }
         }
+        listing.found.truncate(limit);
         Ok(listing)
     }
 
