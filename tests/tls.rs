@@ -392,6 +392,66 @@ fn check_names_bad_pem_files() {
     }
 }
 
+/// Regressions (audit): a TLS file named by `${VAR}` was shown as the
+/// variable expanded to (a secret's path); a combined PEM (cert_file and
+/// key_file one file) without a key blamed cert_file; a lone
+/// client_cert_file had no line.
+#[test]
+fn tls_file_errors_quote_the_file_as_written_and_blame_the_right_field() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let run = |yaml: String, env: (&str, &str)| {
+        let path = dir.join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let routes = "upstreams: { up: { url: \"http://127.0.0.1:1\" } }\nroutes: [ { name: a, match: { path: /a }, upstream: up } ]\n";
+    let secret = dir.join("SECRET-part-7731").join("cert.pem");
+    let err = run(
+        format!(
+            "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"${{TLS_TEST_CERT_7731}}\", key_file: \"{}\" }} }}\n{routes}",
+            pki.server_key.display()
+        ),
+        ("TLS_TEST_CERT_7731", secret.to_str().unwrap()),
+    );
+    assert!(
+        !err.contains("SECRET-part-7731"),
+        "the expanded path shown: {err}"
+    );
+    assert!(
+        err.contains("listen.tls.cert_file") && err.contains("${TLS_TEST_CERT_7731}"),
+        "{err}"
+    );
+    let combined = pki.server_cert.display().to_string();
+    let err = run(
+        format!(
+            "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{combined}\", key_file: \"{combined}\" }} }}\n{routes}"
+        ),
+        ("UNUSED_7731", ""),
+    );
+    assert!(
+        err.contains("listen.tls.key_file"),
+        "the key's field: {err}"
+    );
+    let err = run(
+        format!(
+            "upstreams: {{ up: {{ url: \"https://127.0.0.1:1\", tls: {{ client_cert_file: \"{combined}\" }} }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
+        ),
+        ("UNUSED_7731", ""),
+    );
+    assert!(
+        err.contains("go together") && err.contains("(line 1"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn listener_certificates_are_re_read_on_reload() {
     let old = Pki::new();

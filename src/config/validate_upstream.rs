@@ -145,9 +145,11 @@ pub(super) fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> Upstrea
     };
     let paired = tls.client_cert_file.is_some() == tls.client_key_file.is_some();
     if !paired {
+        // At the one that is set (regression, found by an audit: no line).
+        let set = t.client_cert_file.as_ref().or(t.client_key_file.as_ref());
         c.fail(
             &format!("{at}.tls"),
-            None,
+            set.map(|v| &v.referenced),
             "client_cert_file and client_key_file go together",
             "set both for mutual TLS, or neither",
         );
@@ -205,24 +207,45 @@ pub(super) fn tls_failure(
     fields: &[(&str, Option<&Text>, Option<&std::path::Path>)],
 ) {
     let about = match error {
-        crate::tls::TlsError::File { path, .. } => fields
-            .iter()
-            .find(|(_, _, file)| file.is_some_and(|f| f.display().to_string() == *path)),
+        crate::tls::TlsError::File { path, reason } => {
+            let named = |(_, _, file): &&(&str, Option<&Text>, Option<&std::path::Path>)| {
+                file.is_some_and(|f| f.display().to_string() == *path)
+            };
+            // One file named by two fields (a combined PEM): a key's
+            // trouble is the key field's (regression, found by an audit:
+            // the certificate's field was blamed for a missing key).
+            let keyish = reason.contains("key");
+            (fields.iter().filter(named))
+                .find(|(name, _, _)| name.contains("key") == keyish)
+                .or_else(|| fields.iter().find(named))
+                .map(|about| (about, reason))
+        }
         crate::tls::TlsError::Config(_) => None,
     };
-    let (field, place) = match about {
-        Some((name, text, _)) => (format!("{at}.{name}"), text.map(|t| t.referenced)),
+    let (field, place, message) = match about {
+        // The file as the configuration spells it, never what a `${VAR}`
+        // expanded to (regression, found by an audit: the expanded path was
+        // shown, against the rule every other message keeps).
+        Some(((name, text, _), reason)) => (
+            format!("{at}.{name}"),
+            text.map(|t| t.referenced),
+            match text {
+                Some(text) => format!("{}: {reason}", quote(text)),
+                None => error.to_string(),
+            },
+        ),
         None => (
             at.to_owned(),
             fields
                 .iter()
                 .find_map(|(_, text, _)| text.map(|t| t.referenced)),
+            error.to_string(),
         ),
     };
     c.fail(
         &field,
         place.as_ref(),
-        error.to_string(),
+        message,
         "point it at a readable PEM file of the right kind (a certificate, or an unencrypted private key)",
     );
 }
