@@ -29,6 +29,9 @@ pub struct Activity {
     streams: AtomicUsize,
     /// The answers being sent, for [`Activity::stalled_since`].
     answers: Mutex<Vec<Weak<Owed>>>,
+    /// The connection's socket, for the bytes it has yet to deliver
+    /// ([`Activity::unsent`]); `None` when there is none to ask.
+    socket: Option<std::os::fd::RawFd>,
 }
 
 /// Since when (ms from the connection's `base`) an answer has waited for
@@ -40,13 +43,28 @@ const NOT_OWED: u64 = u64::MAX;
 
 impl Activity {
     pub fn new() -> Activity {
+        Activity::on(None)
+    }
+
+    /// For a connection on `socket` (open as long as the connection is).
+    pub fn on(socket: Option<std::os::fd::RawFd>) -> Activity {
         Activity {
             h2: AtomicBool::new(false),
             read_ms: AtomicU64::new(0),
             base: Instant::now(),
             streams: AtomicUsize::new(0),
             answers: Mutex::new(Vec::new()),
+            socket,
         }
+    }
+
+    /// The bytes the socket holds that its client has not acknowledged yet
+    /// (0 when there is no socket to ask): an answer a stream no longer
+    /// counts for may still be on its way (hyper and h2 buffer its end).
+    pub fn unsent(&self) -> u32 {
+        self.socket
+            .and_then(crate::send_timer::unsent_on)
+            .unwrap_or(0)
     }
 
     fn now_ms(&self) -> u64 {

@@ -137,6 +137,18 @@ enum Step {
 }
 
 impl Idle {
+    /// Nothing of an answer is still on its way, and the client has sent
+    /// nothing for [`GOAWAY_GRACE`]: a stream stops counting once hyper has
+    /// its answer's last frame, while h2 and the socket may still hold its
+    /// end (regression, found by a verification audit: a slow HTTP/2
+    /// download was cut off near its end at shutdown, or after 10 s in which
+    /// its client sent nothing); a client still reading sends window
+    /// updates.
+    fn quiet(&self, now: Instant) -> bool {
+        self.activity.unsent() == 0
+            && (self.activity.last_read()).is_none_or(|read| read + GOAWAY_GRACE <= now)
+    }
+
     /// [`Step::Serve`] until an HTTP/2 connection is idle, then
     /// [`Step::GoAway`], and [`Step::Close`] if it is still open and has no
     /// stream open [`GOAWAY_GRACE`] later; [`Step::Close`] at once when an
@@ -172,7 +184,7 @@ impl Idle {
                 return Step::Close;
             }
             if self.told {
-                if !busy {
+                if !busy && self.quiet(now) {
                     return Step::Close;
                 }
                 self.check_at = Some(now + GOAWAY_GRACE);

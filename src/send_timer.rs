@@ -70,11 +70,17 @@ pub trait Unsent {
 
 impl Unsent for tokio::net::TcpStream {
     fn unsent(&self) -> Option<u32> {
-        let mut unsent: libc::c_int = 0;
-        // SAFETY: an ioctl that writes one int, on this open socket.
-        let done = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &raw mut unsent) };
-        (done == 0).then(|| u32::try_from(unsent).unwrap_or(0))
+        unsent_on(self.as_raw_fd())
     }
+}
+
+/// The bytes socket `fd` has not delivered (`SIOCOUTQ`: unsent, or sent
+/// and not acknowledged); `None` when it cannot tell. `fd` must be open.
+pub fn unsent_on(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: an ioctl that writes one int, on a socket its caller keeps open.
+    let done = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut unsent) };
+    (done == 0).then(|| u32::try_from(unsent).unwrap_or(0))
 }
 
 #[cfg(test)]

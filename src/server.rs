@@ -177,6 +177,7 @@ pub async fn serve(
                 // plaintext into its own buffer whether or not the socket
                 // takes anything (regression: TLS cut a non-reader off only
                 // after several times `send_timeout`).
+                let socket = Some(std::os::fd::AsRawFd::as_raw_fd(&stream));
                 let stream = SendTimer::new(stream, send_timeout.clone());
                 // The handshake, the opening and the first head share the
                 // connection's first 10 s.
@@ -193,11 +194,11 @@ pub async fn serve(
                         move |request| proxy.clone().handle(request, peer.clone())
                     };
                     match &proxy.tls {
-                        None => serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await,
+                        None => serve_connection(stream, socket, deadline, send_timeout, &builder, &drain, handler).await,
                         Some(acceptor) => {
                             let acceptor = acceptor.load_full();
                             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => serve_connection(tls, deadline, send_timeout, &builder, &drain, handler).await,
+                                Ok(Ok(tls)) => serve_connection(tls, socket, deadline, send_timeout, &builder, &drain, handler).await,
                                 Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -227,6 +228,7 @@ pub async fn serve(
 /// takes nothing for `send_timeout` is cut off.
 async fn serve_connection<S, H, F>(
     stream: S,
+    socket: Option<std::os::fd::RawFd>,
     deadline: tokio::time::Instant,
     send_timeout: SendTimeout,
     builder: &auto::Builder<TokioExecutor>,
@@ -237,7 +239,7 @@ async fn serve_connection<S, H, F>(
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let conn_activity = Arc::new(Activity::new());
+    let conn_activity = Arc::new(Activity::on(socket));
     let streams = conn_activity.clone();
     let handler = Arc::new(handler);
     let service = service_fn(move |request| {
@@ -380,8 +382,18 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Sen
                 let admin = admin.clone();
                 async move { admin.handle(request, peer).await }
             };
+            let socket = Some(std::os::fd::AsRawFd::as_raw_fd(&stream));
             let stream = SendTimer::new(stream, send_timeout.clone());
-            serve_connection(stream, deadline, send_timeout, &builder, &drain, handler).await;
+            serve_connection(
+                stream,
+                socket,
+                deadline,
+                send_timeout,
+                &builder,
+                &drain,
+                handler,
+            )
+            .await;
         });
     }
 }

@@ -478,6 +478,105 @@ async fn a_slow_but_steady_http2_reader_is_not_cut_off() {
     assert!(read > 0);
 }
 
+/// Regression (a verification audit): at shutdown a slow HTTP/2 download
+/// was cut off near its end, well within the grace: the connection was
+/// closed once no stream counted, while h2 and the socket still held the
+/// answer's end (megabytes with a browser's windows). It is closed only
+/// once the socket has delivered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_http2_download_finishes_across_a_shutdown() {
+    use http_body_util::BodyExt;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(&Backend::memory().store_yaml(), &upstream, "")
+        .replace("shutdown_grace: 5s", "shutdown_grace: 60s");
+    let proxy = TestProxy::start(&yaml).await;
+    let total: usize = 4 << 20;
+    // A browser's windows, and a socket read slowly (about 300 KB/s): some
+    // 13 s, the shutdown's drain included.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8192).unwrap();
+    let stream = socket.connect(proxy.addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(SlowReads(stream, None));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(6 << 20)
+            .initial_connection_window_size(15 << 20)
+            .handshake::<_, http_body_util::Empty<Bytes>>(io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(proxy.url("/plain"))
+        .header("x-test-body-bytes", total.to_string())
+        .body(Default::default())
+        .unwrap();
+    let mut body = sender
+        .send_request(request)
+        .await
+        .expect("the head")
+        .into_body();
+    let stopping = tokio::spawn(proxy.stop());
+    let mut read = 0;
+    while let Some(frame) = body.frame().await {
+        read += frame.expect("not cut off").data_ref().map_or(0, Bytes::len);
+    }
+    assert_eq!(read, total, "the whole answer");
+    stopping.await.unwrap();
+}
+
+/// A socket read at most 16 KiB per 25 ms.
+struct SlowReads(
+    tokio::net::TcpStream,
+    Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+);
+
+impl tokio::io::AsyncRead for SlowReads {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(sleep) = &mut this.1 {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            this.1 = None;
+        }
+        let mut small = buf.take(16 << 10);
+        let polled = std::pin::Pin::new(&mut this.0).poll_read(cx, &mut small);
+        let n = small.filled().len();
+        // SAFETY: `small` filled these bytes of `buf`'s unfilled part.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        if n > 0 {
+            this.1 = Some(Box::pin(tokio::time::sleep(Duration::from_millis(25))));
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReads {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 /// Regression: an HTTP/2 client that reads its socket but lets a stream's
 /// flow-control window run out (it never reads that answer's body) was not
 /// caught by `send_timeout` (no write of the connection ever waits), and
