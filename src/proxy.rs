@@ -557,7 +557,16 @@ fn routing_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Problem>
         _ => {}
     }
     match request.uri().authority() {
-        Some(_) => Ok(request_host_value(request.headers(), request.uri())),
+        // The target's authority is checked as a Host is (regression, a
+        // verification audit: `http://example.com:abc/` and HTTP/2's
+        // `:authority` were not).
+        Some(_) => match request_host_value(request.headers(), request.uri()) {
+            Some(host) if !is_host_and_port(host.as_bytes()) => Err(Problem::new(
+                Code::BadRequest,
+                "the request target's authority is not a host name or address with an optional port",
+            )),
+            host => Ok(host),
+        },
         None => Ok(first.cloned()),
     }
 }

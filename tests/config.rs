@@ -182,6 +182,13 @@ fn paths_no_request_could_match_are_errors() {
             "path_prefix",
             "write /api/orders",
         ),
+        // Path parameters: requests are routed without them (a
+        // verification audit: the message spoke of an encoded slash).
+        (
+            "{ path_prefix: '/api/orders;v=2' }",
+            "path_prefix",
+            "holds path parameters",
+        ),
     ];
     for (m, field, says) in cases {
         let errs = errors(&route(m));

@@ -1253,6 +1253,8 @@ async fn a_missing_or_malformed_host_is_a_400() {
         "GET /x HTTP/1.1\r\nhost: example.com:abc\r\nconnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nhost: example.com:evil.com\r\nconnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nhost: [::1]x\r\nconnection: close\r\n\r\n",
+        // A target's authority is held to the same (a verification audit).
+        "GET http://example.com:abc/x HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
     ] {
         let answer = send(request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{request}: {answer}");

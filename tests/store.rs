@@ -1350,13 +1350,13 @@ async fn purge_reads_earlier_formats_and_deletes_damaged_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_among_large_records_reads_their_heads_only() {
     let server = common::RedisServer::start_own().await;
+    let mut conn = server.connection().await;
     let backend = Backend::Redis(server);
-    // A short op_timeout: 100 MB read whole in one pipeline cannot make it.
-    let store = open_config(&{
-        let mut config = config(&backend);
-        config.store.op_timeout = Duration::from_millis(100);
-        config
-    });
+    // A short op_timeout: 100 MB read whole in one pipeline cannot make it
+    // (4 MB pipelines take a few ms on loopback).
+    let mut short = config(&backend);
+    short.store.op_timeout = Duration::from_millis(50);
+    let store = open_config(&short);
     let body = bytes::Bytes::from(vec![b'x'; 1 << 20]);
     let large = StoredResponse {
         status: 201,
@@ -1364,8 +1364,29 @@ async fn a_listing_among_large_records_reads_their_heads_only() {
         body_size: body.len() as u64,
         body: Some(body),
     };
-    for i in 0..100 {
+    for i in 0..20 {
         complete_new_with(&store, &key(&format!("large-{i}")), &large).await;
+    }
+    // And records of earlier versions (hashes), as large (regression, a
+    // verification audit: their length counted as nothing, and a pipeline
+    // of them read whole outlasted op_timeout).
+    let prefix = short.store.key_prefix.clone();
+    let body = "y".repeat(1 << 20);
+    for i in 0..100 {
+        let fields = [
+            ("state", "completed"),
+            ("status", "201"),
+            ("headers", ""),
+            ("body", body.as_str()),
+            ("stored", "1"),
+            ("body_size", "1048576"),
+        ];
+        write_hash_record(
+            &mut conn,
+            &key(&format!("old-{i}")).encode(&prefix),
+            &fields,
+        )
+        .await;
     }
     complete_new(&store, &key("needle"), 201).await;
     let found = store
@@ -1378,5 +1399,5 @@ async fn a_listing_among_large_records_reads_their_heads_only() {
         .records(Some("r"), None, |_, _| true)
         .await
         .expect("every record, whole");
-    assert_eq!(all.found.len(), 101);
+    assert_eq!(all.found.len(), 121);
 }

@@ -120,8 +120,15 @@ fn route_path(c: &mut Check, field: &str, value: &Text) -> Option<String> {
     }
     let routed = crate::path::for_routing(&text);
     if routed != text {
+        // Said as what it holds (regression, a verification audit: a path
+        // parameter was called an encoded slash).
+        let what = if text.contains(';') {
+            "path parameters (;...), which requests are routed without"
+        } else {
+            "an encoded slash (%2F or %5C), which requests are routed as /"
+        };
         let message = format!(
-            "{} holds an encoded slash (%2F or %5C), which requests are routed as /, so no request would match it",
+            "{} holds {what}, so no request would match it",
             quote(value)
         );
         return fail(c, message, format!("write {routed}"));

@@ -408,7 +408,11 @@ if kind == 'string' then
   end
   return {'s', v, redis.call('PTTL', KEYS[1]), now()}
 elseif kind == 'hash' then
-  return {'h', redis.call('HMGET', KEYS[1], unpack(ARGV, 2)), redis.call('PTTL', KEYS[1]), now()}
+  -- The body's length too, as a value's (regression, a verification
+  -- audit: earlier versions' records counted as nothing, and a pipeline of
+  -- them read whole outlasted op_timeout).
+  return {'h', redis.call('HMGET', KEYS[1], unpack(ARGV, 2)), redis.call('PTTL', KEYS[1]), now(),
+    redis.call('HSTRLEN', KEYS[1], 'body')}
 end
 return {kind}
 ";
