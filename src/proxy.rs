@@ -284,9 +284,12 @@ impl Proxy {
                 // Any line, as hyper reads the last (regression: the first
                 // was read, and `Expect: x` then `Expect: 100-continue`
                 // desynced the connection again); HTTP/1.0 has none.
+                // A list (`100-continue, x`) too: its client waits as well.
                 let expects_continue = request.version() == http::Version::HTTP_11
-                    && (request.headers().get_all(http::header::EXPECT).iter())
-                        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                    && (request.headers().get_all(http::header::EXPECT).iter()).any(|v| {
+                        (v.as_bytes().split(|&b| b == b','))
+                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
+                    });
                 request
                     .map(|body| body::boxed(Lingering::new(body, &self.draining, expects_continue)))
             }

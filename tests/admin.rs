@@ -1047,6 +1047,10 @@ async fn a_retry_after_a_forced_purge_is_counted_as_superseding_the_attempt(back
         || async { upstream.hits() == 1 },
     )
     .await;
+    // Neither true nor false: said, not taken for false (an audit).
+    let odd = proxy.admin_url("/keys/orders/k-sup?force=yes");
+    let refused = call(&client, "DELETE", &odd, Some(TOKEN), "").await;
+    assert_eq!(refused.code(), "bad_request", "{refused:?}");
     let url = proxy.admin_url("/keys/orders/k-sup?force=true");
     let purged = call(&client, "DELETE", &url, Some(TOKEN), "").await;
     assert_eq!(purged.status, 200, "{purged:?}");

@@ -298,6 +298,7 @@ async fn an_unasked_expect_continue_body_is_never_read_from_the_next_request() {
     for expect in [
         "expect: 100-continue\r\n",
         "expect: x\r\nexpect: 100-continue\r\n",
+        "expect: 100-continue, x\r\n",
     ] {
         let first = format!(
             "POST /nope HTTP/1.1\r\nhost: x\r\n{expect}content-length: {}\r\n\r\n",

@@ -67,10 +67,17 @@ impl Admin {
                             (_, Err(problem)) => Err(problem),
                             (Some((route, key)), Ok(scope)) => match *method {
                                 Method::GET => self.get(&route, &key, scope).await,
-                                Method::DELETE => {
-                                    let force = param(&query, "force").is_some_and(|v| v == "true");
-                                    self.purge(&route, &key, scope, force).await
-                                }
+                                Method::DELETE => match param(&query, "force").as_deref() {
+                                    None | Some("false") => {
+                                        self.purge(&route, &key, scope, false).await
+                                    }
+                                    Some("true") => self.purge(&route, &key, scope, true).await,
+                                    // Said, not taken for false (noted by an audit).
+                                    Some(_) => Err(Problem::new(
+                                        Code::BadRequest,
+                                        "force is true or false",
+                                    )),
+                                },
                                 _ => self.put(&route, &key, scope, incoming).await,
                             },
                         }

@@ -130,7 +130,7 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
             c.fail(
                 "admin.token",
                 Some(&written.referenced),
-                "holds whitespace or a control character (a secret file's trailing newline?), which no bearer header can carry",
+                "holds whitespace, a control character or a non-ASCII one (a secret file's trailing newline?), which no bearer header can carry",
                 "remove it: e.g. create the secret with --from-literal, or strip the file's final newline",
             );
             return None;
