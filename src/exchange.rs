@@ -88,6 +88,13 @@ impl Running {
         slots.free.push(slot);
     }
 
+    /// Whether an exchange of `key` runs in this process (a scan: for
+    /// waiting duplicates only, never on a request's own path).
+    pub fn holds(&self, key: &StorageKey) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.keys.iter().flatten().any(|k| **k == *key)
+    }
+
     pub fn keys(&self) -> Vec<String> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots

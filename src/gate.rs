@@ -293,16 +293,24 @@ impl Proxy {
         let left = || deadline.saturating_duration_since(Instant::now());
         loop {
             let sent = Instant::now();
-            let (reply, at) = match (self.store.claim(claim).await, last.take()) {
-                (Ok(reply), _) => (reply, sent),
-                (Err(error), None) => return Err(error),
-                (Err(error @ StoreError::Damaged(_)), Some(_)) => return Err(error),
-                // Still the in-progress reply it was waiting on.
-                (Err(error), Some(waited)) => {
-                    tracing::warn!(key = %claim.key.key, route = %claim.key.route, error = %error, "a waiting duplicate's claim failed; waiting on");
-                    uncertain = true;
-                    waited
-                }
+            let (reply, at) = match last.take() {
+                // The attempt it waits on runs in this process: the store is
+                // not asked until it has ended (regression, found by an
+                // audit: Redis restarted empty under a running attempt, its
+                // waiters found no record, and one claimed the key and ran
+                // the request again). Its end wakes the waiters.
+                Some(waited) if self.running.holds(claim.key) => waited,
+                last => match (self.store.claim(claim).await, last) {
+                    (Ok(reply), _) => (reply, sent),
+                    (Err(error), None) => return Err(error),
+                    (Err(error @ StoreError::Damaged(_)), Some(_)) => return Err(error),
+                    // Still the in-progress reply it was waiting on.
+                    (Err(error), Some(waited)) => {
+                        tracing::warn!(key = %claim.key.key, route = %claim.key.route, error = %error, "a waiting duplicate's claim failed; waiting on");
+                        uncertain = true;
+                        waited
+                    }
+                },
             };
             let waiting = matches!(reply.decision, Decision::InProgress { .. })
                 && concurrent == Concurrent::Wait;

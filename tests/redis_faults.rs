@@ -1047,3 +1047,37 @@ async fn a_redis_user_not_allowed_info_is_still_ready() {
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(upstream.hits(), 1);
 }
+
+/// Regression (an exactly-once audit): Redis restarted empty under a
+/// running attempt; its waiting duplicates (`concurrent: wait`) found no
+/// record, one claimed the key and ran the request again, and the first
+/// client's answer differed from the one replayed to all the others.
+/// Waiters on the instance that runs the attempt do not ask the store
+/// until it has ended, and then replay its answer, written whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_the_attempts_instance_never_rerun_it_after_redis_lost_its_record() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy =
+        TestProxy::start(&yaml(&redis, &upstream, "", "concurrent: wait, lease: 20s")).await;
+    let client = TestClient::new();
+    let slow = [("idempotency-key", "k-lost"), ("x-test-delay-ms", "2000")];
+    let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
+    eventually(Duration::from_secs(5), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    let waiters: Vec<_> = (0..5)
+        .map(|_| client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}"))
+        .collect();
+    // The waiters' first claims find the attempt in flight (milliseconds).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart().await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 201, "{first:?}");
+    for waiter in waiters {
+        let reply = waiter.await.unwrap();
+        assert_eq!(reply.header("x-upstream-hit"), Some("1"), "{reply:?}");
+    }
+    assert_eq!(upstream.hits(), 1, "the request ran once");
+}
