@@ -1061,7 +1061,7 @@ async fn waiters_on_the_attempts_instance_never_rerun_it_after_redis_lost_its_re
     let proxy =
         TestProxy::start(&yaml(&redis, &upstream, "", "concurrent: wait, lease: 20s")).await;
     let client = TestClient::new();
-    let slow = [("idempotency-key", "k-lost"), ("x-test-delay-ms", "2000")];
+    let slow = [("idempotency-key", "k-lost"), ("x-test-delay-ms", "4000")];
     let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
     eventually(Duration::from_secs(5), "the attempt upstream", || async {
         upstream.hits() == 1
@@ -1070,8 +1070,9 @@ async fn waiters_on_the_attempts_instance_never_rerun_it_after_redis_lost_its_re
     let waiters: Vec<_> = (0..5)
         .map(|_| client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}"))
         .collect();
-    // The waiters' first claims find the attempt in flight (milliseconds).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The waiters' first claims find the attempt in flight (milliseconds;
+    // a second's margin for a loaded machine).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     redis.restart().await;
     let first = first.await.unwrap();
     assert_eq!(first.status, 201, "{first:?}");
