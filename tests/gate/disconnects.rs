@@ -145,8 +145,9 @@ async fn a_waiting_duplicate_whose_client_leaves_is_a_conflict(backend: Backend)
     )
     .await;
     let duplicate = raw_post(s.proxy.addr, "k-wait-gone", "").await;
-    // Its claim takes milliseconds; then it waits on the first attempt.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its claim takes milliseconds; then it waits on the first attempt (a
+    // second's margin for a loaded machine; the attempt runs 3 s).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     drop(duplicate);
     eventually(Duration::from_secs(5), "the duplicate counted", || async {
         requests(&s.metrics().await, "conflict") == 1.0
