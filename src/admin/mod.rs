@@ -53,38 +53,23 @@ impl Admin {
             // The method, then the token, then the request's own parts
             // (regression, found by an audit: a bad `scope` was a 400 before
             // a wrong method's 405 or a missing token's 401).
-            (method, p) if p.starts_with("/keys/") => match *method {
-                Method::GET | Method::PUT | Method::DELETE => {
-                    if *method != Method::GET
-                        && let Err(denied) = authorized()
-                    {
-                        Err(denied)
-                    } else {
-                        match (key_path(p), scope(&query)) {
-                            (None, _) => {
-                                Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}"))
-                            }
-                            (_, Err(problem)) => Err(problem),
-                            (Some((route, key)), Ok(scope)) => match *method {
-                                Method::GET => self.get(&route, &key, scope).await,
-                                Method::DELETE => match param(&query, "force").as_deref() {
-                                    None | Some("false") => {
-                                        self.purge(&route, &key, scope, false).await
-                                    }
-                                    Some("true") => self.purge(&route, &key, scope, true).await,
-                                    // Said, not taken for false (noted by an audit).
-                                    Some(_) => Err(Problem::new(
-                                        Code::BadRequest,
-                                        "force is true or false",
-                                    )),
-                                },
-                                _ => self.put(&route, &key, scope, incoming).await,
-                            },
-                        }
-                    }
+            (&Method::GET | &Method::PUT | &Method::DELETE, p) if p.starts_with("/keys/") => {
+                let allowed = match parts.method {
+                    Method::GET => Ok(()),
+                    _ => authorized(),
+                };
+                match (allowed, key_path(p), scope(&query), force(&query)) {
+                    (Err(denied), ..) => Err(denied),
+                    (_, None, ..) => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
+                    (_, _, Err(problem), _) | (.., Err(problem)) => Err(problem),
+                    (Ok(()), Some((route, key)), Ok(scope), Ok(force)) => match parts.method {
+                        Method::GET => self.get(&route, &key, scope).await,
+                        Method::DELETE => self.purge(&route, &key, scope, force).await,
+                        _ => self.put(&route, &key, scope, incoming).await,
+                    },
                 }
-                _ => Ok(wrong_method("GET, PUT, DELETE")),
-            },
+            }
+            (_, p) if p.starts_with("/keys/") => Ok(wrong_method("GET, PUT, DELETE")),
             _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
         };
         let response = result.unwrap_or_else(Problem::into_response);
@@ -243,6 +228,16 @@ fn scope(query: &str) -> Result<Option<String>, Problem> {
         .map(|text| crate::idempotency::key::parse_scope(&text))
         .transpose()
         .map_err(|why| Problem::new(Code::BadRequest, why))
+}
+
+/// `?force=true|false` (absent: false); anything else is a `400`, not
+/// taken for false (noted by an audit).
+fn force(query: &str) -> Result<bool, Problem> {
+    match param(query, "force").as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(Problem::new(Code::BadRequest, "force is true or false")),
+    }
 }
 
 fn param(query: &str, name: &str) -> Option<String> {
