@@ -15,6 +15,7 @@
 //! - [`problem`]: every response idemgate itself makes (problem+json codes).
 //! - [`body`]: the body type and bounded readers.
 //! - [`linger`]: an HTTP/1 request body its answer left unread, discarded in the background.
+//! - [`stream_end`]: an HTTP/2 request body that ends only where its stream did.
 //! - [`config`]: the YAML file → validated `Config`.
 //! - [`cli`]: the command line.
 
@@ -40,6 +41,7 @@ pub mod route;
 pub mod send_timer;
 pub mod server;
 pub mod store;
+pub mod stream_end;
 pub mod tls;
 pub mod upstream;
 

@@ -20,6 +20,7 @@ use crate::path;
 use crate::problem::{Code, Problem};
 use crate::route::RouteTable;
 use crate::store::Store;
+use crate::stream_end::{self, StreamEnd};
 use crate::tls::TlsError;
 use crate::upstream::{Bulkhead, Connected, SendError, Upstream, failed_status, within_response};
 
@@ -293,6 +294,13 @@ impl Proxy {
                 request
                     .map(|body| body::boxed(Lingering::new(body, &self.draining, expects_continue)))
             }
+            // HTTP/2: a stream the client reset is not a whole body.
+            false
+                if request.version() == http::Version::HTTP_2
+                    && !hyper::body::Body::is_end_stream(request.body()) =>
+            {
+                request.map(|body| body::boxed(StreamEnd::new(body)))
+            }
             false => request.map(body::boxed),
         };
         let mut response = self
@@ -333,6 +341,7 @@ impl Proxy {
         }
         if request.version() == http::Version::HTTP_2 {
             headers::join_cookies(request.headers_mut());
+            stream_end::one_content_length(request.headers_mut());
         }
         if request.method() == http::Method::CONNECT {
             // A tunnel, not a request for a route: no upstream takes one.

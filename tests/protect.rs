@@ -667,6 +667,7 @@ both_stores!(
     bulkhead_turns_away_at_once_and_frees_keys,
     breaker_opens_serves_replays_probes_once_and_closes,
     unreachable_upstream_opens_the_breaker,
+    a_cancelled_http2_upload_is_never_forwarded,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1087,4 +1088,53 @@ async fn a_reload_that_changes_an_upstream_keeps_its_requests_in_flight_counted(
         .send("GET", &proxy.url("/x"), &[], Bytes::new())
         .await;
     assert_eq!(after.status, 201, "the slots are freed");
+}
+
+/// Regression (an HTTP/2 audit): hyper ends a request body whose stream
+/// the client reset with `NO_ERROR` as if it were whole. A cancelled upload
+/// had the part it sent forwarded as the whole request: on a protected
+/// route claimed, run and recorded (its retry with the real body got 422),
+/// on a pass-through route sent with a clean last chunk.
+async fn a_cancelled_http2_upload_is_never_forwarded(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
+    let proxy = TestProxy::start(&yaml(&store, &upstream, "")).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("an h2c connection");
+    tokio::spawn(connection);
+    for (path, key) in [
+        ("/api/orders", Some("k-h2-cancelled")),
+        ("/plain/orders", None),
+    ] {
+        let mut request = http::Request::post(format!("http://{}{path}", proxy.addr));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let mut h2 = h2.clone().ready().await.unwrap();
+        let (_response, mut stream) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"amount=100"), false)
+            .unwrap();
+        stream.send_reset(h2::Reason::NO_ERROR);
+    }
+    let answered = |text: &str, class: &str| {
+        common::sample(text, "idemgate_responses_total", &[("class", class)])
+    };
+    eventually(Duration::from_secs(5), "both requests over", || async {
+        let text = proxy.metrics().await;
+        answered(&text, "2xx") + answered(&text, "4xx") == 2.0
+    })
+    .await;
+    let text = proxy.metrics().await;
+    assert_eq!(
+        answered(&text, "4xx"),
+        2.0,
+        "both the client's (499): {text}"
+    );
+    assert_eq!(upstream.answered(), 0, "a cut-off upload ran upstream");
+    // Nothing was claimed: the upload sent whole runs.
+    let reply = TestClient::new()
+        .post_key(&proxy.url("/api/orders"), "k-h2-cancelled", "amount=1000")
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
 }

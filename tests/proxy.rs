@@ -486,6 +486,52 @@ async fn http2_cookie_fields_reach_the_upstream_as_one() {
     assert_eq!(cookies, ["sid=abc; theme=dark"]);
 }
 
+/// Regression (an HTTP/2 audit): the h2 crate checks a request's first
+/// `Content-Length` against its data and lets equal copies through, and
+/// both lines went to the HTTP/1.1 upstream (Node's refuses that; hyper's
+/// folds them, so the upstream here reads the head as sent).
+#[tokio::test]
+async fn http2_content_length_reaches_the_upstream_as_one_line() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let heard = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.ends_with(b"\r\n\r\nhello") {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "the whole request: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&buf).to_ascii_lowercase()
+    });
+    let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("an h2c connection");
+    tokio::spawn(connection);
+    let request = http::Request::post(proxy.url("/cl"))
+        .header("content-length", "5")
+        .header("content-length", "5")
+        .body(())
+        .unwrap();
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, mut stream) = h2.send_request(request, false).unwrap();
+    stream
+        .send_data(Bytes::from_static(b"hello"), true)
+        .unwrap();
+    assert_eq!(response.await.expect("an answer").status(), 200);
+    let head = heard.await.unwrap();
+    assert_eq!(head.matches("content-length:").count(), 1, "{head}");
+}
+
 /// HTTP/2 streams wait for their answers side by side, each within its own
 /// timeouts: the fast streams that come and go on the connection do not
 /// move the slow one's deadline (with one timer per connection, as the
