@@ -1,12 +1,8 @@
-//! A protected request's upstream exchange. Its request polls it, and
-//! spawns what is left of it when the request ends first, so that neither
-//! a client-facing timeout nor a client disconnect cancels it: it goes on
-//! until the response is recorded or the lease ends.
+//! A protected request's upstream exchange. It runs as its own task so that
+//! neither a client-facing timeout nor a client disconnect cancels it: it
+//! goes on until the response is recorded or the lease ends.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Context;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -120,37 +116,26 @@ struct Reply {
 }
 
 impl Exchange {
-    /// Runs the exchange and waits for its answer within the route's
-    /// client-facing timeouts: `total` here, `response` in the exchange,
-    /// which tells the breaker of a response timeout before it answers the
-    /// client's 504. The exchange is polled by this request's own task
-    /// (no task of its own, no trip through the scheduler's queue to start
-    /// it and another to hear its answer); when this request ends first
-    /// (its client left, `total` ran out, a 504 went), what is left of the
-    /// exchange is spawned by [`Outliving`] and goes on to its record.
+    /// Starts the exchange in the background (now) and waits for its answer
+    /// within the route's client-facing timeouts: `total` here, `response`
+    /// in the exchange, which tells the breaker of a response timeout
+    /// before it answers the client's 504.
     pub async fn start(
         self,
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
         route: &Route,
     ) -> Response<ProxyBody> {
-        let (tx, mut rx) = oneshot::channel();
-        // Boxed: the exchange's future is a few KB; once boxed it can move
-        // to a task of its own without being copied. Tracked from now on:
-        // shutdown waits for it wherever it runs.
+        let (tx, rx) = oneshot::channel();
+        // Boxed: the exchange's future is a few KB, and spawning copies what
+        // it is given several times over (into the task, into its cell).
         let tasks = self.tasks.clone();
-        let mut exchange = Outliving(Some(
-            tasks.track_future(
-                Box::pin(self.run(request, tx, route.timeouts.response))
-                    .instrument(tracing::Span::current()),
-            ),
-        ));
-        let answer = std::future::poll_fn(|cx| {
-            exchange.poll(cx);
-            std::pin::Pin::new(&mut rx).poll(cx)
-        });
+        tasks.spawn(
+            Box::pin(self.run(request, tx, route.timeouts.response))
+                .instrument(tracing::Span::current()),
+        );
         let total_deadline = ctx.arrived + route.timeouts.total;
-        match tokio::time::timeout_at(total_deadline.into(), answer).await {
+        match tokio::time::timeout_at(total_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
                 ctx.upstream_time = reply.upstream_time;
                 if !reply.went_out {
@@ -539,34 +524,6 @@ impl Settle {
 /// How often, 500 ms apart (the first 500 ms after the failed try), a
 /// transition is tried in the background.
 const SETTLE_ATTEMPTS: usize = 20;
-
-/// An exchange polled by the request that started it, spawned to run on
-/// alone if that request ends first: a protected request outlives its
-/// client (a disconnect, a timeout) until its outcome is recorded.
-struct Outliving<F: Future<Output = ()> + Unpin + Send + 'static>(Option<F>);
-
-impl<F: Future<Output = ()> + Unpin + Send + 'static> Outliving<F> {
-    fn poll(&mut self, cx: &mut Context<'_>) {
-        if let Some(run) = &mut self.0
-            && Pin::new(run).poll(cx).is_ready()
-        {
-            self.0 = None;
-        }
-    }
-}
-
-impl<F: Future<Output = ()> + Unpin + Send + 'static> Drop for Outliving<F> {
-    fn drop(&mut self) {
-        // A drop while the runtime shuts down has nowhere to spawn: the
-        // exchange ends there, and its key turns unknown or expires with
-        // its lease, as a process that stops does.
-        if let Some(run) = self.0.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(run);
-        }
-    }
-}
 
 /// Makes a fenced transition in the background, tried again on store errors
 /// (a lost reply, a reconnect) 20 times, 500 ms apart and each within

@@ -165,10 +165,9 @@ impl Proxy {
                         return problem.into_response();
                     }
                 };
-                // From here the exchange owns the key (and completes,
-                // releases or settles it): `start` makes it on its first
-                // poll, which comes without a yield in between, and a drop
-                // from then on spawns it.
+                // From here the exchange task owns the key (and completes,
+                // releases or settles it): `start` spawns it on its first
+                // poll, which comes without a yield in between.
                 undo.disarm();
                 drop(undo);
                 ctx.outcome = "forwarded";
@@ -407,7 +406,7 @@ impl<'a> ClaimGuard<'a> {
         }
     }
 
-    /// The key is settled (released, or owned by the exchange), or was never ours.
+    /// The key is settled (released, or owned by the exchange task), or was never ours.
     fn disarm(&mut self) {
         self.armed = false;
     }
