@@ -43,14 +43,41 @@ fn matches(m: &RouteMatch, method: &Method, host: Option<&str>, path: &str) -> b
         PathMatch::Exact(exact) => path == exact,
         // A prefix matches on a segment boundary: /api/orders matches
         // /api/orders and /api/orders/7, never /api/ordersX.
-        PathMatch::Prefix(prefix) => match path.strip_prefix(prefix.as_str()) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
-            None => false,
-        },
+        PathMatch::Prefix(prefix) => path_under(prefix, path),
     };
     path_ok
         && m.methods.as_ref().is_none_or(|ms| has_method(ms, method))
         && m.host.as_ref().is_none_or(|want| host_matches(want, host))
+}
+
+/// Whether every request `later` matches is matched by `earlier` too: a
+/// route after it could then never be taken (first match wins).
+pub fn covers(earlier: &RouteMatch, later: &RouteMatch) -> bool {
+    let path = match (&earlier.path, &later.path) {
+        (PathMatch::Exact(e), PathMatch::Exact(l)) => e == l,
+        (PathMatch::Exact(_), PathMatch::Prefix(_)) => false,
+        (PathMatch::Prefix(e), PathMatch::Exact(l) | PathMatch::Prefix(l)) => path_under(e, l),
+    };
+    let methods = match (&earlier.methods, &later.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => l.iter().all(|m| has_method(e, m)),
+    };
+    let host = match (&earlier.host, &later.host) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) if has_port(e) => e == l,
+        (Some(e), Some(l)) => strip_port(l) == e,
+    };
+    path && methods && host
+}
+
+/// Whether `path` is matched by the prefix `prefix` (on a segment boundary).
+fn path_under(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.is_empty(),
+        None => false,
+    }
 }
 
 /// Whether `method` is one of `methods`, in any case: methods are

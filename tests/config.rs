@@ -206,6 +206,69 @@ fn paths_no_request_could_match_are_errors() {
     }
 }
 
+/// Regression (an audit): a route behind an earlier one that takes every
+/// request it would match was accepted, even a protected route behind a
+/// pass-through prefix, whose requests then all went unprotected.
+#[test]
+fn a_route_an_earlier_one_shadows_is_an_error() {
+    let routes = |first: &str, second: &str| {
+        format!(
+            "{BASE}routes:\n  - {{ name: first, match: {first}, upstream: erp, idempotency: off }}\n  - {{ name: second, match: {second}, upstream: erp }}\n"
+        )
+    };
+    for (first, second) in [
+        ("{ path_prefix: /api }", "{ path_prefix: /api/payments }"),
+        (
+            "{ path_prefix: /api/orders }",
+            "{ path_prefix: /api/orders/ }",
+        ),
+        ("{ path_prefix: / }", "{ path: /x }"),
+        ("{ path: /x }", "{ path: /x, methods: [POST] }"),
+        (
+            "{ path_prefix: /a, methods: [POST, PUT] }",
+            "{ path_prefix: /a/b, methods: [post] }",
+        ),
+        (
+            "{ path_prefix: /a }",
+            "{ path_prefix: /a, host: pay.example }",
+        ),
+        (
+            "{ path_prefix: /a, host: pay.example }",
+            "{ path_prefix: /a, host: 'pay.example:8443' }",
+        ),
+    ] {
+        let errs = errors(&routes(first, second));
+        assert_eq!(errs.len(), 1, "{first} then {second}: {errs:#?}");
+        assert_eq!(errs[0].path, "routes[1].match");
+        assert_eq!(errs[0].position.map(|p| p.0), Some(5), "{}", errs[0]);
+        let text = errs[0].to_string();
+        assert!(
+            text.contains("\"second\" can never be taken") && text.contains("\"first\""),
+            "{text}"
+        );
+    }
+    for (first, second) in [
+        ("{ path_prefix: /api/payments }", "{ path_prefix: /api }"),
+        ("{ path_prefix: /api }", "{ path_prefix: /apix }"),
+        ("{ path: /x }", "{ path_prefix: /x }"),
+        (
+            "{ path_prefix: /a, methods: [POST] }",
+            "{ path_prefix: /a }",
+        ),
+        (
+            "{ path_prefix: /a, host: pay.example }",
+            "{ path_prefix: /a }",
+        ),
+        (
+            "{ path_prefix: /a, host: 'pay.example:8443' }",
+            "{ path_prefix: /a, host: pay.example }",
+        ),
+    ] {
+        Config::parse(&routes(first, second))
+            .unwrap_or_else(|e| panic!("{first} then {second}: {e}"));
+    }
+}
+
 #[test]
 fn yaml_syntax_errors_have_a_position() {
     let errs = errors("listen: [unclosed\n");
@@ -224,6 +287,15 @@ fn env_vars_are_expanded_and_a_missing_one_is_named() {
     let errs = errors(&yaml.replace("IDEMGATE_TEST_TOKEN_8731", "IDEMGATE_TEST_UNSET_8731"));
     let e = error_at(&errs, "admin.token");
     assert!(e.message.contains("IDEMGATE_TEST_UNSET_8731"), "{e}");
+    // Regression (an audit): a shell default was taken for the name, even
+    // with the variable set, and `export NAME:-x=...` given as the fix.
+    let errs = errors(&yaml.replace("_8731}", "_8731:-fallback}"));
+    let e = error_at(&errs, "admin.token").to_string();
+    assert!(
+        e.contains("not a variable's name") && e.contains("not supported"),
+        "{e}"
+    );
+    assert!(!e.contains("fallback") && !e.contains("s3cret"), "{e}");
 }
 
 /// Regression (audit): a token with a trailing newline (a Kubernetes
@@ -320,6 +392,20 @@ fn a_lease_shorter_than_total_is_a_warning_not_an_error() {
     let config = Config::parse(&yaml).expect("valid");
     assert_eq!(config.warnings.len(), 1);
     assert!(config.warnings[0].contains("lease"));
+}
+
+/// Regression (an audit): accepted silently, as if it bounded Redis.
+#[test]
+fn max_records_on_redis_is_a_warning() {
+    let routes = "routes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+    let yaml = format!(
+        "store: {{ backend: redis, url: \"redis://127.0.0.1:1/0\", max_records: 2 }}\n{BASE}{routes}"
+    );
+    let config = Config::parse(&yaml).expect("valid");
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert!(config.warnings[0].contains("store.max_records bounds the memory store only"));
+    let memory = format!("store: {{ backend: memory, max_records: 2 }}\n{BASE}{routes}");
+    assert!(Config::parse(&memory).expect("valid").warnings.is_empty());
 }
 
 #[test]
@@ -974,6 +1060,12 @@ fn settings_serve_would_misread_are_errors_at_their_field() {
             "",
             ", idempotency: { methods: [] }",
             "routes[0].idempotency.methods",
+        ),
+        // Nothing kept: every retry ran again (an audit).
+        (
+            "",
+            ", idempotency: { store_statuses: [] }",
+            "routes[0].idempotency.store_statuses",
         ),
         // The key is logged; these headers' values never may be.
         (

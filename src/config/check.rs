@@ -135,6 +135,15 @@ impl<'a> Check<'a> {
                 );
                 None
             }
+            Err(Missing::Name(name)) => {
+                self.fail(
+                    path,
+                    Some(&value.referenced),
+                    format!("${{{name}...}} is not a variable's name (letters, digits and _)"),
+                    format!("write ${{{name}}}: defaults and other shell forms (${{{name}:-...}}) are not supported"),
+                );
+                None
+            }
         }
     }
 
@@ -285,6 +294,8 @@ pub fn quote(value: &Spanned<String>) -> String {
 enum Missing {
     Var(String),
     Brace,
+    /// Not a variable's name: what came before its first other character.
+    Name(String),
 }
 
 /// Replaces every `${VAR}` in `text`. `$$` is not special; only `${` starts a reference.
@@ -298,6 +309,11 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Mi
         let name = &after[..end];
         if name.is_empty() {
             return Err(Missing::Brace);
+        }
+        // Regression (an audit): `${URL:-http://..}` was looked up whole,
+        // and said to be unset with `export URL:-http://..=...` as the fix.
+        if let Some(i) = name.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')) {
+            return Err(Missing::Name(name[..i].to_owned()));
         }
         out.push_str(&env(name).ok_or_else(|| Missing::Var(name.to_owned()))?);
         rest = &after[end + 1..];

@@ -188,7 +188,25 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 "give every route its own name",
             );
         }
-        if let Some(route) = build_route(c, i, route, defaults, &file.upstreams) {
+        if let Some(built) = build_route(c, i, route, defaults, &file.upstreams) {
+            // First match wins: a route behind one that takes all of its
+            // requests is never taken (a protected route behind a
+            // pass-through prefix: its requests go unprotected).
+            if let Some(first) = routes
+                .iter()
+                .find(|r: &&Route| crate::route::covers(&r.matcher, &built.matcher))
+            {
+                c.fail(
+                    &format!("routes[{i}].match"),
+                    Some(&route.name.referenced),
+                    format!(
+                        "route {:?} can never be taken: route {:?}, before it, matches every request it would (the first match wins)",
+                        built.name, first.name
+                    ),
+                    "move the narrower route above the broader one, or remove it",
+                );
+            }
+            let route = built;
             if let Some(policy) = &route.idempotency
                 && policy.lease < route.timeouts.total
             {
@@ -218,6 +236,14 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         }
     }
     let store = store?;
+    if store.backend != Backend::Memory
+        && file.store.as_ref().is_some_and(|s| s.max_records.is_some())
+    {
+        warnings.push(
+            "store.max_records bounds the memory store only: Redis is bounded by its own maxmemory (leave max_records out)"
+                .to_owned(),
+        );
+    }
     if store.backend != Backend::Memory {
         warnings.extend(routes.iter().enumerate().filter_map(|(i, r)| {
             let policy = r.idempotency.as_ref()?;

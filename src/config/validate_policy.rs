@@ -201,6 +201,16 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
     }
     let store_statuses = match m.get("store_statuses", |f| f.store_statuses.as_ref()) {
         None => Some(vec![StatusPattern::Class(2), StatusPattern::Class(4)]),
+        // Regression (an audit): accepted, and every retry ran again.
+        Some((list, p)) if list.is_empty() => {
+            c.fail(
+                &p,
+                None,
+                "store_statuses is empty: no answer would be kept, and every retry would run again",
+                "list the statuses to keep, such as [\"2xx\", \"4xx\"], or write idempotency: off",
+            );
+            None
+        }
         Some((list, p)) => list_of(c, &p, list, status_pattern),
     };
     let release_statuses = match m.get("release_statuses", |f| f.release_statuses.as_ref()) {
