@@ -195,11 +195,15 @@ impl Exchange {
             }
         };
         let upstream_time = sent.elapsed();
-        let went_out = !matches!(result, Ok(Err(SendError::Connect(_))));
+        let went_out = !matches!(&result, Ok(Err(error)) if error.unsent());
         let (response, recorded) = match result {
             Ok(Ok(response)) => self.record(response).await,
-            Ok(Err(error @ SendError::Connect(_))) => {
-                self.finish_admission(false);
+            Ok(Err(error @ (SendError::Connect(_) | SendError::Local(_)))) => {
+                // Not the upstream's failure when the proxy was out of descriptors.
+                match error {
+                    SendError::Local(_) => drop(self.admission.take()),
+                    _ => self.finish_admission(false),
+                }
                 // The upstream never saw the request: a retry may try again.
                 self.release().await;
                 (send_error_problem(error), false)

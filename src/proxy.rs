@@ -430,7 +430,7 @@ impl Proxy {
         let (start, response) = (sent.into(), route.timeouts.response);
         let result = within_response(send, &connected, start, response, total).await;
         // No latency for a request that never went out (a connect failure).
-        if !matches!(result, Some(Err(SendError::Connect(_)))) {
+        if !matches!(&result, Some(Err(error)) if error.unsent()) {
             ctx.upstream_time = Some(sent.elapsed());
         }
         match result {
@@ -447,6 +447,8 @@ impl Proxy {
                 ctx.client_gone = !malformed;
                 send_error_problem(error)
             }
+            // This process's own exhaustion: the admission is dropped unjudged.
+            Some(Err(error @ SendError::Local(_))) => send_error_problem(error),
             Some(Err(error)) => {
                 admission.finish(false);
                 send_error_problem(error)
@@ -504,6 +506,15 @@ pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
                 Code::UpstreamUnreachable,
                 "the upstream could not be reached; nothing was sent",
             )
+            .into_response()
+        }
+        SendError::Local(detail) => {
+            tracing::error!(error = %detail, "could not open a connection to the upstream: this process is out of file descriptors or local ports (raise its limit, ulimit -n / LimitNOFILE)");
+            Problem::new(
+                Code::UpstreamOverloaded,
+                "this instance could not open a connection to the upstream (out of file descriptors or ports); nothing was sent",
+            )
+            .retry_after(std::time::Duration::from_secs(1))
             .into_response()
         }
         SendError::Broken(detail) => {

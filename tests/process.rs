@@ -1144,3 +1144,109 @@ async fn hearing_other_instances_again_after_redis_returns_is_said() {
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// An HTTP/1.1 connection of its own to `addr`.
+async fn connection(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A protected POST of `key` on `sender`'s connection: its status and body.
+async fn post_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    key: &str,
+    extra: &[(&str, &str)],
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let mut request = http::Request::post("/api/o")
+        .header("host", "x")
+        .header("idempotency-key", key);
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request.unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sets a process's `RLIMIT_NOFILE` (when `new` is given); the one before.
+fn nofile(pid: libc::pid_t, new: Option<libc::rlimit>) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let new = new
+        .as_ref()
+        .map_or(std::ptr::null(), |n| n as *const libc::rlimit);
+    // SAFETY: plain structs that outlive the call; a child of this test.
+    let done = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, new, &mut old) };
+    assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+/// Regression (an audit): at its file-descriptor limit the proxy answered
+/// `502 upstream_unreachable`, blamed the upstream and opened its circuit,
+/// which stayed open after the descriptors came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_is_not_the_upstreams_failure() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ url: \"http://{}\", circuit_breaker: {{ consecutive_failures: 1, open_for: 1h }} }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = Binary::serve(&path);
+    let pid = proxy.child.id() as libc::pid_t;
+    let (mut first, mut second) = (connection(proxy.addr).await, connection(proxy.addr).await);
+    assert_eq!(post_on(&mut first, "k-warm", &[]).await.0, 201);
+    // No descriptor left: the limit at the lowest free number.
+    let used: std::collections::BTreeSet<i64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let free = (0..).find(|n| !used.contains(n)).unwrap() as u64;
+    let before = nofile(pid, None);
+    nofile(
+        pid,
+        Some(libc::rlimit {
+            rlim_cur: free,
+            rlim_max: before.rlim_max,
+        }),
+    );
+    // The pooled upstream connection is busy: the next request needs a new one.
+    let slow =
+        tokio::spawn(
+            async move { post_on(&mut first, "k-slow", &[("x-test-delay-ms", "1000")]).await },
+        );
+    eventually(
+        Duration::from_secs(5),
+        "the slow request upstream",
+        || async { upstream.hits() == 2 },
+    )
+    .await;
+    let (status, body) = post_on(&mut second, "k-fd", &[]).await;
+    nofile(pid, Some(before));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("upstream_overloaded"), "{body}");
+    assert_eq!(slow.await.unwrap().0, 201);
+    // Nothing blamed on the upstream, nothing claimed: the retry goes through.
+    let (status, body) = post_on(&mut second, "k-fd", &[]).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("out of file descriptors")),
+        "an error says why"
+    );
+}

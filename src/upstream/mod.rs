@@ -26,6 +26,9 @@ pub use pool::UpstreamBody;
 pub enum SendError {
     /// The connection was never established: the upstream saw nothing.
     Connect(String),
+    /// This process could not open a connection (no file descriptors or
+    /// local ports left): the upstream saw nothing and is not to blame.
+    Local(String),
     /// The connection broke after (part of) the request may have been sent.
     Broken(String),
     /// The client's request body broke off while it was being sent (the
@@ -437,9 +440,20 @@ pub async fn within_response<F: Future>(
 }
 
 impl SendError {
-    /// A failure before anything was written.
+    /// A failure before anything was written: this process's own when it
+    /// ran out of descriptors or ports (regression, found by an audit:
+    /// at its file-descriptor limit the proxy answered `502
+    /// upstream_unreachable` and opened a healthy upstream's circuit).
     fn connect(error: &(dyn std::error::Error + 'static)) -> SendError {
-        SendError::Connect(error_chain(error))
+        match local_exhaustion(error) {
+            true => SendError::Local(error_chain(error)),
+            false => SendError::Connect(error_chain(error)),
+        }
+    }
+
+    /// Whether the upstream never saw the request.
+    pub fn unsent(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::Local(_))
     }
 
     /// A failure once the request may have been written: broken, unless the
@@ -494,6 +508,26 @@ fn handshake_rejected(error: &(dyn std::error::Error + 'static)) -> bool {
         next = e.source();
     }
     false
+}
+
+/// An I/O error among `error`'s sources that says this process is out of
+/// descriptors (`EMFILE`, `ENFILE`), socket buffers or memory, or local
+/// ports (`EADDRNOTAVAIL` from a connect).
+fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| {
+                [
+                    libc::EMFILE,
+                    libc::ENFILE,
+                    libc::ENOBUFS,
+                    libc::ENOMEM,
+                    libc::EADDRNOTAVAIL,
+                ]
+                .contains(&code)
+            })
+    })
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
