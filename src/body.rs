@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 
-use crate::upstream::UpstreamBody;
+use crate::upstream::{Silence, UpstreamBody};
 
 /// Errors of any body source (client, upstream) share one boxed type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -133,7 +133,7 @@ pub async fn collect_up_to(mut body: UpstreamBody, limit: u64) -> Collected {
 }
 
 /// `prefix` followed by the rest of a body.
-pub fn prefixed(prefix: Bytes, rest: UpstreamBody) -> ProxyBody {
+pub fn prefixed(prefix: Bytes, rest: Silence) -> ProxyBody {
     Prefixed {
         prefix: Some(prefix),
         rest,
@@ -143,7 +143,7 @@ pub fn prefixed(prefix: Bytes, rest: UpstreamBody) -> ProxyBody {
 
 struct Prefixed {
     prefix: Option<Bytes>,
-    rest: UpstreamBody,
+    rest: Silence,
 }
 
 impl hyper::body::Body for Prefixed {
@@ -157,8 +157,6 @@ impl hyper::body::Body for Prefixed {
         if let Some(prefix) = self.prefix.take() {
             return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(prefix))));
         }
-        std::pin::Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map_err(Into::into)
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
 }

@@ -21,7 +21,8 @@ use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
 use crate::store::{Attempt, Store, StoreError};
 use crate::upstream::{
-    Admission, Connected, SendError, Upstream, UpstreamBody, failed_status, within_response,
+    Admission, Connected, SendError, Silence, Upstream, UpstreamBody, failed_status,
+    within_response,
 };
 
 /// An attempt that owns its key (by `token`) until `lease_deadline`.
@@ -159,6 +160,7 @@ impl Exchange {
         reply: oneshot::Sender<Reply>,
         response: Duration,
     ) {
+        let response_timeout = response;
         let id = self.running.add(&self.key);
         let mut reply = Some(reply);
         let sent = Instant::now();
@@ -197,7 +199,7 @@ impl Exchange {
         let upstream_time = sent.elapsed();
         let went_out = !matches!(&result, Ok(Err(error)) if error.unsent());
         let (response, recorded) = match result {
-            Ok(Ok(response)) => self.record(response).await,
+            Ok(Ok(response)) => self.record(response, response_timeout).await,
             Ok(Err(error @ (SendError::Connect(_) | SendError::Local(_)))) => {
                 // Not the upstream's failure when the proxy was out of descriptors.
                 match error {
@@ -267,7 +269,13 @@ impl Exchange {
     /// once its body is whole: a connection that breaks in the body is a
     /// failure. A body streamed to the client is judged by its head, and
     /// by its break if it breaks off.
-    async fn record(&mut self, response: Response<UpstreamBody>) -> (Response<ProxyBody>, bool) {
+    /// A body streamed to the client may be quiet for `response` at most
+    /// ([`Silence`]).
+    async fn record(
+        &mut self,
+        response: Response<UpstreamBody>,
+        quiet: Duration,
+    ) -> (Response<ProxyBody>, bool) {
         let (mut parts, mut incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // A replay says the status's standard reason phrase: so does the first answer.
@@ -278,7 +286,8 @@ impl Exchange {
         if !self.policy.stores(status) {
             self.finish_streamed(&mut incoming, !failed_status(status));
             self.release().await;
-            return (Response::from_parts(parts, body::boxed(incoming)), false);
+            let body = body::boxed(Silence::new(incoming, quiet));
+            return (Response::from_parts(parts, body), false);
         }
         let mut collected = tokio::time::timeout_at(
             self.lease_deadline.into(),
@@ -305,7 +314,7 @@ impl Exchange {
                 let (recorded, headers) = self.complete(status, parts.headers, None, size).await;
                 parts.headers = headers;
                 (
-                    Response::from_parts(parts, body::prefixed(prefix, rest)),
+                    Response::from_parts(parts, body::prefixed(prefix, Silence::new(rest, quiet))),
                     recorded,
                 )
             }

@@ -22,7 +22,9 @@ use crate::route::RouteTable;
 use crate::store::Store;
 use crate::stream_end::{self, StreamEnd};
 use crate::tls::TlsError;
-use crate::upstream::{Bulkhead, Connected, SendError, Upstream, failed_status, within_response};
+use crate::upstream::{
+    Bulkhead, Connected, SendError, Silence, Upstream, failed_status, within_response,
+};
 
 /// Everything a request needs, built from the validated config.
 pub struct Proxy {
@@ -438,7 +440,8 @@ impl Proxy {
                 let (mut parts, mut incoming) = response.into_parts();
                 incoming.streamed(admission.finish_streamed(!failed_status(parts.status.as_u16())));
                 headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body::boxed(incoming))
+                let body = Silence::new(incoming, route.timeouts.response);
+                Response::from_parts(parts, body::boxed(body))
             }
             // The admission is dropped unjudged: the upstream did nothing wrong.
             Some(Err(error @ SendError::ClientBody { malformed })) => {

@@ -1138,3 +1138,49 @@ async fn a_cancelled_http2_upload_is_never_forwarded(backend: Backend) {
         .await;
     assert_eq!(reply.status, 201, "{:?}", reply.body);
 }
+
+/// Regression (an audit): an upstream that sent its head and then nothing
+/// held its request's bulkhead slot (and the client) for as long as the
+/// client waited: 20 such answers took every slot of `max_in_flight: 20`,
+/// and protected requests got `503 upstream_overloaded`. A streamed body
+/// may be quiet for `timeouts.response` at most, as nginx's
+/// `proxy_read_timeout` bounds the time between two reads.
+#[tokio::test]
+async fn an_upstream_quiet_mid_body_gives_up_its_slot_after_the_response_timeout() {
+    use http_body_util::BodyExt;
+    let upstream = TestUpstream::start().await;
+    let yaml = yaml(
+        &Backend::memory().store_yaml(),
+        &upstream,
+        ", max_in_flight: 1",
+    )
+    .replace(
+        "timeouts: { response: 5s, total: 10s }",
+        "timeouts: { response: 300ms, total: 10s }",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    // The head at once, the body 30 s later.
+    let request = http::Request::get("/plain")
+        .header("host", "x")
+        .header("x-test-slow-body-ms", "30000")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("the head");
+    assert_eq!(response.status(), 201);
+    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+        .await
+        .expect("cut off at the response timeout, not held for 30 s");
+    assert!(
+        body.is_err(),
+        "the answer is cut short, not ended as if whole"
+    );
+    // Its slot is free: the next request to that upstream goes through.
+    let reply = TestClient::new()
+        .post_key(&proxy.url("/api/o"), "k-after-quiet", "{}")
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+}

@@ -3,6 +3,7 @@
 
 pub mod breaker;
 mod pool;
+mod silence;
 mod upload;
 
 use std::future::Future;
@@ -20,6 +21,7 @@ use crate::problem::{Code, Problem};
 use breaker::{Admit, Breaker};
 use pool::Pool;
 pub use pool::UpstreamBody;
+pub use silence::Silence;
 
 /// How sending a request failed, which decides what the client is told.
 #[derive(Debug)]

@@ -322,6 +322,15 @@ impl UpstreamBody {
         self.streamed = Some(streamed);
     }
 
+    /// The body broke off on this side (the upstream went quiet too long):
+    /// a failure for the breaker, the connection closed.
+    pub fn give_up(&mut self) {
+        self.conn = None;
+        if let Some(streamed) = self.streamed.take() {
+            streamed.end(false);
+        }
+    }
+
     /// Gives the connection back at the response's end. An upstream may
     /// answer before it has read the whole request body: the connection is
     /// then driven in the background until the body is all sent, and only

@@ -1,0 +1,87 @@
+//! A streamed upstream body that may go quiet for at most the route's
+//! `timeouts.response`, as nginx's `proxy_read_timeout` bounds the time
+//! between two reads: an upstream that sends its head and then nothing no
+//! longer holds its request's bulkhead slot (and the client) for as long as
+//! the client waits (regression, found by an audit: 20 such answers held
+//! every slot of `max_in_flight: 20`, and protected requests got `503
+//! upstream_overloaded`, for as long as their clients stayed).
+//!
+//! The silence counts from when the body is next asked for and the
+//! upstream has nothing: a client that reads slowly holds the upstream
+//! back, and that time is not the upstream's. A body that times out has
+//! broken off: the breaker hears of a failure, and hyper closes the
+//! client's connection (its answer is cut short, as an upstream's broken
+//! body's is).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use super::UpstreamBody;
+use crate::body::BoxError;
+
+pub struct Silence {
+    body: UpstreamBody,
+    limit: Duration,
+    /// Made at the first wait: most bodies are in hand with their head.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer runs: the last poll found nothing.
+    waiting: bool,
+}
+
+impl Silence {
+    pub fn new(body: UpstreamBody, limit: Duration) -> Silence {
+        Silence {
+            body,
+            limit,
+            timer: None,
+            waiting: false,
+        }
+    }
+}
+
+impl Body for Silence {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = Instant::now() + this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !std::mem::replace(&mut this.waiting, true) {
+            timer.as_mut().reset(deadline);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                this.body.give_up();
+                Poll::Ready(Some(Err(format!(
+                    "the upstream sent nothing of its answer's body for {:?} (timeouts.response)",
+                    this.limit
+                )
+                .into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
