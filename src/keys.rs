@@ -25,8 +25,32 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<String> {
     Ok(match command {
         KeysCommand::Unknown { json: false, .. } => table(&value),
         KeysCommand::Purge(_) => format!("purged {} record(s)\n", value["purged"]),
-        _ => format!("{}\n", serde_json::to_string_pretty(&value)?),
+        KeysCommand::Get(args) => {
+            let record = one_record(value, &args.key)?;
+            format!("{}\n", serde_json::to_string_pretty(&record)?)
+        }
+        KeysCommand::Unknown { .. } => format!("{}\n", serde_json::to_string_pretty(&value)?),
     })
+}
+
+/// The one record `keys get` prints (SPEC 1): a key held under several
+/// scopes needs `--scope` (regression, an audit: a list was printed without
+/// it, so `| jq .state` broke on every key).
+fn one_record(value: serde_json::Value, key: &str) -> anyhow::Result<serde_json::Value> {
+    let serde_json::Value::Array(mut list) = value else {
+        return Ok(value);
+    };
+    match list.len() {
+        1 => Ok(list.remove(0)),
+        0 => bail!("no record of key {key:?}"),
+        n => {
+            let scopes: Vec<&str> = list.iter().filter_map(|r| r["scope"].as_str()).collect();
+            bail!(
+                "key {key:?} is held under {n} scopes (one per caller): name one with --scope ({})",
+                scopes.join(", ")
+            )
+        }
+    }
 }
 
 /// Redis: the store itself.
@@ -37,14 +61,7 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
     // rather than that the first operation timed out.
     store.ping().await.context("the store")?;
     Ok(match command {
-        KeysCommand::Get(args) => {
-            let list = listing_json(&find(config, &store, args).await?, true);
-            if args.scope.is_some() {
-                list[0].clone()
-            } else {
-                json!(list)
-            }
-        }
+        KeysCommand::Get(args) => json!(listing_json(&find(config, &store, args).await?, true)),
         KeysCommand::Purge(PurgeArgs { key: args, force }) => {
             let found = find(config, &store, args).await?;
             let purged = purge(&store, found.keys(), *force, false).await?;
