@@ -693,6 +693,27 @@ fn zero_consecutive_failures_and_zero_max_records_are_errors_not_raised_to_one()
     }
 }
 
+/// Regression (an audit): errors of a block as a whole had no line.
+#[test]
+fn errors_of_a_whole_block_have_a_line() {
+    let route =
+        |m: &str| format!("{BASE}routes:\n  - name: a\n    match: {m}\n    upstream: erp\n");
+    let neither = errors(&route("{}"));
+    assert_eq!(
+        error_at(&neither, "routes[0].match").position.map(|p| p.0),
+        Some(4)
+    );
+    let both = errors(&route("{ path_prefix: /a,\n      path: /b }"));
+    assert_eq!(
+        error_at(&both, "routes[0].match").position.map(|p| p.0),
+        Some(6)
+    );
+    let store = errors(&format!(
+        "store:\n  backend: redis\n{BASE}routes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+    ));
+    assert_eq!(error_at(&store, "store").position.map(|p| p.0), Some(2));
+}
+
 #[test]
 fn the_built_in_defaults_of_a_minimal_config() {
     use idemgate::config::{Backend, OnUnavailable};

@@ -417,9 +417,11 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
                     .map(|urls| Backend::Cluster { urls })
             }
             _ => {
+                // At the backend's line (regression, an audit: no line).
+                let line = store.backend.as_ref().map(|b| &b.referenced);
                 c.fail(
                     "store",
-                    None,
+                    line,
                     "backend redis needs exactly one of url and cluster",
                     "set store.url: redis://host:6379/0, or store.cluster: [redis://node:7000, ...]",
                 );
@@ -542,7 +544,7 @@ fn build_route(
             "use letters, digits, '-', '_' and '.' (the name appears in metrics and store keys)",
         );
     }
-    let matcher = super::validate_match::build_match(c, &at, &route.matcher);
+    let matcher = super::validate_match::build_match(c, &at, &route.matcher, &route.name);
     let upstream = c.text(&format!("{at}.upstream"), &route.upstream);
     if let Some(u) = &upstream
         && !upstreams.contains_key(u)

@@ -5,7 +5,13 @@ use super::file::{MatchFile, Text};
 use super::validate::method;
 use super::{PathMatch, RouteMatch};
 
-pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<RouteMatch> {
+/// `name`: the route's, whose line an error of the block as a whole gives.
+pub(super) fn build_match(
+    c: &mut Check,
+    at: &str,
+    m: &MatchFile,
+    name: &Text,
+) -> Option<RouteMatch> {
     let path = match (&m.path_prefix, &m.path) {
         (Some(prefix), None) => {
             let field = format!("{at}.match.path_prefix");
@@ -18,9 +24,11 @@ pub(super) fn build_match(c: &mut Check, at: &str, m: &MatchFile) -> Option<Rout
             PathMatch::Exact(route_path(c, &field, exact)?)
         }
         _ => {
+            // Where the two are, or the route (regression, an audit: no line).
+            let line = m.path.as_ref().map_or(&name.referenced, |p| &p.referenced);
             c.fail(
                 &format!("{at}.match"),
-                None,
+                Some(line),
                 "a match needs exactly one of path_prefix and path",
                 "write match: { path_prefix: /api/orders } or match: { path: /exact }",
             );
