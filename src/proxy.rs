@@ -344,6 +344,7 @@ impl Proxy {
         if request.version() == http::Version::HTTP_2 {
             headers::join_cookies(request.headers_mut());
             stream_end::one_content_length(request.headers_mut());
+            stream_end::frame_an_empty_upload(&mut request);
         }
         if request.method() == http::Method::CONNECT {
             // A tunnel, not a request for a route: no upstream takes one.
@@ -512,10 +513,10 @@ pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
             .into_response()
         }
         SendError::Local(detail) => {
-            tracing::error!(error = %detail, "could not open a connection to the upstream: this process is out of file descriptors or local ports (raise its limit, ulimit -n / LimitNOFILE)");
+            tracing::error!(error = %detail, "could not open a connection to the upstream: this process is out of file descriptors (raise its limit, ulimit -n / LimitNOFILE)");
             Problem::new(
                 Code::UpstreamOverloaded,
-                "this instance could not open a connection to the upstream (out of file descriptors or ports); nothing was sent",
+                "this instance could not open a connection to the upstream (out of file descriptors); nothing was sent",
             )
             .retry_after(std::time::Duration::from_secs(1))
             .into_response()

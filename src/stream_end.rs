@@ -4,13 +4,12 @@
 //! as if it were whole (RFC 9113 8.1 lets a *server* stop an upload that
 //! way once it has answered; hyper applies the rule to requests too). A
 //! client that cancelled its upload then had the part it sent forwarded as
-//! the whole request: claimed, run and recorded, so that its retry with
-//! the real body met `422` (regression: an HTTP/2 audit). So:
-//!
-//! - a body shorter than its `Content-Length` is broken, not ended;
-//! - the end of any other body waits one poll. The request's future is
-//!   then pending, hyper looks at the stream, and a stream the client reset
-//!   drops the request (nothing claimed, nothing forwarded, logged 499).
+//! the whole request: on a protected route claimed, run and recorded, so
+//! that its retry with the real body met `422`; on a pass-through route
+//! sent with a clean last chunk (regressions: an HTTP/2 audit, and its
+//! verification). So a body is whole only when the client's END_STREAM
+//! came (the h2 crate's `is_end_stream`, which a reset stream is not);
+//! else it broke off, and an upstream it was streaming to sees it break.
 //!
 //! HTTP/1 has no such end: a connection that closes early breaks the body.
 
@@ -24,21 +23,11 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::body::BoxError;
 
-pub struct StreamEnd {
-    body: Incoming,
-    /// The bytes its `Content-Length` still promises.
-    left: Option<u64>,
-    /// The end was seen and held back for one poll.
-    ended: bool,
-}
+pub struct StreamEnd(Incoming);
 
 impl StreamEnd {
     pub fn new(body: Incoming) -> StreamEnd {
-        StreamEnd {
-            left: body.size_hint().exact(),
-            body,
-            ended: false,
-        }
+        StreamEnd(body)
     }
 }
 
@@ -50,41 +39,42 @@ impl Body for StreamEnd {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                if let (Some(left), Some(data)) = (&mut self.left, frame.data_ref()) {
-                    *left = left.saturating_sub(data.len() as u64);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(error)) => Poll::Ready(Some(Err(error.into()))),
-            None if self.left.is_some_and(|left| left > 0) => {
-                Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the HTTP/2 stream ended before its Content-Length",
-                )
-                .into())))
-            }
-            None => {
-                self.ended = true;
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
+        match ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+            Some(frame) => Poll::Ready(Some(frame.map_err(Into::into))),
+            None if self.0.is_end_stream() => Poll::Ready(None),
+            None => Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the client reset its HTTP/2 stream before the body's end",
+            )
+            .into()))),
         }
     }
 
-    /// Never before the held-back end: hyper's own answer is true as soon
-    /// as a reset stream has nothing left, and a client sending the body
-    /// upstream would then end it there.
+    /// True once the client's END_STREAM came, never for a reset stream.
     fn is_end_stream(&self) -> bool {
-        self.ended
+        self.0.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        self.0.size_hint()
+    }
+}
+
+/// An HTTP/2 `POST`, `PUT` or `PATCH` that ended with its headers goes to
+/// the HTTP/1.1 upstream with `Content-Length: 0`, as it would have come
+/// over HTTP/1.1: without it, an upstream that wants a length for these
+/// methods answers `411` (the verification audit: no framing at all).
+pub fn frame_an_empty_upload<B: Body>(request: &mut http::Request<B>) {
+    use http::Method;
+    let uploads = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH
+    );
+    if uploads && request.body().is_end_stream() && !request.headers().contains_key(CONTENT_LENGTH)
+    {
+        request
+            .headers_mut()
+            .insert(CONTENT_LENGTH, http::HeaderValue::from_static("0"));
     }
 }
 

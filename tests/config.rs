@@ -296,6 +296,13 @@ fn env_vars_are_expanded_and_a_missing_one_is_named() {
         "{e}"
     );
     assert!(!e.contains("fallback") && !e.contains("s3cret"), "{e}");
+    // No name before the odd character: the fix names none either (the
+    // verification audit: `write ${}`, itself an error); no digit first.
+    for odd in ["${ IDEMGATE_X}", "${1ABC}"] {
+        let errs = errors(&yaml.replace("${IDEMGATE_TEST_TOKEN_8731}", odd));
+        let e = error_at(&errs, "admin.token").to_string();
+        assert!(e.contains("write ${NAME}"), "{odd}: {e}");
+    }
 }
 
 /// Regression (audit): a token with a trailing newline (a Kubernetes

@@ -492,13 +492,32 @@ async fn http2_cookie_fields_reach_the_upstream_as_one() {
 /// folds them, so the upstream here reads the head as sent).
 #[tokio::test]
 async fn http2_content_length_reaches_the_upstream_as_one_line() {
+    let head = http2_post_head(&["5", "5"], b"hello").await;
+    assert_eq!(head.matches("content-length:").count(), 1, "{head}");
+}
+
+/// Regression (the verification audit): an HTTP/2 POST that ended with its
+/// headers reached the HTTP/1.1 upstream with no framing at all, where over
+/// HTTP/1.1 it comes with `Content-Length: 0` (upstreams that want a
+/// length for a POST answer 411).
+#[tokio::test]
+async fn an_empty_http2_post_reaches_the_upstream_with_a_zero_length() {
+    let head = http2_post_head(&[], b"").await;
+    assert!(head.contains("content-length: 0\r\n"), "{head}");
+}
+
+/// The head an HTTP/1.1 upstream reads for an HTTP/2 POST of `body` with
+/// these `content-length` fields (hyper's server would fold copies).
+async fn http2_post_head(lengths: &[&str], body: &'static [u8]) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
     let heard = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
-        while !buf.ends_with(b"\r\n\r\nhello") {
+        let mut end = b"\r\n\r\n".to_vec();
+        end.extend_from_slice(body);
+        while !buf.ends_with(&end) {
             let n = conn.read(&mut chunk).await.unwrap();
             assert!(
                 n > 0,
@@ -517,19 +536,19 @@ async fn http2_content_length_reaches_the_upstream_as_one_line() {
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (h2, connection) = h2::client::handshake(tcp).await.expect("an h2c connection");
     tokio::spawn(connection);
-    let request = http::Request::post(proxy.url("/cl"))
-        .header("content-length", "5")
-        .header("content-length", "5")
-        .body(())
-        .unwrap();
+    let mut request = http::Request::post(proxy.url("/cl"));
+    for length in lengths {
+        request = request.header("content-length", *length);
+    }
     let mut h2 = h2.ready().await.unwrap();
-    let (response, mut stream) = h2.send_request(request, false).unwrap();
-    stream
-        .send_data(Bytes::from_static(b"hello"), true)
+    let (response, mut stream) = h2
+        .send_request(request.body(()).unwrap(), body.is_empty())
         .unwrap();
+    if !body.is_empty() {
+        stream.send_data(Bytes::from_static(body), true).unwrap();
+    }
     assert_eq!(response.await.expect("an answer").status(), 200);
-    let head = heard.await.unwrap();
-    assert_eq!(head.matches("content-length:").count(), 1, "{head}");
+    heard.await.unwrap()
 }
 
 /// HTTP/2 streams wait for their answers side by side, each within its own

@@ -136,11 +136,19 @@ impl<'a> Check<'a> {
                 None
             }
             Err(Missing::Name(name)) => {
+                // Named by what came before the first other character, if anything.
+                let shown = if name.is_empty() {
+                    "NAME"
+                } else {
+                    name.as_str()
+                };
                 self.fail(
                     path,
                     Some(&value.referenced),
-                    format!("${{{name}...}} is not a variable's name (letters, digits and _)"),
-                    format!("write ${{{name}}}: defaults and other shell forms (${{{name}:-...}}) are not supported"),
+                    format!(
+                        "${{{name}...}} is not a variable's name (letters, digits and _, no digit first)"
+                    ),
+                    format!("write ${{{shown}}}: defaults and other shell forms (${{{shown}:-...}}) are not supported"),
                 );
                 None
             }
@@ -312,7 +320,11 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Mi
         }
         // Regression (an audit): `${URL:-http://..}` was looked up whole,
         // and said to be unset with `export URL:-http://..=...` as the fix.
-        if let Some(i) = name.find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')) {
+        // A name as a shell takes one: letters, digits and _, no digit first.
+        let valid = |i: usize, ch: char| {
+            ch == '_' || ch.is_ascii_alphabetic() || (i > 0 && ch.is_ascii_digit())
+        };
+        if let Some((i, _)) = name.char_indices().find(|&(i, ch)| !valid(i, ch)) {
             return Err(Missing::Name(name[..i].to_owned()));
         }
         out.push_str(&env(name).ok_or_else(|| Missing::Var(name.to_owned()))?);

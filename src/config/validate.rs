@@ -196,9 +196,15 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 .iter()
                 .find(|r: &&Route| crate::route::covers(&r.matcher, &built.matcher))
             {
+                // At the match's path (the verification audit: the name's line).
+                let paths = route
+                    .matcher
+                    .path_prefix
+                    .as_ref()
+                    .or(route.matcher.path.as_ref());
                 c.fail(
                     &format!("routes[{i}].match"),
-                    Some(&route.name.referenced),
+                    Some(paths.map_or(&route.name.referenced, |p| &p.referenced)),
                     format!(
                         "route {:?} can never be taken: route {:?}, before it, matches every request it would (the first match wins)",
                         built.name, first.name

@@ -29,7 +29,7 @@ pub enum SendError {
     /// The connection was never established: the upstream saw nothing.
     Connect(String),
     /// This process could not open a connection (no file descriptors or
-    /// local ports left): the upstream saw nothing and is not to blame.
+    /// memory left): the upstream saw nothing and is not to blame.
     Local(String),
     /// The connection broke after (part of) the request may have been sent.
     Broken(String),
@@ -443,7 +443,7 @@ pub async fn within_response<F: Future>(
 
 impl SendError {
     /// A failure before anything was written: this process's own when it
-    /// ran out of descriptors or ports (regression, found by an audit:
+    /// ran out of descriptors (regression, found by an audit:
     /// at its file-descriptor limit the proxy answered `502
     /// upstream_unreachable` and opened a healthy upstream's circuit).
     fn connect(error: &(dyn std::error::Error + 'static)) -> SendError {
@@ -513,21 +513,17 @@ fn handshake_rejected(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// An I/O error among `error`'s sources that says this process is out of
-/// descriptors (`EMFILE`, `ENFILE`), socket buffers or memory, or local
-/// ports (`EADDRNOTAVAIL` from a connect).
+/// descriptors (`EMFILE`, `ENFILE`), socket buffers or memory. Not
+/// `EADDRNOTAVAIL` (local ports used up): a connect to an IPv6 address on a host
+/// without IPv6 (Docker's default, where `localhost` is also `::1`) says
+/// it too, for an upstream that is down (regression, the verification
+/// audit: its circuit never opened).
 fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(error), |e| e.source()).any(|e| {
         e.downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::raw_os_error)
             .is_some_and(|code| {
-                [
-                    libc::EMFILE,
-                    libc::ENFILE,
-                    libc::ENOBUFS,
-                    libc::ENOMEM,
-                    libc::EADDRNOTAVAIL,
-                ]
-                .contains(&code)
+                [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&code)
             })
     })
 }
@@ -547,6 +543,25 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn only_this_process_s_exhaustion_is_local() {
+        let os = |code| std::io::Error::from_raw_os_error(code);
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(
+                matches!(SendError::connect(&os(code)), SendError::Local(_)),
+                "{code}"
+            );
+        }
+        // Also what a connect to ::1 says on a host without IPv6, for an
+        // upstream that is down (regression: its circuit never opened).
+        for code in [libc::EADDRNOTAVAIL, libc::ECONNREFUSED, libc::EHOSTUNREACH] {
+            assert!(
+                matches!(SendError::connect(&os(code)), SendError::Connect(_)),
+                "{code}"
+            );
+        }
+    }
 
     #[test]
     fn base_path_is_joined_on_a_segment() {
