@@ -401,6 +401,46 @@ fn a_lease_shorter_than_total_is_a_warning_not_an_error() {
     assert!(config.warnings[0].contains("lease"));
 }
 
+/// Regressions (an audit of Redis Cluster): `check` said valid to a
+/// database a cluster refuses (every call then failed), and to a prefix
+/// whose hash tag put every record in one slot.
+#[test]
+fn cluster_urls_with_a_database_and_prefixes_with_a_hash_tag_are_caught() {
+    let routes = "routes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+    let cluster = |urls: &str, prefix: &str| {
+        format!("store: {{ backend: redis, cluster: [{urls}]{prefix} }}\n{BASE}{routes}")
+    };
+    let errs = errors(&cluster(
+        "\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001/2\"",
+        "",
+    ));
+    let e = error_at(&errs, "store.cluster[1]");
+    assert!(e.message.contains("database 0 only"), "{e}");
+    assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+    let fine = Config::parse(&cluster("\"redis://127.0.0.1:7000/0\"", "")).expect("valid");
+    assert!(fine.warnings.is_empty(), "{:?}", fine.warnings);
+    let tagged = Config::parse(&cluster(
+        "\"redis://127.0.0.1:7000\"",
+        ", key_prefix: \"{t-a}:\"",
+    ))
+    .expect("valid");
+    assert_eq!(tagged.warnings.len(), 1, "{:?}", tagged.warnings);
+    assert!(
+        tagged.warnings[0].contains("hash tag {t-a}"),
+        "{:?}",
+        tagged.warnings
+    );
+    for untagged in ["{}:", "t-a{:", "t-a}{"] {
+        let prefix = format!(", key_prefix: \"{untagged}\"");
+        let config = Config::parse(&cluster("\"redis://127.0.0.1:7000\"", &prefix)).expect("valid");
+        assert!(
+            config.warnings.is_empty(),
+            "{untagged}: {:?}",
+            config.warnings
+        );
+    }
+}
+
 /// Regression (an audit): accepted silently, as if it bounded Redis.
 #[test]
 fn max_records_on_redis_is_a_warning() {

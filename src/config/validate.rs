@@ -250,6 +250,13 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 .to_owned(),
         );
     }
+    if matches!(store.backend, Backend::Cluster { .. })
+        && let Some(tag) = hash_tag(&store.key_prefix)
+    {
+        warnings.push(format!(
+            "store.key_prefix holds the hash tag {{{tag}}}: on a Redis Cluster every record would be in one slot, on one master (remove the braces)"
+        ));
+    }
     if store.backend != Backend::Memory {
         warnings.extend(routes.iter().enumerate().filter_map(|(i, r)| {
             let policy = r.idempotency.as_ref()?;
@@ -510,7 +517,40 @@ fn redis_url(c: &mut Check, path: &str, value: &Text) -> Option<String> {
 
 /// The cluster's URLs as a whole, as the cluster client checks them when it
 /// is built (without connecting).
+/// The hash tag a key starting with `prefix` has, whatever follows: the
+/// text between its first `{` and the first `}` after it, when not empty
+/// (Redis Cluster's rule). Records are keyed `<prefix>{<route>:<scope>:<key>}`
+/// so that each has its own slot; a tag in the prefix put them all in one
+/// (regression, an audit: accepted silently).
+fn hash_tag(prefix: &str) -> Option<&str> {
+    let open = prefix.find('{')?;
+    let close = prefix[open + 1..].find('}')?;
+    Some(&prefix[open + 1..open + 1 + close]).filter(|tag| !tag.is_empty())
+}
+
 fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<Vec<String>> {
+    // A cluster has database 0 only: `SELECT` is refused, and every call
+    // failed (regression, an audit: `check` said valid).
+    use redis::IntoConnectionInfo;
+    let db = |url: &String| {
+        url.as_str()
+            .into_connection_info()
+            .map_or(0, |i| i.redis_settings().db())
+    };
+    if let Some(i) = urls.iter().position(|u| db(u) != 0) {
+        let at = store
+            .cluster
+            .as_ref()
+            .and_then(|u| u.get(i))
+            .map(|u| &u.referenced);
+        c.fail(
+            &format!("store.cluster[{i}]"),
+            at,
+            "a Redis Cluster has database 0 only (it refuses SELECT)",
+            "leave the database out of cluster URLs (redis://node:7000), or write /0",
+        );
+        return None;
+    }
     if redis::cluster::ClusterClient::new(urls.clone()).is_ok() {
         return Some(urls);
     }
