@@ -58,8 +58,21 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let store = Store::open(&config.store, metrics).context("opening the store")?;
     // Says why Redis cannot be reached (refused, authentication, TLS)
-    // rather than that the first operation timed out.
-    store.ping().await.context("the store")?;
+    // rather than that the first operation timed out. A cluster's
+    // connection may take a few `op_timeout`s to make (a seed that never
+    // answers): asked again for up to 5 s.
+    let cluster = matches!(config.store.backend, Backend::Cluster { .. });
+    let start = std::time::Instant::now();
+    loop {
+        match store.ping().await {
+            Err(crate::store::StoreError::Timeout)
+                if cluster && start.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            result => break result.context("the store")?,
+        }
+    }
     Ok(match command {
         KeysCommand::Get(args) => json!(listing_json(&find(config, &store, args).await?, true)),
         KeysCommand::Purge(PurgeArgs { key: args, force }) => {

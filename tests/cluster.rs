@@ -6,7 +6,8 @@ mod common;
 
 use bytes::Bytes;
 use common::redis_server::RedisCluster;
-use common::{TestClient, TestProxy, TestUpstream, config};
+use common::{TestClient, TestProxy, TestUpstream, config, resend_until};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_works_on_redis_cluster() {
@@ -119,4 +120,54 @@ async fn the_gate_works_on_redis_cluster() {
         "{}",
         String::from_utf8_lossy(&got.stderr)
     );
+}
+
+/// Regression (an audit of Redis Cluster): the cluster connection was made
+/// within the first calls' `op_timeout`, and a seed that accepts
+/// connections and never answers holds its making up longer: every call
+/// cut it short, so it was never made, and a process started then answered
+/// `503 store_unavailable` to every request (`keys` failed too), the
+/// cluster healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_that_never_answers_does_not_keep_the_cluster_away() {
+    let cluster = RedisCluster::start().await;
+    let upstream = TestUpstream::start().await;
+    // Connections complete in its backlog; nothing ever answers them.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut urls = vec![format!("\"redis://{}\"", hung.local_addr().unwrap())];
+    urls.extend(cluster.urls().iter().map(|u| format!("\"{u}\"")));
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 250ms }}",
+        urls.join(", ")
+    );
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let yaml = config(&store, upstream.addr, "", routes);
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let post = || client.post_key(&url, "k-hung-seed", "{}");
+    let reply = resend_until(Duration::from_secs(10), post, |r| r.status != 503).await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let got = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args([
+            "keys",
+            "get",
+            "--route",
+            "orders",
+            "--key",
+            "k-hung-seed",
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    drop(hung);
 }

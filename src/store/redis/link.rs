@@ -2,6 +2,7 @@
 //! `ConnectionManager`) or a Redis Cluster (`ClusterConnection`, made on
 //! first use and kept), behind one `ConnectionLike` handle.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -15,7 +16,7 @@ use crate::store::StoreError;
 
 pub enum Link {
     Single(ConnectionManager),
-    Cluster(Box<ClusterLink>),
+    Cluster(Arc<ClusterLink>),
 }
 
 pub struct ClusterLink {
@@ -68,7 +69,7 @@ impl Link {
         let client = builder
             .build()
             .map_err(|_| StoreError::Backend("store.cluster holds an invalid Redis URL".into()))?;
-        Ok(Link::Cluster(Box::new(ClusterLink {
+        Ok(Link::Cluster(Arc::new(ClusterLink {
             client,
             conn: OnceCell::new(),
         })))
@@ -84,15 +85,35 @@ impl Link {
     }
 
     /// The connection for one call (the cluster's is made on first use).
+    /// A cluster's is made in a task of its own, which the call waits for:
+    /// making it asks every seed, and one that accepts connections and
+    /// never answers holds it for a few `op_timeout`s. Made within the
+    /// call, every call's own deadline cut it short, and it was never made
+    /// (regression, found by an audit: a process started while one seed
+    /// hung answered `503 store_unavailable` to every request, the cluster
+    /// healthy). At most one attempt runs at a time (the cell's); a failed
+    /// one is tried again by the next call.
     pub async fn handle(&self) -> redis::RedisResult<Handle> {
         match self {
             Link::Single(conn) => Ok(Handle::Single(conn.clone())),
             Link::Cluster(cluster) => {
-                let conn = cluster
-                    .conn
-                    .get_or_try_init(|| cluster.client.get_async_connection())
-                    .await?;
-                Ok(Handle::Cluster(conn.clone()))
+                if let Some(conn) = cluster.conn.get() {
+                    return Ok(Handle::Cluster(conn.clone()));
+                }
+                let cluster = cluster.clone();
+                let made = tokio::spawn(async move {
+                    let made = cluster
+                        .conn
+                        .get_or_try_init(|| cluster.client.get_async_connection());
+                    made.await.cloned()
+                });
+                match made.await {
+                    Ok(conn) => Ok(Handle::Cluster(conn?)),
+                    Err(_) => Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "the cluster connection's setup ended without one",
+                    ))),
+                }
             }
         }
     }
