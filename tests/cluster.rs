@@ -171,3 +171,40 @@ async fn a_seed_that_never_answers_does_not_keep_the_cluster_away() {
     );
     drop(hung);
 }
+
+/// Regression (an audit of Redis Cluster): the cluster client sends a
+/// slot's commands to the master it knows until that master answers or its
+/// connection breaks, so after a master that hangs (a stopped process, a
+/// partition) was replaced by its replica, its slots' keys still got `503
+/// store_unavailable`, for as long as it hung. Calls that keep timing out
+/// now make the connection anew, which reads the slots again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_away_from_a_master_that_hangs_is_followed() {
+    let cluster = RedisCluster::start_replicated().await;
+    let upstream = TestUpstream::start().await;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 250ms }}",
+        urls.join(", ")
+    );
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let proxy = TestProxy::start(&config(&store, upstream.addr, "", routes)).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let post_until_201 = |key: String| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let post = || client.post_key(&url, &key, "{}");
+            let reply = resend_until(Duration::from_secs(30), post, |r| r.status == 201).await;
+            assert_eq!(reply.status, 201, "{key}: {:?}", reply.body);
+        }
+    };
+    post_until_201("k-before".into()).await;
+    let master = cluster.a_master().await;
+    cluster.nodes[master].pause();
+    // Keys on every master's slots, the hung one's among them.
+    for i in 0..24 {
+        post_until_201(format!("k-after-{i}")).await;
+    }
+    cluster.nodes[master].resume();
+}
