@@ -563,7 +563,15 @@ pub fn settle_later(
                 return;
             }
         }
-        tracing::warn!(key = %key.key, route = %key.route, ?settle, "could not settle the attempt's record; it turns unknown or expires with its lease");
+        // An undone claim may never have landed (or found another's record,
+        // which the token fences off): nothing of its own is left then
+        // (regression, an audit: a replay's failed claim was said to leave
+        // a record that "turns unknown").
+        let fate = match settle {
+            Settle::Release => "could not undo a claim that may have landed; if it did, the key turns unknown or is freed when its lease ends",
+            _ => "could not settle the attempt's record; it turns unknown or expires with its lease",
+        };
+        tracing::warn!(key = %key.key, route = %key.route, ?settle, "{fate}");
     });
 }
 
