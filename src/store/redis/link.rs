@@ -1,16 +1,16 @@
 //! The connection to Redis: one standalone server (a reconnecting
 //! `ConnectionManager`) or a Redis Cluster (`ClusterConnection`, made on
-//! first use, made anew when calls keep timing out), behind one
-//! `ConnectionLike` handle.
+//! first use and kept), behind one `ConnectionLike` handle.
 
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
+use tokio::sync::OnceCell;
 
 use crate::store::StoreError;
 
@@ -22,59 +22,8 @@ pub enum Link {
 pub struct ClusterLink {
     client: ClusterClient,
     /// Made on first use; the cluster connection then follows slot moves
-    /// and reconnects by itself, but not a failover away from a master that
-    /// hangs (see [`Link::timed_out`]).
-    conn: RwLock<Option<ClusterConnection>>,
-    /// Held while a connection is made: one at a time.
-    making: tokio::sync::Mutex<()>,
-    timeouts: Mutex<Timeouts>,
-}
-
-/// Calls timed out within the current window, and when the connection
-/// was last made anew for them.
-#[derive(Default)]
-struct Timeouts {
-    count: u32,
-    since: Option<Instant>,
-    remade: Option<Instant>,
-}
-
-/// Calls timing out this many times within [`TIMEOUT_WINDOW`] make the
-/// cluster connection anew, at most once per [`REMAKE_EVERY`].
-const REMAKE_AFTER: u32 = 3;
-const TIMEOUT_WINDOW: Duration = Duration::from_secs(5);
-const REMAKE_EVERY: Duration = Duration::from_secs(10);
-
-impl ClusterLink {
-    fn current(&self) -> Option<ClusterConnection> {
-        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Makes the connection (anew when `again`) in a task of its own, which
-    /// the caller waits for: making it asks every seed, and one that
-    /// accepts connections and never answers holds it for a few
-    /// `op_timeout`s. Made within a call, every call's own deadline cut it
-    /// short, and it was never made (regression, found by an audit: a
-    /// process started while one seed hung answered `503 store_unavailable`
-    /// to every request, the cluster healthy).
-    async fn make(self: &Arc<Self>, again: bool) -> redis::RedisResult<ClusterConnection> {
-        let link = self.clone();
-        let made = tokio::spawn(async move {
-            let _one = link.making.lock().await;
-            if !again && let Some(conn) = link.current() {
-                return Ok(conn);
-            }
-            let conn = link.client.get_async_connection().await?;
-            *link.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-            Ok(conn)
-        });
-        made.await.unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "the cluster connection's setup ended without one",
-            )))
-        })
-    }
+    /// and reconnects by itself.
+    conn: OnceCell<ClusterConnection>,
 }
 
 /// A cheap clone of the connection for one call.
@@ -122,9 +71,7 @@ impl Link {
             .map_err(|_| StoreError::Backend("store.cluster holds an invalid Redis URL".into()))?;
         Ok(Link::Cluster(Arc::new(ClusterLink {
             client,
-            conn: RwLock::new(None),
-            making: tokio::sync::Mutex::new(()),
-            timeouts: Mutex::default(),
+            conn: OnceCell::new(),
         })))
     }
 
@@ -133,61 +80,42 @@ impl Link {
     pub fn ready_handle(&self) -> Option<Handle> {
         match self {
             Link::Single(conn) => Some(Handle::Single(conn.clone())),
-            Link::Cluster(cluster) => cluster.current().map(Handle::Cluster),
+            Link::Cluster(cluster) => cluster.conn.get().cloned().map(Handle::Cluster),
         }
     }
 
-    /// The connection for one call (the cluster's is made on first use,
-    /// [`ClusterLink::make`]).
+    /// The connection for one call (the cluster's is made on first use).
+    /// A cluster's is made in a task of its own, which the call waits for:
+    /// making it asks every seed, and one that accepts connections and
+    /// never answers holds it for a few `op_timeout`s. Made within the
+    /// call, every call's own deadline cut it short, and it was never made
+    /// (regression, found by an audit: a process started while one seed
+    /// hung answered `503 store_unavailable` to every request, the cluster
+    /// healthy). At most one attempt runs at a time (the cell's); a failed
+    /// one is tried again by the next call.
     pub async fn handle(&self) -> redis::RedisResult<Handle> {
         match self {
             Link::Single(conn) => Ok(Handle::Single(conn.clone())),
-            Link::Cluster(cluster) => match cluster.current() {
-                Some(conn) => Ok(Handle::Cluster(conn)),
-                None => cluster.make(false).await.map(Handle::Cluster),
-            },
-        }
-    }
-
-    /// A call ran out of its `op_timeout`. The cluster client sends a
-    /// slot's commands to the master it knows until that master answers
-    /// or its connection breaks: one that hangs (a stopped process, a
-    /// partition dropping packets) kept its slots failing after its replica
-    /// took over (regression, found by an audit: `503 store_unavailable`
-    /// for a third of the keys for as long as the old master hung). Calls
-    /// that keep timing out make the connection anew, which reads the
-    /// cluster's slots again from the seeds that answer.
-    pub fn timed_out(&self) {
-        let Link::Cluster(cluster) = self else { return };
-        let now = Instant::now();
-        let mut timeouts = cluster.timeouts.lock().unwrap_or_else(|e| e.into_inner());
-        if timeouts
-            .since
-            .is_none_or(|since| now - since > TIMEOUT_WINDOW)
-        {
-            *timeouts = Timeouts {
-                count: 0,
-                since: Some(now),
-                ..*timeouts
-            };
-        }
-        timeouts.count += 1;
-        let due = timeouts.remade.is_none_or(|at| now - at >= REMAKE_EVERY);
-        if timeouts.count < REMAKE_AFTER || !due || cluster.current().is_none() {
-            return;
-        }
-        timeouts.remade = Some(now);
-        timeouts.count = 0;
-        drop(timeouts);
-        tracing::warn!(
-            "store calls keep timing out on the Redis Cluster: its connection is made anew (its slots read again)"
-        );
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            if let Err(e) = cluster.make(true).await {
-                tracing::warn!(error = %e, "could not make the Redis Cluster connection anew; the old one stays");
+            Link::Cluster(cluster) => {
+                if let Some(conn) = cluster.conn.get() {
+                    return Ok(Handle::Cluster(conn.clone()));
+                }
+                let cluster = cluster.clone();
+                let made = tokio::spawn(async move {
+                    let made = cluster
+                        .conn
+                        .get_or_try_init(|| cluster.client.get_async_connection());
+                    made.await.cloned()
+                });
+                match made.await {
+                    Ok(conn) => Ok(Handle::Cluster(conn?)),
+                    Err(_) => Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "the cluster connection's setup ended without one",
+                    ))),
+                }
             }
-        });
+        }
     }
 }
 

@@ -676,10 +676,9 @@ impl RedisStore {
         deadline: Instant,
         op: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<redis::RedisResult<T>, StoreError> {
-        tokio::time::timeout_at(deadline, op).await.map_err(|_| {
-            self.link.timed_out();
-            StoreError::Timeout
-        })
+        tokio::time::timeout_at(deadline, op)
+            .await
+            .map_err(|_| StoreError::Timeout)
     }
 
     /// One round trip of an operation, cut short at the operation's deadline.
@@ -691,10 +690,7 @@ impl RedisStore {
         match tokio::time::timeout_at(deadline, op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(backend_error(&e)),
-            Err(_) => {
-                self.link.timed_out();
-                Err(StoreError::Timeout)
-            }
+            Err(_) => Err(StoreError::Timeout),
         }
     }
 }
