@@ -60,10 +60,13 @@ impl Body for StreamEnd {
     }
 }
 
-/// An HTTP/2 `POST`, `PUT` or `PATCH` that ended with its headers goes to
-/// the HTTP/1.1 upstream with `Content-Length: 0`, as it would have come
-/// over HTTP/1.1: without it, an upstream that wants a length for these
-/// methods answers `411` (the verification audit: no framing at all).
+/// A `POST`, `PUT` or `PATCH` with an empty body goes to the HTTP/1.1
+/// upstream with `Content-Length: 0`, as it would have come over HTTP/1.1
+/// with one: without it, an upstream that wants a length for these methods
+/// answers `411` (the verification audits: an HTTP/2 request that ended
+/// with its headers, and a protected request's empty body read in full,
+/// an HTTP/1.1 `0` chunk or an HTTP/2 empty DATA frame, went with no
+/// framing at all).
 pub fn frame_an_empty_upload<B: Body>(request: &mut http::Request<B>) {
     use http::Method;
     let uploads = matches!(

@@ -509,9 +509,56 @@ async fn an_empty_http2_post_reaches_the_upstream_with_a_zero_length() {
 /// The head an HTTP/1.1 upstream reads for an HTTP/2 POST of `body` with
 /// these `content-length` fields (hyper's server would fold copies).
 async fn http2_post_head(lengths: &[&str], body: &'static [u8]) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (upstream, heard) = one_request_head(body);
+    let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
+    let proxy = TestProxy::start(&yaml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("an h2c connection");
+    tokio::spawn(connection);
+    let mut request = http::Request::post(proxy.url("/cl"));
+    for length in lengths {
+        request = request.header("content-length", *length);
+    }
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, mut stream) = h2
+        .send_request(request.body(()).unwrap(), body.is_empty())
+        .unwrap();
+    if !body.is_empty() {
+        stream.send_data(Bytes::from_static(body), true).unwrap();
+    }
+    assert_eq!(response.await.expect("an answer").status(), 200);
+    heard.await.unwrap()
+}
+
+/// Regression (the verification audit): a protected POST whose body was
+/// empty (an HTTP/1.1 `0` chunk; an HTTP/2 empty DATA frame) went upstream
+/// with no framing at all (its body read in full, then sent as an empty
+/// one), where an upstream that wants a length for a POST answers 411.
+#[tokio::test]
+async fn an_empty_protected_post_reaches_the_upstream_with_a_zero_length() {
+    let (upstream, heard) = one_request_head(b"");
+    let routes = "  - { name: all, match: { path_prefix: / }, upstream: up }";
+    let proxy = TestProxy::start(&config("store: { backend: memory }", upstream, "", routes)).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"POST /o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-empty\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let head = heard.await.unwrap();
+    assert!(head.contains("content-length: 0\r\n"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+}
+
+/// An upstream that reads one request (its head, then `body`), answers
+/// `200` and gives the request as it read it, in lower case.
+fn one_request_head(
+    body: &'static [u8],
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let upstream = listener.local_addr().unwrap();
     let heard = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -531,24 +578,7 @@ async fn http2_post_head(lengths: &[&str], body: &'static [u8]) -> String {
             .unwrap();
         String::from_utf8_lossy(&buf).to_ascii_lowercase()
     });
-    let yaml = config("store: { backend: memory }", upstream, OFF, ALL);
-    let proxy = TestProxy::start(&yaml).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.expect("an h2c connection");
-    tokio::spawn(connection);
-    let mut request = http::Request::post(proxy.url("/cl"));
-    for length in lengths {
-        request = request.header("content-length", *length);
-    }
-    let mut h2 = h2.ready().await.unwrap();
-    let (response, mut stream) = h2
-        .send_request(request.body(()).unwrap(), body.is_empty())
-        .unwrap();
-    if !body.is_empty() {
-        stream.send_data(Bytes::from_static(body), true).unwrap();
-    }
-    assert_eq!(response.await.expect("an answer").status(), 200);
-    heard.await.unwrap()
+    (upstream, heard)
 }
 
 /// HTTP/2 streams wait for their answers side by side, each within its own
