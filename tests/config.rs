@@ -1135,6 +1135,12 @@ fn settings_serve_would_misread_are_errors_at_their_field() {
             ", idempotency: { store_statuses: [] }",
             "routes[0].idempotency.store_statuses",
         ),
+        // Nothing kept either: all it names is released (a verification audit).
+        (
+            "",
+            ", idempotency: { store_statuses: [429] }",
+            "routes[0].idempotency.store_statuses",
+        ),
         // The key is logged; these headers' values never may be.
         (
             "",

@@ -247,6 +247,26 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         Duration::from_secs(60),
         MAX_WAIT,
     );
+    // A store list inside `release_statuses` keeps nothing, as an empty one
+    // (regression, the verification audit: `store_statuses: [429]`).
+    if let (Some(store), Some(release)) = (&store_statuses, &release_statuses)
+        && !(100..=599).any(|s| store.iter().any(|p| p.matches(s)) && !release.contains(&s))
+    {
+        let field = (m
+            .get("store_statuses", |f| f.store_statuses.as_ref())
+            .map(|(_, p)| p))
+        .or_else(|| {
+            m.get("release_statuses", |f| f.release_statuses.as_ref())
+                .map(|(_, p)| p)
+        })
+        .unwrap_or_default();
+        c.fail(
+            &field,
+            None,
+            "every status store_statuses names is in release_statuses: no answer would be kept, and every retry would run again",
+            "take those statuses out of release_statuses, or list others in store_statuses",
+        );
+    }
     let max_request_body = size(c, "max_request_body", |f| f.max_request_body.as_ref());
     let max_response_body = size(c, "max_response_body", |f| f.max_response_body.as_ref());
     Some(Policy {
