@@ -158,9 +158,8 @@ impl Exchange {
         mut self,
         request: Request<ProxyBody>,
         reply: oneshot::Sender<Reply>,
-        response: Duration,
+        response_timeout: Duration,
     ) {
-        let response_timeout = response;
         let id = self.running.add(&self.key);
         let mut reply = Some(reply);
         let sent = Instant::now();
@@ -170,7 +169,14 @@ impl Exchange {
             tokio::pin!(send);
             let lease_deadline = self.lease_deadline.into();
             let start = sent.into();
-            match within_response(send.as_mut(), &connected, start, response, lease_deadline).await
+            match within_response(
+                send.as_mut(),
+                &connected,
+                start,
+                response_timeout,
+                lease_deadline,
+            )
+            .await
             {
                 Some(result) => Ok(result),
                 None if tokio::time::Instant::now() < lease_deadline => {

@@ -188,7 +188,7 @@ impl Proxy {
                 if let Some(value) = key_header {
                     request.headers_mut().insert(policy.header.clone(), value);
                 }
-                crate::stream_end::frame_an_empty_upload(&mut request);
+                crate::headers::frame_an_empty_upload(&mut request);
                 let exchange = Exchange {
                     store: self.store.clone(),
                     upstream,

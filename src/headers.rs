@@ -141,6 +141,29 @@ pub fn frame_whole(headers: &mut HeaderMap, len: usize, head: bool) {
     }
 }
 
+/// A `POST`, `PUT` or `PATCH` with an empty body goes to the HTTP/1.1
+/// upstream with `Content-Length: 0`, as it would have come over HTTP/1.1
+/// with one: without it, an upstream that wants a length for these methods
+/// answers `411` (the verification audits: an HTTP/2 request that ended
+/// with its headers, and a protected request's empty body read in full,
+/// an HTTP/1.1 `0` chunk or an HTTP/2 empty DATA frame, went with no
+/// framing at all).
+pub fn frame_an_empty_upload<B: hyper::body::Body>(request: &mut http::Request<B>) {
+    use http::Method;
+    let uploads = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH
+    );
+    if uploads
+        && request.body().is_end_stream()
+        && !request.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        request
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
+    }
+}
+
 /// What identifies one request in logs and to the upstream.
 #[derive(Debug, Clone)]
 pub struct RequestIds {

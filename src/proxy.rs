@@ -344,7 +344,7 @@ impl Proxy {
         if request.version() == http::Version::HTTP_2 {
             headers::join_cookies(request.headers_mut());
             stream_end::one_content_length(request.headers_mut());
-            stream_end::frame_an_empty_upload(&mut request);
+            headers::frame_an_empty_upload(&mut request);
         }
         if request.method() == http::Method::CONNECT {
             // A tunnel, not a request for a route: no upstream takes one.

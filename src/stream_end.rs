@@ -60,27 +60,6 @@ impl Body for StreamEnd {
     }
 }
 
-/// A `POST`, `PUT` or `PATCH` with an empty body goes to the HTTP/1.1
-/// upstream with `Content-Length: 0`, as it would have come over HTTP/1.1
-/// with one: without it, an upstream that wants a length for these methods
-/// answers `411` (the verification audits: an HTTP/2 request that ended
-/// with its headers, and a protected request's empty body read in full,
-/// an HTTP/1.1 `0` chunk or an HTTP/2 empty DATA frame, went with no
-/// framing at all).
-pub fn frame_an_empty_upload<B: Body>(request: &mut http::Request<B>) {
-    use http::Method;
-    let uploads = matches!(
-        *request.method(),
-        Method::POST | Method::PUT | Method::PATCH
-    );
-    if uploads && request.body().is_end_stream() && !request.headers().contains_key(CONTENT_LENGTH)
-    {
-        request
-            .headers_mut()
-            .insert(CONTENT_LENGTH, http::HeaderValue::from_static("0"));
-    }
-}
-
 /// An HTTP/2 request's `Content-Length` as one field: the h2 crate checks
 /// the first against the stream's data and lets copies of it through, and
 /// an HTTP/1.1 upstream may refuse a request with two (Node's does), or

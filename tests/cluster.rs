@@ -95,17 +95,7 @@ async fn the_gate_works_on_redis_cluster() {
         .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
         .await;
     assert_eq!(ready.status, 200, "{ready:?}");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let keys = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-            .args(args)
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap()
-    };
+    let keys = |args: &[&str]| keys_cli(&yaml, args);
     let unknown = keys(&["keys", "unknown", "--json"]);
     let out = String::from_utf8_lossy(&unknown.stdout);
     assert!(
@@ -148,26 +138,27 @@ async fn a_seed_that_never_answers_does_not_keep_the_cluster_away() {
     let post = || client.post_key(&url, "k-hung-seed", "{}");
     let reply = resend_until(Duration::from_secs(10), post, |r| r.status != 503).await;
     assert_eq!(reply.status, 201, "{:?}", reply.body);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let got = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-        .args([
-            "keys",
-            "get",
-            "--route",
-            "orders",
-            "--key",
-            "k-hung-seed",
-            "--config",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let got = keys_cli(
+        &yaml,
+        &["keys", "get", "--route", "orders", "--key", "k-hung-seed"],
+    );
     assert!(
         got.status.success(),
         "{}",
         String::from_utf8_lossy(&got.stderr)
     );
     drop(hung);
+}
+
+/// `idemgate <args> --config <a file holding yaml>`, as an operator runs it.
+fn keys_cli(yaml: &str, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap()
 }

@@ -515,8 +515,6 @@ fn redis_url(c: &mut Check, path: &str, value: &Text) -> Option<String> {
     None
 }
 
-/// The cluster's URLs as a whole, as the cluster client checks them when it
-/// is built (without connecting).
 /// The hash tag a key starting with `prefix` has, whatever follows: the
 /// text between its first `{` and the first `}` after it, when not empty
 /// (Redis Cluster's rule). Records are keyed `<prefix>{<route>:<scope>:<key>}`
@@ -528,6 +526,8 @@ fn hash_tag(prefix: &str) -> Option<&str> {
     Some(&prefix[open + 1..open + 1 + close]).filter(|tag| !tag.is_empty())
 }
 
+/// The cluster's URLs as a whole, as the cluster client checks them when it
+/// is built (without connecting).
 fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<Vec<String>> {
     // A cluster has database 0 only: `SELECT` is refused, and every call
     // failed (regression, an audit: `check` said valid).

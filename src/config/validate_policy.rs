@@ -201,16 +201,6 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
     }
     let store_statuses = match m.get("store_statuses", |f| f.store_statuses.as_ref()) {
         None => Some(vec![StatusPattern::Class(2), StatusPattern::Class(4)]),
-        // Regression (an audit): accepted, and every retry ran again.
-        Some((list, p)) if list.is_empty() => {
-            c.fail(
-                &p,
-                None,
-                "store_statuses is empty: no answer would be kept, and every retry would run again",
-                "list the statuses to keep, such as [\"2xx\", \"4xx\"], or write idempotency: off",
-            );
-            None
-        }
         Some((list, p)) => list_of(c, &p, list, status_pattern),
     };
     let release_statuses = match m.get("release_statuses", |f| f.release_statuses.as_ref()) {
@@ -247,8 +237,9 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         Duration::from_secs(60),
         MAX_WAIT,
     );
-    // A store list inside `release_statuses` keeps nothing, as an empty one
-    // (regression, the verification audit: `store_statuses: [429]`).
+    // A store list that keeps nothing: empty, or inside `release_statuses`
+    // (regressions, an audit and its verification: `[]` and `[429]` were
+    // accepted, and every retry ran again).
     if let (Some(store), Some(release)) = (&store_statuses, &release_statuses)
         && !(100..=599).any(|s| store.iter().any(|p| p.matches(s)) && !release.contains(&s))
     {
@@ -263,8 +254,8 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
         c.fail(
             &field,
             None,
-            "every status store_statuses names is in release_statuses: no answer would be kept, and every retry would run again",
-            "take those statuses out of release_statuses, or list others in store_statuses",
+            "store_statuses keeps no status (it is empty, or all it names is in release_statuses): no answer would be kept, and every retry would run again",
+            "list the statuses to keep, such as [\"2xx\", \"4xx\"], and not in release_statuses; or write idempotency: off",
         );
     }
     let max_request_body = size(c, "max_request_body", |f| f.max_request_body.as_ref());

@@ -57,16 +57,16 @@ impl Body for Silence {
             this.waiting = false;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let deadline = Instant::now() + this.limit;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // A wait begins: only then is the clock read and the timer (made
+        // once) set.
         if !std::mem::replace(&mut this.waiting, true) {
+            let deadline = Instant::now() + this.limit;
+            let timer =
+                (this.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             timer.as_mut().reset(deadline);
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => {
+        match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => {
                 this.body.give_up();
                 Poll::Ready(Some(Err(format!(
                     "the upstream sent nothing of its answer's body for {:?} (timeouts.response)",
@@ -74,6 +74,7 @@ impl Body for Silence {
                 )
                 .into())))
             }
+            _ => Poll::Pending,
         }
     }
 

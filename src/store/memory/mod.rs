@@ -266,9 +266,8 @@ impl MemoryStore {
         Resolved::Done
     }
 
-    /// The live records `wanted` accepts, for the operator's listings; a
-    /// record is tested before it is copied.
-    /// The live records `wanted` accepts, at most `limit` of them.
+    /// The live records `wanted` accepts, at most `limit` of them, for the
+    /// operator's listings; a record is tested before it is copied.
     pub fn records(
         &self,
         wanted: impl Fn(&StorageKey, &Record) -> bool,
