@@ -29,7 +29,7 @@ use crate::store::Store;
 /// A request head must arrive whole within this time...
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// ...and stay within this size.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How often the store is pinged for the `idemgate_ready` gauge.
 const READINESS_EVERY: Duration = Duration::from_secs(5);
 

@@ -1263,3 +1263,57 @@ fn numbers_and_on_get_the_field_s_own_message() {
     let gate = error_at(&errs, "routes[0].idempotency").to_string();
     assert!(gate.contains("write off"), "{gate}");
 }
+
+/// Regression (a config audit): any upstream name was taken, a newline
+/// too, and went raw into metrics labels, log lines and `check`'s summary.
+#[test]
+fn an_upstream_name_follows_the_route_name_rule() {
+    for bad in ["\"erp\\nx\"", "\"a b\"", "\"\"", "\"erp{x}\""] {
+        let yaml = format!(
+            "upstreams:\n  {bad}: {{ url: \"http://127.0.0.1:9000\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"
+        );
+        let errs = errors(&yaml);
+        let e = errs
+            .iter()
+            .find(|e| e.message.contains("upstream name"))
+            .unwrap_or_else(|| panic!("{bad}: {errs:#?}"));
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+        assert!(e.hint.contains("letters, digits"), "{e}");
+    }
+    for good in ["erp", "erp-2.eu_west"] {
+        let yaml = format!(
+            "upstreams:\n  {good}: {{ url: \"http://127.0.0.1:9000\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: {good} }} ]\n"
+        );
+        Config::parse(&yaml).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
+
+/// Regressions (a config audit): a protected route that refuses every
+/// body, and a key length no request head can hold, were accepted
+/// without a word.
+#[test]
+fn a_zero_body_limit_and_an_unreachable_key_length_are_warnings() {
+    let route = |policy: &str| {
+        format!(
+            "{BASE}routes: [ {{ name: a, match: {{ path: /a }}, upstream: erp, idempotency: {{ {policy} }} }} ]\n"
+        )
+    };
+    let zero = Config::parse(&route("max_request_body: 0B")).expect("valid");
+    assert_eq!(zero.warnings.len(), 1, "{:?}", zero.warnings);
+    assert!(
+        zero.warnings[0].contains("max_request_body is 0"),
+        "{:?}",
+        zero.warnings
+    );
+    let long = Config::parse(&route("key_max_length: 100000")).expect("valid");
+    assert_eq!(long.warnings.len(), 1, "{:?}", long.warnings);
+    assert!(
+        long.warnings[0].contains("key_max_length 100000"),
+        "{:?}",
+        long.warnings
+    );
+    for fine in ["max_request_body: 1B", "key_max_length: 65536"] {
+        let config = Config::parse(&route(fine)).expect("valid");
+        assert!(config.warnings.is_empty(), "{fine}: {:?}", config.warnings);
+    }
+}

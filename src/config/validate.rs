@@ -222,6 +222,11 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                     route.name, policy.lease, route.timeouts.total
                 ));
             }
+            if let Some(policy) = &route.idempotency {
+                warnings.extend(
+                    policy_warnings(policy).map(|w| format!("routes[{i}] ({}): {w}", route.name)),
+                );
+            }
             if route.timeouts.response > route.timeouts.total {
                 warnings.push(format!(
                     "routes[{i}] ({}): timeouts.response {:?} is longer than timeouts.total {:?}; \
@@ -568,6 +573,33 @@ fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<V
     None
 }
 
+/// Settings that are allowed but seldom what was meant (regressions, the
+/// config audit: both were accepted without a word).
+fn policy_warnings(policy: &Policy) -> impl Iterator<Item = String> {
+    let empty_only = (policy.max_request_body == 0).then(|| {
+        "max_request_body is 0: every protected request with a body gets 413 payload_too_large"
+            .to_owned()
+    });
+    let head = crate::server::MAX_HEADER_BYTES;
+    let long_key = (policy.key_max_length > head).then(|| {
+        format!(
+            "key_max_length {} is more than a request head may hold ({} KiB): longer keys are refused as the head is, with 431",
+            policy.key_max_length,
+            head / 1024
+        )
+    });
+    empty_only.into_iter().chain(long_key)
+}
+
+/// A route's or an upstream's name: it goes into metrics labels, log lines,
+/// store keys and `check`'s summary as it is.
+pub(super) fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+}
+
 fn build_route(
     c: &mut Check,
     i: usize,
@@ -578,10 +610,7 @@ fn build_route(
     let at = format!("routes[{i}]");
     let name = c.text(&format!("{at}.name"), &route.name);
     if let Some(name) = &name
-        && (name.is_empty()
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)))
+        && !name_ok(name)
     {
         c.fail(
             &format!("{at}.name"),

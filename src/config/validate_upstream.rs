@@ -19,6 +19,16 @@ pub(super) fn build_upstream(
     u: &UpstreamFile,
 ) -> Option<UpstreamConfig> {
     let path = format!("upstreams.{name}");
+    // Regression (config audit): any name was taken, a newline too, and
+    // went raw into metrics labels, log lines and `check`'s summary.
+    if !super::validate::name_ok(name) {
+        c.fail(
+            &format!("upstreams.{name:?}"),
+            Some(&u.url.referenced),
+            format!("upstream name {name:?} is not allowed"),
+            "use letters, digits, '-', '_' and '.' (the name appears in metrics and log lines)",
+        );
+    }
     let url_path = format!("{path}.url");
     let text = c.text(&url_path, &u.url);
     let uri: Option<http::Uri> = text.as_ref().and_then(|t| t.parse().ok());
