@@ -12,6 +12,11 @@
 //! broken off: the breaker hears of a failure, and hyper closes the
 //! client's connection (its answer is cut short, as an upstream's broken
 //! body's is).
+//!
+//! Either way the break is logged, in the request's span (its trace id),
+//! as nginx's "upstream prematurely closed connection" is: the access line,
+//! written with the head, says the status the client was sent, and the
+//! client may have got nothing of it (regression, found by an audit).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -31,16 +36,29 @@ pub struct Silence {
     timer: Option<Pin<Box<Sleep>>>,
     /// The timer runs: the last poll found nothing.
     waiting: bool,
+    /// The request's span, for the line that says the body broke off.
+    span: tracing::Span,
 }
 
 impl Silence {
+    /// Made in the request's span.
     pub fn new(body: UpstreamBody, limit: Duration) -> Silence {
         Silence {
             body,
             limit,
             timer: None,
             waiting: false,
+            span: tracing::Span::current(),
         }
+    }
+
+    fn broke_off(&self, error: &dyn std::fmt::Display) {
+        self.span.in_scope(|| {
+            tracing::warn!(
+                error = %error,
+                "the upstream's answer broke off after its head: the client's answer was cut short"
+            )
+        });
     }
 }
 
@@ -55,6 +73,9 @@ impl Body for Silence {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.waiting = false;
+            if let Some(Err(error)) = &frame {
+                this.broke_off(error);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         // A wait begins: only then is the clock read and the timer (made
@@ -68,11 +89,12 @@ impl Body for Silence {
         match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => {
                 this.body.give_up();
-                Poll::Ready(Some(Err(format!(
+                let error = format!(
                     "the upstream sent nothing of its answer's body for {:?} (timeouts.response)",
                     this.limit
-                )
-                .into())))
+                );
+                this.broke_off(&error);
+                Poll::Ready(Some(Err(error.into())))
             }
             _ => Poll::Pending,
         }
