@@ -155,8 +155,9 @@ fn needs_work(path: &str) -> bool {
 /// `%XX` of A–Z, a–z, 0–9, `-`, `.`, `_`, `~` decoded, the hex digits of
 /// every other escape in upper case (RFC 3986 6.2.2.1: `%c3%a9` and `%C3%A9`
 /// are one path, and a route written one way was side-stepped by a request
-/// written the other); every other byte kept.
-fn decode_unreserved(path: &str) -> String {
+/// written the other); every other byte kept. A query's escapes mean what
+/// they mean in a path: the fingerprint reads the query this way.
+pub fn decode_unreserved(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -120,6 +120,33 @@ async fn reused_key_with_other_request_is_422(backend: Backend) {
     assert_eq!(s.upstream.hits(), 1);
 }
 
+/// Regression: the query went into the fingerprint as sent, so the retry of
+/// a client whose library writes escapes in the other case (`%2f`, `%2F`),
+/// or escapes an unreserved character (`%41` for `A`), got 422.
+async fn a_retry_whose_query_escapes_differ_in_case_is_replayed(backend: Backend) {
+    let s = Setup::new(backend, "", "").await;
+    let post = |query: &'static str| {
+        let url = s.proxy.url(&format!("/api/orders?{query}"));
+        let client = s.client.clone();
+        async move {
+            let headers = [
+                ("idempotency-key", "k-escapes"),
+                ("content-type", "application/json"),
+            ];
+            client.send("POST", &url, &headers, "{}").await
+        }
+    };
+    let first = post("to=a%2fb&n=%41").await;
+    assert_eq!(first.status, 201);
+    let again = post("to=a%2Fb&n=A").await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    // An escape that names another character is another request.
+    assert_eq!(post("to=a/b&n=A").await.code(), "idempotency_key_reused");
+    assert_eq!(s.upstream.hits(), 1);
+}
+
 async fn scopes_keep_callers_apart(backend: Backend) {
     let s = Setup::new(backend, "", "").await;
     let alice = s
@@ -232,6 +259,7 @@ both_stores!(
     keyless_requests_pass_when_not_required,
     methods_outside_the_list_pass_through,
     reused_key_with_other_request_is_422,
+    a_retry_whose_query_escapes_differ_in_case_is_replayed,
     scopes_keep_callers_apart,
     forwarded_request_carries_key_budget_and_forwarding_headers,
     protected_request_gets_the_pass_through_forwarding_headers,
