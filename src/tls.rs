@@ -147,6 +147,40 @@ pub fn client_config(tls: Option<&UpstreamTls>) -> Result<ClientConfig, TlsError
     Ok(config)
 }
 
+/// How long before its end a certificate's coming expiry is warned of.
+const EXPIRY_NOTICE: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
+
+/// A warning when the first certificate of a PEM file (the leaf of a
+/// chain) is out of its validity at `now`, or ends within 14 days: nothing
+/// else says it (rustls serves an expired certificate, and every client
+/// then refuses the handshake), found by an audit. `None` for a file that
+/// cannot be read or parsed: its error is reported where it is loaded.
+pub fn expiry_warning(path: &Path, now: std::time::SystemTime) -> Option<String> {
+    let certs = load_certs(path).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let validity = cert.validity();
+    let now = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    let (start, end) = (validity.not_before, validity.not_after);
+    let path = path.display();
+    if now > end.timestamp() {
+        Some(format!(
+            "{path}: the certificate expired on {end}: TLS clients refuse it (renew it, then reload)"
+        ))
+    } else if now < start.timestamp() {
+        Some(format!(
+            "{path}: the certificate is valid only from {start}: TLS clients refuse it until then (is the clock right?)"
+        ))
+    } else if end.timestamp() - now < EXPIRY_NOTICE.as_secs() as i64 {
+        let days = (end.timestamp() - now) / 86_400;
+        Some(format!(
+            "{path}: the certificate expires on {end}, in {days} day{}: renew it, then reload",
+            if days == 1 { "" } else { "s" }
+        ))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -711,3 +711,79 @@ fn a_truncated_pem_file_is_said_in_words() {
         "{e}"
     );
 }
+
+/// A self-signed certificate for localhost valid from `from` to `to`
+/// (seconds from now), and its key, written to `dir`.
+fn cert_valid(dir: &std::path::Path, name: &str, from: i64, to: i64) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::seconds(from);
+    params.not_after = now + time::Duration::seconds(to);
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    )
+}
+
+/// Regression (an audit): an expired listener certificate was served
+/// without a word (every client then refuses the handshake), and so was
+/// one about to expire, or one not valid yet. `check`, `serve` and reloads
+/// warn, naming the file and the date; so for an upstream client certificate.
+#[test]
+fn certificates_out_of_their_validity_or_near_its_end_are_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = 86_400;
+    let routes = "upstreams:\n  up: { url: \"http://127.0.0.1:9\" }\nroutes: [ { name: a, match: { path: /a }, upstream: up } ]\n";
+    let listener = |(cert, key): (String, String)| {
+        format!(
+            "listen: {{ address: \"127.0.0.1:0\", tls: {{ cert_file: \"{cert}\", key_file: \"{key}\" }} }}\n{routes}"
+        )
+    };
+    let cases = [
+        ("expired", -30 * day, -day, "expired on"),
+        ("soon", -30 * day, 3 * day, "expires on"),
+        ("later", day, 90 * day, "valid only from"),
+    ];
+    for (name, from, to, said) in cases {
+        let (cert, key) = cert_valid(dir.path(), name, from, to);
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, listener((cert.clone(), key))).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "a warning, not an error: {text}");
+        assert!(
+            text.contains(said) && text.contains(&cert),
+            "{name}: {text}"
+        );
+    }
+    let (cert, key) = cert_valid(dir.path(), "fine", -day, 90 * day);
+    let fine = idemgate::Config::parse(&listener((cert, key))).expect("valid");
+    assert!(fine.warnings.is_empty(), "{:?}", fine.warnings);
+    let (cert, key) = cert_valid(dir.path(), "client", -30 * day, -day);
+    let client = idemgate::Config::parse(&format!(
+        "upstreams:\n  up: {{ url: \"https://127.0.0.1:9\", tls: {{ client_cert_file: \"{cert}\", client_key_file: \"{key}\" }} }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
+    ))
+    .expect("valid");
+    assert_eq!(client.warnings.len(), 1, "{:?}", client.warnings);
+    assert!(
+        client.warnings[0].contains("expired on"),
+        "{:?}",
+        client.warnings
+    );
+}

@@ -288,6 +288,17 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 .to_owned(),
         );
     }
+    // Certificates this process shows: the listener's, upstreams' client ones.
+    let now = std::time::SystemTime::now();
+    let shown = (listen.as_ref().and_then(|l| l.tls.as_ref()))
+        .map(|t| t.cert_file.as_path())
+        .into_iter()
+        .chain(
+            upstreams
+                .iter()
+                .filter_map(|u| u.tls.as_ref()?.client_cert_file.as_deref()),
+        );
+    warnings.extend(shown.filter_map(|path| crate::tls::expiry_warning(path, now)));
     for u in upstreams.iter().filter(|u| u.tls.is_some()) {
         if u.scheme == http::uri::Scheme::HTTP {
             warnings.push(format!(
