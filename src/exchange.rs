@@ -110,8 +110,10 @@ impl Running {
 /// What the exchange hands back to the waiting client, if it is still there.
 struct Reply {
     response: Response<ProxyBody>,
-    /// `None` when no response came in time.
+    /// The time waited for the upstream's answer (`None`: it was not reached).
     upstream_time: Option<Duration>,
+    /// Still awaited: the exchange observes its latency when it comes.
+    pending: bool,
     /// Whether the request went out (false: no connection could be made).
     went_out: bool,
 }
@@ -136,9 +138,11 @@ impl Exchange {
                 .instrument(tracing::Span::current()),
         );
         let total_deadline = ctx.arrived + route.timeouts.total;
+        let began = Instant::now();
         match tokio::time::timeout_at(total_deadline.into(), rx).await {
             Ok(Ok(reply)) => {
                 ctx.upstream_time = reply.upstream_time;
+                ctx.upstream_pending = reply.pending;
                 if !reply.went_out {
                     // Not forwarded after all: the upstream could not be reached.
                     ctx.outcome = "error";
@@ -150,7 +154,11 @@ impl Exchange {
                 "the upstream exchange ended without an answer",
             )
             .into_response(),
-            Err(_) => timeout_problem(),
+            Err(_) => {
+                ctx.upstream_time = Some(began.elapsed());
+                ctx.upstream_pending = true;
+                timeout_problem()
+            }
         }
     }
 
@@ -189,9 +197,12 @@ impl Exchange {
                         admission.fail_now();
                     }
                     if let Some(reply) = reply.take() {
+                        // The time waited, as a pass-through 504 logs it
+                        // (regression, found by an audit: no `upstream_ms`).
                         let _ = reply.send(Reply {
                             response: timeout_problem(),
-                            upstream_time: None,
+                            upstream_time: Some(sent.elapsed()),
+                            pending: true,
                             went_out: true,
                         });
                     }
@@ -237,6 +248,7 @@ impl Exchange {
                 .send(Reply {
                     response,
                     upstream_time: went_out.then_some(upstream_time),
+                    pending: false,
                     went_out,
                 })
                 .is_ok()

@@ -143,6 +143,10 @@ pub struct Ctx {
     pub outcome: &'static str,
     pub key: Option<String>,
     pub upstream_time: Option<std::time::Duration>,
+    /// The upstream's answer is still awaited (a protected request's 504):
+    /// `upstream_time` is the wait, logged; the exchange puts the real
+    /// time into the latency histogram when the answer comes.
+    pub upstream_pending: bool,
     /// The client's request body broke off (it went away): logged and
     /// counted as [`CLIENT_CLOSED`], whatever the answer that nobody reads.
     pub client_gone: bool,
@@ -263,6 +267,7 @@ impl Proxy {
             outcome: "error",
             key: None,
             upstream_time: None,
+            upstream_pending: false,
             client_gone: false,
         };
         let path = tracing::enabled!(target: "idemgate::access", tracing::Level::INFO)
@@ -318,7 +323,10 @@ impl Proxy {
 
     fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
         match &ctx.metrics {
-            Some(route) => route.count(method, ctx.outcome, status, ctx.upstream_time),
+            Some(route) => {
+                let observed = ctx.upstream_time.filter(|_| !ctx.upstream_pending);
+                route.count(method, ctx.outcome, status, observed)
+            }
             None => self.metrics.unrouted(method, ctx.outcome, status),
         }
     }
@@ -432,9 +440,13 @@ impl Proxy {
         let send = std::pin::pin!(upstream.send(request, &connected));
         let (start, response) = (sent.into(), route.timeouts.response);
         let result = within_response(send, &connected, start, response, total).await;
-        // No latency for a request that never went out (a connect failure).
+        // No latency for a request that never went out (a connect failure),
+        // nor for one whose client never sent its body whole; an answer
+        // that came before the body's end counts from the send.
         if !matches!(&result, Some(Err(error)) if error.unsent()) {
-            ctx.upstream_time = Some(sent.elapsed());
+            let answered = matches!(&result, Some(Ok(_)));
+            let since = connected.whole_since(sent).or(answered.then_some(sent));
+            ctx.upstream_time = since.map(|at| at.elapsed());
         }
         match result {
             Some(Ok(response)) => {

@@ -1289,3 +1289,96 @@ async fn an_upstream_answer_broken_after_its_head_is_logged() {
     assert!(warning.contains(trace), "{warning}");
     assert!(warning.contains("\"WARN\""), "{warning}");
 }
+
+/// Regression (an observability audit): a passed-through upload's time on
+/// the client's side was the upstream's latency: a body dripped over 2 s
+/// logged `upstream_ms: 2001` (and fed the upstream latency histogram and
+/// its alert), though the upstream answered at once when it had it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_the_upstreams_latency() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Binary::serve(&write_memory_config(&dir, &upstream));
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // PUT is not a protected method: passed through, its body streamed.
+    tcp.write_all(
+        b"PUT /api/o HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    for byte in b"hello" {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tcp.write_all(&[*byte]).await.unwrap();
+    }
+    let mut got = Vec::new();
+    tcp.read_to_end(&mut got).await.unwrap();
+    let took = started.elapsed().as_millis() as u64;
+    assert!(
+        got.starts_with(b"HTTP/1.1 201"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    eventually(Duration::from_secs(5), "the access line", || async {
+        !proxy.access_lines().is_empty()
+    })
+    .await;
+    let line = proxy.access_lines().remove(0);
+    let upstream_ms = line["upstream_ms"].as_u64().expect("an upstream time");
+    assert!(line["total_ms"].as_u64().unwrap() >= 1600, "{line}");
+    assert!(
+        upstream_ms < took / 2,
+        "the upload took {took} ms, the upstream's part of it {upstream_ms}: {line}"
+    );
+}
+
+/// Regression (an observability audit): a protected request's 504 logged
+/// no `upstream_ms` (a pass-through one's did); the late answer's real time
+/// still goes into the latency histogram, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protected_504_logs_the_time_waited_and_times_the_answer_once() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up, timeouts: {{ response: 300ms, total: 5s }} }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = Binary::serve(&path);
+    let headers = [("idempotency-key", "k-504"), ("x-test-delay-ms", "900")];
+    let reply = TestClient::new()
+        .send("POST", &proxy.url("/api/o"), &headers, "{}")
+        .await;
+    assert_eq!(reply.status, 504);
+    eventually(Duration::from_secs(5), "the access line", || async {
+        !proxy.access_lines().is_empty()
+    })
+    .await;
+    let line = proxy.access_lines().remove(0);
+    let waited = line["upstream_ms"].as_u64().expect("the time waited");
+    assert!(waited >= 300, "{line}");
+    let metrics_url = format!("http://{}/metrics", proxy.admin.unwrap());
+    let latency_count = || async {
+        let text = TestClient::new()
+            .send("GET", &metrics_url, &[], "")
+            .await
+            .body;
+        common::sample(
+            &String::from_utf8_lossy(&text),
+            "idemgate_upstream_latency_seconds_count",
+            &[],
+        )
+    };
+    // Once the late answer is recorded, its duplicate is replayed.
+    let (client, url) = (TestClient::new(), proxy.url("/api/o"));
+    let again = common::resend_until(
+        Duration::from_secs(10),
+        || client.send("POST", &url, &headers, "{}"),
+        |r| r.status == 201,
+    )
+    .await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    // Timed once: the answer's time, not also the 504's wait.
+    assert_eq!(latency_count().await, 1.0);
+}

@@ -384,6 +384,19 @@ impl Connected {
             .is_some_and(|sent| sent.waits_on_client())
     }
 
+    /// When the upstream had the whole request, for its latency: `sent`,
+    /// or for a body still streaming from the client when the request went
+    /// out, the moment it was sent whole (`None` until then). A client's
+    /// slow upload is not the upstream's latency (regression, found by an
+    /// audit: a body dripped over 2.5 s logged `upstream_ms: 2501` and fed
+    /// the upstream latency histogram, and its alert).
+    pub fn whole_since(&self, sent: std::time::Instant) -> Option<std::time::Instant> {
+        match &self.uploading {
+            None => Some(sent),
+            Some(upload) => upload.whole_at().map(|at| at.max(sent)),
+        }
+    }
+
     pub(crate) fn making(&self) {
         self.making.store(true, Ordering::Relaxed);
     }

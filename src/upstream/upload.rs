@@ -6,9 +6,10 @@
 //! towards opening the circuit for everyone.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -30,12 +31,19 @@ pub struct Uploading {
 pub struct Sent {
     pub notify: Notify,
     whole: AtomicBool,
+    /// When it was sent whole.
+    whole_at: OnceLock<Instant>,
     client_owes: AtomicBool,
 }
 
 impl Sent {
     pub fn whole(&self) -> bool {
         self.whole.load(Ordering::Acquire)
+    }
+
+    /// When the body was sent whole, if it has been.
+    pub fn whole_at(&self) -> Option<Instant> {
+        self.whole_at.get().copied()
     }
 
     /// Not sent whole, and waiting for the client's next bytes.
@@ -72,6 +80,7 @@ impl Body for Uploading {
         if (frame.is_none() || self.body.is_end_stream())
             && let Some(sent) = self.sent.take()
         {
+            let _ = sent.whole_at.set(Instant::now());
             sent.whole.store(true, Ordering::Release);
             // A stored permit if nobody waits yet: the news is not lost.
             sent.notify.notify_one();
