@@ -578,6 +578,10 @@ pub fn settle_later(
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Ok(done) = settle.apply(&store, &key, &token).await {
                 settle.count(done, &metrics, &key);
+                // The caller's failure was logged as an error: say that it
+                // came right (regression, an audit: nothing did, and a key
+                // that was fine looked lost).
+                tracing::info!(key = %key.key, route = %key.route, ?settle, "settled in the background after all");
                 return;
             }
         }

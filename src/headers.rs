@@ -188,7 +188,9 @@ impl RequestIds {
     pub fn from_headers(headers: &HeaderMap) -> RequestIds {
         let request_id = headers
             .get(&X_REQUEST_ID)
-            .filter(|v| !v.is_empty() && v.len() <= 200)
+            // Logged as text: one that is not (regression, an audit: bytes
+            // above 0x7F, logged as "-") is replaced, as an over-long one is.
+            .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
             .cloned()
             .unwrap_or_else(|| {
                 HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")

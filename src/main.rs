@@ -105,7 +105,14 @@ fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
             .with_ansi(false)
             .init();
     } else {
-        builder.init();
+        // Colours only on a terminal (regression, an audit: escape codes
+        // in a file written with `--log-format pretty > file`).
+        let terminal = if to_stdout {
+            std::io::stdout().is_terminal()
+        } else {
+            std::io::stderr().is_terminal()
+        };
+        builder.with_ansi(terminal).init();
     }
     if let Some(error) = bad_rust_log {
         tracing::warn!(error = %error, "RUST_LOG is not a valid filter; logging at info");
@@ -184,13 +191,15 @@ fn shutdown_signals() -> anyhow::Result<(impl Future<Output = ()>, impl Future<O
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             };
-            heard.send_modify(|n| *n += 1);
-            match *heard.borrow() {
+            // Said before it is acted on (regression, an audit: "SIGTERM
+            // received" came after "shutting down", once after "stopped").
+            match *heard.borrow() + 1 {
                 1 => tracing::info!("{name} received"),
                 _ => tracing::warn!(
                     "{name} received while shutting down: ending the shutdown grace now (requests still running are cut off)"
                 ),
             }
+            heard.send_modify(|n| *n += 1);
         }
     });
     let nth = |n: u32| {

@@ -1382,3 +1382,44 @@ async fn a_protected_504_logs_the_time_waited_and_times_the_answer_once() {
     // Timed once: the answer's time, not also the 504's wait.
     assert_eq!(latency_count().await, 1.0);
 }
+
+/// Regression (an observability audit): a completion the store could not
+/// take is logged as an error and tried again in the background; when the
+/// retry landed, nothing said so, and a key that was fine looked lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_recorded_in_the_background_after_all_is_said() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &redis, &upstream, "60s");
+    let proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    let headers = [("idempotency-key", "k-later"), ("x-test-delay-ms", "400")];
+    let in_flight = client.spawn_send("POST", &proxy.url("/api/o"), &headers, "{}");
+    eventually(Duration::from_secs(5), "the request upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    // Redis hangs from before the upstream answers until after op_timeout.
+    redis.pause();
+    let reply = in_flight.await.unwrap();
+    redis.resume();
+    assert_eq!(reply.status, 201);
+    eventually(
+        Duration::from_secs(10),
+        "the news that it came right",
+        || async {
+            proxy
+                .log()
+                .iter()
+                .any(|l| l.contains("settled in the background after all") && l.contains("k-later"))
+        },
+    )
+    .await;
+    let log = proxy.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("could not record the response")),
+        "the failure was said first: {log:#?}"
+    );
+}
