@@ -352,8 +352,10 @@ impl Proxy {
         if request.version() == http::Version::HTTP_2 {
             headers::join_cookies(request.headers_mut());
             stream_end::one_content_length(request.headers_mut());
-            headers::frame_an_empty_upload(&mut request);
         }
+        // HTTP/1 too: a POST with neither Content-Length nor
+        // Transfer-Encoding (regression, an audit: passed through unframed).
+        headers::frame_an_empty_upload(&mut request);
         if request.method() == http::Method::CONNECT {
             // A tunnel, not a request for a route: no upstream takes one.
             ctx.outcome = "rejected";

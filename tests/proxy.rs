@@ -530,6 +530,22 @@ async fn an_empty_http2_post_reaches_the_upstream_with_a_zero_length() {
     assert!(head.contains("content-length: 0\r\n"), "{head}");
 }
 
+/// Regression (an HTTP/1 audit): a passed-through HTTP/1.1 POST with
+/// neither `Content-Length` nor `Transfer-Encoding` (an empty body) went
+/// upstream unframed, where an upstream that wants a length answers 411.
+#[tokio::test]
+async fn an_unframed_http1_post_reaches_the_upstream_with_a_zero_length() {
+    let (upstream, heard) = one_request_head(b"");
+    let proxy = TestProxy::start(&config("store: { backend: memory }", upstream, OFF, ALL)).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"POST /o HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = heard.await.unwrap();
+    assert!(head.contains("content-length: 0\r\n"), "{head}");
+}
+
 /// The head an HTTP/1.1 upstream reads for an HTTP/2 POST of `body` with
 /// these `content-length` fields (hyper's server would fold copies).
 async fn http2_post_head(lengths: &[&str], body: &'static [u8]) -> String {
