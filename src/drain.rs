@@ -95,6 +95,17 @@ impl Stopping {
     pub fn now(&self) -> bool {
         self.0.now.load(Ordering::Acquire)
     }
+
+    /// Ready once [`Drain::stop`] has begun.
+    pub async fn begun(&self) {
+        let notified = self.0.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read: a stop in between is not missed.
+        notified.as_mut().enable();
+        if !self.now() {
+            notified.await;
+        }
+    }
 }
 
 /// A connection that finishes gracefully once its [`Drain`] stops. Its

@@ -223,23 +223,57 @@ impl Proxy {
         Ok(())
     }
 
-    /// [`reload_from`](Self::reload_from) off the runtime's workers (a
-    /// large file takes a while to read and check; requests went on waiting).
+    /// [`reload_from`](Self::reload_from) off the runtime, on a thread of
+    /// its own (a large file takes a while to read and check; requests went
+    /// on waiting), given up after [`RELOAD_LIMIT`]: a file on a hung mount
+    /// (or a FIFO) held the reload forever, and the runtime's wait for its
+    /// blocking task kept the process from exiting, even on a second signal
+    /// (regression, found by an audit). A reload given up is not applied
+    /// when its read ends after all.
     pub async fn reload_file(self: &Arc<Self>, path: &std::path::Path) -> Result<(), Vec<String>> {
         let (proxy, path) = (self.clone(), path.to_owned());
-        tokio::task::spawn_blocking(move || proxy.reload_from(&path))
-            .await
-            .unwrap_or_else(|e| Err(vec![format!("the reload did not finish: {e}")]))
+        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let abandoned = given_up.clone();
+        let thread = std::thread::Builder::new()
+            .name("idemgate-reload".into())
+            .spawn(move || {
+                let _ = tx.send(proxy.reload_from(&path, &abandoned));
+            });
+        if let Err(e) = thread {
+            return Err(vec![format!("the reload could not start: {e}")]);
+        }
+        match tokio::time::timeout(RELOAD_LIMIT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(vec!["the reload ended without a result".to_owned()]),
+            Err(_) => {
+                given_up.store(true, std::sync::atomic::Ordering::Release);
+                let error = format!(
+                    "reading and checking the configuration took longer than {RELOAD_LIMIT:?} (a file on a hung mount?): the reload is given up, and the running configuration stays"
+                );
+                tracing::error!(error = %error, "reload rejected");
+                Err(vec![error])
+            }
+        }
     }
 
     /// Reads, validates and applies a configuration file, one reload at a
-    /// time; an invalid one changes nothing and its errors are logged and
-    /// returned.
-    pub fn reload_from(&self, path: &std::path::Path) -> Result<(), Vec<String>> {
+    /// time, unless `given_up` by then; an invalid one changes nothing and
+    /// its errors are logged and returned.
+    fn reload_from(
+        &self,
+        path: &std::path::Path,
+        given_up: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), Vec<String>> {
         let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let result = Config::load(path)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
             .and_then(|config| {
+                if given_up.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(vec![
+                        "read after the reload was given up: not applied".to_owned(),
+                    ]);
+                }
                 for warning in &config.warnings {
                     tracing::warn!(warning = %warning, "configuration");
                 }
@@ -674,6 +708,9 @@ struct Access<'a> {
     ctx: Ctx,
     done: bool,
 }
+
+/// How long a reload may take to read and check its files.
+pub const RELOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The status logged and counted for a request whose client went away
 /// before its answer (nginx's "client closed request"); never sent.

@@ -197,10 +197,19 @@ pub async fn serve(
                         None => serve_connection(stream, socket, deadline, send_timeout, &builder, &drain, handler).await,
                         Some(acceptor) => {
                             let acceptor = acceptor.load_full();
-                            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => serve_connection(tls, socket, deadline, send_timeout, &builder, &drain, handler).await,
-                                Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+                            // No request of it can be in flight: a shutdown
+                            // cuts it short (regression, an audit: a client
+                            // silent in its handshake held shutdown for up to
+                            // the head's 10 s).
+                            let stopping = drain.stopping();
+                            tokio::select! {
+                                done = handshake => match done {
+                                    Ok(Ok(tls)) => serve_connection(tls, socket, deadline, send_timeout, &builder, &drain, handler).await,
+                                    Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                },
+                                () = stopping.begun() => tracing::debug!(%peer, "TLS handshake cut short by the shutdown"),
                             }
                         }
                     }

@@ -1423,3 +1423,43 @@ async fn a_completion_recorded_in_the_background_after_all_is_said() {
         "the failure was said first: {log:#?}"
     );
 }
+
+/// Regression (a reload audit): a reload stuck reading its file (a FIFO
+/// here; a hung NFS or secrets mount in life) kept the process from ever
+/// exiting: "stopped" was logged, and it lived on until SIGKILL, the
+/// runtime waiting for the blocking read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config(&dir, &upstream);
+    let mut proxy = Binary::serve(&path);
+    std::fs::remove_file(&path).unwrap();
+    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    proxy.signal("HUP");
+    // The reload has opened the FIFO once a writer can: held open, unwritten,
+    // it keeps the reload's read waiting.
+    let mut writer = None;
+    eventually(
+        Duration::from_secs(10),
+        "the reload reading the FIFO",
+        || {
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path);
+            let ready = opened.is_ok();
+            if let Ok(file) = opened {
+                writer = Some(file);
+            }
+            async move { ready }
+        },
+    )
+    .await;
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
+    drop(writer);
+}

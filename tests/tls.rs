@@ -787,3 +787,26 @@ fn certificates_out_of_their_validity_or_near_its_end_are_warnings() {
         client.warnings
     );
 }
+
+/// Regression (a shutdown audit): a client silent in its TLS handshake held
+/// a shutdown for up to the head's 10 s (and past a short grace, was
+/// reported as a connection whose requests were cut off), though no request
+/// of it could be in flight; a plain listener's closed at once.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_tls_handshake() {
+    let pki = Pki::new();
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "shutdown_grace: 30s\n{}",
+        tls_listener_yaml(&pki, &upstream)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Accepted (its task running) before the shutdown begins.
+    let reply = https_get(&pki, false, &proxy.url("/x").replace("http:", "https:")).await;
+    assert_eq!(reply.1, 201);
+    tokio::time::timeout(std::time::Duration::from_secs(5), proxy.stop())
+        .await
+        .expect("shutdown ends well before the handshake's 10 s");
+    drop(silent);
+}
