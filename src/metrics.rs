@@ -41,6 +41,11 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
 }
@@ -64,6 +69,7 @@ pub struct Metrics {
     pub late_completions: Family<RouteLabels, Counter>,
     pub superseded: Family<RouteLabels, Counter>,
     pub send_timeouts: Counter,
+    pub refused_heads: Family<ReasonLabels, Counter>,
     /// The memory store's records and bound (no series on Redis).
     pub store_records: Family<StoreLabels, Gauge>,
     pub store_max_records: Family<StoreLabels, Gauge>,
@@ -94,6 +100,7 @@ impl Metrics {
         let late_completions = Family::default();
         let superseded = Family::default();
         let send_timeouts = Counter::default();
+        let refused_heads = Family::default();
         let store_records = Family::default();
         let store_max_records = Family::default();
         let ready = Gauge::default();
@@ -158,6 +165,11 @@ impl Metrics {
             send_timeouts.clone(),
         );
         registry.register(
+            "refused_heads",
+            "Request heads refused before routing, by reason: malformed (a bare 400) or too_large (431, over 64 KiB); no access line is written for them",
+            refused_heads.clone(),
+        );
+        registry.register(
             "store_records",
             "Records the memory store holds (store=\"memory\"; none on Redis)",
             store_records.clone(),
@@ -186,6 +198,7 @@ impl Metrics {
             late_completions,
             superseded,
             send_timeouts,
+            refused_heads,
             store_records,
             store_max_records,
             ready,

@@ -406,21 +406,6 @@ impl Proxy {
                 return problem.into_response();
             }
         };
-        // RFC 9112 6.1: a transfer coding the proxy cannot undo (`gzip,
-        // chunked`) would reach the upstream unlabelled, the body's meaning
-        // changed. Only a body of no exact size has a transfer coding.
-        if hyper::body::Body::size_hint(request.body())
-            .exact()
-            .is_none()
-            && !headers::other_transfer_codings(request.headers()).is_empty()
-        {
-            ctx.outcome = "rejected";
-            return Problem::new(
-                Code::BadRequest,
-                "only the chunked transfer coding is supported: send the body chunked or with a Content-Length (a compressed body as Content-Encoding)",
-            )
-            .into_response();
-        }
         let routing = self.routing();
         let host = host.as_ref().and_then(|v| v.to_str().ok());
         let Some(index) = routing.routes.find_index(
@@ -435,6 +420,23 @@ impl Proxy {
         let route = routing.routes.get(index);
         ctx.route = Some(route.clone());
         ctx.metrics = Some(routing.route_metrics[index].clone());
+        // RFC 9112 6.1: a transfer coding the proxy cannot undo (`gzip,
+        // chunked`) would reach the upstream unlabelled, the body's meaning
+        // changed. Only a body of no exact size has a transfer coding.
+        // Checked once routed: counted and logged with its route
+        // (regression, an audit: `route=""`, out of the route's dashboards).
+        if hyper::body::Body::size_hint(request.body())
+            .exact()
+            .is_none()
+            && !headers::other_transfer_codings(request.headers()).is_empty()
+        {
+            ctx.outcome = "rejected";
+            return Problem::new(
+                Code::BadRequest,
+                "only the chunked transfer coding is supported: send the body chunked or with a Content-Length (a compressed body as Content-Encoding)",
+            )
+            .into_response();
+        }
         let upstream = routing.upstream(&route.upstream);
         match route
             .idempotency

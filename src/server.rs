@@ -193,7 +193,7 @@ pub async fn serve(
                         // (each wrapping is one more copy of its 4.5 KB).
                         move |request| proxy.clone().handle(request, peer.clone())
                     };
-                    match &proxy.tls {
+                    let refused = match &proxy.tls {
                         None => serve_connection(stream, socket, deadline, send_timeout, &builder, &drain, handler).await,
                         Some(acceptor) => {
                             let acceptor = acceptor.load_full();
@@ -206,12 +206,24 @@ pub async fn serve(
                             tokio::select! {
                                 done = handshake => match done {
                                     Ok(Ok(tls)) => serve_connection(tls, socket, deadline, send_timeout, &builder, &drain, handler).await,
-                                    Ok(Err(error)) => tracing::debug!(error = %error, %peer, "TLS handshake failed"),
-                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                    Ok(Err(error)) => {
+                                        tracing::debug!(error = %error, %peer, "TLS handshake failed");
+                                        None
+                                    }
+                                    Err(_) => {
+                                        tracing::debug!(%peer, "TLS handshake timed out");
+                                        None
+                                    }
                                 },
-                                () = stopping.begun() => tracing::debug!(%peer, "TLS handshake cut short by the shutdown"),
+                                () = stopping.begun() => {
+                                    tracing::debug!(%peer, "TLS handshake cut short by the shutdown");
+                                    None
+                                }
                             }
                         }
+                    };
+                    if let Some(reason) = refused {
+                        proxy.metrics.refused_heads.get_or_create(&crate::metrics::ReasonLabels { reason }).inc();
                     }
                 });
             }
@@ -243,7 +255,8 @@ async fn serve_connection<S, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     drain: &Drain,
     handler: H,
-) where
+) -> Option<&'static str>
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -277,8 +290,23 @@ async fn serve_connection<S, H, F>(
         HEADER_READ_TIMEOUT,
         send_timeout,
     );
-    if let Err(error) = watched.await {
-        tracing::debug!(error = %error, "connection ended with an error");
+    let error = watched.await.err()?;
+    tracing::debug!(error = %error, "connection ended with an error");
+    refused_head(&*error)
+}
+
+/// Why hyper refused a request head itself, with a bare `400` (malformed)
+/// or `431` (too large), if it did: no request reached the handler, so no
+/// access line says so, and they are counted instead (regression, an
+/// audit: a flood of them was invisible but at debug level).
+fn refused_head(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let error = error.downcast_ref::<hyper::Error>()?;
+    if error.is_parse_too_large() {
+        Some("too_large")
+    } else if error.is_parse() {
+        Some("malformed")
+    } else {
+        None
     }
 }
 

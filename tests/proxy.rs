@@ -971,12 +971,45 @@ async fn host_must_be_one_and_x_forwarded_host_is_the_proxys() {
     assert!(upstream.last_headers().get("x-forwarded-host").is_none());
 }
 
+/// Regression (an observability audit): heads hyper refuses itself (a
+/// bare 400 or 431) reached no handler, so no access line and no metric
+/// said so: a flood of them was invisible but at debug level.
+#[tokio::test]
+async fn heads_refused_before_routing_are_counted() {
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL);
+    let proxy = TestProxy::start(&format!("admin: {{ listen: 127.0.0.1:0 }}\n{yaml}")).await;
+    let garbage = raw(proxy.addr, b"GARBAGE\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+    let long = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let too_large = raw(proxy.addr, long.as_bytes()).await;
+    assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
+    let metrics = proxy.metrics().await;
+    for reason in ["malformed", "too_large"] {
+        assert_eq!(
+            common::sample(
+                &metrics,
+                "idemgate_refused_heads_total",
+                &[("reason", reason)]
+            ),
+            1.0,
+            "{reason}: {metrics}"
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+}
+
 /// RFC 9112 6.1. Regression: a transfer coding other than chunked was taken
 /// off with its header and the body passed on as it came, so the upstream
 /// (or the client) got gzip bytes as if they were the content.
 #[tokio::test]
 async fn transfer_codings_other_than_chunked_are_not_lost() {
-    let (upstream, proxy) = passthrough("", ALL).await;
+    let upstream = TestUpstream::start().await;
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, ALL);
+    let proxy = TestProxy::start(&format!("admin: {{ listen: 127.0.0.1:0 }}\n{yaml}")).await;
     let request =
         b"POST /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
     let answer = raw(proxy.addr, request).await;
@@ -985,6 +1018,14 @@ async fn transfer_codings_other_than_chunked_are_not_lost() {
         "{answer}"
     );
     assert_eq!(upstream.hits(), 0);
+    // Counted with its route (regression, an audit: `route=""`).
+    let metrics = proxy.metrics().await;
+    let rejected = [("route", "all"), ("outcome", "rejected")];
+    assert_eq!(
+        common::sample(&metrics, "idemgate_requests_total", &rejected),
+        1.0,
+        "{metrics}"
+    );
 
     let (coded, _) = canned_upstream(
         b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
