@@ -281,6 +281,41 @@ impl Metrics {
     }
 }
 
+/// The exposition in the classic Prometheus text format (0.0.4), from the
+/// OpenMetrics one `encode` writes: for scrapers that ask for it, or for
+/// no format (regression, an audit: a classic-text reader took every
+/// counter for untyped, its `# TYPE idemgate_requests counter` naming no
+/// sample). A counter's HELP and TYPE name its `_total` samples; `# UNIT`
+/// and `# EOF` lines are OpenMetrics' own. Samples are written alike.
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 1024);
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let counter = line.strip_prefix("# HELP ").and_then(|rest| {
+            let name = rest.split(' ').next()?;
+            let typed = lines.peek()?.strip_prefix("# TYPE ")?;
+            (typed == format!("{name} counter")).then_some(name)
+        });
+        match counter {
+            Some(name) => {
+                let help = &line["# HELP ".len() + name.len()..];
+                out.push_str(&format!(
+                    "# HELP {name}_total{help}\n# TYPE {name}_total counter\n"
+                ));
+                lines.next();
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// The request outcomes of SPEC.md section 7, in the order of
 /// [`RouteMetrics`]' handles.
 const OUTCOMES: [&str; 8] = [
@@ -409,5 +444,58 @@ fn method_index(method: &http::Method) -> usize {
             .iter()
             .position(|m| m.eq_ignore_ascii_case(method.as_str()))
             .unwrap_or(7),
+    }
+}
+
+#[cfg(test)]
+mod classic_tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_by_their_samples_and_drops_openmetrics_lines() {
+        let metrics = Metrics::new();
+        metrics.send_timeouts.inc();
+        metrics.ready.set(1);
+        let upstream = UpstreamLabels {
+            upstream: "erp".into(),
+        };
+        metrics
+            .upstream_latency
+            .get_or_create(&upstream)
+            .observe(0.01);
+        let openmetrics = metrics.encode();
+        assert!(openmetrics.contains("# TYPE idemgate_send_timeouts counter"));
+        assert!(openmetrics.ends_with("# EOF\n"));
+        let classic = classic_text(&openmetrics);
+        assert!(
+            classic.contains("# HELP idemgate_send_timeouts_total Client connections"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains(
+                "# TYPE idemgate_send_timeouts_total counter\nidemgate_send_timeouts_total 1\n"
+            ),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE idemgate_ready gauge\nidemgate_ready 1\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE idemgate_upstream_latency_seconds histogram"),
+            "{classic}"
+        );
+        assert!(
+            !classic.contains("# EOF") && !classic.contains("# UNIT"),
+            "{classic}"
+        );
+        // Every sample line is kept as it was.
+        let samples = |text: &str| {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(samples(&classic), samples(&openmetrics));
     }
 }

@@ -1582,3 +1582,45 @@ async fn keys_via_a_silent_admin_listener_gives_up_with_exit_1() {
     assert!(err.contains("may still be applied"), "{err}");
     drop(silent);
 }
+
+/// Regression (an observability audit): `/metrics` was OpenMetrics whatever
+/// the scraper asked for, and a classic-text reader took every counter for
+/// untyped (`# TYPE idemgate_requests counter` names no sample). OpenMetrics
+/// when asked for (Prometheus asks), else the classic text format.
+#[tokio::test]
+async fn metrics_are_openmetrics_when_asked_for_and_classic_text_otherwise() {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    client.post_key(&proxy.url("/api/o"), "k-fmt", "{}").await;
+    let url = proxy.admin_url("/metrics");
+    let classic = client.send("GET", &url, &[], Bytes::new()).await;
+    assert_eq!(
+        classic.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = String::from_utf8_lossy(&classic.body);
+    assert!(
+        text.contains("# TYPE idemgate_requests_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let open = client
+        .send("GET", &url, &[("accept", prometheus)], Bytes::new())
+        .await;
+    assert_eq!(
+        open.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let text = String::from_utf8_lossy(&open.body);
+    assert!(
+        text.contains("# TYPE idemgate_requests counter\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    // The same samples either way.
+    let sample = |t: &str| sample(t, "idemgate_requests_total", &[("outcome", "forwarded")]);
+    assert_eq!(sample(&text), 1.0);
+    assert_eq!(sample(&String::from_utf8_lossy(&classic.body)), 1.0);
+}

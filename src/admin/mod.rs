@@ -23,6 +23,9 @@ pub struct Admin {
     pub config_path: Option<std::path::PathBuf>,
 }
 
+/// The media type a scraper names to get OpenMetrics.
+const OPENMETRICS: &[u8] = b"application/openmetrics-text";
+
 impl Admin {
     /// One admin call; a call that changes something (or is refused its
     /// token) is logged with who asked (target `idemgate::admin`).
@@ -41,7 +44,7 @@ impl Admin {
             // HEAD too: load balancers probe with it (hyper drops the body).
             (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz().await,
-            (&Method::GET, "/metrics") => Ok(self.metrics()),
+            (&Method::GET, "/metrics") => Ok(self.metrics(&parts.headers)),
             (&Method::POST, "/reload") => match authorized() {
                 Ok(()) => self.reload().await,
                 Err(denied) => Err(denied),
@@ -140,7 +143,10 @@ impl Admin {
         }
     }
 
-    fn metrics(&self) -> Response<ProxyBody> {
+    fn metrics(&self, headers: &http::HeaderMap) -> Response<ProxyBody> {
+        let openmetrics = (headers.get_all(header::ACCEPT).iter()).any(|v| {
+            (v.as_bytes().windows(OPENMETRICS.len())).any(|w| w.eq_ignore_ascii_case(OPENMETRICS))
+        });
         let routing = self.proxy.routing();
         // Read off the upstreams of the running configuration at each
         // scrape: an upstream a reload removed leaves no series behind (an
@@ -179,11 +185,22 @@ impl Admin {
                     .set(as_gauge(bound));
             }
         });
+        // OpenMetrics when asked for (Prometheus asks), else the classic text.
+        let (exposition, format) = if openmetrics {
+            (
+                exposition,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            (
+                crate::metrics::classic_text(&exposition),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
         let mut response = text(StatusCode::OK, exposition);
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(format));
         response
     }
 
