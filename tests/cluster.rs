@@ -1,13 +1,14 @@
 //! The gate on a real three-master Redis Cluster: scripts routed by the
-//! record's hash tag, duplicates reaching the upstream once, and listings
-//! that SCAN every master.
+//! record's hash tag, duplicates reaching the upstream once, listings that
+//! SCAN every master, a seed that never answers, and a failover away from
+//! a master that hangs (three masters with a replica each).
 
 mod common;
 
 use bytes::Bytes;
 use common::redis_server::RedisCluster;
 use common::{TestClient, TestProxy, TestUpstream, config, resend_until};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_works_on_redis_cluster() {
@@ -148,6 +149,62 @@ async fn a_seed_that_never_answers_does_not_keep_the_cluster_away() {
         String::from_utf8_lossy(&got.stderr)
     );
     drop(hung);
+}
+
+/// Regression (an audit of Redis Cluster): the cluster client sends a
+/// slot's commands to the master it knows until that master answers or its
+/// connection breaks, so after a master that hangs (a stopped process, a
+/// partition) was replaced by its replica, its slots' keys still got `503
+/// store_unavailable`, for as long as it hung. A watch on the cluster's
+/// masters now makes the connection anew once a replica has taken the
+/// slots over (`cluster-node-timeout` 1 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_away_from_a_master_that_hangs_is_followed() {
+    let cluster = RedisCluster::start_replicated().await;
+    let upstream = TestUpstream::start().await;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 250ms }}",
+        urls.join(", ")
+    );
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let proxy = TestProxy::start(&config(&store, upstream.addr, "", routes)).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let post_until_201 = |key: String, limit: Duration| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let post = || client.post_key(&url, &key, "{}");
+            let reply = resend_until(limit, post, |r| r.status == 201).await;
+            assert_eq!(reply.status, 201, "{key}: {:?}", reply.body);
+        }
+    };
+    post_until_201("k-before".into(), Duration::from_secs(10)).await;
+    let masters_before = cluster.masters().await;
+    let keys_before = cluster.dbsizes().await;
+    let master = cluster.a_master().await;
+    cluster.nodes[master].pause();
+    // Keys on every master's slots, the hung one's among them: all stored
+    // within 30 s of the pause (the promotion takes a few seconds).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..24 {
+        let limit = deadline.saturating_duration_since(Instant::now());
+        post_until_201(format!("k-after-{i}"), limit).await;
+    }
+    // The hung master's slots were served by its promoted replica.
+    let promoted: Vec<usize> = cluster
+        .masters()
+        .await
+        .into_iter()
+        .filter(|i| !masters_before.contains(i))
+        .collect();
+    assert_eq!(promoted.len(), 1, "one replica promoted: {promoted:?}");
+    let keys_after = cluster.dbsizes().await;
+    assert!(
+        keys_after[promoted[0]] > keys_before[promoted[0]],
+        "keys stored on the promoted replica: {keys_before:?} -> {keys_after:?}"
+    );
+    cluster.nodes[master].resume();
 }
 
 /// `idemgate <args> --config <a file holding yaml>`, as an operator runs it.

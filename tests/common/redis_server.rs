@@ -196,6 +196,19 @@ impl RedisServer {
     }
 
     /// A connection for direct inspection in tests.
+    /// `cmd`'s answer within 500 ms (none from a paused server).
+    pub async fn ask<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
+        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let asked = async {
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            cmd.query_async(&mut conn).await.ok()
+        };
+        tokio::time::timeout(Duration::from_millis(500), asked)
+            .await
+            .ok()
+            .flatten()
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url.as_str())
             .unwrap()
@@ -249,9 +262,68 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        RedisCluster::start_with(0).await
+    }
+
+    /// Three masters with a replica each, a replica taking over a master
+    /// that has not answered for 1 s (`cluster-node-timeout`).
+    pub async fn start_replicated() -> RedisCluster {
+        let cluster = RedisCluster::start_with(1).await;
+        // Replicas in sync, so that one may take over.
+        let start = Instant::now();
+        for node in &cluster.nodes {
+            loop {
+                let mut conn = node.connection().await;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "replica not in sync: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster
+    }
+
+    /// The index of a node that is a master now.
+    pub async fn a_master(&self) -> usize {
+        *self.masters().await.first().expect("no master")
+    }
+
+    /// The indices of the nodes that say they are masters now (a paused
+    /// node says nothing).
+    pub async fn masters(&self) -> Vec<usize> {
+        let mut masters = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let role: Option<Vec<redis::Value>> = node.ask(redis::cmd("ROLE")).await;
+            if matches!(role.as_deref().and_then(<[_]>::first), Some(redis::Value::BulkString(b)) if b == b"master")
+            {
+                masters.push(i);
+            }
+        }
+        masters
+    }
+
+    /// Each node's number of keys (0 for a paused node).
+    pub async fn dbsizes(&self) -> Vec<u64> {
+        let mut sizes = Vec::new();
+        for node in &self.nodes {
+            sizes.push(node.ask(redis::cmd("DBSIZE")).await.unwrap_or(0));
+        }
+        sizes
+    }
+
+    async fn start_with(replicas: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
-        for i in 0..3 {
+        for i in 0..3 * (1 + replicas) {
             let node_dir = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
             let node_dir = node_dir.to_str().unwrap().to_owned();
@@ -261,6 +333,8 @@ impl RedisCluster {
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
                     "--dir",
                 ]
                 .into_iter()
@@ -278,7 +352,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli (package redis-tools) is needed for the cluster tests");
         assert!(

@@ -1,17 +1,19 @@
 //! The connection to Redis: one standalone server (a reconnecting
 //! `ConnectionManager`) or a Redis Cluster (`ClusterConnection`, made on
-//! first use and kept), behind one `ConnectionLike` handle.
+//! first use, made anew when the cluster's masters change: `watch.rs`),
+//! behind one `ConnectionLike` handle.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
-use tokio::sync::OnceCell;
 
+use super::watch;
 use crate::store::StoreError;
 
 pub enum Link {
@@ -21,9 +23,43 @@ pub enum Link {
 
 pub struct ClusterLink {
     client: ClusterClient,
+    /// The seeds one by one, for the watch on the cluster's masters.
+    seeds: Vec<redis::Client>,
+    op_timeout: Duration,
     /// Made on first use; the cluster connection then follows slot moves
-    /// and reconnects by itself.
-    conn: OnceCell<ClusterConnection>,
+    /// and reconnects by itself, but not a failover away from a master
+    /// that hangs: the watch makes it anew then ([`ClusterLink::remake`]).
+    conn: ArcSwapOption<ClusterConnection>,
+    /// Held while the first connection is made: one attempt at a time.
+    making: tokio::sync::Mutex<()>,
+}
+
+impl ClusterLink {
+    fn current(&self) -> Option<ClusterConnection> {
+        self.conn.load().as_deref().cloned()
+    }
+
+    /// Makes the first connection, unless another call made it meanwhile,
+    /// and starts the watch on the cluster's masters.
+    async fn make(self: Arc<Self>) -> redis::RedisResult<ClusterConnection> {
+        let _one = self.making.lock().await;
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let conn = self.client.get_async_connection().await?;
+        self.conn.store(Some(Arc::new(conn.clone())));
+        let bound = self.op_timeout.max(Duration::from_secs(1));
+        watch::start(Arc::downgrade(&self), self.seeds.clone(), bound);
+        Ok(conn)
+    }
+
+    /// Makes the connection anew (it reads the slots again) and swaps it in;
+    /// calls holding the old one finish on it, which ends with its last clone.
+    pub(super) async fn remake(&self) -> redis::RedisResult<()> {
+        let conn = self.client.get_async_connection().await?;
+        self.conn.store(Some(Arc::new(conn)));
+        Ok(())
+    }
 }
 
 /// A cheap clone of the connection for one call.
@@ -59,19 +95,29 @@ impl Link {
         tls: Option<TlsCertificates>,
         op_timeout: Duration,
     ) -> Result<Link, StoreError> {
+        // The error text of a bad URL may echo it, password included: keep it generic.
+        let invalid = |_| StoreError::Backend("store.cluster holds an invalid Redis URL".into());
+        let seeds = urls
+            .iter()
+            .map(|url| match &tls {
+                None => redis::Client::open(url.as_str()),
+                Some(certs) => redis::Client::build_with_tls(url.as_str(), certs.clone()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
         let mut builder = ClusterClient::builder(urls.to_vec())
             .connection_timeout(op_timeout)
             .response_timeout(op_timeout);
         if let Some(certs) = tls {
             builder = builder.certs(certs);
         }
-        // The error text of a bad URL may echo it, password included: keep it generic.
-        let client = builder
-            .build()
-            .map_err(|_| StoreError::Backend("store.cluster holds an invalid Redis URL".into()))?;
+        let client = builder.build().map_err(invalid)?;
         Ok(Link::Cluster(Arc::new(ClusterLink {
             client,
-            conn: OnceCell::new(),
+            seeds,
+            op_timeout,
+            conn: ArcSwapOption::empty(),
+            making: tokio::sync::Mutex::new(()),
         })))
     }
 
@@ -80,7 +126,7 @@ impl Link {
     pub fn ready_handle(&self) -> Option<Handle> {
         match self {
             Link::Single(conn) => Some(Handle::Single(conn.clone())),
-            Link::Cluster(cluster) => cluster.conn.get().cloned().map(Handle::Cluster),
+            Link::Cluster(cluster) => cluster.current().map(Handle::Cluster),
         }
     }
 
@@ -91,23 +137,16 @@ impl Link {
     /// call, every call's own deadline cut it short, and it was never made
     /// (regression, found by an audit: a process started while one seed
     /// hung answered `503 store_unavailable` to every request, the cluster
-    /// healthy). At most one attempt runs at a time (the cell's); a failed
-    /// one is tried again by the next call.
+    /// healthy). At most one attempt runs at a time; a failed one is tried
+    /// again by the next call.
     pub async fn handle(&self) -> redis::RedisResult<Handle> {
         match self {
             Link::Single(conn) => Ok(Handle::Single(conn.clone())),
             Link::Cluster(cluster) => {
-                if let Some(conn) = cluster.conn.get() {
-                    return Ok(Handle::Cluster(conn.clone()));
+                if let Some(conn) = cluster.current() {
+                    return Ok(Handle::Cluster(conn));
                 }
-                let cluster = cluster.clone();
-                let made = tokio::spawn(async move {
-                    let made = cluster
-                        .conn
-                        .get_or_try_init(|| cluster.client.get_async_connection());
-                    made.await.cloned()
-                });
-                match made.await {
+                match tokio::spawn(cluster.clone().make()).await {
                     Ok(conn) => Ok(Handle::Cluster(conn?)),
                     Err(_) => Err(redis::RedisError::from((
                         redis::ErrorKind::Client,

@@ -10,6 +10,7 @@ mod compact;
 mod events;
 mod link;
 mod scripts;
+mod watch;
 mod wire;
 
 use std::sync::{Arc, OnceLock};
