@@ -578,6 +578,54 @@ fn store_tls_with_the_memory_backend_is_a_warning_not_silence() {
     );
 }
 
+/// Regression (an admin and TLS audit): `store.tls` with a `redis://` URL
+/// is "ignored, with a warning", `check` said, and `serve` refused to start
+/// ("store.url is not a valid Redis URL"); a cluster's `redis://` seeds
+/// likewise. It is ignored: the gate works over plain Redis.
+#[tokio::test]
+async fn store_tls_with_a_plain_redis_url_is_ignored_not_fatal() {
+    let pki = Pki::new();
+    let redis = common::RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let store = format!(
+        "store: {{ backend: redis, url: \"{}\", tls: {{ ca_file: \"{}\" }} }}",
+        redis.url(),
+        pki.ca.display()
+    );
+    let yaml = upstream_yaml(&store, &format!("http://{}", upstream.addr), "");
+    let config = idemgate::Config::parse(&yaml).expect("valid");
+    assert!(
+        config.warnings.iter().any(|w| w.contains("store.tls")),
+        "{:?}",
+        config.warnings
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    assert_eq!(
+        client
+            .post_key(&proxy.url("/api/o"), "k-plain", "{}")
+            .await
+            .status,
+        201
+    );
+    let again = client.post_key(&proxy.url("/api/o"), "k-plain", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    // A cluster's plain seeds too: the proxy starts (its connection is lazy).
+    let closed = common::ClosedPort::new();
+    let cluster = format!(
+        "store: {{ backend: redis, cluster: [\"redis://{}\"], tls: {{ ca_file: \"{}\" }} }}",
+        closed.addr(),
+        pki.ca.display()
+    );
+    let proxy = TestProxy::start(&upstream_yaml(
+        &cluster,
+        &format!("http://{}", upstream.addr),
+        "",
+    ))
+    .await;
+    proxy.stop().await;
+}
+
 /// Regression: `check` only looked for PEM blocks in `store.tls`, so a CA
 /// whose body is not a certificate, or a client key that does not match
 /// its certificate, passed; `serve` then failed blaming `store.url`, or ran

@@ -100,8 +100,10 @@ impl Link {
         let seeds = urls
             .iter()
             .map(|url| match &tls {
-                None => redis::Client::open(url.as_str()),
-                Some(certs) => redis::Client::build_with_tls(url.as_str(), certs.clone()),
+                Some(certs) if url.starts_with("rediss://") => {
+                    redis::Client::build_with_tls(url.as_str(), certs.clone())
+                }
+                _ => redis::Client::open(url.as_str()),
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;

@@ -81,7 +81,10 @@ impl RedisStore {
             Backend::Redis { url } => {
                 // The error text of a bad URL may echo it, password included: keep it generic.
                 let invalid = |_| StoreError::Backend("store.url is not a valid Redis URL".into());
-                let client = match certs {
+                // `store.tls` applies to `rediss://` only, and is ignored
+                // with a warning otherwise (regression, an audit: `check`
+                // said so, and `serve` refused the `redis://` URL).
+                let client = match certs.filter(|_| url.starts_with("rediss://")) {
                     None => redis::Client::open(url.as_str()).map_err(invalid)?,
                     Some(certs) => {
                         redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)?
