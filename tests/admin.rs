@@ -835,6 +835,60 @@ async fn a_scope_that_is_not_a_sha256_is_refused() {
     assert_eq!(unknown.code(), "not_found", "a scope in upper case is read");
 }
 
+/// Regression (an admin audit): parameters a record's call did not know
+/// were ignored: a `DELETE` with `?Scope=<alice's>`, a bare `?scope` or a
+/// second `scope=` purged every caller's record of the key (bob's retry
+/// then ran again). Each is a `400`, and nothing is purged.
+async fn a_mistyped_or_repeated_parameter_purges_nothing(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    for who in ["Bearer alice", "Bearer bob"] {
+        let headers = [("idempotency-key", "k-typo"), ("authorization", who)];
+        let reply = client
+            .send("POST", &proxy.url("/api/o"), &headers, "{}")
+            .await;
+        assert_eq!(reply.status, 201);
+    }
+    let alice = scope_of("Bearer alice");
+    let record = proxy.admin_url("/keys/orders/k-typo");
+    for query in [
+        format!("Scope={alice}"),
+        "scope".to_owned(),
+        format!("scope={alice}&scope={}", scope_of("Bearer bob")),
+        format!("scope={alice}&forse=true"),
+    ] {
+        let reply = call(
+            &client,
+            "DELETE",
+            &format!("{record}?{query}"),
+            Some(TOKEN),
+            "",
+        )
+        .await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.code().as_str()),
+            (400, "bad_request"),
+            "{query}: {:?}",
+            reply.body
+        );
+    }
+    let listed = call(&client, "GET", &record, None, "").await;
+    let records: serde_json::Value = serde_json::from_slice(&listed.body).unwrap();
+    assert_eq!(
+        records.as_array().map(Vec::len),
+        Some(2),
+        "nothing purged: {records}"
+    );
+    // Written right, alice's alone goes.
+    let url = format!("{record}?scope={alice}&force=false");
+    let purged = call(&client, "DELETE", &url, Some(TOKEN), "").await;
+    assert_eq!(purged.status, 200, "{:?}", purged.body);
+    let listed = call(&client, "GET", &record, None, "").await;
+    let records: serde_json::Value = serde_json::from_slice(&listed.body).unwrap();
+    assert_eq!(records.as_array().map(Vec::len), Some(1), "{records}");
+}
+
 /// SPEC 9: `POST /reload` with a wrong token is 401 with
 /// `WWW-Authenticate: Bearer`, and the file is not re-read.
 #[tokio::test]
@@ -1308,6 +1362,7 @@ async fn a_listing_stops_at_its_limit_and_says_there_is_more(backend: Backend) {
 }
 
 both_stores!(
+    a_mistyped_or_repeated_parameter_purges_nothing,
     keys_purge_refuses_an_attempt_still_running_unless_forced,
     a_listing_stops_at_its_limit_and_says_there_is_more,
     records_of_a_route_a_reload_removed_can_still_be_resolved,
@@ -1474,11 +1529,16 @@ async fn a_wrong_method_is_405_with_allow() {
     for (method, path, allow, token) in [
         ("GET", "/reload", "POST", Some(TOKEN)),
         ("POST", "/healthz", "GET, HEAD", Some(TOKEN)),
-        ("DELETE", "/keys", "GET", Some(TOKEN)),
-        ("POST", "/keys/orders/k", "GET, PUT, DELETE", Some(TOKEN)),
-        ("POST", "/metrics", "GET", None),
-        ("PATCH", "/keys", "GET", None),
-        ("POST", "/keys/orders/k", "GET, PUT, DELETE", None),
+        ("DELETE", "/keys", "GET, HEAD", Some(TOKEN)),
+        (
+            "POST",
+            "/keys/orders/k",
+            "GET, HEAD, PUT, DELETE",
+            Some(TOKEN),
+        ),
+        ("POST", "/metrics", "GET, HEAD", None),
+        ("PATCH", "/keys", "GET, HEAD", None),
+        ("POST", "/keys/orders/k", "GET, HEAD, PUT, DELETE", None),
     ] {
         let reply = call(&client, method, &proxy.admin_url(path), token, "").await;
         assert_eq!(
@@ -1493,6 +1553,13 @@ async fn a_wrong_method_is_405_with_allow() {
     }
     let missing = call(&client, "GET", &proxy.admin_url("/nothing"), None, "").await;
     assert_eq!(missing.status, 404);
+    // HEAD is GET without the body (RFC 9110 9.1; regression, an audit: 405).
+    for path in ["/metrics", "/keys?state=unknown", "/keys/orders/k"] {
+        let get = call(&client, "GET", &proxy.admin_url(path), None, "").await;
+        let head = call(&client, "HEAD", &proxy.admin_url(path), None, "").await;
+        assert_eq!(head.status, get.status, "{path}");
+        assert!(head.body.is_empty(), "{path}");
+    }
 }
 
 /// Regression: a protected route's unknown-outcome and fail-open series

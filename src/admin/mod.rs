@@ -44,35 +44,43 @@ impl Admin {
             // HEAD too: load balancers probe with it (hyper drops the body).
             (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz().await,
-            (&Method::GET, "/metrics") => Ok(self.metrics(&parts.headers)),
+            (&Method::GET | &Method::HEAD, "/metrics") => Ok(self.metrics(&parts.headers)),
             (&Method::POST, "/reload") => match authorized() {
                 Ok(()) => self.reload().await,
                 Err(denied) => Err(denied),
             },
-            (&Method::GET, "/keys") => self.list(&query).await,
-            (_, "/healthz" | "/readyz") => Ok(wrong_method("GET, HEAD")),
-            (_, "/metrics" | "/keys") => Ok(wrong_method("GET")),
+            (&Method::GET | &Method::HEAD, "/keys") => self.list(&query).await,
+            (_, "/healthz" | "/readyz" | "/metrics" | "/keys") => Ok(wrong_method("GET, HEAD")),
             (_, "/reload") => Ok(wrong_method("POST")),
             // The method, then the token, then the request's own parts
             // (regression, found by an audit: a bad `scope` was a 400 before
             // a wrong method's 405 or a missing token's 401).
-            (&Method::GET | &Method::PUT | &Method::DELETE, p) if p.starts_with("/keys/") => {
+            // HEAD as GET (RFC 9110 9.1; regression, an audit: 405).
+            (&Method::GET | &Method::HEAD | &Method::PUT | &Method::DELETE, p)
+                if p.starts_with("/keys/") =>
+            {
                 let allowed = match parts.method {
-                    Method::GET => Ok(()),
+                    Method::GET | Method::HEAD => Ok(()),
                     _ => authorized(),
                 };
+                let takes: &[&str] = match parts.method {
+                    Method::DELETE => &["scope", "force"],
+                    _ => &["scope"],
+                };
+                let params = only_params(&query, takes);
                 match (allowed, key_path(p), scope(&query), force(&query)) {
                     (Err(denied), ..) => Err(denied),
+                    _ if let Err(problem) = params => Err(problem),
                     (_, None, ..) => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
                     (_, _, Err(problem), _) | (.., Err(problem)) => Err(problem),
                     (Ok(()), Some((route, key)), Ok(scope), Ok(force)) => match parts.method {
-                        Method::GET => self.get(&route, &key, scope).await,
+                        Method::GET | Method::HEAD => self.get(&route, &key, scope).await,
                         Method::DELETE => self.purge(&route, &key, scope, force).await,
                         _ => self.put(&route, &key, scope, incoming).await,
                     },
                 }
             }
-            (_, p) if p.starts_with("/keys/") => Ok(wrong_method("GET, PUT, DELETE")),
+            (_, p) if p.starts_with("/keys/") => Ok(wrong_method("GET, HEAD, PUT, DELETE")),
             _ => Err(Problem::new(Code::NotFound, "no such admin endpoint")),
         };
         let response = result.unwrap_or_else(Problem::into_response);
@@ -237,6 +245,36 @@ fn key_path(path: &str) -> Option<(String, String)> {
             .filter(|s| !s.is_empty())
     };
     Some((decode(route)?.into_owned(), decode(key)?.into_owned()))
+}
+
+/// A record's call takes `names` only, each once, written `name=value`;
+/// anything else is a `400` (regression, an audit: `?Scope=…`, a bare
+/// `?scope` and a second `scope=` were ignored, and a DELETE then purged
+/// every caller's record of the key, whose retries ran again).
+fn only_params(query: &str, names: &[&str]) -> Result<(), Problem> {
+    let mut seen = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((name, _)) if names.contains(&name) && !seen.contains(&name) => seen.push(name),
+            _ => {
+                let name: String = pair
+                    .split('=')
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(40)
+                    .collect();
+                return Err(Problem::new(
+                    Code::BadRequest,
+                    format!(
+                        "{name:?} is not a parameter of this call, or is given twice or without a value: it takes {}, each at most once, as name=value",
+                        names.join(" and ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `?scope=HEX`, when given: 64 hex digits (any case), or a `400`.
