@@ -305,6 +305,20 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
             .await
             .unwrap();
     }
+    // An earlier version's record format with a state no version writes
+    // (regression, an audit: `PUT` overwrote it into a completed record
+    // whose empty fingerprint refused every request with 422).
+    let hash = StorageKey {
+        route: "orders".into(),
+        scope: scope.clone(),
+        key: "k-hash".into(),
+    };
+    let _: () = redis::cmd("HSET")
+        .arg(hash.encode(&prefix))
+        .arg(&["state", "bogus", "fp", "zz"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let admin = |path: &str| proxy.admin_url(path);
     let list = |path: String| {
         let client = &client;
@@ -328,6 +342,7 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
         }
     };
     let damaged = [
+        ("k-hash".to_owned(), "damaged".to_owned()),
         ("k-list".to_owned(), "damaged".to_owned()),
         ("k-string".to_owned(), "damaged".to_owned()),
     ];
@@ -341,7 +356,7 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
         list(admin("/keys?state=completed")).await,
         [("k-good".to_owned(), "completed".to_owned())]
     );
-    assert_eq!(list(admin("/keys/orders/k-list")).await, damaged[..1]);
+    assert_eq!(list(admin("/keys/orders/k-list")).await, damaged[1..2]);
     let one = client
         .send(
             "GET",
@@ -358,7 +373,7 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
     );
 
     // Deleted by hand (not overwritten), each key is served again.
-    for name in ["k-string", "k-list"] {
+    for name in ["k-string", "k-list", "k-hash"] {
         assert_eq!(client.post_key(&api, name, "{}").await.status, 500);
         let put = client
             .send(
@@ -385,7 +400,7 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
         assert_eq!(purged.body, r#"{"purged":1}"#);
         assert_eq!(client.post_key(&api, name, "{}").await.status, 201);
     }
-    assert_eq!(upstream.hits(), 3);
+    assert_eq!(upstream.hits(), 4);
 }
 
 /// A TCP relay to `to` that holds each chunk of the server's replies for

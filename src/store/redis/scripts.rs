@@ -343,6 +343,15 @@ if kind == 'string' then
   head = string.sub(v, 3, e)
 elseif kind == 'hash' then
   local r = redis.call('HMGET', KEYS[1], 'token', 'fp', 'lease_end', 'created', 'state')
+  -- As a lookup reads it: no state, no record; another state, damaged
+  -- (regression, an audit: both were overwritten into a completed record
+  -- whose empty fingerprint then refused every request with 422).
+  if not r[5] then
+    return {0, 0}
+  end
+  if r[5] ~= 'in_flight' and r[5] ~= 'completed' and r[5] ~= 'unknown' then
+    return redis.error_reply('DAMAGED the record has no valid state')
+  end
   local created = tonumber(r[4]) or 0
   if r[5] == 'in_flight' then
     local t = redis.call('TIME')
