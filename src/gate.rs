@@ -319,7 +319,7 @@ impl Proxy {
             // another instance) rather than held until the grace ends and
             // then cut off without an answer (regression).
             if !waiting || left().is_zero() || self.draining.is_cancelled() {
-                return Ok((reply, at, uncertain));
+                return Ok((aged(reply, at), at, uncertain));
             }
             // A duplicate waiting on the first attempt: so logged and
             // counted if its client leaves now (regression: `error`, as if
@@ -502,4 +502,17 @@ fn read_error_problem(error: ReadError, limit: u64) -> Response<ProxyBody> {
         ),
     }
     .into_response()
+}
+
+/// A claim's reply as of now, `at` being when the store gave it: a reply
+/// kept while its duplicate waited (the attempt running in this process,
+/// or the store failing) is older than the wait, and an in-progress one's
+/// lease has run on since (regression, an audit: `Retry-After: 8` when the
+/// lease ended 3 s later).
+fn aged(mut reply: ClaimReply, at: Instant) -> ClaimReply {
+    if let Decision::InProgress { lease_left_ms } = &mut reply.decision {
+        let since = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        *lease_left_ms = lease_left_ms.saturating_sub(since);
+    }
+    reply
 }

@@ -193,7 +193,35 @@ async fn retry_after_is_the_lease_left(backend: Backend) {
     assert_eq!(first.await.unwrap().status, 201);
 }
 
+/// Regression (a semantics audit): a duplicate that waited out its budget
+/// on the instance running the attempt got the `Retry-After` of when it
+/// began to wait (the reply it kept), not of when it was answered: `6`
+/// here, where the lease had about 4 s left.
+async fn a_waiter_s_retry_after_is_the_lease_left_when_it_is_answered(backend: Backend) {
+    let s = Setup::new(
+        backend,
+        "concurrent: wait, lease: 6s",
+        "response: 5s, total: 2s",
+    )
+    .await;
+    let first = spawn_post(&s, "k-ra-wait", &[("x-test-delay-ms", "5000")]);
+    eventually(
+        Duration::from_secs(5),
+        "the first attempt upstream",
+        || async { s.upstream.hits() == 1 },
+    )
+    .await;
+    let waiter = s.post("k-ra-wait", "{}", &[]).await;
+    assert_eq!(waiter.code(), "request_in_progress", "{waiter:?}");
+    let retry_after: u64 = waiter.header("retry-after").unwrap().parse().unwrap();
+    // The lease had at most 6 s left when the wait began, 2 s (the waiter's
+    // total) before its answer.
+    assert!((1..=4).contains(&retry_after), "{retry_after}");
+    first.abort();
+}
+
 both_stores!(
+    a_waiter_s_retry_after_is_the_lease_left_when_it_is_answered,
     the_latency_of_an_exchange_answered_after_a_504_is_observed,
     a_request_whose_budget_went_on_its_body_is_not_forwarded,
     total_bounds_a_protected_exchange,
