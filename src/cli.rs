@@ -72,8 +72,8 @@ pub struct KeyArgs {
     /// The route name.
     #[arg(long)]
     pub route: String,
-    /// The client's idempotency key.
-    #[arg(long)]
+    /// The client's idempotency key (a quoted one, `"abc"`, is `abc`, as the proxy reads it).
+    #[arg(long, value_parser = key_arg)]
     pub key: String,
     /// The scope (hex SHA-256 of the scope header values).
     #[arg(long, value_parser = crate::idempotency::key::parse_scope)]
@@ -131,6 +131,11 @@ pub fn log_filter(text: &str) -> Result<String, String> {
         .parse(text)
         .map_err(|e| format!("{e}; {how}"))?;
     Ok(text.to_owned())
+}
+
+/// `--key` in the form the proxy stores it.
+fn key_arg(text: &str) -> Result<String, std::convert::Infallible> {
+    Ok(crate::idempotency::key::stored_form(text))
 }
 
 #[cfg(test)]

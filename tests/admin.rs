@@ -533,6 +533,8 @@ struct CliServer {
     path: std::path::PathBuf,
     /// The proxy's base URL.
     base: String,
+    /// The admin listener's base URL.
+    admin: String,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -565,6 +567,7 @@ impl CliServer {
             _dir: dir,
             path,
             base: format!("http://{addr}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
             server,
         }
     }
@@ -686,6 +689,30 @@ fn scope_of(authorization: &str) -> String {
     let mut headers = http::HeaderMap::new();
     headers.insert("authorization", authorization.parse().unwrap());
     idemgate::idempotency::key::scope_hash(&headers, &[http::header::AUTHORIZATION])
+}
+
+/// Regression (an admin audit): a key the client sent quoted (`"k-q"`, a
+/// Structured-Field string, stored as `k-q`) was not found when the
+/// operator wrote it as sent, in the admin API's path or `keys --key`.
+async fn a_quoted_key_is_found_as_the_client_sent_it(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let server = CliServer::start(&backend, &upstream).await;
+    let client = TestClient::new();
+    let api = format!("{}/api/o", server.base);
+    let headers = [("idempotency-key", "\"k-q\"")];
+    assert_eq!(client.send("POST", &api, &headers, "{}").await.status, 201);
+    let get = ["keys", "get", "--route", "orders", "--key", "\"k-q\""];
+    let out = server.cli(&get).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["key"], "k-q", "{record}");
+    let url = format!("{}/keys/orders/%22k-q%22", server.admin);
+    let found = client.send("GET", &url, &[], "").await;
+    assert_eq!(found.status, 200, "{found:?}");
 }
 
 /// SPEC 1, 9: `keys get` prints one record as a JSON object: with
@@ -1363,6 +1390,7 @@ async fn a_listing_stops_at_its_limit_and_says_there_is_more(backend: Backend) {
 
 both_stores!(
     a_mistyped_or_repeated_parameter_purges_nothing,
+    a_quoted_key_is_found_as_the_client_sent_it,
     keys_purge_refuses_an_attempt_still_running_unless_forced,
     a_listing_stops_at_its_limit_and_says_there_is_more,
     records_of_a_route_a_reload_removed_can_still_be_resolved,

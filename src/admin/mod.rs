@@ -244,7 +244,8 @@ fn key_path(path: &str) -> Option<(String, String)> {
             .ok()
             .filter(|s| !s.is_empty())
     };
-    Some((decode(route)?.into_owned(), decode(key)?.into_owned()))
+    let key = crate::idempotency::key::stored_form(&decode(key)?);
+    Some((decode(route)?.into_owned(), key))
 }
 
 /// A record's call takes `names` only, each once, written `name=value`;

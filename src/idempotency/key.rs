@@ -47,6 +47,19 @@ pub fn read_key(
     Ok(String::from_utf8(key).expect("visible ASCII is UTF-8"))
 }
 
+/// A key as an operator writes it (the admin API's path, `keys --key`), in
+/// the form the proxy stores it: a Structured-Field string unquoted, as
+/// [`read_key`] does (regression, an audit: `"quoted"`, as the client sent
+/// it, was not found; the record is under `quoted`). Anything else as is.
+pub fn stored_form(text: &str) -> String {
+    match unquote(text.as_bytes()) {
+        Some(key) if text.starts_with('"') => {
+            String::from_utf8(key).unwrap_or_else(|_| text.to_owned())
+        }
+        _ => text.to_owned(),
+    }
+}
+
 /// RFC 8941 sf-string: `"` ... `"` with `\"` and `\\` escapes only.
 fn unquote(raw: &[u8]) -> Option<Vec<u8>> {
     let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
