@@ -38,6 +38,8 @@ pub struct Exchange {
     pub created_ms: u64,
     /// A `HEAD` request: its answer's Content-Length stays (no body is sent).
     pub head: bool,
+    /// The request's trace id, for what is logged outside its span.
+    pub trace: crate::headers::TraceId,
     pub lease_deadline: Instant,
     /// Finished (and its bulkhead permit freed) when the upstream's answer
     /// is known; a response timeout reports its failure earlier.
@@ -304,7 +306,7 @@ impl Exchange {
         if !self.policy.stores(status) {
             self.finish_streamed(&mut incoming, !failed_status(status));
             self.release().await;
-            let body = body::boxed(Silence::new(incoming, quiet));
+            let body = body::boxed(Silence::new(incoming, quiet, self.trace));
             return (Response::from_parts(parts, body), false);
         }
         let mut collected = tokio::time::timeout_at(
@@ -332,7 +334,10 @@ impl Exchange {
                 let (recorded, headers) = self.complete(status, parts.headers, None, size).await;
                 parts.headers = headers;
                 (
-                    Response::from_parts(parts, body::prefixed(prefix, Silence::new(rest, quiet))),
+                    Response::from_parts(
+                        parts,
+                        body::prefixed(prefix, Silence::new(rest, quiet, self.trace)),
+                    ),
                     recorded,
                 )
             }

@@ -206,6 +206,7 @@ impl Proxy {
                     fingerprint: fp,
                     created_ms,
                     head,
+                    trace: ctx.ids.trace(),
                 };
                 exchange.start(request, ctx, &route).await
             }

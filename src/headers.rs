@@ -180,6 +180,16 @@ pub struct RequestIds {
     pub replaced: bool,
 }
 
+/// A request's trace id (32 hex digits), held by what outlives its span.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
+}
+
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
 const TRACEPARENT_LEN: usize = 55;
 
@@ -220,6 +230,14 @@ impl RequestIds {
     /// 32 hex digits, from the client's `traceparent` or new.
     pub fn trace_id(&self) -> &str {
         std::str::from_utf8(&self.traceparent[3..35]).expect("built from hex")
+    }
+
+    /// The trace id's bytes, to log later without the request's span (a
+    /// copy: a span kept per request cost S1 1% more instructions).
+    pub fn trace(&self) -> TraceId {
+        let mut id = [0; 32];
+        id.copy_from_slice(&self.traceparent[3..35]);
+        TraceId(id)
     }
 
     fn traceparent_value(&self) -> HeaderValue {

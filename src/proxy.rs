@@ -491,7 +491,7 @@ impl Proxy {
                 let (mut parts, mut incoming) = response.into_parts();
                 incoming.streamed(admission.finish_streamed(!failed_status(parts.status.as_u16())));
                 headers::strip_hop_by_hop(&mut parts.headers);
-                let body = Silence::new(incoming, route.timeouts.response);
+                let body = Silence::new(incoming, route.timeouts.response, ctx.ids.trace());
                 Response::from_parts(parts, body::boxed(body))
             }
             // The admission is dropped unjudged: the upstream did nothing wrong.

@@ -1260,34 +1260,45 @@ async fn an_upstream_answer_broken_after_its_head_is_logged() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = Binary::serve(&write_memory_config(&dir, &upstream));
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "GET /api/o HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nx-test-break-body-after-ms: 50\r\n\r\n"
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got))
-        .await
-        .expect("the connection is closed")
-        .ok();
-    let got = String::from_utf8_lossy(&got);
-    assert!(got.starts_with("HTTP/1.1 201"), "{got}");
-    assert!(!got.ends_with("0\r\n\r\n"), "cut short, not ended: {got}");
-    eventually(Duration::from_secs(5), "the warning", || async {
-        proxy
-            .log()
-            .iter()
-            .any(|l| l.contains("broke off after its head"))
-    })
-    .await;
-    let log = proxy.log();
-    let warning = log
-        .iter()
-        .find(|l| l.contains("broke off after its head"))
-        .unwrap();
-    assert!(warning.contains(trace), "{warning}");
-    assert!(warning.contains("\"WARN\""), "{warning}");
+    // Passed through (a GET), and protected with a status not stored (a 500
+    // streamed as it comes, the key released).
+    let cases = [
+        ("GET", "4bf92f3577b34da6a3ce929d0e0e4736", "", "201"),
+        (
+            "POST",
+            "5cf92f3577b34da6a3ce929d0e0e4737",
+            "idempotency-key: k-broken\r\nx-test-status: 500\r\ncontent-length: 0\r\n",
+            "500",
+        ),
+    ];
+    for (method, trace, more, status) in cases {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "{method} /api/o HTTP/1.1\r\nhost: x\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nx-test-break-body-after-ms: 50\r\n{more}\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got))
+            .await
+            .expect("the connection is closed")
+            .ok();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+        assert!(!got.ends_with("0\r\n\r\n"), "cut short, not ended: {got}");
+        let warned = || {
+            proxy
+                .log()
+                .into_iter()
+                .find(|l| l.contains("broke off after its head") && l.contains(trace))
+        };
+        eventually(Duration::from_secs(5), "the warning", || {
+            let found = warned().is_some();
+            async move { found }
+        })
+        .await;
+        let warning = warned().unwrap();
+        assert!(warning.contains("\"WARN\""), "{warning}");
+    }
 }
 
 /// Regression (an observability audit): a passed-through upload's time on

@@ -13,8 +13,7 @@
 //! client's connection (its answer is cut short, as an upstream's broken
 //! body's is).
 //!
-//! Either way the break is logged, in the request's span (its trace id),
-//! as nginx's "upstream prematurely closed connection" is: the access line,
+//! Either way the break is logged, with the request's trace id, as nginx's "upstream prematurely closed connection" is: the access line,
 //! written with the head, says the status the client was sent, and the
 //! client may have got nothing of it (regression, found by an audit).
 
@@ -28,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::UpstreamBody;
 use crate::body::BoxError;
+use crate::headers::TraceId;
 
 pub struct Silence {
     body: UpstreamBody,
@@ -36,29 +36,27 @@ pub struct Silence {
     timer: Option<Pin<Box<Sleep>>>,
     /// The timer runs: the last poll found nothing.
     waiting: bool,
-    /// The request's span, for the line that says the body broke off.
-    span: tracing::Span,
+    /// The request's, for the line that says the body broke off.
+    trace: TraceId,
 }
 
 impl Silence {
-    /// Made in the request's span.
-    pub fn new(body: UpstreamBody, limit: Duration) -> Silence {
+    pub fn new(body: UpstreamBody, limit: Duration, trace: TraceId) -> Silence {
         Silence {
             body,
             limit,
             timer: None,
             waiting: false,
-            span: tracing::Span::current(),
+            trace,
         }
     }
 
     fn broke_off(&self, error: &dyn std::fmt::Display) {
-        self.span.in_scope(|| {
-            tracing::warn!(
-                error = %error,
-                "the upstream's answer broke off after its head: the client's answer was cut short"
-            )
-        });
+        tracing::warn!(
+            trace_id = self.trace.as_str(),
+            error = %error,
+            "the upstream's answer broke off after its head: the client's answer was cut short"
+        );
     }
 }
 
