@@ -166,7 +166,7 @@ impl Metrics {
         );
         registry.register(
             "refused_heads",
-            "Request heads refused before routing, by reason: malformed (a bare 400) or too_large (431, over 64 KiB); no access line is written for them",
+            "HTTP/1 request heads refused before routing, by reason: malformed (a bare 400) or too_large (431: over 64 KiB or 100 fields); no access line is written for them",
             refused_heads.clone(),
         );
         registry.register(

@@ -54,10 +54,16 @@ pub struct Proxy {
     /// removed by one and added back by the next, goes on counting the
     /// requests still running to it (`max_in_flight` holds across reloads).
     bulkheads: Mutex<HashMap<String, Weak<Bulkhead>>>,
-    /// One reload at a time, from reading the file to swapping the routing
-    /// (regression: a SIGHUP and a `POST /reload` at once could apply the
-    /// older file last, and it stayed though both said they had reloaded).
-    reloading: Mutex<()>,
+    /// Reloads in the order they began: each takes a number when it starts
+    /// ([`reloads_begun`](Self::reloads_begun)), and this holds the number
+    /// of the last one applied, so that an older read is never applied after
+    /// a newer one (regression: a SIGHUP and a `POST /reload` at once could
+    /// apply the older file last, and it stayed though both said they had
+    /// reloaded). Held only to apply, not while a file is read (regression,
+    /// the verification audit: a reload stuck reading a file held it, and
+    /// every later reload waited out its 10 s and failed).
+    reloading: Mutex<u64>,
+    reloads_begun: std::sync::atomic::AtomicU64,
 }
 
 /// The reloadable part of the configuration.
@@ -177,6 +183,7 @@ impl Proxy {
             cut_off: Default::default(),
             bulkheads,
             reloading: Mutex::default(),
+            reloads_begun: std::sync::atomic::AtomicU64::new(0),
             metrics,
         })
     }
@@ -257,27 +264,36 @@ impl Proxy {
         }
     }
 
-    /// Reads, validates and applies a configuration file, one reload at a
-    /// time, unless `given_up` by then; an invalid one changes nothing and
-    /// its errors are logged and returned.
+    /// Reads, validates and applies a configuration file, unless `given_up`
+    /// by then or a reload that began later was applied first; an invalid
+    /// one changes nothing and its errors are logged and returned.
     fn reload_from(
         &self,
         path: &std::path::Path,
         given_up: &std::sync::atomic::AtomicBool,
     ) -> Result<(), Vec<String>> {
-        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        use std::sync::atomic::Ordering;
+        let number = self.reloads_begun.fetch_add(1, Ordering::AcqRel) + 1;
         let result = Config::load(path)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
             .and_then(|config| {
-                if given_up.load(std::sync::atomic::Ordering::Acquire) {
+                if given_up.load(Ordering::Acquire) {
                     return Err(vec![
                         "read after the reload was given up: not applied".to_owned(),
+                    ]);
+                }
+                let mut applied = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+                if *applied > number {
+                    return Err(vec![
+                        "a reload that began later was applied first: this one's older read is not applied".to_owned(),
                     ]);
                 }
                 for warning in &config.warnings {
                     tracing::warn!(warning = %warning, "configuration");
                 }
-                self.reload(&config).map_err(|e| vec![e.to_string()])
+                self.reload(&config).map_err(|e| vec![e.to_string()])?;
+                *applied = number;
+                Ok(())
             });
         if let Err(errors) = &result {
             tracing::error!(errors = ?errors, "reload rejected; the running configuration stays");

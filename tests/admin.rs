@@ -1714,6 +1714,20 @@ async fn metrics_are_openmetrics_when_asked_for_and_classic_text_otherwise() {
         "{text}"
     );
     assert!(text.ends_with("# EOF\n"), "{text}");
+    // Weights count (regression, the verification audit).
+    for classic_preferred in [
+        "text/plain;version=0.0.4;q=0.3,application/openmetrics-text;q=0.2",
+        "application/openmetrics-text;q=0",
+    ] {
+        let reply = client
+            .send("GET", &url, &[("accept", classic_preferred)], Bytes::new())
+            .await;
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "{classic_preferred}"
+        );
+    }
     // The same samples either way.
     let sample = |t: &str| sample(t, "idemgate_requests_total", &[("outcome", "forwarded")]);
     assert_eq!(sample(&text), 1.0);

@@ -1445,6 +1445,12 @@ async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_memory_config(&dir, &upstream);
+    let with_admin = |extra_route: &str| {
+        let yaml = std::fs::read_to_string(dir.path().join("base.yaml")).unwrap();
+        format!("admin: {{ listen: 127.0.0.1:0, token: t0k }}\n{yaml}{extra_route}")
+    };
+    std::fs::copy(&path, dir.path().join("base.yaml")).unwrap();
+    std::fs::write(&path, with_admin("")).unwrap();
     let mut proxy = Binary::serve(&path);
     std::fs::remove_file(&path).unwrap();
     let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
@@ -1470,6 +1476,28 @@ async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
         },
     )
     .await;
+    // A reload of a real file meanwhile is not held up by the stuck one
+    // (regression, the verification audit: every later reload waited out
+    // its 10 s behind the stuck one's lock, and failed).
+    std::fs::remove_file(&path).unwrap();
+    let route =
+        "  - { name: later, match: { path_prefix: /later }, upstream: up, idempotency: off }\n";
+    std::fs::write(&path, with_admin(route)).unwrap();
+    let admin = format!("http://{}/reload", proxy.admin.unwrap());
+    let started = std::time::Instant::now();
+    let reload = TestClient::new()
+        .send("POST", &admin, &[("authorization", "Bearer t0k")], "")
+        .await;
+    assert_eq!(reload.status, 200, "{:?}", reload.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let later = TestClient::new()
+        .send("GET", &proxy.url("/later/x"), &[], "")
+        .await;
+    assert_eq!(later.status, 201);
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
     drop(writer);

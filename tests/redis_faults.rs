@@ -400,6 +400,28 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
         assert_eq!(purged.body, r#"{"purged":1}"#);
         assert_eq!(client.post_key(&api, name, "{}").await.status, 201);
     }
+    // A completed hash without its response is damaged to `PUT` too, as to
+    // a lookup (regression, the verification audit: overwritten).
+    let bare = StorageKey {
+        route: "orders".into(),
+        scope: scope.clone(),
+        key: "k-bare".into(),
+    };
+    let _: () = redis::cmd("HSET")
+        .arg(bare.encode(&prefix))
+        .arg(&["state", "completed"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let put = client
+        .send(
+            "PUT",
+            &admin(&format!("/keys/orders/k-bare?scope={scope}")),
+            &[("authorization", "Bearer t0k")],
+            r#"{"status":201,"body":"by hand"}"#,
+        )
+        .await;
+    assert_eq!(put.code(), "internal_error", "{put:?}");
     assert_eq!(upstream.hits(), 4);
 }
 

@@ -33,6 +33,9 @@ const MAX_ADMIN_BODY: u64 = 16 * 1024 * 1024;
 
 impl Admin {
     pub(super) async fn list(&self, query: &str) -> Result<Response<ProxyBody>, Problem> {
+        // `?State=unknown` or a bare `?state` read every record, unfiltered
+        // (regression, the verification audit).
+        super::only_params(query, &["state", "route", "limit"])?;
         let state = param(query, "state");
         let route = param(query, "route");
         // A typo must not read as "nothing to resolve".

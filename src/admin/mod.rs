@@ -23,8 +23,31 @@ pub struct Admin {
     pub config_path: Option<std::path::PathBuf>,
 }
 
-/// The media type a scraper names to get OpenMetrics.
-const OPENMETRICS: &[u8] = b"application/openmetrics-text";
+/// Whether `Accept` prefers OpenMetrics to the classic text format: named
+/// with a weight above 0 and not below any range the classic text matches
+/// (`text/plain`, `text/*`, `*/*`). Prometheus sends OpenMetrics first.
+/// Weights count (regression, the verification audit: `…openmetrics-text;q=0`
+/// and a list preferring `text/plain` got OpenMetrics).
+fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
+    let (mut open, mut classic) = (0.0f32, 0.0f32);
+    let ranges = (headers.get_all(header::ACCEPT).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" | "text/*" | "*/*" => classic = classic.max(q),
+            _ => {}
+        }
+    }
+    open > 0.0 && open >= classic
+}
 
 impl Admin {
     /// One admin call; a call that changes something (or is refused its
@@ -152,9 +175,7 @@ impl Admin {
     }
 
     fn metrics(&self, headers: &http::HeaderMap) -> Response<ProxyBody> {
-        let openmetrics = (headers.get_all(header::ACCEPT).iter()).any(|v| {
-            (v.as_bytes().windows(OPENMETRICS.len())).any(|w| w.eq_ignore_ascii_case(OPENMETRICS))
-        });
+        let openmetrics = wants_openmetrics(headers);
         let routing = self.proxy.routing();
         // Read off the upstreams of the running configuration at each
         // scrape: an upstream a reload removed leaves no series behind (an
@@ -248,7 +269,7 @@ fn key_path(path: &str) -> Option<(String, String)> {
     Some((decode(route)?.into_owned(), key))
 }
 
-/// A record's call takes `names` only, each once, written `name=value`;
+/// A call on records takes `names` only, each once, written `name=value`;
 /// anything else is a `400` (regression, an audit: `?Scope=…`, a bare
 /// `?scope` and a second `scope=` were ignored, and a DELETE then purged
 /// every caller's record of the key, whose retries ran again).

@@ -294,8 +294,9 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         .map(|t| t.cert_file.as_path())
         .into_iter()
         .chain(
-            upstreams
-                .iter()
+            (upstreams.iter())
+                // An `http://` upstream's TLS files are not used.
+                .filter(|u| u.scheme == http::uri::Scheme::HTTPS)
                 .filter_map(|u| u.tls.as_ref()?.client_cert_file.as_deref()),
         );
     warnings.extend(shown.filter_map(|path| crate::tls::expiry_warning(path, now)));
@@ -588,7 +589,7 @@ fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<V
 /// config audit: both were accepted without a word).
 fn policy_warnings(policy: &Policy) -> impl Iterator<Item = String> {
     let empty_only = (policy.max_request_body == 0).then(|| {
-        "max_request_body is 0: every protected request with a body gets 413 payload_too_large"
+        "max_request_body is 0: every protected request with a body gets 413 request_too_large"
             .to_owned()
     });
     let head = crate::server::MAX_HEADER_BYTES;

@@ -342,14 +342,16 @@ if kind == 'string' then
   end
   head = string.sub(v, 3, e)
 elseif kind == 'hash' then
-  local r = redis.call('HMGET', KEYS[1], 'token', 'fp', 'lease_end', 'created', 'state')
-  -- As a lookup reads it: no state, no record; another state, damaged
-  -- (regression, an audit: both were overwritten into a completed record
+  local r = redis.call('HMGET', KEYS[1], 'token', 'fp', 'lease_end', 'created', 'state', 'status')
+  -- As a lookup reads it: no state, no record; another state, or a
+  -- completed one without its response, damaged (regressions, an audit and
+  -- its verification: these were overwritten into a completed record,
   -- whose empty fingerprint then refused every request with 422).
   if not r[5] then
     return {0, 0}
   end
-  if r[5] ~= 'in_flight' and r[5] ~= 'completed' and r[5] ~= 'unknown' then
+  if (r[5] ~= 'in_flight' and r[5] ~= 'completed' and r[5] ~= 'unknown')
+    or (r[5] == 'completed' and not r[6]) then
     return redis.error_reply('DAMAGED the record has no valid state')
   end
   local created = tonumber(r[4]) or 0
