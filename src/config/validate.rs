@@ -78,7 +78,7 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     let hint = if message.starts_with("not a whole number") {
         "write a whole number such as 64 (no sign, no unit)"
     } else if message.contains("unknown field") {
-        "remove the field or fix its spelling (SPEC.md section 2 lists every field)"
+        "remove the field or fix its spelling (the \"Every field\" table of README.md lists them)"
     } else if message.starts_with("duplicate mapping key") {
         "write each key once in a mapping"
     } else if message.starts_with("multiple YAML documents") {
