@@ -308,17 +308,14 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
     // An earlier version's record format with a state no version writes
     // (regression, an audit: `PUT` overwrote it into a completed record
     // whose empty fingerprint refused every request with 422).
-    let hash = StorageKey {
-        route: "orders".into(),
-        scope: scope.clone(),
-        key: "k-hash".into(),
-    };
-    let _: () = redis::cmd("HSET")
-        .arg(hash.encode(&prefix))
-        .arg(&["state", "bogus", "fp", "zz"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    hset(
+        &mut conn,
+        &prefix,
+        &scope,
+        "k-hash",
+        &["state", "bogus", "fp", "zz"],
+    )
+    .await;
     let admin = |path: &str| proxy.admin_url(path);
     let list = |path: String| {
         let client = &client;
@@ -373,16 +370,19 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
     );
 
     // Deleted by hand (not overwritten), each key is served again.
+    let put_by_hand = |name: &str| {
+        let url = admin(&format!("/keys/orders/{name}?scope={scope}"));
+        let client = &client;
+        async move {
+            let by_hand = r#"{"status":201,"body":"by hand"}"#;
+            client
+                .send("PUT", &url, &[("authorization", "Bearer t0k")], by_hand)
+                .await
+        }
+    };
     for name in ["k-string", "k-list", "k-hash"] {
         assert_eq!(client.post_key(&api, name, "{}").await.status, 500);
-        let put = client
-            .send(
-                "PUT",
-                &admin(&format!("/keys/orders/{name}?scope={scope}")),
-                &[("authorization", "Bearer t0k")],
-                r#"{"status":201,"body":"by hand"}"#,
-            )
-            .await;
+        let put = put_by_hand(name).await;
         assert_eq!(
             (put.status.as_u16(), put.code().as_str()),
             (500, "internal_error"),
@@ -402,27 +402,39 @@ async fn a_damaged_record_is_listed_and_can_be_deleted() {
     }
     // A completed hash without its response is damaged to `PUT` too, as to
     // a lookup (regression, the verification audit: overwritten).
-    let bare = StorageKey {
-        route: "orders".into(),
-        scope: scope.clone(),
-        key: "k-bare".into(),
-    };
-    let _: () = redis::cmd("HSET")
-        .arg(bare.encode(&prefix))
-        .arg(&["state", "completed"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let put = client
-        .send(
-            "PUT",
-            &admin(&format!("/keys/orders/k-bare?scope={scope}")),
-            &[("authorization", "Bearer t0k")],
-            r#"{"status":201,"body":"by hand"}"#,
-        )
-        .await;
+    hset(
+        &mut conn,
+        &prefix,
+        &scope,
+        "k-bare",
+        &["state", "completed"],
+    )
+    .await;
+    let put = put_by_hand("k-bare").await;
     assert_eq!(put.code(), "internal_error", "{put:?}");
     assert_eq!(upstream.hits(), 4);
+}
+
+/// Writes route `orders`' record of `key` under `scope` as a hash of
+/// `fields` (an earlier version's record format), by hand.
+async fn hset(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    scope: &str,
+    key: &str,
+    fields: &[&str],
+) {
+    let key = idemgate::idempotency::key::StorageKey {
+        route: "orders".into(),
+        scope: scope.into(),
+        key: key.into(),
+    };
+    let _: () = redis::cmd("HSET")
+        .arg(key.encode(prefix))
+        .arg(fields)
+        .query_async(conn)
+        .await
+        .unwrap();
 }
 
 /// A TCP relay to `to` that holds each chunk of the server's replies for
