@@ -478,8 +478,32 @@ fn check_exit_codes_and_output() {
         out.contains("route orders") && out.contains("idempotency: off"),
         "{out}"
     );
+    // The store's, the upstreams' and the top-level settings too (a README
+    // walkthrough: only routes were printed, so their defaults could not
+    // be checked).
+    for said in [
+        "store: key_prefix \"idemgate:\", op_timeout 250ms, on_unavailable reject",
+        "shutdown_grace 30s, send_timeout 1m",
+        "upstream erp: http://127.0.0.1:9000, connect_timeout 1s, idle_timeout 4s",
+        "circuit_breaker 5 failures, open for 30s",
+    ] {
+        assert!(out.contains(said), "{said}: {out}");
+    }
 
     let dir = tempfile::tempdir().unwrap();
+    // Never a store URL: it may hold a password.
+    let redis = dir.path().join("redis.yaml");
+    std::fs::write(
+        &redis,
+        format!("store: {{ backend: redis, url: \"redis://:s3cret-pw@127.0.0.1:1/0\" }}\n{BASE}routes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n"),
+    )
+    .unwrap();
+    let out = idemgate(&["check", "--config", redis.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("store: key_prefix") && !text.contains("s3cret"),
+        "{text}"
+    );
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "listen: nope\nroutes: []\n").unwrap();
     let invalid = idemgate(&["check", "--config", bad.to_str().unwrap()]);

@@ -25,6 +25,52 @@ impl Config {
             self.upstreams.len(),
             self.routes.len()
         );
+        // The settings a newcomer would otherwise find only in the docs
+        // (noted by a README walkthrough). Never a store URL: it may hold
+        // a password.
+        let show = super::check::show_duration;
+        let store = &self.store;
+        line!(
+            out,
+            "store: key_prefix {:?}, op_timeout {}, on_unavailable {}{}",
+            store.key_prefix,
+            show(store.op_timeout),
+            match store.on_unavailable {
+                super::OnUnavailable::Reject => "reject",
+                super::OnUnavailable::Forward => "forward",
+            },
+            match store.backend {
+                super::Backend::Memory => format!(", max_records {}", store.max_records),
+                _ => String::new(),
+            }
+        );
+        line!(
+            out,
+            "shutdown_grace {}, send_timeout {}",
+            show(self.shutdown_grace),
+            show(self.send_timeout)
+        );
+        for u in &self.upstreams {
+            let breaker = match &u.circuit_breaker {
+                Some(b) => format!(
+                    "{} failures, open for {}",
+                    b.consecutive_failures,
+                    show(b.open_for)
+                ),
+                None => "off".to_owned(),
+            };
+            line!(
+                out,
+                "upstream {}: {}://{}{}, connect_timeout {}, idle_timeout {}, max_in_flight {}, circuit_breaker {breaker}",
+                u.name,
+                u.scheme,
+                u.authority,
+                u.base_path,
+                show(u.connect_timeout),
+                show(u.idle_timeout),
+                u.max_in_flight
+            );
+        }
         for route in &self.routes {
             let path = match &route.matcher.path {
                 PathMatch::Prefix(p) => {
