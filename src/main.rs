@@ -35,7 +35,17 @@ fn main() -> ExitCode {
     let runtime = runtime(workers);
     let result = match cli.command {
         Command::Check(args) => return check(&args.config),
-        Command::Serve(args) => runtime.block_on(serve(&args.config.config)),
+        Command::Serve(args) => {
+            let served = runtime.block_on(serve(&args.config.config));
+            // Connections still open at the end of the grace are dropped
+            // with the runtime, and their requests logged (503) then: said
+            // before "stopped" (regression, an audit: after it).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            if served.is_ok() {
+                tracing::info!("stopped");
+            }
+            served
+        }
         Command::Keys(keys) => runtime.block_on(idemgate_keys(keys)),
     };
     match result {
@@ -148,7 +158,6 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(address = %listeners.proxy.local_addr()?, routes = config.routes.len(), workers, open_files, "idemgate listening");
     idemgate::server::serve(config, listeners, shutdown, Some(reloads)).await?;
-    tracing::info!("stopped");
     Ok(())
 }
 

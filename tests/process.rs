@@ -788,6 +788,12 @@ async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
         .collect();
     assert_eq!(access.len(), 1, "{log:#?}");
     assert!(access[0].contains("\"status\":503"), "{}", access[0]);
+    // Logged before "stopped" (regression, an audit: after it, as the
+    // runtime dropped the connection's task after the last line).
+    let at = |says: &dyn Fn(&String) -> bool| log.iter().position(says);
+    let logged = at(&|l| l.contains("idemgate::access") && l.contains("k-int"));
+    let stopped = at(&|l| l.contains("\"stopped\""));
+    assert!(stopped.is_some() && logged < stopped, "{log:#?}");
 }
 
 /// Regression: a protected request whose body was still arriving held the
