@@ -214,6 +214,41 @@ async fn unknown_outcome_listed_purged_then_forwarded(backend: Backend) {
     assert_eq!(upstream.hits(), 2);
 }
 
+/// Regression (noted by an audit): a response recorded by hand was a JSON
+/// string, so a binary answer (protobuf, CBOR) could not be; `body_base64`
+/// takes any bytes, replayed as they are.
+async fn a_binary_body_is_recorded_by_hand_with_body_base64(backend: Backend) {
+    let upstream = TestUpstream::start().await;
+    let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
+    let client = TestClient::new();
+    let api = proxy.url("/api/o");
+    let reset = [("idempotency-key", "k-bin"), ("x-test-reset", "1")];
+    client.send("POST", &api, &reset, "{}").await;
+    let url = proxy.admin_url("/keys/orders/k-bin");
+    let records = call(&client, "GET", &url, None, "").await.json();
+    assert_eq!(records[0]["state"], "unknown");
+    let scope = records[0]["scope"].as_str().unwrap().to_owned();
+    let url = format!("{url}?scope={scope}");
+    // Both, or no base64: refused, nothing recorded.
+    for bad in [
+        r#"{"status": 201, "body": "x", "body_base64": "AA=="}"#,
+        r#"{"status": 201, "body_base64": "not base64!"}"#,
+    ] {
+        let put = call(&client, "PUT", &url, Some(TOKEN), bad).await;
+        assert_eq!(put.code(), "bad_request", "{bad}");
+    }
+    // 0x00 0xff 0x80 0x0a: no UTF-8, no JSON string.
+    let manual = r#"{"status": 200, "headers": {"content-type": "application/octet-stream"}, "body_base64": "AP+ACg=="}"#;
+    let put = call(&client, "PUT", &url, Some(TOKEN), manual).await;
+    assert_eq!(put.status, 200, "{put:?}");
+    let replay = client
+        .send("POST", &api, &[("idempotency-key", "k-bin")], "{}")
+        .await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.body, Bytes::from_static(&[0x00, 0xff, 0x80, 0x0a]));
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+}
+
 async fn unknown_outcome_resolved_by_put_is_replayed(backend: Backend) {
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&yaml(&backend, &upstream, &admin_with_token())).await;
@@ -1389,6 +1424,7 @@ async fn a_listing_stops_at_its_limit_and_says_there_is_more(backend: Backend) {
 }
 
 both_stores!(
+    a_binary_body_is_recorded_by_hand_with_body_base64,
     a_mistyped_or_repeated_parameter_purges_nothing,
     a_quoted_key_is_found_as_the_client_sent_it,
     keys_purge_refuses_an_attempt_still_running_unless_forced,

@@ -248,6 +248,10 @@ struct ManualResponse {
     headers: std::collections::BTreeMap<String, OneOrMany>,
     #[serde(default)]
     body: String,
+    /// A body that is not text (protobuf, CBOR, an image), base64-encoded
+    /// (standard alphabet, padded); instead of `body`.
+    #[serde(default)]
+    body_base64: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -270,7 +274,7 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
     let manual: ManualResponse = serde_json::from_slice(bytes).map_err(|e| {
         Problem::new(
             Code::BadRequest,
-            format!("expected {{\"status\":..,\"headers\":{{..}},\"body\":\"..\"}}: {e}"),
+            format!("expected {{\"status\":..,\"headers\":{{..}},\"body\":\"..\"}} (or \"body_base64\"): {e}"),
         )
     })?;
     // A final answer: an informational status (1xx) replayed as one
@@ -299,7 +303,26 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
     // As from an upstream's answer: a replay must not say `connection:
     // close` or `transfer-encoding: chunked` about a message it frames itself.
     crate::headers::strip_hop_by_hop(&mut headers);
-    let body = Bytes::from(manual.body);
+    // Any bytes (regression, noted by an audit: only a JSON string, so a
+    // binary answer could not be recorded by hand).
+    let body = match manual.body_base64 {
+        None => Bytes::from(manual.body),
+        Some(_) if !manual.body.is_empty() => {
+            return Err(Problem::new(
+                Code::BadRequest,
+                "give body or body_base64, not both",
+            ));
+        }
+        Some(encoded) => {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| {
+                    Problem::new(Code::BadRequest, format!("body_base64 is not base64: {e}"))
+                })?;
+            Bytes::from(decoded)
+        }
+    };
     Ok(StoredResponse {
         status: manual.status,
         headers,
