@@ -91,16 +91,19 @@ impl Admin {
                     _ => &["scope"],
                 };
                 let params = only_params(&query, takes);
-                match (allowed, key_path(p), scope(&query), force(&query)) {
-                    (Err(denied), ..) => Err(denied),
-                    _ if let Err(problem) = params => Err(problem),
-                    (_, None, ..) => Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}")),
-                    (_, _, Err(problem), _) | (.., Err(problem)) => Err(problem),
-                    (Ok(()), Some((route, key)), Ok(scope), Ok(force)) => match parts.method {
-                        Method::GET | Method::HEAD => self.get(&route, &key, scope).await,
-                        Method::DELETE => self.purge(&route, &key, scope, force).await,
-                        _ => self.put(&route, &key, scope, incoming).await,
-                    },
+                match (allowed, params, key_path(p), scope(&query), force(&query)) {
+                    (Err(problem), ..) | (_, Err(problem), ..) => Err(problem),
+                    (.., None, _, _) => {
+                        Err(Problem::new(Code::NotFound, "use /keys/{route}/{key}"))
+                    }
+                    (.., Err(problem), _) | (.., Err(problem)) => Err(problem),
+                    (Ok(()), Ok(()), Some((route, key)), Ok(scope), Ok(force)) => {
+                        match parts.method {
+                            Method::GET | Method::HEAD => self.get(&route, &key, scope).await,
+                            Method::DELETE => self.purge(&route, &key, scope, force).await,
+                            _ => self.put(&route, &key, scope, incoming).await,
+                        }
+                    }
                 }
             }
             (_, p) if p.starts_with("/keys/") => Ok(wrong_method("GET, HEAD, PUT, DELETE")),
