@@ -448,7 +448,7 @@ fn method_index(method: &http::Method) -> usize {
 }
 
 #[cfg(test)]
-mod classic_tests {
+mod tests {
     use super::*;
 
     #[test]

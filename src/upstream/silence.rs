@@ -13,7 +13,8 @@
 //! client's connection (its answer is cut short, as an upstream's broken
 //! body's is).
 //!
-//! Either way the break is logged, with the request's trace id, as nginx's "upstream prematurely closed connection" is: the access line,
+//! Either way the break is logged, with the request's trace id, as
+//! nginx's "upstream prematurely closed connection" is: the access line,
 //! written with the head, says the status the client was sent, and the
 //! client may have got nothing of it (regression, found by an audit).
 

@@ -30,15 +30,14 @@ pub struct Uploading {
 #[derive(Default)]
 pub struct Sent {
     pub notify: Notify,
-    whole: AtomicBool,
-    /// When it was sent whole.
+    /// When it was sent whole, once it has been.
     whole_at: OnceLock<Instant>,
     client_owes: AtomicBool,
 }
 
 impl Sent {
     pub fn whole(&self) -> bool {
-        self.whole.load(Ordering::Acquire)
+        self.whole_at.get().is_some()
     }
 
     /// When the body was sent whole, if it has been.
@@ -81,7 +80,6 @@ impl Body for Uploading {
             && let Some(sent) = self.sent.take()
         {
             let _ = sent.whole_at.set(Instant::now());
-            sent.whole.store(true, Ordering::Release);
             // A stored permit if nobody waits yet: the news is not lost.
             sent.notify.notify_one();
         }

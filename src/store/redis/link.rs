@@ -99,12 +99,7 @@ impl Link {
         let invalid = |_| StoreError::Backend("store.cluster holds an invalid Redis URL".into());
         let seeds = urls
             .iter()
-            .map(|url| match &tls {
-                Some(certs) if url.starts_with("rediss://") => {
-                    redis::Client::build_with_tls(url.as_str(), certs.clone())
-                }
-                _ => redis::Client::open(url.as_str()),
-            })
+            .map(|url| client(url, tls.as_ref()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
         let mut builder = ClusterClient::builder(urls.to_vec())
@@ -157,6 +152,19 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+/// A client for one Redis URL: with `store.tls`'s certificates for a
+/// `rediss://` one; they are ignored, with a warning from the configuration
+/// check, for `redis://` (regression, an audit: `check` said so, and
+/// `serve` refused the `redis://` URL).
+pub fn client(url: &str, tls: Option<&TlsCertificates>) -> redis::RedisResult<redis::Client> {
+    match tls {
+        Some(certs) if url.starts_with("rediss://") => {
+            redis::Client::build_with_tls(url, certs.clone())
+        }
+        _ => redis::Client::open(url),
     }
 }
 

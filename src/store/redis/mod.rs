@@ -81,15 +81,7 @@ impl RedisStore {
             Backend::Redis { url } => {
                 // The error text of a bad URL may echo it, password included: keep it generic.
                 let invalid = |_| StoreError::Backend("store.url is not a valid Redis URL".into());
-                // `store.tls` applies to `rediss://` only, and is ignored
-                // with a warning otherwise (regression, an audit: `check`
-                // said so, and `serve` refused the `redis://` URL).
-                let client = match certs.filter(|_| url.starts_with("rediss://")) {
-                    None => redis::Client::open(url.as_str()).map_err(invalid)?,
-                    Some(certs) => {
-                        redis::Client::build_with_tls(url.as_str(), certs).map_err(invalid)?
-                    }
-                };
+                let client = link::client(url, certs.as_ref()).map_err(invalid)?;
                 standalone = Some(client.clone());
                 link::Link::single(client, config.op_timeout)?
             }
