@@ -309,11 +309,23 @@ impl Exchange {
             let body = body::boxed(Silence::new(incoming, quiet, self.trace));
             return (Response::from_parts(parts, body), false);
         }
-        let mut collected = tokio::time::timeout_at(
-            self.lease_deadline.into(),
-            body::collect_up_to(incoming, self.policy.max_response_body),
-        )
-        .await;
+        // A body declared larger than can be stored is not read first: its
+        // head goes to the client at once, and its outcome is the same
+        // wherever it breaks off (regression, an audit: broken before the
+        // limit it was `unknown`, after it `response_not_stored`).
+        let declared = hyper::body::Body::size_hint(&incoming).lower();
+        let mut collected = if declared > self.policy.max_response_body {
+            Ok(Collected::Over {
+                prefix: bytes::Bytes::new(),
+                rest: incoming,
+            })
+        } else {
+            tokio::time::timeout_at(
+                self.lease_deadline.into(),
+                body::collect_up_to(incoming, self.policy.max_response_body),
+            )
+            .await
+        };
         match &mut collected {
             Ok(Collected::Whole(_)) => self.finish_admission(!failed_status(status)),
             Ok(Collected::Over { rest, .. }) => self.finish_streamed(rest, !failed_status(status)),

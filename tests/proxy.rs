@@ -1270,6 +1270,11 @@ async fn pass_through_streams_the_response_body_as_it_arrives() {
 /// An upstream that answers every request on a connection with `answer`,
 /// as it is (for answers hyper's own server would not write).
 async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    raw_upstream_then(answer, false).await
+}
+
+/// [`raw_upstream`], closing each connection after its first answer when `close`.
+async fn raw_upstream_then(answer: &'static [u8], close: bool) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1298,7 +1303,7 @@ async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
                         }
                     }
                     buf.drain(..end + 4 + length);
-                    if conn.write_all(answer).await.is_err() {
+                    if conn.write_all(answer).await.is_err() || close {
                         return;
                     }
                 }
@@ -1367,6 +1372,51 @@ async fn a_content_length_beside_chunked_never_frames_the_answer() {
             .to_ascii_lowercase()
             .contains("idempotent-replayed: true")
     );
+}
+
+/// Regression (an audit): an answer whose upstream sent its head and part
+/// of its body and closed at once reached the client as an empty reply, no
+/// status line at all (hyper drops a connection at a body's error without
+/// writing what it holds), on a protected route over `max_response_body`
+/// (most runs on Redis) as on a passed-through one; the access line said
+/// 200. The head and the bytes before the break now go out first.
+#[tokio::test]
+async fn an_answer_that_breaks_off_at_once_still_reaches_its_client_short() {
+    static ANSWER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10000\r\n\r\n".to_vec();
+        answer.extend_from_slice(&[b'x'; 5000]);
+        answer
+    });
+    let addr = raw_upstream_then(&ANSWER, true).await;
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { max_response_body: 1KiB } }\n  - { name: all, match: { path_prefix: / }, upstream: up, idempotency: off }";
+    // Each break is a failure: the breaker off, to see ten of each.
+    let yaml = config("store: { backend: memory }", addr, OFF, routes).replace(
+        "connect_timeout: 500ms",
+        "connect_timeout: 500ms, circuit_breaker: off",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    for i in 0..10 {
+        for request in [
+            format!(
+                "POST /api/o HTTP/1.1\r\nhost: x\r\nidempotency-key: k-{i}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            ),
+            "GET /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_owned(),
+        ] {
+            let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got))
+                .await
+                .expect("the connection is closed")
+                .ok();
+            let got = String::from_utf8_lossy(&got);
+            assert!(got.starts_with("HTTP/1.1 200"), "{request}: {got:?}");
+            assert!(
+                got.ends_with(&"x".repeat(5000)),
+                "{request}: the bytes before the break"
+            );
+        }
+    }
 }
 
 /// Regression: an upstream's unasked `101 Switching Protocols` (idemgate

@@ -39,6 +39,8 @@ pub struct Silence {
     waiting: bool,
     /// The request's, for the line that says the body broke off.
     trace: TraceId,
+    /// The upstream's break, told to hyper once what came before is out.
+    broken: Option<BoxError>,
 }
 
 impl Silence {
@@ -49,6 +51,7 @@ impl Silence {
             timer: None,
             waiting: false,
             trace,
+            broken: None,
         }
     }
 
@@ -70,12 +73,26 @@ impl Body for Silence {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(error) = this.broken.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.waiting = false;
-            if let Some(Err(error)) = &frame {
-                this.broke_off(error);
-            }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return match frame {
+                Some(Err(error)) => {
+                    this.broke_off(&error);
+                    // Told at the next poll: hyper drops the connection at
+                    // a body's error without writing what it holds, so the
+                    // head and the bytes before the break go out first
+                    // (regression, an audit: a protected answer over
+                    // `max_response_body` that broke off reached its client
+                    // as an empty reply, no status line at all).
+                    this.broken = Some(error.into());
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                frame => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            };
         }
         // A wait begins: only then is the clock read and the timer (made
         // once) set.

@@ -183,6 +183,17 @@ async fn answer(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<Body
             let _ = tx.send(Err(std::io::Error::other("broken by test"))).await;
         });
         StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
+    } else if let (true, Some(n)) = (reset_mid_body, body_bytes) {
+        // `n` bytes of the declared 100000 go out (and arrive), then the
+        // connection breaks off.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(vec![b'x'; n].into()))).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Err(std::io::Error::other("broken by test"))).await;
+        });
+        response = response.header("content-length", "100000");
+        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
     } else if reset_mid_body {
         let chunks: Vec<Result<Frame<Bytes>, Infallible>> =
             vec![Ok(Frame::data(Bytes::from_static(b"partial")))];

@@ -164,6 +164,27 @@ async fn oversized_response_is_streamed_and_tombstoned(backend: Backend) {
     assert_eq!(s.upstream.hits(), 2);
 }
 
+/// Regression (an audit): an answer over `max_response_body` whose upstream
+/// broke off reached its first client as an empty reply (no status line:
+/// hyper dropped the connection at the body's error with the head still
+/// unwritten), though the access line said 200; and one declared over the
+/// limit that broke off before it was `unknown`, not `response_not_stored`.
+async fn an_oversized_answer_that_breaks_off_reaches_its_client_short(backend: Backend) {
+    let s = Setup::new(backend, "max_response_body: 1KiB", "").await;
+    // Content-Length 100000; 5000 bytes (past the limit) or 500 (before it), then the close.
+    for (key, sent) in [("k-broken-late", "5000"), ("k-broken-early", "500")] {
+        let head = format!(
+            "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: {key}\r\nx-test-reset-mid-body: 1\r\nx-test-body-bytes: {sent}\r\ncontent-length: 2\r\n\r\n{{}}"
+        );
+        let answer = raw_exchange(s.proxy.addr, &head).await;
+        assert!(answer.starts_with("HTTP/1.1 201"), "{key}: {answer:?}");
+        let dup = raw_exchange(s.proxy.addr, &head).await;
+        assert!(dup.starts_with("HTTP/1.1 409"), "{key}: {dup:?}");
+        assert!(dup.contains("response_not_stored"), "{key}: {dup:?}");
+    }
+    assert_eq!(s.upstream.hits(), 2);
+}
+
 async fn ttl_expiry_allows_a_new_attempt(backend: Backend) {
     // A ttl below the lease is refused (the claim would expire mid-attempt).
     let s = Setup::new(backend, "ttl: 300ms, lease: 300ms", "").await;
@@ -255,6 +276,7 @@ both_stores!(
     release_statuses_inside_2xx_release_the_key,
     response_timeout_ends_at_the_head_not_the_body,
     oversized_response_is_streamed_and_tombstoned,
+    an_oversized_answer_that_breaks_off_reaches_its_client_short,
     ttl_expiry_allows_a_new_attempt,
     request_body_limit_is_413,
 );
