@@ -50,6 +50,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether an HTTP/1 request's head was over `limit` bytes as sent, near
+/// enough (fields as `name: value` lines, whitespace around values not
+/// counted). An HTTP/2 header list is bounded by the h2 layer.
+pub fn head_over<B>(request: &http::Request<B>, limit: usize) -> bool {
+    if request.version() > http::Version::HTTP_11 {
+        return false;
+    }
+    let uri = request.uri();
+    let mut size = request.method().as_str().len()
+        + uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n\r\n".len();
+    for (name, value) in request.headers() {
+        size += name.as_str().len() + value.len() + 4;
+        if size > limit {
+            return true;
+        }
+    }
+    size > limit
+}
+
 /// The transfer codings of a message other than `chunked` (which hyper
 /// takes off): `gzip` in `Transfer-Encoding: gzip, chunked`. They stay on
 /// the body hyper hands over, and the header that named them is hop-by-hop.
