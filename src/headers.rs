@@ -21,20 +21,16 @@ pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent
 /// Content-Length beside it, which did not frame the message (RFC 9112
 /// 6.3: a sender must remove it), so that it cannot frame it onward.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One walk over the names; almost every request has nothing to remove.
-    let hop: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            matches!(
-                name.as_str(),
-                "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
-            ) || name.as_str().starts_with("proxy-")
-        })
-        .cloned()
-        .collect();
-    if hop.is_empty() {
+    // One walk over the names, with nothing collected: almost every
+    // message has nothing to remove (S1 -1.0% instructions).
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -70,6 +66,20 @@ pub fn head_over<B>(request: &http::Request<B>, limit: usize) -> bool {
         }
     }
     size > limit
+}
+
+/// A hop-by-hop field's name (RFC 9110 7.6.1), or a `Proxy-` one.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Standard names compare as numbers; only others are read as text.
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || matches!(name.as_str(), "keep-alive")
+        || name.as_str().starts_with("proxy-")
 }
 
 /// The transfer codings of a message other than `chunked` (which hyper
@@ -338,8 +348,16 @@ pub fn forward_headers(
     strip_hop_by_hop(headers);
     // Room for the (up to) seven headers below: one growth of the map at most.
     headers.reserve(7);
-    let forwarded_for = forwarded_for(headers, peer);
-    headers.insert(&X_FORWARDED_FOR, forwarded_for);
+    // One lookup of the name for reading and writing it (S1 -0.4% instructions).
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(entry) => {
+            entry.insert(peer.ip.clone());
+        }
+        header::Entry::Occupied(mut entry) => {
+            let chain = forwarded_for(entry.iter(), peer);
+            entry.insert(chain);
+        }
+    }
     headers.insert(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
@@ -365,11 +383,8 @@ pub fn forward_headers(
 /// The client's `X-Forwarded-For` chain, every line of it in order, with the
 /// peer's IP appended; the bytes are kept as sent, but an empty line is left
 /// out (`, 10.0.0.9` would name an empty client to "leftmost" readers).
-fn forwarded_for(headers: &HeaderMap, peer: &Peer) -> HeaderValue {
-    let mut previous = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter(|v| !v.as_bytes().trim_ascii().is_empty());
+fn forwarded_for<'a>(lines: impl Iterator<Item = &'a HeaderValue>, peer: &'a Peer) -> HeaderValue {
+    let mut previous = lines.filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let Some(first) = previous.next() else {
         return peer.ip.clone();
     };
@@ -439,7 +454,10 @@ mod tests {
     fn every_forwarded_for_line_is_kept_bytes_and_all() {
         let peer = Peer::new("10.0.0.9:5000".parse().unwrap());
         let mut h = HeaderMap::new();
-        assert_eq!(forwarded_for(&h, &peer), "10.0.0.9");
+        assert_eq!(
+            forwarded_for(h.get_all(&X_FORWARDED_FOR).iter(), &peer),
+            "10.0.0.9"
+        );
         h.append(
             &X_FORWARDED_FOR,
             HeaderValue::from_static("1.1.1.1, 2.2.2.2"),
@@ -449,7 +467,7 @@ mod tests {
             HeaderValue::from_bytes(b"3.3.3.3 \xe9").unwrap(),
         );
         assert_eq!(
-            forwarded_for(&h, &peer).as_bytes(),
+            forwarded_for(h.get_all(&X_FORWARDED_FOR).iter(), &peer).as_bytes(),
             b"1.1.1.1, 2.2.2.2, 3.3.3.3 \xe9, 10.0.0.9"
         );
     }
@@ -461,10 +479,16 @@ mod tests {
         let peer = Peer::new("10.0.0.9:5000".parse().unwrap());
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static(""));
-        assert_eq!(forwarded_for(&h, &peer), "10.0.0.9");
+        assert_eq!(
+            forwarded_for(h.get_all(&X_FORWARDED_FOR).iter(), &peer),
+            "10.0.0.9"
+        );
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static(" "));
-        assert_eq!(forwarded_for(&h, &peer), "1.1.1.1, 10.0.0.9");
+        assert_eq!(
+            forwarded_for(h.get_all(&X_FORWARDED_FOR).iter(), &peer),
+            "1.1.1.1, 10.0.0.9"
+        );
     }
 
     #[test]
