@@ -232,7 +232,11 @@ impl RequestIds {
             .get(&X_REQUEST_ID)
             // Logged as text: one that is not (regression, an audit: bytes
             // above 0x7F, logged as "-") is replaced, as an over-long one is.
-            .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
+            // So is one with a space or a tab inside (visible ASCII only,
+            // 0x21-0x7E: regression, an audit).
+            .filter(|v| {
+                !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(u8::is_ascii_graphic)
+            })
             .cloned()
             .unwrap_or_else(|| {
                 HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")
