@@ -23,13 +23,17 @@ pub struct Admin {
     pub config_path: Option<std::path::PathBuf>,
 }
 
-/// Whether `Accept` prefers OpenMetrics to the classic text format: named
-/// with a weight above 0 and not below any range the classic text matches
-/// (`text/plain`, `text/*`, `*/*`). Prometheus sends OpenMetrics first.
-/// Weights count (regression, the verification audit: `…openmetrics-text;q=0`
-/// and a list preferring `text/plain` got OpenMetrics).
+/// Whether `Accept` prefers OpenMetrics to the classic text format. Each
+/// format is weighed by the most specific range that names it (RFC 9110
+/// 12.5.1: `application/openmetrics-text`, then `application/*`, then
+/// `*/*`; `text/plain`, `text/*`, `*/*`), parameter names in any case; on
+/// a tie, or with no `Accept`, the classic text (curl's `*/*`). Prometheus
+/// weighs OpenMetrics highest. Regressions (two audits): `q=0` and a list
+/// preferring `text/plain` got OpenMetrics, and wildcards were not read.
 fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
-    let (mut open, mut classic) = (0.0f32, 0.0f32);
+    // (specificity, weight) of the most specific range naming each format.
+    type Best = Option<(u8, f32)>;
+    let (mut open, mut classic): (Best, Best) = (None, None);
     let ranges = (headers.get_all(header::ACCEPT).iter())
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','));
@@ -37,16 +41,28 @@ fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
         let mut parts = range.split(';');
         let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = parts
-            .filter_map(|p| p.trim().strip_prefix("q="))
-            .find_map(|q| q.trim().parse::<f32>().ok())
-            .unwrap_or(1.0);
-        match media.as_str() {
-            "application/openmetrics-text" => open = open.max(q),
-            "text/plain" | "text/*" | "*/*" => classic = classic.max(q),
-            _ => {}
+            .filter_map(|p| p.split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, q)| q.trim().parse::<f32>().unwrap_or(1.0))
+            .clamp(0.0, 1.0);
+        let (names_open, names_classic) = match media.as_str() {
+            "application/openmetrics-text" => (Some(2), None),
+            "application/*" => (Some(1), None),
+            "text/plain" => (None, Some(2)),
+            "text/*" => (None, Some(1)),
+            "*/*" => (Some(0), Some(0)),
+            _ => (None, None),
+        };
+        for (named, best) in [(names_open, &mut open), (names_classic, &mut classic)] {
+            if let Some(specificity) = named
+                && best.is_none_or(|(s, w)| specificity > s || (specificity == s && q > w))
+            {
+                *best = Some((specificity, q));
+            }
         }
     }
-    open > 0.0 && open >= classic
+    let weight = |best: Best| best.map_or(0.0, |(_, q)| q);
+    weight(open) > weight(classic)
 }
 
 impl Admin {
@@ -230,9 +246,10 @@ impl Admin {
             )
         };
         let mut response = text(StatusCode::OK, exposition);
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(format));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format));
+        // The format depends on it: caches must not serve one for the other.
+        headers.insert(header::VARY, HeaderValue::from_static("accept"));
         response
     }
 
