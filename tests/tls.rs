@@ -834,6 +834,19 @@ fn certificates_out_of_their_validity_or_near_its_end_are_warnings() {
         "{:?}",
         client.warnings
     );
+    // The store's client certificate too (regression, an audit: not warned).
+    let store = idemgate::Config::parse(&format!(
+        "store: {{ backend: redis, url: \"rediss://127.0.0.1:6380/0\", tls: {{ client_cert_file: \"{cert}\", client_key_file: \"{key}\" }} }}\nupstreams:\n  up: {{ url: \"http://127.0.0.1:9\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
+    ))
+    .expect("valid");
+    assert!(
+        store
+            .warnings
+            .iter()
+            .any(|w| w.contains("expired on") && w.contains(&cert)),
+        "{:?}",
+        store.warnings
+    );
 }
 
 /// Regression (a shutdown audit): a client silent in its TLS handshake held

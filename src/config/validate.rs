@@ -288,7 +288,8 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 .to_owned(),
         );
     }
-    // Certificates this process shows: the listener's, upstreams' client ones.
+    // Certificates this process shows: the listener's, upstreams' and the
+    // store's client ones (the store's missed: regression, an audit).
     let now = std::time::SystemTime::now();
     let shown = (listen.as_ref().and_then(|l| l.tls.as_ref()))
         .map(|t| t.cert_file.as_path())
@@ -298,6 +299,11 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
                 // An `http://` upstream's TLS files are not used.
                 .filter(|u| u.scheme == http::uri::Scheme::HTTPS)
                 .filter_map(|u| u.tls.as_ref()?.client_cert_file.as_deref()),
+        )
+        .chain(
+            (store.tls.as_ref())
+                .filter(|_| tls_store)
+                .and_then(|t| t.client_cert_file.as_deref()),
         );
     warnings.extend(shown.filter_map(|path| crate::tls::expiry_warning(path, now)));
     for u in upstreams.iter().filter(|u| u.tls.is_some()) {
