@@ -1504,7 +1504,28 @@ async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
         .send("GET", &proxy.url("/later/x"), &[], "")
         .await;
     assert_eq!(later.status, 201);
+    // Given up after 10 s; its read ending later (EOF: an empty file) says
+    // only that (regression, an audit: logged as the empty file's errors).
+    eventually(Duration::from_secs(20), "the reload given up", || {
+        let said = proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("the reload is given up"));
+        async move { said }
+    })
+    .await;
+    drop(writer);
+    eventually(Duration::from_secs(10), "the late read's end", || {
+        let said =
+            (proxy.log().iter()).any(|l| l.contains("given up earlier has finished reading"));
+        async move { said }
+    })
+    .await;
+    assert!(
+        !proxy.log().iter().any(|l| l.contains("no routes")),
+        "{:?}",
+        proxy.log()
+    );
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
-    drop(writer);
 }

@@ -264,9 +264,11 @@ impl Admin {
             Ok(()) => Ok(json_response(StatusCode::OK, &json!({ "reloaded": true }))),
             Err(errors) => {
                 let list = errors;
+                // Not always the file's fault: a read given up, or
+                // overtaken by a newer reload (regression, an audit).
                 Err(Problem::new(
                     Code::BadRequest,
-                    "the configuration is invalid; the running one stays",
+                    "the configuration was not reloaded (see errors); the running one stays",
                 )
                 .with("errors", json!(list)))
             }
