@@ -27,7 +27,14 @@ pub fn fingerprint(
     body: &[u8],
 ) -> String {
     let mut hasher = Sha256::new();
-    part_of(&mut hasher, method.as_str().as_bytes());
+    // In upper case: methods are gated without regard to case (`post` as
+    // `POST`), so a retry that differs only there is the same request
+    // (regression, an audit: 422). Standard methods are upper case already.
+    let method = method.as_str();
+    match method.bytes().any(|b| b.is_ascii_lowercase()) {
+        true => part_of(&mut hasher, method.to_ascii_uppercase().as_bytes()),
+        false => part_of(&mut hasher, method.as_bytes()),
+    }
     part_of(&mut hasher, uri.path().as_bytes());
     // The path is made normal before routing (`crate::path`); the query,
     // forwarded as sent, is read the same way here: `?to=a%2fb` and
@@ -79,6 +86,25 @@ mod tests {
             &[http::header::CONTENT_TYPE],
             body,
         )
+    }
+
+    #[test]
+    fn a_method_s_case_does_not_change_the_fingerprint() {
+        let lower = Method::from_bytes(b"post").unwrap();
+        let mixed = Method::from_bytes(b"PaTcH").unwrap();
+        let ct = "application/json";
+        assert_eq!(
+            fp(lower, "/a", false, ct, b"{}"),
+            fp(Method::POST, "/a", false, ct, b"{}")
+        );
+        assert_eq!(
+            fp(mixed, "/a", false, ct, b"{}"),
+            fp(Method::PATCH, "/a", false, ct, b"{}")
+        );
+        assert_ne!(
+            fp(Method::PUT, "/a", false, ct, b"{}"),
+            fp(Method::POST, "/a", false, ct, b"{}")
+        );
     }
 
     fn fp_headers(lines: &[(&'static str, &'static str)]) -> String {
