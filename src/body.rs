@@ -154,7 +154,8 @@ impl hyper::body::Body for Prefixed {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        if let Some(prefix) = self.prefix.take() {
+        // None for a body streamed from its first byte (declared too large).
+        if let Some(prefix) = self.prefix.take().filter(|p| !p.is_empty()) {
             return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(prefix))));
         }
         std::pin::Pin::new(&mut self.rest).poll_frame(cx)

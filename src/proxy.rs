@@ -688,11 +688,6 @@ fn routing_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Problem>
     }
 }
 
-/// `host[:port]` (RFC 9110 7.2): a registered name or IPv4 address of
-/// RFC 3986's characters (no userinfo), or an IPv6 literal in brackets, then
-/// an optional port of digits (regression, a verification audit:
-/// `example.com:abc` and `[::1]x` passed). Checked byte by byte, with no
-/// allocation: it runs on every request that has a Host.
 /// The bytes of a host name or IPv4 address (RFC 3986 `reg-name`: unreserved,
 /// sub-delims, `%`), as a table: read per byte of every request's Host.
 const REG_NAME: [bool; 256] = {
@@ -724,6 +719,11 @@ const REG_NAME: [bool; 256] = {
     table
 };
 
+/// `host[:port]` (RFC 9110 7.2): a registered name or IPv4 address of
+/// RFC 3986's characters (no userinfo), or an IPv6 literal in brackets, then
+/// an optional port of digits (regression, a verification audit:
+/// `example.com:abc` and `[::1]x` passed). Checked byte by byte, with no
+/// allocation: it runs on every request that has a Host.
 fn is_host_and_port(value: &[u8]) -> bool {
     let (host_ok, port) = match value.strip_prefix(b"[") {
         Some(v6) => match v6.iter().position(|&b| b == b']') {

@@ -117,7 +117,8 @@ impl Body for Silence {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        // A break still to be told is not an end.
+        self.broken.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
