@@ -81,6 +81,17 @@ async fn kill_9_mid_flight_then_restart_then_lease_end_is_unknown() {
         "the dead attempt still holds its lease"
     );
     tokio::time::sleep(Duration::from_millis(1100)).await; // the lease under test
+    // Listed as unknown, not also as in flight (regression, an audit).
+    let admin = second.admin.expect("admin listener");
+    let listed = |state: &'static str| {
+        let client = client.clone();
+        async move {
+            let url = format!("http://{admin}/keys?state={state}");
+            client.send("GET", &url, &[], "").await.json()
+        }
+    };
+    assert_eq!(listed("in_flight").await, serde_json::json!([]));
+    assert_eq!(listed("unknown").await[0]["key"], "k-kill9");
     let after = client
         .post_key(&second.url("/api/o"), "k-kill9", "{}")
         .await;

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{Admin, json_response, param};
 use crate::body::{self, ProxyBody};
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::StoredResponse;
+use crate::idempotency::record::{State, StoredResponse};
 use crate::keys::{is_unknown, listing_json, no_such_route, record_json, unlisted_route};
 use crate::problem::{Code, Problem};
 use crate::store::{Listing, Resolved, StoreError};
@@ -71,6 +71,11 @@ impl Admin {
                 |k, r| match state.as_deref() {
                     None => true,
                     Some("unknown") => is_unknown(&config, k, r, now),
+                    // Not one whose lease has ended: it is listed as unknown
+                    // (regression, an audit: listed under both).
+                    Some("in_flight") => {
+                        r.state == State::InFlight && !is_unknown(&config, k, r, now)
+                    }
                     Some(s) => r.state.as_str() == s,
                 },
                 limit + 1,
