@@ -839,7 +839,14 @@ fn read_record(
             let lease = (pttl_ms >= 0).then_some(Lease { now_ms, pttl_ms });
             compact::parse(value, lease).map(Some)
         }
-        "h" => parse_record(from_value(record)?),
+        // A head read has the status too: a completed hash without one is
+        // damaged in filtered listings as well (regression: only lookups,
+        // claims and the unfiltered listing said so).
+        "h" => {
+            let record = parse_record(from_value(record)?)?;
+            record.as_ref().map(compact::check_complete).transpose()?;
+            Ok(record)
+        }
         "none" => Ok(None),
         other => Err(StoreError::Damaged(format!(
             "a Redis {other} at the key, not a record"

@@ -21,8 +21,9 @@ pub const RECORD_FIELDS: [&str; 10] = [
     "created",
 ];
 
-/// The fields of a record hash that listings filter on: all but the response.
-pub const HEAD_FIELDS: [&str; 5] = ["state", "fp", "lease_end", "token", "created"];
+/// The fields of a record hash that listings filter on: all but the
+/// response, save its status (a completed record without one is damaged).
+pub const HEAD_FIELDS: [&str; 6] = ["state", "fp", "status", "lease_end", "token", "created"];
 
 /// The claim script: run when the plain claim found a record in flight for
 /// the same request (or a record hash). Mirrors the writing rows of
