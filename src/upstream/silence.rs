@@ -30,6 +30,10 @@ use super::UpstreamBody;
 use crate::body::BoxError;
 use crate::headers::TraceId;
 
+/// How long after an upstream's break it is told to hyper: time for what
+/// came before it to be written (HTTP/1) or flushed by the h2 connection.
+const BREAK_TOLD_AFTER: Duration = Duration::from_millis(50);
+
 pub struct Silence {
     body: UpstreamBody,
     limit: Duration,
@@ -73,23 +77,32 @@ impl Body for Silence {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(error) = this.broken.take() {
-            return Poll::Ready(Some(Err(error)));
+        if this.broken.is_some() {
+            return match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+                Some(Poll::Pending) => Poll::Pending,
+                _ => Poll::Ready(this.broken.take().map(Err)),
+            };
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.waiting = false;
             return match frame {
                 Some(Err(error)) => {
                     this.broke_off(&error);
-                    // Told at the next poll: hyper drops the connection at
-                    // a body's error without writing what it holds, so the
-                    // head and the bytes before the break go out first
-                    // (regression, an audit: a protected answer over
-                    // `max_response_body` that broke off reached its client
-                    // as an empty reply, no status line at all).
+                    // Told a moment later: hyper drops an HTTP/1 connection
+                    // at a body's error without writing what it holds, and
+                    // the h2 layer drops a reset stream's unsent frames, so
+                    // the head and the bytes before the break go out first
+                    // (regression, two audits: such an answer reached its
+                    // client as an empty reply, or a bare RST_STREAM).
                     this.broken = Some(error.into());
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
+                    let at = Instant::now() + BREAK_TOLD_AFTER;
+                    let timer =
+                        (this.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    timer.as_mut().reset(at);
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(this.broken.take().map(Err)),
+                        Poll::Pending => Poll::Pending,
+                    }
                 }
                 frame => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             };
