@@ -389,10 +389,7 @@ impl Proxy {
             reason: "too_large",
         };
         self.metrics.refused_heads.get_or_create(&reason).inc();
-        let mut response = Response::new(body::empty());
-        *response.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-        (response.headers_mut()).insert(header::CONNECTION, HeaderValue::from_static("close"));
-        response
+        head_too_large()
     }
 
     fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
@@ -590,6 +587,15 @@ impl Proxy {
         );
         Request::from_parts(parts, body)
     }
+}
+
+/// hyper's own answer to a head over its bound: a bare `431`, the
+/// connection closed (the admin listener's too, uncounted).
+pub fn head_too_large() -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    (response.headers_mut()).insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
