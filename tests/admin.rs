@@ -1586,28 +1586,15 @@ async fn keys_says_why_redis_cannot_be_reached() {
 /// connection's first request only; later ones passed up to ~128 KiB.
 #[tokio::test]
 async fn an_admin_head_over_64_kib_is_431_on_every_request() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = TestUpstream::start().await;
     let proxy = TestProxy::start(&yaml(&Backend::memory(), &upstream, &admin_with_token())).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.admin.unwrap())
-        .await
-        .unwrap();
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = vec![0; 4096];
-    let n = conn.read(&mut first).await.unwrap();
-    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let first = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
     let big = format!(
         "GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
         "a".repeat(70_000)
     );
-    conn.write_all(big.as_bytes()).await.unwrap();
-    let mut second = String::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut second))
-        .await
-        .expect("the connection is closed")
-        .unwrap();
+    let (first, second) = common::two_on_one(proxy.admin.unwrap(), first, big.as_bytes()).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     assert!(second.starts_with("HTTP/1.1 431"), "{second}");
 }
 

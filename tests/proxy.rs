@@ -993,20 +993,10 @@ async fn heads_refused_before_routing_are_counted() {
     assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
     // Regression (an audit): on a connection that had served a request,
     // a head of up to ~128 KiB read whole at once passed hyper's check.
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = vec![0; 4096];
-    let n = conn.read(&mut first).await.unwrap();
-    assert!(first[..n].starts_with(b"HTTP/1.1 201"));
     let long = long.replace("GET /", "GET /again");
-    conn.write_all(long.as_bytes()).await.unwrap();
-    let mut second = String::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut second))
-        .await
-        .expect("the connection is closed")
-        .unwrap();
+    let first = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let (first, second) = common::two_on_one(proxy.addr, first, long.as_bytes()).await;
+    assert!(first.starts_with("HTTP/1.1 201"), "{first}");
     assert!(second.starts_with("HTTP/1.1 431"), "{second}");
     let metrics = proxy.metrics().await;
     for (reason, count) in [("malformed", 1.0), ("too_large", 2.0)] {

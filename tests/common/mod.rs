@@ -339,6 +339,24 @@ impl TestClient {
     }
 }
 
+/// On one connection: `first` (a request), its answer's first bytes read,
+/// then `then`; returns both answers, the second read until the connection
+/// closes (within 10 s).
+pub async fn two_on_one(addr: SocketAddr, first: &[u8], then: &[u8]) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(first).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = conn.read(&mut answer).await.unwrap();
+    conn.write_all(then).await.unwrap();
+    let mut second = String::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut second))
+        .await
+        .expect("the connection is closed")
+        .unwrap();
+    (String::from_utf8_lossy(&answer[..n]).into_owned(), second)
+}
+
 /// On one connection: `head`, then `size` bytes of body (the proxy must
 /// take them all within 30 s, whatever it answers), then `next`; returns
 /// what comes back until `until` appears in it (within 15 s of each read).
