@@ -314,9 +314,6 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Response<ProxyBody> {
-        if headers::head_over(&request, crate::server::MAX_HEADER_BYTES) {
-            return self.refuse_head();
-        }
         let ctx = Ctx {
             arrived: Instant::now(),
             peer,
@@ -378,18 +375,6 @@ impl Proxy {
             .insert(&X_REQUEST_ID, access.ctx.ids.request_id.clone());
         access.finish(response.status().as_u16());
         response
-    }
-
-    /// A bare `431` and the connection closed, counted as hyper's own are
-    /// (`server::refused_head`): hyper holds a head to 64 KiB only while
-    /// it is still arriving, and one read whole at once on a connection
-    /// whose buffer had grown passed up to twice that (regression, an audit).
-    fn refuse_head(&self) -> Response<ProxyBody> {
-        let reason = crate::metrics::ReasonLabels {
-            reason: "too_large",
-        };
-        self.metrics.refused_heads.get_or_create(&reason).inc();
-        head_too_large()
     }
 
     fn count(&self, ctx: &Ctx, method: &http::Method, status: u16) {
@@ -587,15 +572,6 @@ impl Proxy {
         );
         Request::from_parts(parts, body)
     }
-}
-
-/// hyper's own answer to a head over its bound: a bare `431`, the
-/// connection closed (the admin listener's too, uncounted).
-pub fn head_too_large() -> Response<ProxyBody> {
-    let mut response = Response::new(body::empty());
-    *response.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-    (response.headers_mut()).insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {

@@ -73,11 +73,6 @@ impl Admin {
         request: Request<Incoming>,
         peer: std::net::SocketAddr,
     ) -> Response<ProxyBody> {
-        // Every request's head within 64 KiB, as the proxy listener's
-        // (regression, an audit: later requests of a connection passed).
-        if crate::headers::head_over(&request, crate::server::MAX_HEADER_BYTES) {
-            return crate::proxy::head_too_large();
-        }
         let (parts, incoming) = request.into_parts();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or("").to_owned();

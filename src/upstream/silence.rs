@@ -37,7 +37,8 @@ const BREAK_TOLD_AFTER: Duration = Duration::from_millis(50);
 pub struct Silence {
     body: UpstreamBody,
     limit: Duration,
-    /// Made at the first wait: most bodies are in hand with their head.
+    /// The silence's limit while the upstream is waited for, or when a
+    /// break is told ([`BREAK_TOLD_AFTER`]); made at its first use.
     timer: Option<Pin<Box<Sleep>>>,
     /// The timer runs: the last poll found nothing.
     waiting: bool,
@@ -59,6 +60,14 @@ impl Silence {
         }
     }
 
+    /// Sets the timer (made once: most bodies are in hand with their head)
+    /// to fire `after` from now.
+    fn arm(&mut self, after: Duration) {
+        let at = Instant::now() + after;
+        let timer = (self.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        timer.as_mut().reset(at);
+    }
+
     fn broke_off(&self, error: &dyn std::fmt::Display) {
         tracing::warn!(
             trace_id = self.trace.as_str(),
@@ -77,16 +86,9 @@ impl Body for Silence {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.broken.is_some() {
-            return match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
-                Some(Poll::Pending) => Poll::Pending,
-                _ => Poll::Ready(this.broken.take().map(Err)),
-            };
-        }
-        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            this.waiting = false;
-            return match frame {
-                Some(Err(error)) => {
+        if this.broken.is_none() {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Err(error))) => {
                     this.broke_off(&error);
                     // Told a moment later: hyper drops an HTTP/1 connection
                     // at a body's error without writing what it holds, and
@@ -95,36 +97,32 @@ impl Body for Silence {
                     // (regression, two audits: such an answer reached its
                     // client as an empty reply, or a bare RST_STREAM).
                     this.broken = Some(error.into());
-                    let at = Instant::now() + BREAK_TOLD_AFTER;
-                    let timer =
-                        (this.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-                    timer.as_mut().reset(at);
-                    match timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(this.broken.take().map(Err)),
-                        Poll::Pending => Poll::Pending,
-                    }
+                    this.arm(BREAK_TOLD_AFTER);
                 }
-                frame => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-            };
-        }
-        // A wait begins: only then is the clock read and the timer (made
-        // once) set.
-        if !std::mem::replace(&mut this.waiting, true) {
-            let deadline = Instant::now() + this.limit;
-            let timer =
-                (this.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            timer.as_mut().reset(deadline);
+                Poll::Ready(frame) => {
+                    this.waiting = false;
+                    return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+                }
+                // A wait begins: only then is the clock read and the timer set.
+                Poll::Pending if !std::mem::replace(&mut this.waiting, true) => {
+                    this.arm(this.limit);
+                }
+                Poll::Pending => {}
+            }
         }
         match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => {
-                this.body.give_up();
-                let error = format!(
-                    "the upstream sent nothing of its answer's body for {:?} (timeouts.response)",
-                    this.limit
-                );
-                this.broke_off(&error);
-                Poll::Ready(Some(Err(error.into())))
-            }
+            Some(Poll::Ready(())) => match this.broken.take() {
+                Some(broken) => Poll::Ready(Some(Err(broken))),
+                None => {
+                    this.body.give_up();
+                    let error = format!(
+                        "the upstream sent nothing of its answer's body for {:?} (timeouts.response)",
+                        this.limit
+                    );
+                    this.broke_off(&error);
+                    Poll::Ready(Some(Err(error.into())))
+                }
+            },
             _ => Poll::Pending,
         }
     }
