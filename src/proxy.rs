@@ -73,6 +73,8 @@ pub struct Routing {
     /// Each route's metric series, in the routes' order.
     pub route_metrics: Vec<Arc<RouteMetrics>>,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Each route's upstream, in the routes' order (no search by name per request).
+    pub route_upstreams: Vec<Arc<Upstream>>,
 }
 
 /// The count in flight of the upstream named `name`: the one still held
@@ -107,7 +109,15 @@ impl Routing {
                     None => Upstream::new(u, bulkhead_of(bulkheads, &u.name)).map(Arc::new),
                 },
             )
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<Arc<Upstream>>, _>>()?;
+        let route_upstreams = (config.routes.iter())
+            .map(|r| {
+                (upstreams.iter())
+                    .find(|u| *u.config.name == *r.upstream)
+                    .cloned()
+                    .expect("routes name defined upstreams (checked by config validation)")
+            })
+            .collect();
         Ok(Routing {
             config: Arc::new(config.clone()),
             routes: RouteTable::new(&config.routes),
@@ -126,15 +136,8 @@ impl Routing {
                 })
                 .collect(),
             upstreams,
+            route_upstreams,
         })
-    }
-
-    pub fn upstream(&self, name: &str) -> Arc<Upstream> {
-        self.upstreams
-            .iter()
-            .find(|u| u.config.name == name)
-            .cloned()
-            .expect("routes name defined upstreams (checked by config validation)")
     }
 }
 
@@ -144,6 +147,9 @@ pub struct Ctx {
     pub peer: Peer,
     pub ids: RequestIds,
     pub route: Option<Arc<Route>>,
+    /// The host the client addressed (`Host`, or the target's authority),
+    /// as routed by: sent upstream as `X-Forwarded-Host`.
+    pub host: Option<HeaderValue>,
     /// The matched route's metric series.
     pub metrics: Option<Arc<RouteMetrics>>,
     pub outcome: &'static str,
@@ -319,6 +325,7 @@ impl Proxy {
             peer,
             ids: RequestIds::from_headers(request.headers()),
             route: None,
+            host: None,
             metrics: None,
             outcome: "error",
             key: None,
@@ -429,10 +436,9 @@ impl Proxy {
             }
         };
         let routing = self.routing();
-        let host = host.as_ref().and_then(|v| v.to_str().ok());
         let Some(index) = routing.routes.find_index(
             request.method(),
-            host,
+            host.as_ref().and_then(|v| v.to_str().ok()),
             &path::for_routing(request.uri().path()),
         ) else {
             ctx.outcome = "rejected";
@@ -441,6 +447,7 @@ impl Proxy {
         };
         let route = routing.routes.get(index);
         ctx.route = Some(route.clone());
+        ctx.host = host;
         ctx.metrics = Some(routing.route_metrics[index].clone());
         // RFC 9112 6.1: a transfer coding the proxy cannot undo (`gzip,
         // chunked`) would reach the upstream unlabelled, the body's meaning
@@ -459,7 +466,7 @@ impl Proxy {
             )
             .into_response();
         }
-        let upstream = routing.upstream(&route.upstream);
+        let upstream = routing.route_upstreams[index].clone();
         match route
             .idempotency
             .clone()
@@ -557,7 +564,6 @@ impl Proxy {
         now: Instant,
     ) -> Request<ProxyBody> {
         let (mut parts, body) = request.into_parts();
-        let original_host = request_host_value(&parts.headers, &parts.uri);
         parts.uri = upstream.uri_for(&parts.uri);
         parts.version = http::Version::HTTP_11;
         let budget = route.timeouts.total.saturating_sub(now - ctx.arrived);
@@ -568,7 +574,7 @@ impl Proxy {
             &upstream.authority,
             &ctx.ids,
             budget.as_millis() as u64,
-            original_host,
+            ctx.host.clone(),
         );
         Request::from_parts(parts, body)
     }
