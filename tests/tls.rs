@@ -719,6 +719,21 @@ fn a_corrupt_listener_certificate_is_blamed_on_cert_file() {
     assert_eq!(errors[0].path, "listen.tls.cert_file", "{}", errors[0]);
 }
 
+/// Regression (an audit): with both listener files missing, only
+/// `cert_file` was reported; the key's trouble showed once it was fixed.
+#[test]
+fn both_missing_listener_files_are_reported_at_once() {
+    let yaml = "listen: { address: \"127.0.0.1:0\", tls: { cert_file: /nonexistent/cert.pem, key_file: /nonexistent/key.pem } }\nupstreams: { up: { url: \"http://127.0.0.1:1\" } }\nroutes: [ { name: a, match: { path: /a }, upstream: up } ]\n";
+    let errors = idemgate::Config::parse(yaml).expect_err("invalid").0;
+    for path in ["listen.tls.cert_file", "listen.tls.key_file"] {
+        let e = errors.iter().find(|e| e.path == path);
+        assert!(
+            e.is_some_and(|e| e.position.is_some()),
+            "{path}: {errors:#?}"
+        );
+    }
+}
+
 /// Regression: an encrypted private key was "no usable private key: no
 /// items found", with a hint to point at a readable PEM file.
 #[test]

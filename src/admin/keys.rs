@@ -259,8 +259,14 @@ struct ManualResponse {
     body_base64: Option<String>,
 }
 
+/// Its errors name what was expected, not this type (regression, an
+/// audit: "did not match any variant of untagged enum OneOrMany" reached
+/// the problem's detail).
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a header value: a string, or a list of strings (Set-Cookie)"
+)]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -349,4 +355,29 @@ fn store_problem(error: StoreError) -> Problem {
         Code::StoreUnavailable,
         "the idempotency store is unavailable",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (an audit): a header value that is neither a string nor a
+    /// list of strings was refused with serde's words for a Rust type.
+    #[test]
+    fn a_bad_header_value_is_refused_in_the_api_s_words() {
+        let body = Bytes::from_static(br#"{"status": 200, "headers": {"a": 1}, "body": "x"}"#);
+        let Err(problem) = manual_response(&body) else {
+            panic!("a number as a header value was taken");
+        };
+        assert_eq!(problem.code, Code::BadRequest);
+        assert!(
+            problem
+                .detail
+                .contains("a header value: a string, or a list of strings"),
+            "{}",
+            problem.detail
+        );
+        assert!(!problem.detail.contains("OneOrMany"), "{}", problem.detail);
+        assert!(!problem.detail.contains("untagged"), "{}", problem.detail);
+    }
 }

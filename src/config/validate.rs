@@ -75,8 +75,26 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
         }
         _ => message,
     };
-    let hint = if message.starts_with("not a whole number") {
+    // `Spanned` fields read as `{ value, span }`: not the file's own path.
+    // `?` is a key the parser had not read yet.
+    let path: Vec<&str> = path
+        .split('.')
+        .filter(|s| !matches!(*s, "" | "value" | "?"))
+        .collect();
+    let path = path.join(".");
+    // The fix in the file's words, for the shape that was expected
+    // (regression, an audit: "fix the YAML at this place" for a `maybe`
+    // where true or false goes, a status list hinted "such as 64").
+    let hint = if message.starts_with("not a whole number") && path.contains("_statuses[") {
+        "write an HTTP status, a whole number between 100 and 599, such as 408"
+    } else if message.starts_with("not a whole number") {
         "write a whole number such as 64 (no sign, no unit)"
+    } else if message.starts_with("invalid boolean") {
+        "write true or false"
+    } else if message.starts_with("expected sequence") {
+        "write a list here: [A, B] on the field's line, or one \"- item\" line per entry below it"
+    } else if message.starts_with("expected mapping") {
+        "write a mapping here: { key: value, ... } on the field's line, or \"key: value\" lines indented below it"
     } else if message.contains("unknown field") {
         "remove the field or fix its spelling (the \"Every field\" table of README.md lists them)"
     } else if message.starts_with("duplicate mapping key") {
@@ -86,13 +104,6 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     } else {
         "fix the YAML at this place (see config.example.yaml)"
     };
-    // `Spanned` fields read as `{ value, span }`: not the file's own path.
-    // `?` is a key the parser had not read yet.
-    let path: Vec<&str> = path
-        .split('.')
-        .filter(|s| !matches!(*s, "" | "value" | "?"))
-        .collect();
-    let path = path.join(".");
     ConfigErrors::one(ConfigError::new(&path, location.as_ref(), message, hint))
 }
 
@@ -225,6 +236,12 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
             if let Some(policy) = &route.idempotency {
                 warnings.extend(
                     policy_warnings(policy).map(|w| format!("routes[{i}] ({}): {w}", route.name)),
+                );
+            }
+            if let Some(methods) = &route.matcher.methods {
+                warnings.extend(
+                    unregistered_methods("match.methods", methods)
+                        .map(|w| format!("routes[{i}] ({}): {w}", route.name)),
                 );
             }
             if route.timeouts.response > route.timeouts.total {
@@ -368,7 +385,21 @@ fn build_listen(c: &mut Check, listen: &Spanned<ScalarOr<ListenFile>>) -> Option
                         cert_file: PathBuf::from(c.text("listen.tls.cert_file", &tls.cert_file)?),
                         key_file: PathBuf::from(c.text("listen.tls.key_file", &tls.key_file)?),
                     };
-                    if let Err(error) = crate::tls::server_config(&files) {
+                    // Each file read on its own first, so that both are
+                    // reported when both are bad (regression, an audit: the
+                    // key's trouble showed only once the certificate was
+                    // fixed), as an upstream's are; then built together.
+                    let unreadable: Vec<_> = [
+                        crate::tls::load_certs(&files.cert_file).err(),
+                        crate::tls::load_key(&files.key_file).err(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    let built = (unreadable.is_empty())
+                        .then(|| crate::tls::server_config(&files).err())
+                        .flatten();
+                    for error in unreadable.into_iter().chain(built) {
                         let fields = [
                             (
                                 "cert_file",
@@ -606,7 +637,68 @@ fn policy_warnings(policy: &Policy) -> impl Iterator<Item = String> {
             head / 1024
         )
     });
-    empty_only.into_iter().chain(long_key)
+    let unknown = unregistered_methods("idempotency.methods", &policy.methods);
+    empty_only.into_iter().chain(long_key).chain(unknown)
+}
+
+/// The methods of IANA's HTTP method registry (RFC 9110, RFC 5789, WebDAV
+/// and its extensions, and QUERY).
+const REGISTERED_METHODS: &[&str] = &[
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "QUERY",
+    "ACL",
+    "BASELINE-CONTROL",
+    "BIND",
+    "CHECKIN",
+    "CHECKOUT",
+    "COPY",
+    "LABEL",
+    "LINK",
+    "LOCK",
+    "MERGE",
+    "MKACTIVITY",
+    "MKCALENDAR",
+    "MKCOL",
+    "MKREDIRECTREF",
+    "MKWORKSPACE",
+    "MOVE",
+    "ORDERPATCH",
+    "PRI",
+    "PROPFIND",
+    "PROPPATCH",
+    "REBIND",
+    "REPORT",
+    "SEARCH",
+    "UNBIND",
+    "UNCHECKOUT",
+    "UNLINK",
+    "UNLOCK",
+    "UPDATE",
+    "UPDATEREDIRECTREF",
+    "VERSION-CONTROL",
+];
+
+/// A method no registry knows is taken (an API may have its own), but
+/// said: `[POTS, PATCH]` left POST unprotected without a word (an audit).
+fn unregistered_methods(field: &str, methods: &[http::Method]) -> Option<String> {
+    let unknown: Vec<&str> = (methods.iter())
+        .map(http::Method::as_str)
+        .filter(|m| !REGISTERED_METHODS.contains(m))
+        .collect();
+    (!unknown.is_empty()).then(|| {
+        format!(
+            "{field} names {}, no registered HTTP method (a misspelling?): requests are matched by the methods as written",
+            unknown.join(", ")
+        )
+    })
 }
 
 /// A route's or an upstream's name: it goes into metrics labels, log lines,

@@ -243,17 +243,18 @@ fn build(c: &mut Check, m: &Merge) -> Option<Policy> {
     if let (Some(store), Some(release)) = (&store_statuses, &release_statuses)
         && !(100..=599).any(|s| store.iter().any(|p| p.matches(s)) && !release.contains(&s))
     {
-        let field = (m
-            .get("store_statuses", |f| f.store_statuses.as_ref())
-            .map(|(_, p)| p))
-        .or_else(|| {
-            m.get("release_statuses", |f| f.release_statuses.as_ref())
-                .map(|(_, p)| p)
-        })
-        .unwrap_or_default();
+        // Placed at the list's first entry (regression, an audit: no line
+        // for `[429]`); an empty list has no place of its own.
+        let (field, at) = (m.get("store_statuses", |f| f.store_statuses.as_ref()))
+            .map(|(list, p)| (p, list.first().map(|v| &v.referenced)))
+            .or_else(|| {
+                m.get("release_statuses", |f| f.release_statuses.as_ref())
+                    .map(|(list, p)| (p, list.first().map(|v| &v.referenced)))
+            })
+            .unwrap_or_default();
         c.fail(
             &field,
-            None,
+            at,
             "store_statuses keeps no status (it is empty, or all it names is in release_statuses): no answer would be kept, and every retry would run again",
             "list the statuses to keep, such as [\"2xx\", \"4xx\"], and not in release_statuses; or write idempotency: off",
         );
