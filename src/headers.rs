@@ -513,6 +513,24 @@ mod tests {
         assert_ne!(sent, tp);
     }
 
+    /// A request that names neither its id nor its trace is its own new
+    /// trace, and one random id names both; one with a trace of its own
+    /// gets a request id apart from it, and a client's id is kept.
+    #[test]
+    fn a_request_with_neither_id_is_named_by_its_new_trace_id() {
+        let ids = RequestIds::from_headers(&HeaderMap::new());
+        assert_eq!(ids.request_id.to_str().unwrap(), ids.trace_id());
+        let mut traced = HeaderMap::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        traced.insert(&TRACEPARENT, HeaderValue::from_static(tp));
+        let ids = RequestIds::from_headers(&traced);
+        assert_eq!(ids.request_id.len(), 32);
+        assert_ne!(ids.request_id.to_str().unwrap(), ids.trace_id());
+        let mut named = HeaderMap::new();
+        named.insert(&X_REQUEST_ID, HeaderValue::from_static("req-7"));
+        assert_eq!(RequestIds::from_headers(&named).request_id, "req-7");
+    }
+
     #[test]
     fn invalid_traceparent_is_replaced() {
         for bad in [
