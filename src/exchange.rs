@@ -185,6 +185,8 @@ impl Exchange {
                 start,
                 response_timeout,
                 lease_deadline,
+                // It outlives its request: never the connection's timer.
+                None,
             )
             .await
             {

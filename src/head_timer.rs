@@ -11,6 +11,11 @@
 //! tokio (the wheel catches up when the old deadline comes), and a dropped
 //! sleep leaves the timer as it is. At worst the connection's task is woken
 //! once, for nothing, when an old deadline passes.
+//!
+//! A second timer of this kind serves an HTTP/1 connection's pass-through
+//! requests as their response timer ([`crate::upstream::within_response`]):
+//! one request at a time, so one tokio timer for all of them, not one
+//! registered and removed per request (S1 1.3% of the instructions).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -92,6 +97,17 @@ impl HeadTimer {
     }
 }
 
+impl HeadTimer {
+    /// A sleep until `deadline` on this timer, unboxed, for one user at a
+    /// time (its sleeps share the one tokio timer).
+    pub fn sleep_at(&self, deadline: Instant) -> HeadSleep {
+        HeadSleep {
+            timer: self.clone(),
+            deadline,
+        }
+    }
+}
+
 impl hyper::rt::Timer for HeadTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         self.sleep_until(self.now() + duration)
@@ -129,9 +145,16 @@ impl hyper::rt::Timer for HeadTimer {
 
 /// One sleep hyper asked for: the connection's timer, set to this deadline
 /// when polled.
-struct HeadSleep {
+pub struct HeadSleep {
     timer: HeadTimer,
     deadline: Instant,
+}
+
+impl HeadSleep {
+    /// Moves this sleep's deadline (the timer follows when next polled).
+    pub fn reset(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
 }
 
 impl Future for HeadSleep {

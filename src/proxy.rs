@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, OnUnavailable, Route};
+use crate::head_timer::HeadTimer;
 use crate::headers::{self, Peer, RequestIds, X_REQUEST_ID};
 use crate::linger::Lingering;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -145,6 +146,9 @@ impl Routing {
 pub struct Ctx {
     pub arrived: Instant,
     pub peer: Peer,
+    /// Its HTTP/1 connection's response timer, which it may use while it
+    /// runs (never a task that outlives it).
+    pub responses: Option<HeadTimer>,
     pub ids: RequestIds,
     pub route: Option<Arc<Route>>,
     /// The host the client addressed (`Host`, or the target's authority),
@@ -319,10 +323,12 @@ impl Proxy {
         self: Arc<Self>,
         request: Request<Incoming>,
         peer: Peer,
+        responses: Option<HeadTimer>,
     ) -> Response<ProxyBody> {
         let ctx = Ctx {
             arrived: Instant::now(),
             peer,
+            responses,
             ids: RequestIds::from_headers(request.headers()),
             route: None,
             host: None,
@@ -506,7 +512,8 @@ impl Proxy {
         let connected = Connected::for_request(&mut request);
         let send = std::pin::pin!(upstream.send(request, &connected));
         let (start, response) = (sent.into(), route.timeouts.response);
-        let result = within_response(send, &connected, start, response, total).await;
+        let shared = ctx.responses.as_ref();
+        let result = within_response(send, &connected, start, response, total, shared).await;
         // No latency for a request that never went out (a connect failure),
         // nor for one whose client never sent its body whole; an answer
         // that came before the body's end counts from the send.

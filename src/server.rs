@@ -190,9 +190,16 @@ pub async fn serve(
                     // (its future not boxed: it lives in hyper's dispatcher).
                     let handler = {
                         let (proxy, peer) = (proxy.clone(), crate::headers::Peer::new(peer));
+                        // The connection's response timer (HTTP/1: one
+                        // request at a time; see `head_timer`).
+                        let responses = HeadTimer::default();
                         // `handle`'s own future, not one wrapped in another
                         // (each wrapping is one more copy of its 4.5 KB).
-                        move |request| proxy.clone().handle(request, peer.clone())
+                        move |request: Request<Incoming>| {
+                            let responses = (request.version() != http::Version::HTTP_2)
+                                .then(|| responses.clone());
+                            proxy.clone().handle(request, peer.clone(), responses)
+                        }
                     };
                     let refused = match &proxy.tls {
                         None => serve_connection(stream, socket, deadline, send_timeout, &builder, &drain, handler).await,

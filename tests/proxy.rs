@@ -463,6 +463,40 @@ async fn slow_upstream_is_504_upstream_timeout() {
     }
 }
 
+/// The requests of one HTTP/1 connection share one response timer (see
+/// `head_timer`): each is timed by its own route's timeout, whether the
+/// last one's deadline was later or earlier, timed out or answered.
+#[tokio::test]
+async fn requests_of_one_connection_are_each_timed_by_their_own_route() {
+    let routes = "  - { name: short, match: { path_prefix: /short }, upstream: up, timeouts: { response: 300ms } }\n  - { name: long, match: { path_prefix: /long }, upstream: up, timeouts: { response: 5s } }";
+    let (_upstream, proxy) = passthrough("", routes).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let steps = [
+        ("/short", "1500", 504),
+        ("/long", "600", 201),
+        ("/short", "1500", 504),
+        ("/short", "0", 201),
+        ("/long", "0", 201),
+        ("/short", "1500", 504),
+    ];
+    for (i, (path, delay, status)) in steps.into_iter().enumerate() {
+        let request = http::Request::get(path)
+            .header("host", "idemgate.test")
+            .header("x-test-delay-ms", delay)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let bounded = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request));
+        let response = bounded.await.expect("answered").expect("on the same connection");
+        assert_eq!(response.status(), status, "step {i}: GET {path}, {delay} ms");
+        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn total_timeout_bounds_the_exchange() {
     let routes = "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 10s, total: 300ms } }";

@@ -17,6 +17,7 @@ use http::{HeaderValue, Request, Response, Uri};
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
+use crate::head_timer::{HeadSleep, HeadTimer};
 use crate::problem::{Code, Problem};
 use breaker::{Admit, Breaker};
 use pool::Pool;
@@ -410,23 +411,28 @@ impl Connected {
 /// or until `response` has passed since it had a connection (`start` for a
 /// pooled one, else `connected`: connecting has its own `connect_timeout`,
 /// SPEC 4.4) and its body was sent whole, or `cap`, whichever comes first.
-/// `None` when time ran out; `send` can then be polled on.
+/// `None` when time ran out; `send` can then be polled on. Timed on
+/// `shared`, the connection's response timer, when given (one request at a
+/// time may use it), else on a tokio timer of its own.
 pub async fn within_response<F: Future>(
     mut send: Pin<&mut F>,
     connected: &Connected,
     start: tokio::time::Instant,
     response: Duration,
     cap: tokio::time::Instant,
+    shared: Option<&HeadTimer>,
 ) -> Option<F::Output> {
-    let mut sleep = std::pin::pin!(tokio::time::sleep_until((start + response).min(cap)));
     // While the body is still coming from the client only `cap` runs.
     let mut uploading = connected
         .uploading
         .as_ref()
         .map(|sent| Box::pin(sent.notify.notified()));
-    if uploading.is_some() {
-        sleep.as_mut().reset(cap);
-    }
+    let first = match uploading {
+        Some(_) => cap,
+        None => (start + response).min(cap),
+    };
+    let own = std::pin::pin!(None);
+    let mut sleep = Deadline::new(shared, own, first);
     // The deadline while a connection is made (`cap`), then once it is ready.
     let (mut making, mut ready) = (false, false);
     std::future::poll_fn(|cx| {
@@ -438,20 +444,55 @@ pub async fn within_response<F: Future>(
                 // Sent whole, so on a ready connection: the timer starts now.
                 uploading = None;
                 ready = true;
-                sleep
-                    .as_mut()
-                    .reset((tokio::time::Instant::now() + response).min(cap));
+                sleep.reset((tokio::time::Instant::now() + response).min(cap));
             }
         } else if !ready && let Some(&at) = connected.ready.get() {
             ready = true;
-            sleep.as_mut().reset((at + response).min(cap));
+            sleep.reset((at + response).min(cap));
         } else if !making && !ready && connected.making.load(Ordering::Relaxed) {
             making = true;
-            sleep.as_mut().reset(cap);
+            sleep.reset(cap);
         }
-        sleep.as_mut().poll(cx).map(|()| None)
+        sleep.poll(cx).map(|()| None)
     })
     .await
+}
+
+/// A response's deadline: a sleep on its connection's timer, or on a
+/// tokio timer of its own (made only then).
+struct Deadline<'a> {
+    shared: Option<HeadSleep>,
+    own: Pin<&'a mut Option<tokio::time::Sleep>>,
+}
+
+impl<'a> Deadline<'a> {
+    fn new(
+        shared: Option<&HeadTimer>,
+        mut own: Pin<&'a mut Option<tokio::time::Sleep>>,
+        at: tokio::time::Instant,
+    ) -> Deadline<'a> {
+        let shared = shared.map(|timer| timer.sleep_at(at.into_std()));
+        if shared.is_none() {
+            own.set(Some(tokio::time::sleep_until(at)));
+        }
+        Deadline { shared, own }
+    }
+
+    fn reset(&mut self, at: tokio::time::Instant) {
+        match (&mut self.shared, self.own.as_mut().as_pin_mut()) {
+            (Some(shared), _) => shared.reset(at.into_std()),
+            (None, Some(own)) => own.reset(at),
+            (None, None) => unreachable!("a deadline has a sleep"),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        match (&mut self.shared, self.own.as_mut().as_pin_mut()) {
+            (Some(shared), _) => Pin::new(shared).poll(cx),
+            (None, Some(own)) => own.poll(cx),
+            (None, None) => unreachable!("a deadline has a sleep"),
+        }
+    }
 }
 
 impl SendError {
