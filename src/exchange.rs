@@ -15,10 +15,11 @@ use crate::body::{self, Collected, ProxyBody};
 use crate::config::{OnUnknown, Policy, Route};
 use crate::headers::{IDEMPOTENT_REPLAYED, frame_whole, strip_hop_by_hop};
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::{SIZE_UNKNOWN, StoredResponse};
+use crate::idempotency::record::{Record, SIZE_UNKNOWN, State, StoredResponse};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, send_error_problem, timeout_problem};
+use crate::running::{Hold, Running};
 use crate::store::{Attempt, Store, StoreError};
 use crate::upstream::{
     Admission, Connected, SendError, Silence, Upstream, UpstreamBody, failed_status,
@@ -45,68 +46,15 @@ pub struct Exchange {
     /// is known; a response timeout reports its failure earlier.
     pub admission: Option<Admission>,
     pub running: Arc<Running>,
+    /// Its slot in `running` while it runs (made by `run`), handed to the
+    /// background task that writes its record if the store failed it.
+    pub hold: Mutex<Option<Hold>>,
     pub metrics: Arc<Metrics>,
     /// The route's series, for the latency of an exchange nobody waits for.
     pub route_metrics: Option<Arc<RouteMetrics>>,
     /// The background tasks (shutdown waits for them): this exchange, and
     /// transitions it tries again ([`settle_later`]).
     pub tasks: TaskTracker,
-}
-
-/// The keys of the exchanges running now, so that shutdown can name them.
-/// A slot per running exchange, reused once it ends: per request a lock, a
-/// reference count and no formatting (names are made only for shutdown's
-/// log; a formatted name and a hash map entry cost about 1.6k instructions
-/// per protected request).
-#[derive(Default)]
-pub struct Running {
-    slots: Mutex<Slots>,
-}
-
-#[derive(Default)]
-struct Slots {
-    keys: Vec<Option<Arc<StorageKey>>>,
-    free: Vec<usize>,
-}
-
-impl Running {
-    fn add(&self, key: &Arc<StorageKey>) -> usize {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let key = Some(key.clone());
-        match slots.free.pop() {
-            Some(slot) => {
-                slots.keys[slot] = key;
-                slot
-            }
-            None => {
-                slots.keys.push(key);
-                slots.keys.len() - 1
-            }
-        }
-    }
-
-    fn remove(&self, slot: usize) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.keys[slot] = None;
-        slots.free.push(slot);
-    }
-
-    /// Whether an exchange of `key` runs in this process (a scan: for
-    /// waiting duplicates only, never on a request's own path).
-    pub fn holds(&self, key: &StorageKey) -> bool {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.keys.iter().flatten().any(|k| **k == *key)
-    }
-
-    pub fn keys(&self) -> Vec<String> {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots
-            .keys
-            .iter()
-            .flatten()
-            .map(|key| format!("route={} key={}", key.route, key.key))
-            .collect()
-    }
 }
 
 /// What the exchange hands back to the waiting client, if it is still there.
@@ -170,7 +118,7 @@ impl Exchange {
         reply: oneshot::Sender<Reply>,
         response_timeout: Duration,
     ) {
-        let id = self.running.add(&self.key);
+        *self.held() = Some(self.running.hold(&self.key));
         let mut reply = Some(reply);
         let sent = Instant::now();
         let result = {
@@ -245,7 +193,8 @@ impl Exchange {
                 (lease_end_problem(self.policy.on_unknown), false)
             }
         };
-        self.running.remove(id);
+        // Ended: unless its record went to the background, which holds it on.
+        drop(self.held().take());
         // The client may be gone (timeout, disconnect); the record is what counts.
         let delivered = reply.is_some_and(|reply| {
             reply
@@ -418,11 +367,23 @@ impl Exchange {
         (recorded, stored.headers)
     }
 
-    /// [`settle_later`] for this attempt.
+    /// [`settle_later`] for this attempt. Its waiting duplicates here are
+    /// told its outcome meanwhile (regression, an audit: Redis died under
+    /// an attempt and came back empty; the completion failed, the waiters
+    /// asked the store, found no record, and one ran the request again).
     fn settle_in_background(&self, settle: Settle) {
+        let hold = self.held().take();
+        if let (Some(hold), Some(record)) = (&hold, settle.record(&self.token)) {
+            hold.end(record);
+            self.store.wake(&self.key);
+        }
         let (store, key) = (self.store.clone(), self.key.clone());
         let token = self.token.clone();
-        settle_later(&self.tasks, store, &self.metrics, key, token, settle);
+        settle_later(&self.tasks, store, &self.metrics, key, token, settle, hold);
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Hold>> {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn attempt(&self) -> Attempt<'_> {
@@ -495,6 +456,29 @@ pub enum Settle {
         ttl: Duration,
         claimed: Claimed,
     },
+}
+
+impl Settle {
+    /// The record this transition writes, as a claim reads it back; none
+    /// for a release.
+    fn record(&self, token: &str) -> Option<Record> {
+        let (state, claimed, response) = match self {
+            Settle::Release => return None,
+            Settle::Unknown { claimed, .. } => (State::Unknown, claimed, None),
+            Settle::Complete {
+                response, claimed, ..
+            } => (State::Completed, claimed, Some((**response).clone())),
+        };
+        Some(Record {
+            state,
+            fingerprint: claimed.fingerprint.clone(),
+            token: token.to_owned(),
+            lease_end_ms: 0,
+            created_ms: claimed.created_ms,
+            expires_ms: 0,
+            response,
+        })
+    }
 }
 
 /// What an attempt's claim wrote besides its token: a record whose key is
@@ -589,9 +573,12 @@ pub fn settle_later(
     key: Arc<StorageKey>,
     token: String,
     settle: Settle,
+    hold: Option<Hold>,
 ) {
     let metrics = metrics.clone();
     tasks.spawn(async move {
+        // The attempt's slot, freed when this ends, however it ends.
+        let _hold = hold;
         for _ in 0..SETTLE_ATTEMPTS {
             // The caller's own try has just failed.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -644,34 +631,4 @@ fn lease_end_problem(on_unknown: OnUnknown) -> Response<ProxyBody> {
     Problem::new(Code::UpstreamTimeout, detail)
         .retry_after(Duration::from_secs(1))
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(name: &str) -> Arc<StorageKey> {
-        Arc::new(StorageKey {
-            route: "r".into(),
-            scope: "s".into(),
-            key: name.into(),
-        })
-    }
-
-    #[test]
-    fn running_exchanges_are_named_until_they_end_and_their_slots_reused() {
-        let running = Running::default();
-        let a = running.add(&key("a"));
-        let b = running.add(&key("b"));
-        running.remove(a);
-        assert_eq!(running.keys(), ["route=r key=b"]);
-        let c = running.add(&key("c"));
-        assert_eq!(c, a, "an ended exchange's slot is reused");
-        let mut names = running.keys();
-        names.sort();
-        assert_eq!(names, ["route=r key=b", "route=r key=c"]);
-        running.remove(b);
-        running.remove(c);
-        assert!(running.keys().is_empty());
-    }
 }

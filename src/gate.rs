@@ -6,16 +6,17 @@ use std::time::{Duration, Instant};
 use http::{Request, Response, StatusCode};
 
 use crate::body::{self, BODY_STALL, ProxyBody, ReadError};
-use crate::config::{Concurrent, OnUnavailable, Policy, Route};
+use crate::config::{Concurrent, OnUnavailable, OnUnknown, Policy, Route};
 use crate::exchange::{Exchange, Settle};
 use crate::headers::IDEMPOTENT_REPLAYED;
-use crate::idempotency::decision::Decision;
+use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::fingerprint::fingerprint;
 use crate::idempotency::key::{KeyError, StorageKey, read_key, scope_hash};
-use crate::idempotency::record::StoredResponse;
+use crate::idempotency::record::{Record, StoredResponse};
 use crate::metrics::Metrics;
 use crate::problem::{Code, Problem};
 use crate::proxy::{Ctx, Proxy};
+use crate::running::Held;
 use crate::store::{ClaimReply, ClaimRequest, StoreError};
 use crate::upstream::Upstream;
 
@@ -197,6 +198,7 @@ impl Proxy {
                     lease_deadline: claimed_at + policy.lease,
                     admission: Some(admission),
                     running: self.running.clone(),
+                    hold: Default::default(),
                     metrics: self.metrics.clone(),
                     route_metrics: ctx.metrics.clone(),
                     tasks: self.exchanges.clone(),
@@ -295,14 +297,30 @@ impl Proxy {
         let left = || deadline.saturating_duration_since(Instant::now());
         loop {
             let sent = Instant::now();
-            let (reply, at) = match last.take() {
+            let held = last.as_ref().and_then(|_| self.running.held(claim.key));
+            let (reply, at) = match (last.take(), held) {
                 // The attempt it waits on runs in this process: the store is
                 // not asked until it has ended (regression, found by an
                 // audit: Redis restarted empty under a running attempt, its
                 // waiters found no record, and one claimed the key and ran
                 // the request again). Its end wakes the waiters.
-                Some(waited) if self.running.holds(claim.key) => waited,
-                last => match (self.store.claim(claim).await, last) {
+                (Some(waited), Some(Held::Running)) => waited,
+                // It ended here, and the store has not taken its record yet
+                // (it is tried again in the background): that record is the
+                // answer (regression, an audit: Redis died under the attempt
+                // and came back empty, and a waiter ran it again).
+                (Some(_), Some(Held::Ended(record))) => {
+                    let decision = decide(
+                        Some(&record),
+                        claim.fingerprint,
+                        claim.token,
+                        0,
+                        OnUnknown::Lock,
+                    );
+                    let record = Some(Record::clone(&record));
+                    (ClaimReply { decision, record }, sent)
+                }
+                (last, _) => match (self.store.claim(claim).await, last) {
                     (Ok(reply), _) => (reply, sent),
                     (Err(error), None) => return Err(error),
                     (Err(error @ StoreError::Damaged(_)), Some(_)) => return Err(error),
@@ -342,7 +360,8 @@ impl Proxy {
         let store = self.store.clone();
         let key = Arc::new(key);
         let metrics = &self.metrics;
-        crate::exchange::settle_later(&self.exchanges, store, metrics, key, token, Settle::Release);
+        let settle = Settle::Release;
+        crate::exchange::settle_later(&self.exchanges, store, metrics, key, token, settle, None);
     }
 
     /// The store failed: fail closed (503) or forward unprotected, per `on_unavailable`.

@@ -38,6 +38,7 @@ pub mod path;
 pub mod problem;
 pub mod proxy;
 pub mod route;
+pub mod running;
 pub mod send_timer;
 pub mod server;
 pub mod store;

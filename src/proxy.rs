@@ -38,7 +38,7 @@ pub struct Proxy {
     /// Background exchanges (a protected request outlives its client); shutdown waits for them.
     pub exchanges: TaskTracker,
     /// Keys of the running exchanges, for the shutdown log.
-    pub running: Arc<crate::exchange::Running>,
+    pub running: Arc<crate::running::Running>,
     /// The listener's TLS acceptor when it terminates TLS; certificates
     /// are re-read on reload.
     pub tls: Option<ArcSwap<tokio_rustls::TlsAcceptor>>,

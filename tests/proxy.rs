@@ -491,9 +491,18 @@ async fn requests_of_one_connection_are_each_timed_by_their_own_route() {
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
         let bounded = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request));
-        let response = bounded.await.expect("answered").expect("on the same connection");
-        assert_eq!(response.status(), status, "step {i}: GET {path}, {delay} ms");
-        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+        let response = bounded
+            .await
+            .expect("answered")
+            .expect("on the same connection");
+        assert_eq!(
+            response.status(),
+            status,
+            "step {i}: GET {path}, {delay} ms"
+        );
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
     }
 }
 

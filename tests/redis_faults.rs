@@ -1142,3 +1142,47 @@ async fn waiters_on_the_attempts_instance_never_rerun_it_after_redis_lost_its_re
     }
     assert_eq!(upstream.hits(), 1, "the request ran once");
 }
+
+/// Regression (an operations audit): Redis died under a running attempt
+/// and came back empty after it ended. The completion failed (it is tried
+/// again in the background); the waiting duplicates on the attempt's
+/// instance then asked the store, found no record, and one ran the request
+/// again. They replay the attempt's answer, which this process holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_the_attempts_instance_replay_it_when_its_record_could_not_be_written() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let proxy =
+        TestProxy::start(&yaml(&redis, &upstream, "", "concurrent: wait, lease: 20s")).await;
+    let client = TestClient::new();
+    let slow = [
+        ("idempotency-key", "k-unwritten"),
+        ("x-test-delay-ms", "2000"),
+    ];
+    let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
+    eventually(Duration::from_secs(5), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    let waiters: Vec<_> = (0..3)
+        .map(|_| client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}"))
+        .collect();
+    // The waiters' first claims find the attempt in flight (milliseconds;
+    // half a second's margin for a loaded machine).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 201, "{first:?}");
+    redis.restart().await;
+    for waiter in waiters {
+        let reply = waiter.await.unwrap();
+        assert_eq!(reply.status, 201, "{reply:?}");
+        assert_eq!(reply.header("x-upstream-hit"), Some("1"), "{reply:?}");
+        assert_eq!(
+            reply.header("idempotent-replayed"),
+            Some("true"),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(upstream.hits(), 1, "the request ran once");
+}
