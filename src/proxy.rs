@@ -247,7 +247,10 @@ impl Proxy {
     /// blocking task kept the process from exiting, even on a second signal
     /// (regression, found by an audit). A reload given up is not applied
     /// when its read ends after all.
-    pub async fn reload_file(self: &Arc<Self>, path: &std::path::Path) -> Result<(), Vec<String>> {
+    pub async fn reload_file(
+        self: &Arc<Self>,
+        path: &std::path::Path,
+    ) -> Result<Reloaded, Vec<String>> {
         let (proxy, path) = (self.clone(), path.to_owned());
         let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -275,13 +278,14 @@ impl Proxy {
     }
 
     /// Reads, validates and applies a configuration file, unless `given_up`
-    /// by then or a reload that began later was applied first; an invalid
-    /// one changes nothing and its errors are logged and returned.
+    /// by then or a reload that began later was applied first (which read
+    /// the file later: its configuration runs); an invalid one changes
+    /// nothing and its errors are logged and returned.
     fn reload_from(
         &self,
         path: &std::path::Path,
         given_up: &std::sync::atomic::AtomicBool,
-    ) -> Result<(), Vec<String>> {
+    ) -> Result<Reloaded, Vec<String>> {
         use std::sync::atomic::Ordering;
         let number = self.reloads_begun.fetch_add(1, Ordering::AcqRel) + 1;
         let result = Config::load(path)
@@ -291,17 +295,19 @@ impl Proxy {
                     return Err(Vec::new());
                 }
                 let mut applied = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+                // Not a failure: the file as read later runs (regression,
+                // an audit: concurrent `POST /reload`s of a valid file got
+                // 400, and an error was logged).
                 if *applied > number {
-                    return Err(vec![
-                        "a reload that began later was applied first: this one's older read is not applied".to_owned(),
-                    ]);
+                    tracing::info!("a reload that began later was applied first: this one's older read is not applied");
+                    return Ok(Reloaded::Overtaken);
                 }
                 for warning in &config.warnings {
                     tracing::warn!(warning = %warning, "configuration");
                 }
                 self.reload(&config).map_err(|e| vec![e.to_string()])?;
                 *applied = number;
-                Ok(())
+                Ok(Reloaded::Applied)
             });
         // A read that ends after it was given up says only that (regression,
         // an audit: a FIFO's EOF was logged as an empty file's errors).
@@ -773,6 +779,16 @@ struct Access<'a> {
     path: Option<String>,
     ctx: Ctx,
     done: bool,
+}
+
+/// How a reload that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// Its read of the file was applied.
+    Applied,
+    /// A reload that began later (and so read the file later) was applied
+    /// first; this one's older read was not.
+    Overtaken,
 }
 
 /// How long a reload may take to read and check its files.

@@ -1540,3 +1540,67 @@ async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+/// Regression (an operations audit): of two reloads at once, the one that
+/// began first and was overtaken (the later one, which read the file later,
+/// applied first) answered `400` with an error logged, though the file was
+/// valid and what runs is that file as read later. It is a `200` that says
+/// so. The first reload's read is held on a FIFO until the second applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_overtaken_by_a_later_one_is_not_a_failure() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config(&dir, &upstream);
+    let base = std::fs::read_to_string(&path).unwrap();
+    let with_admin = |extra_route: &str| {
+        format!("admin: {{ listen: 127.0.0.1:0, token: t0k }}\n{base}{extra_route}")
+    };
+    std::fs::write(&path, with_admin("")).unwrap();
+    let mut proxy = Binary::serve(&path);
+    std::fs::remove_file(&path).unwrap();
+    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let admin = format!("http://{}/reload", proxy.admin.unwrap());
+    let token = [("authorization", "Bearer t0k")];
+    let first = TestClient::new().spawn_send("POST", &admin, &token, "");
+    // The first reload has opened the FIFO once a writer can.
+    let mut writer = None;
+    eventually(Duration::from_secs(5), "the first reload reading", || {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path);
+        let ready = opened.is_ok();
+        if let Ok(file) = opened {
+            writer = Some(file);
+        }
+        async move { ready }
+    })
+    .await;
+    std::fs::remove_file(&path).unwrap();
+    let route = "  - { name: later, match: { path_prefix: /later }, upstream: up }\n";
+    std::fs::write(&path, with_admin(route)).unwrap();
+    let second = TestClient::new().send("POST", &admin, &token, "").await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    // The first read ends now, with a valid file (the one without `later`).
+    let mut writer = writer.expect("the FIFO opened");
+    std::io::Write::write_all(&mut writer, with_admin("").as_bytes()).unwrap();
+    drop(writer);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert!(first.json()["overtaken"].is_string(), "{:?}", first.body);
+    // The later read runs.
+    let later = TestClient::new()
+        .send("GET", &proxy.url("/later/x"), &[], "")
+        .await;
+    assert_eq!(later.status, 201);
+    assert!(
+        !proxy.log().iter().any(|l| l.contains("reload rejected")),
+        "{:?}",
+        proxy.log()
+    );
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
+}

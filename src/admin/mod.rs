@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::body::{self, ProxyBody};
 use crate::metrics::{StoreLabels, UpstreamLabels};
 use crate::problem::{Code, Problem};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Reloaded};
 use crate::upstream::breaker::State as CircuitState;
 
 pub struct Admin {
@@ -261,7 +261,16 @@ impl Admin {
             ));
         };
         match self.proxy.reload_file(path).await {
-            Ok(()) => Ok(json_response(StatusCode::OK, &json!({ "reloaded": true }))),
+            Ok(Reloaded::Applied) => {
+                Ok(json_response(StatusCode::OK, &json!({ "reloaded": true })))
+            }
+            Ok(Reloaded::Overtaken) => Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "reloaded": true,
+                    "overtaken": "a reload that began later read the file and was applied first; this one's older read was not"
+                }),
+            )),
             Err(errors) => {
                 let list = errors;
                 // Not always the file's fault: a read given up, or
