@@ -297,7 +297,14 @@ impl Proxy {
         let left = || deadline.saturating_duration_since(Instant::now());
         loop {
             let sent = Instant::now();
-            let held = last.as_ref().and_then(|_| self.running.held(claim.key));
+            let held = match &last {
+                Some(_) => self.running.held(claim.key),
+                // A new arrival too takes an ended attempt's record on its
+                // way to the store (regression, the verification audit:
+                // Redis back empty, a duplicate sent then claimed the key
+                // and ran the request again): one atomic load while none is.
+                None => self.running.ended(claim.key).map(Held::Ended),
+            };
             let (reply, at) = match (last.take(), held) {
                 // The attempt it waits on runs in this process: the store is
                 // not asked until it has ended (regression, found by an
@@ -309,7 +316,7 @@ impl Proxy {
                 // (it is tried again in the background): that record is the
                 // answer (regression, an audit: Redis died under the attempt
                 // and came back empty, and a waiter ran it again).
-                (Some(_), Some(Held::Ended(record))) => {
+                (_, Some(Held::Ended(record))) => {
                     let decision = decide(
                         Some(&record),
                         claim.fingerprint,

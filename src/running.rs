@@ -3,6 +3,7 @@
 //! [`crate::gate`]), with the outcome of one that has ended but whose
 //! record the store has not taken yet.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::idempotency::key::StorageKey;
@@ -15,6 +16,9 @@ use crate::idempotency::record::Record;
 #[derive(Default)]
 pub struct Running {
     slots: Mutex<Slots>,
+    /// How many slots hold an ended attempt's record: while none do, a
+    /// request's claim asks nothing of them (one atomic load).
+    ended: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -80,6 +84,19 @@ impl Running {
         })
     }
 
+    /// The record of `key`'s attempt that ended here and is still on its
+    /// way to the store, if there is one: asked before every claim, so
+    /// only an atomic load while no attempt is in that state.
+    pub fn ended(&self, key: &StorageKey) -> Option<Arc<Record>> {
+        if self.ended.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        match self.held(key)? {
+            Held::Ended(record) => Some(record),
+            Held::Running => None,
+        }
+    }
+
     pub fn keys(&self) -> Vec<String> {
         (self.lock().held.iter().flatten())
             .map(|s| format!("route={} key={}", s.key.route, s.key.key))
@@ -94,8 +111,10 @@ impl Running {
 impl Hold {
     /// The attempt has ended with `record`, which the store has yet to take.
     pub fn end(&self, record: Record) {
-        if let Some(slot) = &mut self.running.lock().held[self.slot] {
-            slot.ended = Some(Arc::new(record));
+        if let Some(slot) = &mut self.running.lock().held[self.slot]
+            && slot.ended.replace(Arc::new(record)).is_none()
+        {
+            self.running.ended.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -103,7 +122,12 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         let mut slots = self.running.lock();
-        slots.held[self.slot] = None;
+        if slots.held[self.slot]
+            .take()
+            .is_some_and(|s| s.ended.is_some())
+        {
+            self.running.ended.fetch_sub(1, Ordering::AcqRel);
+        }
         slots.free.push(self.slot);
     }
 }
@@ -153,12 +177,17 @@ mod tests {
             expires_ms: 0,
             response: None,
         };
+        assert!(running.ended(&key("a")).is_none(), "it runs");
         hold.end(record.clone());
         match running.held(&key("a")) {
             Some(Held::Ended(held)) => assert_eq!(*held, record),
             _ => panic!("the ended attempt's record is held"),
         }
+        assert_eq!(running.ended(&key("a")).as_deref(), Some(&record));
+        assert!(running.ended(&key("b")).is_none());
         drop(hold);
         assert!(running.held(&key("a")).is_none());
+        assert!(running.ended(&key("a")).is_none());
+        assert_eq!(running.ended.load(Ordering::Acquire), 0);
     }
 }

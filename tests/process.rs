@@ -1452,13 +1452,40 @@ async fn a_completion_recorded_in_the_background_after_all_is_said() {
     );
 }
 
+/// Replaces the file at `path` with a FIFO: a reload reading it waits for
+/// a writer.
+fn make_fifo(path: &std::path::Path) {
+    std::fs::remove_file(path).unwrap();
+    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+}
+
+/// The FIFO at `path` opened for writing, once a reload reads it (`what`).
+async fn fifo_writer(path: &std::path::Path, what: &str) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut writer = None;
+    eventually(Duration::from_secs(10), what, || {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path);
+        let ready = opened.is_ok();
+        if let Ok(file) = opened {
+            writer = Some(file);
+        }
+        async move { ready }
+    })
+    .await;
+    writer.expect("the FIFO opened")
+}
+
 /// Regression (a reload audit): a reload stuck reading its file (a FIFO
 /// here; a hung NFS or secrets mount in life) kept the process from ever
 /// exiting: "stopped" was logged, and it lived on until SIGKILL, the
 /// runtime waiting for the blocking read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
-    use std::os::unix::fs::OpenOptionsExt;
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_memory_config(&dir, &upstream);
@@ -1469,30 +1496,10 @@ async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
     std::fs::copy(&path, dir.path().join("base.yaml")).unwrap();
     std::fs::write(&path, with_admin("")).unwrap();
     let mut proxy = Binary::serve(&path);
-    std::fs::remove_file(&path).unwrap();
-    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: a valid C string; mkfifo only creates a file.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    make_fifo(&path);
     proxy.signal("HUP");
-    // The reload has opened the FIFO once a writer can: held open, unwritten,
-    // it keeps the reload's read waiting.
-    let mut writer = None;
-    eventually(
-        Duration::from_secs(10),
-        "the reload reading the FIFO",
-        || {
-            let opened = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&path);
-            let ready = opened.is_ok();
-            if let Ok(file) = opened {
-                writer = Some(file);
-            }
-            async move { ready }
-        },
-    )
-    .await;
+    // Held open, unwritten, the writer keeps the reload's read waiting.
+    let writer = fifo_writer(&path, "the reload reading the FIFO").await;
     // A reload of a real file meanwhile is not held up by the stuck one
     // (regression, the verification audit: every later reload waited out
     // its 10 s behind the stuck one's lock, and failed).
@@ -1548,7 +1555,6 @@ async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
 /// so. The first reload's read is held on a FIFO until the second applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_overtaken_by_a_later_one_is_not_a_failure() {
-    use std::os::unix::fs::OpenOptionsExt;
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_memory_config(&dir, &upstream);
@@ -1558,34 +1564,17 @@ async fn a_reload_overtaken_by_a_later_one_is_not_a_failure() {
     };
     std::fs::write(&path, with_admin("")).unwrap();
     let mut proxy = Binary::serve(&path);
-    std::fs::remove_file(&path).unwrap();
-    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: a valid C string; mkfifo only creates a file.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    make_fifo(&path);
     let admin = format!("http://{}/reload", proxy.admin.unwrap());
     let token = [("authorization", "Bearer t0k")];
     let first = TestClient::new().spawn_send("POST", &admin, &token, "");
-    // The first reload has opened the FIFO once a writer can.
-    let mut writer = None;
-    eventually(Duration::from_secs(5), "the first reload reading", || {
-        let opened = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path);
-        let ready = opened.is_ok();
-        if let Ok(file) = opened {
-            writer = Some(file);
-        }
-        async move { ready }
-    })
-    .await;
+    let mut writer = fifo_writer(&path, "the first reload reading").await;
     std::fs::remove_file(&path).unwrap();
     let route = "  - { name: later, match: { path_prefix: /later }, upstream: up }\n";
     std::fs::write(&path, with_admin(route)).unwrap();
     let second = TestClient::new().send("POST", &admin, &token, "").await;
     assert_eq!(second.status, 200, "{:?}", second.body);
     // The first read ends now, with a valid file (the one without `later`).
-    let mut writer = writer.expect("the FIFO opened");
     std::io::Write::write_all(&mut writer, with_admin("").as_bytes()).unwrap();
     drop(writer);
     let first = first.await.unwrap();

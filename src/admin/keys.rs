@@ -283,6 +283,9 @@ impl OneOrMany {
 
 fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
     let manual: ManualResponse = serde_json::from_slice(bytes).map_err(|e| {
+        // The status in the API's words, not serde's type (regression, the
+        // verification audit: "expected u16").
+        let e = e.to_string().replace("expected u16", "expected a status, a number such as 201");
         Problem::new(
             Code::BadRequest,
             format!("expected {{\"status\":..,\"headers\":{{..}},\"body\":\"..\"}} (or \"body_base64\"): {e}"),
@@ -379,5 +382,17 @@ mod tests {
         );
         assert!(!problem.detail.contains("OneOrMany"), "{}", problem.detail);
         assert!(!problem.detail.contains("untagged"), "{}", problem.detail);
+        // Nor a status of the wrong type or size (the verification audit).
+        for body in [r#"{"status": "201"}"#, r#"{"status": 70000}"#] {
+            let Err(problem) = manual_response(&Bytes::from(body)) else {
+                panic!("{body} was taken");
+            };
+            assert!(!problem.detail.contains("u16"), "{}", problem.detail);
+            assert!(
+                problem.detail.contains("a status, a number"),
+                "{}",
+                problem.detail
+            );
+        }
     }
 }

@@ -85,7 +85,13 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     // The fix in the file's words, for the shape that was expected
     // (regression, an audit: "fix the YAML at this place" for a `maybe`
     // where true or false goes, a status list hinted "such as 64").
-    let hint = if message.starts_with("not a whole number") && path.contains("_statuses[") {
+    let status = message.starts_with("not a whole number") && path.contains("_statuses[");
+    let message = match status {
+        // 70000 is a whole number, too large for a status.
+        true => "not an HTTP status".to_owned(),
+        false => message,
+    };
+    let hint = if status {
         "write an HTTP status, a whole number between 100 and 599, such as 408"
     } else if message.starts_with("not a whole number") {
         "write a whole number such as 64 (no sign, no unit)"
