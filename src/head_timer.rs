@@ -86,6 +86,15 @@ impl HeadTimer {
         HeadTimer::new(Some(first), Some(stopping))
     }
 
+    /// A sleep until `deadline` on this timer, unboxed, for one user at a
+    /// time (its sleeps share the one tokio timer).
+    pub fn sleep_at(&self, deadline: Instant) -> HeadSleep {
+        HeadSleep {
+            timer: self.clone(),
+            deadline,
+        }
+    }
+
     fn new(first: Option<FirstHead>, stopping: Option<Stopping>) -> HeadTimer {
         HeadTimer {
             shared: Arc::new(Timer {
@@ -93,17 +102,6 @@ impl HeadTimer {
                 first,
                 stopping,
             }),
-        }
-    }
-}
-
-impl HeadTimer {
-    /// A sleep until `deadline` on this timer, unboxed, for one user at a
-    /// time (its sleeps share the one tokio timer).
-    pub fn sleep_at(&self, deadline: Instant) -> HeadSleep {
-        HeadSleep {
-            timer: self.clone(),
-            deadline,
         }
     }
 }

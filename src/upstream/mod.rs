@@ -482,7 +482,7 @@ impl<'a> Deadline<'a> {
         match (&mut self.shared, self.own.as_mut().as_pin_mut()) {
             (Some(shared), _) => shared.reset(at.into_std()),
             (None, Some(own)) => own.reset(at),
-            (None, None) => unreachable!("a deadline has a sleep"),
+            (None, None) => {} // `new` made one or the other
         }
     }
 
@@ -490,7 +490,7 @@ impl<'a> Deadline<'a> {
         match (&mut self.shared, self.own.as_mut().as_pin_mut()) {
             (Some(shared), _) => Pin::new(shared).poll(cx),
             (None, Some(own)) => own.poll(cx),
-            (None, None) => unreachable!("a deadline has a sleep"),
+            (None, None) => Poll::Pending, // `new` made one or the other
         }
     }
 }
