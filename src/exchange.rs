@@ -601,7 +601,15 @@ pub fn settle_later(
         // a record that "turns unknown").
         let fate = match settle {
             Settle::Release => "could not undo a claim that may have landed; if it did, the key turns unknown or is freed when its lease ends",
-            _ => "could not settle the attempt's record; it turns unknown or expires with its lease",
+            // An outcome the store never took: a retry finds the attempt
+            // in flight (then unknown), or, if the store lost it, no record
+            // and runs again; counted as the attempt whose record a new
+            // owner took is (regression, the verification audit: a second
+            // run left no trace but this line).
+            _ => {
+                Metrics::route_counter(&metrics.superseded, &key.route);
+                "could not record the attempt's outcome: a retry finds it in flight and then unknown when its lease ends, or, if the store lost its record, runs the request again"
+            }
         };
         tracing::warn!(key = %key.key, route = %key.route, ?settle, "{fate}");
     });

@@ -156,7 +156,7 @@ impl Metrics {
         );
         registry.register(
             "superseded_attempts",
-            "Responses delivered but not recorded: the key had been claimed again (lease ended under on_unknown: release, or the record lost or purged), so the request may have run twice",
+            "Outcomes delivered but not recorded: the key had been claimed again (lease ended under on_unknown: release, or the record lost or purged), so the request may have run twice; or the store did not take the record in 20 background tries, so a retry may run it again",
             superseded.clone(),
         );
         registry.register(

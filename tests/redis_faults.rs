@@ -1200,3 +1200,46 @@ async fn waiters_on_the_attempts_instance_replay_it_when_its_record_could_not_be
     }
     assert_eq!(upstream.hits(), 1, "the request ran once");
 }
+
+/// Regression (the verification audit): an attempt's completion that the
+/// store did not take in its 20 background tries was given up with a log
+/// line only, and a retry after Redis came back empty ran the request
+/// again without a trace. It is counted in
+/// `idemgate_superseded_attempts_total`, which has the critical alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_given_up_in_the_background_is_counted() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(&redis, &upstream, "", "lease: 60s")
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let slow = [
+        ("idempotency-key", "k-given-up"),
+        ("x-test-delay-ms", "500"),
+    ];
+    let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
+    eventually(Duration::from_secs(5), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    redis.kill();
+    assert_eq!(first.await.unwrap().status, 201);
+    // 20 tries, 500 ms apart, each refused at once.
+    eventually(
+        Duration::from_secs(30),
+        "the write given up and counted",
+        || async {
+            let text = proxy.metrics().await;
+            sample(
+                &text,
+                "idemgate_superseded_attempts_total",
+                &[("route", "orders")],
+            ) == 1.0
+        },
+    )
+    .await;
+    redis.restart().await;
+}
