@@ -1117,6 +1117,22 @@ async fn a_redis_user_not_allowed_info_is_still_ready() {
     assert_eq!(upstream.hits(), 1);
 }
 
+/// Sends `headers`' POST in a task of its own and returns once the
+/// upstream has it: the attempt runs.
+async fn attempt_upstream(
+    client: &TestClient,
+    proxy: &TestProxy,
+    upstream: &TestUpstream,
+    headers: &[(&str, &str)],
+) -> tokio::task::JoinHandle<common::Reply> {
+    let first = client.spawn_send("POST", &proxy.url("/api/o"), headers, "{}");
+    eventually(Duration::from_secs(5), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    first
+}
+
 /// Regression (an exactly-once audit): Redis restarted empty under a
 /// running attempt; its waiting duplicates (`concurrent: wait`) found no
 /// record, one claimed the key and ran the request again, and the first
@@ -1131,11 +1147,7 @@ async fn waiters_on_the_attempts_instance_never_rerun_it_after_redis_lost_its_re
         TestProxy::start(&yaml(&redis, &upstream, "", "concurrent: wait, lease: 20s")).await;
     let client = TestClient::new();
     let slow = [("idempotency-key", "k-lost"), ("x-test-delay-ms", "4000")];
-    let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
-    eventually(Duration::from_secs(5), "the attempt upstream", || async {
-        upstream.hits() == 1
-    })
-    .await;
+    let first = attempt_upstream(&client, &proxy, &upstream, &slow).await;
     let waiters: Vec<_> = (0..5)
         .map(|_| client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}"))
         .collect();
@@ -1171,11 +1183,7 @@ async fn waiters_on_the_attempts_instance_replay_it_when_its_record_could_not_be
         ("idempotency-key", "k-unwritten"),
         ("x-test-delay-ms", "2000"),
     ];
-    let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
-    eventually(Duration::from_secs(5), "the attempt upstream", || async {
-        upstream.hits() == 1
-    })
-    .await;
+    let first = attempt_upstream(&client, &proxy, &upstream, &slow).await;
     let waiters: Vec<_> = (0..3)
         .map(|_| client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}"))
         .collect();
@@ -1220,11 +1228,7 @@ async fn a_completion_given_up_in_the_background_is_counted() {
         ("idempotency-key", "k-given-up"),
         ("x-test-delay-ms", "500"),
     ];
-    let first = client.spawn_send("POST", &proxy.url("/api/o"), &slow, "{}");
-    eventually(Duration::from_secs(5), "the attempt upstream", || async {
-        upstream.hits() == 1
-    })
-    .await;
+    let first = attempt_upstream(&client, &proxy, &upstream, &slow).await;
     redis.kill();
     assert_eq!(first.await.unwrap().status, 201);
     // 20 tries, 500 ms apart, each refused at once.

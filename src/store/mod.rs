@@ -427,13 +427,13 @@ impl Store {
     /// and, on a standalone Redis, by other instances' ending of an attempt
     /// that a waiting claim marked; otherwise the caller's next claim, after
     /// `at_most`, sees them.
+    pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
+        self.waiters.changed(key, at_most).await;
+    }
+
     /// Wakes the waiters of `key`'s slot, as a transition does.
     pub fn wake(&self, key: &StorageKey) {
         self.waiters.wake(key);
-    }
-
-    pub async fn changed(&self, key: &StorageKey, at_most: Duration) {
-        self.waiters.changed(key, at_most).await;
     }
 
     /// The store's clock in milliseconds since the epoch (Redis `TIME`):
