@@ -2,6 +2,7 @@
 //! neither a client-facing timeout nor a client disconnect cancels it: it
 //! goes on until the response is recorded or the lease ends.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -177,20 +178,20 @@ impl Exchange {
                 }
                 // The upstream never saw the request: a retry may try again.
                 self.release().await;
-                (send_error_problem(error), false)
+                (send_error_problem(error), Recorded::No)
             }
             // (A protected request's body is in memory: it cannot break off.)
             Ok(Err(error @ (SendError::Broken(_) | SendError::ClientBody { .. }))) => {
                 self.finish_admission(false);
                 self.settle_unknown("the upstream connection broke after the request was sent")
                     .await;
-                (send_error_problem(error), false)
+                (send_error_problem(error), Recorded::No)
             }
             Err(_) => {
                 self.finish_admission(false);
                 self.settle_unknown("no response before the lease ended")
                     .await;
-                (lease_end_problem(self.policy.on_unknown), false)
+                (lease_end_problem(self.policy.on_unknown), Recorded::No)
             }
         };
         // Ended: unless its record went to the background, which holds it on.
@@ -212,7 +213,7 @@ impl Exchange {
             if let Some(route) = &self.route_metrics {
                 route.observe_upstream(upstream_time);
             }
-            if recorded {
+            if recorded.late() {
                 Metrics::route_counter(&self.metrics.late_completions, &self.key.route);
             }
         }
@@ -246,7 +247,7 @@ impl Exchange {
         &mut self,
         response: Response<UpstreamBody>,
         quiet: Duration,
-    ) -> (Response<ProxyBody>, bool) {
+    ) -> (Response<ProxyBody>, Recorded) {
         let (mut parts, mut incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // A replay says the status's standard reason phrase: so does the first answer.
@@ -258,7 +259,7 @@ impl Exchange {
             self.finish_streamed(&mut incoming, !failed_status(status));
             self.release().await;
             let body = body::boxed(Silence::new(incoming, quiet, self.trace));
-            return (Response::from_parts(parts, body), false);
+            return (Response::from_parts(parts, body), Recorded::No);
         }
         // A body declared larger than can be stored is not read first: its
         // head goes to the client at once, and its outcome is the same
@@ -309,12 +310,12 @@ impl Exchange {
                     .await;
                 let problem =
                     send_error_problem(SendError::Broken("response body incomplete".into()));
-                (problem, false)
+                (problem, Recorded::No)
             }
             Err(_) => {
                 self.settle_unknown("the response body was not whole before the lease ended")
                     .await;
-                (lease_end_problem(self.policy.on_unknown), false)
+                (lease_end_problem(self.policy.on_unknown), Recorded::No)
             }
         }
     }
@@ -326,7 +327,7 @@ impl Exchange {
         headers: http::HeaderMap,
         body: Option<Bytes>,
         body_size: u64,
-    ) -> (bool, http::HeaderMap) {
+    ) -> (Recorded, http::HeaderMap) {
         let stored = StoredResponse {
             status,
             headers,
@@ -338,7 +339,7 @@ impl Exchange {
             .complete(&self.key, &self.attempt(), &stored, self.policy.ttl)
             .await
         {
-            Ok(true) => true,
+            Ok(true) => Recorded::Now,
             Ok(false) => {
                 Metrics::route_counter(&self.metrics.superseded, &self.key.route);
                 tracing::warn!(
@@ -346,7 +347,7 @@ impl Exchange {
                     route = %self.key.route,
                     "the attempt no longer owned its key (its lease ended, or its record was lost, by a flush, an eviction or a purge, and the key claimed again: the request may then have run twice); response delivered but not recorded"
                 );
-                false
+                Recorded::No
             }
             Err(error) => {
                 tracing::error!(
@@ -355,13 +356,15 @@ impl Exchange {
                     error = %error,
                     "could not record the response; trying again in the background (the record turns unknown when its lease ends if the store does not take it)"
                 );
+                let late = Arc::new(Late::default());
                 let settle = Settle::Complete {
                     response: Arc::new(stored.clone()),
                     ttl: self.policy.ttl,
                     claimed: self.claimed(),
+                    late: late.clone(),
                 };
                 self.settle_in_background(settle);
-                false
+                Recorded::Later(late)
             }
         };
         (recorded, stored.headers)
@@ -455,7 +458,49 @@ pub enum Settle {
         response: Arc<StoredResponse>,
         ttl: Duration,
         claimed: Claimed,
+        /// Whether its client went without it, for the late count.
+        late: Arc<Late>,
     },
+}
+
+/// Whether an exchange's response was recorded when it was delivered.
+enum Recorded {
+    Now,
+    No,
+    /// The store failed it: tried again in the background.
+    Later(Arc<Late>),
+}
+
+impl Recorded {
+    /// Called when the client went without the response (timeout,
+    /// disconnect): whether to count a late completion now. One recorded
+    /// in the background counts when both are known, whichever comes
+    /// second (regression, the focused check of the background writes: a
+    /// late answer recorded in the background was never counted).
+    fn late(&self) -> bool {
+        match self {
+            Recorded::Now => true,
+            Recorded::No => false,
+            Recorded::Later(late) => late.mark(Late::UNDELIVERED),
+        }
+    }
+}
+
+/// A completion made in the background, and a client that went without
+/// it: a late completion once both are so.
+#[derive(Default)]
+pub struct Late(AtomicU8);
+
+impl Late {
+    const RECORDED: u8 = 1;
+    const UNDELIVERED: u8 = 2;
+
+    /// Marks one of the two; true for whichever makes both.
+    fn mark(&self, bit: u8) -> bool {
+        let both = Self::RECORDED | Self::UNDELIVERED;
+        let before = self.0.fetch_or(bit, Ordering::AcqRel);
+        before != both && before | bit == both
+    }
 }
 
 impl Settle {
@@ -530,6 +575,7 @@ impl Settle {
                 response,
                 ttl,
                 claimed,
+                ..
             } => {
                 store
                     .complete(key, &claimed.attempt(token), response, *ttl)
@@ -545,6 +591,9 @@ impl Settle {
         match (self, done) {
             (Settle::Unknown { .. }, true) => {
                 Metrics::route_counter(&metrics.unknown_outcomes, &key.route);
+            }
+            (Settle::Complete { late, .. }, true) if late.mark(Late::RECORDED) => {
+                Metrics::route_counter(&metrics.late_completions, &key.route);
             }
             (Settle::Complete { .. }, false) => {
                 Metrics::route_counter(&metrics.superseded, &key.route);
@@ -639,4 +688,23 @@ fn lease_end_problem(on_unknown: OnUnknown) -> Response<ProxyBody> {
     Problem::new(Code::UpstreamTimeout, detail)
         .retry_after(Duration::from_secs(1))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Late;
+
+    #[test]
+    fn a_late_completion_is_counted_once_whichever_is_known_second() {
+        for [first, second] in [
+            [Late::RECORDED, Late::UNDELIVERED],
+            [Late::UNDELIVERED, Late::RECORDED],
+        ] {
+            let late = Late::default();
+            assert!(!late.mark(first));
+            assert!(late.mark(second));
+        }
+        let recorded_only = Late::default();
+        assert!(!recorded_only.mark(Late::RECORDED));
+    }
 }

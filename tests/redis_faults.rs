@@ -1247,3 +1247,58 @@ async fn a_completion_given_up_in_the_background_is_counted() {
     .await;
     redis.restart().await;
 }
+
+/// Regression (the focused check of the background writes): an answer that
+/// came after its client's 504, and that the store took only in the
+/// background, was never counted in `idemgate_late_completions_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_recorded_in_the_background_is_counted_late() {
+    let mut redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(&redis, &upstream, "", "lease: 60s")
+    )
+    .replace("response: 5s", "response: 300ms");
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let slow = [("idempotency-key", "k-late"), ("x-test-delay-ms", "1500")];
+    let first = attempt_upstream(&client, &proxy, &upstream, &slow).await;
+    assert_eq!(first.await.unwrap().status, 504);
+    // The answer comes while Redis is down: its completion fails.
+    redis.kill();
+    eventually(
+        Duration::from_secs(10),
+        "the completion refused",
+        || async {
+            let text = proxy.metrics().await;
+            sample(&text, "idemgate_store_errors_total", &[("op", "complete")]) >= 1.0
+        },
+    )
+    .await;
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(15),
+        "the late completion counted",
+        || async {
+            let text = proxy.metrics().await;
+            sample(
+                &text,
+                "idemgate_late_completions_total",
+                &[("route", "orders")],
+            ) == 1.0
+        },
+    )
+    .await;
+    let retry = client
+        .send(
+            "POST",
+            &proxy.url("/api/o"),
+            &slow,
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1);
+}
