@@ -1302,3 +1302,60 @@ async fn a_late_answer_recorded_in_the_background_is_counted_late() {
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(upstream.hits(), 1);
 }
+
+/// `CONFIG SET requirepass` through a connection authenticated with `auth`.
+async fn set_password(redis: &RedisServer, auth: &str, password: &str) {
+    let url = redis
+        .url()
+        .replace("redis://", &format!("redis://:{auth}@"));
+    let url = if auth.is_empty() {
+        redis.url().to_owned()
+    } else {
+        url
+    };
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection");
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", password])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Regression (the Redis deployments audit): once a reconnect failed to
+/// authenticate (the password rotated on the server first), the store kept
+/// that failure for good: every request `503 store_unavailable` after the
+/// password was put right, until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_authentication_is_tried_again_once_the_password_is_right() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    set_password(&redis, "", "pw-one").await;
+    let with_password = redis.url().replace("redis://", "redis://:pw-one@");
+    let yaml = yaml(&redis, &upstream, "", "").replace(redis.url(), &with_password);
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    assert_eq!(client.post_key(&url, "k-auth-1", "{}").await.status, 201);
+    // Rotated on the server first: the reconnect fails to authenticate.
+    set_password(&redis, "pw-one", "pw-two").await;
+    let refused = client.post_key(&url, "k-auth-2", "{}").await;
+    assert_eq!(refused.code(), "store_unavailable", "{refused:?}");
+    set_password(&redis, "pw-two", "pw-one").await;
+    let back = common::resend_until(
+        Duration::from_secs(5),
+        || client.post_key(&url, "k-auth-3", "{}"),
+        |r| r.status != 503,
+    )
+    .await;
+    assert_eq!(back.status, 201, "{back:?}");
+    assert_eq!(upstream.hits(), 2);
+}

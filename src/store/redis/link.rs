@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -17,8 +17,67 @@ use super::watch;
 use crate::store::StoreError;
 
 pub enum Link {
-    Single(ConnectionManager),
+    Single(Arc<SingleLink>),
     Cluster(Arc<ClusterLink>),
+}
+
+/// A standalone server's reconnecting connection, made anew after a failed
+/// authentication: `ConnectionManager` reconnects after an I/O error only,
+/// and kept a failed `AUTH` (a rotated password, an ACL user created after
+/// the proxy started) for good, every call failing with it though the
+/// password had been put right (regression, an audit: `503
+/// store_unavailable` until a restart).
+pub struct SingleLink {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    conn: ArcSwap<ConnectionManager>,
+}
+
+impl SingleLink {
+    fn manager(
+        client: &redis::Client,
+        config: &ConnectionManagerConfig,
+    ) -> redis::RedisResult<ConnectionManager> {
+        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+    }
+
+    fn handle(self: &Arc<Self>) -> SingleHandle {
+        let current = self.conn.load_full();
+        SingleHandle {
+            conn: (*current).clone(),
+            current,
+            link: self.clone(),
+        }
+    }
+
+    /// Replaces `failed` with a new connection (made by the next call),
+    /// unless another call did: one new attempt per failed one, as
+    /// `ConnectionManager` does after an I/O error.
+    fn renew(&self, failed: &Arc<ConnectionManager>) {
+        if let Ok(fresh) = Self::manager(&self.client, &self.config) {
+            self.conn.compare_and_swap(failed, Arc::new(fresh));
+        }
+    }
+}
+
+/// One call's connection to a standalone server, and the one it came from.
+#[derive(Clone)]
+pub struct SingleHandle {
+    conn: ConnectionManager,
+    current: Arc<ConnectionManager>,
+    link: Arc<SingleLink>,
+}
+
+impl SingleHandle {
+    /// `result`, after renewing the connection when it failed to authenticate.
+    fn renewed<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &result
+            && e.kind() == redis::ErrorKind::AuthenticationFailed
+        {
+            self.link.renew(&self.current);
+        }
+        result
+    }
 }
 
 pub struct ClusterLink {
@@ -65,7 +124,7 @@ impl ClusterLink {
 /// A cheap clone of the connection for one call.
 #[derive(Clone)]
 pub enum Handle {
-    Single(ConnectionManager),
+    Single(SingleHandle),
     Cluster(ClusterConnection),
 }
 
@@ -85,9 +144,13 @@ impl Link {
             .set_response_timeout(None)
             .set_number_of_retries(0)
             .set_max_delay(Duration::from_secs(2));
-        ConnectionManager::new_lazy_with_config(client, config)
-            .map(Link::Single)
-            .map_err(|e| StoreError::Backend(e.to_string()))
+        let conn = SingleLink::manager(&client, &config)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(Link::Single(Arc::new(SingleLink {
+            client,
+            config,
+            conn: ArcSwap::from_pointee(conn),
+        })))
     }
 
     pub fn cluster(
@@ -122,7 +185,7 @@ impl Link {
     /// standalone server; for a cluster once its connection is made).
     pub fn ready_handle(&self) -> Option<Handle> {
         match self {
-            Link::Single(conn) => Some(Handle::Single(conn.clone())),
+            Link::Single(link) => Some(Handle::Single(link.handle())),
             Link::Cluster(cluster) => cluster.current().map(Handle::Cluster),
         }
     }
@@ -138,7 +201,7 @@ impl Link {
     /// again by the next call.
     pub async fn handle(&self) -> redis::RedisResult<Handle> {
         match self {
-            Link::Single(conn) => Ok(Handle::Single(conn.clone())),
+            Link::Single(link) => Ok(Handle::Single(link.handle())),
             Link::Cluster(cluster) => {
                 if let Some(conn) = cluster.current() {
                     return Ok(Handle::Cluster(conn));
@@ -259,14 +322,16 @@ fn sent_maybe(first: redis::RedisError, again: redis::RedisError) -> redis::Redi
 impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Handle::Single(c) => Box::pin(async move {
-                match c.send_packed_command(cmd).await {
-                    Err(e) if e.is_connection_dropped() => c
+            Handle::Single(h) => Box::pin(async move {
+                let result = match h.conn.send_packed_command(cmd).await {
+                    Err(e) if e.is_connection_dropped() => h
+                        .conn
                         .send_packed_command(cmd)
                         .await
                         .map_err(|again| sent_maybe(e, again)),
                     result => result,
-                }
+                };
+                h.renewed(result)
             }),
             Handle::Cluster(c) => c.req_packed_command(cmd),
         }
@@ -279,14 +344,16 @@ impl ConnectionLike for Handle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Handle::Single(c) => Box::pin(async move {
-                match c.send_packed_commands(pipeline, offset, count).await {
-                    Err(e) if e.is_connection_dropped() => c
+            Handle::Single(h) => Box::pin(async move {
+                let result = match h.conn.send_packed_commands(pipeline, offset, count).await {
+                    Err(e) if e.is_connection_dropped() => h
+                        .conn
                         .send_packed_commands(pipeline, offset, count)
                         .await
                         .map_err(|again| sent_maybe(e, again)),
                     result => result,
-                }
+                };
+                h.renewed(result)
             }),
             Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -294,7 +361,7 @@ impl ConnectionLike for Handle {
 
     fn get_db(&self) -> i64 {
         match self {
-            Handle::Single(c) => c.get_db(),
+            Handle::Single(h) => h.conn.get_db(),
             Handle::Cluster(c) => c.get_db(),
         }
     }
