@@ -106,6 +106,23 @@ pub fn ambiguous(path: &str) -> Option<&'static str> {
     None
 }
 
+/// Why a path as sent would be read by some upstreams as another path than
+/// its normal form, if it would: a `%` that starts no escape. Normal form
+/// decodes once, so `%%36%66rders` became `%6frders`, which was routed as
+/// such and read as `orders` by upstreams that decode the path (regression,
+/// an audit: a protected route's POSTs passed through a catch-all route
+/// unprotected, three runs of one key). Asked of the path as sent.
+pub fn malformed(path: &str) -> Option<&'static str> {
+    let bytes = path.as_bytes();
+    let stray = |i: usize| {
+        !bytes
+            .get(i + 1..i + 3)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    };
+    (bytes.contains(&b'%') && (0..bytes.len()).any(|i| bytes[i] == b'%' && stray(i)))
+        .then_some("a `%` that starts no escape (send a literal % as %25)")
+}
+
 /// `%2F` and `%5C` (either case) as `/`, nothing else changed.
 fn for_routing_raw(path: &str) -> String {
     path.replace("%2F", "/")
@@ -247,6 +264,24 @@ mod tests {
         ];
         for (sent, want) in cases {
             assert_eq!(for_routing(sent), *want, "{sent}");
+        }
+    }
+
+    #[test]
+    fn paths_with_a_stray_percent_table() {
+        let cases: &[(&str, bool)] = &[
+            ("/api/orders", false),
+            ("/api/%6Frders", false),
+            ("/caf%c3%a9", false),
+            ("/api/%%36%66rders", true),
+            ("/api/reports/%%32%65%%32%65/orders", true),
+            ("/a%2", true),
+            ("/a%", true),
+            ("/a%zz", true),
+            ("/100%25", false),
+        ];
+        for (path, refused) in cases {
+            assert_eq!(malformed(path).is_some(), *refused, "{path}");
         }
     }
 

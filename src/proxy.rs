@@ -413,10 +413,11 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         // Matched and forwarded in its normal form: `/a/../orders` must not
         // miss the `/orders` route that the upstream will take it for.
+        let malformed = path::malformed(request.uri().path());
         if let Some(uri) = path::normalized(request.uri()) {
             *request.uri_mut() = uri;
         }
-        if let Some(why) = path::ambiguous(request.uri().path()) {
+        if let Some(why) = malformed.or_else(|| path::ambiguous(request.uri().path())) {
             ctx.outcome = "rejected";
             return Problem::new(
                 Code::BadRequest,

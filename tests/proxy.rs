@@ -276,8 +276,8 @@ async fn a_path_written_another_way_takes_its_route_and_goes_out_normal() {
 /// pass-through `reports` path to idemgate, `/api/orders` to a Node
 /// upstream, past the orders route's gate), a dot segment with parameters
 /// (`..;`, servlet containers), dot segments beside encoded slashes (WSGI
-/// decodes `%2F` but does not resolve `..`). They are refused with 400 and
-/// nothing is forwarded.
+/// decodes `%2F` but does not resolve `..`), a stray `%` whose decoding
+/// makes a new escape. They are refused with 400 and nothing is forwarded.
 #[tokio::test]
 async fn paths_upstreams_may_read_as_another_are_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -288,6 +288,10 @@ async fn paths_upstreams_may_read_as_another_are_refused() {
         "/api/reports/..;/orders",
         "/api/orders%2F..%2Freports",
         "/api/reports/..%5Corders",
+        // A `%` that starts no escape: decoded once, `%%36%66` is `%6f`,
+        // which upstreams that decode the path read as `o` (a second audit).
+        "/api/%%36%66rders",
+        "/api/reports/%%32%65%%32%65/orders",
     ] {
         let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         let request = format!(
