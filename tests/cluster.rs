@@ -219,3 +219,38 @@ fn keys_cli(yaml: &str, args: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// Regression (the Redis deployments audit): with a master dead and no
+/// replica to take its slots, every claim failed (`503 store_unavailable`)
+/// while `/readyz` said ready: the cluster's own PING went only to the
+/// masters its connection still reached. Readiness asks every master that
+/// holds slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_makes_the_proxy_unready() {
+    let mut cluster = RedisCluster::start().await;
+    let upstream = TestUpstream::start().await;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 1s }}",
+        urls.join(", ")
+    );
+    let routes =
+        "  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { } }";
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        config(&store, upstream.addr, "", routes)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let readyz = proxy.admin_url("/readyz");
+    let ready = || client.send("GET", &readyz, &[], Bytes::new());
+    assert_eq!(ready().await.status, 200);
+    let master = cluster.a_master().await;
+    cluster.nodes[master].kill();
+    let unready = resend_until(Duration::from_secs(10), ready, |r| r.status != 200).await;
+    assert_eq!(unready.status, 503, "{unready:?}");
+    assert!(
+        String::from_utf8_lossy(&unready.body).contains("store_unavailable"),
+        "{unready:?}"
+    );
+}

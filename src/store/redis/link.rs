@@ -243,6 +243,38 @@ impl Handle {
         }
     }
 
+    /// PINGs the server, or every master of a cluster that holds slots,
+    /// a failed one too: a cluster's own PING goes only to the masters its
+    /// connection still reaches, and `/readyz` said ready while a dead
+    /// master's slots refused every claim (regression, the Redis
+    /// deployments audit).
+    pub async fn ping(&mut self) -> redis::RedisResult<()> {
+        let Handle::Cluster(conn) = self else {
+            let _: String = redis::cmd("PING").query_async(self).await?;
+            return Ok(());
+        };
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+        for address in watch::slot_masters(&nodes) {
+            let Some((host, port)) = address.rsplit_once(':') else {
+                continue;
+            };
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_owned(),
+                port: port.parse().unwrap_or_default(),
+            });
+            if let Err(e) = conn.route_command(redis::cmd("PING"), route).await {
+                let detail = format!("the master at {address}, which holds slots: {e}");
+                return Err((
+                    redis::ErrorKind::Io,
+                    "a Redis Cluster master does not answer",
+                    detail,
+                )
+                    .into());
+            }
+        }
+        Ok(())
+    }
+
     /// One SCAN step on one node.
     pub async fn scan(
         &mut self,

@@ -544,10 +544,7 @@ impl RedisStore {
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
         if self.version_checked.get().is_some() {
-            let _: String = self
-                .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
-                .await?;
-            return Ok(());
+            return self.bounded(deadline, conn.ping()).await;
         }
         // A standalone server answers one text; a cluster, a map of every
         // node's (regression: read as one string, it failed on every

@@ -171,7 +171,7 @@ async fn read(conn: &mut MultiplexedConnection) -> redis::RedisResult<BTreeSet<S
 /// <pong-recv> <epoch> <link> <slot> ...`. A master flagged `fail` (or
 /// `fail?`) counts while it holds slots: its replica has not taken them yet.
 /// Slots being imported or migrated (`[..]`) are not held.
-fn slot_masters(nodes: &str) -> BTreeSet<String> {
+pub(super) fn slot_masters(nodes: &str) -> BTreeSet<String> {
     nodes
         .lines()
         .filter_map(|line| {
