@@ -346,7 +346,8 @@ impl Store {
     /// route and key only and reads a record's response only once `keep`
     /// has accepted it without (`keep` must judge by state, lease and key,
     /// not by the response). So listing the few unknown outcomes copies
-    /// neither the whole store nor every record's body.
+    /// neither the whole store nor every record's body. Listed records come
+    /// without their bodies' bytes ([`Record::listed`]).
     pub async fn records(
         &self,
         route: Option<&str>,

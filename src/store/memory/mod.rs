@@ -267,7 +267,8 @@ impl MemoryStore {
     }
 
     /// The live records `wanted` accepts, at most `limit` of them, for the
-    /// operator's listings; a record is tested before it is copied.
+    /// operator's listings; a record is tested before it is copied, without
+    /// its body's bytes ([`Record::listed`], as Redis lists them).
     pub fn records(
         &self,
         wanted: impl Fn(&StorageKey, &Record) -> bool,
@@ -286,7 +287,7 @@ impl MemoryStore {
                         record.expires_ms > now && wanted(key, record)
                     })
                     .take(limit - out.len())
-                    .map(|slot| (*slot.entry).clone()),
+                    .map(|slot| (slot.entry.0.clone(), slot.entry.1.listed())),
             );
             if out.len() >= limit {
                 break;

@@ -503,7 +503,9 @@ impl RedisStore {
                 let keys: Vec<StorageKey> = pipeline.iter().map(|(k, _)| k.clone()).collect();
                 for (key, record) in self.read_listed(conn.clone(), &keys).await? {
                     match record {
-                        Ok(record) if keep(&key, &record) => listing.found.push((key, record)),
+                        Ok(record) if keep(&key, &record) => {
+                            listing.found.push((key, record.listed()));
+                        }
                         Ok(_) => {}
                         Err(why) => listing.damaged.push((key, why)),
                     }
