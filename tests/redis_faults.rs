@@ -745,14 +745,37 @@ async fn a_waiting_duplicate_waits_through_a_store_error_and_is_never_forwarded(
     let redis = RedisServer::start_own().await;
     let conn = redis.connection().await;
     let upstream = TestUpstream::start().await;
-    let yaml = yaml(
-        &redis,
-        &upstream,
-        ", on_unavailable: forward",
-        "concurrent: wait",
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(
+            &redis,
+            &upstream,
+            ", on_unavailable: forward",
+            "concurrent: wait",
+        )
     );
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
+    // Ready: its one-time check of scripts (an EVALSHA) is behind it.
+    let ready = client
+        .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
+        .await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let evalsha_calls = |conn: &::redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let stats: String = ::redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (stats.lines())
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    let before = evalsha_calls(&conn).await;
     let first = [
         ("idempotency-key", "k-wait-fault"),
         ("x-test-delay-ms", "2500"),
@@ -768,16 +791,8 @@ async fn a_waiting_duplicate_waits_through_a_store_error_and_is_never_forwarded(
     let duplicate = client.spawn_send("POST", &proxy.url("/api/o"), &duplicate, "{}");
     // The duplicate's first claim found the attempt in flight: that is the
     // claim script (a new key's claim is a plain SET).
-    eventually(Duration::from_secs(5), "the duplicate waits", || {
-        let mut conn = conn.clone();
-        async move {
-            let stats: String = ::redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            stats.contains("cmdstat_evalsha:calls=")
-        }
+    eventually(Duration::from_secs(5), "the duplicate waits", || async {
+        evalsha_calls(&conn).await > before
     })
     .await;
     redis.pause();
@@ -1358,4 +1373,75 @@ async fn a_failed_authentication_is_tried_again_once_the_password_is_right() {
     .await;
     assert_eq!(back.status, 201, "{back:?}");
     assert_eq!(upstream.hits(), 2);
+}
+
+/// A proxy on `redis` as the ACL user `user` (password `secret`), made
+/// with `rules`.
+async fn proxy_as_user(
+    redis: &RedisServer,
+    upstream: &TestUpstream,
+    user: &str,
+    rules: &[&str],
+) -> TestProxy {
+    let mut admin = redis.connection().await;
+    let _: String = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(user)
+        .arg(&["on", ">secret", "~*", "&*"])
+        .arg(rules)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = redis
+        .url()
+        .replace("redis://", &format!("redis://{user}:secret@"));
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(redis, upstream, "", "")
+    )
+    .replace(redis.url(), &url);
+    TestProxy::start(&yaml).await
+}
+
+/// Regression (the Redis deployments audit): a Redis user not allowed
+/// scripts claimed new keys (a plain `SET`) and then failed every
+/// completion and every other claim, while `/readyz` said ready. It is
+/// not ready now; a user with the categories README names works whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_not_allowed_scripts_is_not_ready() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let client = TestClient::new();
+    let denied = proxy_as_user(&redis, &upstream, "noscript", &["+@all", "-@scripting"]).await;
+    let ready = client
+        .send("GET", &denied.admin_url("/readyz"), &[], Bytes::new())
+        .await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    let documented = [
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@keyspace",
+        "+@connection",
+        "+time",
+    ];
+    let lean = proxy_as_user(&redis, &upstream, "lean", &documented).await;
+    let ready = client
+        .send("GET", &lean.admin_url("/readyz"), &[], Bytes::new())
+        .await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    let first = client.post_key(&lean.url("/api/o"), "k-lean", "{}").await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let again = client.post_key(&lean.url("/api/o"), "k-lean", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    let listed = client
+        .send(
+            "GET",
+            &lean.admin_url("/keys?route=orders"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert_eq!(upstream.hits(), 1);
 }

@@ -585,12 +585,47 @@ impl RedisStore {
                         "Redis evicts keys when it reaches maxmemory: an evicted record lets a retry run the request again; set maxmemory-policy noeviction (docs/operations.md, Redis)"
                     );
                 }
+                self.may_run_scripts(&mut conn, deadline).await?;
                 let _ = self.version_checked.set(());
-                let _: String = self
-                    .bounded(deadline, redis::cmd("PING").query_async(&mut conn))
-                    .await?;
-                Ok(())
+                self.bounded(deadline, conn.ping()).await
             }
+        }
+    }
+
+    /// Whether the Redis user may run idemgate's scripts: one that may not
+    /// (ACL) claims new keys with a plain `SET` and then fails every
+    /// completion and every other claim (regression, the Redis deployments
+    /// audit: ready, and nothing recorded). The read script on a key of
+    /// its own, loaded if need be, as a listing runs it.
+    async fn may_run_scripts(
+        &self,
+        conn: &mut link::Handle,
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.read.get_hash())
+            .arg(1)
+            .arg(format!("{}readiness-probe", self.prefix))
+            .arg("1");
+        let result: redis::RedisResult<Value> = self
+            .bounded_raw(deadline, async {
+                match call.query_async(conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        self.read.load_async(conn).await?;
+                        call.query_async(conn).await
+                    }
+                    result => result,
+                }
+            })
+            .await?;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
+                Err(StoreError::Backend(format!(
+                    "the Redis user may not run idemgate's scripts ({e}): grant it +@scripting, +@read, +@write and +@keyspace on the store's keys (README, Redis)"
+                )))
+            }
+            Err(e) => Err(backend_error(&e)),
         }
     }
 
