@@ -254,3 +254,28 @@ async fn a_dead_master_makes_the_proxy_unready() {
         "{unready:?}"
     );
 }
+
+/// Regression (the Redis deployments audit): `store.tls` with `redis://`
+/// seeds made the cluster client speak TLS to them, though the
+/// configuration check says it is ignored for such URLs (as it is for one
+/// server). A plain cluster with a `tls:` block works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_tls_is_ignored_for_redis_urls_of_a_cluster() {
+    let cluster = RedisCluster::start().await;
+    let upstream = TestUpstream::start().await;
+    let pki = common::certs::Pki::new();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 1s, tls: {{ ca_file: \"{}\" }} }}",
+        urls.join(", "),
+        pki.ca.display()
+    );
+    let routes =
+        "  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { } }";
+    let proxy = TestProxy::start(&config(&store, upstream.addr, "", routes)).await;
+    let client = TestClient::new();
+    let first = client.post_key(&proxy.url("/api/o"), "k-plain", "{}").await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let again = client.post_key(&proxy.url("/api/o"), "k-plain", "{}").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+}

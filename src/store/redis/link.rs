@@ -168,7 +168,11 @@ impl Link {
         let mut builder = ClusterClient::builder(urls.to_vec())
             .connection_timeout(op_timeout)
             .response_timeout(op_timeout);
-        if let Some(certs) = tls {
+        // As for one server, only for `rediss://` seeds: given for
+        // `redis://` ones, the cluster client spoke TLS to them, which the
+        // configuration check said was ignored (regression, the Redis
+        // deployments audit).
+        if let Some(certs) = tls.filter(|_| urls.iter().any(|u| u.starts_with("rediss://"))) {
             builder = builder.certs(certs);
         }
         let client = builder.build().map_err(invalid)?;
