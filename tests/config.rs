@@ -497,6 +497,34 @@ fn cluster_urls_with_a_database_and_prefixes_with_a_hash_tag_are_caught() {
     }
 }
 
+/// Regression (the Redis deployments audit): a first seed without the
+/// password the others carry was valid to `check`, and every call of
+/// `serve` then failed with NOAUTH. Seeds must agree on the credentials.
+#[test]
+fn cluster_seeds_with_different_credentials_are_an_error() {
+    let routes = "routes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+    let cluster =
+        |urls: &str| format!("store: {{ backend: redis, cluster: [{urls}] }}\n{BASE}{routes}");
+    for urls in [
+        "\"redis://127.0.0.1:7000\", \"redis://:pw@127.0.0.1:7001\"",
+        "\"redis://:pw@127.0.0.1:7000\", \"redis://127.0.0.1:7001\"",
+        "\"redis://a:pw@127.0.0.1:7000\", \"redis://b:pw@127.0.0.1:7001\"",
+    ] {
+        let errs = errors(&cluster(urls));
+        let e = error_at(&errs, "store.cluster");
+        assert!(
+            e.message.contains("do not make one Redis Cluster"),
+            "{urls}: {e}"
+        );
+        assert!(
+            !e.to_string().contains("pw"),
+            "no password in the message: {e}"
+        );
+    }
+    let same = "\"redis://a:pw@127.0.0.1:7000\", \"redis://a:pw@127.0.0.1:7001\"";
+    Config::parse(&cluster(same)).expect("the same credentials");
+}
+
 /// Regression (an audit): accepted silently, as if it bounded Redis.
 #[test]
 fn max_records_on_redis_is_a_warning() {

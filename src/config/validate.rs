@@ -611,7 +611,22 @@ fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<V
         );
         return None;
     }
-    if redis::cluster::ClusterClient::new(urls.clone()).is_ok() {
+    // The cluster client takes the first seed's credentials for every
+    // node and accepts a later seed's different ones only when the first
+    // has some: a first seed without a password beside one with it was
+    // valid to `check`, and every call then failed with NOAUTH
+    // (regression, the Redis deployments audit).
+    let credentials = |url: &String| {
+        url.as_str().into_connection_info().ok().map(|i| {
+            let settings = i.redis_settings();
+            let user = settings.username().map(str::to_owned);
+            (user, settings.password().map(str::to_owned))
+        })
+    };
+    let same_credentials = urls
+        .windows(2)
+        .all(|w| credentials(&w[0]) == credentials(&w[1]));
+    if same_credentials && redis::cluster::ClusterClient::new(urls.clone()).is_ok() {
         return Some(urls);
     }
     let at = store
