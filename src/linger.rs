@@ -19,6 +19,8 @@
 //! Dropped unread, hyper closes the connection after the answer.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -40,19 +42,28 @@ pub struct Lingering {
     body: Option<Incoming>,
     /// The proxy's shutdown, which ends the lingering.
     draining: CancellationToken,
-    /// The client waits for `100 Continue` before it sends the body, and
-    /// nothing has asked for the body yet (no `100` went out).
-    held_back: bool,
+    /// With `Expect: 100-continue`: true while nothing has asked for the
+    /// body (no `100` went out), and the client holds it back.
+    held_back: Option<Arc<AtomicBool>>,
 }
 
 impl Lingering {
-    /// `expects_continue`: the request said `Expect: 100-continue`.
-    pub fn new(body: Incoming, draining: &CancellationToken, expects_continue: bool) -> Lingering {
+    /// `held_back`: the request said `Expect: 100-continue`, and this
+    /// flag (true) says whether its body is still held back.
+    pub fn new(
+        body: Incoming,
+        draining: &CancellationToken,
+        held_back: Option<Arc<AtomicBool>>,
+    ) -> Lingering {
         Lingering {
             body: Some(body),
             draining: draining.clone(),
-            held_back: expects_continue,
+            held_back,
         }
+    }
+
+    fn held_back(&self) -> bool {
+        (self.held_back.as_ref()).is_some_and(|held| held.load(Ordering::Relaxed))
     }
 }
 
@@ -65,7 +76,9 @@ impl Body for Lingering {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         // Asked for: hyper sends `100 Continue`, and the client its body.
-        self.held_back = false;
+        if let Some(held) = &self.held_back {
+            held.store(false, Ordering::Relaxed);
+        }
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
@@ -92,7 +105,7 @@ impl Drop for Lingering {
         let Some(body) = self.body.take() else {
             return;
         };
-        if body.is_end_stream() || self.held_back {
+        if body.is_end_stream() || self.held_back() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -1,6 +1,7 @@
 //! `Proxy::handle`: the life of a request, top to bottom.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -362,6 +363,9 @@ impl Proxy {
         // the client can finish sending it and read the answer.
         let lingers = request.version() != http::Version::HTTP_2
             && !hyper::body::Body::is_end_stream(request.body());
+        // Whether a body its client holds back for `100 Continue` is still
+        // unasked when the answer goes: hyper then closes the connection.
+        let mut held_back = None;
         let request = match lingers {
             true => {
                 // Any line, as hyper reads the last (regression: the first
@@ -373,8 +377,9 @@ impl Proxy {
                         (v.as_bytes().split(|&b| b == b','))
                             .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
                     });
-                request
-                    .map(|body| body::boxed(Lingering::new(body, &self.draining, expects_continue)))
+                held_back = expects_continue.then(|| Arc::new(AtomicBool::new(true)));
+                let held = held_back.clone();
+                request.map(|body| body::boxed(Lingering::new(body, &self.draining, held)))
             }
             // HTTP/2: a stream the client reset is not a whole body.
             false
@@ -392,6 +397,11 @@ impl Proxy {
         response
             .headers_mut()
             .insert(&X_REQUEST_ID, access.ctx.ids.request_id.clone());
+        // Said, as RFC 9112 9.6 asks of a server that will close (the wire
+        // audit: closed without a word after a 404, a 400, a 413).
+        if held_back.is_some_and(|held| held.load(Ordering::Relaxed)) {
+            (response.headers_mut()).insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         access.finish(response.status().as_u16());
         response
     }

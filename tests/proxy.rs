@@ -341,6 +341,8 @@ async fn an_unasked_expect_continue_body_is_never_read_from_the_next_request() {
         let answer = String::from_utf8_lossy(&head[..n]).into_owned();
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
         assert!(!answer.contains("100 Continue"), "{answer}");
+        // Said (RFC 9112 9.6; the wire audit: closed without a word).
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
         // The client, told nothing to continue, goes on with its next request.
         let _ = stream.write_all(next.as_bytes()).await;
         let _ = stream.write_all(smuggled.as_bytes()).await;
