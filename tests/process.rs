@@ -1593,3 +1593,45 @@ async fn a_reload_overtaken_by_a_later_one_is_not_a_failure() {
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+/// Regression (the Redis deployments audit): a duplicate waiting on another
+/// instance's attempt logged a warning at every poll the store failed
+/// (16 waiters: 1,200 lines in a 30 s outage). Once per waiter now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_says_once_that_the_store_fails_its_polls() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &redis, &upstream, "30s");
+    let yaml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("lease: 30s", "lease: 30s, concurrent: wait");
+    std::fs::write(&path, yaml).unwrap();
+    let (runs, waits) = (Binary::serve(&path), Binary::serve(&path));
+    let client = TestClient::new();
+    let slow = [("idempotency-key", "k-noisy"), ("x-test-delay-ms", "3000")];
+    let first = client.spawn_send("POST", &runs.url("/api/o"), &slow, "{}");
+    eventually(Duration::from_secs(5), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    let key = [("idempotency-key", "k-noisy")];
+    let duplicate = client.spawn_send("POST", &waits.url("/api/o"), &key, "{}");
+    // Its polls fail while Redis hangs (250 ms each), for a second and a half.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.resume();
+    assert_eq!(first.await.unwrap().status, 201);
+    let replay = duplicate.await.unwrap();
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "{replay:?}"
+    );
+    let warned = (waits.log().iter())
+        .filter(|l| l.contains("a waiting duplicate's claim failed"))
+        .count();
+    assert_eq!(warned, 1, "{:#?}", waits.log());
+    assert_eq!(upstream.hits(), 1);
+}
