@@ -1082,17 +1082,13 @@ async fn an_unknown_made_in_the_background_is_counted() {
     );
     // The retry may have been told by this instance, from the record on its
     // way to the store: the background transition is counted once made.
-    eventually(
-        Duration::from_secs(15),
+    counted(
+        &proxy,
+        15,
         "the background transition counted",
-        || async {
-            let text = proxy.metrics().await;
-            sample(
-                &text,
-                "idemgate_unknown_outcomes_total",
-                &[("route", "orders")],
-            ) == 1.0
-        },
+        "idemgate_unknown_outcomes_total",
+        &[("route", "orders")],
+        1.0,
     )
     .await;
     assert_eq!(upstream.hits(), 2);
@@ -1130,6 +1126,21 @@ async fn a_redis_user_not_allowed_info_is_still_ready() {
     let again = client.post_key(&proxy.url("/api/o"), "k-acl", "{}").await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(upstream.hits(), 1);
+}
+
+/// Waits up to `secs` for the counter `name` with `labels` to read `value`.
+async fn counted(
+    proxy: &TestProxy,
+    secs: u64,
+    what: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    value: f64,
+) {
+    eventually(Duration::from_secs(secs), what, || async {
+        sample(&proxy.metrics().await, name, labels) == value
+    })
+    .await;
 }
 
 /// Sends `headers`' POST in a task of its own and returns once the
@@ -1247,17 +1258,13 @@ async fn a_completion_given_up_in_the_background_is_counted() {
     redis.kill();
     assert_eq!(first.await.unwrap().status, 201);
     // 20 tries, 500 ms apart, each refused at once.
-    eventually(
-        Duration::from_secs(30),
+    counted(
+        &proxy,
+        30,
         "the write given up and counted",
-        || async {
-            let text = proxy.metrics().await;
-            sample(
-                &text,
-                "idemgate_superseded_attempts_total",
-                &[("route", "orders")],
-            ) == 1.0
-        },
+        "idemgate_superseded_attempts_total",
+        &[("route", "orders")],
+        1.0,
     )
     .await;
     redis.restart().await;
@@ -1292,17 +1299,13 @@ async fn a_late_answer_recorded_in_the_background_is_counted_late() {
     )
     .await;
     redis.restart().await;
-    eventually(
-        Duration::from_secs(15),
+    counted(
+        &proxy,
+        15,
         "the late completion counted",
-        || async {
-            let text = proxy.metrics().await;
-            sample(
-                &text,
-                "idemgate_late_completions_total",
-                &[("route", "orders")],
-            ) == 1.0
-        },
+        "idemgate_late_completions_total",
+        &[("route", "orders")],
+        1.0,
     )
     .await;
     let retry = client
