@@ -114,13 +114,17 @@ pub fn ambiguous(path: &str) -> Option<&'static str> {
 /// unprotected, three runs of one key). Asked of the path as sent.
 pub fn malformed(path: &str) -> Option<&'static str> {
     let bytes = path.as_bytes();
-    let stray = |i: usize| {
-        !bytes
-            .get(i + 1..i + 3)
-            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-    };
-    (bytes.contains(&b'%') && (0..bytes.len()).any(|i| bytes[i] == b'%' && stray(i)))
+    let stray = |i: usize| bytes[i] == b'%' && escape_at(bytes, i).is_none();
+    (bytes.contains(&b'%') && (0..bytes.len()).any(stray))
         .then_some("a `%` that starts no escape (send a literal % as %25)")
+}
+
+/// The two hex digits of the escape `%XX` at `i`, if one starts there.
+fn escape_at(bytes: &[u8], i: usize) -> Option<&[u8]> {
+    (bytes[i] == b'%')
+        .then(|| bytes.get(i + 1..i + 3))
+        .flatten()
+        .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
 }
 
 /// `%2F` and `%5C` (either case) as `/`, nothing else changed.
@@ -179,11 +183,7 @@ pub fn decode_unreserved(path: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escape = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit));
-        match escape {
+        match escape_at(bytes, i) {
             Some(hex) => {
                 let byte = u8::from_str_radix(std::str::from_utf8(hex).expect("hex"), 16)
                     .expect("two hex digits");

@@ -42,10 +42,8 @@ impl SingleLink {
     }
 
     fn handle(self: &Arc<Self>) -> SingleHandle {
-        let current = self.conn.load_full();
         SingleHandle {
-            conn: (*current).clone(),
-            current,
+            current: self.conn.load_full(),
             link: self.clone(),
         }
     }
@@ -60,15 +58,19 @@ impl SingleLink {
     }
 }
 
-/// One call's connection to a standalone server, and the one it came from.
+/// One call's connection to a standalone server, and where it came from.
 #[derive(Clone)]
 pub struct SingleHandle {
-    conn: ConnectionManager,
     current: Arc<ConnectionManager>,
     link: Arc<SingleLink>,
 }
 
 impl SingleHandle {
+    /// The connection to send on (`ConnectionManager` sends through `&mut`).
+    fn conn(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.current)
+    }
+
     /// `result`, after renewing the connection when it failed to authenticate.
     fn renewed<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(e) = &result
@@ -359,9 +361,9 @@ impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Handle::Single(h) => Box::pin(async move {
-                let result = match h.conn.send_packed_command(cmd).await {
-                    Err(e) if e.is_connection_dropped() => h
-                        .conn
+                let mut conn = h.conn();
+                let result = match conn.send_packed_command(cmd).await {
+                    Err(e) if e.is_connection_dropped() => conn
                         .send_packed_command(cmd)
                         .await
                         .map_err(|again| sent_maybe(e, again)),
@@ -381,9 +383,9 @@ impl ConnectionLike for Handle {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Handle::Single(h) => Box::pin(async move {
-                let result = match h.conn.send_packed_commands(pipeline, offset, count).await {
-                    Err(e) if e.is_connection_dropped() => h
-                        .conn
+                let mut conn = h.conn();
+                let result = match conn.send_packed_commands(pipeline, offset, count).await {
+                    Err(e) if e.is_connection_dropped() => conn
                         .send_packed_commands(pipeline, offset, count)
                         .await
                         .map_err(|again| sent_maybe(e, again)),
@@ -397,7 +399,7 @@ impl ConnectionLike for Handle {
 
     fn get_db(&self) -> i64 {
         match self {
-            Handle::Single(h) => h.conn.get_db(),
+            Handle::Single(h) => h.current.get_db(),
             Handle::Cluster(c) => c.get_db(),
         }
     }

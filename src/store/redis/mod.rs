@@ -585,7 +585,7 @@ impl RedisStore {
                         "Redis evicts keys when it reaches maxmemory: an evicted record lets a retry run the request again; set maxmemory-policy noeviction (docs/operations.md, Redis)"
                     );
                 }
-                self.may_run_scripts(&mut conn, deadline).await?;
+                self.may_run_scripts(deadline).await?;
                 let _ = self.version_checked.set(());
                 self.bounded(deadline, conn.ping()).await
             }
@@ -597,36 +597,15 @@ impl RedisStore {
     /// completion and every other claim (regression, the Redis deployments
     /// audit: ready, and nothing recorded). The read script on a key of
     /// its own, loaded if need be, as a listing runs it.
-    async fn may_run_scripts(
-        &self,
-        conn: &mut link::Handle,
-        deadline: Instant,
-    ) -> Result<(), StoreError> {
+    async fn may_run_scripts(&self, deadline: Instant) -> Result<(), StoreError> {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.read.get_hash())
             .arg(1)
             .arg(format!("{}readiness-probe", self.prefix))
             .arg("1");
-        let result: redis::RedisResult<Value> = self
-            .bounded_raw(deadline, async {
-                match call.query_async(conn).await {
-                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        self.read.load_async(conn).await?;
-                        call.query_async(conn).await
-                    }
-                    result => result,
-                }
-            })
-            .await?;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) => {
-                Err(StoreError::Backend(format!(
-                    "the Redis user may not run idemgate's scripts ({e}): grant it +@scripting, +@read, +@write and +@keyspace on the store's keys (README, Redis)"
-                )))
-            }
-            Err(e) => Err(backend_error(&e)),
-        }
+        self.run::<Value>(&self.read, &call, deadline)
+            .await
+            .map(drop)
     }
 
     /// Redis's clock (`TIME`) in milliseconds since the epoch: the clock
@@ -674,7 +653,8 @@ impl RedisStore {
     /// Runs a [`script_call`](Self::script_call), loading the script first
     /// when Redis does not know it yet (a new or restarted server). A
     /// script's `DAMAGED` error (a value no version of idemgate writes) is
-    /// [`StoreError::Damaged`].
+    /// [`StoreError::Damaged`]; a user not allowed it (ACL) is told what to
+    /// grant.
     async fn run<T: FromRedisValue>(
         &self,
         script: &Script,
@@ -695,6 +675,9 @@ impl RedisStore {
             .await?;
         reply.map_err(|e| match e.code() {
             Some("DAMAGED") => StoreError::Damaged(e.to_string()),
+            Some("NOPERM") => StoreError::Backend(format!(
+                "the Redis user may not run idemgate's scripts ({e}): grant it +@scripting, +@read, +@write and +@keyspace on the store's keys (README, Redis)"
+            )),
             _ => backend_error(&e),
         })
     }
