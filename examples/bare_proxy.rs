@@ -12,6 +12,10 @@
 //! ```sh
 //! bench/instructions idemgate=target/release/idemgate bare=target/release/examples/bare_proxy
 //! ```
+//!
+//! `BARE_SPIN_NS=N` makes it spin N ns of CPU per request: a proxy as
+//! costly per request as idemgate, for asking whether a latency figure is
+//! the cost per request or something else (bench/PROFILE.md, 22nd round).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -93,6 +97,7 @@ async fn forward(
         .map_or("/".parse().expect("a path"), |p| {
             p.as_str().parse().expect("a path")
         });
+    spin();
     let mut sender = checkout(&pool, &upstream).await;
     let response = sender
         .send_request(request)
@@ -103,6 +108,23 @@ async fn forward(
         sender: Some(sender),
         pool,
     }))
+}
+
+/// Busy for `BARE_SPIN_NS` nanoseconds (0 when unset).
+fn spin() {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    let spin = *SPIN.get_or_init(|| {
+        let ns = std::env::var("BARE_SPIN_NS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        std::time::Duration::from_nanos(ns.unwrap_or(0))
+    });
+    if !spin.is_zero() {
+        let start = std::time::Instant::now();
+        while start.elapsed() < spin {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 /// The upstream's answer; its connection back to the pool at the end.
