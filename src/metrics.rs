@@ -74,6 +74,8 @@ pub struct Metrics {
     pub store_records: Family<StoreLabels, Gauge>,
     pub store_max_records: Family<StoreLabels, Gauge>,
     pub ready: Gauge,
+    /// 1 while a Redis node may evict records (read on the store's pings).
+    pub store_evicting: Gauge,
     /// One scrape at a time: a scrape rebuilds the upstream gauges before
     /// encoding ([`encode_after`](Self::encode_after)).
     scrape: std::sync::Mutex<()>,
@@ -104,6 +106,7 @@ impl Metrics {
         let store_records = Family::default();
         let store_max_records = Family::default();
         let ready = Gauge::default();
+        let store_evicting = Gauge::default();
         registry.register(
             "requests",
             "Requests by route, method and outcome",
@@ -184,6 +187,11 @@ impl Metrics {
             "1 when the store is reachable and a configuration is loaded",
             ready.clone(),
         );
+        registry.register(
+            "store_evicting",
+            "1 while a Redis node may evict records (maxmemory with a policy other than noeviction): a retry of an evicted key runs again",
+            store_evicting.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -202,6 +210,7 @@ impl Metrics {
             store_records,
             store_max_records,
             ready,
+            store_evicting,
             scrape: std::sync::Mutex::new(()),
         }
     }

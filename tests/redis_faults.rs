@@ -1448,3 +1448,55 @@ async fn a_redis_user_not_allowed_scripts_is_not_ready() {
     assert_eq!(listed.status, 200, "{listed:?}");
     assert_eq!(upstream.hits(), 1);
 }
+
+/// Regression: the eviction policy was read once, when Redis was first
+/// reached: a policy changed afterwards (`CONFIG SET`, a failover to a
+/// node configured otherwise) let records be evicted, and retries run
+/// again, with nothing said. The pings read it again every few seconds:
+/// `idemgate_store_evicting` follows it both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_policy_set_after_start_is_noticed() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        yaml(&redis, &upstream, "", "")
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let evicting = || async {
+        // Each /readyz pings the store, which reads the policy when due.
+        let ready = client
+            .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
+            .await;
+        assert_eq!(ready.status, 200, "{ready:?}");
+        sample(&proxy.metrics().await, "idemgate_store_evicting", &[])
+    };
+    assert_eq!(evicting().await, 0.0, "noeviction at start");
+    let admin = redis.connection().await;
+    let set = |policy: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            for (name, value) in [("maxmemory", "64mb"), ("maxmemory-policy", policy)] {
+                let _: String = (redis::cmd("CONFIG").arg("SET").arg(name).arg(value))
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    set("volatile-lru").await;
+    eventually(
+        Duration::from_secs(20),
+        "the policy changed to volatile-lru is noticed",
+        || async { evicting().await == 1.0 },
+    )
+    .await;
+    set("noeviction").await;
+    eventually(
+        Duration::from_secs(20),
+        "the policy changed back to noeviction is noticed",
+        || async { evicting().await == 0.0 },
+    )
+    .await;
+}

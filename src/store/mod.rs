@@ -459,7 +459,11 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.kind {
             Kind::Memory(_) => Ok(()),
-            Kind::Redis(s) => self.timed(Op::Ping, s.ping()).await,
+            Kind::Redis(s) => {
+                let pinged = self.timed(Op::Ping, s.ping()).await;
+                (self.metrics.store_evicting).set(i64::from(s.evicting()));
+                pinged
+            }
         }
     }
 }

@@ -127,6 +127,19 @@ fn scenarios() -> Vec<Value> {
             ],
         ),
         scenario(
+            "IdemgateRedisMayEvict",
+            &[(
+                "idemgate_store_evicting{instance=\"a:9090\"}",
+                "0x5 1x10 0x10",
+            )],
+            &[
+                ("3m", Value::Null),
+                ("6m", Value::Null),
+                ("9m", json!({ "instance": "a:9090", "severity": "warning" })),
+                ("20m", Value::Null),
+            ],
+        ),
+        scenario(
             "IdemgateMemoryStoreNearlyFull",
             &[
                 (

@@ -8,6 +8,7 @@
 
 mod compact;
 mod events;
+mod eviction;
 mod link;
 mod scripts;
 mod watch;
@@ -60,6 +61,8 @@ pub struct RedisStore {
     client: Option<redis::Client>,
     /// Set once Redis's version was found new enough ([`Self::ping`]).
     version_checked: OnceLock<()>,
+    /// Whether Redis may evict records, read again every few seconds.
+    eviction: eviction::Eviction,
     /// The task hearing other instances' transitions, once started.
     listener: OnceLock<AbortHandle>,
 }
@@ -102,6 +105,7 @@ impl RedisStore {
             events: events::channel(&config.key_prefix),
             client: standalone,
             version_checked: OnceLock::new(),
+            eviction: eviction::Eviction::default(),
             listener: OnceLock::new(),
         })
     }
@@ -546,6 +550,9 @@ impl RedisStore {
         let deadline = self.deadline();
         let mut conn = self.conn(deadline).await?;
         if self.version_checked.get().is_some() {
+            if self.eviction.due() {
+                self.read_eviction(deadline, &mut conn).await?;
+            }
             return self.bounded(deadline, conn.ping()).await;
         }
         // A standalone server answers one text; a cluster, a map of every
@@ -557,7 +564,7 @@ impl RedisStore {
             .bounded_raw(deadline, redis::cmd("INFO").query_async(&mut conn))
             .await?;
         let texts = match info {
-            Ok(info) => info_texts(info),
+            Ok(info) => eviction::info_texts(info),
             // A Redis user not allowed `INFO` (ACL): the version stays unknown.
             Err(e) if e.code().is_some() => Vec::new(),
             Err(e) => return Err(StoreError::Backend(e.to_string())),
@@ -579,17 +586,38 @@ impl RedisStore {
             ))),
             // Unknown (not allowed, or a Redis-compatible server): claims will tell.
             _ => {
-                if let Some(policy) = evicting_policy(&texts) {
-                    tracing::warn!(
-                        maxmemory_policy = policy,
-                        "Redis evicts keys when it reaches maxmemory: an evicted record lets a retry run the request again; set maxmemory-policy noeviction (docs/operations.md, Redis)"
-                    );
+                match texts.is_empty() {
+                    true => self.eviction.unread(),
+                    false => self.eviction.note(&texts),
                 }
                 self.may_run_scripts(deadline).await?;
                 let _ = self.version_checked.set(());
                 self.bounded(deadline, conn.ping()).await
             }
         }
+    }
+
+    /// Reads the eviction policy again (`INFO memory`); a user not allowed
+    /// `INFO` leaves the last reading standing.
+    async fn read_eviction(
+        &self,
+        deadline: Instant,
+        conn: &mut link::Handle,
+    ) -> Result<(), StoreError> {
+        let info: redis::RedisResult<Value> = self
+            .bounded_raw(deadline, redis::cmd("INFO").arg("memory").query_async(conn))
+            .await?;
+        match info {
+            Ok(info) => self.eviction.note(&eviction::info_texts(info)),
+            Err(e) if e.code().is_some() => self.eviction.unread(),
+            Err(e) => return Err(StoreError::Backend(e.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Whether the last reading found a Redis node that may evict records.
+    pub fn evicting(&self) -> bool {
+        self.eviction.evicting()
     }
 
     /// Whether the Redis user may run idemgate's scripts: one that may not
@@ -759,33 +787,6 @@ fn resolved(done: u8, left: u64) -> Resolved {
         },
         _ => Resolved::Missing,
     }
-}
-
-/// The texts of an `INFO` reply: one from a server, one per node (a map,
-/// or an array) from a cluster.
-fn info_texts(reply: Value) -> Vec<String> {
-    match reply {
-        Value::BulkString(bytes) => vec![String::from_utf8_lossy(&bytes).into_owned()],
-        Value::SimpleString(text) | Value::VerbatimString { text, .. } => vec![text],
-        Value::Map(pairs) => pairs.into_iter().flat_map(|(_, v)| info_texts(v)).collect(),
-        Value::Array(items) => items.into_iter().flat_map(info_texts).collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The eviction policy of a node that may evict records (`maxmemory` set
-/// and a `maxmemory-policy` other than `noeviction`), from `INFO` texts.
-fn evicting_policy(texts: &[String]) -> Option<&str> {
-    texts.iter().find_map(|info| {
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
-        };
-        let limited = field("maxmemory").is_some_and(|bytes| bytes != "0");
-        let policy = field("maxmemory_policy")?;
-        (limited && policy != "noeviction").then_some(policy)
-    })
 }
 
 /// Whether a claim can be answered from this record alone, whatever the

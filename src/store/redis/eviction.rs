@@ -1,0 +1,92 @@
+//! Whether Redis may evict records: read from `INFO` when the store is
+//! first reached and again every [`EVERY`] on its pings, told in the log
+//! when it changes and kept for the `idemgate_store_evicting` gauge. A
+//! policy changed after start (`CONFIG SET`, a failover to a differently
+//! configured node) used to go unnoticed: only the first reading warned.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::Value;
+use tokio::time::Instant;
+
+/// How often the pings read the policy again.
+pub(super) const EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub(super) struct Eviction(Mutex<Seen>);
+
+#[derive(Default)]
+struct Seen {
+    /// When the policy was last read (or tried), none before the first.
+    read_at: Option<Instant>,
+    /// The evicting policy last read, if any node had one.
+    policy: Option<String>,
+}
+
+impl Eviction {
+    /// Whether it is time to read the policy again.
+    pub(super) fn due(&self) -> bool {
+        let seen = self.0.lock().expect("eviction lock");
+        seen.read_at.is_none_or(|at| at.elapsed() >= EVERY)
+    }
+
+    /// A reading that could not be taken (a user not allowed `INFO`): the
+    /// next is tried after [`EVERY`], the last policy read stands.
+    pub(super) fn unread(&self) {
+        self.0.lock().expect("eviction lock").read_at = Some(Instant::now());
+    }
+
+    /// Notes `INFO` texts (one per node): warns when records became
+    /// evictable (the first reading included), says so when they no longer are.
+    pub(super) fn note(&self, texts: &[String]) {
+        let now = evicting_policy(texts).map(str::to_owned);
+        let mut seen = self.0.lock().expect("eviction lock");
+        seen.read_at = Some(Instant::now());
+        if seen.policy == now {
+            return;
+        }
+        match &now {
+            Some(policy) => tracing::warn!(
+                maxmemory_policy = policy.as_str(),
+                "Redis evicts keys when it reaches maxmemory: an evicted record lets a retry run the request again; set maxmemory-policy noeviction (docs/operations.md, Redis)"
+            ),
+            None => tracing::info!(
+                "Redis no longer evicts keys (maxmemory-policy noeviction, or no maxmemory)"
+            ),
+        }
+        seen.policy = now;
+    }
+
+    /// Whether the last reading found a node that may evict records.
+    pub(super) fn evicting(&self) -> bool {
+        self.0.lock().expect("eviction lock").policy.is_some()
+    }
+}
+
+/// The texts of an `INFO` reply: one from a server, one per node (a map,
+/// or an array) from a cluster.
+pub(super) fn info_texts(reply: Value) -> Vec<String> {
+    match reply {
+        Value::BulkString(bytes) => vec![String::from_utf8_lossy(&bytes).into_owned()],
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => vec![text],
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(_, v)| info_texts(v)).collect(),
+        Value::Array(items) => items.into_iter().flat_map(info_texts).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The eviction policy of a node that may evict records (`maxmemory` set
+/// and a `maxmemory-policy` other than `noeviction`), from `INFO` texts.
+fn evicting_policy(texts: &[String]) -> Option<&str> {
+    texts.iter().find_map(|info| {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let limited = field("maxmemory").is_some_and(|bytes| bytes != "0");
+        let policy = field("maxmemory_policy")?;
+        (limited && policy != "noeviction").then_some(policy)
+    })
+}
