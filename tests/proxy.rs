@@ -1520,6 +1520,37 @@ async fn an_unasked_101_from_the_upstream_is_a_broken_exchange() {
     );
 }
 
+/// Regression (an audit): a status outside 100-599 (RFC 9110 15: invalid,
+/// its meaning unknown) was passed on, and on a protected route recorded
+/// and replayed as the key's outcome. It is a broken exchange: `502
+/// upstream_failed`, and a protected key's outcome is unknown.
+#[tokio::test]
+async fn a_status_above_599_from_the_upstream_is_a_broken_exchange() {
+    let addr = raw_upstream(b"HTTP/1.1 600 Odd\r\ncontent-length: 2\r\n\r\nok").await;
+    let reply = get_through(addr).await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.code().as_str()),
+        (502, "upstream_failed"),
+        "{reply:?}"
+    );
+    let routes = "  - { name: pay, match: { path_prefix: / }, upstream: up, idempotency: { methods: [POST] } }";
+    let yaml = config("store: { backend: memory }", addr, OFF, routes);
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let first = client.post_key(&proxy.url("/pay"), "k-600", "{}").await;
+    assert_eq!(
+        (first.status.as_u16(), first.code().as_str()),
+        (502, "upstream_failed"),
+        "{first:?}"
+    );
+    let retry = client.post_key(&proxy.url("/pay"), "k-600", "{}").await;
+    assert_eq!(
+        (retry.status.as_u16(), retry.code().as_str()),
+        (409, "outcome_unknown"),
+        "not replayed as a 600: {retry:?}"
+    );
+}
+
 /// Regression: routing went by the Host header even when the request target
 /// carried its own authority (absolute form; HTTP/2's `:authority`), which a
 /// server must use (RFC 9112 3.2.2): `POST http://pay.example.com/...` with

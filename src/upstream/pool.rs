@@ -183,6 +183,15 @@ impl Pool {
                         "the upstream switched protocols unasked (101)".into(),
                     ));
                 }
+                // RFC 9110 15: outside 100-599 a status is invalid, and its
+                // meaning unknown (regression, an audit: `600` was passed on,
+                // and recorded and replayed as a protected key's outcome).
+                Ok(response) if response.status().as_u16() > 599 => {
+                    return Err(SendError::Broken(format!(
+                        "the upstream answered with status {}, outside 100-599",
+                        response.status().as_u16()
+                    )));
+                }
                 Ok(response) => {
                     let checkout = open.then(|| Checkout {
                         conn,
