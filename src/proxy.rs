@@ -219,7 +219,7 @@ impl Proxy {
         for change in old.config.record_changes(config) {
             tracing::warn!(
                 change,
-                "reload: records made before it are keyed or matched differently"
+                "reload: records made before it are keyed, matched or used differently"
             );
         }
         let routing = Routing::new(config, Some(&old), &self.bulkheads, &self.metrics)?;

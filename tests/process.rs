@@ -716,6 +716,34 @@ async fn reload_warns_of_settings_that_differ_from_the_running_ones() {
     assert_eq!(reload_to("5s", 3).await, 2, "5s is what runs: no warning");
 }
 
+/// Regression (an audit): a reload that took protection off a route (or a
+/// method off its `methods`) said nothing, though retries of completed
+/// requests then reach the upstream again (a rename was said).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_takes_protection_off_says_so() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", "");
+    let proxy = Binary::serve(&path);
+    let off = "defaults: { idempotency: off }\n";
+    write_memory_config_at(&dir, &upstream, "127.0.0.1:0", off);
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(10), "the reload", || async {
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("configuration reloaded"))
+    })
+    .await;
+    let said: Vec<String> = (proxy.log().into_iter())
+        .filter(|l| l.contains("no longer protects"))
+        .collect();
+    assert!(
+        said.len() == 1 && said[0].contains("route orders: no longer protects POST, PATCH"),
+        "{said:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_stops_accepting_and_exits_0_when_shutdown_grace_ends() {
     let upstream = TestUpstream::start().await;

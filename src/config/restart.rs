@@ -85,10 +85,29 @@ impl Config {
         }
         for route in &new.routes {
             let old = self.routes.iter().find(|r| r.name == route.name);
-            let (Some(was), Some(is)) = (
-                old.and_then(|r| r.idempotency.as_ref()),
-                route.idempotency.as_ref(),
-            ) else {
+            let Some(was) = old.and_then(|r| r.idempotency.as_ref()) else {
+                continue;
+            };
+            // Protection taken off a method: its retries pass through
+            // (regression, an audit: said for a rename, not for this).
+            let kept = |m: &http::Method| {
+                route
+                    .idempotency
+                    .as_ref()
+                    .is_some_and(|is| is.methods.contains(m))
+            };
+            let dropped: Vec<&str> = (was.methods.iter())
+                .filter(|m| !kept(m))
+                .map(http::Method::as_str)
+                .collect();
+            if !dropped.is_empty() {
+                said.push(format!(
+                    "route {}: no longer protects {}: retries of requests made before this reload pass through to the upstream unchecked (a completed request may run again); their records stay until their ttl passes",
+                    route.name,
+                    dropped.join(", ")
+                ));
+            }
+            let Some(is) = route.idempotency.as_ref() else {
                 continue;
             };
             if was.scope_headers != is.scope_headers {
@@ -146,6 +165,29 @@ mod tests {
             said.len() == 1 && said[0].starts_with("route a: fingerprint changed"),
             "{said:?}"
         );
+    }
+
+    /// Regression (an audit): taking protection off a route, or a method
+    /// off its `methods`, let retries of completed requests run again,
+    /// unsaid (a rename was said).
+    #[test]
+    fn protection_taken_off_a_route_or_a_method_is_said() {
+        let old = config("defaults: { idempotency: { methods: [POST, PATCH] } }\n");
+        let patch_only = config("defaults: { idempotency: { methods: [PATCH] } }\n");
+        let said = old.record_changes(&patch_only);
+        assert!(
+            said.len() == 1 && said[0].starts_with("route a: no longer protects POST:"),
+            "{said:?}"
+        );
+        let off = config("defaults: { idempotency: off }\n");
+        let said = old.record_changes(&off);
+        assert!(
+            said.len() == 1 && said[0].starts_with("route a: no longer protects POST, PATCH:"),
+            "{said:?}"
+        );
+        let more = config("defaults: { idempotency: { methods: [POST, PATCH, PUT] } }\n");
+        assert!(old.record_changes(&more).is_empty());
+        assert!(off.record_changes(&old).is_empty());
     }
 
     /// Regression: a new `store.url` alone was reported as `store.backend`.
