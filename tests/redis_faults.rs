@@ -32,6 +32,11 @@ fn yaml(
     )
 }
 
+/// `yaml` with an admin listener (for `/readyz` and `/metrics`).
+fn with_admin(yaml: String) -> String {
+    format!("admin: {{ listen: 127.0.0.1:0 }}\n{yaml}")
+}
+
 async fn duplicates_across_two_instances(idempotency: &str) -> (TestUpstream, Vec<common::Reply>) {
     let redis = RedisServer::start().await;
     let upstream = TestUpstream::start().await;
@@ -556,15 +561,12 @@ fn passthrough_yaml(redis: &RedisServer, upstream: &TestUpstream) -> String {
         fastrand::u64(..)
     );
     let routes = "  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }\n  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { methods: [POST] } }";
-    format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        config(
-            &store,
-            upstream.addr,
-            "  timeouts: { response: 5s, total: 10s }",
-            routes
-        )
-    )
+    with_admin(config(
+        &store,
+        upstream.addr,
+        "  timeouts: { response: 5s, total: 10s }",
+        routes,
+    ))
 }
 
 /// Store operations other than the readiness ping, counted by the latency histogram.
@@ -745,15 +747,12 @@ async fn a_waiting_duplicate_waits_through_a_store_error_and_is_never_forwarded(
     let redis = RedisServer::start_own().await;
     let conn = redis.connection().await;
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(
-            &redis,
-            &upstream,
-            ", on_unavailable: forward",
-            "concurrent: wait",
-        )
-    );
+    let yaml = with_admin(yaml(
+        &redis,
+        &upstream,
+        ", on_unavailable: forward",
+        "concurrent: wait",
+    ));
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     // Ready: its one-time check of scripts (an EVALSHA) is behind it.
@@ -814,10 +813,7 @@ async fn a_waiting_duplicate_waits_through_a_store_error_and_is_never_forwarded(
 async fn a_completion_the_store_cannot_take_still_answers_and_is_counted() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(&redis, &upstream, "", "")
-    );
+    let yaml = with_admin(yaml(&redis, &upstream, "", ""));
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let headers = [("idempotency-key", "k-hung"), ("x-test-delay-ms", "500")];
@@ -1050,10 +1046,7 @@ async fn a_release_the_store_did_not_take_is_tried_again() {
 async fn an_unknown_made_in_the_background_is_counted() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(&redis, &upstream, "", "lease: 30s")
-    );
+    let yaml = with_admin(yaml(&redis, &upstream, "", "lease: 30s"));
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let url = proxy.url("/api/o");
@@ -1110,11 +1103,7 @@ async fn a_redis_user_not_allowed_info_is_still_ready() {
         .await
         .unwrap();
     let url = redis.url().replace("redis://", "redis://idem:secret@");
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(&redis, &upstream, "", "")
-    )
-    .replace(redis.url(), &url);
+    let yaml = with_admin(yaml(&redis, &upstream, "", "")).replace(redis.url(), &url);
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let ready = client
@@ -1244,10 +1233,7 @@ async fn waiters_on_the_attempts_instance_replay_it_when_its_record_could_not_be
 async fn a_completion_given_up_in_the_background_is_counted() {
     let mut redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(&redis, &upstream, "", "lease: 60s")
-    );
+    let yaml = with_admin(yaml(&redis, &upstream, "", "lease: 60s"));
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let slow = [
@@ -1277,11 +1263,8 @@ async fn a_completion_given_up_in_the_background_is_counted() {
 async fn a_late_answer_recorded_in_the_background_is_counted_late() {
     let mut redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(&redis, &upstream, "", "lease: 60s")
-    )
-    .replace("response: 5s", "response: 300ms");
+    let yaml = with_admin(yaml(&redis, &upstream, "", "lease: 60s"))
+        .replace("response: 5s", "response: 300ms");
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let slow = [("idempotency-key", "k-late"), ("x-test-delay-ms", "1500")];
@@ -1398,11 +1381,7 @@ async fn proxy_as_user(
     let url = redis
         .url()
         .replace("redis://", &format!("redis://{user}:secret@"));
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(redis, upstream, "", "")
-    )
-    .replace(redis.url(), &url);
+    let yaml = with_admin(yaml(redis, upstream, "", "")).replace(redis.url(), &url);
     TestProxy::start(&yaml).await
 }
 
@@ -1458,10 +1437,7 @@ async fn a_redis_user_not_allowed_scripts_is_not_ready() {
 async fn an_eviction_policy_set_after_start_is_noticed() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
-        yaml(&redis, &upstream, "", "")
-    );
+    let yaml = with_admin(yaml(&redis, &upstream, "", ""));
     let proxy = TestProxy::start(&yaml).await;
     let client = TestClient::new();
     let evicting = || async {
