@@ -1393,6 +1393,13 @@ fn an_upstream_name_follows_the_route_name_rule() {
         assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
         assert!(e.hint.contains("letters, digits"), "{e}");
     }
+    // Block style: the name's own line (regression: its `url:`'s, below).
+    let yaml = "upstreams:\n  \"bad name!\":\n    url: \"http://127.0.0.1:9000\"\nroutes: [ { name: a, match: { path: /a }, upstream: erp } ]\n";
+    let errs = errors(yaml);
+    let e = (errs.iter())
+        .find(|e| e.message.contains("upstream name"))
+        .unwrap_or_else(|| panic!("{errs:#?}"));
+    assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
     for good in ["erp", "erp-2.eu_west"] {
         let yaml = format!(
             "upstreams:\n  {good}: {{ url: \"http://127.0.0.1:9000\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: {good} }} ]\n"

@@ -206,3 +206,44 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ScalarOr<T> {
         deserializer.deserialize_any(ScalarOrVisitor(PhantomData))
     }
 }
+
+/// Where each name under `upstreams` is written, from a second read of the
+/// file that looks at nothing else: an error about a name points at its
+/// line (regression: at its `url:`'s). The first read keeps plain string
+/// keys, which name the field in its shape errors (`upstreams.erp.url`).
+pub fn upstream_name_places(text: &str) -> BTreeMap<String, serde_saphyr::Location> {
+    #[derive(Deserialize)]
+    struct Names {
+        #[serde(default)]
+        upstreams: NamePlaces,
+    }
+    serde_saphyr::from_str::<Names>(text).map_or_else(|_| BTreeMap::new(), |n| n.upstreams.0)
+}
+
+#[derive(Default)]
+struct NamePlaces(BTreeMap<String, serde_saphyr::Location>);
+
+impl<'de> Deserialize<'de> for NamePlaces {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NamesVisitor;
+
+        impl<'de> Visitor<'de> for NamesVisitor {
+            type Value = NamePlaces;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of upstream names")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NamePlaces, A::Error> {
+                let mut places = BTreeMap::new();
+                while let Some(name) = map.next_key::<Spanned<String>>()? {
+                    map.next_value::<de::IgnoredAny>()?;
+                    places.insert(name.value, name.referenced);
+                }
+                Ok(NamePlaces(places))
+            }
+        }
+
+        deserializer.deserialize_map(NamesVisitor)
+    }
+}

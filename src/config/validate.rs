@@ -28,7 +28,7 @@ pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     })
     .map_err(|e| parse_error(e, &path.into_inner()))?;
     let mut c = Check::new(env);
-    let config = build(&mut c, &file);
+    let config = build(&mut c, &file, &super::file::upstream_name_places(text));
     let mut errors = c.errors;
     // Defaults are merged into every route, so one bad default would be
     // reported once per route: keep the first of each.
@@ -113,7 +113,11 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
     ConfigErrors::one(ConfigError::new(&path, location.as_ref(), message, hint))
 }
 
-fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
+fn build(
+    c: &mut Check,
+    file: &FileConfig,
+    names_at: &std::collections::BTreeMap<String, serde_saphyr::Location>,
+) -> Option<Config> {
     let listen = match &file.listen {
         None => Some(Listen {
             address: SocketAddr::from(([0, 0, 0, 0], 8080)),
@@ -166,10 +170,10 @@ fn build(c: &mut Check, file: &FileConfig) -> Option<Config> {
         Some(d) => c.duration("send_timeout", d, MAX_WAIT),
         None => Some(crate::send_timer::SEND_STALL),
     };
-    let upstreams: Vec<_> = file
-        .upstreams
-        .iter()
-        .filter_map(|(name, u)| super::validate_upstream::build_upstream(c, name, u))
+    let upstreams: Vec<_> = (file.upstreams.iter())
+        .filter_map(|(name, u)| {
+            super::validate_upstream::build_upstream(c, name, names_at.get(name), u)
+        })
         .collect();
     if file.routes.is_empty() {
         c.fail(

@@ -16,6 +16,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub(super) fn build_upstream(
     c: &mut Check,
     name: &str,
+    name_at: Option<&serde_saphyr::Location>,
     u: &UpstreamFile,
 ) -> Option<UpstreamConfig> {
     let path = format!("upstreams.{name}");
@@ -24,7 +25,7 @@ pub(super) fn build_upstream(
     if !super::validate::name_ok(name) {
         c.fail(
             &format!("upstreams.{name:?}"),
-            Some(&u.url.referenced),
+            name_at.or(Some(&u.url.referenced)),
             format!("upstream name {name:?} is not allowed"),
             "use letters, digits, '-', '_' and '.' (the name appears in metrics and log lines)",
         );
