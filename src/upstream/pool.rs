@@ -382,12 +382,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(checkout) = &mut this.conn
-            && !checkout.conn.drive(cx)
+        // What the connection has read already is taken first; the
+        // connection is driven only when the body waits for more. A small
+        // answer is whole before its body is polled, and its connection
+        // idle again: driving it once more found nothing to do (S1 -2%
+        // instructions).
+        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_pending()
+            && let Some(checkout) = &mut this.conn
         {
-            this.conn = None;
+            if !checkout.conn.drive(cx) {
+                this.conn = None;
+            }
+            polled = Pin::new(&mut this.body).poll_frame(cx);
         }
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let frame = ready!(polled);
         let whole = match &frame {
             Some(Err(_)) => {
                 this.conn = None;
