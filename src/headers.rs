@@ -173,6 +173,32 @@ pub fn frame_whole(headers: &mut HeaderMap, len: usize, head: bool) {
     }
 }
 
+/// A passed-through answer's Content-Length as idemgate sends it (its
+/// framing is idemgate's own): none on a `204` (RFC 9110 8.6; HTTP/2
+/// clients refused the stream, and hyper drops it only over HTTP/1), and a
+/// list of equal lengths (`11, 11`, which hyper reads as 11, or refuses
+/// when they differ) as the one number (an audit: forwarded as sent,
+/// Python's http.client read it as no length and waited, and HTTP/2
+/// clients refused it).
+pub fn frame_passed_answer(headers: &mut HeaderMap, status: http::StatusCode) {
+    if status == http::StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+        return;
+    }
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let one = (first.as_bytes().split(|&b| b == b',').next()).map(<[u8]>::trim_ascii);
+    match one.map(HeaderValue::from_bytes) {
+        Some(Ok(one)) => headers.insert(header::CONTENT_LENGTH, one),
+        _ => headers.remove(header::CONTENT_LENGTH),
+    };
+}
+
 /// A `POST`, `PUT` or `PATCH` with an empty body goes to the HTTP/1.1
 /// upstream with `Content-Length: 0`, as it would have come over HTTP/1.1
 /// with one: without it, an upstream that wants a length for these methods

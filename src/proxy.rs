@@ -544,6 +544,7 @@ impl Proxy {
                 let (mut parts, mut incoming) = response.into_parts();
                 incoming.streamed(admission.finish_streamed(!failed_status(parts.status.as_u16())));
                 headers::strip_hop_by_hop(&mut parts.headers);
+                headers::frame_passed_answer(&mut parts.headers, parts.status);
                 let body = Silence::new(incoming, route.timeouts.response, ctx.ids.trace());
                 Response::from_parts(parts, body::boxed(body))
             }

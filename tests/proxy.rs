@@ -930,7 +930,7 @@ async fn canned_upstream(
 /// request body, its connection went back to the pool at the answer's end
 /// with the upload unfinished: nothing drove it (the upload stalled), and
 /// the next request's checkout found it busy and dropped it, cutting the
-/// upload off. The upload now finishes, and the connection serves again.
+/// upload off. The upload now finishes (the connection is then closed).
 #[tokio::test]
 async fn an_upload_the_upstream_answered_early_is_still_sent_whole() {
     let (addr, mut got) =
@@ -965,6 +965,118 @@ async fn an_upload_the_upstream_answered_early_is_still_sent_whole() {
     .expect("both bodies reach the upstream");
     assert!(received.contains(&size), "{received:?}");
     assert_eq!(other.await.unwrap(), 200);
+}
+
+/// An upstream that answers every request at once and never reads a body:
+/// what follows a head on its connection is its next request. `/secret`
+/// is answered 300 ms late; it tells `heard` of every request line.
+async fn body_ignoring_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heard_tx, heard) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let heard_tx = heard_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let line = head.lines().next().unwrap_or_default().to_owned();
+                        let _ = heard_tx.send(line.clone());
+                        let body = match line.split(' ').nth(1) {
+                            Some("/secret") => {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                "SECRET".to_owned()
+                            }
+                            Some(path) => format!("ok {path}"),
+                            None => return,
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, heard)
+}
+
+/// Regression (an audit): a client held its body back until the upstream
+/// had answered its head, then sent a request as the body; an upstream that
+/// does not read bodies took it for its next request, and the pooled
+/// connection gave that request's answer to the next client. A connection
+/// whose answer came before the whole body is never reused.
+#[tokio::test]
+async fn a_body_sent_after_its_answer_never_answers_another_client() {
+    let (addr, mut heard) = body_ignoring_upstream().await;
+    let proxy = TestProxy::start(&config("store: { backend: memory }", addr, OFF, ALL)).await;
+    let smuggled = b"GET /secret HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /reject HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        smuggled.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    client.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    client.write_all(smuggled).await.unwrap();
+    let mut lines = Vec::new();
+    while lines
+        .last()
+        .is_none_or(|l: &String| !l.starts_with("GET /secret"))
+    {
+        let line = tokio::time::timeout(Duration::from_secs(5), heard.recv()).await;
+        lines.push(line.expect("the body reaches the upstream").unwrap());
+    }
+    let victim = TestClient::new()
+        .send("GET", &proxy.url("/victim"), &[], "")
+        .await;
+    assert_eq!(victim.status, 200);
+    assert_eq!(String::from_utf8_lossy(&victim.body), "ok /victim");
+}
+
+/// Regression (an audit): a passed-through answer's `Content-Length: 11,
+/// 11` (equal lengths, which hyper accepts) reached the client as sent
+/// (Python's http.client read no length and waited), and a `204`'s
+/// Content-Length reached HTTP/2 clients, which refused the stream.
+#[tokio::test]
+async fn a_passed_answer_s_content_length_is_one_number_and_none_on_a_204() {
+    let (listed, _) =
+        canned_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 11, 11\r\n\r\nhello world").await;
+    let proxy = TestProxy::start(&config("store: { backend: memory }", listed, OFF, ALL)).await;
+    let answer = raw(
+        proxy.addr,
+        b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("content-length: 11\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nhello world"), "{answer}");
+
+    let (empty, _) =
+        canned_upstream(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\nhello").await;
+    let proxy = TestProxy::start(&config("store: { backend: memory }", empty, OFF, ALL)).await;
+    let request = http::Request::get(proxy.url("/b"))
+        .body(Default::default())
+        .unwrap();
+    let response = h2c_client().request(request).await.expect("an h2c answer");
+    assert_eq!(response.status(), 204);
+    assert!(!response.headers().contains_key("content-length"));
 }
 
 /// The status line of the answer to `request`, sent alone on a new connection.

@@ -385,6 +385,12 @@ impl Connected {
             .is_some_and(|sent| sent.waits_on_client())
     }
 
+    /// Whether the request's body has been sent whole (a body in memory is
+    /// taken as sent with its head).
+    pub(crate) fn sent_whole(&self) -> bool {
+        self.uploading.as_ref().is_none_or(|sent| sent.whole())
+    }
+
     /// When the upstream had the whole request, for its latency: `sent`,
     /// or for a body still streaming from the client when the request went
     /// out, the moment it was sent whole (`None` until then). A client's

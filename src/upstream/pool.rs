@@ -193,10 +193,19 @@ impl Pool {
                     )));
                 }
                 Ok(response) => {
-                    let checkout = open.then(|| Checkout {
-                        conn,
-                        pool: Arc::downgrade(self),
-                    });
+                    // An answer before the whole body: the upstream may not
+                    // read the rest as this request's (regression, an
+                    // audit: a client paused its body until after the
+                    // answer, then sent a request as the body; the pooled
+                    // connection gave that request's answer to another
+                    // client, whose protected key stored and replayed it).
+                    // The body still goes out whole, as the upstream may
+                    // be reading it, but the connection is then closed.
+                    let pool = match connected.sent_whole() {
+                        true => Arc::downgrade(self),
+                        false => Weak::new(),
+                    };
+                    let checkout = open.then(|| Checkout { conn, pool });
                     return Ok(response.map(|body| UpstreamBody {
                         body,
                         conn: checkout,
@@ -310,6 +319,7 @@ impl Pool {
 /// A connection lent to one exchange, on its way back to the pool.
 struct Checkout {
     conn: Box<Conn>,
+    /// Where it goes back to; none for a connection not to be reused.
     pool: Weak<Pool>,
 }
 
