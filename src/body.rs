@@ -61,6 +61,9 @@ pub fn malformed(error: &(dyn std::error::Error + 'static)) -> bool {
 /// How long a protected request's body may stall between frames.
 pub const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The most of a body's declared size reserved before its bytes come.
+const RESERVED_AT_MOST: u64 = 16 << 20;
+
 /// Reads a whole body of at most `limit` bytes, each frame within `stall`.
 pub async fn read_limited<B>(
     mut body: B,
@@ -75,9 +78,12 @@ where
         return Err(ReadError::TooLarge);
     }
     // Its declared size at once (regression, an audit: grown by doubling,
-    // a body just under a power of two held twice its size).
+    // a body just under a power of two held twice its size), up to
+    // `RESERVED_AT_MOST`: a larger one grows as it comes (regression, an
+    // audit: with `max_request_body: 1PiB`, one request declaring 1 PiB
+    // aborted the process, its allocation refused).
     let declared = body.size_hint().exact().unwrap_or(0);
-    let mut buf = bytes::BytesMut::with_capacity(declared as usize);
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(RESERVED_AT_MOST) as usize);
     loop {
         let frame = match tokio::time::timeout(stall, body.frame()).await {
             Err(_) => return Err(ReadError::Stalled),

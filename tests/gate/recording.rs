@@ -236,6 +236,28 @@ async fn declared_content_length_over_the_limit_is_413_before_reading() {
     assert_eq!(s.upstream.hits(), 0);
 }
 
+/// Regression (an audit): with a limit larger than memory, a request
+/// declaring a body that size had its buffer reserved at once, and the
+/// refused allocation aborted the whole process. Its 3 bytes then its
+/// client's close break it off; the proxy answers the next request.
+#[tokio::test]
+async fn a_declared_body_larger_than_memory_does_not_abort_the_process() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::new(Backend::memory(), "max_request_body: 1PiB", "").await;
+    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /api/orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-huge\r\ncontent-length: {}\r\n\r\nabc",
+        1u64 << 50
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer));
+    read.await.expect("the connection ends").unwrap();
+    assert_eq!(s.post("k-next", "{}", &[]).await.status, 201);
+    assert_eq!(s.upstream.hits(), 1, "only the second request is forwarded");
+}
+
 /// Regression: a client sending a body over the limit without waiting for
 /// `100 Continue` had its connection closed under it after the `413` (its
 /// next write failed with a broken pipe or a reset, so most clients never
