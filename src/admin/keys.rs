@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{Admin, json_response, param};
 use crate::body::{self, ProxyBody};
 use crate::idempotency::key::StorageKey;
-use crate::idempotency::record::{State, StoredResponse};
+use crate::idempotency::record::{MAX_FIELDS, State, StoredResponse};
 use crate::keys::{is_unknown, listing_json, no_such_route, record_json, unlisted_route};
 use crate::problem::{Code, Problem};
 use crate::store::{Listing, Resolved, StoreError};
@@ -299,6 +299,17 @@ fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
             "status must be a final one, between 200 and 599",
         ));
     }
+    let fields: usize = manual.headers.values().map(|v| v.values().len()).sum();
+    if fields > MAX_FIELDS {
+        // Regression, the panics audit: 25,000 names panicked the PUT, and
+        // 40,000 values of one were stored, then broke every read of them.
+        return Err(Problem::new(
+            Code::BadRequest,
+            format!(
+                "a recorded response has at most {MAX_FIELDS} header fields, as an upstream's answer may (this one has {fields})"
+            ),
+        ));
+    }
     let mut headers = http::HeaderMap::new();
     for (name, values) in &manual.headers {
         for value in values.values() {
@@ -363,6 +374,33 @@ fn store_problem(error: StoreError) -> Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (the panics audit): 25,000 header names panicked the
+    /// PUT; 40,000 values of one were stored, and broke every read.
+    #[test]
+    fn a_recorded_response_has_at_most_100_header_fields() {
+        let names: Vec<String> = (0..25_000).map(|i| format!("\"x-h{i}\": \"v\"")).collect();
+        let cookies = vec!["\"c=v\""; 40_000].join(",");
+        let hundred = vec!["\"c=v\""; 100].join(",");
+        for (headers, taken) in [
+            (names.join(","), false),
+            (format!("\"set-cookie\": [{cookies}]"), false),
+            (
+                format!("\"set-cookie\": [{hundred}], \"x-one\": \"more\""),
+                false,
+            ),
+            (format!("\"set-cookie\": [{hundred}]"), true),
+        ] {
+            let body = Bytes::from(format!(r#"{{"status": 200, "headers": {{{headers}}}}}"#));
+            match manual_response(&body) {
+                Ok(response) => assert!(taken, "{} fields taken", response.headers.len()),
+                Err(problem) => {
+                    assert!(!taken, "{}", problem.detail);
+                    assert!(problem.detail.contains("at most 100"), "{}", problem.detail);
+                }
+            }
+        }
+    }
 
     /// Regression (an audit): a header value that is neither a string nor a
     /// list of strings was refused with serde's words for a Rust type.
