@@ -724,6 +724,20 @@ fn upstream_urls_with_user_and_password_are_refused_without_echoing_them() {
     assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
     assert!(e.message.contains("user:password@"), "{e}");
     assert!(!e.to_string().contains("hunter2"), "{e}");
+    // Nor when the password makes the URL unreadable (regression, the
+    // secrets audit: quoted whole).
+    for password in [
+        "Pa#ss-hunter2",
+        "Pa^ss-hunter2",
+        "Pa/ss-hunter2",
+        "Pa?ss-hunter2",
+    ] {
+        let errs = errors(&format!(
+            "upstreams:\n  erp: {{ url: \"http://svc:{password}@erp.internal:9000\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: erp }} ]\n",
+        ));
+        let e = error_at(&errs, "upstreams.erp.url");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
 }
 
 /// Regression: `http` reads a URL's port lazily, and one it cannot read

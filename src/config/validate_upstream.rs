@@ -62,10 +62,18 @@ pub(super) fn build_upstream(
             "remove the user:password@ part; clients send their own Authorization, which is forwarded",
         );
     } else if text.is_some() && parts.is_none() {
+        // Nor that of a URL that does not parse but holds an @ (regression,
+        // the secrets audit: `http://svc:Pa#ss@erp:9000` was quoted whole
+        // by check, POST /reload's answer and the reload's error line).
+        let shown = match text.as_ref().is_some_and(|t| t.contains('@')) {
+            true => "the url (not shown: it holds an @, and what comes before may be a password)"
+                .to_owned(),
+            false => quote(&u.url),
+        };
         c.fail(
             &url_path,
             Some(&u.url.referenced),
-            format!("{} is not an upstream URL", quote(&u.url)),
+            format!("{shown} is not an upstream URL"),
             "write http(s)://host:port with an optional base path, such as http://127.0.0.1:9000/erp",
         );
     }
