@@ -111,15 +111,7 @@ fn table(list: &serde_json::Value) -> String {
         "route", "key", "state", "created_at"
     );
     for r in rows {
-        let created = r["created_at"]
-            .as_u64()
-            .map(|ms| {
-                humantime::format_rfc3339_millis(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-                )
-                .to_string()
-            })
-            .unwrap_or_default();
+        let created = r["created_at"].as_u64().map(rfc3339).unwrap_or_default();
         let text = |f: &str| r[f].as_str().unwrap_or("").to_owned();
         let _ = writeln!(
             out,
@@ -323,6 +315,18 @@ async fn find(config: &Config, store: &Store, args: &KeyArgs) -> anyhow::Result<
     Ok(found)
 }
 
+/// Milliseconds since the epoch in RFC 3339, or as the number past the
+/// year 9999, which RFC 3339 cannot write (regression, the panics audit:
+/// a record crafted with such a `created_at` panicked `keys unknown`).
+fn rfc3339(ms: u64) -> String {
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+    if ms >= YEAR_10000_MS {
+        return format!("{ms} ms");
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// `unknown`, or in flight past its lease on a route that locks such keys.
 pub fn is_unknown(config: &Config, key: &StorageKey, record: &Record, now: u64) -> bool {
     match record.state {
@@ -397,4 +401,18 @@ pub fn listing_json(listing: &Listing, damaged: bool) -> Vec<serde_json::Value> 
     records
         .chain(damaged.map(|(k, why)| damaged_json(k, why)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_past_the_year_9999_are_shown_as_numbers() {
+        assert_eq!(super::rfc3339(1_000), "1970-01-01T00:00:01.000Z");
+        assert_eq!(
+            super::rfc3339(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(super::rfc3339(253_402_300_800_000), "253402300800000 ms");
+        assert_eq!(super::rfc3339(u64::MAX), format!("{} ms", u64::MAX));
+    }
 }

@@ -148,7 +148,7 @@ pub(super) fn parse(value: Vec<u8>, lease: Option<Lease>) -> Result<Record, Stor
     let created_ms = number(field(&mut rest)).ok_or_else(damaged)?;
     let lease_end_ms = match (state, lease) {
         (State::InFlight, Some(Lease { now_ms, pttl_ms })) if pttl_ms >= 0 => {
-            (now_ms + pttl_ms.unsigned_abs()).saturating_sub(ttl_ms)
+            (now_ms.saturating_add(pttl_ms.unsigned_abs())).saturating_sub(ttl_ms)
         }
         _ => created_ms.saturating_add(lease_ms),
     };
@@ -243,7 +243,15 @@ mod tests {
         assert_eq!((record.created_ms, record.lease_end_ms), (1_000, 31_000));
         assert_eq!(record.response, None);
         // Without the key's TTL the lease is counted from `created`.
-        assert_eq!(parse(head, None).unwrap().lease_end_ms, 31_000);
+        assert_eq!(parse(head.clone(), None).unwrap().lease_end_ms, 31_000);
+        // A server's clock and TTL past any sense saturate (regression, the
+        // panics audit: an overflow panicked a debug build's request).
+        let hostile = Lease {
+            now_ms: u64::MAX - 1_000,
+            pttl_ms: i64::MAX,
+        };
+        let record = parse(head, Some(hostile)).unwrap();
+        assert_eq!(record.lease_end_ms, u64::MAX - 86_400_000);
     }
 
     #[test]

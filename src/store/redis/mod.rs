@@ -498,8 +498,8 @@ impl RedisStore {
                 let n = 1
                     + (rest.iter().skip(1))
                         .take_while(|(_, size)| {
-                            bytes += size;
-                            bytes + rest[0].1 <= READ_WHOLE_BYTES
+                            bytes = size.saturating_add(bytes);
+                            rest[0].1.saturating_add(bytes) <= READ_WHOLE_BYTES
                         })
                         .count();
                 let (pipeline, after) = rest.split_at(n);
@@ -644,7 +644,8 @@ impl RedisStore {
         let (secs, micros): (u64, u64) = self
             .bounded(deadline, redis::cmd("TIME").query_async(&mut conn))
             .await?;
-        Ok(secs * 1000 + micros / 1000)
+        // Saturating: a server's reply is not ours to overflow on (the panics audit).
+        Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
     }
 
     /// A fenced script's call: the owner's token, the script's own argument
