@@ -127,6 +127,11 @@ fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     if let Some(error) = bad_rust_log {
         tracing::warn!(error = %error, "RUST_LOG is not a valid filter; logging at info");
     }
+    // A panic (a defect) is a log line like the others, with its place,
+    // not plain text on stderr; its request is answered 500.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "a defect: a panic (please report this line)");
+    }));
     guard
 }
 

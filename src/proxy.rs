@@ -838,11 +838,13 @@ impl Drop for Access<'_> {
                 .proxy
                 .cut_off
                 .load(std::sync::atomic::Ordering::Acquire);
-            self.finish(if cut_off {
-                CUT_OFF_AT_SHUTDOWN
-            } else {
-                CLIENT_CLOSED
-            });
+            // Its handling panicked: answered 500 (`server::panicked`).
+            let status = match (std::thread::panicking(), cut_off) {
+                (true, _) => 500,
+                (false, true) => CUT_OFF_AT_SHUTDOWN,
+                (false, false) => CLIENT_CLOSED,
+            };
+            self.finish(status);
         }
     }
 }
