@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "An idempotency-enforcing HTTP reverse proxy"
 )]
 pub struct Cli {
-    /// Log format; defaults to json when stdout is not a terminal.
+    /// Log format; defaults to json when the log's stream is not a terminal
+    /// (stdout for serve, stderr for check and keys).
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log level or filter (e.g. info, debug, idemgate=debug); RUST_LOG also works.
