@@ -221,9 +221,9 @@ impl Body for Guarded {
         let rest = self.rest.len() as u64;
         let inner = self.body.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + rest);
+        hint.set_lower(inner.lower().saturating_add(rest));
         if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + rest);
+            hint.set_upper(upper.saturating_add(rest));
         }
         hint
     }

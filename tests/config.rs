@@ -546,6 +546,25 @@ fn the_example_config_is_valid() {
     assert!(!config.routes.is_empty());
 }
 
+/// Regression (the panics audit): a file that never ends was read until
+/// memory ran out (a reload given up after 10 s went on reading). A
+/// configuration or TLS file is read to 16 MiB at most.
+#[test]
+fn a_file_that_never_ends_is_refused_not_read_for_good() {
+    let endless = Config::load(std::path::Path::new("/dev/zero"))
+        .expect_err("refused")
+        .0;
+    assert!(
+        endless[0].message.contains("larger than 16 MiB"),
+        "{endless:?}"
+    );
+    let errs = errors(
+        "upstreams:\n  erp: { url: \"https://127.0.0.1:9443\", tls: { ca_file: /dev/zero } }\nroutes: [ { name: a, match: { path: /a }, upstream: erp } ]\n",
+    );
+    let e = error_at(&errs, "upstreams.erp.tls.ca_file");
+    assert!(e.message.contains("larger than 16 MiB"), "{e}");
+}
+
 fn idemgate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_idemgate"))
         .args(args)

@@ -235,12 +235,41 @@ impl StatusPattern {
     }
 }
 
+/// The most bytes a configuration or TLS file is read to.
+pub const MAX_FILE: u64 = 16 << 20;
+
+/// A file's bytes, refused past `limit`: a file that never ends
+/// (`/dev/zero`) or a wrong path to a huge one is not read until memory
+/// runs out (regression, the panics audit: a reload thread given up after
+/// 10 s went on reading).
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        let error = format!("larger than {} MiB", limit >> 20);
+        return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, error));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let read = read_bounded(path, MAX_FILE).and_then(|bytes| {
+            String::from_utf8(bytes).map_err(|_| {
+                let error = "stream did not contain valid UTF-8";
+                std::io::Error::new(std::io::ErrorKind::InvalidData, error)
+            })
+        });
+        let text = read.map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::InvalidData => "save the file as UTF-8",
+                std::io::ErrorKind::FileTooLarge => {
+                    "a configuration is at most 16 MiB: is this the right file?"
+                }
                 _ => "pass an existing, readable file with --config or IDEMGATE_CONFIG",
             };
             ConfigErrors::one(ConfigError::new(
