@@ -192,10 +192,14 @@ pub fn frame_passed_answer(headers: &mut HeaderMap, status: http::StatusCode) {
     if values.next().is_none() && !first.as_bytes().contains(&b',') {
         return;
     }
-    let one = (first.as_bytes().split(|&b| b == b',').next()).map(<[u8]>::trim_ascii);
-    match one.map(HeaderValue::from_bytes) {
-        Some(Ok(one)) => headers.insert(header::CONTENT_LENGTH, one),
-        _ => headers.remove(header::CONTENT_LENGTH),
+    let one = first
+        .as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or_default();
+    match HeaderValue::from_bytes(one.trim_ascii()) {
+        Ok(one) => headers.insert(header::CONTENT_LENGTH, one),
+        Err(_) => headers.remove(header::CONTENT_LENGTH),
     };
 }
 

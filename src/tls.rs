@@ -36,7 +36,7 @@ pub fn install_provider() {
 
 /// Every certificate of a PEM file (a chain: leaf first).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = crate::config::read_bounded(path, crate::config::MAX_FILE)
+    let bytes = crate::config::read_bounded(path)
         .map_err(|e| file_error(path, format!("cannot read: {e}")))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
@@ -74,7 +74,7 @@ fn pem_reason(error: &rustls::pki_types::pem::Error) -> String {
 
 /// The first private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = crate::config::read_bounded(path, crate::config::MAX_FILE)
+    let bytes = crate::config::read_bounded(path)
         .map_err(|e| file_error(path, format!("cannot read: {e}")))?;
     let text = String::from_utf8_lossy(&bytes);
     if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {

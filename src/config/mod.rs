@@ -236,20 +236,20 @@ impl StatusPattern {
 }
 
 /// The most bytes a configuration or TLS file is read to.
-pub const MAX_FILE: u64 = 16 << 20;
+const MAX_FILE: u64 = 16 << 20;
 
-/// A file's bytes, refused past `limit`: a file that never ends
-/// (`/dev/zero`) or a wrong path to a huge one is not read until memory
-/// runs out (regression, the panics audit: a reload thread given up after
-/// 10 s went on reading).
-pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// A configuration or TLS file's bytes, refused past [`MAX_FILE`]: a file
+/// that never ends (`/dev/zero`) or a wrong path to a huge one is not read
+/// until memory runs out (regression, the panics audit: a reload thread
+/// given up after 10 s went on reading).
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
-        .take(limit + 1)
+        .take(MAX_FILE + 1)
         .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        let error = format!("larger than {} MiB", limit >> 20);
+    if bytes.len() as u64 > MAX_FILE {
+        let error = format!("larger than {} MiB", MAX_FILE >> 20);
         return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, error));
     }
     Ok(bytes)
@@ -258,7 +258,7 @@ pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let read = read_bounded(path, MAX_FILE).and_then(|bytes| {
+        let read = read_bounded(path).and_then(|bytes| {
             String::from_utf8(bytes).map_err(|_| {
                 let error = "stream did not contain valid UTF-8";
                 std::io::Error::new(std::io::ErrorKind::InvalidData, error)

@@ -198,9 +198,9 @@ fn tls_files(config: &UpstreamConfig) -> [u8; 32] {
     let mut digest = sha2::Sha256::new();
     if let Some(tls) = &config.tls {
         for path in [&tls.ca_file, &tls.client_cert_file, &tls.client_key_file] {
-            let read =
-                |p: &std::path::PathBuf| crate::config::read_bounded(p, crate::config::MAX_FILE);
-            let bytes = path.as_ref().and_then(|p| read(p).ok());
+            let bytes = path
+                .as_ref()
+                .and_then(|p| crate::config::read_bounded(p).ok());
             let bytes = bytes.unwrap_or_default();
             digest.update((bytes.len() as u64).to_le_bytes());
             digest.update(&bytes);

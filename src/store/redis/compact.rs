@@ -147,9 +147,9 @@ pub(super) fn parse(value: Vec<u8>, lease: Option<Lease>) -> Result<Record, Stor
     let ttl_ms = number(field(&mut rest)).ok_or_else(damaged)?;
     let created_ms = number(field(&mut rest)).ok_or_else(damaged)?;
     let lease_end_ms = match (state, lease) {
-        (State::InFlight, Some(Lease { now_ms, pttl_ms })) if pttl_ms >= 0 => {
-            (now_ms.saturating_add(pttl_ms.unsigned_abs())).saturating_sub(ttl_ms)
-        }
+        (State::InFlight, Some(Lease { now_ms, pttl_ms })) if pttl_ms >= 0 => now_ms
+            .saturating_add(pttl_ms.unsigned_abs())
+            .saturating_sub(ttl_ms),
         _ => created_ms.saturating_add(lease_ms),
     };
     let response = match state {

@@ -494,12 +494,12 @@ impl RedisStore {
             let mut rest = &wanted[..];
             while !rest.is_empty() && listing.found.len() < limit {
                 // As many as fit in READ_WHOLE_BYTES, at least one.
-                let mut bytes = 0;
+                let mut bytes: u64 = 0;
                 let n = 1
                     + (rest.iter().skip(1))
                         .take_while(|(_, size)| {
-                            bytes = size.saturating_add(bytes);
-                            rest[0].1.saturating_add(bytes) <= READ_WHOLE_BYTES
+                            bytes = bytes.saturating_add(*size);
+                            bytes.saturating_add(rest[0].1) <= READ_WHOLE_BYTES
                         })
                         .count();
                 let (pipeline, after) = rest.split_at(n);
