@@ -4,8 +4,8 @@
     callgrind.py DUMP REQUESTS [TOP [WIDTH]]
 
 Prints one JSON line, {"instructions": ..., "sha256_portable": ...,
-"allocations": ..., and with a cache simulation "ll_data_misses" and
-"l1_data_misses": ...} per request (instructions executed in user space but
+"allocations": ..., and with a cache simulation "ll_data_misses",
+"l1_data_misses" and "l1_instruction_misses": ...} per request (instructions executed in user space but
 SHA-256's; SHA-256's, which valgrind runs without SHA-NI; calls into the
 C allocator: malloc, calloc and the aligned ones, or mimalloc's), then
 the TOP functions by self instructions per request. Callgrind counts
@@ -33,11 +33,11 @@ def parse(path):
     misses (reads + writes) per function; calls per callee."""
     names, self_cost = {}, collections.Counter()
     misses, calls = collections.Counter(), collections.Counter()
-    l1 = collections.Counter()
+    l1, i1 = collections.Counter(), collections.Counter()
     fn = cfn = None
     pending = None
     ll = None  # columns of DLmr and DLmw, when the dump has them
-    d1 = None  # and of D1mr and D1mw
+    d1 = i1col = None  # and of D1mr and D1mw, and of I1mr
 
     def name(token):
         m = re.match(r"\((\d+)\)(?: (.*))?", token)
@@ -53,6 +53,7 @@ def parse(path):
                 if "DLmr" in events:
                     ll = (events.index("DLmr") + 1, events.index("DLmw") + 1)
                     d1 = (events.index("D1mr") + 1, events.index("D1mw") + 1)
+                    i1col = events.index("I1mr") + 1
             elif line.startswith("fn="):
                 fn = name(line[3:])
             elif line.startswith("cfn="):
@@ -73,14 +74,15 @@ def parse(path):
                         column = lambda i: int(parts[i]) if i < len(parts) else 0  # noqa: E731
                         misses[fn] += column(ll[0]) + column(ll[1])
                         l1[fn] += column(d1[0]) + column(d1[1])
-    return names, self_cost, calls, misses, l1
+                        i1[fn] += column(i1col)
+    return names, self_cost, calls, misses, l1, i1
 
 
 def main():
     path, requests = sys.argv[1], int(sys.argv[2])
     top = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     width = int(sys.argv[4]) if len(sys.argv) > 4 else 140
-    names, self_cost, calls, misses, l1 = parse(path)
+    names, self_cost, calls, misses, l1, i1 = parse(path)
     total = sum(self_cost.values())
     # Counted at the C allocator: with LTO `__rust_alloc` is inlined away.
     # With --separate-callers a name carries its callers ("f'caller'...").
@@ -98,6 +100,7 @@ def main():
     if misses:
         summary["ll_data_misses"] = round(sum(misses.values()) / requests, 1)
         summary["l1_data_misses"] = round(sum(l1.values()) / requests, 1)
+        summary["l1_instruction_misses"] = round(sum(i1.values()) / requests, 1)
     print(json.dumps(summary))
     # With a cache simulation the costliest functions are those that miss most.
     ranked = misses if misses else self_cost
