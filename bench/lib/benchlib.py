@@ -317,6 +317,8 @@ def report(argv):
         f"load average at start {meta['loadavg_start']}, at end {meta.get('loadavg_end', '?')}. "
         f"idemgate {meta['git']}; {meta['nginx']}; {meta['wrk']}; {meta['redis']}.\n"
     )
+    if meta.get("build"):
+        md.append(f"idemgate built: {meta['build']}.\n")
     if meta.get("label"):
         md.append(f"Build: {meta['label']}\n")
     md.append(
