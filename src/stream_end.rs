@@ -11,6 +11,11 @@
 //! came (the h2 crate's `is_end_stream`, which a reset stream is not);
 //! else it broke off, and an upstream it was streaming to sees it break.
 //!
+//! The last bytes of a declared length are held back until the stream ends:
+//! an upstream counting the bytes of its `Content-Length` would otherwise
+//! have the whole request before the client's reset (regression, an audit:
+//! a pass-through upload reset after its last byte ran upstream).
+//!
 //! HTTP/1 has no such end: a connection that closes early breaks the body.
 
 use std::pin::Pin;
@@ -23,11 +28,21 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::body::BoxError;
 
-pub struct StreamEnd(Incoming);
+pub struct StreamEnd {
+    body: Incoming,
+    /// The last bytes of the declared length, until the stream ends.
+    held: Option<Bytes>,
+    /// A frame that came after the held bytes, given after them.
+    next: Option<Frame<Bytes>>,
+}
 
 impl StreamEnd {
     pub fn new(body: Incoming) -> StreamEnd {
-        StreamEnd(body)
+        StreamEnd {
+            body,
+            held: None,
+            next: None,
+        }
     }
 }
 
@@ -39,24 +54,56 @@ impl Body for StreamEnd {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match ready!(Pin::new(&mut self.0).poll_frame(cx)) {
-            Some(frame) => Poll::Ready(Some(frame.map_err(Into::into))),
-            None if self.0.is_end_stream() => Poll::Ready(None),
-            None => Poll::Ready(Some(Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the client reset its HTTP/2 stream before the body's end",
-            )
-            .into()))),
+        let this = &mut *self;
+        if let Some(frame) = this.next.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        loop {
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                // The held bytes are dropped: the body broke off.
+                Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+                None if this.body.is_end_stream() => {
+                    return Poll::Ready(this.held.take().map(|held| Ok(Frame::data(held))));
+                }
+                None => {
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the client reset its HTTP/2 stream before the body's end",
+                    )
+                    .into())));
+                }
+            };
+            // END_STREAM on an empty DATA frame of its own.
+            if this.held.is_some() && frame.data_ref().is_some_and(|data| data.is_empty()) {
+                continue;
+            }
+            if let Some(held) = this.held.take() {
+                this.next = Some(frame);
+                return Poll::Ready(Some(Ok(Frame::data(held))));
+            }
+            let last = this.body.size_hint().exact() == Some(0) && !this.body.is_end_stream();
+            match frame.into_data() {
+                Ok(data) if last && !data.is_empty() => this.held = Some(data),
+                Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            }
         }
     }
 
-    /// True once the client's END_STREAM came, never for a reset stream.
+    /// True once the client's END_STREAM came and every byte was given,
+    /// never for a reset stream.
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.held.is_none() && self.next.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
+        let mut hint = self.body.size_hint();
+        let held = self.held.as_ref().map_or(0, |held| held.len() as u64);
+        if let Some(exact) = hint.exact() {
+            hint.set_exact(exact + held);
+        }
+        hint
     }
 }
 
