@@ -1118,6 +1118,67 @@ async fn a_wrong_redis_password_is_said_per_request_not_a_timeout() {
     );
 }
 
+/// Regression (an audit): a Redis user not allowed `INFO` turned the
+/// eviction check off without a word (`idemgate_store_evicting` at 0, its
+/// alert silent, whatever the policy). It is said once, with what to grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_not_allowed_info_is_told_the_eviction_check_is_off() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let mut admin = redis.connection().await;
+    let _: String = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "idem",
+            "on",
+            ">s3cret-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-info",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url().replace("redis://", "redis://idem:s3cret-pw@");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nstore: {{ backend: redis, url: \"{url}\" }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve(&path);
+    let refused = |log: &[String]| {
+        (log.iter())
+            .filter(|l| l.contains("Redis refused INFO"))
+            .count()
+    };
+    eventually(Duration::from_secs(10), "the warning", || async {
+        refused(&proxy.log()) == 1
+    })
+    .await;
+    // Said once, not on every reading (one each 5 s).
+    let reply = TestClient::new()
+        .post_key(&proxy.url("/api/o"), "k-info", "{}")
+        .await;
+    assert_eq!(reply.status, 201, "protected as before");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = proxy.log();
+    assert_eq!(refused(&log), 1, "{log:#?}");
+    let line = log
+        .iter()
+        .find(|l| l.contains("Redis refused INFO"))
+        .unwrap();
+    assert!(line.contains("WARN") && line.contains("+info"), "{line}");
+    assert!(
+        !line.contains("s3cret-pw"),
+        "the password stays out: {line}"
+    );
+}
+
 /// A client cut off by `send_timeout` is said in the log: its access line
 /// keeps the answer's status (the head went out), so nothing else told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,8 @@ struct Seen {
     read_at: Option<Instant>,
     /// The evicting policy last read, if any node had one.
     policy: Option<String>,
+    /// Whether the last reading was refused (said once until one is taken).
+    refused: bool,
 }
 
 impl Eviction {
@@ -31,10 +33,24 @@ impl Eviction {
         seen.read_at.is_none_or(|at| at.elapsed() >= EVERY)
     }
 
-    /// A reading that could not be taken (a user not allowed `INFO`): the
-    /// next is tried after [`EVERY`], the last policy read stands.
+    /// A reading that could not be taken: the next is tried after
+    /// [`EVERY`], the last policy read stands.
     pub(super) fn unread(&self) {
         self.0.lock().expect("eviction lock").read_at = Some(Instant::now());
+    }
+
+    /// [`Self::unread`] for a user not allowed `INFO`, said once
+    /// (regression, an audit: the check was off without a word, the gauge
+    /// at 0 and its alert silent whatever the policy).
+    pub(super) fn refused(&self, why: &str) {
+        let mut seen = self.0.lock().expect("eviction lock");
+        seen.read_at = Some(Instant::now());
+        if !std::mem::replace(&mut seen.refused, true) {
+            tracing::warn!(
+                error = why,
+                "Redis refused INFO: idemgate cannot tell whether Redis evicts records (idemgate_store_evicting stays 0) nor check its version; grant the Redis user +info (README, Redis ACL)"
+            );
+        }
     }
 
     /// Notes `INFO` texts (one per node): warns when records became
@@ -43,6 +59,7 @@ impl Eviction {
         let now = evicting_policy(texts).map(str::to_owned);
         let mut seen = self.0.lock().expect("eviction lock");
         seen.read_at = Some(Instant::now());
+        seen.refused = false;
         if seen.policy == now {
             return;
         }

@@ -566,7 +566,10 @@ impl RedisStore {
         let texts = match info {
             Ok(info) => eviction::info_texts(info),
             // A Redis user not allowed `INFO` (ACL): the version stays unknown.
-            Err(e) if e.code().is_some() => Vec::new(),
+            Err(e) if e.code().is_some() => {
+                self.eviction.refused(&e.to_string());
+                Vec::new()
+            }
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         };
         // The oldest node's version decides.
@@ -609,7 +612,7 @@ impl RedisStore {
             .await?;
         match info {
             Ok(info) => self.eviction.note(&eviction::info_texts(info)),
-            Err(e) if e.code().is_some() => self.eviction.unread(),
+            Err(e) if e.code().is_some() => self.eviction.refused(&e.to_string()),
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         }
         Ok(())
