@@ -1118,6 +1118,44 @@ async fn a_wrong_redis_password_is_said_per_request_not_a_timeout() {
     );
 }
 
+/// Regression (an audit): a Redis Cluster whose connection could not be
+/// made (every seed refusing, or a user without `+cluster`) failed claims
+/// that were never sent, yet each was undone in the background (20 tries),
+/// holding the shutdown some 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_refused_by_an_unreachable_cluster_is_not_undone() {
+    let upstream = TestUpstream::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nstore: {{ backend: redis, cluster: [\"redis://127.0.0.1:{port}\"], op_timeout: 5s }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve(&path);
+    let refused = TestClient::new()
+        .post_key(&proxy.url("/api/o"), "k-cluster-down", "{}")
+        .await;
+    assert_eq!(refused.code(), "store_unavailable");
+    proxy.signal("TERM");
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "no undoing to wait for: {:#?}",
+        proxy.log()
+    );
+    let log = proxy.log();
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("could not undo") || l.contains("could not settle")),
+        "nothing to undo: {log:#?}"
+    );
+    assert_eq!(upstream.hits(), 0);
+}
+
 /// Regression (an audit): a Redis user not allowed `INFO` turned the
 /// eviction check off without a word (`idemgate_store_evicting` at 0, its
 /// alert silent, whatever the policy). It is said once, with what to grant.

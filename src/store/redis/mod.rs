@@ -132,9 +132,19 @@ impl RedisStore {
     /// The connection for one call; making it (a cluster's first call)
     /// counts against the operation's deadline like the call itself.
     async fn conn(&self, deadline: Instant) -> Result<link::Handle, StoreError> {
-        match self.link.ready_handle() {
-            Some(handle) => Ok(handle),
-            None => self.bounded(deadline, self.link.handle()).await,
+        if let Some(handle) = self.link.ready_handle() {
+            return Ok(handle);
+        }
+        // A cluster's first connection: an error making it means no
+        // command was sent (regression, an audit: every claim refused by a
+        // cluster down or a user without `+cluster` was undone in the
+        // background, 20 tries, holding a shutdown some 10 s). Its making
+        // still under way at the deadline stays a timeout, which `keys`
+        // waits out.
+        match tokio::time::timeout_at(deadline, self.link.handle()).await {
+            Ok(Ok(handle)) => Ok(handle),
+            Ok(Err(e)) => Err(StoreError::Unreachable(e.to_string())),
+            Err(_) => Err(StoreError::Timeout),
         }
     }
 
