@@ -26,6 +26,15 @@ fn write_config(
     path
 }
 
+/// `store` (a YAML flow mapping), route `orders` on `/api`, no admin.
+fn write_store_config(
+    dir: &tempfile::TempDir,
+    store: &str,
+    upstream: &TestUpstream,
+) -> std::path::PathBuf {
+    write_memory_config_at(dir, upstream, "127.0.0.1:0", &format!("store: {store}\n"))
+}
+
 /// The memory store, route `orders` on `/api`.
 fn write_memory_config(dir: &tempfile::TempDir, upstream: &TestUpstream) -> std::path::PathBuf {
     let yaml = format!(
@@ -1086,12 +1095,8 @@ async fn a_wrong_redis_password_is_said_per_request_not_a_timeout() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let url = redis.url().replace("redis://", "redis://nobody:wrong@");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nstore: {{ backend: redis, url: \"{url}\", op_timeout: 5s }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
-        upstream.addr
-    );
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    let store = format!("{{ backend: redis, url: \"{url}\", op_timeout: 5s }}");
+    let path = write_store_config(&dir, &store, &upstream);
     let mut proxy = Binary::serve(&path);
     let client = TestClient::new();
     let started = std::time::Instant::now();
@@ -1129,12 +1134,9 @@ async fn a_claim_refused_by_an_unreachable_cluster_is_not_undone() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nstore: {{ backend: redis, cluster: [\"redis://127.0.0.1:{port}\"], op_timeout: 5s }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
-        upstream.addr
-    );
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    let store =
+        format!("{{ backend: redis, cluster: [\"redis://127.0.0.1:{port}\"], op_timeout: 5s }}");
+    let path = write_store_config(&dir, &store, &upstream);
     let mut proxy = Binary::serve(&path);
     let refused = TestClient::new()
         .post_key(&proxy.url("/api/o"), "k-cluster-down", "{}")
@@ -1180,12 +1182,11 @@ async fn a_redis_user_not_allowed_info_is_told_the_eviction_check_is_off() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = redis.url().replace("redis://", "redis://idem:s3cret-pw@");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nstore: {{ backend: redis, url: \"{url}\" }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
-        upstream.addr
+    let path = write_store_config(
+        &dir,
+        &format!("{{ backend: redis, url: \"{url}\" }}"),
+        &upstream,
     );
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
     let mut proxy = Binary::serve(&path);
     let refused = |log: &[String]| {
         (log.iter())
