@@ -44,15 +44,20 @@ prime_replays() {
   done
 }
 
+# target_dir: cargo's target directory for the repository (CARGO_TARGET_DIR honoured).
+target_dir() {
+  (cd "$REPO" && cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+}
+
 # build: release idemgate and bench_upstream; sets IDEMGATE and UPSTREAM_BIN.
 build() {
   log "building idemgate and bench_upstream (release)"
   (cd "$REPO" && cargo build --release --locked --bin idemgate --example bench_upstream)
-  local target_dir
-  target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  IDEMGATE=$target_dir/release/idemgate
-  UPSTREAM_BIN=$target_dir/release/examples/bench_upstream
+  local dir
+  dir=$(target_dir)
+  IDEMGATE=$dir/release/idemgate
+  UPSTREAM_BIN=$dir/release/examples/bench_upstream
 }
 
 # make_tmp: a temp dir, removed (with every started process stopped) on exit.
