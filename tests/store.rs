@@ -1392,6 +1392,10 @@ async fn a_listing_among_large_records_reads_their_heads_only() {
     // A short op_timeout: 100 MB read whole in one pipeline cannot make it
     // (4 MB pipelines take a few ms on loopback).
     let mut short = config(&backend);
+    // Written with the default op_timeout: the listing is what must fit in
+    // 50 ms, not the 1 MiB claims (regression: a claim timed out in CI on a
+    // loaded machine).
+    let writer = open_config(&short);
     short.store.op_timeout = Duration::from_millis(50);
     let store = open_config(&short);
     let body = bytes::Bytes::from(vec![b'x'; 1 << 20]);
@@ -1402,7 +1406,7 @@ async fn a_listing_among_large_records_reads_their_heads_only() {
         body: Some(body),
     };
     for i in 0..20 {
-        complete_new_with(&store, &key(&format!("large-{i}")), &large).await;
+        complete_new_with(&writer, &key(&format!("large-{i}")), &large).await;
     }
     // And records of earlier versions (hashes), as large (regression, a
     // verification audit: their length counted as nothing, and a pipeline
@@ -1425,7 +1429,7 @@ async fn a_listing_among_large_records_reads_their_heads_only() {
         )
         .await;
     }
-    complete_new(&store, &key("needle"), 201).await;
+    complete_new(&writer, &key("needle"), 201).await;
     let found = store
         .records(Some("r"), None, |k, _| k.key == "needle")
         .await
