@@ -173,7 +173,11 @@ impl Exchange {
             Ok(Err(error @ (SendError::Connect(_) | SendError::Local(_)))) => {
                 // Not the upstream's failure when the proxy was out of descriptors.
                 match error {
-                    SendError::Local(_) => drop(self.admission.take()),
+                    SendError::Local(_) => {
+                        if let Some(admission) = self.admission.take() {
+                            admission.cancel();
+                        }
+                    }
                     _ => self.finish_admission(false),
                 }
                 // The upstream never saw the request: a retry may try again.

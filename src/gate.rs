@@ -152,7 +152,9 @@ impl Proxy {
                 // The budget and the guards stand between the claim and the
                 // forward: a request turned away releases its key at once.
                 let now = Instant::now();
-                let admission = match budget_left(now, deadline).and_then(|()| upstream.admit()) {
+                let admission = match budget_left(now, deadline)
+                    .and_then(|()| upstream.admit(route.timeouts.response))
+                {
                     Ok(admission) => admission,
                     Err(problem) => {
                         ctx.outcome = "rejected";

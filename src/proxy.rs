@@ -511,7 +511,11 @@ impl Proxy {
         request: Request<ProxyBody>,
         ctx: &mut Ctx,
     ) -> Response<ProxyBody> {
-        let admission = match upstream.admit() {
+        let route = ctx
+            .route
+            .clone()
+            .expect("pass_through runs on a matched route");
+        let admission = match upstream.admit(route.timeouts.response) {
             Ok(admission) => admission,
             Err(problem) => {
                 ctx.outcome = "rejected";
@@ -519,10 +523,6 @@ impl Proxy {
             }
         };
         ctx.outcome = "passthrough";
-        let route = ctx
-            .route
-            .clone()
-            .expect("pass_through runs on a matched route");
         let sent = Instant::now();
         let total = (ctx.arrived + route.timeouts.total).into();
         let mut request = self.upstream_request(upstream, request, ctx, &route, sent);
@@ -548,15 +548,19 @@ impl Proxy {
                 let body = Silence::new(incoming, route.timeouts.response, ctx.ids.trace());
                 Response::from_parts(parts, body::boxed(body))
             }
-            // The admission is dropped unjudged: the upstream did nothing wrong.
+            // Unjudged: the upstream did nothing wrong.
             Some(Err(error @ SendError::ClientBody { malformed })) => {
+                admission.cancel();
                 // A malformed body's client is there for its 400
                 // (regression: logged as 499).
                 ctx.client_gone = !malformed;
                 send_error_problem(error)
             }
-            // This process's own exhaustion: the admission is dropped unjudged.
-            Some(Err(error @ SendError::Local(_))) => send_error_problem(error),
+            // This process's own exhaustion: unjudged.
+            Some(Err(error @ SendError::Local(_))) => {
+                admission.cancel();
+                send_error_problem(error)
+            }
             Some(Err(error)) => {
                 admission.finish(false);
                 send_error_problem(error)
@@ -564,13 +568,15 @@ impl Proxy {
             // The body was still coming when `total` passed: the client's
             // slowness (the upstream could not answer yet), never a failure
             // for its breaker (regression: slow uploads opened the circuit
-            // for everyone, with a 504 that blamed the upstream). The
-            // admission is dropped unjudged.
-            None if connected.body_still_arriving() => Problem::new(
-                Code::RequestTimeout,
-                "the request body was still arriving when this route's total timeout passed",
-            )
-            .into_response(),
+            // for everyone, with a 504 that blamed the upstream). Unjudged.
+            None if connected.body_still_arriving() => {
+                admission.cancel();
+                Problem::new(
+                    Code::RequestTimeout,
+                    "the request body was still arriving when this route's total timeout passed",
+                )
+                .into_response()
+            }
             None => {
                 admission.finish(false);
                 timeout_problem()

@@ -663,6 +663,76 @@ async fn a_probe_is_judged_on_its_head_not_held_half_open_by_its_body() {
     probe.abort();
 }
 
+/// Regression (an audit): a pass-through half-open probe whose client
+/// gave up before the answer gave its turn to the next request, while the
+/// upstream was still at work on it: five impatient clients put five
+/// requests on a recovering upstream at once, and a sixth closed the
+/// circuit. The turn now comes back when the probe would have timed out.
+#[tokio::test]
+async fn a_probe_whose_client_left_holds_the_half_open_turn_until_it_would_time_out() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = TestUpstream::start().await;
+    let routes =
+        "  - { name: plain, match: { path_prefix: /plain }, upstream: up, idempotency: off }";
+    let yaml = config(
+        &Backend::memory().store_yaml(),
+        upstream.addr,
+        "  timeouts: { response: 3s, total: 6s }",
+        routes,
+    )
+    .replace(
+        "connect_timeout: 500ms }",
+        "connect_timeout: 500ms, circuit_breaker: { consecutive_failures: 1, open_for: 1s } }",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    let failing = [("x-test-status", "503")];
+    let r = (client.send("GET", &proxy.url("/plain"), &failing, Bytes::new())).await;
+    assert_eq!(r.status, 503);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // open_for under test
+    let hits = upstream.hits();
+    let mut probe = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "GET /plain HTTP/1.1\r\nHost: x\r\nx-test-delay-ms: 5000\r\n\r\n";
+    probe.write_all(head.as_bytes()).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the probe reached the upstream",
+        || async { upstream.hits() == hits + 1 },
+    )
+    .await;
+    let left = std::time::Instant::now();
+    drop(probe);
+    // The client's going is seen at once (logged 499); the upstream works on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get_plain(&client, &proxy).await;
+    if left.elapsed() < Duration::from_secs(3) {
+        assert_eq!(r.status, 503, "the turn is still the left probe's: {r:?}");
+        assert_eq!(r.code(), "upstream_circuit_open");
+        let wait = r.header("retry-after");
+        assert!(
+            matches!(wait, Some("2" | "3")),
+            "Retry-After: until it would time out: {wait:?}"
+        );
+        assert_eq!(
+            upstream.hits(),
+            hits + 1,
+            "nothing else reached the upstream"
+        );
+    }
+    // Its response timeout over, the next request is the probe, and closes the circuit.
+    eventually(
+        Duration::from_secs(8),
+        "the turn comes back once the left probe would have timed out",
+        || async { get_plain(&client, &proxy).await.status == 201 },
+    )
+    .await;
+    assert!(
+        left.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        left.elapsed()
+    );
+}
+
 both_stores!(
     bulkhead_turns_away_at_once_and_frees_keys,
     breaker_opens_serves_replays_probes_once_and_closes,

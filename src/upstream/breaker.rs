@@ -21,10 +21,22 @@ pub enum State {
     Open {
         until: Instant,
     },
-    /// One probe is out; everyone else is turned away until it answers.
+    /// `open_for` has passed: one probe goes, everyone else is turned away until it answers.
     HalfOpen {
-        probe_out: bool,
+        probe: Probe,
     },
+}
+
+/// The half-open breaker's probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// None is out: the next request is the probe.
+    Free,
+    /// Out, its answer awaited.
+    Out,
+    /// Its client went away while the upstream may still be at work on it:
+    /// the turn comes back `until` then, when it would have timed out.
+    Abandoned { until: Instant },
 }
 
 /// What the breaker said to one request, with the epoch it said it in.
@@ -78,7 +90,11 @@ impl Breaker {
             return Admit::Pass { epoch: 0 };
         }
         let mut inner = self.lock();
-        if let State::Open { until } = inner.state {
+        if let State::Open { until }
+        | State::HalfOpen {
+            probe: Probe::Abandoned { until },
+        } = inner.state
+        {
             let now = now();
             if now < until {
                 return Admit::Reject(until - now);
@@ -86,14 +102,15 @@ impl Breaker {
         }
         match inner.state {
             State::Closed { .. } => Admit::Pass { epoch: inner.epoch },
-            State::HalfOpen { probe_out: true } => Admit::Reject(Duration::from_secs(1)),
-            State::HalfOpen { probe_out: false } => {
-                // A cancelled probe's turn: the epoch stays, nothing was answered in it.
-                inner.state = State::HalfOpen { probe_out: true };
+            State::HalfOpen { probe: Probe::Out } => Admit::Reject(Duration::from_secs(1)),
+            State::HalfOpen { .. } => {
+                // A cancelled or abandoned probe's turn: the epoch stays,
+                // nothing was answered in it.
+                inner.state = State::HalfOpen { probe: Probe::Out };
                 Admit::Probe { epoch: inner.epoch }
             }
             State::Open { .. } => {
-                inner.enter(State::HalfOpen { probe_out: true });
+                inner.enter(State::HalfOpen { probe: Probe::Out });
                 Admit::Probe { epoch: inner.epoch }
             }
         }
@@ -142,10 +159,24 @@ impl Breaker {
 
     /// An admitted request that never reached the upstream: a probe's turn goes to the next request.
     pub fn cancel(&self, admit: Admit) {
+        self.probe_gone(admit, Probe::Free);
+    }
+
+    /// An admitted request given up unanswered (its client went away)
+    /// while the upstream may still be at work on it: a probe's turn comes
+    /// back at `until`, when it would have timed out. Until then the rest
+    /// are turned away, as while it was out (regression, an audit: each
+    /// pass-through probe whose client gave up let the next request
+    /// through, five at once on a half-open upstream).
+    pub fn abandon(&self, admit: Admit, until: Instant) {
+        self.probe_gone(admit, Probe::Abandoned { until });
+    }
+
+    fn probe_gone(&self, admit: Admit, then: Probe) {
         if let Admit::Probe { epoch } = admit {
             let mut inner = self.lock();
-            if inner.epoch == epoch && inner.state == (State::HalfOpen { probe_out: true }) {
-                inner.state = State::HalfOpen { probe_out: false };
+            if inner.epoch == epoch && inner.state == (State::HalfOpen { probe: Probe::Out }) {
+                inner.state = State::HalfOpen { probe: then };
             }
         }
     }
@@ -172,6 +203,8 @@ mod tests {
         Answer(char, u64, bool),
         /// Request `name` never reached the upstream.
         Cancel(char),
+        /// Request `name`'s client went away; it would time out at `until`.
+        Abandon(char, u64),
         /// The state now: "closed N", "open" or "half-open".
         Is(&'static str),
     }
@@ -211,6 +244,7 @@ mod tests {
                 }
                 Answer(r, t, success) => b.record(admitted[&r], success, || at(t)),
                 Cancel(r) => b.cancel(admitted[&r]),
+                Abandon(r, until) => b.abandon(admitted[&r], at(until)),
                 Is(want) => {
                     let got = match b.state() {
                         State::Closed { failures } => format!("closed {failures}"),
@@ -283,6 +317,24 @@ mod tests {
                     Ask('q', 10, "probe"),
                     Ask('x', 10, "reject"),
                     Answer('q', 10, true),
+                    Is("closed 0"),
+                ],
+            ),
+            (
+                "an abandoned probe holds the turn until it would have timed out",
+                &[
+                    Ask('a', 0, "pass"),
+                    Answer('a', 0, false),
+                    Ask('b', 0, "pass"),
+                    Answer('b', 0, false),
+                    Ask('p', 10, "probe"),
+                    Abandon('p', 13),
+                    Ask('x', 11, "reject"),
+                    Ask('y', 12, "reject"),
+                    Is("half-open"),
+                    Ask('q', 13, "probe"),
+                    Ask('z', 13, "reject"),
+                    Answer('q', 14, true),
                     Is("closed 0"),
                 ],
             ),

@@ -65,6 +65,9 @@ pub struct Admission {
     /// carried by a streamed body to its end ([`Streamed`]).
     slot: bool,
     finished: bool,
+    /// How long the upstream may take to answer (the route's response
+    /// timeout): a half-open probe dropped unanswered holds its turn as long.
+    answer_within: Duration,
 }
 
 impl Admission {
@@ -105,6 +108,14 @@ impl Admission {
             admit: self.admit,
             judged_at_end,
         }
+    }
+
+    /// A request that never reached the upstream, or that it could not act
+    /// on (a broken or late upload): nothing to judge, a probe's turn goes
+    /// to the next request at once.
+    pub fn cancel(mut self) {
+        self.upstream.breaker.cancel(self.admit);
+        self.finished = true;
     }
 
     /// The breaker hears of each admission once.
@@ -155,9 +166,12 @@ impl Drop for Streamed {
 }
 
 impl Drop for Admission {
+    /// Dropped unjudged and not cancelled: its request was given up (the
+    /// client went away) while the upstream may still be at work on it.
     fn drop(&mut self) {
         if !self.finished {
-            self.upstream.breaker.cancel(self.admit);
+            let until = Instant::now() + self.answer_within;
+            self.upstream.breaker.abandon(self.admit, until);
         }
         if self.slot {
             self.upstream.bulkhead.free();
@@ -258,7 +272,9 @@ impl Upstream {
 
     /// The bulkhead, then the circuit breaker; a request turned away gets
     /// its answer at once (no queueing).
-    pub fn admit(self: &Arc<Self>) -> Result<Admission, Problem> {
+    /// A bulkhead slot and the breaker's word for a request that the
+    /// upstream should answer within `answer_within`.
+    pub fn admit(self: &Arc<Self>, answer_within: Duration) -> Result<Admission, Problem> {
         if !self.bulkhead.take(self.config.max_in_flight as usize) {
             return Err(Problem::new(
                 Code::UpstreamOverloaded,
@@ -283,6 +299,7 @@ impl Upstream {
                 admit,
                 slot: true,
                 finished: false,
+                answer_within,
             }),
         }
     }
