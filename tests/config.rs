@@ -473,6 +473,20 @@ fn cluster_urls_with_a_database_and_prefixes_with_a_hash_tag_are_caught() {
     let e = error_at(&errs, "store.cluster[1]");
     assert!(e.message.contains("database 0 only"), "{e}");
     assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+    // Every seed's error at once, a bad port beside two databases
+    // (regression, the config audit: the port alone, then the databases).
+    let errs = errors(&cluster(
+        "\"redis://127.0.0.1:7000/3\", \"redis://h2:notport\", \"redis://127.0.0.1:7002/2\"",
+        "",
+    ));
+    for i in 0..3 {
+        error_at(&errs, &format!("store.cluster[{i}]"));
+    }
+    assert!(
+        error_at(&errs, "store.cluster[2]")
+            .message
+            .contains("database 0 only")
+    );
     let fine = Config::parse(&cluster("\"redis://127.0.0.1:7000/0\"", "")).expect("valid");
     assert!(fine.warnings.is_empty(), "{:?}", fine.warnings);
     let tagged = Config::parse(&cluster(
@@ -1469,4 +1483,82 @@ fn a_zero_body_limit_and_an_unreachable_key_length_are_warnings() {
         let config = Config::parse(&route(fine)).expect("valid");
         assert!(config.warnings.is_empty(), "{fine}: {:?}", config.warnings);
     }
+}
+
+/// Regression (an audit): a field written with no value (`listen:` alone,
+/// as a template leaves an unset value) was read as left out and took its
+/// default: a proxy on 0.0.0.0:8080, a gate with the default methods.
+#[test]
+fn a_field_written_empty_is_an_error_not_its_default() {
+    let cases = [
+        ("listen:\n", "listen", 1),
+        ("store:\n  backend:\n", "store.backend", 2),
+        (
+            "admin: { listen: 127.0.0.1:9091, token: ~ }\n",
+            "admin.token",
+            1,
+        ),
+        (
+            "defaults:\n  idempotency: { methods: , ttl: null }\n",
+            "defaults.idempotency.methods",
+            2,
+        ),
+        (
+            "defaults:\n  idempotency: { methods: , ttl: null }\n",
+            "defaults.idempotency.ttl",
+            2,
+        ),
+    ];
+    for (head, path, line) in cases {
+        let yaml = with_route(head, "");
+        let errors = errors(&yaml);
+        let e = error_at(&errors, path);
+        assert_eq!(e.position.map(|(l, _)| l), Some(line), "{yaml}\n{e:?}");
+        assert!(e.message.starts_with("no value"), "{e:?}");
+        assert!(e.hint.contains("remove the line"), "{e:?}");
+    }
+    let routed = with_route("", ", timeouts: { response: }");
+    let errors = errors(&routed);
+    let e = error_at(&errors, "routes[0].timeouts.response");
+    assert!(e.message.starts_with("no value"), "{e:?}");
+    // Left out, each takes its default; a section written empty (its
+    // lines commented out) holds none of its settings.
+    assert!(Config::parse(&with_route("", "")).is_ok());
+    let sections = "defaults:\n  timeouts:\n  idempotency:\nstore:\n";
+    let config = Config::parse(&with_route(sections, ", idempotency: , timeouts: ")).unwrap();
+    assert!(config.routes[0].idempotency.is_some());
+}
+
+/// Regression (an audit): `max_in_flight: "${N}"` was "not a whole
+/// number", with no word that `${VAR}` is replaced in string values only.
+#[test]
+fn a_variable_in_a_number_or_flag_field_is_told_it_is_not_replaced_there() {
+    let route = "routes:\n  - { name: a, match: { path: /a }, upstream: erp }\n";
+    let cases = [
+        (
+            format!(
+                "upstreams:\n  erp: {{ url: \"http://127.0.0.1:9000\", max_in_flight: \"${{N}}\" }}\n{route}"
+            ),
+            "upstreams.erp.max_in_flight",
+        ),
+        (
+            format!("{BASE}defaults:\n  idempotency: {{ require_key: \"${{RK}}\" }}\n{route}"),
+            "defaults.idempotency.require_key",
+        ),
+    ];
+    for (yaml, path) in cases {
+        let errors = errors(&yaml);
+        let e = error_at(&errors, path);
+        assert!(e.hint.contains("string values only"), "{yaml}\n{e:?}");
+    }
+    // Elsewhere a number keeps its usual hint.
+    let errors = errors(&with_route("", ", timeouts: { response: 3s }").replace(
+        "{ url: \"http://127.0.0.1:9000\" }",
+        "{ url: \"http://127.0.0.1:9000\", max_in_flight: lots }",
+    ));
+    assert!(
+        error_at(&errors, "upstreams.erp.max_in_flight")
+            .hint
+            .contains("such as 64")
+    );
 }

@@ -282,6 +282,14 @@ impl OneOrMany {
 }
 
 fn manual_response(bytes: &Bytes) -> Result<StoredResponse, Problem> {
+    // An object, not serde's other form of a struct: `[201]` was a 201
+    // with no headers and no body, recorded (regression, the config audit).
+    if bytes.trim_ascii_start().first() == Some(&b'[') {
+        return Err(Problem::new(
+            Code::BadRequest,
+            "expected a JSON object {\"status\":..,\"headers\":{..},\"body\":\"..\"} (or \"body_base64\"), not a list",
+        ));
+    }
     let manual: ManualResponse = serde_json::from_slice(bytes).map_err(|e| {
         // The status in the API's words, not serde's type (regression, the
         // verification audit: "expected u16").

@@ -6,6 +6,7 @@
 
 mod check;
 mod describe;
+mod empty;
 mod file;
 mod restart;
 mod validate;

@@ -26,8 +26,16 @@ pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             e.into_inner()
         })
     })
-    .map_err(|e| parse_error(e, &path.into_inner()))?;
+    .map_err(|e| parse_error(e, &path.into_inner(), text))?;
     let mut c = Check::new(env);
+    for (path, at) in super::empty::empty_values(text) {
+        c.fail(
+            &path,
+            Some(&at),
+            "no value: a field written empty is not taken as its default",
+            "write the value, or remove the line to take the default (config.example.yaml shows each)",
+        );
+    }
     let config = build(&mut c, &file, &super::file::upstream_name_places(text));
     let mut errors = c.errors;
     // Defaults are merged into every route, so one bad default would be
@@ -47,8 +55,14 @@ pub fn validate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
 
 /// A YAML syntax or shape error (unknown field, wrong type): the parser
 /// stops at the first. `path` is the field it was reading (`.` for none).
-fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
+fn parse_error(error: serde_saphyr::Error, path: &str, text: &str) -> ConfigErrors {
     let location = error.location();
+    // `${VAR}` is expanded in string values only (an audit: "not a whole
+    // number" for a `max_in_flight: "${N}"`, with no word of why).
+    let reference = location.as_ref().is_some_and(|at| {
+        let line = text.lines().nth((at.line() as usize).saturating_sub(1));
+        line.is_some_and(|l| l.contains("${"))
+    });
     let text = error.to_string();
     let first = text.lines().next().unwrap_or("invalid YAML").trim();
     // The parser's own prefix repeats the position we report separately.
@@ -91,7 +105,11 @@ fn parse_error(error: serde_saphyr::Error, path: &str) -> ConfigErrors {
         true => "not an HTTP status".to_owned(),
         false => message,
     };
-    let hint = if status {
+    let number_or_flag =
+        message.starts_with("not a whole number") || message.starts_with("invalid boolean");
+    let hint = if reference && number_or_flag {
+        "${VAR} is replaced in string values only (durations, sizes, addresses, URLs, names): write the number or true/false itself here"
+    } else if status {
         "write an HTTP status, a whole number between 100 and 599, such as 408"
     } else if message.starts_with("not a whole number") {
         "write a whole number such as 64 (no sign, no unit)"
@@ -487,7 +505,7 @@ fn build_store(c: &mut Check, store: Option<&StoreFile>) -> Option<StoreConfig> 
                 let urls: Vec<_> = urls
                     .iter()
                     .enumerate()
-                    .map(|(i, url)| redis_url(c, &format!("store.cluster[{i}]"), url))
+                    .map(|(i, url)| cluster_url(c, &format!("store.cluster[{i}]"), url))
                     .collect();
                 let urls: Option<Vec<String>> = urls.into_iter().collect();
                 urls.and_then(|urls| cluster_urls(c, store, urls))
@@ -590,31 +608,30 @@ fn hash_tag(prefix: &str) -> Option<&str> {
     Some(&prefix[open + 1..open + 1 + close]).filter(|tag| !tag.is_empty())
 }
 
-/// The cluster's URLs as a whole, as the cluster client checks them when it
-/// is built (without connecting).
-fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<Vec<String>> {
+/// One seed of a cluster: a Redis URL, of database 0 (every seed's error
+/// is reported, a bad port beside a database: an audit).
+fn cluster_url(c: &mut Check, path: &str, url: &Spanned<String>) -> Option<String> {
     // A cluster has database 0 only: `SELECT` is refused, and every call
     // failed (regression, an audit: `check` said valid).
     use redis::IntoConnectionInfo;
-    let db = |url: &String| {
-        url.as_str()
-            .into_connection_info()
-            .map_or(0, |i| i.redis_settings().db())
-    };
-    if let Some(i) = urls.iter().position(|u| db(u) != 0) {
-        let at = store
-            .cluster
-            .as_ref()
-            .and_then(|u| u.get(i))
-            .map(|u| &u.referenced);
+    let parsed = redis_url(c, path, url)?;
+    let db = (parsed.as_str().into_connection_info()).map_or(0, |i| i.redis_settings().db());
+    if db != 0 {
         c.fail(
-            &format!("store.cluster[{i}]"),
-            at,
+            path,
+            Some(&url.referenced),
             "a Redis Cluster has database 0 only (it refuses SELECT)",
             "leave the database out of cluster URLs (redis://node:7000), or write /0",
         );
         return None;
     }
+    Some(parsed)
+}
+
+/// The cluster's URLs as a whole, as the cluster client checks them when it
+/// is built (without connecting).
+fn cluster_urls(c: &mut Check, store: &StoreFile, urls: Vec<String>) -> Option<Vec<String>> {
+    use redis::IntoConnectionInfo;
     // The cluster client takes the first seed's credentials for every
     // node and accepts a later seed's different ones only when the first
     // has some: a first seed without a password beside one with it was
