@@ -1488,6 +1488,35 @@ async fn a_slow_upload_is_not_the_upstreams_latency() {
     );
 }
 
+/// Regression (an observability audit): a passed-through upload whose
+/// client left after 2 of its 100 bytes logged `upstream_ms: 0` and fed
+/// the latency histogram, though the upstream never had it whole nor
+/// answered: the body's error was taken for its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_its_client_broke_off_has_no_upstream_time() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Binary::serve(&write_memory_config(&dir, &upstream));
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = b"PUT /api/o HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nxx";
+    tcp.write_all(head).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the upload reached the upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    drop(tcp);
+    eventually(Duration::from_secs(5), "the access line", || async {
+        !proxy.access_lines().is_empty()
+    })
+    .await;
+    let line = proxy.access_lines().remove(0);
+    assert_eq!(line["status"], 499, "{line}");
+    // The same time feeds the upstream latency histogram.
+    assert!(line.get("upstream_ms").is_none(), "{line}");
+}
+
 /// Regression (an observability audit): a protected request's 504 logged
 /// no `upstream_ms` (a pass-through one's did); the late answer's real time
 /// still goes into the latency histogram, once.

@@ -76,9 +76,15 @@ impl Body for Uploading {
             sent.client_owes.store(poll.is_pending(), Ordering::Release);
         }
         let frame = ready!(poll);
-        if (frame.is_none() || self.body.is_end_stream())
-            && let Some(sent) = self.sent.take()
-        {
+        // An error ends the body but is no whole one (regression, an
+        // observability audit: an upload its client broke off was "sent
+        // whole", and logged an upstream time).
+        let whole = match &frame {
+            None => true,
+            Some(Ok(_)) => self.body.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if whole && let Some(sent) = self.sent.take() {
             let _ = sent.whole_at.set(Instant::now());
             // A stored permit if nobody waits yet: the news is not lost.
             sent.notify.notify_one();

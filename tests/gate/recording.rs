@@ -287,6 +287,10 @@ async fn a_stalled_protected_body_is_408_and_nothing_is_claimed() {
     let answer = raw_exchange(s.proxy.addr, head).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"));
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
     assert_eq!(s.upstream.hits(), 0);
     // Nothing was claimed: the same key goes through.
     assert_eq!(s.post("k-stall", "{\"a\":1234}", &[]).await.status, 201);

@@ -13,6 +13,18 @@ use tokio::time::Instant;
 /// How often the pings read the policy again.
 pub(super) const EVERY: Duration = Duration::from_secs(5);
 
+/// How much earlier than [`EVERY`] after a reading the next ping may come:
+/// pings tick every 5 s, and a reading noted a little after its tick
+/// (its `INFO` round trip) made the next tick seem early by as much, so
+/// the policy was read every other ping (regression, an observability
+/// audit: every 10 s, the gauge late by as much).
+const EARLY: Duration = Duration::from_secs(1);
+
+/// Whether a reading taken at `read_at` (none yet) is due again `now`.
+fn due_at(read_at: Option<Instant>, now: Instant) -> bool {
+    read_at.is_none_or(|at| now.saturating_duration_since(at) + EARLY >= EVERY)
+}
+
 #[derive(Default)]
 pub(super) struct Eviction(Mutex<Seen>);
 
@@ -30,7 +42,7 @@ impl Eviction {
     /// Whether it is time to read the policy again.
     pub(super) fn due(&self) -> bool {
         let seen = self.0.lock().expect("eviction lock");
-        seen.read_at.is_none_or(|at| at.elapsed() >= EVERY)
+        due_at(seen.read_at, Instant::now())
     }
 
     /// A reading that could not be taken: the next is tried after
@@ -106,4 +118,31 @@ fn evicting_policy(texts: &[String]) -> Option<&str> {
         let policy = field("maxmemory_policy")?;
         (limited && policy != "noeviction").then_some(policy)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_is_read_on_every_ping_not_every_other() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let cases = [
+            (None, 0, true, "never read"),
+            (Some(0), 0, false, "just read"),
+            (Some(0), 2_000, false, "a ping sooner than its period"),
+            (
+                Some(30),
+                5_000,
+                true,
+                "the next tick, the reading noted 30 ms after its own",
+            ),
+            (Some(0), 5_000, true, "one period later"),
+            (Some(0), 10_000, true, "two"),
+        ];
+        for (read, now, want, name) in cases {
+            assert_eq!(due_at(read.map(at), at(now)), want, "{name}");
+        }
+    }
 }
