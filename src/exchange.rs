@@ -182,14 +182,20 @@ impl Exchange {
                 }
                 // The upstream never saw the request: a retry may try again.
                 self.release().await;
-                (send_error_problem(error), Recorded::No)
+                (
+                    send_error_problem(error, &self.upstream.config.name),
+                    Recorded::No,
+                )
             }
             // (A protected request's body is in memory: it cannot break off.)
             Ok(Err(error @ (SendError::Broken(_) | SendError::ClientBody { .. }))) => {
                 self.finish_admission(false);
                 self.settle_unknown("the upstream connection broke after the request was sent")
                     .await;
-                (send_error_problem(error), Recorded::No)
+                (
+                    send_error_problem(error, &self.upstream.config.name),
+                    Recorded::No,
+                )
             }
             Err(_) => {
                 self.finish_admission(false);
@@ -312,8 +318,10 @@ impl Exchange {
             Ok(Collected::Broken) => {
                 self.settle_unknown("the upstream response body broke off")
                     .await;
-                let problem =
-                    send_error_problem(SendError::Broken("response body incomplete".into()));
+                let problem = send_error_problem(
+                    SendError::Broken("response body incomplete".into()),
+                    &self.upstream.config.name,
+                );
                 (problem, Recorded::No)
             }
             Err(_) => {

@@ -554,16 +554,16 @@ impl Proxy {
                 // A malformed body's client is there for its 400
                 // (regression: logged as 499).
                 ctx.client_gone = !malformed;
-                send_error_problem(error)
+                send_error_problem(error, &upstream.config.name)
             }
             // This process's own exhaustion: unjudged.
             Some(Err(error @ SendError::Local(_))) => {
                 admission.cancel();
-                send_error_problem(error)
+                send_error_problem(error, &upstream.config.name)
             }
             Some(Err(error)) => {
                 admission.finish(false);
-                send_error_problem(error)
+                send_error_problem(error, &upstream.config.name)
             }
             // The body was still coming when `total` passed: the client's
             // slowness (the upstream could not answer yet), never a failure
@@ -611,10 +611,13 @@ impl Proxy {
     }
 }
 
-pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
+/// The answer to a send to `upstream` (by name, for the log) that failed.
+pub fn send_error_problem(error: SendError, upstream: &str) -> Response<ProxyBody> {
     match error {
         SendError::Connect(detail) => {
-            tracing::warn!(error = %detail, "upstream connect failed");
+            // Which upstream: a handshake's reason alone ("UnknownIssuer")
+            // did not say (regression, the TLS audit).
+            tracing::warn!(upstream, error = %detail, "upstream connect failed");
             Problem::new(
                 Code::UpstreamUnreachable,
                 "the upstream could not be reached; nothing was sent",
@@ -622,7 +625,7 @@ pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
             .into_response()
         }
         SendError::Local(detail) => {
-            tracing::error!(error = %detail, "could not open a connection to the upstream: this process is out of file descriptors (raise its limit, ulimit -n / LimitNOFILE)");
+            tracing::error!(upstream, error = %detail, "could not open a connection to the upstream: this process is out of file descriptors (raise its limit, ulimit -n / LimitNOFILE)");
             Problem::new(
                 Code::UpstreamOverloaded,
                 "this instance could not open a connection to the upstream (out of file descriptors); nothing was sent",
@@ -631,7 +634,7 @@ pub fn send_error_problem(error: SendError) -> Response<ProxyBody> {
             .into_response()
         }
         SendError::Broken(detail) => {
-            tracing::warn!(error = %detail, "upstream connection broke");
+            tracing::warn!(upstream, error = %detail, "upstream connection broke");
             Problem::new(
                 Code::UpstreamFailed,
                 "the upstream connection broke before a whole response arrived",

@@ -157,7 +157,9 @@ const EXPIRY_NOTICE: std::time::Duration = std::time::Duration::from_secs(14 * 2
 /// else says it (rustls serves an expired certificate, and every client
 /// then refuses the handshake), found by an audit. `None` for a file that
 /// cannot be read or parsed: its error is reported where it is loaded.
-pub fn expiry_warning(path: &Path, now: std::time::SystemTime) -> Option<String> {
+/// `apply` is how a renewed one is taken up ("reload", or "restart
+/// idemgate" for the store's, read once at startup).
+pub fn expiry_warning(path: &Path, now: std::time::SystemTime, apply: &str) -> Option<String> {
     let certs = load_certs(path).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
     let validity = cert.validity();
@@ -166,16 +168,16 @@ pub fn expiry_warning(path: &Path, now: std::time::SystemTime) -> Option<String>
     let path = path.display();
     if now > end.timestamp() {
         Some(format!(
-            "{path}: the certificate expired on {end}: TLS clients refuse it (renew it, then reload)"
+            "{path}: the certificate expired on {end}: its TLS peers refuse it (renew it, then {apply})"
         ))
     } else if now < start.timestamp() {
         Some(format!(
-            "{path}: the certificate is valid only from {start}: TLS clients refuse it until then (is the clock right?)"
+            "{path}: the certificate is valid only from {start}: its TLS peers refuse it until then (is the clock right?)"
         ))
     } else if end.timestamp() - now < EXPIRY_NOTICE.as_secs() as i64 {
         let days = (end.timestamp() - now) / 86_400;
         Some(format!(
-            "{path}: the certificate expires on {end}, in {days} day{}: renew it, then reload",
+            "{path}: the certificate expires on {end}, in {days} day{}: renew it, then {apply}",
             if days == 1 { "" } else { "s" }
         ))
     } else {

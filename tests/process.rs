@@ -316,6 +316,15 @@ async fn every_log_line_of_a_request_carries_its_trace_id() {
     for line in &lines {
         assert!(line.contains(trace), "no trace id in: {line}");
     }
+    // And which upstream failed (regression, the TLS audit: a handshake's
+    // "UnknownIssuer" alone, no upstream named).
+    let broke = lines
+        .iter()
+        .find(|l| l.contains("\"message\":\"upstream connection broke\""));
+    assert!(
+        broke.is_some_and(|l| l.contains("\"upstream\":\"up\"")),
+        "{lines:#?}"
+    );
 }
 
 /// Programs started from a shell get a soft open-file limit of 1,024, which

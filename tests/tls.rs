@@ -849,19 +849,36 @@ fn certificates_out_of_their_validity_or_near_its_end_are_warnings() {
         "{:?}",
         client.warnings
     );
-    // The store's client certificate too (regression, an audit: not warned).
-    let store = idemgate::Config::parse(&format!(
-        "store: {{ backend: redis, url: \"rediss://127.0.0.1:6380/0\", tls: {{ client_cert_file: \"{cert}\", client_key_file: \"{key}\" }} }}\nupstreams:\n  up: {{ url: \"http://127.0.0.1:9\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
-    ))
-    .expect("valid");
     assert!(
-        store
-            .warnings
-            .iter()
-            .any(|w| w.contains("expired on") && w.contains(&cert)),
+        client.warnings[0].contains("then reload"),
+        "{:?}",
+        client.warnings
+    );
+    // The store's client certificate too (regression, an audit: not warned),
+    // renewed by a restart: the store reads it once (regression, the TLS
+    // audit: "renew it, then reload", and the reload left the old one in use).
+    let store_yaml = format!(
+        "store: {{ backend: redis, url: \"rediss://127.0.0.1:6380/0\", tls: {{ client_cert_file: \"{cert}\", client_key_file: \"{key}\" }} }}\nupstreams:\n  up: {{ url: \"http://127.0.0.1:9\" }}\nroutes: [ {{ name: a, match: {{ path: /a }}, upstream: up }} ]\n"
+    );
+    let store = idemgate::Config::parse(&store_yaml).expect("valid");
+    assert!(
+        store.warnings.iter().any(|w| w.contains("expired on")
+            && w.contains(&cert)
+            && w.contains("then restart idemgate")),
         "{:?}",
         store.warnings
     );
+    // Renewed in place: a reload says it takes a restart.
+    let (fresh, fresh_key) = cert_valid(dir.path(), "renewed", -day, 90 * day);
+    std::fs::copy(&fresh, &cert).unwrap();
+    std::fs::copy(&fresh_key, &key).unwrap();
+    let renewed = idemgate::Config::parse(&store_yaml).expect("valid");
+    assert!(renewed.warnings.is_empty(), "{:?}", renewed.warnings);
+    assert_eq!(
+        store.restart_needed(&renewed),
+        vec!["store.tls (its settings or files)"]
+    );
+    assert!(renewed.restart_needed(&renewed).is_empty());
 }
 
 /// Regression (a shutdown audit): a client silent in its TLS handshake held

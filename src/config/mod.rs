@@ -138,6 +138,11 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
+    /// SHA-256 over what the files held when the configuration was read
+    /// (not the bytes: one is a private key), so that a file rotated in
+    /// place makes another configuration: a reload rebuilds an upstream
+    /// for it, and says that the store's take a restart.
+    pub files: [u8; 32],
 }
 
 #[derive(Debug, Clone)]

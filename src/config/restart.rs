@@ -55,7 +55,13 @@ impl Config {
                 "store.max_records",
                 old_store.max_records != new_store.max_records,
             ),
-            ("store.tls", old_store.tls != new_store.tls),
+            // Its files too: the store read them at startup (regression,
+            // the TLS audit: a client certificate renewed in place, as its
+            // expiry warning asked, was reloaded without a word, unused).
+            (
+                "store.tls (its settings or files)",
+                old_store.tls != new_store.tls,
+            ),
             ("shutdown_grace", self.shutdown_grace != new.shutdown_grace),
             ("send_timeout", self.send_timeout != new.send_timeout),
         ];

@@ -336,7 +336,7 @@ fn build(
     // Certificates this process shows: the listener's, upstreams' and the
     // store's client ones (the store's missed: regression, an audit).
     let now = std::time::SystemTime::now();
-    let shown = (listen.as_ref().and_then(|l| l.tls.as_ref()))
+    let reloaded = (listen.as_ref().and_then(|l| l.tls.as_ref()))
         .map(|t| t.cert_file.as_path())
         .into_iter()
         .chain(
@@ -344,13 +344,14 @@ fn build(
                 // An `http://` upstream's TLS files are not used.
                 .filter(|u| u.scheme == http::uri::Scheme::HTTPS)
                 .filter_map(|u| u.tls.as_ref()?.client_cert_file.as_deref()),
-        )
-        .chain(
-            (store.tls.as_ref())
-                .filter(|_| tls_store)
-                .and_then(|t| t.client_cert_file.as_deref()),
         );
-    warnings.extend(shown.filter_map(|path| crate::tls::expiry_warning(path, now)));
+    // The store's are read once, at startup.
+    let restarted = (store.tls.as_ref())
+        .filter(|_| tls_store)
+        .and_then(|t| t.client_cert_file.as_deref());
+    let shown = (reloaded.map(|path| (path, "reload")))
+        .chain(restarted.map(|path| (path, "restart idemgate")));
+    warnings.extend(shown.filter_map(|(path, apply)| crate::tls::expiry_warning(path, now, apply)));
     for u in upstreams.iter().filter(|u| u.tls.is_some()) {
         if u.scheme == http::uri::Scheme::HTTP {
             warnings.push(format!(

@@ -50,10 +50,6 @@ pub struct Upstream {
     /// (`Proxy::bulkheads`), so a reload keeps counting them.
     bulkhead: Arc<Bulkhead>,
     pub breaker: Breaker,
-    /// A digest of what its TLS files held when it was built (not the
-    /// bytes: one is a private key): a reload with the same settings keeps
-    /// this upstream only while they hold the same.
-    tls_files: [u8; 32],
 }
 
 /// A request let through both guards. Report its answer with [`Admission::finish`];
@@ -205,24 +201,6 @@ impl Bulkhead {
     }
 }
 
-/// SHA-256 over an upstream's TLS files, each its length and contents (an
-/// unreadable file counts as empty: building the upstream then fails).
-fn tls_files(config: &UpstreamConfig) -> [u8; 32] {
-    use sha2::Digest;
-    let mut digest = sha2::Sha256::new();
-    if let Some(tls) = &config.tls {
-        for path in [&tls.ca_file, &tls.client_cert_file, &tls.client_key_file] {
-            let bytes = path
-                .as_ref()
-                .and_then(|p| crate::config::read_bounded(p).ok());
-            let bytes = bytes.unwrap_or_default();
-            digest.update((bytes.len() as u64).to_le_bytes());
-            digest.update(&bytes);
-        }
-    }
-    digest.finalize().into()
-}
-
 /// Whether an upstream's status counts as a failure for the breaker.
 pub fn failed_status(status: u16) -> bool {
     matches!(status, 502..=504)
@@ -237,7 +215,6 @@ impl Upstream {
         config: &UpstreamConfig,
         bulkhead: Arc<Bulkhead>,
     ) -> Result<Upstream, crate::tls::TlsError> {
-        let tls_files = tls_files(config);
         let tls = crate::tls::client_config(config.tls.as_ref())?;
         let target = Uri::builder()
             .scheme(config.scheme.clone())
@@ -252,7 +229,6 @@ impl Upstream {
             pool: Pool::new(target, config.connect_timeout, config.idle_timeout, tls),
             bulkhead,
             breaker: Breaker::new(config.circuit_breaker.clone()),
-            tls_files,
         })
     }
 
@@ -261,7 +237,7 @@ impl Upstream {
     /// client certificate and key) that still hold what they held, so a
     /// certificate rotated in place is taken up by a reload.
     pub fn serves(&self, config: &UpstreamConfig) -> bool {
-        self.config == *config && self.tls_files == tls_files(config)
+        self.config == *config
     }
 
     /// Requests to this upstream right now (under this name: those of the
@@ -270,10 +246,9 @@ impl Upstream {
         self.bulkhead.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The bulkhead, then the circuit breaker; a request turned away gets
-    /// its answer at once (no queueing).
-    /// A bulkhead slot and the breaker's word for a request that the
-    /// upstream should answer within `answer_within`.
+    /// The bulkhead, then the circuit breaker, for a request that the
+    /// upstream should answer within `answer_within`; a request turned
+    /// away gets its answer at once (no queueing).
     pub fn admit(self: &Arc<Self>, answer_within: Duration) -> Result<Admission, Problem> {
         if !self.bulkhead.take(self.config.max_in_flight as usize) {
             return Err(Problem::new(
