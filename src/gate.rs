@@ -128,7 +128,7 @@ impl Proxy {
             Err(error) => {
                 // A claim never sent has nothing to undo; one that failed
                 // on the way may have landed.
-                if matches!(error, StoreError::Unreachable(_)) {
+                if error.never_sent() {
                     undo.disarm();
                 } else {
                     undo.release_now();

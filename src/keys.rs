@@ -65,7 +65,7 @@ async fn direct(config: &Config, command: &KeysCommand) -> anyhow::Result<serde_
     let start = std::time::Instant::now();
     loop {
         match store.ping().await {
-            Err(crate::store::StoreError::Timeout)
+            Err(crate::store::StoreError::Timeout | crate::store::StoreError::NoConnection)
                 if cluster && start.elapsed() < std::time::Duration::from_secs(5) =>
             {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

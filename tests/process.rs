@@ -1167,6 +1167,52 @@ async fn a_claim_refused_by_an_unreachable_cluster_is_not_undone() {
     assert_eq!(upstream.hits(), 0);
 }
 
+/// Regression (the TLS audit): a Redis that accepts connections but never
+/// finishes its handshake (TLS, or `HELLO`) cut every claim off at
+/// `op_timeout` before any command was sent, yet each was taken as one that
+/// may have landed and undone in the background: a shutdown waited 10-15 s
+/// and logged "could not undo" per key. Standalone and cluster alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_cut_off_before_a_connection_was_made_is_not_undone() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    // Accepts, holds every connection open, and never says a word.
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    let stores = [
+        format!("{{ backend: redis, url: \"redis://127.0.0.1:{port}/0\", op_timeout: 300ms }}"),
+        format!("{{ backend: redis, cluster: [\"redis://127.0.0.1:{port}\"], op_timeout: 300ms }}"),
+    ];
+    for store in stores {
+        let upstream = TestUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_store_config(&dir, &store, &upstream);
+        let mut proxy = Binary::serve(&path);
+        for i in 0..3 {
+            let url = proxy.url("/api/o");
+            let refused = TestClient::new()
+                .post_key(&url, &format!("k-silent-{i}"), "{}")
+                .await;
+            assert_eq!(refused.code(), "store_unavailable", "{store}");
+        }
+        proxy.signal("TERM");
+        assert_eq!(
+            proxy.wait_exit(Duration::from_secs(5)),
+            Some(0),
+            "{store}: no undoing to wait for: {:#?}",
+            proxy.log()
+        );
+        let log = proxy.log();
+        assert!(
+            !log.iter().any(|l| l.contains("could not undo")),
+            "{store}: nothing to undo: {log:#?}"
+        );
+        assert_eq!(upstream.hits(), 0);
+    }
+}
+
 /// Regression (an audit): a Redis user not allowed `INFO` turned the
 /// eviction check off without a word (`idemgate_store_evicting` at 0, its
 /// alert silent, whatever the policy). It is said once, with what to grant.

@@ -39,12 +39,25 @@ pub enum StoreError {
     /// operation was never sent, so nothing of it needs undoing.
     #[error("store unreachable: {0}")]
     Unreachable(String),
+    /// No connection was ready within `op_timeout` (a server that accepts
+    /// but never finishes its handshake, a cluster still being found): the
+    /// operation was never sent either.
+    #[error("store unreachable: no connection made within op_timeout")]
+    NoConnection,
     #[error("memory store is full ({0} records)")]
     Full(u64),
     /// The store answered, with a record no version of idemgate writes: not
     /// an outage (`on_unavailable` does not apply), a record to purge.
     #[error("damaged record in the store: {0}")]
     Damaged(String),
+}
+
+impl StoreError {
+    /// Whether the operation never reached the store (so nothing of it
+    /// can have landed, and nothing needs undoing).
+    pub fn never_sent(&self) -> bool {
+        matches!(self, StoreError::Unreachable(_) | StoreError::NoConnection)
+    }
 }
 
 /// What a listing found: the records, and the keys holding a value that

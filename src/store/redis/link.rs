@@ -343,6 +343,17 @@ pub fn never_sent(e: &redis::RedisError) -> bool {
         || (e.is_io_error() && !e.is_connection_dropped() && !e.is_timeout())
 }
 
+impl Link {
+    /// [`never_sent`], knowing the link: a standalone server's connection
+    /// has no response timeout (`Link::single`), so a timeout from it is its
+    /// connection's: a server that accepts and never finishes the handshake
+    /// (TLS, `HELLO`) was sent nothing (regression, the TLS audit: each
+    /// claim was undone in the background, holding a shutdown 10-15 s).
+    pub fn never_sent(&self, e: &redis::RedisError) -> bool {
+        never_sent(e) || (matches!(self, Link::Single(_)) && e.is_timeout())
+    }
+}
+
 /// The error of a command resent after its connection dropped: when the
 /// resend could not connect, the first error (the command may have reached
 /// Redis before the drop), never one that says it was never sent.

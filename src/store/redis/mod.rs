@@ -135,16 +135,15 @@ impl RedisStore {
         if let Some(handle) = self.link.ready_handle() {
             return Ok(handle);
         }
-        // A cluster's first connection: an error making it means no
-        // command was sent (regression, an audit: every claim refused by a
-        // cluster down or a user without `+cluster` was undone in the
-        // background, 20 tries, holding a shutdown some 10 s). Its making
-        // still under way at the deadline stays a timeout, which `keys`
-        // waits out.
+        // No connection: no command was sent, whether making it failed or
+        // was still under way at the deadline (regressions, audits: every
+        // claim refused by a cluster down or a user without `+cluster`, or
+        // cut off by a Redis that never finished its TLS handshake, was
+        // undone in the background, 20 tries, holding a shutdown 10-15 s).
         match tokio::time::timeout_at(deadline, self.link.handle()).await {
             Ok(Ok(handle)) => Ok(handle),
             Ok(Err(e)) => Err(StoreError::Unreachable(e.to_string())),
-            Err(_) => Err(StoreError::Timeout),
+            Err(_) => Err(StoreError::NoConnection),
         }
     }
 
@@ -193,7 +192,7 @@ impl RedisStore {
                     "Redis refused SET .. NX GET: idemgate needs Redis 7.0 or later".into(),
                 ));
             }
-            Err(e) => return Err(backend_error(&e)),
+            Err(e) => return Err(self.backend_error(&e)),
         };
         let Some(found) = found else {
             return Ok(ClaimReply {
@@ -539,7 +538,9 @@ impl RedisStore {
     /// failed, certificate not trusted. Never the URL or its password.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self.ping_once().await {
-            Err(StoreError::Timeout) => Err(self.why_unreachable().await),
+            Err(StoreError::Timeout | StoreError::NoConnection) => {
+                Err(self.why_unreachable().await)
+            }
             result => result,
         }
     }
@@ -720,8 +721,20 @@ impl RedisStore {
             Some("NOPERM") => StoreError::Backend(format!(
                 "the Redis user may not run idemgate's scripts ({e}): grant it +@scripting, +@read, +@write and +@keyspace on the store's keys (README, Redis)"
             )),
-            _ => backend_error(&e),
+            _ => self.backend_error(&e),
         })
+    }
+
+    /// A Redis error as the store's: [`StoreError::Unreachable`] when no
+    /// connection could be made, so the command was never sent (regression:
+    /// every claim refused during an outage was undone in the background, 20
+    /// tries of a reconnect each, holding a shutdown some 10 s).
+    fn backend_error(&self, e: &redis::RedisError) -> StoreError {
+        if self.link.never_sent(e) {
+            StoreError::Unreachable(e.to_string())
+        } else {
+            StoreError::Backend(e.to_string())
+        }
     }
 
     /// One round trip of an operation, cut short at the operation's
@@ -744,21 +757,9 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout_at(deadline, op).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(backend_error(&e)),
+            Ok(Err(e)) => Err(self.backend_error(&e)),
             Err(_) => Err(StoreError::Timeout),
         }
-    }
-}
-
-/// A Redis error as the store's: [`StoreError::Unreachable`] when no
-/// connection could be made, so the command was never sent (regression:
-/// every claim refused during an outage was undone in the background, 20
-/// tries of a reconnect each, holding a shutdown some 10 s).
-fn backend_error(e: &redis::RedisError) -> StoreError {
-    if link::never_sent(e) {
-        StoreError::Unreachable(e.to_string())
-    } else {
-        StoreError::Backend(e.to_string())
     }
 }
 
