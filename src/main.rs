@@ -84,6 +84,12 @@ fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
         .filter(|v| !v.trim().is_empty());
     let (level, bad_rust_log) = match (&cli.log_level, rust_log) {
         (Some(level), _) => (level.clone(), None),
+        // `keys` says itself why the store cannot be reached: the redis
+        // crate's own warnings (one per node it failed) said it again
+        // (noticed by an audit, a cluster outage).
+        (None, None) if matches!(cli.command, Command::Keys(_)) => {
+            ("info,redis=error".to_owned(), None)
+        }
         (None, None) => ("info".to_owned(), None),
         (None, Some(env)) => match idemgate::cli::log_filter(&env) {
             Ok(level) => (level, None),
