@@ -1213,6 +1213,68 @@ async fn a_claim_cut_off_before_a_connection_was_made_is_not_undone() {
     }
 }
 
+/// A config on `redis` as user `idem` (password `s3cret-pw`), allowed all
+/// but what `rule` takes away (`-info`).
+async fn config_as_redis_user(
+    redis: &RedisServer,
+    rule: &str,
+    dir: &tempfile::TempDir,
+    upstream: &TestUpstream,
+) -> std::path::PathBuf {
+    let mut admin = redis.connection().await;
+    let rules = [
+        "SETUSER",
+        "idem",
+        "on",
+        ">s3cret-pw",
+        "~*",
+        "&*",
+        "+@all",
+        rule,
+    ];
+    let _: String = redis::cmd("ACL")
+        .arg(&rules)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = redis.url().replace("redis://", "redis://idem:s3cret-pw@");
+    write_store_config(
+        dir,
+        &format!("{{ backend: redis, url: \"{url}\" }}"),
+        upstream,
+    )
+}
+
+/// Regression (a multi-instance audit): a Redis user allowed `SUBSCRIBE`
+/// but not `PUBLISH` was never told: its scripts' publishes failed unseen
+/// (`pcall`), and other instances' waiters polled. Said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_not_allowed_publish_is_told_waiters_poll() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_as_redis_user(&redis, "-publish", &dir, &upstream).await;
+    let mut proxy = Binary::serve(&path);
+    let told = |log: &[String]| {
+        (log.iter())
+            .filter(|l| l.contains("may not PUBLISH"))
+            .count()
+    };
+    eventually(Duration::from_secs(10), "the warning", || async {
+        told(&proxy.log()) == 1
+    })
+    .await;
+    let reply = TestClient::new()
+        .post_key(&proxy.url("/api/o"), "k-publish", "{}")
+        .await;
+    assert_eq!(reply.status, 201, "protected as before");
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = proxy.log();
+    assert_eq!(told(&log), 1, "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("s3cret-pw")), "{log:#?}");
+}
+
 /// Regression (an audit): a Redis user not allowed `INFO` turned the
 /// eviction check off without a word (`idemgate_store_evicting` at 0, its
 /// alert silent, whatever the policy). It is said once, with what to grant.
@@ -1220,28 +1282,8 @@ async fn a_claim_cut_off_before_a_connection_was_made_is_not_undone() {
 async fn a_redis_user_not_allowed_info_is_told_the_eviction_check_is_off() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
-    let mut admin = redis.connection().await;
-    let _: String = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "idem",
-            "on",
-            ">s3cret-pw",
-            "~*",
-            "&*",
-            "+@all",
-            "-info",
-        ])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let url = redis.url().replace("redis://", "redis://idem:s3cret-pw@");
-    let path = write_store_config(
-        &dir,
-        &format!("{{ backend: redis, url: \"{url}\" }}"),
-        &upstream,
-    );
+    let path = config_as_redis_user(&redis, "-info", &dir, &upstream).await;
     let mut proxy = Binary::serve(&path);
     let refused = |log: &[String]| {
         (log.iter())

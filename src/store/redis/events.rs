@@ -36,7 +36,7 @@ pub(super) fn listen(
 ) -> AbortHandle {
     let task = tokio::spawn(async move {
         let channel = channel(&prefix);
-        let mut said = false;
+        let (mut said, mut told_publish) = (false, false);
         loop {
             let subscribed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
@@ -51,6 +51,9 @@ pub(super) fn listen(
                     tracing::info!(channel, "hearing other instances' transitions again");
                 }
                 said = false;
+                if !told_publish {
+                    told_publish = may_not_publish(&client, &channel, connect_timeout).await;
+                }
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = poll_fn(|cx| Pin::new(&mut messages).poll_next(cx)).await
                 {
@@ -78,4 +81,31 @@ pub(super) fn listen(
         }
     });
     task.abort_handle()
+}
+
+/// Whether the Redis user is refused `PUBLISH` on `channel`, said once in
+/// a warning: its scripts' publishes then fail unseen (`pcall`), and other
+/// instances' waiters poll (regression, a multi-instance audit: a user
+/// without `+publish` but with `SUBSCRIBE` was never told). Tried with an
+/// empty message, which names no key: subscribers ignore it.
+async fn may_not_publish(client: &redis::Client, channel: &str, bound: Duration) -> bool {
+    let publish = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg("")
+            .query_async::<i64>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(bound, publish).await {
+        Ok(Err(e)) if e.code() == Some("NOPERM") => {
+            tracing::warn!(
+                channel,
+                error = %e,
+                "the Redis user may not PUBLISH on this channel: other instances' waiters do not hear this one's transitions and poll; grant it +publish on &<key_prefix>events (README, waiting duplicates)"
+            );
+            true
+        }
+        _ => false,
+    }
 }
