@@ -688,6 +688,7 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// The client's `504` when the key's lease ends before a whole response
 /// (its head, or a stored status's body) came: not "retry for the real
 /// outcome", as other timeouts say, for there will be none.
+#[cold]
 fn lease_end_problem(on_unknown: OnUnknown) -> Response<ProxyBody> {
     let detail = match on_unknown {
         OnUnknown::Lock => {

@@ -469,6 +469,7 @@ impl Drop for ClaimGuard<'_> {
 
 /// The answer for a key whose record the store holds but idemgate cannot
 /// read: nothing is forwarded until an operator purges it.
+#[cold]
 fn damaged_record() -> Response<ProxyBody> {
     Problem::new(
         Code::Internal,
@@ -514,6 +515,7 @@ pub fn replay(stored: StoredResponse, head: bool) -> Response<ProxyBody> {
     response
 }
 
+#[cold]
 fn read_error_problem(error: ReadError, limit: u64) -> Response<ProxyBody> {
     match error {
         ReadError::TooLarge => Problem::new(

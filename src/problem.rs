@@ -169,6 +169,7 @@ impl Problem {
     /// `store_unavailable` always says `Retry-After: 1` (SPEC 9), wherever
     /// it is made (proxy or admin listener); other codes add theirs with
     /// [`Problem::retry_after`].
+    #[cold]
     pub fn new(code: Code, detail: impl Into<String>) -> Problem {
         Problem {
             code,
@@ -204,6 +205,7 @@ impl Problem {
         body
     }
 
+    #[cold]
     pub fn into_response(self) -> Response<ProxyBody> {
         let body = Bytes::from(self.to_json().to_string());
         let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());

@@ -612,6 +612,7 @@ impl Proxy {
 }
 
 /// The answer to a send to `upstream` (by name, for the log) that failed.
+#[cold]
 pub fn send_error_problem(error: SendError, upstream: &str) -> Response<ProxyBody> {
     match error {
         SendError::Connect(detail) => {
@@ -654,6 +655,7 @@ pub fn send_error_problem(error: SendError, upstream: &str) -> Response<ProxyBod
     }
 }
 
+#[cold]
 pub fn timeout_problem() -> Response<ProxyBody> {
     Problem::new(
         Code::UpstreamTimeout,
