@@ -258,29 +258,40 @@ mod tests {
     }
 
     #[test]
-    fn opens_after_n_failures_probes_once_and_closes_on_success() {
+    fn consecutive_failures_open_it_and_a_success_resets_the_count() {
+        run(
+            "a success resets the count",
+            &[
+                Ask('a', 0, "pass"),
+                Answer('a', 0, false),
+                Is("closed 1"),
+                Ask('b', 0, "pass"),
+                Answer('b', 0, true),
+                Is("closed 0"),
+                Ask('c', 0, "pass"),
+                Answer('c', 0, false),
+                Is("closed 1"),
+            ],
+        );
+        let mut opened = OPENED.to_vec();
+        opened.extend_from_slice(&[Is("open"), Ask('x', 9, "reject")]);
+        run("two failures in a row open it until open_for ends", &opened);
+    }
+
+    /// `a` and `b` fail at 0 and open the breaker until 10 (`run`'s config).
+    const OPENED: [Step; 4] = [
+        Ask('a', 0, "pass"),
+        Answer('a', 0, false),
+        Ask('b', 0, "pass"),
+        Answer('b', 0, false),
+    ];
+
+    #[test]
+    fn an_open_breaker_lets_exactly_one_probe_through() {
         let cases: &[(&str, &[Step])] = &[
-            (
-                "a success resets the count",
-                &[
-                    Ask('a', 0, "pass"),
-                    Answer('a', 0, false),
-                    Is("closed 1"),
-                    Ask('b', 0, "pass"),
-                    Answer('b', 0, true),
-                    Is("closed 0"),
-                    Ask('c', 0, "pass"),
-                    Answer('c', 0, false),
-                    Is("closed 1"),
-                ],
-            ),
             (
                 "open until open_for ends, then exactly one probe; its success closes",
                 &[
-                    Ask('a', 0, "pass"),
-                    Answer('a', 0, false),
-                    Ask('b', 0, "pass"),
-                    Answer('b', 0, false),
                     Is("open"),
                     Ask('x', 9, "reject"),
                     Ask('p', 10, "probe"),
@@ -294,10 +305,6 @@ mod tests {
             (
                 "a failed probe opens it again for open_for",
                 &[
-                    Ask('a', 0, "pass"),
-                    Answer('a', 0, false),
-                    Ask('b', 0, "pass"),
-                    Answer('b', 0, false),
                     Ask('p', 10, "probe"),
                     Answer('p', 12, false),
                     Is("open"),
@@ -308,10 +315,6 @@ mod tests {
             (
                 "a cancelled probe lets the next one through",
                 &[
-                    Ask('a', 0, "pass"),
-                    Answer('a', 0, false),
-                    Ask('b', 0, "pass"),
-                    Answer('b', 0, false),
                     Ask('p', 10, "probe"),
                     Cancel('p'),
                     Ask('q', 10, "probe"),
@@ -323,10 +326,6 @@ mod tests {
             (
                 "an abandoned probe holds the turn until it would have timed out",
                 &[
-                    Ask('a', 0, "pass"),
-                    Answer('a', 0, false),
-                    Ask('b', 0, "pass"),
-                    Answer('b', 0, false),
                     Ask('p', 10, "probe"),
                     Abandon('p', 13),
                     Ask('x', 11, "reject"),
@@ -340,7 +339,9 @@ mod tests {
             ),
         ];
         for (name, steps) in cases {
-            run(name, steps);
+            let mut all = OPENED.to_vec();
+            all.extend_from_slice(steps);
+            run(name, &all);
         }
     }
 
