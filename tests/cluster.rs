@@ -96,6 +96,20 @@ async fn the_gate_works_on_redis_cluster() {
         .send("GET", &proxy.admin_url("/readyz"), &[], Bytes::new())
         .await;
     assert_eq!(ready.status, 200, "{ready:?}");
+    // One master that may evict is enough, read from the cluster's map of
+    // node texts (the warning names it: noticed by an audit).
+    let mut one = cluster.nodes[1].connection().await;
+    for (name, value) in [("maxmemory", "1gb"), ("maxmemory-policy", "allkeys-lru")] {
+        let _: () = ::redis::cmd("CONFIG")
+            .arg(&["SET", name, value])
+            .query_async(&mut one)
+            .await
+            .unwrap();
+    }
+    common::eventually(Duration::from_secs(15), "the evicting gauge", || async {
+        common::sample(&proxy.metrics().await, "idemgate_store_evicting", &[]) == 1.0
+    })
+    .await;
     let keys = |args: &[&str]| keys_cli(&yaml, args);
     let unknown = keys(&["keys", "unknown", "--json"]);
     let out = String::from_utf8_lossy(&unknown.stdout);

@@ -67,17 +67,21 @@ impl Eviction {
 
     /// Notes `INFO` texts (one per node): warns when records became
     /// evictable (the first reading included), says so when they no longer are.
-    pub(super) fn note(&self, texts: &[String]) {
-        let now = evicting_policy(texts).map(str::to_owned);
+    pub(super) fn note(&self, texts: &[NodeInfo]) {
+        let found = evicting_policy(texts);
+        let now = found.map(|(_, policy)| policy.to_owned());
         let mut seen = self.0.lock().expect("eviction lock");
         seen.read_at = Some(Instant::now());
         seen.refused = false;
         if seen.policy == now {
             return;
         }
+        // Which node, on a cluster (noticed by an audit: unnamed).
+        let node = found.and_then(|(node, _)| node).unwrap_or("the server");
         match &now {
             Some(policy) => tracing::warn!(
                 maxmemory_policy = policy.as_str(),
+                node,
                 "Redis evicts keys when it reaches maxmemory: an evicted record lets a retry run the request again; set maxmemory-policy noeviction (docs/operations.md, Redis)"
             ),
             None => tracing::info!(
@@ -93,36 +97,78 @@ impl Eviction {
     }
 }
 
-/// The texts of an `INFO` reply: one from a server, one per node (a map,
-/// or an array) from a cluster.
-pub(super) fn info_texts(reply: Value) -> Vec<String> {
+/// One node's `INFO` text, with the node's address on a cluster.
+pub(super) struct NodeInfo {
+    pub node: Option<String>,
+    pub text: String,
+}
+
+/// The texts of an `INFO` reply: one from a server, one per node (a map
+/// of address to text, or an array) from a cluster. One level deep: no
+/// server nests them further (regression, noticed by an audit: read
+/// recursively, a hostile reply's nesting was a stack's depth).
+pub(super) fn info_texts(reply: Value) -> Vec<NodeInfo> {
+    fn text(value: Value) -> Option<String> {
+        match value {
+            Value::BulkString(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+            Value::SimpleString(text) | Value::VerbatimString { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+    let named = |node: Option<String>| move |text| NodeInfo { node, text };
     match reply {
-        Value::BulkString(bytes) => vec![String::from_utf8_lossy(&bytes).into_owned()],
-        Value::SimpleString(text) | Value::VerbatimString { text, .. } => vec![text],
-        Value::Map(pairs) => pairs.into_iter().flat_map(|(_, v)| info_texts(v)).collect(),
-        Value::Array(items) => items.into_iter().flat_map(info_texts).collect(),
-        _ => Vec::new(),
+        Value::Map(pairs) => (pairs.into_iter())
+            .filter_map(|(node, value)| text(value).map(named(text(node))))
+            .collect(),
+        Value::Array(items) => (items.into_iter())
+            .filter_map(|value| text(value).map(named(None)))
+            .collect(),
+        single => text(single).map(named(None)).into_iter().collect(),
     }
 }
 
 /// The eviction policy of a node that may evict records (`maxmemory` set
-/// and a `maxmemory-policy` other than `noeviction`), from `INFO` texts.
-fn evicting_policy(texts: &[String]) -> Option<&str> {
+/// and a `maxmemory-policy` other than `noeviction`), from `INFO` texts,
+/// with the node.
+fn evicting_policy(texts: &[NodeInfo]) -> Option<(Option<&str>, &str)> {
     texts.iter().find_map(|info| {
         let field = |name: &str| {
-            info.lines()
+            (info.text.lines())
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
                 .map(str::trim)
         };
         let limited = field("maxmemory").is_some_and(|bytes| bytes != "0");
         let policy = field("maxmemory_policy")?;
-        (limited && policy != "noeviction").then_some(policy)
+        (limited && policy != "noeviction").then_some((info.node.as_deref(), policy))
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_node_that_evicts_is_named_and_nesting_is_not_followed() {
+        let info = |policy: &str| {
+            Value::BulkString(format!("maxmemory:100\r\nmaxmemory_policy:{policy}\r\n").into())
+        };
+        let node = |name: &str| Value::SimpleString(name.to_owned());
+        let cluster = Value::Map(vec![
+            (node("10.0.0.1:7000"), info("noeviction")),
+            (node("10.0.0.2:7000"), info("allkeys-lru")),
+        ]);
+        let texts = info_texts(cluster);
+        assert_eq!(
+            evicting_policy(&texts),
+            Some((Some("10.0.0.2:7000"), "allkeys-lru"))
+        );
+        assert_eq!(
+            evicting_policy(&info_texts(info("volatile-lru"))).map(|f| f.1),
+            Some("volatile-lru")
+        );
+        let nested = Value::Array(vec![Value::Array(vec![info("allkeys-lru")])]);
+        assert!(info_texts(nested).is_empty());
+    }
 
     #[test]
     fn the_policy_is_read_on_every_ping_not_every_other() {

@@ -586,7 +586,7 @@ impl RedisStore {
         // The oldest node's version decides.
         let oldest = (texts.iter())
             .filter_map(|info| {
-                let version = info
+                let version = (info.text)
                     .lines()
                     .find_map(|line| line.strip_prefix("redis_version:"))?
                     .trim();
