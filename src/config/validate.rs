@@ -63,8 +63,8 @@ fn parse_error(error: serde_saphyr::Error, path: &str, text: &str) -> ConfigErro
         let line = text.lines().nth((at.line() as usize).saturating_sub(1));
         line.is_some_and(|l| l.contains("${"))
     });
-    let text = error.to_string();
-    let first = text.lines().next().unwrap_or("invalid YAML").trim();
+    let said = error.to_string();
+    let first = said.lines().next().unwrap_or("invalid YAML").trim();
     // The parser's own prefix repeats the position we report separately.
     let message = match first.strip_prefix("error: ") {
         Some(rest) if rest.starts_with("line ") => rest.split_once(": ").map_or(rest, |(_, m)| m),

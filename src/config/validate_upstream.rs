@@ -157,13 +157,15 @@ pub(super) fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> Upstrea
             .and_then(|v| c.text(&format!("{at}.tls.{field}"), v))
             .map(PathBuf::from)
     };
-    let mut tls = UpstreamTls {
-        ca_file: file("ca_file", &t.ca_file),
-        client_cert_file: file("client_cert_file", &t.client_cert_file),
-        client_key_file: file("client_key_file", &t.client_key_file),
-        files: [0; 32],
+    let ca_file = file("ca_file", &t.ca_file);
+    let client_cert_file = file("client_cert_file", &t.client_cert_file);
+    let client_key_file = file("client_key_file", &t.client_key_file);
+    let tls = UpstreamTls {
+        files: files_digest([&ca_file, &client_cert_file, &client_key_file]),
+        ca_file,
+        client_cert_file,
+        client_key_file,
     };
-    tls.files = files_digest(&tls);
     let paired = tls.client_cert_file.is_some() == tls.client_key_file.is_some();
     if !paired {
         // At the one that is set (regression, found by an audit: no line).
@@ -221,10 +223,10 @@ pub(super) fn tls_paths(c: &mut Check, at: &str, t: &UpstreamTlsFile) -> Upstrea
 
 /// SHA-256 over the TLS files, each its length and contents (an unreadable
 /// file counts as empty: it is reported as an error anyway).
-fn files_digest(tls: &UpstreamTls) -> [u8; 32] {
+fn files_digest(paths: [&Option<PathBuf>; 3]) -> [u8; 32] {
     use sha2::Digest;
     let mut digest = sha2::Sha256::new();
-    for path in [&tls.ca_file, &tls.client_cert_file, &tls.client_key_file] {
+    for path in paths {
         let bytes = path.as_ref().and_then(|p| super::read_bounded(p).ok());
         let bytes = bytes.unwrap_or_default();
         digest.update((bytes.len() as u64).to_le_bytes());

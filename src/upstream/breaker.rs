@@ -159,7 +159,7 @@ impl Breaker {
 
     /// An admitted request that never reached the upstream: a probe's turn goes to the next request.
     pub fn cancel(&self, admit: Admit) {
-        self.probe_gone(admit, Probe::Free);
+        self.probe_gone(admit, || Probe::Free);
     }
 
     /// An admitted request given up unanswered (its client went away)
@@ -167,16 +167,17 @@ impl Breaker {
     /// back at `until`, when it would have timed out. Until then the rest
     /// are turned away, as while it was out (regression, an audit: each
     /// pass-through probe whose client gave up let the next request
-    /// through, five at once on a half-open upstream).
-    pub fn abandon(&self, admit: Admit, until: Instant) {
-        self.probe_gone(admit, Probe::Abandoned { until });
+    /// through, five at once on a half-open upstream). The clock is read
+    /// only for a probe.
+    pub fn abandon(&self, admit: Admit, until: impl FnOnce() -> Instant) {
+        self.probe_gone(admit, || Probe::Abandoned { until: until() });
     }
 
-    fn probe_gone(&self, admit: Admit, then: Probe) {
+    fn probe_gone(&self, admit: Admit, then: impl FnOnce() -> Probe) {
         if let Admit::Probe { epoch } = admit {
             let mut inner = self.lock();
             if inner.epoch == epoch && inner.state == (State::HalfOpen { probe: Probe::Out }) {
-                inner.state = State::HalfOpen { probe: then };
+                inner.state = State::HalfOpen { probe: then() };
             }
         }
     }
@@ -244,7 +245,7 @@ mod tests {
                 }
                 Answer(r, t, success) => b.record(admitted[&r], success, || at(t)),
                 Cancel(r) => b.cancel(admitted[&r]),
-                Abandon(r, until) => b.abandon(admitted[&r], at(until)),
+                Abandon(r, until) => b.abandon(admitted[&r], || at(until)),
                 Is(want) => {
                     let got = match b.state() {
                         State::Closed { failures } => format!("closed {failures}"),

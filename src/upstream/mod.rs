@@ -166,8 +166,8 @@ impl Drop for Admission {
     /// client went away) while the upstream may still be at work on it.
     fn drop(&mut self) {
         if !self.finished {
-            let until = Instant::now() + self.answer_within;
-            self.upstream.breaker.abandon(self.admit, until);
+            let within = self.answer_within;
+            (self.upstream.breaker).abandon(self.admit, || Instant::now() + within);
         }
         if self.slot {
             self.upstream.bulkhead.free();
