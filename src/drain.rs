@@ -78,12 +78,13 @@ impl Drain {
         Stopping(self.stop.clone())
     }
 
-    /// Tells every connection to finish, then waits until all have ended.
-    pub async fn stop(&self) {
+    /// Tells every connection to finish, at once (before the returned
+    /// future is polled), and returns what waits until all have ended.
+    pub fn stop(&self) -> impl Future<Output = ()> + '_ {
         self.stop.now.store(true, Ordering::Release);
         self.stop.notify.notify_waiters();
         self.tasks.close();
-        self.tasks.wait().await;
+        self.tasks.wait()
     }
 }
 

@@ -97,9 +97,16 @@ impl Running {
         }
     }
 
-    pub fn keys(&self) -> Vec<String> {
+    /// Names the attempts held, for shutdown's log: with `None` those still
+    /// running, with their record those that ended and whose record is
+    /// still on its way to the store (regression, an audit: these were
+    /// named as exchanges still running, though the upstream had answered).
+    pub fn named(&self) -> Vec<(String, Option<Arc<Record>>)> {
         (self.lock().held.iter().flatten())
-            .map(|s| format!("route={} key={}", s.key.route, s.key.key))
+            .map(|s| {
+                let name = format!("route={} key={}", s.key.route, s.key.key);
+                (name, s.ended.clone())
+            })
             .collect()
     }
 
@@ -145,6 +152,18 @@ mod tests {
         })
     }
 
+    fn record(state: State) -> Record {
+        Record {
+            state,
+            fingerprint: "f".into(),
+            token: "t".into(),
+            lease_end_ms: 0,
+            created_ms: 0,
+            expires_ms: 0,
+            response: None,
+        }
+    }
+
     #[test]
     fn running_exchanges_are_named_until_they_end_and_their_slots_reused() {
         let running = Arc::new(Running::default());
@@ -152,14 +171,27 @@ mod tests {
         let b = running.hold(&key("b"));
         let a_slot = a.slot;
         drop(a);
-        assert_eq!(running.keys(), ["route=r key=b"]);
+        let names = |running: &Running| {
+            let mut named = running.named();
+            named.sort_by(|x, y| x.0.cmp(&y.0));
+            (named.into_iter())
+                .map(|(name, ended)| (name, ended.is_some()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&running), [("route=r key=b".into(), false)]);
         let c = running.hold(&key("c"));
         assert_eq!(c.slot, a_slot, "an ended exchange's slot is reused");
-        let mut names = running.keys();
-        names.sort();
-        assert_eq!(names, ["route=r key=b", "route=r key=c"]);
+        c.end(record(State::Completed));
+        assert_eq!(
+            names(&running),
+            [
+                ("route=r key=b".into(), false),
+                ("route=r key=c".into(), true)
+            ],
+            "an ended attempt is named with its record"
+        );
         drop((b, c));
-        assert!(running.keys().is_empty());
+        assert!(running.named().is_empty());
     }
 
     #[test]
@@ -168,15 +200,7 @@ mod tests {
         let hold = running.hold(&key("a"));
         assert!(matches!(running.held(&key("a")), Some(Held::Running)));
         assert!(running.held(&key("b")).is_none());
-        let record = Record {
-            state: State::Unknown,
-            fingerprint: "f".into(),
-            token: "t".into(),
-            lease_end_ms: 0,
-            created_ms: 0,
-            expires_ms: 0,
-            response: None,
-        };
+        let record = record(State::Unknown);
         assert!(running.ended(&key("a")).is_none(), "it runs");
         hold.end(record.clone());
         match running.held(&key("a")) {

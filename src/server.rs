@@ -160,6 +160,7 @@ pub async fn serve(
 
     let connections = Arc::new(Drain::default());
     let builder = Arc::new(connection_builder());
+    let mut accept_errors = AcceptErrors::new("proxy");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -167,9 +168,7 @@ pub async fn serve(
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        accept_errors.back_off(&error).await;
                         continue;
                     }
                 };
@@ -239,8 +238,14 @@ pub async fn serve(
         }
     }
     drop(listeners.proxy);
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new connections, draining in-flight requests");
+    // Connections are told to finish before waiting duplicates are let go:
+    // a waiter's `409` then says `Connection: close` (regression, an audit:
+    // one answered before its connection heard of the stop went out
+    // without it, the connection closed right after).
+    let connections_ended = connections.stop();
     proxy.draining.cancel();
-    drain(&proxy, &connections, config.shutdown_grace, hurry).await;
+    drain(&proxy, connections_ended, config.shutdown_grace, hurry).await;
     readiness.abort();
     if let Some(task) = admin_task {
         task.abort();
@@ -382,11 +387,16 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Waits for open connections, then for background exchanges, within `grace`.
-async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration, mut hurry: Option<Hurry>) {
+/// Waits for open connections (told to finish) to end, then for
+/// background exchanges, within `grace`.
+async fn drain(
+    proxy: &Proxy,
+    connections_ended: impl Future<Output = ()>,
+    grace: Duration,
+    mut hurry: Option<Hurry>,
+) {
     let mut deadline = tokio::time::Instant::now() + grace;
-    tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
-    if within(connections.stop(), &mut deadline, &mut hurry)
+    if within(connections_ended, &mut deadline, &mut hurry)
         .await
         .is_none()
     {
@@ -402,7 +412,7 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration, mut hurry: O
         .await
         .is_none()
     {
-        let running = proxy.running.keys();
+        let held = proxy.running.named();
         // The memory store's records end with the process (regression: it
         // said they would turn unknown).
         let fate = if proxy.store.outlives_the_process() {
@@ -410,15 +420,31 @@ async fn drain(proxy: &Proxy, connections: &Drain, grace: Duration, mut hurry: O
         } else {
             "its record is lost with the memory store: a retry after the restart is forwarded again"
         };
-        for key in &running {
-            tracing::warn!(
-                exchange = %key,
-                "upstream exchange still running at the end of shutdown_grace; {fate}"
-            );
+        let mut running = 0;
+        for (key, ended) in &held {
+            match ended.as_ref().map(|record| &record.response) {
+                None => {
+                    running += 1;
+                    tracing::warn!(
+                        exchange = %key,
+                        "upstream exchange still running at the end of shutdown_grace; {fate}"
+                    );
+                }
+                Some(response) => {
+                    let ended = match response {
+                        Some(response) => format!("the upstream answered {}", response.status),
+                        None => "its outcome is unknown".to_owned(),
+                    };
+                    tracing::warn!(
+                        exchange = %key,
+                        "{ended}, but the store had not taken its record at the end of shutdown_grace; {fate}"
+                    );
+                }
+            }
         }
         // The rest are store writes retried in the background (a claim
         // undone, a completion) while the store does not answer.
-        let pending = proxy.exchanges.len().saturating_sub(running.len());
+        let pending = proxy.exchanges.len().saturating_sub(running);
         if pending > 0 {
             tracing::warn!(
                 pending,
@@ -460,10 +486,14 @@ async fn within<T>(
 async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: SendTimeout) {
     let builder = Arc::new(connection_builder());
     let connections = Arc::new(Drain::default());
+    let mut accept_errors = AcceptErrors::new("admin");
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                accept_errors.back_off(&error).await;
+                continue;
+            }
         };
         let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         let (admin, send_timeout) = (admin.clone(), send_timeout.clone());
@@ -486,6 +516,52 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, send_timeout: Sen
             )
             .await;
         });
+    }
+}
+
+/// A listener's failed accepts (out of file descriptors, mostly): each
+/// backs off 50 ms, and they are warned of at most once a second, with how
+/// many there were (regression, an audit: the proxy listener warned 20
+/// times a second for as long as the descriptors ran out, without saying
+/// what to do, and the admin listener said nothing, so `/metrics` and
+/// `/healthz` went unreachable unexplained).
+struct AcceptErrors {
+    listener: &'static str,
+    warned: Option<tokio::time::Instant>,
+    unwarned: u64,
+}
+
+impl AcceptErrors {
+    const WARN_EVERY: Duration = Duration::from_secs(1);
+
+    fn new(listener: &'static str) -> AcceptErrors {
+        AcceptErrors {
+            listener,
+            warned: None,
+            unwarned: 0,
+        }
+    }
+
+    async fn back_off(&mut self, error: &std::io::Error) {
+        self.unwarned += 1;
+        let now = tokio::time::Instant::now();
+        if self.warned.is_none_or(|at| at + Self::WARN_EVERY <= now) {
+            let hint = match error.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE) => {
+                    "; this process is out of file descriptors: connections wait in the listen backlog until some close (raise its limit: ulimit -n / LimitNOFILE)"
+                }
+                _ => "",
+            };
+            tracing::warn!(
+                listener = self.listener,
+                error = %error,
+                failed = self.unwarned,
+                "accept failed (failed: how many times since the last such warning; retried every 50 ms){hint}"
+            );
+            self.warned = Some(now);
+            self.unwarned = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -696,6 +696,58 @@ async fn shutdown_names_store_writes_still_retried_at_the_end_of_the_grace() {
     );
 }
 
+/// Regression (an audit): an attempt the upstream had answered, whose
+/// record the store (paused) had not taken by the end of the grace, was
+/// named as an "upstream exchange still running", and no `pending` warning
+/// came: whoever resolved its `unknown` record was told the upstream never
+/// answered. It is named with what the upstream answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_names_a_completion_still_retried_with_the_upstreams_answer() {
+    let redis = RedisServer::start_own().await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nshutdown_grace: 2s\nstore: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
+        redis.url(),
+        upstream.addr
+    );
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut proxy = Binary::serve(&path);
+    let client = TestClient::new();
+    let answered = client.spawn_send(
+        "POST",
+        &proxy.url("/api/o"),
+        &[
+            ("idempotency-key", "k-answered"),
+            ("x-test-delay-ms", "500"),
+        ],
+        "{}",
+    );
+    eventually(Duration::from_secs(10), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    redis.pause();
+    proxy.signal("TERM");
+    assert_eq!(answered.await.unwrap().status, 201);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    redis.resume();
+    let log = proxy.log();
+    let named = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        named("the upstream answered 201, but the store had not taken its record"),
+        1,
+        "{log:#?}"
+    );
+    assert_eq!(named("upstream exchange still running"), 0, "{log:#?}");
+    assert_eq!(
+        named("store writes still retried at the end of shutdown_grace"),
+        1,
+        "{log:#?}"
+    );
+}
+
 /// Regression: a reload's restart warnings compared the new file with the
 /// last one reloaded, not with what runs: reloading a changed
 /// `shutdown_grace` twice warned once, and going back to the running
@@ -1432,6 +1484,67 @@ fn nofile(pid: libc::pid_t, new: Option<libc::rlimit>) -> libc::rlimit {
     let done = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, new, &mut old) };
     assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
     old
+}
+
+/// Regression (an audit): out of file descriptors, the proxy listener
+/// warned "accept failed" 20 times a second without saying what to do, and
+/// the admin listener said nothing. Each listener warns at most once a
+/// second, names itself and the limit, and serves its waiting clients once
+/// descriptors are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_are_warned_once_a_second_on_both_listeners() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "admin: { listen: 127.0.0.1:0 }\n";
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", admin);
+    let proxy = Binary::serve(&path);
+    let pid = proxy.child.id() as libc::pid_t;
+    let used: std::collections::BTreeSet<i64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let free = (0..).find(|n| !used.contains(n)).unwrap() as u64;
+    let before = nofile(pid, None);
+    let limited = std::time::Instant::now();
+    nofile(
+        pid,
+        Some(libc::rlimit {
+            rlim_cur: free,
+            rlim_max: before.rlim_max,
+        }),
+    );
+    let admin = proxy.admin.expect("admin listener");
+    let waiting = (connection(proxy.addr).await, connection(admin).await);
+    let warned = |listener: &str| {
+        let said = format!("\"listener\":\"{listener}\"");
+        (proxy.log().into_iter())
+            .filter(|l| l.contains("accept failed") && l.contains(&said))
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(5), "both listeners warn", || async {
+        !warned("proxy").is_empty() && !warned("admin").is_empty()
+    })
+    .await;
+    // Not a wait for readiness: the time over which warnings are counted.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (proxy_lines, admin_lines) = (warned("proxy"), warned("admin"));
+    let bound = limited.elapsed().as_secs_f64().ceil() as usize + 1;
+    nofile(pid, Some(before));
+    assert!(proxy_lines.len() <= bound, "{proxy_lines:#?}");
+    assert!(admin_lines.len() <= bound, "{admin_lines:#?}");
+    assert!(
+        proxy_lines[0].contains("out of file descriptors")
+            && proxy_lines[0].contains("LimitNOFILE"),
+        "{proxy_lines:#?}"
+    );
+    // The clients that waited in the backlog are served.
+    let (mut on_proxy, _) = waiting;
+    assert_eq!(post_on(&mut on_proxy, "k-backlog", &[]).await.0, 201);
+    let healthz = format!("http://{admin}/healthz");
+    let reply = TestClient::new()
+        .send("GET", &healthz, &[], bytes::Bytes::new())
+        .await;
+    assert_eq!(reply.status, 200);
 }
 
 /// Regression (an audit): at its file-descriptor limit the proxy answered

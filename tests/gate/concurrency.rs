@@ -170,7 +170,10 @@ async fn a_waiter_is_not_woken_by_other_keys(backend: Backend) {
 /// until `shutdown_grace` ended, and was then cut off without an answer.
 /// When shutdown begins it is told at once to retry (`409
 /// request_in_progress`, `Retry-After: 1`; another instance waits for the
-/// attempt), while the attempt itself finishes and is recorded.
+/// attempt), while the attempt itself finishes and is recorded. Its answer
+/// says `Connection: close` (regression, an audit: the waiters were let go
+/// before the connections were told to finish, and a waiter answered first
+/// went out without it, its connection closed right after).
 async fn a_waiter_is_answered_when_shutdown_begins(backend: Backend) {
     let store = backend.store_yaml() + "\nadmin: { listen: 127.0.0.1:0 }";
     let s = Setup::with_store(backend, &store, "", "concurrent: wait", "").await;
@@ -199,6 +202,7 @@ async fn a_waiter_is_answered_when_shutdown_begins(backend: Backend) {
     assert!(!first.is_finished(), "answered before the attempt ended");
     assert_eq!(answer.code(), "request_in_progress", "{answer:?}");
     assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
     assert_eq!(first.await.unwrap().status, 201);
     stopped.await.unwrap();
     assert_eq!(upstream.hits(), 1);
