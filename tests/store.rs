@@ -982,6 +982,73 @@ async fn new_keys_and_replays_are_claimed_without_a_script() {
     );
 }
 
+/// Regression (the soak audit): each of a storm of duplicates of a
+/// completed key read its whole record from Redis (`SET .. NX GET`), so
+/// 300 at once with 512 KiB answers ran past `op_timeout` on a healthy
+/// Redis (503, or executed again under `on_unavailable: forward`).
+/// Concurrent claims of one key share one read of its settled record; one
+/// of another request (another fingerprint) still gets its mismatch.
+#[tokio::test]
+async fn concurrent_claims_of_a_completed_key_read_it_once() {
+    let (_server, store, mut conn) = own_redis().await;
+    let k = key("stormed");
+    let mut stored = response(200);
+    stored.body = Some(bytes::Bytes::from(vec![b'x'; 512 * 1024]));
+    stored.body_size = 512 * 1024;
+    complete_new_with(&store, &k, &stored).await;
+    let sets = command_calls(&mut conn, "set").await;
+    let tokens: Vec<String> = (0..50).map(|i| format!("R{i}")).collect();
+    let mut claims: Vec<ClaimRequest<'_>> = (tokens.iter())
+        .map(|token| claim(&k, token, 10_000, OnUnknown::Lock))
+        .collect();
+    claims[7].fingerprint = "another request";
+    let replies = join_all(claims.iter().map(|c| store.claim(c)).collect()).await;
+    for (i, reply) in replies.into_iter().enumerate() {
+        let reply = reply.unwrap();
+        if i == 7 {
+            assert_eq!(reply.decision, Decision::Mismatch);
+            continue;
+        }
+        assert_eq!(reply.decision, Decision::Replay, "claim {i}");
+        let record = reply.record.expect("the completed record");
+        assert_eq!(record.response.as_ref(), Some(&stored), "claim {i}");
+    }
+    assert_eq!(
+        command_calls(&mut conn, "set").await - sets,
+        1,
+        "one read for the storm"
+    );
+    // One after the storm reads the record itself.
+    let reply = store.claim(&claim(&k, "later", 10_000, OnUnknown::Lock)).await;
+    assert_eq!(reply.unwrap().decision, Decision::Replay);
+    assert_eq!(command_calls(&mut conn, "set").await - sets, 2);
+}
+
+/// Runs `futures` at once on this task (each polled in turn on every
+/// wake-up), their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(&mut outputs) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(out) => *output = Some(out),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(Option::unwrap).collect()
+}
+
 #[tokio::test]
 async fn scripts_flushed_from_redis_are_loaded_again() {
     let (_server, store, mut conn) = own_redis().await;

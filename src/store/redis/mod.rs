@@ -6,6 +6,7 @@
 //! a record is one string (`compact.rs`) whose key carries a hash tag, so
 //! every command touches one slot.
 
+mod collapse;
 mod compact;
 mod events;
 mod eviction;
@@ -29,6 +30,7 @@ use crate::config::{Backend, OnUnknown, StoreConfig};
 use crate::idempotency::decision::{Decision, decide};
 use crate::idempotency::key::StorageKey;
 use crate::idempotency::record::{Record, State, StoredResponse, encode_headers};
+use collapse::{Collapse, Joined};
 use compact::{Lease, ResponsePart};
 use scripts::{COMPLETE, HEAD_FIELDS, MARK_UNKNOWN, PURGE, READ, RECORD_FIELDS, RELEASE, RESOLVE};
 use wire::{EncodedKey, glob_escape, parse_record};
@@ -65,6 +67,8 @@ pub struct RedisStore {
     eviction: eviction::Eviction,
     /// The task hearing other instances' transitions, once started.
     listener: OnceLock<AbortHandle>,
+    /// Claims of one key out at once share a settled record's read.
+    collapse: Collapse,
 }
 
 impl Drop for RedisStore {
@@ -107,6 +111,7 @@ impl RedisStore {
             version_checked: OnceLock::new(),
             eviction: eviction::Eviction::default(),
             listener: OnceLock::new(),
+            collapse: Collapse::default(),
         })
     }
 
@@ -155,8 +160,19 @@ impl RedisStore {
     /// lease only Redis's clock can judge, or an earlier version's record
     /// hash goes to the claim script. Both are one operation: they share one
     /// `op_timeout`.
+    ///
+    /// Claims of a key already out to Redis from this instance wait for it
+    /// and share the settled record it finds (`collapse.rs`); a follower
+    /// whose leader found none claims for itself, within the same deadline.
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimReply, StoreError> {
         let deadline = self.deadline();
+        let lead = match self.collapse.join(req.key) {
+            Joined::Lead(lead) => Some(lead),
+            Joined::Follow(flight) => match flight.settled(deadline).await {
+                Some(record) => return answer(req, record),
+                None => None,
+            },
+        };
         let value = compact::claim_value(
             req.fingerprint,
             req.token,
@@ -201,6 +217,9 @@ impl RedisStore {
             });
         };
         let record = compact::parse(found, None)?;
+        if let Some(lead) = lead {
+            lead.found(&record);
+        }
         if settled(&record, req.fingerprint) || record.token == req.token {
             return answer(req, record);
         }
