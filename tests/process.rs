@@ -1486,6 +1486,63 @@ fn nofile(pid: libc::pid_t, new: Option<libc::rlimit>) -> libc::rlimit {
     old
 }
 
+/// libfaketime's preloadable library (Debian's `faketime` package), which
+/// fakes the wall clock of the process it is loaded into.
+fn libfaketime() -> &'static str {
+    const PLACES: [&str; 3] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ];
+    PLACES
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .expect("libfaketime is missing: apt-get install -y faketime (the wall-clock step test needs it)")
+}
+
+/// Regression (a review): the memory store judged leases on the wall clock,
+/// so a step forward longer than a lease (NTP, a VM resumed) ended a
+/// running attempt's lease: under `on_unknown: release` its duplicate was
+/// forwarded and the upstream ran the request twice (under `lock` it got
+/// `outcome_unknown` while the attempt ran). The store's clock only moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_does_not_end_a_running_attempts_lease() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy =
+        "defaults: { idempotency: { lease: 60s, on_unknown: release, concurrent: reject } }\n";
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", policy);
+    let clock = dir.path().join("faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let preload = format!("LD_PRELOAD={}", libfaketime());
+    let clock_file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
+    let wrapper = [
+        "env",
+        &preload,
+        &clock_file,
+        "FAKETIME_NO_CACHE=1",
+        "DONT_FAKE_MONOTONIC=1",
+    ];
+    let proxy = Binary::serve_wrapped(&path, &wrapper);
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    let headers = [("idempotency-key", "k-step"), ("x-test-delay-ms", "1500")];
+    let first = client.spawn_send("POST", &url, &headers, "{}");
+    eventually(Duration::from_secs(10), "the attempt upstream", || async {
+        upstream.hits() == 1
+    })
+    .await;
+    // The wall clock steps two minutes on, past the 60 s lease.
+    std::fs::write(&clock, "+120\n").unwrap();
+    let duplicate = client.send("POST", &url, &headers, "{}").await;
+    assert_eq!(duplicate.code(), "request_in_progress", "{duplicate:?}");
+    assert_eq!(first.await.unwrap().status, 201);
+    let retry = client.send("POST", &url, &headers, "{}").await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.hits(), 1, "the upstream ran it once");
+}
+
 /// Regression (an audit): out of file descriptors, the proxy listener
 /// warned "accept failed" 20 times a second without saying what to do, and
 /// the admin listener said nothing. Each listener warns at most once a

@@ -1019,7 +1019,9 @@ async fn concurrent_claims_of_a_completed_key_read_it_once() {
         "one read for the storm"
     );
     // One after the storm reads the record itself.
-    let reply = store.claim(&claim(&k, "later", 10_000, OnUnknown::Lock)).await;
+    let reply = store
+        .claim(&claim(&k, "later", 10_000, OnUnknown::Lock))
+        .await;
     assert_eq!(reply.unwrap().decision, Decision::Replay);
     assert_eq!(command_calls(&mut conn, "set").await - sets, 2);
 }

@@ -11,8 +11,8 @@ mod shard;
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hashbrown::hash_table::Entry;
 
@@ -328,10 +328,21 @@ fn is(hash: u64, key: &StorageKey) -> impl Fn(&Slot) -> bool + '_ {
     move |slot| slot.hash == hash && slot.entry.0 == *key
 }
 
+/// Milliseconds since the Unix epoch by a clock that only moves on: the
+/// wall clock read once, at first use, plus the monotonic time since.
+/// Leases and expiries are judged on it, as the attempt's own lease timer
+/// (a tokio `Instant`) runs (regression, a review: judged on the wall
+/// clock, a step forward longer than a lease (NTP, a VM resumed) ended
+/// running attempts' leases, and a duplicate ran the request again or was
+/// told its outcome was unknown while it ran). Times shown in listings
+/// are off by any step the wall clock took since the process started.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
+    static START: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (at, wall_ms) = START.get_or_init(|| {
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH);
+        (Instant::now(), wall.map_or(0, millis))
+    });
+    wall_ms.saturating_add(millis(at.elapsed()))
 }
 
 pub fn millis(d: Duration) -> u64 {
