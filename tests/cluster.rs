@@ -7,7 +7,7 @@ mod common;
 
 use bytes::Bytes;
 use common::redis_server::RedisCluster;
-use common::{TestClient, TestProxy, TestUpstream, config, resend_until};
+use common::{TestClient, TestProxy, TestUpstream, config, eventually, resend_until};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,4 +292,52 @@ async fn store_tls_is_ignored_for_redis_urls_of_a_cluster() {
     assert_eq!(first.status, 201, "{first:?}");
     let again = client.post_key(&proxy.url("/api/o"), "k-plain", "{}").await;
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
+}
+
+/// Regression (the cluster operations audit): a master restarted with its
+/// nodes.conf lost left its old identity listed without an address
+/// (`:0`, `noaddr`) as the master of its slots; the watch took that for a
+/// change of masters and made the cluster connection anew around it, and
+/// the cluster client, reading the address as port 0 of the node it asked,
+/// then refreshed its slots without end: every key got `503
+/// store_unavailable`, the healthy masters' too. The watch keeps the
+/// connection and says why. (The cluster client may still read that
+/// address on a refresh of its own: docs/operations.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_listed_without_an_address_is_not_connected_around() {
+    let mut cluster = RedisCluster::start().await;
+    let upstream = TestUpstream::start().await;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 250ms }}",
+        urls.join(", ")
+    );
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idemgate.yaml");
+    std::fs::write(&path, config(&store, upstream.addr, "", routes)).unwrap();
+    let proxy = common::binary::Binary::serve(&path);
+    let client = TestClient::new();
+    let url = proxy.url("/api/o");
+    assert_eq!(client.post_key(&url, "k-before", "{}").await.status, 201);
+    let wiped = cluster.a_master().await;
+    let healthy = (wiped + 1) % cluster.nodes.len();
+    cluster.restart_wiped(wiped).await;
+    let said = |what: &'static str| {
+        let proxy = &proxy;
+        async move { proxy.log().iter().any(|l| l.contains(what)) }
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the warning of an address-less master",
+        || said("a Redis Cluster master holding slots has no address"),
+    )
+    .await;
+    let seen = cluster.nodes_seen_by(healthy).await;
+    assert!(seen.contains(":0@0 master,noaddr"), "{seen}");
+    assert!(
+        !said("masters changed").await,
+        "made anew around it: {:#?}",
+        proxy.log()
+    );
 }

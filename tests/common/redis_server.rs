@@ -392,4 +392,22 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url().to_owned()).collect()
     }
+
+    /// Kills node `i` and starts it again on its port with its
+    /// `nodes.conf` gone: a new, empty node, while the others still list
+    /// its old identity (without an address once they notice, `noaddr`)
+    /// as the master of its slots.
+    pub async fn restart_wiped(&mut self, i: usize) {
+        self.nodes[i].kill();
+        std::fs::remove_file(self._dir.path().join(format!("n{i}/nodes.conf"))).unwrap();
+        self.nodes[i].restart().await;
+    }
+
+    /// `CLUSTER NODES` as node `i` sees the cluster.
+    pub async fn nodes_seen_by(&self, i: usize) -> String {
+        (self.nodes[i]
+            .ask(redis::cmd("CLUSTER").arg("NODES").to_owned())
+            .await)
+            .unwrap_or_default()
+    }
 }

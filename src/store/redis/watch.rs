@@ -51,6 +51,7 @@ pub(super) fn start(link: Weak<ClusterLink>, seeds: Vec<redis::Client>, bound: D
         // watch can tell: the first read follows its making).
         let mut seen: Option<BTreeSet<String>> = None;
         let mut failing = false;
+        let mut unaddressed = false;
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -61,6 +62,24 @@ pub(super) fn start(link: Weak<ClusterLink>, seeds: Vec<redis::Client>, bound: D
             let Some(masters) = seeds.masters().await else {
                 continue;
             };
+            // A master holding slots that has no address (`noaddr`): a
+            // connection made now is made around it, and the cluster
+            // client then refreshed its slots without end, failing every
+            // slot's commands (regression, an audit: a master restarted
+            // with its nodes.conf lost left its old identity listed as
+            // `:0` with its slots). The connection is kept: the other
+            // masters' slots keep working.
+            if let Some(master) = masters.iter().find(|m| has_no_address(m)) {
+                if !unaddressed {
+                    unaddressed = true;
+                    tracing::warn!(
+                        node = %master,
+                        "a Redis Cluster master holding slots has no address (flag noaddr: a node restarted with its nodes.conf lost?): its slots fail until its replica takes them over (CLUSTER FAILOVER TAKEOVER) or they are given to another master; the connection is kept meanwhile"
+                    );
+                }
+                continue;
+            }
+            unaddressed = false;
             let Some(before) = &seen else {
                 seen = Some(masters);
                 continue;
@@ -186,6 +205,11 @@ pub(super) fn slot_masters(nodes: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// A master listed without an address (`:0`, flag `noaddr`).
+fn has_no_address(master: &str) -> bool {
+    master.starts_with(':') || master.ends_with(":0")
+}
+
 fn joined(masters: &BTreeSet<String>) -> String {
     masters.iter().cloned().collect::<Vec<_>>().join(", ")
 }
@@ -216,5 +240,11 @@ mod tests {
             held(&["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7005"])
         );
         assert!(slot_masters("").is_empty());
+        let lost = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    g7 :0@0 master,noaddr - 0 0 3 connected 10923-16383\n";
+        let masters = slot_masters(lost);
+        assert_eq!(masters, held(&["127.0.0.1:7000", ":0"]));
+        let unaddressed: Vec<&String> = masters.iter().filter(|m| has_no_address(m)).collect();
+        assert_eq!(unaddressed, [":0"], "the master listed without an address");
     }
 }
