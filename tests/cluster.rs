@@ -341,3 +341,128 @@ async fn a_master_listed_without_an_address_is_not_connected_around() {
         proxy.log()
     );
 }
+
+/// Regressions (the cluster operations audit): a listing SCANs the
+/// masters one after another, and a record found on two of them (a key
+/// moved between their SCANs during a reshard) was listed twice; and a
+/// master flagged `fail` while it still held its slots was left out, so
+/// the listing answered `200` without its records. A record is listed once
+/// (here it is found twice as a slot's keys are being imported: a copy
+/// written to the importing master), and a listing that cannot SCAN a
+/// master holding slots fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_name_each_record_once_and_fail_without_a_master() {
+    let cluster = RedisCluster::start().await;
+    let upstream = TestUpstream::start().await;
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: 500ms }}",
+        urls.join(", ")
+    );
+    let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n{}",
+        config(&store, upstream.addr, "", routes)
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let client = TestClient::new();
+    for i in 0..10 {
+        let reply = client
+            .post_key(&proxy.url("/api/o"), &format!("k-{i}"), "{}")
+            .await;
+        assert_eq!(reply.status, 201);
+    }
+    let list = || async {
+        let url = proxy.admin_url("/keys?route=orders");
+        client.send("GET", &url, &[], Bytes::new()).await
+    };
+    assert_eq!(list().await.json().as_array().unwrap().len(), 10);
+
+    // One record's key copied to another master that imports its slot.
+    let (owner, name) = {
+        let mut found = None;
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let keys: Vec<String> = node
+                .ask(::redis::cmd("KEYS").arg("*k-0}").to_owned())
+                .await
+                .unwrap();
+            if let Some(name) = keys.into_iter().next() {
+                found = Some((i, name));
+            }
+        }
+        found.expect("the record of k-0")
+    };
+    let other = (owner + 1) % cluster.nodes.len();
+    let ask = |i: usize, args: &[&str]| {
+        let mut cmd = ::redis::cmd(args[0]);
+        cmd.arg(&args[1..]);
+        cluster.nodes[i].ask::<::redis::Value>(cmd)
+    };
+    let slot = match ask(owner, &["CLUSTER", "KEYSLOT", &name]).await {
+        Some(::redis::Value::Int(slot)) => slot.to_string(),
+        other => panic!("CLUSTER KEYSLOT: {other:?}"),
+    };
+    let owner_id: String = cluster.nodes[owner]
+        .ask(::redis::cmd("CLUSTER").arg("MYID").to_owned())
+        .await
+        .unwrap();
+    let value: Vec<u8> = cluster.nodes[owner]
+        .ask(::redis::cmd("GET").arg(&name).to_owned())
+        .await
+        .unwrap();
+    ask(
+        other,
+        &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &owner_id],
+    )
+    .await
+    .unwrap();
+    let mut conn = cluster.nodes[other].connection().await;
+    let (): () = ::redis::pipe()
+        .cmd("ASKING")
+        .ignore()
+        .cmd("SET")
+        .arg(&name)
+        .arg(value)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let listed = list().await.json();
+    let named = (listed.as_array().unwrap().iter())
+        .filter(|r| r["key"] == "k-0")
+        .count();
+    assert_eq!(named, 1, "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 10, "{listed}");
+
+    // A master that hangs, flagged `fail` by the others, still holding its slots.
+    for node in &cluster.nodes {
+        let mut set = ::redis::cmd("CONFIG");
+        set.arg(&["SET", "cluster-require-full-coverage", "no"]);
+        let _: Option<String> = node.ask(set).await;
+    }
+    let hung = (owner + 2) % cluster.nodes.len();
+    cluster.nodes[hung].pause();
+    let seen = other;
+    let start = Instant::now();
+    while !cluster
+        .nodes_seen_by(seen)
+        .await
+        .lines()
+        .any(|l| l.contains("master,fail ") && !l.contains("myself"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no master flagged fail"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed = list().await;
+    cluster.nodes[hung].resume();
+    assert_eq!(
+        failed.status,
+        503,
+        "{:?}",
+        String::from_utf8_lossy(&failed.body)
+    );
+    assert_eq!(failed.code(), "store_unavailable");
+}

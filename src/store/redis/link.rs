@@ -3,6 +3,7 @@
 //! first use, made anew when the cluster's masters change: `watch.rs`),
 //! behind one `ConnectionLike` handle.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,13 +239,18 @@ pub fn client(url: &str, tls: Option<&TlsCertificates>) -> redis::RedisResult<re
 }
 
 impl Handle {
-    /// The `host:port` of every master to SCAN (one address for a standalone server).
-    pub async fn scan_targets(&mut self) -> redis::RedisResult<Vec<Option<(String, u16)>>> {
+    /// The nodes to SCAN: none named for a standalone server; a cluster's
+    /// masters holding slots, with the slots each holds, to be compared
+    /// after the SCAN. A master that failed and still holds its slots is
+    /// among them, so that the listing fails rather than leave its records
+    /// out (regression, the cluster operations audit: a `200` without a
+    /// failed master's records).
+    pub async fn scan_targets(&mut self) -> redis::RedisResult<ScanTargets> {
         match self {
-            Handle::Single(_) => Ok(vec![None]),
+            Handle::Single(_) => Ok(ScanTargets::default()),
             Handle::Cluster(conn) => {
                 let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
-                Ok(masters(&nodes).into_iter().map(Some).collect())
+                Ok(ScanTargets(watch::slots_held(&nodes)))
             }
         }
     }
@@ -308,21 +314,24 @@ impl Handle {
     }
 }
 
-/// Masters from `CLUSTER NODES` lines: `<id> <ip:port@cport> <flags> ...`.
-fn masters(nodes: &str) -> Vec<(String, u16)> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = fields.nth(1)?;
-            let flags = fields.next()?;
-            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-                return None;
-            }
-            let (host, port) = address.split('@').next()?.rsplit_once(':')?;
-            Some((host.to_owned(), port.parse().ok()?))
-        })
-        .collect()
+/// What a listing SCANs: each master holding slots (`host:port`) with the
+/// slots it holds; empty for a standalone server, which is SCANned as is.
+#[derive(Debug, Default, PartialEq)]
+pub struct ScanTargets(pub BTreeMap<String, Vec<String>>);
+
+impl ScanTargets {
+    /// The nodes to SCAN one after another (`None`: the standalone server).
+    pub fn nodes(&self) -> Vec<Option<(String, u16)>> {
+        if self.0.is_empty() {
+            return vec![None];
+        }
+        (self.0.keys())
+            .map(|address| {
+                let (host, port) = address.rsplit_once(':').unwrap_or((address, "0"));
+                Some((host.to_owned(), port.parse().unwrap_or_default()))
+            })
+            .collect()
+    }
 }
 
 /// Whether `e` says that no connection could be made, so the command was
@@ -455,20 +464,5 @@ mod tests {
         for e in &maybe {
             assert!(!never_sent(e), "{e:?}");
         }
-    }
-
-    #[test]
-    fn masters_are_read_from_cluster_nodes() {
-        let nodes = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
-                     b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n\
-                     c3 127.0.0.1:7003@17003 slave a1 0 0 1 connected\n\
-                     d4 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected\n";
-        assert_eq!(
-            masters(nodes),
-            vec![
-                ("127.0.0.1".to_owned(), 7000),
-                ("127.0.0.1".to_owned(), 7001)
-            ]
-        );
     }
 }

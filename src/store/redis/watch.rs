@@ -23,7 +23,7 @@
 //! `CLUSTER NODES` every [`EVERY`] on one kept connection, and logs only
 //! when the masters change, or once when no seed answers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -191,16 +191,25 @@ async fn read(conn: &mut MultiplexedConnection) -> redis::RedisResult<BTreeSet<S
 /// `fail?`) counts while it holds slots: its replica has not taken them yet.
 /// Slots being imported or migrated (`[..]`) are not held.
 pub(super) fn slot_masters(nodes: &str) -> BTreeSet<String> {
+    slots_held(nodes).into_keys().collect()
+}
+
+/// [`slot_masters`], each with the slots it holds as listed (`0-5460`,
+/// `7000`), to tell whether slots moved between two reads.
+pub(super) fn slots_held(nodes: &str) -> BTreeMap<String, Vec<String>> {
     nodes
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let flags = fields.get(2)?;
-            let holds = fields.iter().skip(8).any(|slot| !slot.starts_with('['));
-            if !flags.split(',').any(|f| f == "master") || !holds {
+            let slots: Vec<String> = (fields.iter().skip(8))
+                .filter(|slot| !slot.starts_with('['))
+                .map(|slot| slot.to_string())
+                .collect();
+            if !flags.split(',').any(|f| f == "master") || slots.is_empty() {
                 return None;
             }
-            Some(fields.get(1)?.split('@').next()?.to_owned())
+            Some((fields.get(1)?.split('@').next()?.to_owned(), slots))
         })
         .collect()
 }
@@ -246,5 +255,19 @@ mod tests {
         assert_eq!(masters, held(&["127.0.0.1:7000", ":0"]));
         let unaddressed: Vec<&String> = masters.iter().filter(|m| has_no_address(m)).collect();
         assert_eq!(unaddressed, [":0"], "the master listed without an address");
+    }
+
+    /// A listing compares the slots each master holds before and after its
+    /// SCANs: a slot moved is a change, a slot being imported is not held.
+    #[test]
+    fn the_slots_held_tell_a_move() {
+        let before = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461-<-b2]\n\
+                      b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922\n";
+        let after = "a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5461\n\
+                     b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5462-10922\n";
+        let held = slots_held(before);
+        assert_eq!(held["127.0.0.1:7000"], ["0-5460"]);
+        assert_ne!(held, slots_held(after), "slot 5461 moved");
+        assert_eq!(held, slots_held(&before.replace(" [5461-<-b2]", "")));
     }
 }
