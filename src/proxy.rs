@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, header};
@@ -28,6 +28,11 @@ use crate::upstream::{
     Bulkhead, Connected, SendError, Silence, Upstream, failed_status, within_response,
 };
 
+/// How long after shutdown began a request is still taken on: one round
+/// trip for a client to hear of the shutdown (a GOAWAY, `Connection:
+/// close`), with room to spare.
+const LATE: Duration = Duration::from_secs(1);
+
 /// Everything a request needs, built from the validated config.
 pub struct Proxy {
     /// Routes and upstreams; swapped whole by a reload.
@@ -47,6 +52,8 @@ pub struct Proxy {
     /// Cancelled when shutdown begins: `/readyz` then says so, new
     /// connections are refused, request bodies left unread stop lingering.
     pub draining: CancellationToken,
+    /// When shutdown began ([`Proxy::begin_draining`]).
+    drain_began: std::sync::OnceLock<Instant>,
     /// Set when `shutdown_grace` ended with requests still running: those
     /// are cut off by the server, not abandoned by their clients.
     pub cut_off: std::sync::atomic::AtomicBool,
@@ -191,6 +198,7 @@ impl Proxy {
             },
             on_unavailable: config.store.on_unavailable,
             draining: Default::default(),
+            drain_began: Default::default(),
             cut_off: Default::default(),
             bulkheads,
             reloading: Mutex::default(),
@@ -416,11 +424,38 @@ impl Proxy {
         }
     }
 
+    /// Shutdown begins: requests that come from now on are answered as
+    /// [`Proxy::too_late`] says.
+    pub fn begin_draining(&self) {
+        let _ = self.drain_began.set(Instant::now());
+        self.draining.cancel();
+    }
+
+    /// A request that comes more than [`LATE`] after shutdown began is not
+    /// taken on (an HTTP/2 client that never acknowledges the GOAWAY's
+    /// PING may open streams until the grace ends: h2 takes them until it
+    /// has the ack; regression, an audit: they ran upstream and were cut
+    /// off unanswered at the grace's end). One that comes sooner was on
+    /// its way when shutdown began, and is served.
+    fn too_late(&self) -> bool {
+        self.draining.is_cancelled()
+            && (self.drain_began.get()).is_some_and(|began| began.elapsed() > LATE)
+    }
+
     async fn dispatch(
         &self,
         mut request: Request<ProxyBody>,
         ctx: &mut Ctx,
     ) -> Response<ProxyBody> {
+        if self.too_late() {
+            ctx.outcome = "rejected";
+            return Problem::new(
+                Code::ShuttingDown,
+                "this instance is shutting down; nothing was claimed or forwarded: retry (another instance takes it)",
+            )
+            .retry_after(Duration::from_secs(1))
+            .into_response();
+        }
         // Matched and forwarded in its normal form: `/a/../orders` must not
         // miss the `/orders` route that the upstream will take it for.
         let malformed = path::malformed(request.uri().path());

@@ -244,7 +244,7 @@ pub async fn serve(
     // one answered before its connection heard of the stop went out
     // without it, the connection closed right after).
     let connections_ended = connections.stop();
-    proxy.draining.cancel();
+    proxy.begin_draining();
     drain(&proxy, connections_ended, config.shutdown_grace, hurry).await;
     readiness.abort();
     if let Some(task) = admin_task {

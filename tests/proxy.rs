@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{ClosedPort, TestClient, TestProxy, TestUpstream, config};
+use common::{ClosedPort, TestClient, TestProxy, TestUpstream, config, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OFF: &str = "  idempotency: off";
@@ -413,6 +413,79 @@ async fn an_http2_client_that_never_acks_a_ping_does_not_hold_the_shutdown() {
         .await
         .expect("the shutdown ends without the client's PING ack");
     drop(h2);
+}
+
+/// Regression (the HTTP/2 operations audit): an HTTP/2 client that never
+/// acknowledges the GOAWAY's PING may open streams until the grace ends
+/// (h2 takes them until it has the ack): each ran upstream, and those
+/// still running at the grace's end were cut off unanswered. A request
+/// that comes more than a second after shutdown began is answered `503
+/// shutting_down` and never forwarded.
+#[tokio::test]
+async fn a_stream_opened_late_in_a_shutdown_is_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::start().await;
+    let routes =
+        "  - { name: all, match: { path_prefix: / }, upstream: up, timeouts: { response: 10s } }";
+    let yaml = config("store: { backend: memory }", upstream.addr, OFF, routes);
+    let proxy = TestProxy::start(&yaml).await;
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // HEADERS (END_STREAM, END_HEADERS) of a GET, in HPACK literals.
+    let get = |stream: u8, path: &str, extra: &[(&str, &str)]| {
+        let mut block = Vec::new();
+        let fields = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "x"),
+        ];
+        for (name, value) in fields.iter().chain(extra) {
+            block.push(0);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let mut frame = vec![0, 0, block.len() as u8, 1, 0x5, 0, 0, 0, stream];
+        frame.extend(block);
+        frame
+    };
+    // The preface and an empty SETTINGS frame; nothing is ever acknowledged.
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // A slow request keeps the connection open through the shutdown.
+    h2.write_all(&get(1, "/slow", &[("x-test-delay-ms", "4000")]))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the slow request upstream",
+        || async { upstream.hits() == 1 },
+    )
+    .await;
+    let stopped = tokio::spawn(proxy.stop());
+    // Past the second in which a request is still taken on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h2.write_all(&get(3, "/late", &[])).await.unwrap();
+    // Frames until stream 3's answer (its HEADERS).
+    loop {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), h2.read_exact(&mut head))
+            .await
+            .expect("an answer to the late stream")
+            .expect("the connection open until then");
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        h2.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if head[3] == 1 && stream == 3 {
+            break;
+        }
+    }
+    assert_eq!(upstream.hits(), 1, "the late stream was forwarded");
+    drop(h2);
+    stopped.await.unwrap();
 }
 
 /// One `GET /x` through a pass-through proxy in front of `upstream`.
