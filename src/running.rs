@@ -145,23 +145,7 @@ mod tests {
     use crate::idempotency::record::State;
 
     fn key(name: &str) -> Arc<StorageKey> {
-        Arc::new(StorageKey {
-            route: "r".into(),
-            scope: "s".into(),
-            key: name.into(),
-        })
-    }
-
-    fn record(state: State) -> Record {
-        Record {
-            state,
-            fingerprint: "f".into(),
-            token: "t".into(),
-            lease_end_ms: 0,
-            created_ms: 0,
-            expires_ms: 0,
-            response: None,
-        }
+        Arc::new(StorageKey::named(name))
     }
 
     #[test]
@@ -181,7 +165,7 @@ mod tests {
         assert_eq!(names(&running), [("route=r key=b".into(), false)]);
         let c = running.hold(&key("c"));
         assert_eq!(c.slot, a_slot, "an ended exchange's slot is reused");
-        c.end(record(State::Completed));
+        c.end(Record::bare(State::Completed));
         assert_eq!(
             names(&running),
             [
@@ -200,7 +184,7 @@ mod tests {
         let hold = running.hold(&key("a"));
         assert!(matches!(running.held(&key("a")), Some(Held::Running)));
         assert!(running.held(&key("b")).is_none());
-        let record = record(State::Unknown);
+        let record = Record::bare(State::Unknown);
         assert!(running.ended(&key("a")).is_none(), "it runs");
         hold.end(record.clone());
         match running.held(&key("a")) {

@@ -14,11 +14,7 @@ use std::time::{Duration, Instant};
 async fn the_gate_works_on_redis_cluster() {
     let cluster = RedisCluster::start().await;
     let upstream = TestUpstream::start().await;
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "store: {{ backend: redis, cluster: [{}], op_timeout: 1s }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster, "1s");
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { concurrent: wait } }";
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}\n{}",
@@ -176,11 +172,7 @@ async fn a_seed_that_never_answers_does_not_keep_the_cluster_away() {
 async fn a_failover_away_from_a_master_that_hangs_is_followed() {
     let cluster = RedisCluster::start_replicated().await;
     let upstream = TestUpstream::start().await;
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "store: {{ backend: redis, cluster: [{}], op_timeout: 250ms }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster, "250ms");
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
     let proxy = TestProxy::start(&config(&store, upstream.addr, "", routes)).await;
     let client = TestClient::new();
@@ -243,11 +235,7 @@ fn keys_cli(yaml: &str, args: &[&str]) -> std::process::Output {
 async fn a_dead_master_makes_the_proxy_unready() {
     let mut cluster = RedisCluster::start().await;
     let upstream = TestUpstream::start().await;
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "store: {{ backend: redis, cluster: [{}], op_timeout: 1s }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster, "1s");
     let routes =
         "  - { name: orders, match: { path_prefix: /api }, upstream: up, idempotency: { } }";
     let yaml = format!(
@@ -307,11 +295,7 @@ async fn store_tls_is_ignored_for_redis_urls_of_a_cluster() {
 async fn a_master_listed_without_an_address_is_not_connected_around() {
     let mut cluster = RedisCluster::start().await;
     let upstream = TestUpstream::start().await;
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "store: {{ backend: redis, cluster: [{}], op_timeout: 250ms }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster, "250ms");
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idemgate.yaml");
@@ -354,11 +338,7 @@ async fn a_master_listed_without_an_address_is_not_connected_around() {
 async fn listings_name_each_record_once_and_fail_without_a_master() {
     let cluster = RedisCluster::start().await;
     let upstream = TestUpstream::start().await;
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "store: {{ backend: redis, cluster: [{}], op_timeout: 500ms }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster, "500ms");
     let routes = "  - { name: orders, match: { path_prefix: /api }, upstream: up }";
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}\n{}",
@@ -465,4 +445,13 @@ async fn listings_name_each_record_once_and_fail_without_a_master() {
         String::from_utf8_lossy(&failed.body)
     );
     assert_eq!(failed.code(), "store_unavailable");
+}
+
+/// `store:` with `cluster`'s nodes as seeds and `op_timeout`.
+fn cluster_store(cluster: &RedisCluster, op_timeout: &str) -> String {
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "store: {{ backend: redis, cluster: [{}], op_timeout: {op_timeout} }}",
+        urls.join(", ")
+    )
 }

@@ -482,6 +482,15 @@ fn write_memory_config_at(
     path
 }
 
+/// `shutdown_grace` and a Redis store on `redis` with a 200 ms
+/// `op_timeout`, for a shutdown while Redis is paused.
+fn paused_store(redis: &RedisServer, grace: &str) -> String {
+    format!(
+        "shutdown_grace: {grace}\nstore: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}\n",
+        redis.url()
+    )
+}
+
 fn is_json_object(line: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object())
 }
@@ -664,13 +673,7 @@ async fn shutdown_names_store_writes_still_retried_at_the_end_of_the_grace() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nshutdown_grace: 1s\nstore: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
-        redis.url(),
-        upstream.addr
-    );
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", &paused_store(&redis, "1s"));
     let mut proxy = Binary::serve(&path);
     let client = TestClient::new();
     assert_eq!(
@@ -706,13 +709,7 @@ async fn shutdown_names_a_completion_still_retried_with_the_upstreams_answer() {
     let redis = RedisServer::start_own().await;
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nshutdown_grace: 2s\nstore: {{ backend: redis, url: \"{}\", op_timeout: 200ms }}\nupstreams:\n  up: {{ url: \"http://{}\" }}\nroutes:\n  - {{ name: orders, match: {{ path_prefix: /api }}, upstream: up }}\n",
-        redis.url(),
-        upstream.addr
-    );
-    let path = dir.path().join("idemgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    let path = write_memory_config_at(&dir, &upstream, "127.0.0.1:0", &paused_store(&redis, "2s"));
     let mut proxy = Binary::serve(&path);
     let client = TestClient::new();
     let answered = client.spawn_send(

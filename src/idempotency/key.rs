@@ -114,6 +114,16 @@ pub struct StorageKey {
 }
 
 impl StorageKey {
+    /// Route `r`, scope `s`, key `name`: for unit tests.
+    #[cfg(test)]
+    pub fn named(name: &str) -> StorageKey {
+        StorageKey {
+            route: "r".into(),
+            scope: "s".into(),
+            key: name.into(),
+        }
+    }
+
     /// The store's key string. Everything after the prefix sits inside one
     /// `{...}` hash tag so that a record (and anything derived from its
     /// name) stays in one Redis Cluster slot. A `}` inside the client's key

@@ -46,6 +46,26 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record in `state` with fingerprint `f`, token `t`, no times, and
+    /// a stored `201 {}` when completed: for unit tests.
+    #[cfg(test)]
+    pub fn bare(state: State) -> Record {
+        Record {
+            state,
+            fingerprint: "f".into(),
+            token: "t".into(),
+            lease_end_ms: 0,
+            created_ms: 0,
+            expires_ms: 0,
+            response: (state == State::Completed).then(|| StoredResponse {
+                status: 201,
+                headers: Default::default(),
+                body: Some(bytes::Bytes::from_static(b"{}")),
+                body_size: 2,
+            }),
+        }
+    }
+
     /// As a listing holds it: its response [`StoredResponse::listed`].
     pub fn listed(&self) -> Record {
         Record {

@@ -67,11 +67,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> StorageKey {
-        StorageKey {
-            route: "r".into(),
-            scope: "s".into(),
-            key: name.into(),
-        }
+        StorageKey::named(name)
     }
 
     /// A waiter wakes on its own key's transition and not on one of a key

@@ -127,32 +127,6 @@ impl Flight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::idempotency::record::StoredResponse;
-
-    fn key(name: &str) -> StorageKey {
-        StorageKey {
-            route: "r".into(),
-            scope: "s".into(),
-            key: name.into(),
-        }
-    }
-
-    fn record(state: State) -> Record {
-        Record {
-            state,
-            fingerprint: "f".into(),
-            token: "t".into(),
-            lease_end_ms: 0,
-            created_ms: 0,
-            expires_ms: 0,
-            response: (state == State::Completed).then(|| StoredResponse {
-                status: 201,
-                headers: Default::default(),
-                body: Some(bytes::Bytes::from_static(b"{}")),
-                body_size: 2,
-            }),
-        }
-    }
 
     fn follow(joined: Joined<'_>) -> Arc<Flight> {
         match joined {
@@ -181,11 +155,11 @@ mod tests {
             (Some(State::InFlight), false),
             (None, false),
         ] {
-            let (a, b) = (key("a"), key("b"));
+            let (a, b) = (StorageKey::named("a"), StorageKey::named("b"));
             let leader = lead(collapse.join(&a));
             let other = lead(collapse.join(&b));
             let followers = [follow(collapse.join(&a)), follow(collapse.join(&a))];
-            let found = state.map(record);
+            let found = state.map(Record::bare);
             match &found {
                 Some(found) => leader.found(found),
                 None => drop(leader),
@@ -204,7 +178,7 @@ mod tests {
     #[tokio::test]
     async fn a_follower_waits_for_its_leader_until_its_deadline() {
         let collapse = Collapse::default();
-        let k = key("k");
+        let k = StorageKey::named("k");
         let _leader = lead(collapse.join(&k));
         let flight = follow(collapse.join(&k));
         let deadline = Instant::now() + std::time::Duration::from_millis(50);
