@@ -1026,6 +1026,38 @@ async fn concurrent_claims_of_a_completed_key_read_it_once() {
     assert_eq!(command_calls(&mut conn, "set").await - sets, 2);
 }
 
+/// Regression (the core review): `ConnectionManager` hands a reconnect
+/// that failed (Redis hung then) to the next command, which never reached
+/// Redis: the first call after Redis was back failed at once (`503`, or
+/// forwarded unprotected under `on_unavailable: forward`). It is sent
+/// again, within its deadline, on the reconnect that failure began.
+#[tokio::test]
+async fn the_first_call_after_a_failed_reconnect_reaches_redis() {
+    let (backend, store, mut conn) = own_redis().await;
+    let Backend::Redis(server) = &backend else {
+        unreachable!("own_redis")
+    };
+    complete_new(&store, &key("warm"), 201).await;
+    common::RedisServer::kill_clients(&mut conn).await;
+    server.pause();
+    // Its connection dropped; the reconnect hangs on the paused server.
+    let during = store
+        .claim(&claim(&key("during"), "D", 10_000, OnUnknown::Lock))
+        .await;
+    assert!(during.is_err(), "{:?}", during.map(|r| r.decision));
+    // Not a wait for readiness: the reconnect gives up after its connection
+    // timeout (op_timeout, 250 ms) while Redis is still paused.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    server.resume();
+    let after = store
+        .claim(&claim(&key("after"), "A", 10_000, OnUnknown::Lock))
+        .await;
+    assert_eq!(
+        after.expect("the first call after Redis is back").decision,
+        Decision::Claim
+    );
+}
+
 /// Runs `futures` at once on this task (each polled in turn on every
 /// wake-up), their outputs in order.
 async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {

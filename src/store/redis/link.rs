@@ -4,6 +4,7 @@
 //! behind one `ConnectionLike` handle.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
+use tokio::time::Instant;
 
 use super::watch;
 use crate::store::StoreError;
@@ -46,6 +48,7 @@ impl SingleLink {
         SingleHandle {
             current: self.conn.load_full(),
             link: self.clone(),
+            deadline: None,
         }
     }
 
@@ -64,9 +67,48 @@ impl SingleLink {
 pub struct SingleHandle {
     current: Arc<ConnectionManager>,
     link: Arc<SingleLink>,
+    /// The call's deadline ([`Handle::until`]), within which a command
+    /// told of an earlier failed reconnect is sent again.
+    deadline: Option<Instant>,
 }
 
+/// How long before the call's deadline a command sent again gives up, so
+/// that it ends as never sent rather than at the deadline (a timeout there
+/// may have landed, and a claim is then undone in the background).
+const AGAIN_MARGIN: Duration = Duration::from_millis(2);
+
 impl SingleHandle {
+    /// Sends with `send`, once more on the renewed connection when the
+    /// connection dropped (see `ConnectionLike for Handle`), and once more,
+    /// within the call's deadline, when `ConnectionManager` answered with
+    /// an earlier reconnect's failure: it hands a reconnect that failed
+    /// (Redis down, or hung, then) to the next command, which never reached
+    /// Redis, and only then reconnects (regression, a review: a call made
+    /// after Redis was back failed at once: `503`, or forwarded unprotected
+    /// under `on_unavailable: forward`).
+    async fn send<'a, T, F, Fut>(&'a self, send: F) -> redis::RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>> + 'a,
+    {
+        let result = match send(self.conn()).await {
+            Err(e) if e.is_connection_dropped() => send(self.conn())
+                .await
+                .map_err(|again| sent_maybe(e, again)),
+            Err(e) if reconnect_failed(&e) => {
+                let until = self.deadline.and_then(|d| d.checked_sub(AGAIN_MARGIN));
+                match until.filter(|until| *until > Instant::now()) {
+                    Some(until) => {
+                        (tokio::time::timeout_at(until, send(self.conn())).await).unwrap_or(Err(e))
+                    }
+                    None => Err(e),
+                }
+            }
+            result => result,
+        };
+        self.renewed(result)
+    }
+
     /// The connection to send on (`ConnectionManager` sends through `&mut`).
     fn conn(&self) -> ConnectionManager {
         ConnectionManager::clone(&self.current)
@@ -239,6 +281,14 @@ pub fn client(url: &str, tls: Option<&TlsCertificates>) -> redis::RedisResult<re
 }
 
 impl Handle {
+    /// This handle for a call that ends at `deadline`.
+    pub fn until(mut self, deadline: Instant) -> Handle {
+        if let Handle::Single(h) = &mut self {
+            h.deadline = Some(deadline);
+        }
+        self
+    }
+
     /// The nodes to SCAN: none named for a standalone server; a cluster's
     /// masters holding slots, with the slots each holds, to be compared
     /// after the SCAN. A master that failed and still holds its slots is
@@ -352,6 +402,19 @@ pub fn never_sent(e: &redis::RedisError) -> bool {
         || (e.is_io_error() && !e.is_connection_dropped() && !e.is_timeout())
 }
 
+/// An error a standalone connection's command gets when no connection
+/// could be made (refused, unreachable, its making timed out), as opposed
+/// to one Redis answered or a connection that dropped: a new connection
+/// may do better. Not a failed authentication (renewed apart).
+fn reconnect_failed(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    (never_sent(e) || e.is_timeout())
+        && !matches!(
+            e.kind(),
+            ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+        )
+}
+
 impl Link {
     /// [`never_sent`], knowing the link: a standalone server's connection
     /// has no response timeout (`Link::single`), so a timeout from it is its
@@ -380,17 +443,9 @@ fn sent_maybe(first: redis::RedisError, again: redis::RedisError) -> redis::Redi
 impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Handle::Single(h) => Box::pin(async move {
-                let mut conn = h.conn();
-                let result = match conn.send_packed_command(cmd).await {
-                    Err(e) if e.is_connection_dropped() => conn
-                        .send_packed_command(cmd)
-                        .await
-                        .map_err(|again| sent_maybe(e, again)),
-                    result => result,
-                };
-                h.renewed(result)
-            }),
+            Handle::Single(h) => {
+                Box::pin(h.send(move |mut conn| async move { conn.send_packed_command(cmd).await }))
+            }
             Handle::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -402,17 +457,9 @@ impl ConnectionLike for Handle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Handle::Single(h) => Box::pin(async move {
-                let mut conn = h.conn();
-                let result = match conn.send_packed_commands(pipeline, offset, count).await {
-                    Err(e) if e.is_connection_dropped() => conn
-                        .send_packed_commands(pipeline, offset, count)
-                        .await
-                        .map_err(|again| sent_maybe(e, again)),
-                    result => result,
-                };
-                h.renewed(result)
-            }),
+            Handle::Single(h) => Box::pin(h.send(move |mut conn| async move {
+                conn.send_packed_commands(pipeline, offset, count).await
+            })),
             Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }

@@ -142,7 +142,7 @@ impl RedisStore {
     /// counts against the operation's deadline like the call itself.
     async fn conn(&self, deadline: Instant) -> Result<link::Handle, StoreError> {
         if let Some(handle) = self.link.ready_handle() {
-            return Ok(handle);
+            return Ok(handle.until(deadline));
         }
         // No connection: no command was sent, whether making it failed or
         // was still under way at the deadline (regressions, audits: every
@@ -150,7 +150,7 @@ impl RedisStore {
         // cut off by a Redis that never finished its TLS handshake, was
         // undone in the background, 20 tries, holding a shutdown 10-15 s).
         match tokio::time::timeout_at(deadline, self.link.handle()).await {
-            Ok(Ok(handle)) => Ok(handle),
+            Ok(Ok(handle)) => Ok(handle.until(deadline)),
             Ok(Err(e)) => Err(StoreError::Unreachable(e.to_string())),
             Err(_) => Err(StoreError::NoConnection),
         }
