@@ -90,11 +90,11 @@ impl Proxy {
             &policy.fingerprint_headers,
             &body,
         );
-        let storage_key = StorageKey {
+        let storage_key = Arc::new(StorageKey {
             route: route.name.to_string(),
             scope: scope_hash(&parts.headers, &policy.scope_headers),
             key,
-        };
+        });
         let token = crate::headers::random_id();
         let created_ms = crate::store::memory::now_ms();
         let claim = ClaimRequest {
@@ -205,7 +205,7 @@ impl Proxy {
                     route_metrics: ctx.metrics.clone(),
                     tasks: self.exchanges.clone(),
                     policy,
-                    key: Arc::new(storage_key),
+                    key: storage_key.clone(),
                     token,
                     fingerprint: fp,
                     created_ms,
@@ -372,9 +372,8 @@ impl Proxy {
     /// A claim that failed (e.g. timed out) may still have been applied by
     /// the store later: undo it, fenced by our own token, so that it does
     /// not block the client's retry until the lease ends.
-    fn release_in_background(&self, key: StorageKey, token: String) {
+    fn release_in_background(&self, key: Arc<StorageKey>, token: String) {
         let store = self.store.clone();
-        let key = Arc::new(key);
         let metrics = &self.metrics;
         let settle = Settle::Release;
         crate::exchange::settle_later(&self.exchanges, store, metrics, key, token, settle, None);
@@ -428,13 +427,13 @@ impl Proxy {
 /// no-op when the claim never landed or the key has another owner.
 struct ClaimGuard<'a> {
     proxy: &'a Proxy,
-    key: &'a StorageKey,
+    key: &'a Arc<StorageKey>,
     token: &'a str,
     armed: bool,
 }
 
 impl<'a> ClaimGuard<'a> {
-    fn arm(proxy: &'a Proxy, key: &'a StorageKey, token: &'a str) -> ClaimGuard<'a> {
+    fn arm(proxy: &'a Proxy, key: &'a Arc<StorageKey>, token: &'a str) -> ClaimGuard<'a> {
         ClaimGuard {
             proxy,
             key,

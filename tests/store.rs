@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::Backend;
@@ -28,20 +29,20 @@ fn open_config(config: &Config) -> Store {
     Store::open(&config.store, Default::default()).expect("store opens")
 }
 
-fn key(name: &str) -> StorageKey {
+fn key(name: &str) -> Arc<StorageKey> {
     key_in("r", "s", name)
 }
 
-fn key_in(route: &str, scope: &str, name: &str) -> StorageKey {
-    StorageKey {
+fn key_in(route: &str, scope: &str, name: &str) -> Arc<StorageKey> {
+    Arc::new(StorageKey {
         route: route.into(),
         scope: scope.into(),
         key: name.into(),
-    }
+    })
 }
 
 fn claim<'a>(
-    key: &'a StorageKey,
+    key: &'a Arc<StorageKey>,
     token: &'a str,
     lease_ms: u64,
     on_unknown: OnUnknown,
@@ -203,7 +204,7 @@ async fn mismatch_and_in_progress(backend: Backend) {
         .unwrap()
         .found;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].0, k);
+    assert_eq!(records[0].0, *k);
     assert_eq!(records[0].1.response.as_ref().unwrap().body_size, 5_000_000);
 }
 
@@ -300,7 +301,7 @@ async fn a_run_of_replays_keeps_every_answer_right(backend: Backend) {
         .unwrap()
         .found
         .into_iter()
-        .find(|(k, _)| *k == lapsed)
+        .find(|(k, _)| *k == *lapsed)
         .unwrap();
     assert_eq!(record.state, State::Unknown);
 }
@@ -355,7 +356,7 @@ async fn listings_select_by_route_key_and_state(backend: Backend) {
         .map(|(k, _)| k)
         .collect();
     found.sort_by(|x, y| x.scope.cmp(&y.scope));
-    assert_eq!(found, [done[0].clone(), done[1].clone()]);
+    assert_eq!(found, [(*done[0]).clone(), (*done[1]).clone()]);
 
     let completed = store
         .records(Some("r"), None, |_, r| r.state == State::Completed)
@@ -784,12 +785,12 @@ async fn own_redis() -> (Backend, Store, ::redis::aio::MultiplexedConnection) {
 }
 
 /// Claims `k` as a new key and completes it with `status`.
-async fn complete_new(store: &Store, k: &StorageKey, status: u16) {
+async fn complete_new(store: &Store, k: &Arc<StorageKey>, status: u16) {
     complete_new_with(store, k, &response(status)).await;
 }
 
 /// Claims `k` as a new key and completes it with `stored`.
-async fn complete_new_with(store: &Store, k: &StorageKey, stored: &StoredResponse) {
+async fn complete_new_with(store: &Store, k: &Arc<StorageKey>, stored: &StoredResponse) {
     let reply = store
         .claim(&claim(k, "first", 10_000, OnUnknown::Lock))
         .await

@@ -115,7 +115,9 @@ pub struct ClaimReply {
 /// The arguments of a claim.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest<'a> {
-    pub key: &'a StorageKey,
+    /// Shared, so that a Redis claim can name its key to concurrent ones
+    /// without copying it (`redis/collapse.rs`).
+    pub key: &'a Arc<StorageKey>,
     pub fingerprint: &'a str,
     pub token: &'a str,
     pub lease: Duration,

@@ -102,7 +102,7 @@ impl MemoryStore {
                     Entry::Vacant(vacant) => {
                         vacant.insert(Slot {
                             hash,
-                            entry: Box::new((req.key.clone(), record)),
+                            entry: Box::new((StorageKey::clone(req.key), record)),
                         });
                         self.inner.len.fetch_add(1, Ordering::Relaxed);
                     }
@@ -385,8 +385,9 @@ mod tests {
     }
 
     fn claim_for(store: &MemoryStore, key: &StorageKey, ttl: Duration) -> Decision {
+        let key = Arc::new(key.clone());
         let req = ClaimRequest {
-            key,
+            key: &key,
             fingerprint: "fp",
             token: "t",
             lease: Duration::from_secs(10),

@@ -176,6 +176,7 @@ impl RedisStore {
                 Some(record) => return answer(req, record),
                 None => None,
             },
+            Joined::Alone => None,
         };
         let value = compact::claim_value(
             req.fingerprint,
