@@ -438,8 +438,7 @@ impl Proxy {
     /// off unanswered at the grace's end). One that comes sooner was on
     /// its way when shutdown began, and is served.
     fn too_late(&self) -> bool {
-        self.draining.is_cancelled()
-            && (self.drain_began.get()).is_some_and(|began| began.elapsed() > LATE)
+        (self.drain_began.get()).is_some_and(|began| began.elapsed() > LATE)
     }
 
     async fn dispatch(

@@ -101,9 +101,7 @@ impl Collapse {
             Some(_) => Joined::Alone,
         }
     }
-}
 
-impl Collapse {
     /// FNV-1a of the client's key: a slot is only where a claim looks for
     /// another of its key (the key itself is compared), so keys made to
     /// share one only go uncollapsed, and SipHash cost some 480

@@ -317,14 +317,10 @@ impl Handle {
         };
         let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
         for address in watch::slot_masters(&nodes) {
-            let Some((host, port)) = address.rsplit_once(':') else {
-                continue;
-            };
-            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                host: host.to_owned(),
-                port: port.parse().unwrap_or_default(),
-            });
-            if let Err(e) = conn.route_command(redis::cmd("PING"), route).await {
+            if let Err(e) = conn
+                .route_command(redis::cmd("PING"), to_node(&address))
+                .await
+            {
                 let detail = format!("the master at {address}, which holds slots: {e}");
                 return Err((
                     redis::ErrorKind::Io,
@@ -340,7 +336,7 @@ impl Handle {
     /// One SCAN step on one node.
     pub async fn scan(
         &mut self,
-        node: &Option<(String, u16)>,
+        node: &Option<String>,
         cursor: u64,
         pattern: &str,
     ) -> redis::RedisResult<(u64, Vec<String>)> {
@@ -351,12 +347,8 @@ impl Handle {
             .arg("COUNT")
             .arg(500);
         match (self, node) {
-            (Handle::Cluster(conn), Some((host, port))) => {
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port: *port,
-                });
-                let value = conn.route_command(cmd, route).await?;
+            (Handle::Cluster(conn), Some(address)) => {
+                let value = conn.route_command(cmd, to_node(address)).await?;
                 Ok(redis::from_redis_value(value)?)
             }
             (handle, _) => cmd.query_async(handle).await,
@@ -371,17 +363,22 @@ pub struct ScanTargets(pub BTreeMap<String, Vec<String>>);
 
 impl ScanTargets {
     /// The nodes to SCAN one after another (`None`: the standalone server).
-    pub fn nodes(&self) -> Vec<Option<(String, u16)>> {
+    pub fn nodes(&self) -> Vec<Option<String>> {
         if self.0.is_empty() {
             return vec![None];
         }
-        (self.0.keys())
-            .map(|address| {
-                let (host, port) = address.rsplit_once(':').unwrap_or((address, "0"));
-                Some((host.to_owned(), port.parse().unwrap_or_default()))
-            })
-            .collect()
+        self.0.keys().cloned().map(Some).collect()
     }
+}
+
+/// The route of a cluster command to the node at `address` (`host:port`,
+/// as `CLUSTER NODES` lists it).
+fn to_node(address: &str) -> RoutingInfo {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, "0"));
+    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+        host: host.to_owned(),
+        port: port.parse().unwrap_or_default(),
+    })
 }
 
 /// Whether `e` says that no connection could be made, so the command was

@@ -478,8 +478,8 @@ impl RedisStore {
         conn: &mut link::Handle,
         pattern: &str,
     ) -> Result<Vec<String>, StoreError> {
+        let mut targets = self.bounded(self.deadline(), conn.scan_targets()).await?;
         for _ in 0..SCAN_TRIES {
-            let targets = self.bounded(self.deadline(), conn.scan_targets()).await?;
             let mut names = Vec::new();
             for node in targets.nodes() {
                 let mut cursor = 0u64;
@@ -494,11 +494,15 @@ impl RedisStore {
                     }
                 }
             }
-            if self.bounded(self.deadline(), conn.scan_targets()).await? == targets {
+            // The slots as they are after the SCAN: unchanged, the names
+            // stand; else they are the next SCAN's targets.
+            let after = self.bounded(self.deadline(), conn.scan_targets()).await?;
+            if after == targets {
                 let mut seen = HashSet::new();
                 names.retain(|name| seen.insert(name.clone()));
                 return Ok(names);
             }
+            targets = after;
         }
         Err(StoreError::Backend(format!(
             "the Redis Cluster's slots moved during each of {SCAN_TRIES} listings (a reshard or a failover): list again once it is done"
